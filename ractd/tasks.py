@@ -43,6 +43,9 @@ class Task:
     horizon: length of the generated sequence (MuJoCo: c = 16 future actions; maze: H planned states).
     obs_history: h, number of past states used for conditioning (MuJoCo; maze uses (start, goal)).
     max_episode_steps: evaluation episode length.
+    dataset_size: transitions in D4RL's release (the "full" generation scale).
+    goal_cell: maze only, the (row, col) cell of D4RL's fixed evaluation goal ('G' in D4RL's maze string);
+        in D4RL maze2d coordinates the goal is at exactly (row, col) (see ractd.data.generate_maze).
     """
 
     name: str
@@ -62,6 +65,7 @@ class Task:
     obs_history: int
     max_episode_steps: int
     dataset_size: int  # transitions in D4RL's release (the "full" generation scale)
+    goal_cell: tuple[int, int] | None = None
 
     @property
     def env_name(self) -> str:
@@ -114,11 +118,11 @@ _SIZE = {
 _MINARI_SPLIT = {"medium": "medium", "medium-replay": None, "medium-expert": None}
 
 # maze2d (Diffuser setup, paper Sec. 4.2 and Table 6): horizon 128 / 256 / 384; D4RL sizes 1M / 2M / 4M;
-# episode limits 300 / 600 / 800; reference scores of the v1 sparse datasets.
+# episode limits 300 / 600 / 800; reference scores of the v1 sparse datasets; D4RL evaluation goal cell.
 _MAZE = {
-    "umaze": ("PointMaze_UMaze-v3", "D4RL/pointmaze/umaze-v2", (23.85, 161.86), 128, 300, 1_000_000),
-    "medium": ("PointMaze_Medium-v3", "D4RL/pointmaze/medium-v2", (13.13, 277.39), 256, 600, 2_000_000),
-    "large": ("PointMaze_Large-v3", "D4RL/pointmaze/large-v2", (6.7, 273.99), 384, 800, 4_000_000),
+    "umaze": ("PointMaze_UMaze-v3", "D4RL/pointmaze/umaze-v2", (23.85, 161.86), 128, 300, 1_000_000, (1, 1)),
+    "medium": ("PointMaze_Medium-v3", "D4RL/pointmaze/medium-v2", (13.13, 277.39), 256, 600, 2_000_000, (6, 6)),
+    "large": ("PointMaze_Large-v3", "D4RL/pointmaze/large-v2", (6.7, 273.99), 384, 800, 4_000_000, (7, 9)),
 }
 
 
@@ -147,7 +151,7 @@ def _build() -> dict[str, Task]:
                 max_episode_steps=1000,
                 dataset_size=_SIZE[(env, split)],
             )
-    for size, (env_id, minari_id, (lo, hi), horizon, ep_len, n) in _MAZE.items():
+    for size, (env_id, minari_id, (lo, hi), horizon, ep_len, n, goal) in _MAZE.items():
         name = f"maze2d-{size}"
         tasks[name] = Task(
             name=name,
@@ -167,6 +171,7 @@ def _build() -> dict[str, Task]:
             obs_history=1,
             max_episode_steps=ep_len,
             dataset_size=n,
+            goal_cell=goal,
         )
     return tasks
 
