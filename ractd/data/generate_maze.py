@@ -1,0 +1,285 @@
+"""maze2d dataset generation with D4RL's recipe, simulated in Gymnasium-Robotics PointMaze v3.
+
+Recipe (D4RL `generate_maze2d_datasets`, REFERENCE.md): one long, never-reset trajectory of a point mass. A goal
+is drawn uniformly from the free cells (cell location + U(-0.1, 0.1)); a waypoint controller follows the grid
+shortest path (BFS over free cells) with the PD law a = 10 (waypoint - pos) - vel, optionally adds N(0, 0.5^2)
+action noise, clips to [-1, 1]. When the goal is reached (within 0.1 and slower than 0.1) or its budget of
+`task.max_episode_steps` steps runs out, a new goal is drawn and the point continues from where it is.
+
+Output, D4RL maze2d format, all in D4RL coordinates (below), N steps:
+    observations (N, 4) float32  [x, y, vx, vy]
+    actions      (N, 2) float32
+    rewards      (N,)   float32  1 if the position after the step is within 0.5 of the current goal
+    terminals    (N,)   bool     all False (maze2d never terminates)
+    timeouts     (N,)   bool     True on the last step of each goal (arrival or budget spent): one
+                                 "episode" per goal; the trajectory itself stays continuous across them
+    infos/goal (N, 2), infos/qpos (N, 2), infos/qvel (N, 2) float32
+    metadata/*: task, seed, noise, env_id, eval_goal (D4RL coords), coordinates="d4rl", goals_reached, ...
+
+Coordinates. D4RL's maze2d model puts the point body at world (1.2, 1.2) and the wall of cell (row i, col j)
+at world (i + 1, j + 1), so a D4RL position (x, y) = qpos lies in cell (round(x + 0.2), round(y + 0.2)), and the
+goal / reset locations D4RL samples are the integer points (i, j) (0.2 off the cell centre, as in D4RL).
+PointMaze v3 centres the maze, puts column j along +x and row i along -y: cell (i, j) is centred at
+(j + 0.5 - W/2, L/2 - i - 0.5) for a map of L rows and W columns. The only conversion between the two frames
+is the pair `d4rl_to_pointmaze` / `pointmaze_to_d4rl` below (positions shift, vectors — velocities, actions —
+only rotate); everything else in this project works in D4RL coordinates.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import deque
+from pathlib import Path
+
+import numpy as np
+
+from ractd import RactdError
+from ractd.tasks import Task, get_task
+
+log = logging.getLogger(__name__)
+
+# D4RL geometry: point body at world (1.2, 1.2), wall of cell (i, j) centred at world (i + 1, j + 1).
+D4RL_CELL_OFFSET = 0.2
+# Controller and goal constants of the D4RL recipe.
+P_GAIN = 10.0
+D_GAIN = -1.0
+ACTION_NOISE_STD = 0.5
+GOAL_POS_THRESHOLD = 0.1  # "reached": within 0.1 of the goal ...
+GOAL_VEL_THRESHOLD = 0.1  # ... and slower than 0.1 (so segments end at rest, as the planner's goal assumes)
+WAYPOINT_RADIUS = 0.3  # advance to the next cell on the path once within this distance of a cell centre
+REWARD_RADIUS = 0.5  # sparse reward: 1 within 0.5 of the goal
+VELOCITY_CLIP = 5.0  # PointMaze (and D4RL) clip qvel to [-5, 5] before each step
+SCALES = ("tiny", "small", "full")
+TINY_STEPS = 5_000
+SMALL_FRACTION = 0.1
+
+
+def d4rl_to_pointmaze(x, maze_shape: tuple[int, int], vector: bool = False):
+    """Map D4RL maze2d coordinates to PointMaze v3 coordinates.
+
+    x: array (..., 2) of positions (vector=False) or of velocities / actions / displacements (vector=True).
+    maze_shape: (L rows, W columns) of the maze map. Positions: x_pm = y + 0.2 + 0.5 - W/2,
+    y_pm = L/2 - 0.5 - (x + 0.2); vectors: (vx_pm, vy_pm) = (vy, -vx). Returns float64 (..., 2).
+    """
+    x = np.asarray(x, dtype=np.float64)
+    rows, cols = maze_shape
+    if vector:
+        return np.stack([x[..., 1], -x[..., 0]], axis=-1)
+    return np.stack(
+        [x[..., 1] + D4RL_CELL_OFFSET + 0.5 - cols / 2, rows / 2 - 0.5 - (x[..., 0] + D4RL_CELL_OFFSET)], axis=-1
+    )
+
+
+def pointmaze_to_d4rl(x, maze_shape: tuple[int, int], vector: bool = False):
+    """Inverse of `d4rl_to_pointmaze`: PointMaze v3 (..., 2) → D4RL maze2d (..., 2), float64."""
+    x = np.asarray(x, dtype=np.float64)
+    rows, cols = maze_shape
+    if vector:
+        return np.stack([-x[..., 1], x[..., 0]], axis=-1)
+    return np.stack(
+        [rows / 2 - 0.5 - x[..., 1] - D4RL_CELL_OFFSET, x[..., 0] - D4RL_CELL_OFFSET - 0.5 + cols / 2], axis=-1
+    )
+
+
+def maze_map(task: Task) -> np.ndarray:
+    """The task's maze grid (L, W) int8, 1 = wall, 0 = free, read from the PointMaze env registration."""
+    import gymnasium as gym
+    import gymnasium_robotics
+
+    gym.register_envs(gymnasium_robotics)
+    grid = gym.spec(task.env_id).kwargs["maze_map"]
+    return np.array([[1 if c == 1 else 0 for c in row] for row in grid], dtype=np.int8)
+
+
+def eval_goal(task: Task) -> np.ndarray:
+    """D4RL's fixed evaluation goal of a maze task, D4RL coordinates (2,) float64."""
+    if task.goal_cell is None:
+        raise RactdError(f"task {task.name} is not a maze task")
+    return np.asarray(task.goal_cell, dtype=np.float64)
+
+
+def bfs_next_cell(grid: np.ndarray) -> tuple[dict, dict]:
+    """Shortest paths on the free cells of `grid` (L, W), 4-connected.
+
+    Returns (next_cell, dist): next_cell[goal][cell] is the neighbour of `cell` one step closer to `goal`
+    (absent for cell == goal), dist[goal][cell] the number of moves. Cells are (row, col) tuples.
+    """
+    free = [tuple(int(v) for v in c) for c in np.argwhere(grid == 0)]
+    free_set = set(free)
+    next_cell: dict = {}
+    dist: dict = {}
+    for goal in free:
+        nxt, d = {}, {goal: 0}
+        queue = deque([goal])
+        while queue:
+            c = queue.popleft()
+            for dr, dc in ((1, 0), (-1, 0), (0, 1), (0, -1)):
+                n = (c[0] + dr, c[1] + dc)
+                if n in free_set and n not in d:
+                    d[n] = d[c] + 1
+                    nxt[n] = c  # from n, step to c (one closer to goal)
+                    queue.append(n)
+        next_cell[goal], dist[goal] = nxt, d
+    return next_cell, dist
+
+
+def scale_steps(task: Task, scale: str) -> int:
+    """Steps generated at a scale: tiny = 5k (tests), small = 10% of D4RL's size, full = D4RL's size."""
+    if scale == "tiny":
+        return TINY_STEPS
+    if scale == "small":
+        return int(task.dataset_size * SMALL_FRACTION)
+    if scale == "full":
+        return task.dataset_size
+    raise RactdError(f"unknown scale {scale!r}; expected one of {', '.join(SCALES)}")
+
+
+def generate_maze_arrays(task: Task | str, n_steps: int, seed: int = 0, noise: bool = True,
+                         progress: bool = True) -> tuple[dict[str, np.ndarray], dict]:
+    """Run the D4RL maze2d recipe for `n_steps` steps; returns (data, metadata) as described in the module doc.
+
+    Deterministic given (task, n_steps, seed, noise). Steps the PointMaze MuJoCo model directly
+    (env.unwrapped.point_env), replicating PointEnv.step: clip action, clip qvel to [-5, 5], mj_step.
+    """
+    import gymnasium as gym
+    import gymnasium_robotics
+    import mujoco
+    from tqdm import tqdm
+
+    task = get_task(task) if isinstance(task, str) else task
+    if task.kind != "maze":
+        raise RactdError(f"task {task.name} is not a maze task")
+    if n_steps <= 0:
+        raise RactdError(f"number of steps must be positive, got {n_steps}")
+    gym.register_envs(gymnasium_robotics)
+    env = gym.make(task.env_id, continuing_task=True)
+    env.reset(seed=seed)
+    point = env.unwrapped.point_env
+    model, mjdata = point.model, point.data
+    grid = maze_map(task)
+    rows, cols = grid.shape
+    next_cell, dist = bfs_next_cell(grid)
+    free = sorted(next_cell)
+    off = D4RL_CELL_OFFSET
+    # Frame conversion constants, taken from the one conversion pair (positions: pm = A + R pos).
+    origin_pm = d4rl_to_pointmaze(np.zeros(2), (rows, cols))
+    ox, oy = float(origin_pm[0]), float(origin_pm[1])
+
+    rng = np.random.default_rng(seed)
+    noise_arr = rng.normal(0.0, ACTION_NOISE_STD, size=(n_steps, 2)) if noise else np.zeros((n_steps, 2))
+    noise_list = noise_arr.tolist()
+
+    def sample_location():
+        i, j = free[rng.integers(len(free))]
+        return i + rng.uniform(-0.1, 0.1), j + rng.uniform(-0.1, 0.1)
+
+    def cell_of(x, y):
+        return (math.floor(x + off + 0.5), math.floor(y + off + 0.5))
+
+    # Initial state (D4RL reset_model): a free cell location + U(-0.1, 0.1), velocity N(0, 0.1^2).
+    x, y = sample_location()
+    vx, vy = rng.normal(0.0, 0.1, size=2)
+    # Set MuJoCo state in PointMaze coordinates: pm = (y + ox', ...) via the conversion pair.
+    mjdata.qpos[:] = d4rl_to_pointmaze([x, y], (rows, cols))
+    mjdata.qvel[:] = d4rl_to_pointmaze([vx, vy], (rows, cols), vector=True)
+    mujoco.mj_forward(model, mjdata)
+
+    obs = np.empty((n_steps, 4), dtype=np.float32)
+    act = np.empty((n_steps, 2), dtype=np.float32)
+    rew = np.zeros(n_steps, dtype=np.float32)
+    goals = np.empty((n_steps, 2), dtype=np.float32)
+    timeouts = np.zeros(n_steps, dtype=bool)
+    reached = 0
+    attempts = 0
+
+    def new_goal():
+        gx, gy = sample_location()
+        return gx, gy, cell_of(gx, gy)
+
+    gx, gy, gcell = new_goal()
+    wcell = None
+    budget = 0
+    qpos, qvel, ctrl = mjdata.qpos, mjdata.qvel, mjdata.ctrl
+    for t in tqdm(range(n_steps), desc=f"{task.name}", unit="step", disable=not progress, mininterval=1.0):
+        # Read the state in D4RL coordinates (inverse of d4rl_to_pointmaze, inlined for speed).
+        px, py, pvx, pvy = qpos[0], qpos[1], qvel[0], qvel[1]
+        x, y = -(py - oy), px - ox
+        vx, vy = -pvy, pvx
+        # Waypoint: next cell centre on the shortest path; replan if noise pushed us off the path edge.
+        cur = cell_of(x, y)
+        nxt, dg = next_cell[gcell], dist[gcell]
+        if wcell is None or (cur != wcell and not (abs(cur[0] - wcell[0]) + abs(cur[1] - wcell[1]) == 1
+                                                   and dg.get(cur, -1) == dg[wcell] + 1)):
+            wcell = cur if cur == gcell or cur not in nxt else nxt[cur]
+        if wcell != gcell and math.hypot(x - (wcell[0] - off), y - (wcell[1] - off)) < WAYPOINT_RADIUS:
+            wcell = nxt[wcell]
+        if wcell == gcell:
+            wx, wy = gx, gy
+        else:
+            wx, wy = wcell[0] - off, wcell[1] - off
+        ax = P_GAIN * (wx - x) + D_GAIN * vx
+        ay = P_GAIN * (wy - y) + D_GAIN * vy
+        nz = noise_list[t]
+        ax = min(1.0, max(-1.0, ax + nz[0]))
+        ay = min(1.0, max(-1.0, ay + nz[1]))
+        obs[t] = (x, y, vx, vy)
+        act[t] = (ax, ay)
+        goals[t] = (gx, gy)
+        # PointEnv.step: clip velocity, apply the (PointMaze-frame) action, one MuJoCo step.
+        qvel[0] = min(VELOCITY_CLIP, max(-VELOCITY_CLIP, qvel[0]))
+        qvel[1] = min(VELOCITY_CLIP, max(-VELOCITY_CLIP, qvel[1]))
+        ctrl[0], ctrl[1] = ay, -ax
+        mujoco.mj_step(model, mjdata)
+        nx, ny = -(qpos[1] - oy), qpos[0] - ox
+        if math.hypot(nx - gx, ny - gy) <= REWARD_RADIUS:
+            rew[t] = 1.0
+        budget += 1
+        done = math.hypot(x - gx, y - gy) <= GOAL_POS_THRESHOLD and math.hypot(vx, vy) <= GOAL_VEL_THRESHOLD
+        if done or budget >= task.max_episode_steps:
+            timeouts[t] = True
+            attempts += 1
+            reached += int(done)
+            gx, gy, gcell = new_goal()
+            wcell, budget = None, 0
+    env.close()
+    data = {
+        "observations": obs,
+        "actions": act,
+        "rewards": rew,
+        "terminals": np.zeros(n_steps, dtype=bool),
+        "timeouts": timeouts,
+        "infos/goal": goals,
+        "infos/qpos": obs[:, :2].copy(),
+        "infos/qvel": obs[:, 2:].copy(),
+    }
+    metadata = {
+        "task": task.name,
+        "env_id": task.env_id,
+        "generator": "ractd.data.generate_maze (D4RL maze2d recipe)",
+        "coordinates": "d4rl",
+        "seed": int(seed),
+        "noise": bool(noise),
+        "eval_goal": [float(v) for v in eval_goal(task)],
+        "goals_attempted": int(attempts),
+        "goals_reached": int(reached),
+    }
+    log.info("%s: %d steps, %d/%d goals reached", task.name, n_steps, reached, attempts)
+    return data, metadata
+
+
+def generate_maze(task: Task | str, scale: str = "full", seed: int = 0, out=None, noise: bool = True,
+                  n_steps: int | None = None, progress: bool = True) -> Path:
+    """Generate a maze2d dataset and write it as D4RL HDF5; returns the path.
+
+    scale: tiny | small | full (see `scale_steps`), overridden by n_steps. out: default
+    ractd.data.d4rl.local_dataset_path(task, scale).
+    """
+    from ractd.data.d4rl import local_dataset_path, write_d4rl_hdf5
+
+    task = get_task(task) if isinstance(task, str) else task
+    steps = n_steps if n_steps is not None else scale_steps(task, scale)
+    data, metadata = generate_maze_arrays(task, steps, seed=seed, noise=noise, progress=progress)
+    metadata["scale"] = scale
+    path = Path(out) if out is not None else local_dataset_path(task, scale)
+    return write_d4rl_hdf5(path, data, metadata)
