@@ -1,0 +1,165 @@
+"""Conditional 1D temporal U-Net with FiLM (Chi et al. 2023, "Diffusion Policy"), our implementation.
+
+Layout (Chi et al.): Conv1d blocks (conv k=5 -> GroupNorm -> Mish); per level two residual blocks whose
+middle is modulated by FiLM (scale, bias) predicted from the conditioning vector; a stride-2 conv between
+levels, two mid blocks, a mirrored decoder with skip connections and transposed-conv upsampling.
+
+Conditioning vector = concat(emb(time_1), ..., emb(time_n), global_cond). The teacher has one time input
+(c_noise(sigma)); the CTM student has two (t and s) embedded by ONE shared embedding network. A student can
+be warm-started from a teacher with `load_teacher_into_student`: the FiLM weights that read emb(s) start at
+zero, so the student initially computes exactly the teacher's F.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ractd.config import UNetConfig
+
+
+class SinusoidalEmbedding(nn.Module):
+    """(batch,) scalar -> (batch, dim) sin/cos features with geometric frequencies (Transformer style)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        if dim % 2:
+            raise ValueError(f"time embedding dim must be even, got {dim}")
+        half = dim // 2
+        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32) / (half - 1))
+        self.register_buffer("freqs", freqs, persistent=False)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        arg = t.to(self.freqs.dtype)[:, None] * self.freqs[None, :]
+        return torch.cat([arg.sin(), arg.cos()], dim=-1)
+
+
+class Conv1dBlock(nn.Sequential):
+    """Conv1d(k, same padding) -> GroupNorm -> Mish, on (batch, channels, horizon)."""
+
+    def __init__(self, c_in: int, c_out: int, kernel_size: int, n_groups: int):
+        super().__init__(nn.Conv1d(c_in, c_out, kernel_size, padding=kernel_size // 2),
+                         nn.GroupNorm(n_groups, c_out), nn.Mish())
+
+
+class FiLMResidualBlock(nn.Module):
+    """Two Conv1dBlocks; FiLM (scale * h + bias) from the conditioning after the first; 1x1 residual."""
+
+    def __init__(self, c_in: int, c_out: int, cond_dim: int, kernel_size: int, n_groups: int, dropout: float):
+        super().__init__()
+        self.block1 = Conv1dBlock(c_in, c_out, kernel_size, n_groups)
+        self.block2 = Conv1dBlock(c_out, c_out, kernel_size, n_groups)
+        self.film = nn.Sequential(nn.Mish(), nn.Linear(cond_dim, 2 * c_out))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.residual = nn.Conv1d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        h = self.block1(x)
+        scale, bias = self.film(cond).unsqueeze(-1).chunk(2, dim=1)
+        h = self.block2(self.dropout(scale * h + bias))
+        return h + self.residual(x)
+
+
+class ConditionalUnet1D(nn.Module):
+    """F(x, times, cond): (batch, horizon, input_dim) -> (batch, horizon, input_dim).
+
+    input_dim: per-step data width (action dim for MuJoCo, state dim for maze2d plans).
+    global_cond_dim: width of the flattened conditioning vector (0 for none).
+    n_times: number of scalar time inputs (1: teacher sigma; 2: CTM student t and s), sharing one embedding.
+    horizon must be divisible by 2^(len(down_dims) - 1).
+    """
+
+    def __init__(self, input_dim: int, global_cond_dim: int, cfg: UNetConfig = UNetConfig(), n_times: int = 1):
+        super().__init__()
+        self.input_dim, self.global_cond_dim, self.n_times, self.cfg = input_dim, global_cond_dim, n_times, cfg
+        E, k, g, p = cfg.time_embed_dim, cfg.kernel_size, cfg.n_groups, cfg.dropout
+        self.time_embed = nn.Sequential(SinusoidalEmbedding(E), nn.Linear(E, 4 * E), nn.Mish(), nn.Linear(4 * E, E))
+        cond_dim = n_times * E + global_cond_dim
+        dims = [input_dim, *cfg.down_dims]
+        levels = list(zip(dims[:-1], dims[1:]))
+        self.down = nn.ModuleList()
+        for i, (c_in, c_out) in enumerate(levels):
+            last = i == len(levels) - 1
+            self.down.append(nn.ModuleList([
+                FiLMResidualBlock(c_in, c_out, cond_dim, k, g, p),
+                FiLMResidualBlock(c_out, c_out, cond_dim, k, g, p),
+                nn.Conv1d(c_out, c_out, 3, stride=2, padding=1) if not last else nn.Identity(),
+            ]))
+        mid = cfg.down_dims[-1]
+        self.mid = nn.ModuleList([FiLMResidualBlock(mid, mid, cond_dim, k, g, p) for _ in range(2)])
+        self.up = nn.ModuleList()
+        for c_in, c_out in reversed(levels[1:]):
+            self.up.append(nn.ModuleList([
+                FiLMResidualBlock(2 * c_out, c_in, cond_dim, k, g, p),
+                FiLMResidualBlock(c_in, c_in, cond_dim, k, g, p),
+                nn.ConvTranspose1d(c_in, c_in, 4, stride=2, padding=1),
+            ]))
+        start = cfg.down_dims[0]
+        self.final = nn.Sequential(Conv1dBlock(start, start, k, g), nn.Conv1d(start, input_dim, 1))
+        self.horizon_multiple = 2 ** (len(cfg.down_dims) - 1)
+
+    def _check(self, x: torch.Tensor, times: tuple, cond: torch.Tensor | None) -> None:
+        if x.ndim != 3 or x.shape[2] != self.input_dim or x.shape[1] % self.horizon_multiple:
+            raise ValueError(
+                f"U-Net input must be (batch, horizon, {self.input_dim}) with horizon a multiple of "
+                f"{self.horizon_multiple}; got {tuple(x.shape)}")
+        if len(times) != self.n_times:
+            raise ValueError(f"U-Net expects {self.n_times} time input(s), got {len(times)}")
+        for t in times:
+            if t.shape != (x.shape[0],):
+                raise ValueError(f"U-Net time input must be (batch,) = ({x.shape[0]},); got {tuple(t.shape)}")
+        if self.global_cond_dim:
+            if cond is None or cond.shape != (x.shape[0], self.global_cond_dim):
+                got = None if cond is None else tuple(cond.shape)
+                raise ValueError(f"U-Net conditioning must be (batch, {self.global_cond_dim}) = "
+                                 f"({x.shape[0]}, {self.global_cond_dim}); got {got}")
+
+    def forward(self, x: torch.Tensor, times: tuple[torch.Tensor, ...], cond: torch.Tensor | None = None) -> torch.Tensor:
+        self._check(x, times, cond)
+        feats = [self.time_embed(t) for t in times]
+        if self.global_cond_dim:
+            feats.append(cond)
+        c = torch.cat(feats, dim=-1)
+        h = x.transpose(1, 2)  # (batch, channels, horizon)
+        skips = []
+        for res1, res2, downsample in self.down:
+            h = res2(res1(h, c), c)
+            skips.append(h)
+            h = downsample(h)
+        for block in self.mid:
+            h = block(h, c)
+        for res1, res2, upsample in self.up:
+            h = torch.cat([h, skips.pop()], dim=1)
+            h = upsample(res2(res1(h, c), c))
+        return self.final(h).transpose(1, 2)
+
+
+def load_teacher_into_student(student: ConditionalUnet1D, teacher: ConditionalUnet1D) -> None:
+    """Warm-start a 2-time student from a 1-time teacher so the student starts as the teacher's F.
+
+    Every weight is copied; in each FiLM Linear, the columns reading emb(s) (the second time slot) are set
+    to zero, so emb(s) has no effect until training moves them.
+    """
+    if student.n_times != 2 or teacher.n_times != 1:
+        raise ValueError("load_teacher_into_student expects a 2-time student and a 1-time teacher")
+    E = teacher.cfg.time_embed_dim
+    t_state = teacher.state_dict()
+    new_state = {}
+    for name, s_param in student.state_dict().items():
+        t_param = t_state[name]
+        if t_param.shape == s_param.shape:
+            new_state[name] = t_param.clone()
+        elif name.endswith("film.1.weight"):  # (2*c_out, E + G) -> (2*c_out, 2E + G)
+            w = torch.zeros_like(s_param)
+            w[:, :E] = t_param[:, :E]
+            w[:, 2 * E:] = t_param[:, E:]
+            new_state[name] = w
+        else:
+            raise ValueError(f"teacher and student differ in {name}: {tuple(t_param.shape)} vs {tuple(s_param.shape)}")
+    student.load_state_dict(new_state)
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
