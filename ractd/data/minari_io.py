@@ -12,7 +12,8 @@ ractd.data.generate_maze.pointmaze_to_d4rl, giving observations (N, 4) and infos
 Export writes our arrays unchanged (flat Box observations; maze data stays in D4RL coordinates, recorded in
 the description) with `minari.create_dataset_from_buffers` and one `EpisodeBuffer` per episode (no jax
 needed). An episode's final observation is next_observations[e - 1] when present, else observations[e - 1]
-repeated. Round trip ours → Minari → ours returns every original array unchanged (plus next_observations).
+repeated; next_observations that differ from the shifted observations inside an episode are kept verbatim
+in infos. Round trip ours → Minari → ours returns every original array unchanged (plus next_observations).
 Datasets live under $MINARI_DATASETS_PATH (default ~/.minari/datasets).
 """
 
@@ -103,6 +104,8 @@ def load_minari(dataset_id: str, task=None, download: bool = True) -> dict:
     if not cols:
         raise RactdError(f"Minari dataset {dataset_id} has no episodes")
     data = {k: np.concatenate(v) for k, v in cols.items() if len(v) == len(cols["rewards"])}
+    if "infos/next_observations" in data:  # written by export_minari when they are not the shifted observations
+        data["next_observations"] = data.pop("infos/next_observations")
     data.update({k: np.concatenate(v) for k, v in extra_infos.items()})
     meta = {"minari_id": dataset_id}
     description = ds.storage.metadata.get("description") or ""
@@ -148,8 +151,16 @@ def export_minari(data: dict, dataset_id: str, task=None, description: str | Non
     act = np.asarray(data["actions"])
     nxt = data.get("next_observations")
     infos = {k[len("infos/"):]: np.asarray(v) for k, v in data.items() if k.startswith("infos/")}
+    bounds = episode_bounds(data["terminals"], data["timeouts"])
+    if nxt is not None:
+        nxt = np.asarray(nxt)
+        within = np.ones(len(obs), bool)
+        within[[e - 1 for _, e in bounds]] = False
+        if not np.array_equal(nxt[:-1][within[:-1]], obs[1:][within[:-1]]):
+            # next_observations are not the shifted observations (e.g. synthetic data): keep them verbatim.
+            infos["next_observations"] = nxt
     buffers = []
-    for k, (s, e) in enumerate(episode_bounds(data["terminals"], data["timeouts"])):
+    for k, (s, e) in enumerate(bounds):
         last = np.asarray(nxt[e - 1]) if nxt is not None else obs[e - 1]
         buffers.append(EpisodeBuffer(
             id=k,

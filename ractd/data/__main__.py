@@ -1,0 +1,199 @@
+"""python -m ractd.data: generate, inspect, download and export datasets.
+
+    python -m ractd.data generate TASK [--scale tiny|small|full] [--seed N] [--out PATH] [--no-noise]
+    python -m ractd.data info TASK|PATH [--source auto|d4rl|local|minari] [--scale ...]
+    python -m ractd.data download TASK
+    python -m ractd.data export TASK|PATH (--minari ID | --hdf5 PATH)
+
+Bad input prints one line on stderr and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from ractd import RactdError
+
+SCALES = ("tiny", "small", "full")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (no usage dump) and exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _generate(args) -> int:
+    from ractd.tasks import get_task
+
+    task = get_task(args.task)
+    if args.steps is not None and args.steps <= 0:
+        raise RactdError(f"--steps must be positive, got {args.steps}")
+    if task.kind == "maze":
+        from ractd.data.generate_maze import generate_maze
+
+        path = generate_maze(task, scale=args.scale, seed=args.seed, out=args.out, noise=not args.no_noise,
+                             n_steps=args.steps)
+    else:
+        if args.no_noise or args.steps is not None:
+            raise RactdError("--no-noise and --steps apply to maze tasks only")
+        from ractd.data.generate_locomotion import generate_locomotion
+
+        path = generate_locomotion(task, scale=args.scale, seed=args.seed, out=args.out)
+    print(path)
+    return 0
+
+
+def _resolve(target: str, source: str, scale: str):
+    """TASK or PATH → (data, task or None, description of where it came from)."""
+    from ractd.data.d4rl import d4rl_cache_path, load_d4rl_hdf5, load_dataset, local_dataset_path
+    from ractd.tasks import TASKS, get_task
+
+    path = Path(target)
+    if target not in TASKS and (path.suffix in (".hdf5", ".h5") or path.exists()):
+        data = load_d4rl_hdf5(path, kind="auto")
+        name = data.get("metadata/task")
+        if name not in TASKS:  # D4RL files: infer from the file name (e.g. hopper_medium_replay-v2.hdf5)
+            stem = path.name.replace("_", "-")
+            name = max((t for t in TASKS if stem.startswith(t)), key=len, default=None)
+        return data, (TASKS[name] if name else None), str(path)
+    task = get_task(target)
+    data = load_dataset(task, source=source, scale=scale)
+    where = {"d4rl": d4rl_cache_path(task), "local": local_dataset_path(task, scale)}.get(source)
+    if source == "auto":
+        where = d4rl_cache_path(task) if d4rl_cache_path(task).is_file() else local_dataset_path(task, scale)
+    return data, task, str(where or data.get("metadata/minari_id", source))
+
+
+def _stats(x) -> str:
+    x = np.asarray(x, dtype=np.float64)
+    return f"min {x.min():.2f}  median {np.median(x):.2f}  max {x.max():.2f}"
+
+
+def _info(args) -> int:
+    from ractd.data.windows import _bounds_arrays
+
+    data, task, where = _resolve(args.target, args.source, args.scale)
+    obs, act, rew = data["observations"], data["actions"], np.asarray(data["rewards"], np.float64)
+    term, tout = data["terminals"], data["timeouts"]
+    starts, ends = _bounds_arrays(term | tout)
+    returns = np.add.reduceat(rew, starts) if len(rew) else np.zeros(0)
+    lengths = ends - starts
+    print(f"dataset      {where}")
+    print(f"task         {task.name if task else 'unknown'}")
+    print(f"transitions  {len(rew)}   observation dim {obs.shape[1]}   action dim {act.shape[1]}")
+    print(f"episodes     {len(starts)}   ended by terminals {int(term[ends - 1].sum())}   by timeouts "
+          f"{int((tout[ends - 1] & ~term[ends - 1]).sum())}   unflagged {int((~(term | tout))[ends - 1].sum())}")
+    print(f"flags        terminals {int(term.sum())}   timeouts {int(tout.sum())}")
+    print(f"ep. length   {_stats(lengths)}")
+    print(f"return       {_stats(returns)}")
+    if task is not None:
+        norm = task.normalized_score(returns)
+        print(f"normalized   {_stats(norm)}   (D4RL refs {task.ref_min_score} / {task.ref_max_score})")
+        q = np.percentile(norm, [10, 50, 90])
+        print(f"behavior     mean normalized return {norm.mean():.1f}; p10/p50/p90 {q[0]:.1f} / {q[1]:.1f} / "
+              f"{q[2]:.1f}" + ("   (per goal segment; maze data reach goals, not eval returns)"
+                               if task.kind == "maze" else ""))
+    if "infos/goal" in data:
+        last = ends - 1
+        gap = np.linalg.norm(obs[last, :2] - data["infos/goal"][last], axis=-1)
+        print(f"goals        {int((gap <= 0.5).sum())}/{len(last)} episodes end within 0.5 of their goal")
+    meta = {k[len('metadata/'):]: v for k, v in data.items() if k.startswith("metadata/")}
+    if meta:
+        print("metadata     " + ", ".join(f"{k}={v}" for k, v in sorted(meta.items()))[:400])
+    return 0
+
+
+def _download(args) -> int:
+    from ractd.data.d4rl import download_d4rl
+
+    print(download_d4rl(args.task, force=args.force))
+    return 0
+
+
+def _export(args) -> int:
+    from ractd.data.d4rl import write_d4rl_hdf5
+
+    if (args.minari is None) == (args.hdf5 is None):
+        raise RactdError("give exactly one of --minari ID or --hdf5 PATH")
+    data, task, _ = _resolve(args.target, args.source, args.scale)
+    if args.minari:
+        from ractd.data.minari_io import export_minari
+
+        export_minari(data, args.minari, task=task, overwrite=args.overwrite)
+        print(args.minari)
+    else:
+        print(write_d4rl_hdf5(args.hdf5, data))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m ractd.data", description="Datasets for RACTD: generate, inspect, download, export.")
+    p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    g = sub.add_parser("generate", help="generate a local dataset (D4RL HDF5) for a task",
+                       description="Generate a dataset: maze2d with D4RL's waypoint-controller recipe in "
+                                   "PointMaze v3; locomotion with the behavior policies of "
+                                   "ractd.data.generate_locomotion.")
+    g.add_argument("task", help="task name, e.g. maze2d-umaze or hopper-medium")
+    g.add_argument("--scale", choices=SCALES, default="full",
+                   help="tiny: 5k steps (tests); small: 10%% of D4RL's size; full: D4RL's size (default)")
+    g.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    g.add_argument("--out", type=Path, default=None, help="output file (default: the ractd dataset cache)")
+    g.add_argument("--no-noise", action="store_true", help="maze: no N(0, 0.5^2) action noise")
+    g.add_argument("--steps", type=int, default=None, help="maze: number of steps, overrides --scale")
+    g.set_defaults(func=_generate)
+
+    def add_source(sp):
+        sp.add_argument("--source", choices=("auto", "d4rl", "local", "minari"), default="auto",
+                        help="where a TASK's data comes from (default auto: d4rl cache, else local file)")
+        sp.add_argument("--scale", choices=SCALES, default="small", help="scale of a local dataset (default small)")
+
+    i = sub.add_parser("info", help="summarize a dataset (sizes, episodes, returns, flags)",
+                       description="Summarize a dataset given by task name or HDF5 path.")
+    i.add_argument("target", help="task name or path to a D4RL-format HDF5 file")
+    add_source(i)
+    i.set_defaults(func=_info)
+
+    d = sub.add_parser("download", help="download a task's D4RL file into d4rl's cache",
+                       description="Download a task's D4RL HDF5 file into d4rl's cache ($D4RL_DATASET_DIR).")
+    d.add_argument("task")
+    d.add_argument("--force", action="store_true", help="download again even if the file exists")
+    d.set_defaults(func=_download)
+
+    e = sub.add_parser("export", help="export a dataset to Minari or to D4RL-format HDF5",
+                       description="Export a dataset (task or HDF5 path) to Minari or to a D4RL-format HDF5 file.")
+    e.add_argument("target", help="task name or path to a D4RL-format HDF5 file")
+    add_source(e)
+    e.add_argument("--minari", metavar="ID", help="Minari dataset id, e.g. ractd/hopper/medium-v0")
+    e.add_argument("--hdf5", metavar="PATH", type=Path, help="output HDF5 path")
+    e.add_argument("--overwrite", action="store_true", help="replace an existing Minari dataset")
+    e.set_defaults(func=_export)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        return args.func(args)
+    except RactdError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # e.g. an unwritable --out
+        print(f"error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else e!r}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
