@@ -43,7 +43,10 @@ def _generate(args) -> int:
     else:
         if args.no_noise or args.steps is not None:
             raise RactdError("--no-noise and --steps apply to maze tasks only")
-        from ractd.data.generate_locomotion import generate_locomotion
+        try:
+            from ractd.data.generate_locomotion import generate_locomotion
+        except ImportError as e:
+            raise RactdError(f"locomotion generation is unavailable ({e})") from None
 
         path = generate_locomotion(task, scale=args.scale, seed=args.seed, out=args.out)
     print(path)
@@ -187,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     except RactdError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into head & co.
+        return 0
     except OSError as e:  # e.g. an unwritable --out
         print(f"error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else e!r}", file=sys.stderr)
         return 2

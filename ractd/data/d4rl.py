@@ -35,7 +35,8 @@ def write_d4rl_hdf5(path, data: dict[str, np.ndarray], metadata: dict | None = N
     path.parent.mkdir(parents=True, exist_ok=True)
     items = dict(data)
     for k, v in (metadata or {}).items():
-        items[f"metadata/{k}"] = v
+        if v is not None:  # HDF5 has no null; an absent key reads back as absent
+            items[f"metadata/{k}"] = v
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:

@@ -162,7 +162,8 @@ def generate_maze_arrays(task: Task | str, n_steps: int, seed: int = 0, noise: b
     next_cell, dist = bfs_next_cell(grid)
     free = sorted(next_cell)
     off = D4RL_CELL_OFFSET
-    # Frame conversion constants, taken from the one conversion pair (positions: pm = A + R pos).
+    # The hot loop inlines the conversion pair: pm = (y + ox, oy - x) for positions, (vy, -vx) for vectors,
+    # with (ox, oy) = d4rl_to_pointmaze((0, 0)); test_generated_steps_replay_through_the_gym_env checks it.
     origin_pm = d4rl_to_pointmaze(np.zeros(2), (rows, cols))
     ox, oy = float(origin_pm[0]), float(origin_pm[1])
 
@@ -180,7 +181,7 @@ def generate_maze_arrays(task: Task | str, n_steps: int, seed: int = 0, noise: b
     # Initial state (D4RL reset_model): a free cell location + U(-0.1, 0.1), velocity N(0, 0.1^2).
     x, y = sample_location()
     vx, vy = rng.normal(0.0, 0.1, size=2)
-    # Set MuJoCo state in PointMaze coordinates: pm = (y + ox', ...) via the conversion pair.
+    # MuJoCo state lives in PointMaze coordinates.
     mjdata.qpos[:] = d4rl_to_pointmaze([x, y], (rows, cols))
     mjdata.qvel[:] = d4rl_to_pointmaze([vx, vy], (rows, cols), vector=True)
     mujoco.mj_forward(model, mjdata)

@@ -49,7 +49,8 @@ def _open_minari(dataset_id: str, download: bool):
         if not download:
             raise RactdError(f"Minari dataset {dataset_id} is not in the local store ($MINARI_DATASETS_PATH)") from None
     except Exception as e:  # minari raises ValueError / KeyError for malformed ids or metadata
-        raise RactdError(f"cannot open Minari dataset {dataset_id}: {str(e).splitlines()[0] if str(e) else e!r}") from None
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RactdError(f"cannot open Minari dataset {dataset_id}: {reason}") from None
     try:
         minari.download_dataset(dataset_id)
         return minari.load_dataset(dataset_id, download=False)
