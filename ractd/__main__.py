@@ -1,0 +1,5 @@
+import sys
+
+from ractd.cli import main
+
+sys.exit(main())

@@ -1,0 +1,217 @@
+"""CTM student and the reward-aware distillation losses, Eq. (5)-(9).
+
+Names follow the paper and REFERENCE.md: noise levels t >= u >= s >= sigma_min, where t is where the noisy
+sample starts, u where the teacher's Heun step ends and s the student's jump target (the paper's k).
+
+    g_theta(x, t, s) = c_skip(t) x + c_out(t) F_theta(c_in(t) x, c_noise(t), c_noise(s), cond)
+    G_theta(x, t, s) = (s / t) x + (1 - s / t) g_theta(x, t, s)            (so G(x, t, t) = x)
+
+The stop-gradient target sg(theta) is the current student weights detached (CTM's EMA decay 0), applied with
+torch.func.functional_call: gradients flow through its *input* to theta, never into its weights.
+Data tensors are (batch, horizon, dim), noise levels (batch,).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from ractd import edm
+from ractd.edm import append_dims
+
+RewardVariant = Literal["one_step", "ctm"]
+
+
+class Student(nn.Module):
+    """The CTM student G_theta(x, t, s, cond); net is a 2-time network (e.g. ConditionalUnet1D(n_times=2))."""
+
+    def __init__(self, net: nn.Module, sigma_data: float = edm.SIGMA_DATA, sigma_min: float = edm.SIGMA_MIN):
+        super().__init__()
+        self.net, self.sigma_data, self.sigma_min = net, sigma_data, sigma_min
+
+    def g(self, x: torch.Tensor, t: torch.Tensor, s: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        """The student's denoiser output g_theta(x, t, s) (boundary scalings at t)."""
+        c_skip, c_out, c_in = (append_dims(c, x.ndim) for c in
+                               edm.boundary_scalings(t, self.sigma_data, self.sigma_min))
+        return c_skip * x + c_out * self.net(c_in * x, (edm.c_noise(t), edm.c_noise(s)), cond)
+
+    def forward(self, x: torch.Tensor, t, s, cond: torch.Tensor | None = None) -> torch.Tensor:
+        t, s = edm._as_batch(t, x), edm._as_batch(s, x)
+        ratio = append_dims(s / t, x.ndim)
+        return ratio * x + (1 - ratio) * self.g(x, t, s, cond)
+
+
+def stopgrad(model: nn.Module):
+    """A callable with model's current weights detached: sg(theta). Inputs keep their gradient path."""
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    buffers = dict(model.named_buffers())
+    return lambda *args: functional_call(model, {**params, **buffers}, args)
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillConfig:
+    """Distillation loss options (Eq. 5-9).
+
+    alpha, beta, sigma: Eq. (9) weights of L_CTM, L_DSM, L_Reward (Table 9 per task; sigma = 0 is CTD).
+    n_bins: Karras bins of the CTM time grid (80). distance: pseudo-Huber form (see edm.pseudo_huber).
+    reward_variant: "one_step" (default, the paper: a_hat from one student step from x_T) or "ctm" (the
+        released code: a_hat = first action of the CTM prediction at the sampled t).
+    reward_clamp: clamp a_hat into [-1, 1] (the normalized data range) before R_psi, so the student cannot
+        chase an unbounded reward model outside the data (REFERENCE.md calibration). Default True.
+    init_scaled: x_T ~ N(0, sigma_max^2 I) (True, the ODE's prior) or N(0, I) (False, released code).
+    dsm_top_fraction: the DSM half-batch samples noise bins from this top fraction of the schedule (0.7).
+    dsm_form: "denoiser" (default; CTM paper, Kim et al. 2023): d(g_theta(x_sigma, sigma, sigma), x_0), which
+        trains the student's denoiser output and leaves the jump G(., ., sigma_min) to the CTM term;
+        "jump" (released code, REFERENCE.md): d(G_theta(x_sigma, sigma, sigma_min), x_0). Chosen on a
+        measurement (ractd.toy, 1500 distillation steps, CPU): with "jump" the DSM term regresses the one-step
+        jump from high noise onto the posterior mean, and the CTD student put 0.7% of its samples on the 30%
+        mode (teacher 22%); with "denoiser" it put 22%, matching the teacher.
+    """
+
+    alpha: float = 1.0
+    beta: float = 1.0
+    sigma: float = 0.0
+    n_bins: int = edm.N_BINS
+    distance: Literal["per_sample", "elementwise"] = "per_sample"
+    reward_variant: RewardVariant = "one_step"
+    reward_clamp: bool = True
+    init_scaled: bool = True
+    dsm_top_fraction: float = 0.7
+    dsm_form: Literal["jump", "denoiser"] = "denoiser"
+
+
+def sample_ctm_indices(n: int, n_bins: int, device=None, generator=None):
+    """Eq. (5)-(6) time sampling over bin indices (bin 0 = sigma_max): (t, u, s) each (n,) long.
+
+    t ~ U{0..N-1}, s ~ U{t..N}, u ~ U{t..s}, then u = min(u, t + 1) so the teacher makes one Heun step.
+    Index N is sigma_min again (the grid is the N bins plus a repeated sigma_min), which reproduces the
+    released code's distribution where s can reach bin 80.
+    """
+    t = torch.randint(0, n_bins, (n,), device=device, generator=generator)
+    s = t + (torch.rand(n, device=device, generator=generator) * (n_bins + 1 - t)).long()
+    u = t + (torch.rand(n, device=device, generator=generator) * (s - t + 1)).long()
+    return t, torch.minimum(u, t + 1), s
+
+
+def ctm_grid(n_bins: int, dtype=torch.float32, device=None) -> torch.Tensor:
+    """The N Karras bins followed by sigma_min once more: (N + 1,)."""
+    sig = edm.karras_sigmas(n_bins, dtype=dtype, device=device)
+    return torch.cat([sig, sig[-1:]])
+
+
+def ctm_loss(student: Student, teacher: edm.Denoiser, x0: torch.Tensor, cond: torch.Tensor | None,
+             cfg: DistillConfig = DistillConfig()) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eq. (5)-(6): d(G_sg(G_theta(x_t, t, s), s, sigma_min), G_sg(G_sg(Solver_phi(x_t, t, u), u, s), s, sigma_min)).
+
+    Returns (per-sample loss (batch,), the CTM prediction x_hat at sigma_min (batch, horizon, dim)), the
+    latter for the released code's reward variant.
+    """
+    grid = ctm_grid(cfg.n_bins, x0.dtype, x0.device)
+    ti, ui, si = sample_ctm_indices(x0.shape[0], cfg.n_bins, device=x0.device)
+    t, u, s = grid[ti], grid[ui], grid[si]
+    sig_min = torch.full_like(t, student.sigma_min)
+    x_t = x0 + append_dims(t, x0.ndim) * torch.randn_like(x0)
+    G_sg = stopgrad(student)
+    x_hat_s = student(x_t, t, s, cond)                                   # Eq. (6), x_hat_k^(t)
+    pred = G_sg(x_hat_s, s, sig_min, cond)
+    with torch.no_grad():
+        x_u = edm.heun_step(teacher.bind(cond), x_t, t, u)               # Solver(x_t, t, u; phi)
+        x_tu_s = G_sg(x_u, u, s, cond)                                   # Eq. (6), x_k^(t,u)
+        target = G_sg(x_tu_s, s, sig_min, cond)
+    return edm.pseudo_huber(pred, target, form=cfg.distance), pred  # Eq. (5)
+
+
+def dsm_loss(student: Student, x0: torch.Tensor, cond: torch.Tensor | None,
+             cfg: DistillConfig = DistillConfig()) -> torch.Tensor:
+    """Eq. (7): lambda(sigma) d(x_0, G_theta(x_0 + sigma eps, sigma, sigma_min)); (batch,).
+
+    Half the batch draws sigma uniformly from the top `dsm_top_fraction` bins of the schedule
+    (sigma in [~0.79, 80] for 0.7), the other half ln sigma ~ N(-1.2, 1.2^2) (released code).
+    """
+    n = x0.shape[0]
+    sig = edm.karras_sigmas(cfg.n_bins, dtype=x0.dtype, device=x0.device)
+    n_top = max(1, int(cfg.dsm_top_fraction * cfg.n_bins))
+    half = n // 2
+    top = sig[torch.randint(0, n_top, (half,), device=x0.device)]
+    lognormal = edm.sample_sigma_lognormal(n - half, device=x0.device).to(x0.dtype)
+    sigma = torch.cat([top, lognormal]).clamp(student.sigma_min, edm.SIGMA_MAX)
+    x_sigma = x0 + append_dims(sigma, x0.ndim) * torch.randn_like(x0)
+    if cfg.dsm_form == "jump":
+        out = student(x_sigma, sigma, torch.full_like(sigma, student.sigma_min), cond)
+    elif cfg.dsm_form == "denoiser":
+        out = student.g(x_sigma, sigma, sigma, cond)
+    else:
+        raise ValueError(f"unknown DSM form {cfg.dsm_form!r}; expected 'jump' or 'denoiser'")
+    return edm.edm_weight(sigma, student.sigma_data) * edm.pseudo_huber(out, x0, form=cfg.distance)  # Eq. (7)
+
+
+def one_step(student: Student, x_T: torch.Tensor, cond: torch.Tensor | None, sigma_max: float = edm.SIGMA_MAX) -> torch.Tensor:
+    """x_hat_0^(T) = G_theta(x_T, T, sigma_min): the one-step sample (unclamped, with gradients)."""
+    return student(x_T, sigma_max, student.sigma_min, cond)
+
+
+def reward_loss(reward_model: nn.Module, state: torch.Tensor, a_hat: torch.Tensor, clamp: bool = True) -> torch.Tensor:
+    """Eq. (8): -R_psi(s_n, a_hat_n), per sample (batch,). state (batch, obs_dim), a_hat (batch, act_dim)."""
+    if clamp:
+        a_hat = a_hat.clamp(-1.0, 1.0)
+    return -reward_model(state, a_hat)  # Eq. (8)
+
+
+def ractd_loss(student: Student, teacher: edm.Denoiser, reward_model: nn.Module | None, x0: torch.Tensor,
+               cond: torch.Tensor | None, state: torch.Tensor | None, cfg: DistillConfig = DistillConfig()) -> dict:
+    """Eq. (9): L = alpha L_CTM + beta L_DSM + sigma L_Reward.
+
+    x0: (batch, horizon, act_dim) normalized action chunks; cond: the student's conditioning vector;
+    state: (batch, obs_dim) the current normalized state fed to R_psi (needed when sigma > 0).
+    Returns {"loss": scalar to backpropagate, "ctm", "dsm", "reward": detached scalars for logging}.
+    The teacher and the reward model must be frozen (requires_grad False); no gradient reaches them.
+    """
+    l_ctm, pred = ctm_loss(student, teacher, x0, cond, cfg)
+    l_dsm = dsm_loss(student, x0, cond, cfg)
+    total = cfg.alpha * l_ctm.mean() + cfg.beta * l_dsm.mean()
+    out = {"ctm": l_ctm.mean().detach(), "dsm": l_dsm.mean().detach()}
+    if cfg.sigma > 0:
+        if reward_model is None or state is None:
+            raise ValueError("reward weight sigma > 0 needs a reward model and the current state")
+        if cfg.reward_variant == "one_step":   # paper: a_hat from one student step from x_T
+            x_T = edm.prior_sample(x0.shape, scaled=cfg.init_scaled, device=x0.device, dtype=x0.dtype)
+            a_hat = one_step(student, x_T, cond)[:, 0]
+        elif cfg.reward_variant == "ctm":      # released code: first action of the CTM prediction
+            a_hat = pred[:, 0]
+        else:
+            raise ValueError(f"unknown reward variant {cfg.reward_variant!r}; expected 'one_step' or 'ctm'")
+        l_rew = reward_loss(reward_model, state, a_hat, clamp=cfg.reward_clamp)
+        total = total + cfg.sigma * l_rew.mean()  # Eq. (9)
+        out["reward"] = l_rew.mean().detach()
+    out["loss"] = total
+    return out
+
+
+@torch.no_grad()
+def sample_student(student: Student, x_T: torch.Tensor, cond: torch.Tensor | None, n_steps: int = 1,
+                   clamp: bool = True, sigma_max: float = edm.SIGMA_MAX, t_mids: list[float] | None = None,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    """One-step (n_steps = 1) or multi-step student sampling (paper Table 5, Song et al. 2023).
+
+    Multi-step: jump T -> sigma_min, re-noise to t_1 (x = x_0 + t_1 eps), jump t_1 -> sigma_min, ...
+    t_mids default: n_steps - 1 noise levels at evenly spaced bins of the 80-bin schedule, descending.
+    """
+    if t_mids is None:
+        sig = edm.karras_sigmas(edm.N_BINS, dtype=x_T.dtype)
+        idx = torch.linspace(0, edm.N_BINS - 1, n_steps + 1)[1:-1].round().long()
+        t_mids = sig[idx].tolist()
+    if len(t_mids) != n_steps - 1:
+        raise ValueError(f"{n_steps}-step sampling needs {n_steps - 1} intermediate noise levels, got {len(t_mids)}")
+    x = student(x_T, sigma_max, student.sigma_min, cond)
+    if clamp:
+        x = x.clamp(-1.0, 1.0)
+    for t_i in t_mids:
+        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        x = student(x + t_i * noise, t_i, student.sigma_min, cond)
+        if clamp:
+            x = x.clamp(-1.0, 1.0)
+    return x

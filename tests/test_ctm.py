@@ -1,0 +1,136 @@
+"""CTM student and Eq. (5)-(9): parametrization, time sampling, gradient paths, multi-step sampling."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from ractd import ctm, edm
+from ractd.nets.mlp import MLPNet, ResidualMLP
+from ractd.nets.unet1d import ConditionalUnet1D, load_teacher_into_student
+from ractd.config import UNetConfig
+
+
+def _models(sigma=1.0, variant="one_step"):
+    torch.manual_seed(0)
+    teacher = edm.Denoiser(MLPNet(2, 4, global_cond_dim=3, hidden=32)).requires_grad_(False)
+    student = ctm.Student(MLPNet(2, 4, global_cond_dim=3, hidden=32, n_times=2))
+    reward = ResidualMLP(3, 2, (16, 16)).requires_grad_(False)
+    cfg = ctm.DistillConfig(sigma=sigma, reward_variant=variant)
+    return teacher, student, reward, cfg
+
+
+def test_G_identity_at_equal_times_and_boundary():
+    _, student, _, _ = _models()
+    x = torch.randn(5, 4, 2)
+    cond = torch.randn(5, 3)
+    t = torch.tensor([80.0, 5.0, 1.0, 0.3, 0.05])
+    np.testing.assert_allclose(student(x, t, t, cond).detach().numpy(), x.numpy(), rtol=1e-6, atol=1e-6)
+    sm = torch.full((5,), edm.SIGMA_MIN)
+    np.testing.assert_allclose(student(x, sm, sm, cond).detach().numpy(), x.numpy(), atol=1e-7)
+
+
+def test_exact_student_two_jumps_equal_one_jump_on_gaussian_flow():
+    """With g chosen as the exact CTM target for Gaussian data, G(G(x,t,u),u,s) = G(x,t,s) = exact ODE flow."""
+    sd = 0.5
+
+    def flow(x, t, s):
+        return x * torch.sqrt((sd**2 + s**2) / (sd**2 + t**2))
+
+    class Exact(torch.nn.Module):  # G = flow  <=>  g = (flow - (s/t) x) / (1 - s/t)
+        def forward(self, x, t, s):
+            r = (s / t)[:, None, None]
+            g = (flow(x, t[:, None, None], s[:, None, None]) - r * x) / (1 - r)
+            return r * x + (1 - r) * g
+
+    G = Exact()
+    x = torch.randn(6, 1, 3, dtype=torch.float64) * 80
+    t = torch.full((6,), 80.0, dtype=torch.float64)
+    u = torch.full((6,), 3.0, dtype=torch.float64)
+    s = torch.full((6,), 0.1, dtype=torch.float64)
+    np.testing.assert_allclose(G(G(x, t, u), u, s).numpy(), G(x, t, s).numpy(), rtol=1e-10)
+    np.testing.assert_allclose(G(x, t, s).numpy(), flow(x, 80.0, torch.tensor(0.1, dtype=torch.float64)).numpy(), rtol=1e-10)
+
+
+def test_ctm_time_sampling_ordering_and_one_heun_step():
+    t, u, s = ctm.sample_ctm_indices(1_000_000, 80, generator=torch.Generator().manual_seed(0))
+    assert torch.all(t <= u) and torch.all(u <= s) and torch.all(u <= t + 1)
+    assert t.min() == 0 and t.max() == 79 and s.max() == 80
+    grid = ctm.ctm_grid(80)
+    assert grid.shape == (81,) and grid[80] == grid[79]
+    # s | t uniform on {t..80}: for t = 0 its mean is 40
+    np.testing.assert_allclose(s[t == 0].double().mean().item(), 40.0, atol=1.0)
+
+
+@pytest.mark.parametrize("variant", ["one_step", "ctm"])
+def test_every_loss_term_reaches_student_and_nothing_else(variant):
+    teacher, student, reward, cfg = _models(sigma=1.0, variant=variant)
+    x0, cond, state = torch.rand(16, 4, 2) * 2 - 1, torch.randn(16, 3), torch.randn(16, 3)
+    for term in ("ctm", "dsm", "reward"):
+        student.zero_grad()
+        if term == "ctm":
+            loss = ctm.ctm_loss(student, teacher, x0, cond, cfg)[0].mean()
+        elif term == "dsm":
+            loss = ctm.dsm_loss(student, x0, cond, cfg).mean()
+        else:
+            out = ctm.ractd_loss(student, teacher, reward, x0, cond, state, cfg)
+            loss = out["loss"] - (cfg.alpha * out["ctm"] + cfg.beta * out["dsm"])  # the reward part's graph
+        loss.backward()
+        grads = [p.grad for p in student.parameters() if p.grad is not None]
+        assert grads and sum(g.abs().sum() for g in grads) > 0, term
+        assert all(p.grad is None for p in teacher.parameters()), term
+        assert all(p.grad is None for p in reward.parameters()), term
+
+
+def test_ctm_target_has_no_gradient_and_stopgrad_keeps_input_path():
+    teacher, student, _, cfg = _models()
+    sg = ctm.stopgrad(student)
+    x = torch.randn(4, 4, 2, requires_grad=True)
+    t = torch.full((4,), 2.0)
+    out = sg(x, t, torch.full((4,), 0.5), torch.randn(4, 3))
+    out.sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    assert all(p.grad is None for p in student.parameters())
+
+
+def test_reward_loss_is_negative_reward_and_clamps():
+    reward = ResidualMLP(3, 2, (8,))
+    state, a = torch.randn(5, 3), torch.randn(5, 2) * 5
+    np.testing.assert_allclose(ctm.reward_loss(reward, state, a, clamp=False).detach().numpy(),
+                               (-reward(state, a)).detach().numpy())
+    np.testing.assert_allclose(ctm.reward_loss(reward, state, a).detach().numpy(),
+                               (-reward(state, a.clamp(-1, 1))).detach().numpy())
+
+
+def test_sigma_zero_has_no_reward_term_and_needs_no_reward_model():
+    teacher, student, _, _ = _models()
+    out = ctm.ractd_loss(student, teacher, None, torch.rand(8, 4, 2), torch.randn(8, 3), None, ctm.DistillConfig())
+    assert "reward" not in out and out["loss"].requires_grad
+    with pytest.raises(ValueError, match="reward model"):
+        ctm.ractd_loss(student, teacher, None, torch.rand(8, 4, 2), torch.randn(8, 3), None, ctm.DistillConfig(sigma=1))
+
+
+def test_warm_started_unet_student_starts_as_teacher_denoiser():
+    cfg = UNetConfig(down_dims=(16, 32), time_embed_dim=16, n_groups=4)
+    teacher = edm.Denoiser(ConditionalUnet1D(3, 5, cfg)).eval()
+    student = ctm.Student(ConditionalUnet1D(3, 5, cfg, n_times=2)).eval()
+    load_teacher_into_student(student.net, teacher.net)
+    x, cond = torch.randn(4, 8, 3), torch.randn(4, 5)
+    t = torch.full((4,), 3.0)
+    with torch.no_grad():
+        np.testing.assert_allclose(student.g(x, t, torch.full((4,), 0.7), cond).numpy(),
+                                   teacher(x, t, cond).numpy(), atol=1e-5)
+
+
+def test_multistep_sampling_renoises_and_clamps():
+    _, student, _, _ = _models()
+    x_T = torch.randn(6, 4, 2) * 80
+    cond = torch.randn(6, 3)
+    one = ctm.sample_student(student, x_T, cond, n_steps=1)
+    g = torch.Generator().manual_seed(0)
+    three = ctm.sample_student(student, x_T, cond, n_steps=3, generator=g)
+    assert one.shape == three.shape and one.abs().max() <= 1 and three.abs().max() <= 1
+    assert (one - three).abs().max() > 0
+    with pytest.raises(ValueError, match="2 intermediate"):
+        ctm.sample_student(student, x_T, cond, n_steps=3, t_mids=[1.0])
