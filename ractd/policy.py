@@ -1,0 +1,303 @@
+"""Policies: conditioning -> sampler -> unnormalized action chunk (MuJoCo) or state plan (maze2d).
+
+Samplers. A `Sampler` is a callable `sample(cond, generators) -> x_0` with cond (B, cond_dim) normalized
+conditioning, `generators` a list of B torch.Generators (one per row) and x_0 (B, horizon, dim) in normalized
+units, clamped to [-1, 1]. Every random number of row b (its starting noise x_T and any re-noising of
+multi-step / ancestral samplers) is drawn from generators[b] alone, with a per-row `torch.randn(shape_tail,
+generator=g)`, so a row's sample does not depend on which other rows share the batch (up to float rounding of
+batched matmuls/convolutions, which may differ in the last bits between batch sizes). The builders wrap the
+library samplers (edm.sample_heun / sample_euler, ddpm.sample_ddim, ctm.sample_student); the two samplers
+with noise inside the loop (DDPM ancestral, multi-step student) are re-stated here with per-row noise, and
+tests/test_policy.py checks them against ddpm.sample_ddpm / ctm.sample_student at batch 1 with the same
+generator.
+
+Starting noise of the EDM-family samplers (teacher Heun/Euler, student): `init_scaled=True` draws
+x_T ~ N(0, sigma_max^2 I), the marginal the probability-flow ODE assumes; `init_scaled=False` draws
+x_T ~ N(0, I), the released code's "reduced initial variance" (mode-seeking; REFERENCE.md). It is an explicit
+argument of every builder. DDPM/DDIM always start from N(0, I) (variance preserving).
+
+Locomotion (closed loop, h = obs_history past states, c = horizon future actions): the conditioning of env
+row b is the normalized state history, oldest first, flattened: cond = obs_normalizer.normalize(hist)
+.reshape(B, h * obs_dim) with hist (B, h, obs_dim) -- exactly `normalize(locomotion_windows(...)["obs"])
+.reshape(N, -1)` of the training windows, including their padding: at the start of an episode the missing
+past states repeat the first state. The first action of the unnormalized chunk is executed and the policy
+replans at every step (c = 16 generated, 1 executed).
+
+Maze2d (open loop, Diffuser protocol, REFERENCE.md): plan once a state sequence of H states conditioned on
+cond = concat(normalize(start), normalize([goal_x, goal_y, 0, 0])) of width 2 * obs_dim (the training windows
+provide start = first state and goal = last state of each window: `maze_windows(...)["start"]` and
+`["goal"]`), then track it with a = (wp_xy - xy) + (wp_vel - vel) toward waypoint t + 1, clipped to the
+action space [-1, 1]. After the plan ends the waypoint is the last planned state with zero velocity (as
+Diffuser's maze2d evaluation does). Everything here is in D4RL maze2d coordinates; the rollout converts
+to and from PointMaze's frame (ractd.data.generate_maze).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from ractd import ctm, ddpm, edm
+
+log = logging.getLogger(__name__)
+
+Sampler = Callable[[torch.Tensor, Sequence[torch.Generator]], torch.Tensor]
+SAMPLER_KINDS = ("heun", "euler", "ddpm", "ddim", "student")
+
+
+# ---------------------------------------------------------------------------------------------- noise
+
+def rowwise_randn(generators: Sequence[torch.Generator], shape_tail: tuple[int, ...], device=None,
+                  dtype=torch.float32) -> torch.Tensor:
+    """(B, *shape_tail) standard normal noise, row b drawn from generators[b] alone."""
+    if len(generators) == 0:
+        return torch.empty((0, *shape_tail), device=device, dtype=dtype)
+    return torch.stack([torch.randn(shape_tail, generator=g, dtype=dtype, device=device) for g in generators])
+
+
+def _model_device_dtype(model: torch.nn.Module):
+    p = next(model.parameters(), None)
+    return (p.device, p.dtype) if p is not None else (torch.device("cpu"), torch.float32)
+
+
+def _check_rows(cond: torch.Tensor, generators: Sequence[torch.Generator]) -> None:
+    if cond.ndim != 2 or cond.shape[0] != len(generators):
+        raise ValueError(f"sampler needs cond (B, cond_dim) and B generators; got cond {tuple(cond.shape)} "
+                         f"and {len(generators)} generators")
+
+
+# ---------------------------------------------------------------------------------------------- builders
+
+def heun_sampler(teacher: edm.Denoiser, shape_tail: tuple[int, int], n_bins: int = edm.N_BINS,
+                 init_scaled: bool = True) -> Sampler:
+    """Teacher Heun over `n_bins` Karras bins (n_bins - 1 steps, 2 (n_bins - 1) network calls), clamped.
+
+    shape_tail = (horizon, dim). x_T ~ N(0, sigma_max^2 I) (init_scaled) or N(0, I), per row.
+    """
+    return _edm_ode_sampler(teacher, shape_tail, n_bins, init_scaled, edm.sample_heun)
+
+
+def euler_sampler(teacher: edm.Denoiser, shape_tail: tuple[int, int], n_bins: int = edm.N_BINS,
+                  init_scaled: bool = True) -> Sampler:
+    """Teacher Euler over `n_bins` Karras bins (n_bins - 1 network calls), clamped; see heun_sampler."""
+    return _edm_ode_sampler(teacher, shape_tail, n_bins, init_scaled, edm.sample_euler)
+
+
+def _edm_ode_sampler(teacher, shape_tail, n_bins, init_scaled, solver) -> Sampler:
+    shape_tail = tuple(int(v) for v in shape_tail)
+    device, dtype = _model_device_dtype(teacher)
+    sigmas = edm.karras_sigmas(n_bins, dtype=dtype, device=device)
+
+    def sample(cond: torch.Tensor, generators: Sequence[torch.Generator]) -> torch.Tensor:
+        _check_rows(cond, generators)
+        with torch.inference_mode():
+            x_T = rowwise_randn(generators, shape_tail, device, dtype)
+            x_T = x_T * edm.SIGMA_MAX if init_scaled else x_T
+            return solver(teacher.bind(cond.to(device, dtype)), x_T, sigmas, clamp=True)
+
+    return sample
+
+
+def ddpm_sampler(model: ddpm.EpsModel, shape_tail: tuple[int, int], n_steps: int | None = None) -> Sampler:
+    """Ancestral DDPM over `ddpm.timesteps(T, n_steps)` (default every step), x_0 clamped to [-1, 1].
+
+    Same math as ddpm.sample_ddpm, with each row's x_T and step noise drawn from its own generator.
+    """
+    shape_tail = tuple(int(v) for v in shape_tail)
+    device, dtype = _model_device_dtype(model)
+    ts = ddpm.timesteps(model.T, n_steps or model.T)
+    abars = model.alphas_cumprod.to(device, torch.float64)
+
+    def sample(cond: torch.Tensor, generators: Sequence[torch.Generator]) -> torch.Tensor:
+        _check_rows(cond, generators)
+        with torch.inference_mode():
+            eps_fn = model.bind(cond.to(device, dtype))
+            x = rowwise_randn(generators, shape_tail, device, dtype)
+            for i, t in enumerate(ts):
+                abar_t = abars[t]
+                abar_prev = abars[ts[i + 1]] if i + 1 < len(ts) else torch.ones((), dtype=torch.float64)
+                beta = 1 - abar_t / abar_prev
+                eps = eps_fn(x, torch.full((x.shape[0],), t, device=device, dtype=torch.long))
+                x0 = ddpm._x0_from_eps(x, eps, abar_t.to(dtype)).clamp(-1.0, 1.0)
+                coef_x0 = (abar_prev.sqrt() * beta / (1 - abar_t)).to(dtype)
+                coef_xt = ((1 - beta).sqrt() * (1 - abar_prev) / (1 - abar_t)).to(dtype)
+                x = coef_x0 * x0 + coef_xt * x                                  # posterior mean
+                if i + 1 < len(ts):
+                    var = (beta * (1 - abar_prev) / (1 - abar_t)).to(dtype)
+                    x = x + var.sqrt() * rowwise_randn(generators, shape_tail, device, dtype)
+            return x.clamp(-1.0, 1.0)
+
+    return sample
+
+
+def ddim_sampler(model: ddpm.EpsModel, shape_tail: tuple[int, int], n_steps: int = 10) -> Sampler:
+    """Deterministic DDIM (eta = 0, ddpm.sample_ddim) in `n_steps` steps from per-row x_T ~ N(0, I)."""
+    shape_tail = tuple(int(v) for v in shape_tail)
+    device, dtype = _model_device_dtype(model)
+
+    def sample(cond: torch.Tensor, generators: Sequence[torch.Generator]) -> torch.Tensor:
+        _check_rows(cond, generators)
+        with torch.inference_mode():
+            x_T = rowwise_randn(generators, shape_tail, device, dtype)
+            x = ddpm.sample_ddim(model.bind(cond.to(device, dtype)), x_T, model.alphas_cumprod, n_steps,
+                                 clamp=True, eta=0.0)
+            return x.clamp(-1.0, 1.0)
+
+    return sample
+
+
+def student_t_mids(n_steps: int) -> list[float]:
+    """ctm.sample_student's default re-noising levels: n_steps - 1 sigmas at evenly spaced bins, descending."""
+    sig = edm.karras_sigmas(edm.N_BINS, dtype=torch.float32)
+    idx = torch.linspace(0, edm.N_BINS - 1, n_steps + 1)[1:-1].round().long()
+    return sig[idx].tolist()
+
+
+def student_sampler(student: ctm.Student, shape_tail: tuple[int, int], n_steps: int = 1,
+                    init_scaled: bool = True, t_mids: list[float] | None = None) -> Sampler:
+    """CTM student: one jump G(x_T, sigma_max, sigma_min) (n_steps = 1, 1 network call), or multi-step
+    (paper Table 5): jump to sigma_min, re-noise to t_i with the row's own noise, jump again, ...
+
+    Each jump is ctm.sample_student with n_steps = 1 (clamped); t_mids default `student_t_mids(n_steps)`.
+    """
+    shape_tail = tuple(int(v) for v in shape_tail)
+    device, dtype = _model_device_dtype(student)
+    t_mids = student_t_mids(n_steps) if t_mids is None else list(t_mids)
+    if len(t_mids) != n_steps - 1:
+        raise ValueError(f"{n_steps}-step sampling needs {n_steps - 1} intermediate noise levels, got {len(t_mids)}")
+
+    def sample(cond: torch.Tensor, generators: Sequence[torch.Generator]) -> torch.Tensor:
+        _check_rows(cond, generators)
+        with torch.inference_mode():
+            c = cond.to(device, dtype)
+            x_T = rowwise_randn(generators, shape_tail, device, dtype)
+            x_T = x_T * edm.SIGMA_MAX if init_scaled else x_T
+            x = ctm.sample_student(student, x_T, c, n_steps=1, clamp=True)
+            for t_i in t_mids:
+                x_t = x + t_i * rowwise_randn(generators, shape_tail, device, dtype)
+                x = ctm.sample_student(student, x_t, c, n_steps=1, clamp=True, sigma_max=t_i)
+            return x
+
+    return sample
+
+
+def make_sampler(kind: str, model: torch.nn.Module, shape_tail: tuple[int, int], **opts) -> Sampler:
+    """Dispatch: kind in {heun, euler, ddpm, ddim, student}; opts go to the matching builder."""
+    builders = {"heun": heun_sampler, "euler": euler_sampler, "ddpm": ddpm_sampler, "ddim": ddim_sampler,
+                "student": student_sampler}
+    if kind not in builders:
+        raise ValueError(f"unknown sampler kind {kind!r}; expected one of {', '.join(SAMPLER_KINDS)}")
+    return builders[kind](model, shape_tail, **opts)
+
+
+# ---------------------------------------------------------------------------------------------- locomotion
+
+class LocomotionPolicy:
+    """Closed-loop chunked policy for n envs: state history -> cond -> sampler -> unnormalized actions.
+
+    sampler: a Sampler producing (B, horizon, act_dim) normalized action chunks.
+    obs_normalizer / action_normalizer: ractd.data.windows.Normalizer fitted on the training data.
+    obs_history: h, states per conditioning window (the training windows' obs_history).
+    Keeps one history per env; call reset(n) before an episode batch.
+    """
+
+    def __init__(self, sampler: Sampler, obs_normalizer, action_normalizer, obs_history: int = 1):
+        if obs_history < 1:
+            raise ValueError(f"obs_history must be >= 1, got {obs_history}")
+        self.sampler, self.obs_normalizer, self.action_normalizer = sampler, obs_normalizer, action_normalizer
+        self.obs_history = int(obs_history)
+        self._hist: np.ndarray | None = None   # (n, h, obs_dim) float32, oldest first
+        self._started: np.ndarray | None = None
+
+    def reset(self, n: int) -> None:
+        """Forget all histories; the next act() starts a new episode for each of the n envs."""
+        self._hist = np.zeros((n, self.obs_history, self.obs_normalizer.dim), dtype=np.float32)
+        self._started = np.zeros(n, dtype=bool)
+
+    def _push(self, obs: np.ndarray, rows: np.ndarray) -> None:
+        o = obs[rows].astype(np.float32)
+        new = ~self._started[rows]
+        hist = self._hist[rows]
+        hist[new] = o[new, None, :]             # episode start: pad with the first state
+        hist[~new] = np.concatenate([hist[~new, 1:], o[~new, None, :]], axis=1)
+        self._hist[rows] = hist
+        self._started[rows] = True
+
+    def conditioning(self, rows: np.ndarray | None = None) -> torch.Tensor:
+        """The current cond of the given env rows: (len(rows), h * obs_dim) float32 normalized history."""
+        hist = self._hist if rows is None else self._hist[rows]
+        return torch.from_numpy(self.obs_normalizer.normalize(hist).reshape(len(hist), -1))
+
+    def act_chunk(self, obs: np.ndarray, generators: Sequence[torch.Generator],
+                  active_mask: np.ndarray | None = None) -> np.ndarray:
+        """Record obs (n, obs_dim) into the histories of the active envs and sample one chunk for them.
+
+        generators: n generators (one per env; only active ones are used). Returns (n, horizon, act_dim)
+        unnormalized float32, NaN in inactive rows. One sampler call for all active envs.
+        """
+        if self._hist is None:
+            raise RuntimeError("call reset(n) before act()")
+        obs = np.asarray(obs)
+        n = len(self._hist)
+        if obs.shape != (n, self.obs_normalizer.dim) or len(generators) != n:
+            raise ValueError(f"act expects obs ({n}, {self.obs_normalizer.dim}) and {n} generators; got "
+                             f"{obs.shape} and {len(generators)}")
+        rows = np.arange(n) if active_mask is None else np.flatnonzero(np.asarray(active_mask, bool))
+        self._push(obs, rows)
+        x = self.sampler(self.conditioning(rows), [generators[i] for i in rows])
+        chunk = self.action_normalizer.unnormalize(x.detach().cpu().float().numpy())
+        out = np.full((n, *chunk.shape[1:]), np.nan, dtype=np.float32)
+        out[rows] = chunk
+        return out
+
+    def act(self, obs: np.ndarray, generators: Sequence[torch.Generator],
+            active_mask: np.ndarray | None = None) -> np.ndarray:
+        """The first action of each active env's chunk: (n, act_dim) float32 (NaN rows for inactive envs)."""
+        return self.act_chunk(obs, generators, active_mask)[:, 0]
+
+
+# ---------------------------------------------------------------------------------------------- maze2d
+
+class MazePlanner:
+    """Open-loop maze2d planner (Diffuser protocol): plan once from (start, goal), then PD-track the plan.
+
+    sampler: a Sampler producing (B, horizon, 4) normalized state sequences from cond (B, 8).
+    obs_normalizer: the Normalizer of the 4-d maze states [x, y, vx, vy] (D4RL coordinates).
+    """
+
+    def __init__(self, sampler: Sampler, obs_normalizer, horizon: int):
+        self.sampler, self.obs_normalizer, self.horizon = sampler, obs_normalizer, int(horizon)
+
+    def conditioning(self, start_obs: np.ndarray, goal_xy: np.ndarray) -> torch.Tensor:
+        """cond = concat(normalize(start), normalize([gx, gy, 0, 0])): (n, 2 * obs_dim) float32."""
+        start = np.asarray(start_obs, dtype=np.float32)
+        goal = np.zeros_like(start)
+        goal[:, :2] = np.asarray(goal_xy, dtype=np.float32)
+        norm = self.obs_normalizer.normalize
+        return torch.from_numpy(np.concatenate([norm(start), norm(goal)], axis=1))
+
+    def plan(self, start_obs: np.ndarray, goal_xy: np.ndarray,
+             generators: Sequence[torch.Generator]) -> np.ndarray:
+        """start_obs (n, 4), goal_xy (n, 2) -> plan (n, horizon, 4) unnormalized; one sampler call."""
+        x = self.sampler(self.conditioning(start_obs, goal_xy), generators)
+        return self.obs_normalizer.unnormalize(x.detach().cpu().float().numpy())
+
+    @staticmethod
+    def track(plan: np.ndarray, obs: np.ndarray, t: int) -> np.ndarray:
+        """PD rule toward waypoint t + 1: a = (wp_xy - xy) + (wp_vel - vel), clipped to [-1, 1].
+
+        plan (n, H, 4), obs (n, 4), t the env step (0 at reset). Once t + 1 >= H the waypoint is the
+        last planned state with zero velocity. Returns (n, 2) float64 actions (D4RL frame).
+        """
+        plan = np.asarray(plan, dtype=np.float64)
+        obs = np.asarray(obs, dtype=np.float64)
+        if t + 1 < plan.shape[1]:
+            wp = plan[:, t + 1]
+        else:
+            wp = plan[:, -1].copy()
+            wp[:, 2:] = 0.0
+        a = (wp[:, :2] - obs[:, :2]) + (wp[:, 2:] - obs[:, 2:])
+        return np.clip(a, -1.0, 1.0)
