@@ -167,11 +167,11 @@ def test_interrupted_training_resumes_bit_identically(hopper_mr, tmp_path, monke
 
 def test_halfcheetah_timeouts_at_time_limit(tmp_path):
     """HalfCheetah never terminates: every episode ends by the env's 1000-step truncation."""
-    task = get_task("halfcheetah-medium-expert")
+    task = get_task("halfcheetah-medium")
     path = _generate(tmp_path, task)
     data = load_d4rl_hdf5(path)
     meta = read_metadata(path)
-    n = 2 * gl.SCALES["tiny"].rollout_size
+    n = gl.SCALES["tiny"].rollout_size
     assert len(data["rewards"]) == n
     np.testing.assert_array_equal(data["terminals"], False)
     np.testing.assert_array_equal(np.flatnonzero(data["timeouts"]), np.arange(999, n, 1000))

@@ -46,7 +46,9 @@ last transition of a rollout dataset cut to its exact size; metadata "cut_last_e
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import io
 import json
@@ -122,7 +124,7 @@ class Recipe:
 
 SCALES: dict[str, Recipe] = {
     "tiny": Recipe(total_steps=1500, learning_starts=500, batch_size=64, net_arch=(32, 32), eval_every=500,
-                   eval_episodes=2, medium_max_steps=1000, rollout_size=2000, rollout_envs=2),
+                   eval_episodes=1, medium_max_steps=1000, rollout_size=2000, rollout_envs=2),
     "small": Recipe(total_steps=150_000, learning_starts=10_000, batch_size=256, net_arch=(128, 128),
                     eval_every=5000, eval_episodes=5, medium_max_steps=100_000, rollout_size=100_000),
     "full": Recipe(total_steps=1_000_000, learning_starts=10_000, batch_size=256, net_arch=(256, 256),
@@ -227,7 +229,9 @@ class BehaviorCache:
     def ensure(self, which: str) -> Path:
         """Path of the `which` ("random" | "medium" | "expert") policy snapshot, training if it is missing."""
         if not self.policy_path(which).is_file():
-            _Trainer(self).run(until="expert" if which == "expert" else "medium")
+            with _locked(self.dir):  # another process may be training the same policies right now
+                if not self.policy_path(which).is_file():
+                    _Trainer(self).run(until="expert" if which == "expert" else "medium")
         return self.policy_path(which)
 
     def evals(self) -> dict:
@@ -254,6 +258,22 @@ class BehaviorCache:
             _atomic_npz(path, data)
         with np.load(path) as z:
             return {k.replace("__", "/"): z[k] for k in z.files}
+
+
+@contextlib.contextmanager
+def _locked(folder: Path):
+    """An exclusive advisory lock on `folder` (flock on folder/.lock), held for the block."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("waiting for another process training in %s", folder)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 # ------------------------------------------------------------------------------------------------ training
@@ -623,6 +643,12 @@ def _metadata(task: Task, scale: str, seed: int, recipe: Recipe, cache: Behavior
     rets = episode_returns(data)
     norm = task.normalized_score(rets)
     ev = cache.evals()
+    # Only the policies this split uses, and the evaluations up to the last of them: the metadata of a
+    # medium-replay file must not depend on whether the expert was trained before it was generated.
+    used = {"random": ("random",), "medium": ("random", "medium"), "medium-replay": ("random", "medium"),
+            "expert": ("random", "medium", "expert"), "medium-expert": ("random", "medium", "expert")}[task.split]
+    last_step = max(ev[w]["step"] for w in used if ev.get(w))
+    history = [h for h in ev.get("history", []) if h[0] <= last_step]
     meta = {
         "task": task.name, "env_id": task.env_id, "split": task.split, "scale": scale, "seed": int(seed),
         "source": source, "algorithm": f"SAC (stable-baselines3 {sb3.__version__})",
@@ -635,10 +661,10 @@ def _metadata(task: Task, scale: str, seed: int, recipe: Recipe, cache: Behavior
         "return_min": float(rets.min()), "return_median": float(np.median(rets)), "return_mean": float(rets.mean()),
         "return_max": float(rets.max()), "normalized_min": float(norm.min()),
         "normalized_median": float(np.median(norm)), "normalized_max": float(norm.max()),
-        "eval_history_json": json.dumps(ev.get("history", [])),
+        "eval_history_json": json.dumps(history),
         "versions_json": json.dumps(library_versions(), sort_keys=True),
     }
-    for which in ("random", "medium", "expert"):
+    for which in used:
         info = ev.get(which) or {}
         if info:
             meta[f"{which}_policy_step"] = int(info["step"])
