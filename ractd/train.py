@@ -228,7 +228,9 @@ BUILDERS = {"reward": build_reward, "teacher": build_teacher, "ddpm": build_ddpm
 
 
 def load_stage_model(path: Path, prep: Prepared | None = None, use_ema: bool = True):
-    """(model in eval mode with requires_grad False, its TrainConfig, normalizers) from a checkpoint."""
+    """(model in eval mode with requires_grad False, its TrainConfig, the checkpoint dict) from a checkpoint.
+
+    The checkpoint dict carries "normalizers" (state dicts), "shapes", "meta" and the weights."""
     ck = load_checkpoint(path)
     cfg = from_dict(TrainConfig, ck["config"])
     if prep is None:
@@ -236,7 +238,7 @@ def load_stage_model(path: Path, prep: Prepared | None = None, use_ema: bool = T
     model = BUILDERS[cfg.stage](cfg, prep)
     state = ck["ema"] if use_ema and ck.get("ema") is not None else ck["model"]
     model.load_state_dict(state)
-    return model.eval().requires_grad_(False), cfg, ck["normalizers"]
+    return model.eval().requires_grad_(False), cfg, ck
 
 
 def _shape_only(cfg: TrainConfig, ck: dict) -> Prepared:
@@ -288,6 +290,7 @@ def train(cfg: TrainConfig, ctx: RunContext | None = None, data: dict | None = N
     stage_dir = cfg.stage_dir
     ckpt_path, best_path = stage_dir / "checkpoint.pt", stage_dir / "best.pt"
 
+    torch.manual_seed(cfg.seed)  # same initial weights on every rank
     model = BUILDERS[cfg.stage](cfg, prep).to(device)
     teacher = reward_model = None
     if cfg.stage == "student":
@@ -359,7 +362,7 @@ def train(cfg: TrainConfig, ctx: RunContext | None = None, data: dict | None = N
         step += 1
         bar.update(1)
         for k, v in terms.items():
-            sums[k] = sums.get(k, 0.0) + float(v)
+            sums[k] = sums.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v)
         count += 1
         if step % cfg.report_every == 0 or step == cfg.steps:
             metrics = {k: v / count for k, v in sums.items()}

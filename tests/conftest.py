@@ -4,6 +4,10 @@ so nothing is written into the repository (HalfCheetah writes MUJOCO_LOG.TXT int
 import pytest
 import torch
 
+# One intra-op thread: the test networks are small, and on a 2-CPU machine shared with other processes
+# multi-threaded torch ops slow down several-fold from oversubscription.
+torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def _isolated_dirs(tmp_path, monkeypatch):
