@@ -9,6 +9,8 @@ SAC online and recording it. This module does the same on the Gymnasium v5 envs:
 - medium-replay every transition the agent saw during training until that snapshot, in the order it saw them;
 - expert        rollouts of the final policy (end of the scale's training budget);
 - medium-expert medium rollouts followed by expert rollouts (D4RL concatenates the two datasets).
+The registry (and so the CLI) lists medium, medium-replay and medium-expert; random and expert are reachable
+from Python: generate_locomotion(locomotion_task("hopper", "random"), ...).
 
 Rollouts sample the stochastic policy (D4RL records action_log_probs, so its behavior was stochastic too); the
 medium threshold is evaluated with the same stochastic policy, so the snapshot's data has about the return the
@@ -253,11 +255,23 @@ class BehaviorCache:
         if not path.is_file():
             actor = load_actor(self.ensure(which), self.env_id, self.recipe)
             tag = {"random": 11, "medium": 12, "expert": 13}[which]
-            data = record_rollouts(actor, self.env_id, n_transitions=n, seed=(self.seed, tag),
-                                   n_envs=self.recipe.rollout_envs, desc=f"{self.env_id} {which} rollouts")
+            with _one_torch_thread():
+                data = record_rollouts(actor, self.env_id, n_transitions=n, seed=(self.seed, tag),
+                                       n_envs=self.recipe.rollout_envs, desc=f"{self.env_id} {which} rollouts")
             _atomic_npz(path, data)
         with np.load(path) as z:
             return {k.replace("__", "/"): z[k] for k in z.files}
+
+
+@contextlib.contextmanager
+def _one_torch_thread():
+    """SAC's small nets gain nothing from threads, and one thread keeps float rounding reproducible."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @contextlib.contextmanager
@@ -348,14 +362,9 @@ class _Trainer:
         self.cache, self.recipe = cache, cache.recipe
 
     def run(self, until: str) -> None:
-        c, r = self.cache, self.recipe
-        c.dir.mkdir(parents=True, exist_ok=True)
-        torch_threads = torch.get_num_threads()
-        torch.set_num_threads(1)  # SAC's small nets gain nothing from threads; one thread keeps runs reproducible
-        try:
+        self.cache.dir.mkdir(parents=True, exist_ok=True)
+        with _one_torch_thread():
             self._run(until)
-        finally:
-            torch.set_num_threads(torch_threads)
 
     def _run(self, until: str) -> None:
         c, r = self.cache, self.recipe
