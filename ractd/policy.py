@@ -52,10 +52,14 @@ SAMPLER_KINDS = ("heun", "euler", "ddpm", "ddim", "student")
 
 def rowwise_randn(generators: Sequence[torch.Generator], shape_tail: tuple[int, ...], device=None,
                   dtype=torch.float32) -> torch.Tensor:
-    """(B, *shape_tail) standard normal noise, row b drawn from generators[b] alone."""
+    """(B, *shape_tail) standard normal noise, row b drawn from generators[b] alone.
+
+    Drawn on the generators' device (CPU generators: CPU) and then moved to `device`, so a seed gives the
+    same noise whichever device runs the network."""
     if len(generators) == 0:
         return torch.empty((0, *shape_tail), device=device, dtype=dtype)
-    return torch.stack([torch.randn(shape_tail, generator=g, dtype=dtype, device=device) for g in generators])
+    rows = [torch.randn(shape_tail, generator=g, dtype=dtype, device=g.device) for g in generators]
+    return torch.stack(rows).to(device)
 
 
 def _model_device_dtype(model: torch.nn.Module):
