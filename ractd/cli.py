@@ -7,7 +7,6 @@ batch sizes and step counts. Bad input exits with status 2 and a one-line messag
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import sys
@@ -39,6 +38,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scale", default="small", help="scale of a locally generated dataset (tiny|small|full)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads (default: torch's; use 1 when other work shares the CPUs)")
 
 
 def _train_args(p: argparse.ArgumentParser) -> None:
@@ -76,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--unscaled-init", action="store_true", help="x_T ~ N(0, I) (released code) instead of N(0, 80^2 I)")
     p.add_argument("--teacher-ckpt", default="")
     p.add_argument("--reward-ckpt", default="")
+    p.add_argument("--select-seeds", type=int, default=0,
+                   help="online model selection: short rollouts on this many seeds at every checkpoint (0 = by loss)")
 
     p = sub.add_parser("evaluate", help="roll out a trained policy and store per-episode results (Parquet)")
     _common(p)
@@ -122,6 +125,7 @@ def _train_config(args, stage: str):
             init_scaled=not getattr(args, "unscaled_init", False))
         kw["teacher_ckpt"] = getattr(args, "teacher_ckpt", "")
         kw["reward_ckpt"] = getattr(args, "reward_ckpt", "")
+        kw["select_seeds"] = getattr(args, "select_seeds", 0)
     return TrainConfig(**kw)
 
 
@@ -158,7 +162,8 @@ def cmd_pipeline(args) -> dict:
     task = _task(args)
     stages = (["reward"] if task.kind == "locomotion" else []) + ["teacher", "student"]
     for stage in stages:
-        ns = argparse.Namespace(**vars(args), stage=stage)
+        ns = argparse.Namespace(**vars(args), stage=stage, preset=None, paper=False, batch=None, lr=None,
+                                device="cpu", ckpt_every=None)
         cmd_train(ns)
     ev = argparse.Namespace(task=args.task, run_dir=args.run_dir, sampler="student", checkpoint="", nfe=1,
                             first_seed=0, seeds=args.seeds, max_steps=args.max_steps, unscaled_init=False,
@@ -169,6 +174,10 @@ def cmd_pipeline(args) -> dict:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     try:
         if args.command == "evaluate":
             cmd_evaluate(args)

@@ -55,6 +55,10 @@ class TrainConfig:
     teacher_ckpt, reward_ckpt: checkpoints the student stage distills from ("" = this run's own).
     reward_aware_teacher: ablation (Tables 4, 10): add sigma * L_Reward of the teacher's one-step denoised
         first action to Eq. (4) while training the teacher.
+    select_seeds, select_max_steps: online model selection (student stage), as the paper does: at every
+        checkpoint roll the one-step student out on select_seeds seeds (10000, 10001, ..., disjoint from the
+        evaluation seeds) for select_max_steps env steps; best.pt keeps the highest mean normalized score.
+        0 seeds = select by training loss (reward model: by validation loss).
     """
 
     task: str = "hopper-medium-replay"
@@ -82,6 +86,8 @@ class TrainConfig:
     teacher_ckpt: str = ""
     reward_ckpt: str = ""
     reward_aware_teacher: float = 0.0
+    select_seeds: int = 0
+    select_max_steps: int = 300
 
     def resolved(self) -> "TrainConfig":
         """Fill task defaults: run_dir, Table 9 weights."""
@@ -364,15 +370,20 @@ def train(cfg: TrainConfig, ctx: RunContext | None = None, data: dict | None = N
         for k, v in terms.items():
             sums[k] = sums.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v)
         count += 1
-        if step % cfg.report_every == 0 or step == cfg.steps:
+        at_ckpt = step % cfg.ckpt_every == 0 or step == cfg.steps
+        if step % cfg.report_every == 0 or at_ckpt:
             metrics = {k: v / count for k, v in sums.items()}
             metrics.update(step=step, lr=sched.get_last_lr()[0], steps_per_s=count / (time.perf_counter() - t0))
             sums, count, t0 = {}, 0, time.perf_counter()
             bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items() if k in ("loss", "ctm", "dsm", "reward")})
-        if step % cfg.ckpt_every == 0 or step == cfg.steps:
+        if at_ckpt:
             if val_idx is not None:
                 metrics["val_loss"] = _reward_val_loss(model, prep, val_idx, device)
-            score = metrics.get("val_loss", metrics.get("loss", math.inf))
+            if cfg.stage == "student" and cfg.select_seeds > 0 and ctx.rank == 0:
+                metrics["select_score"] = _quick_eval(cfg, model, prep)
+                score = -metrics["select_score"]
+            else:
+                score = metrics.get("val_loss", metrics.get("loss", math.inf))
             if ctx.rank == 0:
                 if score <= best or not best_path.exists():
                     best = min(best, score)
@@ -410,6 +421,27 @@ def _loss_terms(cfg: TrainConfig, model, teacher, reward_model, prep: Prepared, 
         return {"loss": loss, "eps": loss.detach()}
     state = None if prep.state is None else _to_torch(prep.state, idx, device)
     return ctm.ractd_loss(model, teacher, reward_model, x0, cond, state, cfg.distill)  # Eq. (9)
+
+
+def _quick_eval(cfg: TrainConfig, student: ctm.Student, prep: Prepared) -> float:
+    """Mean normalized score of the one-step student on cfg.select_seeds short rollouts."""
+    from ractd.policy import LocomotionPolicy, MazePlanner, student_sampler
+    from ractd.rollout import rollout_locomotion, rollout_maze
+
+    was_training = student.training
+    student.eval()
+    try:
+        sampler = student_sampler(student, prep.shape_tail, n_steps=1, init_scaled=cfg.distill.init_scaled)
+        seeds = list(range(10_000, 10_000 + cfg.select_seeds))
+        if prep.task.kind == "locomotion":
+            policy = LocomotionPolicy(sampler, prep.normalizers["obs"], prep.normalizers["action"], cfg.obs_history)
+            records = rollout_locomotion(prep.task, policy, seeds, max_steps=cfg.select_max_steps, progress=False)
+        else:
+            planner = MazePlanner(sampler, prep.normalizers["obs"], prep.shape_tail[0])
+            records = rollout_maze(prep.task, planner, seeds, max_steps=cfg.select_max_steps, progress=False)
+    finally:
+        student.train(was_training)
+    return float(np.mean([r["normalized_score"] for r in records]))
 
 
 @torch.no_grad()

@@ -46,7 +46,10 @@ def test_tiny_end_to_end(task, tmp_path, capsys):
     if task.startswith("hopper"):
         assert main(["train-reward", *common]) == 0
     assert main(["train-teacher", *common]) == 0
-    assert main(["distill", *common, "--sigma", "1.0" if task.startswith("hopper") else "0"]) == 0
+    assert main(["distill", *common, "--sigma", "1.0" if task.startswith("hopper") else "0",
+                 "--ckpt-every", "6", "--select-seeds", "2"]) == 0
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "student" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [6, 12] and all("select_score" in m for m in metrics)
     capsys.readouterr()
     assert main(["evaluate", "--task", task, "--run-dir", run, "--seeds", "10", "--max-steps", "15", "--quiet"]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
