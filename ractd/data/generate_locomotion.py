@@ -318,7 +318,7 @@ class _Recorder(BaseCallback):
         super().__init__(verbose=0)
         self.bar = bar
         self.recording = True
-        self.rows: dict[str, list] = {k: [] for k in _ROW_KEYS}
+        self.rows = _Columns()
 
     def _on_step(self) -> bool:
         self.bar.update(1)
@@ -338,21 +338,49 @@ class _Recorder(BaseCallback):
         row = (obs, np.array(loc["actions"][0], np.float32), np.float32(loc["rewards"][0]),
                np.array(nxt, np.float32), info["env_terminated"], info["env_truncated"], info["qpos_before"],
                info["qvel_before"], np.float32(logp))
-        for k, v in zip(_ROW_KEYS, row):
-            self.rows[k].append(v)
+        self.rows.append(row)
         return True
 
     def arrays(self) -> dict[str, np.ndarray]:
-        return _rows_to_arrays(self.rows)
+        return self.rows.arrays()
 
 
 _ROW_KEYS = ("observations", "actions", "rewards", "next_observations", "terminals", "timeouts", "infos/qpos",
              "infos/qvel", "infos/action_log_probs")
 
 
-def _rows_to_arrays(rows: dict[str, list]) -> dict[str, np.ndarray]:
-    dtypes = {"terminals": bool, "timeouts": bool, "infos/qpos": np.float64, "infos/qvel": np.float64}
-    return {k: np.asarray(v, dtype=dtypes.get(k, np.float32)) for k, v in rows.items()}
+_DTYPES = {"terminals": bool, "timeouts": bool, "infos/qpos": np.float64, "infos/qvel": np.float64}
+
+
+class _Columns:
+    """Rows (tuples in _ROW_KEYS order) appended into preallocated, doubling numpy columns.
+
+    Keeping each training step's row as small long-lived numpy objects fragmented the heap between torch's
+    ~100 KB temporaries (RSS grew ~100 KB per SAC step); a few large column arrays do not.
+    """
+
+    def __init__(self, arrays: dict[str, np.ndarray] | None = None):
+        self.n = len(arrays["rewards"]) if arrays else 0
+        self.cols = dict(arrays) if self.n else None
+
+    def append(self, row: tuple) -> None:
+        if self.cols is None:
+            self.cols = {k: np.empty((4096,) + np.shape(v), _DTYPES.get(k, np.float32))
+                         for k, v in zip(_ROW_KEYS, row)}
+        cap = len(self.cols["rewards"])
+        if self.n == cap:
+            for k, col in self.cols.items():
+                grown = np.empty((2 * cap,) + col.shape[1:], col.dtype)
+                grown[:cap] = col
+                self.cols[k] = grown
+        for k, v in zip(_ROW_KEYS, row):
+            self.cols[k][self.n] = v
+        self.n += 1
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        if self.cols is None:
+            return {k: np.empty((0,), _DTYPES.get(k, np.float32)) for k in _ROW_KEYS}
+        return {k: col[: self.n].copy() for k, col in self.cols.items()}
 
 
 class _Trainer:
@@ -388,7 +416,7 @@ class _Trainer:
                    unit="step", mininterval=2.0)
         recorder = _Recorder(bar)
         if state["rows"] is not None:
-            recorder.rows = {k: list(v) for k, v in state["rows"].items()}
+            recorder.rows = _Columns(state["rows"])
         recorder.recording = state["medium"] is None
         try:
             while model.num_timesteps < r.total_steps:
@@ -433,7 +461,7 @@ class _Trainer:
         _atomic_npz(c.dir / "replay.npz", data)
         _atomic_torch_save(model.policy.state_dict(), c.policy_path("medium"))
         recorder.recording = False
-        recorder.rows = {k: [] for k in _ROW_KEYS}
+        recorder.rows = _Columns()
         log.info("%s: medium saved (step %d, eval return %.1f, %d replay transitions)", c.key,
                  state["medium"]["step"], state["medium"]["eval_return"], len(data["rewards"]))
 
@@ -585,8 +613,8 @@ def record_rollouts(actor, env_id: str, *, n_transitions: int | None = None, n_e
     obs = np.stack([e.reset(seed=s)[0] for e, s in zip(envs, env_seeds)])
     low, high = envs[0].action_space.low, envs[0].action_space.high
     active = np.ones(n_envs, bool)
-    episodes: list[tuple[tuple[int, int], dict[str, list]]] = []
-    current = [{k: [] for k in _ROW_KEYS} for _ in range(n_envs)]
+    episodes: list[tuple[tuple[int, int], dict[str, np.ndarray]]] = []
+    current = [_Columns() for _ in range(n_envs)]
     starts = [(0, i) for i in range(n_envs)]
     started_len = 0  # transitions in finished + running episodes
     step = 0
@@ -603,15 +631,13 @@ def record_rollouts(actor, env_id: str, *, n_transitions: int | None = None, n_e
                     action = (low + 0.5 * (squashed[i] + 1.0) * (high - low)).astype(np.float32)
                     qpos, qvel = u.data.qpos.copy(), u.data.qvel.copy()
                     nxt, rew, term, trunc, _ = env.step(action)
-                    row = (obs[i].copy(), action, rew, nxt, term, trunc, qpos, qvel, logp[i])
-                    for k, v in zip(_ROW_KEYS, row):
-                        current[i][k].append(v)
+                    current[i].append((obs[i], action, rew, nxt, term, trunc, qpos, qvel, logp[i]))
                     started_len += 1
                     bar.update(1)
                     obs[i] = nxt
                     if term or trunc:
-                        episodes.append((starts[i], current[i]))
-                        current[i] = {k: [] for k in _ROW_KEYS}
+                        episodes.append((starts[i], current[i].arrays()))
+                        current[i] = _Columns()
                         if n_episodes is not None or started_len >= n_transitions:
                             active[i] = False
                         else:
@@ -623,7 +649,7 @@ def record_rollouts(actor, env_id: str, *, n_transitions: int | None = None, n_e
         for e in envs:
             e.close()
     episodes.sort(key=lambda item: item[0])
-    data = _concat([_rows_to_arrays(rows) for _, rows in episodes])
+    data = _concat([arrays for _, arrays in episodes])
     if n_transitions is not None:
         data = {k: v[:n_transitions] for k, v in data.items()}
         if not (data["terminals"][-1] or data["timeouts"][-1]):
