@@ -4,6 +4,7 @@ small ([64,128,256]) and paper ([512,1024,2048]) sizes, hopper shapes (horizon 1
 Execution modes compared on the same weights and inputs (max abs difference to eager is printed):
   eager      torch.no_grad()
   inference  torch.inference_mode()
+  jit        ractd.nets.unet1d.accelerate(net, "jit"): TorchScript trace + freeze + optimize_for_inference
   compiled   torch.compile(net) under inference_mode (inductor, C++ codegen on CPU)
 The Heun/forward ratio is compared with its limit, the NFE count 158 (sampler overhead makes it larger).
 
@@ -20,7 +21,7 @@ import torch
 
 from ractd import edm
 from ractd.config import UNET_PRESETS
-from ractd.nets.unet1d import ConditionalUnet1D, count_parameters
+from ractd.nets.unet1d import ConditionalUnet1D, accelerate, count_parameters
 
 
 def timeit(fn, min_time: float = 1.0, max_iter: int = 200, warmup: int = 2) -> float:
@@ -52,7 +53,8 @@ def main() -> None:
         preset = {"small": "small", "paper": "mujoco"}[size]
         net = ConditionalUnet1D(3, 11, UNET_PRESETS[preset]).eval()
         den = edm.Denoiser(net)
-        modes = {"eager": (net, torch.no_grad), "inference": (net, torch.inference_mode)}
+        modes = {"eager": (net, torch.no_grad), "inference": (net, torch.inference_mode),
+                 "jit": (accelerate(net, "jit"), torch.inference_mode)}
         if not args.no_compile:
             modes["compiled"] = (torch.compile(net, dynamic=False), torch.inference_mode)
         for batch in (1, 100):

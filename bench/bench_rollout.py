@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 from ractd import ctm, edm, rollout  # noqa: E402
 from ractd.config import unet_preset  # noqa: E402
 from ractd.data.windows import Normalizer  # noqa: E402
-from ractd.nets.unet1d import ConditionalUnet1D  # noqa: E402
+from ractd.nets.unet1d import ConditionalUnet1D, accelerate  # noqa: E402
 from ractd.policy import LocomotionPolicy, heun_sampler, student_sampler  # noqa: E402
 from ractd.tasks import get_task  # noqa: E402
 
@@ -75,6 +75,9 @@ def raw_steps_per_s(task, n, steps, vector=False) -> float:
     return n * steps / dt
 
 
+ACCELERATE = {"mode": "none"}  # set from --accelerate in main()
+
+
 def policy_for(model_kind, task, preset, obs_dim, act_dim, horizon=16, device="cpu"):
     cfg = unet_preset(preset)
     torch.manual_seed(0)
@@ -84,6 +87,7 @@ def policy_for(model_kind, task, preset, obs_dim, act_dim, horizon=16, device="c
     else:
         model = edm.Denoiser(ConditionalUnet1D(act_dim, obs_dim, cfg, n_times=1)).eval().to(device)
         sampler = heun_sampler(model, (horizon, act_dim), n_bins=edm.N_BINS)
+    model.net = accelerate(model.net, ACCELERATE["mode"])
     return LocomotionPolicy(sampler, Normalizer(-5 * np.ones(obs_dim), 5 * np.ones(obs_dim)),
                             Normalizer(-np.ones(act_dim), np.ones(act_dim)))
 
@@ -92,6 +96,7 @@ def net_forward_s(preset, n, obs_dim, act_dim, horizon=16, device="cpu", reps=5)
     """Seconds of one bare student network forward at batch n (no sampler, no env)."""
     torch.manual_seed(0)
     student = ctm.Student(ConditionalUnet1D(act_dim, obs_dim, unet_preset(preset), n_times=2)).eval().to(device)
+    student.net = accelerate(student.net, ACCELERATE["mode"])
     x, c = torch.randn(n, horizon, act_dim, device=device), torch.randn(n, obs_dim, device=device)
     with torch.inference_mode():
         student(x, edm.SIGMA_MAX, edm.SIGMA_MIN, c)
@@ -145,7 +150,10 @@ def main() -> None:
     ap.add_argument("--latency-reps", type=int, default=20)
     ap.add_argument("--skip-latency", action="store_true")
     ap.add_argument("--device", default="cpu", help="where the networks run (envs always on CPU)")
+    ap.add_argument("--accelerate", default="none", choices=["none", "jit"],
+                    help="ractd.nets.unet1d.accelerate mode for the networks")
     args = ap.parse_args()
+    ACCELERATE["mode"] = args.accelerate
     if args.threads:
         torch.set_num_threads(args.threads)
     task = get_task(args.task)

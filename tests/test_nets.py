@@ -91,3 +91,18 @@ def test_mlp_net_interface():
     assert out.shape == x.shape
     with pytest.raises(ValueError, match=r"\(4, 3\)"):
         net(x, (torch.randn(4), torch.randn(4)), torch.randn(4, 2))
+
+
+@pytest.mark.parametrize("n_times", [1, 2])
+def test_jit_accelerated_net_computes_the_same_numbers_at_any_batch(n_times):
+    from ractd.nets.unet1d import accelerate
+
+    net = ConditionalUnet1D(3, 11, CFG, n_times=n_times).eval()
+    fast = accelerate(net, "jit")
+    for b in (1, 7):
+        x, t, s, cond = _inputs(b=b)
+        times = (t, s)[:n_times]
+        with torch.inference_mode():
+            np.testing.assert_allclose(fast(x, times, cond).numpy(), net(x, times, cond).numpy(), atol=1e-5)
+    with pytest.raises(ValueError, match=r"\(batch, horizon, 3\)"):
+        fast(torch.randn(2, 16, 4), times[:1] * n_times, torch.randn(2, 11))

@@ -163,3 +163,55 @@ def load_teacher_into_student(student: ConditionalUnet1D, teacher: ConditionalUn
 
 def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+
+class _TracedNet(nn.Module):
+    """Keeps the F(x, times, cond) interface around a TorchScript graph that takes (x, *times, cond)."""
+
+    def __init__(self, graph, like: nn.Module):
+        super().__init__()
+        self.graph = graph
+        self.input_dim, self.global_cond_dim, self.n_times = like.input_dim, like.global_cond_dim, like.n_times
+        self._like = [like]  # for shape checks, not registered as a submodule
+
+    def forward(self, x: torch.Tensor, times: tuple[torch.Tensor, ...], cond: torch.Tensor | None = None) -> torch.Tensor:
+        self._like[0]._check(x, times, cond)
+        return self.graph(x, *times, cond)
+
+
+class _Flat(nn.Module):
+    def __init__(self, net: ConditionalUnet1D):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x, *args):
+        return self.net(x, tuple(args[:-1]), args[-1])
+
+
+def accelerate(net: ConditionalUnet1D, mode: str = "jit", batch: int = 2, horizon: int | None = None) -> nn.Module:
+    """An inference-only copy of `net` with the same interface and the same numbers up to float rounding.
+
+    mode "jit": TorchScript trace + freeze + optimize_for_inference (shape-generic: any batch size).
+    mode "compile": torch.compile (inductor); recompiles for every new batch size, so it suits fixed-batch
+    serving rather than rollouts whose live batch shrinks. mode "none": net itself.
+    bench/bench_core.py measures each mode against eager execution.
+    """
+    if mode == "none":
+        return net
+    if mode == "compile":
+        return torch.compile(net.eval(), dynamic=False)
+    if mode != "jit":
+        raise ValueError(f"unknown acceleration mode {mode!r}; expected none, jit or compile")
+    if net.global_cond_dim == 0:
+        raise ValueError("jit acceleration needs a conditioned network (global_cond_dim > 0)")
+    p = next(net.parameters())
+    horizon = horizon or 4 * net.horizon_multiple
+    x = torch.zeros(batch, horizon, net.input_dim, device=p.device, dtype=p.dtype)
+    times = tuple(torch.ones(batch, device=p.device, dtype=p.dtype) for _ in range(net.n_times))
+    cond = torch.zeros(batch, net.global_cond_dim, device=p.device, dtype=p.dtype)
+    import warnings
+
+    with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
+        warnings.simplefilter("ignore")  # TracerWarnings from the input checks, which _TracedNet repeats
+        graph = torch.jit.optimize_for_inference(torch.jit.freeze(torch.jit.trace(_Flat(net).eval(), (x, *times, cond))))
+    return _TracedNet(graph, net)
