@@ -55,9 +55,12 @@ class FiLMResidualBlock(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.residual = nn.Conv1d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
 
-    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cond_act: torch.Tensor) -> torch.Tensor:
+        """x (batch, c_in, horizon); cond_act = Mish(conditioning), computed once per U-Net call (the
+        film Sequential's Mish is the same for every block, so the U-Net applies it once and each block
+        uses only its Linear)."""
         h = self.block1(x)
-        scale, bias = self.film(cond).unsqueeze(-1).chunk(2, dim=1)
+        scale, bias = self.film[1](cond_act).unsqueeze(-1).chunk(2, dim=1)
         h = self.block2(self.dropout(scale * h + bias))
         return h + self.residual(x)
 
@@ -99,6 +102,7 @@ class ConditionalUnet1D(nn.Module):
         start = cfg.down_dims[0]
         self.final = nn.Sequential(Conv1dBlock(start, start, k, g), nn.Conv1d(start, input_dim, 1))
         self.horizon_multiple = 2 ** (len(cfg.down_dims) - 1)
+        self.cond_act = nn.Mish()
 
     def _check(self, x: torch.Tensor, times: tuple, cond: torch.Tensor | None) -> None:
         if x.ndim != 3 or x.shape[2] != self.input_dim or x.shape[1] % self.horizon_multiple:
@@ -121,7 +125,7 @@ class ConditionalUnet1D(nn.Module):
         feats = [self.time_embed(t) for t in times]
         if self.global_cond_dim:
             feats.append(cond)
-        c = torch.cat(feats, dim=-1)
+        c = self.cond_act(torch.cat(feats, dim=-1))
         h = x.transpose(1, 2)  # (batch, channels, horizon)
         skips = []
         for res1, res2, downsample in self.down:
