@@ -90,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=int, default=None, help="cap the episode length (default: the task's)")
     p.add_argument("--unscaled-init", action="store_true")
     p.add_argument("--out", default="", help="Parquet file (default: <run-dir>/eval/<sampler>-<nfe>.parquet)")
+    p.add_argument("--accelerate", default="none", choices=["none", "jit"],
+                   help="jit: TorchScript-frozen networks (same numbers up to float rounding, faster on CPU)")
 
     p = sub.add_parser("pipeline", help="reward model, teacher and student, then evaluate (CPU-scale defaults)")
     _common(p)
@@ -153,7 +155,7 @@ def cmd_evaluate(args) -> dict:
     summary = evaluate_checkpoint(
         task=args.task, run_dir=args.run_dir, sampler=args.sampler, checkpoint=args.checkpoint, nfe=args.nfe,
         seeds=list(range(args.first_seed, args.first_seed + args.seeds)), max_steps=args.max_steps,
-        init_scaled=not args.unscaled_init, out=args.out, progress=not args.quiet)
+        init_scaled=not args.unscaled_init, out=args.out, progress=not args.quiet, accelerate=args.accelerate)
     print(json.dumps(summary))
     return summary
 
@@ -167,7 +169,7 @@ def cmd_pipeline(args) -> dict:
         cmd_train(ns)
     ev = argparse.Namespace(task=args.task, run_dir=args.run_dir, sampler="student", checkpoint="", nfe=1,
                             first_seed=0, seeds=args.seeds, max_steps=args.max_steps, unscaled_init=False,
-                            out="", quiet=args.quiet)
+                            out="", quiet=args.quiet, accelerate="none")
     return cmd_evaluate(ev)
 
 

@@ -28,8 +28,11 @@ def _sampler_opts(sampler: str, nfe: int, init_scaled: bool) -> dict:
 
 
 def policy_from_checkpoint(checkpoint: str | Path, sampler: str = "student", nfe: int | None = None,
-                           init_scaled: bool = True):
-    """(policy or planner, task, its TrainConfig) for a checkpoint of the stage the sampler needs."""
+                           init_scaled: bool = True, accelerate: str = "none"):
+    """(policy or planner, task, its TrainConfig) for a checkpoint of the stage the sampler needs.
+
+    accelerate: "none" or "jit" (ractd.nets.unet1d.accelerate: same numbers up to float rounding;
+    bench/bench_core.py measures the speed-up)."""
     from ractd.data.windows import Normalizer
     from ractd.policy import LocomotionPolicy, MazePlanner, make_sampler
     from ractd.train import load_stage_model
@@ -40,6 +43,10 @@ def policy_from_checkpoint(checkpoint: str | Path, sampler: str = "student", nfe
     if cfg.stage != SAMPLER_STAGE[sampler]:
         raise RactdError(f"sampler {sampler!r} needs a {SAMPLER_STAGE[sampler]} checkpoint; {checkpoint} is a {cfg.stage}")
     task = get_task(cfg.task)
+    if accelerate != "none":
+        from ractd.nets.unet1d import accelerate as accelerate_net
+
+        model.net = accelerate_net(model.net, accelerate, horizon=ck["shapes"]["x"][0])
     norms = {k: Normalizer.from_state_dict(v) for k, v in ck["normalizers"].items()}
     shape_tail = tuple(ck["shapes"]["x"])
     fn = make_sampler(sampler, model, shape_tail, **_sampler_opts(sampler, nfe or DEFAULT_NFE[sampler], init_scaled))
@@ -50,7 +57,8 @@ def policy_from_checkpoint(checkpoint: str | Path, sampler: str = "student", nfe
 
 def evaluate_checkpoint(task: str, run_dir: str = "", sampler: str = "student", checkpoint: str = "",
                         nfe: int | None = None, seeds: list[int] | None = None, max_steps: int | None = None,
-                        init_scaled: bool = True, out: str = "", progress: bool = True) -> dict:
+                        init_scaled: bool = True, out: str = "", progress: bool = True,
+                        accelerate: str = "none") -> dict:
     """Roll out `seeds` (default 0..9) with the checkpoint's policy; write records to Parquet; return a summary."""
     from ractd.paths import runs_dir
     from ractd.rollout import rollout_locomotion, rollout_maze, save_records, summarize
@@ -61,14 +69,14 @@ def evaluate_checkpoint(task: str, run_dir: str = "", sampler: str = "student", 
         raise RactdError(f"unknown sampler {sampler!r}; expected one of {', '.join(SAMPLER_STAGE)}")
     ckpt = Path(checkpoint) if checkpoint else run / SAMPLER_STAGE[sampler] / "best.pt"
     nfe = nfe or DEFAULT_NFE[sampler]
-    policy, t2, cfg = policy_from_checkpoint(ckpt, sampler, nfe, init_scaled)
+    policy, t2, cfg = policy_from_checkpoint(ckpt, sampler, nfe, init_scaled, accelerate)
     if t2.name != t.name:
         raise RactdError(f"{ckpt} was trained on {t2.name}, not {t.name}")
     seeds = list(range(10)) if seeds is None else seeds
     start = time.perf_counter()
     roll = rollout_locomotion if t.kind == "locomotion" else rollout_maze
     records = roll(t, policy, seeds, max_steps=max_steps, progress=progress)
-    extra = {"sampler": sampler, "nfe": nfe, "init_scaled": init_scaled, "checkpoint": str(ckpt),
+    extra = {"sampler": sampler, "nfe": nfe, "init_scaled": init_scaled, "accelerate": accelerate, "checkpoint": str(ckpt),
              "sigma": cfg.distill.sigma if cfg.stage == "student" else 0.0, "train_seed": cfg.seed}
     records = [{**r, **extra} for r in records]
     path = Path(out) if out else run / "eval" / f"{sampler}-{nfe}.parquet"

@@ -51,7 +51,8 @@ def test_tiny_end_to_end(task, tmp_path, capsys):
     metrics = [json.loads(line) for line in (tmp_path / "run" / "student" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [6, 12] and all("select_score" in m for m in metrics)
     capsys.readouterr()
-    assert main(["evaluate", "--task", task, "--run-dir", run, "--seeds", "10", "--max-steps", "15", "--quiet"]) == 0
+    assert main(["evaluate", "--task", task, "--run-dir", run, "--seeds", "10", "--max-steps", "15", "--quiet",
+                 "--accelerate", "jit"]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     table = pq.read_table(summary["records"]).to_pydict()
     assert len(table["seed"]) == 10 and sorted(table["seed"]) == list(range(10))

@@ -14,15 +14,6 @@ from ractd.policy import (LocomotionPolicy, MazePlanner, make_sampler, rowwise_r
 H, D, C = 4, 2, 3  # horizon, data dim, cond dim
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny networks: one intra-op thread avoids OpenMP contention on the shared 2-CPU machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _net(n_times):
     return ConditionalUnet1D(D, C, UNET_PRESETS["tiny"], n_times=n_times).eval()
 

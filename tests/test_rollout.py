@@ -21,15 +21,6 @@ HOPPER = get_task("hopper-medium")
 UMAZE = get_task("maze2d-umaze")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny networks: one intra-op thread avoids OpenMP contention on the shared 2-CPU machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 class _CountingNet(nn.Module):
     """Wraps a network; counts forward calls and the rows they carried."""
 
