@@ -23,6 +23,13 @@ PAPER = {
     "ddpm": dict(steps=400_000, batch=1024, lr=1e-4, warmup=500),
     "student": dict(steps=200_000, batch=4800, lr=1e-4, warmup=500),
 }
+# A few-minute smoke budget for `pipeline --quick` (the README's first command): exercises every stage.
+QUICK = {
+    "reward": dict(steps=500, batch=256, lr=3e-4),
+    "teacher": dict(steps=400, batch=64, lr=3e-4),
+    "ddpm": dict(steps=400, batch=64, lr=3e-4),
+    "student": dict(steps=150, batch=64, lr=1e-4),
+}
 CPU = {
     "reward": dict(steps=3000, batch=256, lr=3e-4),
     "teacher": dict(steps=3000, batch=256, lr=3e-4),
@@ -96,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pipeline", help="reward model, teacher and student, then evaluate (CPU-scale defaults)")
     _common(p)
     p.add_argument("--steps", type=int, default=None, help="steps for every stage (default: CPU defaults)")
+    p.add_argument("--quick", action="store_true", help="a few-minute smoke budget (about 3 minutes on 2 CPUs)")
     p.add_argument("--seeds", type=int, default=10)
     p.add_argument("--max-steps", type=int, default=None)
     return parser
@@ -105,7 +113,8 @@ def _train_config(args, stage: str):
     from ractd import ctm
     from ractd.train import TrainConfig
 
-    budget = dict((PAPER if getattr(args, "paper", False) else CPU)[stage])
+    budgets = PAPER if getattr(args, "paper", False) else QUICK if getattr(args, "quick", False) else CPU
+    budget = dict(budgets[stage])
     for key in ("steps", "batch", "lr"):
         if getattr(args, key, None) is not None:
             budget[key] = getattr(args, key)
