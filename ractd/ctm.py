@@ -191,27 +191,34 @@ def ractd_loss(student: Student, teacher: edm.Denoiser, reward_model: nn.Module 
     return out
 
 
+def default_t_mids(n_steps: int, dtype=torch.float32) -> list[float]:
+    """Re-noising levels of n-step student sampling: n_steps - 1 sigmas at evenly spaced bins of the
+    80-bin schedule, descending (none for n_steps = 1)."""
+    sig = edm.karras_sigmas(edm.N_BINS, dtype=dtype)
+    idx = torch.linspace(0, edm.N_BINS - 1, n_steps + 1)[1:-1].round().long()
+    return sig[idx].tolist()
+
+
 @torch.no_grad()
 def sample_student(student: Student, x_T: torch.Tensor, cond: torch.Tensor | None, n_steps: int = 1,
                    clamp: bool = True, sigma_max: float = edm.SIGMA_MAX, t_mids: list[float] | None = None,
-                   generator: torch.Generator | None = None) -> torch.Tensor:
+                   generator: torch.Generator | None = None, noise=None) -> torch.Tensor:
     """One-step (n_steps = 1) or multi-step student sampling (paper Table 5, Song et al. 2023).
 
     Multi-step: jump T -> sigma_min, re-noise to t_1 (x = x_0 + t_1 eps), jump t_1 -> sigma_min, ...
-    t_mids default: n_steps - 1 noise levels at evenly spaced bins of the 80-bin schedule, descending.
+    t_mids default: default_t_mids(n_steps). The re-noising eps comes from noise() if given (a callable
+    returning a tensor shaped like x_T, e.g. drawn row by row from per-seed generators), else from
+    torch.randn with `generator`.
     """
-    if t_mids is None:
-        sig = edm.karras_sigmas(edm.N_BINS, dtype=x_T.dtype)
-        idx = torch.linspace(0, edm.N_BINS - 1, n_steps + 1)[1:-1].round().long()
-        t_mids = sig[idx].tolist()
+    t_mids = default_t_mids(n_steps, x_T.dtype) if t_mids is None else list(t_mids)
     if len(t_mids) != n_steps - 1:
         raise ValueError(f"{n_steps}-step sampling needs {n_steps - 1} intermediate noise levels, got {len(t_mids)}")
     x = student(x_T, sigma_max, student.sigma_min, cond)
     if clamp:
         x = x.clamp(-1.0, 1.0)
     for t_i in t_mids:
-        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        x = student(x + t_i * noise, t_i, student.sigma_min, cond)
+        eps = noise() if noise is not None else torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        x = student(x + t_i * eps, t_i, student.sigma_min, cond)
         if clamp:
             x = x.clamp(-1.0, 1.0)
     return x

@@ -64,11 +64,13 @@ def _x0_from_eps(x: torch.Tensor, eps: torch.Tensor, abar: torch.Tensor) -> torc
 
 @torch.no_grad()
 def sample_ddpm(eps_fn: EpsFn, x: torch.Tensor, alphas_cumprod: torch.Tensor, n_steps: int | None = None,
-                clamp: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
+                clamp: bool = True, generator: torch.Generator | None = None, noise=None) -> torch.Tensor:
     """Ancestral DDPM sampling over `timesteps(T, n_steps)` (100 or 15 steps in the paper's tables).
 
     For a respaced pair (t, t'), the effective beta is 1 - abar_t / abar_t' and the posterior
     q(x_t' | x_t, x_0) is used with the predicted (optionally clamped) x_0. x: (batch, ...) ~ N(0, I).
+    Step noise comes from noise() if given (a callable returning a tensor shaped like x), else from
+    torch.randn with `generator`.
     """
     T = len(alphas_cumprod)
     ts = timesteps(T, n_steps or T)
@@ -86,8 +88,8 @@ def sample_ddpm(eps_fn: EpsFn, x: torch.Tensor, alphas_cumprod: torch.Tensor, n_
         mean = coef_x0 * x0 + coef_xt * x
         if i + 1 < len(ts):
             var = (beta * (1 - abar_prev) / (1 - abar_t)).to(x.dtype)
-            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-            x = mean + var.sqrt() * noise
+            z = noise() if noise is not None else torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            x = mean + var.sqrt() * z
         else:
             x = mean
     return x

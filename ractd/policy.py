@@ -106,32 +106,17 @@ def _edm_ode_sampler(teacher, shape_tail, n_bins, init_scaled, solver) -> Sample
 
 
 def ddpm_sampler(model: ddpm.EpsModel, shape_tail: tuple[int, int], n_steps: int | None = None) -> Sampler:
-    """Ancestral DDPM over `ddpm.timesteps(T, n_steps)` (default every step), x_0 clamped to [-1, 1].
-
-    Same math as ddpm.sample_ddpm, with each row's x_T and step noise drawn from its own generator.
-    """
+    """Ancestral DDPM (ddpm.sample_ddpm) over `ddpm.timesteps(T, n_steps)` (default every step), x_0
+    clamped to [-1, 1]; each row's x_T and step noise come from its own generator."""
     shape_tail = tuple(int(v) for v in shape_tail)
     device, dtype = _model_device_dtype(model)
-    ts = ddpm.timesteps(model.T, n_steps or model.T)
-    abars = model.alphas_cumprod.to(device, torch.float64)
 
     def sample(cond: torch.Tensor, generators: Sequence[torch.Generator]) -> torch.Tensor:
         _check_rows(cond, generators)
         with torch.inference_mode():
-            eps_fn = model.bind(cond.to(device, dtype))
-            x = rowwise_randn(generators, shape_tail, device, dtype)
-            for i, t in enumerate(ts):
-                abar_t = abars[t]
-                abar_prev = abars[ts[i + 1]] if i + 1 < len(ts) else torch.ones((), dtype=torch.float64)
-                beta = 1 - abar_t / abar_prev
-                eps = eps_fn(x, torch.full((x.shape[0],), t, device=device, dtype=torch.long))
-                x0 = ddpm._x0_from_eps(x, eps, abar_t.to(dtype)).clamp(-1.0, 1.0)
-                coef_x0 = (abar_prev.sqrt() * beta / (1 - abar_t)).to(dtype)
-                coef_xt = ((1 - beta).sqrt() * (1 - abar_prev) / (1 - abar_t)).to(dtype)
-                x = coef_x0 * x0 + coef_xt * x                                  # posterior mean
-                if i + 1 < len(ts):
-                    var = (beta * (1 - abar_prev) / (1 - abar_t)).to(dtype)
-                    x = x + var.sqrt() * rowwise_randn(generators, shape_tail, device, dtype)
+            x_T = rowwise_randn(generators, shape_tail, device, dtype)
+            x = ddpm.sample_ddpm(model.bind(cond.to(device, dtype)), x_T, model.alphas_cumprod, n_steps,
+                                 clamp=True, noise=lambda: rowwise_randn(generators, shape_tail, device, dtype))
             return x.clamp(-1.0, 1.0)
 
     return sample
@@ -153,37 +138,26 @@ def ddim_sampler(model: ddpm.EpsModel, shape_tail: tuple[int, int], n_steps: int
     return sample
 
 
-def student_t_mids(n_steps: int) -> list[float]:
-    """ctm.sample_student's default re-noising levels: n_steps - 1 sigmas at evenly spaced bins, descending."""
-    sig = edm.karras_sigmas(edm.N_BINS, dtype=torch.float32)
-    idx = torch.linspace(0, edm.N_BINS - 1, n_steps + 1)[1:-1].round().long()
-    return sig[idx].tolist()
-
-
 def student_sampler(student: ctm.Student, shape_tail: tuple[int, int], n_steps: int = 1,
                     init_scaled: bool = True, t_mids: list[float] | None = None) -> Sampler:
     """CTM student: one jump G(x_T, sigma_max, sigma_min) (n_steps = 1, 1 network call), or multi-step
     (paper Table 5): jump to sigma_min, re-noise to t_i with the row's own noise, jump again, ...
 
-    Each jump is ctm.sample_student with n_steps = 1 (clamped); t_mids default `student_t_mids(n_steps)`.
+    ctm.sample_student with the rows' own noise; t_mids default `ctm.default_t_mids(n_steps)`.
     """
     shape_tail = tuple(int(v) for v in shape_tail)
     device, dtype = _model_device_dtype(student)
-    t_mids = student_t_mids(n_steps) if t_mids is None else list(t_mids)
+    t_mids = ctm.default_t_mids(n_steps) if t_mids is None else list(t_mids)
     if len(t_mids) != n_steps - 1:
         raise ValueError(f"{n_steps}-step sampling needs {n_steps - 1} intermediate noise levels, got {len(t_mids)}")
 
     def sample(cond: torch.Tensor, generators: Sequence[torch.Generator]) -> torch.Tensor:
         _check_rows(cond, generators)
         with torch.inference_mode():
-            c = cond.to(device, dtype)
             x_T = rowwise_randn(generators, shape_tail, device, dtype)
             x_T = x_T * edm.SIGMA_MAX if init_scaled else x_T
-            x = ctm.sample_student(student, x_T, c, n_steps=1, clamp=True)
-            for t_i in t_mids:
-                x_t = x + t_i * rowwise_randn(generators, shape_tail, device, dtype)
-                x = ctm.sample_student(student, x_t, c, n_steps=1, clamp=True, sigma_max=t_i)
-            return x
+            return ctm.sample_student(student, x_T, cond.to(device, dtype), n_steps=n_steps, clamp=True,
+                                      t_mids=t_mids, noise=lambda: rowwise_randn(generators, shape_tail, device, dtype))
 
     return sample
 

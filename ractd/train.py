@@ -400,10 +400,10 @@ def train(cfg: TrainConfig, ctx: RunContext | None = None, data: dict | None = N
 
 
 def _loss_terms(cfg: TrainConfig, model, teacher, reward_model, prep: Prepared, idx, device) -> dict:
-    cond = _to_torch(prep.cond, idx, device)
     if cfg.stage == "reward":
         pred = model(_to_torch(prep.state, idx, device), _to_torch(prep.action, idx, device))
         return {"loss": (pred - _to_torch(prep.rtg, idx, device)).pow(2).mean()}
+    cond = _to_torch(prep.cond, idx, device)
     x0 = _to_torch(prep.x, idx, device)
     if cfg.stage == "teacher":
         loss = edm.edm_loss(model, x0, cond, distance=cfg.distance).mean()  # Eq. (4)
