@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("stable_baselines3")
+import stable_baselines3  # noqa: F401  (the dev extra installs it; a missing install must fail, not skip)
 
 from ractd import RactdError  # noqa: E402
 from ractd.data import generate_locomotion as gl  # noqa: E402
