@@ -108,22 +108,18 @@ def _edm_ode_sampler(teacher, shape_tail, n_bins, init_scaled, solver) -> Sample
 def ddpm_sampler(model: ddpm.EpsModel, shape_tail: tuple[int, int], n_steps: int | None = None) -> Sampler:
     """Ancestral DDPM (ddpm.sample_ddpm) over `ddpm.timesteps(T, n_steps)` (default every step), x_0
     clamped to [-1, 1]; each row's x_T and step noise come from its own generator."""
-    shape_tail = tuple(int(v) for v in shape_tail)
-    device, dtype = _model_device_dtype(model)
-
-    def sample(cond: torch.Tensor, generators: Sequence[torch.Generator]) -> torch.Tensor:
-        _check_rows(cond, generators)
-        with torch.inference_mode():
-            x_T = rowwise_randn(generators, shape_tail, device, dtype)
-            x = ddpm.sample_ddpm(model.bind(cond.to(device, dtype)), x_T, model.alphas_cumprod, n_steps,
-                                 clamp=True, noise=lambda: rowwise_randn(generators, shape_tail, device, dtype))
-            return x.clamp(-1.0, 1.0)
-
-    return sample
+    return _vp_sampler(model, shape_tail, lambda eps_fn, x_T, noise: ddpm.sample_ddpm(
+        eps_fn, x_T, model.alphas_cumprod, n_steps, clamp=True, noise=noise))
 
 
 def ddim_sampler(model: ddpm.EpsModel, shape_tail: tuple[int, int], n_steps: int = 10) -> Sampler:
     """Deterministic DDIM (eta = 0, ddpm.sample_ddim) in `n_steps` steps from per-row x_T ~ N(0, I)."""
+    return _vp_sampler(model, shape_tail, lambda eps_fn, x_T, noise: ddpm.sample_ddim(
+        eps_fn, x_T, model.alphas_cumprod, n_steps, clamp=True, eta=0.0))
+
+
+def _vp_sampler(model: ddpm.EpsModel, shape_tail, solve) -> Sampler:
+    """Per-row x_T ~ N(0, I) and per-row step noise around a DDPM-family solver solve(eps_fn, x_T, noise)."""
     shape_tail = tuple(int(v) for v in shape_tail)
     device, dtype = _model_device_dtype(model)
 
@@ -131,8 +127,8 @@ def ddim_sampler(model: ddpm.EpsModel, shape_tail: tuple[int, int], n_steps: int
         _check_rows(cond, generators)
         with torch.inference_mode():
             x_T = rowwise_randn(generators, shape_tail, device, dtype)
-            x = ddpm.sample_ddim(model.bind(cond.to(device, dtype)), x_T, model.alphas_cumprod, n_steps,
-                                 clamp=True, eta=0.0)
+            x = solve(model.bind(cond.to(device, dtype)), x_T,
+                      lambda: rowwise_randn(generators, shape_tail, device, dtype))
             return x.clamp(-1.0, 1.0)
 
     return sample
