@@ -41,6 +41,14 @@ def save_checkpoint(path: Path, payload: dict) -> Path:
     return Path(path)
 
 
+def copy_checkpoint(src: Path, dst: Path) -> Path:
+    """Atomically copy a written checkpoint file (e.g. latest -> best) without serializing it again."""
+    import shutil
+
+    with open(src, "rb") as f:
+        return atomic_write_bytes(dst, lambda out: shutil.copyfileobj(f, out, 1 << 24))
+
+
 def load_checkpoint(path: Path) -> dict:
     path = Path(path)
     if not path.is_file():

@@ -9,7 +9,6 @@ samples on the high mode. All networks are MLPs (ractd.nets.mlp) so it trains on
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import logging
 

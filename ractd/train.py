@@ -26,7 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ractd import RactdError, __version__, ctm, ddpm, edm
-from ractd.checkpoint import load_checkpoint, save_checkpoint
+from ractd.checkpoint import copy_checkpoint, load_checkpoint, save_checkpoint
 from ractd.config import UNetConfig, from_dict, to_dict, unet_preset
 from ractd.nets.mlp import ResidualMLP
 from ractd.nets.unet1d import ConditionalUnet1D, load_teacher_into_student
@@ -385,10 +385,11 @@ def train(cfg: TrainConfig, ctx: RunContext | None = None, data: dict | None = N
             else:
                 score = metrics.get("val_loss", metrics.get("loss", math.inf))
             if ctx.rank == 0:
-                if score <= best or not best_path.exists():
-                    best = min(best, score)
-                    save_checkpoint(best_path, checkpoint_payload())
+                improved = score <= best or not best_path.exists()
+                best = min(best, score)
                 last_ckpt = save_checkpoint(ckpt_path, checkpoint_payload())
+                if improved:  # best.pt is the latest checkpoint at its best score; copy, don't re-serialize
+                    copy_checkpoint(ckpt_path, best_path)
                 with open(stage_dir / "metrics.jsonl", "a") as f:
                     f.write(json.dumps(metrics) + "\n")
                 if ctx.report:

@@ -85,7 +85,7 @@ def test_eq4_weight_and_lognormal_sigma():
     np.testing.assert_allclose(ln.std().item(), 1.2, atol=0.01)
 
 
-def test_eq4_loss_is_zero_for_the_exact_denoiser_limit_and_per_sample():
+def test_eq4_loss_is_per_sample_positive_and_trains_the_net():
     den = edm.Denoiser(RandomNet())
     x0 = torch.randn(10, 4, 3)
     loss = edm.edm_loss(den, x0)
