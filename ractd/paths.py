@@ -32,3 +32,14 @@ def datasets_dir() -> Path:
 def runs_dir() -> Path:
     """Default root for training runs (checkpoints, configs, results)."""
     return cache_dir() / "runs"
+
+
+def sweep_dir(task: str, scale: str) -> Path:
+    """Default directory of `tune/search.py --task T --scale S`: trials.parquet, best_config.json, best/checkpoint.pt."""
+    return runs_dir() / "sweeps" / f"{task}-{scale}"
+
+
+def shared_models_dir(task: str, key: str) -> Path:
+    """Teacher and reward model trained once per (task, their config, dataset fingerprint) = key, shared by every
+    later search and evaluation of the task: <dir>/teacher/best.pt, <dir>/reward/best.pt."""
+    return runs_dir() / "shared" / f"{task}-{key}"
