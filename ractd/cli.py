@@ -1,12 +1,16 @@
-"""python -m ractd train-reward | train-teacher | train-ddpm | distill | evaluate | pipeline --task T ...
+"""python -m ractd train-reward | train-teacher | train-ddpm | distill | evaluate | pipeline | export --task T ...
 
-CPU-scale defaults (small U-Net, a few thousand steps); `--paper` selects the paper's network sizes,
-batch sizes and step counts. Bad input exits with status 2 and a one-line message.
+Every flag of the training and evaluation commands is generated from the config dataclasses
+(ractd.train.TrainConfig with its ractd.ctm.DistillConfig, ractd.evaluate.EvalConfig), so a default cannot drift
+from the library's: a flag the user does not give keeps the dataclass value. `--quick` / `--paper` pick a
+training budget (ractd.train.BUDGETS); the CPU budget is the default. Bad input exits with status 2 and a
+one-line message.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -15,134 +19,132 @@ from ractd import RactdError
 
 log = logging.getLogger("ractd")
 
-# Paper-scale training settings (released code: teacher batch 1024, student batch 4800).
-PAPER = {
-    "reward": dict(steps=200_000, batch=1024, lr=3e-4),
-    "teacher": dict(steps=400_000, batch=1024, lr=1e-4, warmup=500),
-    "ddpm": dict(steps=400_000, batch=1024, lr=1e-4, warmup=500),
-    "student": dict(steps=200_000, batch=4800, lr=1e-4, warmup=500),
-}
-# A few-minute smoke budget for `pipeline --quick` (the README's first command): exercises every stage.
-QUICK = {
-    "reward": dict(steps=500, batch=256, lr=3e-4),
-    "teacher": dict(steps=400, batch=64, lr=3e-4),
-    "ddpm": dict(steps=400, batch=64, lr=3e-4),
-    "student": dict(steps=150, batch=64, lr=1e-4),
-}
-CPU = {
-    "reward": dict(steps=3000, batch=256, lr=3e-4),
-    "teacher": dict(steps=3000, batch=256, lr=3e-4),
-    "ddpm": dict(steps=3000, batch=256, lr=3e-4),
-    "student": dict(steps=2000, batch=256, lr=1e-4),
-}
+TRAIN_COMMANDS = {"train-reward": ("reward", "train the return-to-go model R_psi"),
+                  "train-teacher": ("teacher", "train the EDM teacher (Eq. 4)"),
+                  "train-ddpm": ("ddpm", "train the DDPM baseline (Tables 3, 11)"),
+                  "distill": ("student", "distill the CTM student with Eq. (5)-(9)")}
+# fields a stage does not use are not offered on its command line
+STAGE_ONLY = {"distill": "student", "teacher_ckpt": "student", "reward_ckpt": "student", "select_seeds": "student",
+              "select_max_steps": "student", "reward_aware_teacher": "teacher"}
+ALIASES = {"reward_aware_teacher": ["--reward-aware"]}
+PIPELINE_FIELDS = ("task", "run_dir", "source", "scale", "seed", "preset")
 
 
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--task", required=True, help="task name, e.g. hopper-medium-replay or maze2d-umaze")
-    p.add_argument("--run-dir", default="", help="run folder (default: <cache>/runs/<task>); reusing it resumes")
-    p.add_argument("--source", default="auto", choices=["auto", "d4rl", "local", "minari"], help="dataset source")
-    p.add_argument("--scale", default="small", help="scale of a locally generated dataset (tiny|small|full)")
-    p.add_argument("--seed", type=int, default=0)
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2
+        print(f"error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _budget_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--quick", action="store_true", help="the quick budget (ractd.train.BUDGETS['quick'])")
+    g.add_argument("--paper", action="store_true", help="paper network sizes and budgets (GPU)")
+
+
+def _process_flags(p: argparse.ArgumentParser, device: bool = True) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads (default: torch's; use 1 when other work shares the CPUs)")
+    if device:
+        p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
 
 
-def _train_args(p: argparse.ArgumentParser) -> None:
-    _common(p)
-    p.add_argument("--paper", action="store_true", help="paper network size and training budget (GPU)")
-    p.add_argument("--preset", default=None, help="U-Net preset name (default: the task's CPU preset)")
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--batch", type=int, default=None)
-    p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--ckpt-every", type=int, default=None)
+def _skip_for(stage: str) -> tuple[str, ...]:
+    return ("stage",) + tuple(k for k, s in STAGE_ONLY.items() if s != stage)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m ractd", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-    for name, stage, text in [("train-reward", "reward", "train the return-to-go model R_psi"),
-                              ("train-teacher", "teacher", "train the EDM teacher (Eq. 4)"),
-                              ("train-ddpm", "ddpm", "train the DDPM baseline (Tables 3, 11)")]:
+    from ractd.evaluate import EvalConfig
+    from ractd.train import TrainConfig
+
+    parser = _Parser(prog="python -m ractd", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for name, (stage, text) in TRAIN_COMMANDS.items():
         p = sub.add_parser(name, help=text, description=text)
-        _train_args(p)
-        p.set_defaults(stage=stage)
-        if stage == "teacher":
-            p.add_argument("--reward-aware", type=float, default=0.0,
-                           help="ablation: weight of the reward loss while training the teacher (Tables 4, 10)")
-    p = sub.add_parser("distill", help="distill the CTM student with Eq. (9)", description="distill the student (Eq. 5-9)")
-    _train_args(p)
-    p.set_defaults(stage="student")
-    p.add_argument("--alpha", type=float, default=-1.0, help="CTM weight (default: Table 9)")
-    p.add_argument("--beta", type=float, default=-1.0, help="DSM weight (default: Table 9)")
-    p.add_argument("--sigma", type=float, default=-1.0, help="reward weight (default: Table 9; 0 = CTD)")
-    p.add_argument("--reward-variant", default="one_step", choices=["one_step", "ctm"])
-    p.add_argument("--dsm-form", default="denoiser", choices=["jump", "denoiser"])
-    p.add_argument("--unscaled-init", action="store_true", help="x_T ~ N(0, I) (released code) instead of N(0, 80^2 I)")
-    p.add_argument("--teacher-ckpt", default="")
-    p.add_argument("--reward-ckpt", default="")
-    p.add_argument("--select-seeds", type=int, default=0,
-                   help="online model selection: short rollouts on this many seeds at every checkpoint (0 = by loss)")
+        dests = _add_train_args(p, stage)
+        p.set_defaults(stage=stage, dests=dests)
+    p = sub.add_parser("evaluate", help="roll out a trained policy and store per-episode results (Parquet)",
+                       description="roll out a trained policy on seeded episodes and store one record per episode")
+    dests = _add_required_task(p, EvalConfig, EvalConfig())
+    p.add_argument("--unscaled-init", dest="init_scaled", action="store_false", default=argparse.SUPPRESS,
+                   help="same as --no-init-scaled: x_T ~ N(0, I) (released code)")
+    _process_flags(p, device=False)
+    p.set_defaults(dests=dests)
 
-    p = sub.add_parser("evaluate", help="roll out a trained policy and store per-episode results (Parquet)")
-    _common(p)
-    p.add_argument("--sampler", default="student", choices=["student", "heun", "euler", "ddpm", "ddim"])
-    p.add_argument("--checkpoint", default="", help="default: <run-dir>/<stage>/best.pt for the sampler's stage")
-    p.add_argument("--nfe", type=int, default=None, help="student steps (1-4) / DDPM or DDIM steps / Heun bins")
-    p.add_argument("--seeds", type=int, default=10, help="number of seeds (episodes), run batched")
-    p.add_argument("--first-seed", type=int, default=0)
-    p.add_argument("--max-steps", type=int, default=None, help="cap the episode length (default: the task's)")
-    p.add_argument("--unscaled-init", action="store_true")
-    p.add_argument("--out", default="", help="Parquet file (default: <run-dir>/eval/<sampler>-<nfe>.parquet)")
-    p.add_argument("--accelerate", default="none", choices=["none", "jit"],
-                   help="jit: TorchScript-frozen networks (same numbers up to float rounding, faster on CPU)")
+    p = sub.add_parser("pipeline", help="reward model, teacher and student, then evaluate student and teacher",
+                       description="train every stage of a task (reward model for locomotion, teacher, student), "
+                                   "then evaluate the one-step student and the Heun teacher and print a table")
+    base = TrainConfig.for_stage("teacher")
+    dests = _add_required_task(p, TrainConfig, base, skip=tuple(f.name for f in dataclasses.fields(TrainConfig)
+                                                               if f.name not in PIPELINE_FIELDS))
+    p.add_argument("--steps", type=int, default=argparse.SUPPRESS, metavar="STEPS",
+                   help="steps of every stage (default: each stage's budget, ractd.train.BUDGETS)")
+    dests.append("steps")
+    ev = EvalConfig()
+    p.add_argument("--seeds", type=int, default=ev.seeds, help=f"evaluation seeds (default: {ev.seeds})")
+    p.add_argument("--max-steps", type=int, default=ev.max_steps, help="cap the episode length (0 = the task's)")
+    p.add_argument("--eval-teacher", action=argparse.BooleanOptionalAction, default=None,
+                   help="also evaluate the teacher with Heun-80 (default: on for maze2d, where it plans once per "
+                        "episode; off for locomotion, where it costs 158 network calls per env step)")
+    _budget_flags(p)
+    _process_flags(p)
+    p.set_defaults(dests=dests)
 
-    p = sub.add_parser("pipeline", help="reward model, teacher and student, then evaluate (CPU-scale defaults)")
-    _common(p)
-    p.add_argument("--steps", type=int, default=None, help="steps for every stage (default: CPU defaults)")
-    p.add_argument("--quick", action="store_true", help="a few-minute smoke budget (about 3 minutes on 2 CPUs)")
-    p.add_argument("--seeds", type=int, default=10)
-    p.add_argument("--max-steps", type=int, default=None)
+    p = sub.add_parser("export", help="export a one-step student as one ONNX / TorchScript file", add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
     return parser
 
 
-def _train_config(args, stage: str):
-    from ractd import ctm
+def _add_required_task(p, cls, defaults, skip=()) -> list[str]:
+    from ractd.tasks import TASKS
+
+    p.add_argument("--task", required=True, help=f"task name, one of: {', '.join(TASKS)}")
+    return ["task"] + [d for d in _config_args(p, cls, defaults, skip=("task",) + tuple(skip))]
+
+
+def _config_args(p, cls, defaults, skip):
+    from ractd.config import add_config_args
+
+    return add_config_args(p, cls, defaults, skip=skip, aliases=ALIASES)
+
+
+def _add_train_args(p: argparse.ArgumentParser, stage: str) -> list[str]:
     from ractd.train import TrainConfig
 
-    budgets = PAPER if getattr(args, "paper", False) else QUICK if getattr(args, "quick", False) else CPU
-    budget = dict(budgets[stage])
-    for key in ("steps", "batch", "lr"):
-        if getattr(args, key, None) is not None:
-            budget[key] = getattr(args, key)
-    kw = dict(task=args.task, stage=stage, run_dir=args.run_dir, source=args.source, scale=args.scale,
-              seed=args.seed, **budget)
-    if getattr(args, "paper", False):
-        kw["preset"] = "paper"
-    if getattr(args, "preset", None):
-        kw["preset"] = args.preset
-    if getattr(args, "ckpt_every", None):
-        kw["ckpt_every"] = args.ckpt_every
-    kw["ckpt_every"] = min(kw.get("ckpt_every", 500), kw["steps"])
-    if stage == "teacher":
-        kw["reward_aware_teacher"] = getattr(args, "reward_aware", 0.0)
+    dests = _add_required_task(p, TrainConfig, TrainConfig.for_stage(stage), skip=_skip_for(stage))
     if stage == "student":
-        kw["distill"] = ctm.DistillConfig(
-            alpha=getattr(args, "alpha", -1.0), beta=getattr(args, "beta", -1.0), sigma=getattr(args, "sigma", -1.0),
-            reward_variant=getattr(args, "reward_variant", "one_step"), dsm_form=getattr(args, "dsm_form", "jump"),
-            init_scaled=not getattr(args, "unscaled_init", False))
-        kw["teacher_ckpt"] = getattr(args, "teacher_ckpt", "")
-        kw["reward_ckpt"] = getattr(args, "reward_ckpt", "")
-        kw["select_seeds"] = getattr(args, "select_seeds", 0)
-    return TrainConfig(**kw)
+        p.add_argument("--unscaled-init", dest="distill.init_scaled", action="store_false",
+                       default=argparse.SUPPRESS, help="same as --no-init-scaled: x_T ~ N(0, I) (released code)")
+    _budget_flags(p)
+    _process_flags(p)
+    return dests
+
+
+def train_config(args, stage: str):
+    """The TrainConfig a command line asks for: the budget's config of the stage, then the flags given."""
+    from ractd.config import replace_from_args
+    from ractd.train import TrainConfig
+
+    budget = "paper" if getattr(args, "paper", False) else "quick" if getattr(args, "quick", False) else "cpu"
+    cfg = TrainConfig.for_stage(stage, budget, task=args.task)
+    cfg = replace_from_args(cfg, args, [d for d in args.dests if d != "task"])
+    if not hasattr(args, "ckpt_every"):
+        cfg = dataclasses.replace(cfg, ckpt_every=min(TrainConfig.ckpt_every, cfg.steps))
+    return cfg
+
+
+def eval_config(args):
+    from ractd.config import replace_from_args
+    from ractd.evaluate import EvalConfig
+
+    return replace_from_args(EvalConfig(task=args.task), args, [d for d in args.dests if d != "task"])
 
 
 def cmd_train(args) -> dict:
     from ractd.train import RunContext, train
 
-    cfg = _train_config(args, args.stage)
+    cfg = train_config(args, args.stage)
     if cfg.stage == "reward" and _task(args).kind == "maze":
         raise RactdError("maze2d tasks use no reward model (sigma = 0); train the teacher and distill")
     out = train(cfg, RunContext(device=getattr(args, "device", "cpu"), progress=not args.quiet))
@@ -158,33 +160,60 @@ def _task(args):
 
 
 def cmd_evaluate(args) -> dict:
-    from ractd.evaluate import evaluate_checkpoint
-
-    summary = evaluate_checkpoint(
-        task=args.task, run_dir=args.run_dir, sampler=args.sampler, checkpoint=args.checkpoint, nfe=args.nfe,
-        seeds=list(range(args.first_seed, args.first_seed + args.seeds)), max_steps=args.max_steps,
-        init_scaled=not args.unscaled_init, out=args.out, progress=not args.quiet, accelerate=args.accelerate)
+    summary = eval_config(args).run(progress=not args.quiet)
     print(json.dumps(summary))
     return summary
 
 
 def cmd_pipeline(args) -> dict:
+    """Every stage of one task at the chosen budget, then the one-step student (and the Heun teacher) on
+    `--seeds` evaluation seeds; prints a table of scores, per-action times and where the records are."""
+    from tabulate import tabulate
+
+    from ractd.evaluate import EvalConfig
+    from ractd.train import RunContext, train
+
     task = _task(args)
     stages = (["reward"] if task.kind == "locomotion" else []) + ["teacher", "student"]
+    run_dir = ""
+    times = {}
+    import time
+
     for stage in stages:
-        ns = argparse.Namespace(**vars(args), stage=stage, preset=None, paper=False, batch=None, lr=None,
-                                device="cpu", ckpt_every=None)
-        cmd_train(ns)
-    ev = argparse.Namespace(task=args.task, run_dir=args.run_dir, sampler="student", checkpoint="", nfe=1,
-                            first_seed=0, seeds=args.seeds, max_steps=args.max_steps, unscaled_init=False,
-                            out="", quiet=args.quiet, accelerate="none")
-    return cmd_evaluate(ev)
+        cfg = train_config(args, stage)
+        run_dir = cfg.resolved().run_dir
+        t0 = time.perf_counter()
+        out = train(cfg, RunContext(device=args.device, progress=not args.quiet))
+        times[stage] = time.perf_counter() - t0
+        log.info("%s: %s (%.0f s)", stage, out["best"], times[stage])
+    rows = []
+    eval_teacher = task.kind == "maze" if args.eval_teacher is None else args.eval_teacher
+    for sampler, nfe in [("student", 1)] + ([("heun", 80)] if eval_teacher else []):
+        ev = EvalConfig(task=task.name, run_dir=run_dir, sampler=sampler, nfe=nfe, seeds=args.seeds,
+                        max_steps=args.max_steps)
+        t0 = time.perf_counter()
+        s = ev.run(progress=not args.quiet)
+        rows.append([{"student": "one-step student", "heun": "teacher (Heun)"}[sampler], s["nfe"],
+                     f"{s['score_mean']:.1f} ± {s['score_sem']:.1f}",
+                     f"{1000 * s['time_per_action_mean']:.2f}", f"{time.perf_counter() - t0:.0f}", s["records"]])
+    print(tabulate(rows, headers=["policy", "NFE", f"normalized score ({args.seeds} seeds, mean ± SE)",
+                                  "ms / action", "eval s", "records"], tablefmt="github"))
+    print(f"training time: " + ", ".join(f"{k} {v:.0f} s" for k, v in times.items()) + f"; run folder: {run_dir}")
+    return {"rows": rows, "train_s": times, "run_dir": run_dir}
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
-    if args.threads:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["export"]:
+        from ractd import export
+
+        return export.main(argv[1:])
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:
+        return int(e.code or 0)
+    if getattr(args, "threads", None):
         import torch
 
         torch.set_num_threads(args.threads)

@@ -75,3 +75,100 @@ def from_dict(cls: type[T], data: dict) -> T:
             value = tuple(value)
         kwargs[key] = value
     return cls(**kwargs)
+
+
+# ------------------------------------------------------------------------------------- command lines from configs
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Per-field help parsed from a config dataclass docstring's "name: text" (or "a, b: text") lines."""
+    import inspect
+    import re
+
+    docs: dict[str, str] = {}
+    names = {f.name for f in dataclasses.fields(cls)}
+    current: list[str] = []
+    for line in inspect.getdoc(cls).splitlines():
+        m = re.match(r"^([a-z_][a-z0-9_]*(?:\s*,\s*[a-z_][a-z0-9_]*)*)\s*:\s*(.*)$", line.strip())
+        keys = [k.strip() for k in m.group(1).split(",")] if m else []
+        if m and keys and all(k in names for k in keys) and not line.startswith(" "):
+            current = keys
+            for k in keys:
+                docs[k] = m.group(2).strip()
+        elif current and line.startswith(" ") and line.strip():
+            for k in current:
+                docs[k] += " " + line.strip()
+        else:
+            current = []
+    return docs
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_config_args(parser, cls: type, defaults: Any, skip: tuple[str, ...] = (), prefix: str = "",
+                    aliases: dict[str, list[str]] | None = None) -> list[str]:
+    """Add one flag per field of the config dataclass `cls` (nested dataclasses flattened, their fields named
+    without the parent's name unless they clash). Flags default to "not given" (argparse.SUPPRESS), so the
+    config built from them keeps the dataclass's own defaults; `defaults` (an instance) is shown in --help.
+    Returns the dests added (dotted paths for nested fields)."""
+    import argparse
+
+    aliases = aliases or {}
+    hints = typing.get_type_hints(cls)
+    docs = field_docs(cls)
+    added: list[str] = []
+    taken = {a.dest for a in parser._actions}
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        hint, value = hints[f.name], getattr(defaults, f.name)
+        if dataclasses.is_dataclass(hint):
+            for sub in add_config_args(parser, hint, value, skip, prefix=f"{prefix}{f.name}.", aliases=aliases):
+                added.append(sub)
+            continue
+        dest = prefix + f.name
+        flag_name = f.name if f.name not in taken else dest.replace(".", "_")  # a clash: --distill-distance
+        flags = [_flag(flag_name)] + aliases.get(dest, [])
+        help_text = f"{docs.get(f.name, '')} (default: {value!r})".replace("%", "%%")
+        kw: dict[str, Any] = dict(dest=dest, default=argparse.SUPPRESS, help=help_text)
+        if hint is not bool:
+            kw["metavar"] = f.name.upper()
+        origin = typing.get_origin(hint)
+        if hint is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        elif origin is typing.Literal:
+            kw["choices"] = list(typing.get_args(hint))
+        elif origin is tuple:
+            kw.update(type=typing.get_args(hint)[0], nargs="+")
+        elif hint in (int, float, str):
+            kw["type"] = hint
+        else:
+            raise TypeError(f"{cls.__name__}.{f.name}: no command-line form for {hint}")
+        parser.add_argument(*flags, **kw)
+        taken.add(flag_name)
+        added.append(dest)
+    return added
+
+
+def replace_from_args(cfg: T, args, dests: list[str]) -> T:
+    """A copy of the (possibly nested) config with every flag the user gave (present in `args`) applied."""
+    given: dict[str, Any] = {}
+    for dest in dests:
+        if hasattr(args, dest):
+            given[dest] = getattr(args, dest)
+    return _apply(cfg, given)
+
+
+def _apply(cfg, given: dict[str, Any]):
+    top: dict[str, Any] = {}
+    nested: dict[str, dict[str, Any]] = {}
+    for dest, value in given.items():
+        head, _, rest = dest.partition(".")
+        if rest:
+            nested.setdefault(head, {})[rest] = value
+        else:
+            top[head] = tuple(value) if isinstance(value, list) else value
+    for head, sub in nested.items():
+        top[head] = _apply(getattr(cfg, head), sub)
+    return dataclasses.replace(cfg, **top)

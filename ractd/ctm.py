@@ -27,16 +27,24 @@ RewardVariant = Literal["one_step", "ctm"]
 
 
 class Student(nn.Module):
-    """The CTM student G_theta(x, t, s, cond); net is a 2-time network (e.g. ConditionalUnet1D(n_times=2))."""
+    """The CTM student G_theta(x, t, s, cond); net is a 2-time network (e.g. ConditionalUnet1D(n_times=2)).
 
-    def __init__(self, net: nn.Module, sigma_data: float = edm.SIGMA_DATA, sigma_min: float = edm.SIGMA_MIN):
+    scalings: the preconditioning of g_theta at t, the same `edm.scalings` code as the teacher's Denoiser
+    ("boundary" or "edm"); distillation builds the student with its teacher's scalings, so a warm-started
+    student's g_theta(x, t, s) equals the teacher's D_phi(x, t) for every s.
+    """
+
+    def __init__(self, net: nn.Module, sigma_data: float = edm.SIGMA_DATA, sigma_min: float = edm.SIGMA_MIN,
+                 scalings: edm.Scalings = "boundary"):
         super().__init__()
-        self.net, self.sigma_data, self.sigma_min = net, sigma_data, sigma_min
+        if scalings not in ("boundary", "edm"):
+            raise ValueError(f"unknown scalings {scalings!r}; expected 'boundary' or 'edm'")
+        self.net, self.sigma_data, self.sigma_min, self.scalings = net, sigma_data, sigma_min, scalings
 
     def g(self, x: torch.Tensor, t: torch.Tensor, s: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
-        """The student's denoiser output g_theta(x, t, s) (boundary scalings at t)."""
+        """The student's denoiser output g_theta(x, t, s), preconditioned at t exactly as the teacher's D."""
         c_skip, c_out, c_in = (append_dims(c, x.ndim) for c in
-                               edm.boundary_scalings(t, self.sigma_data, self.sigma_min))
+                               edm.scalings(t, self.scalings, self.sigma_data, self.sigma_min))
         return c_skip * x + c_out * self.net(c_in * x, (edm.c_noise(t), edm.c_noise(s)), cond)
 
     def forward(self, x: torch.Tensor, t, s, cond: torch.Tensor | None = None) -> torch.Tensor:

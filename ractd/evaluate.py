@@ -6,14 +6,67 @@ calls once to hold a policy (no global state).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
+from typing import Literal
 
 from ractd import RactdError
 from ractd.tasks import get_task
 
 log = logging.getLogger(__name__)
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """Evaluation of one checkpoint (`python -m ractd evaluate`; the flags are generated from these fields).
+
+    task: registry name. run_dir: run folder ("" = <cache>/runs/<task>).
+    sampler: student | heun | euler | ddpm | ddim.
+    checkpoint: checkpoint file ("" = <run_dir>/<stage>/best.pt of the sampler's stage).
+    nfe: student steps (1-4) / DDPM or DDIM steps / Heun or Euler bins (0 = the sampler's default).
+    seeds: number of seeds (episodes), rolled out batched.
+    first_seed: the first seed; seeds first_seed, first_seed + 1, ...
+    max_steps: cap on the episode length (0 = the task's).
+    init_scaled: start noise x_T ~ N(0, sigma_max^2 I) (True) or N(0, I) (False, the released code).
+    out: Parquet file ("" = <run_dir>/eval/<sampler>-<nfe>.parquet).
+    accelerate: none | jit (TorchScript-frozen networks: same numbers up to float rounding, faster on CPU).
+    """
+
+    task: str = "hopper-medium-replay"
+    run_dir: str = ""
+    sampler: Literal["student", "heun", "euler", "ddpm", "ddim"] = "student"
+    checkpoint: str = ""
+    nfe: int = 0
+    seeds: int = 10
+    first_seed: int = 0
+    max_steps: int = 0
+    init_scaled: bool = True
+    out: str = ""
+    accelerate: Literal["none", "jit"] = "none"
+
+    def validate(self) -> "EvalConfig":
+        get_task(self.task)
+        if self.sampler not in SAMPLER_STAGE:
+            raise RactdError(f"sampler={self.sampler!r}: expected one of {', '.join(SAMPLER_STAGE)}")
+        for name in ("seeds",):
+            if getattr(self, name) < 1:
+                raise RactdError(f"{name}={getattr(self, name)}: must be a positive integer")
+        for name in ("nfe", "first_seed", "max_steps"):
+            if getattr(self, name) < 0:
+                raise RactdError(f"{name}={getattr(self, name)}: must be >= 0")
+        if self.sampler == "student" and self.nfe > 4:
+            raise RactdError(f"nfe={self.nfe}: the student samples with 1 to 4 steps")
+        return self
+
+    def run(self, progress: bool = True) -> dict:
+        self.validate()
+        return evaluate_checkpoint(
+            task=self.task, run_dir=self.run_dir, sampler=self.sampler, checkpoint=self.checkpoint,
+            nfe=self.nfe or None, seeds=list(range(self.first_seed, self.first_seed + self.seeds)),
+            max_steps=self.max_steps or None, init_scaled=self.init_scaled, out=self.out, progress=progress,
+            accelerate=self.accelerate)
+
 
 SAMPLER_STAGE = {"student": "student", "heun": "teacher", "euler": "teacher", "ddpm": "ddpm", "ddim": "ddpm"}
 DEFAULT_NFE = {"student": 1, "heun": 80, "euler": 80, "ddpm": 100, "ddim": 10}

@@ -2,10 +2,13 @@
 and reward-aware distillation of the CTM student.
 
 Each `train(cfg, ctx)` call runs one stage. Everything a Ray Train worker needs is in `RunContext`: the
-device, rank / world size (only rank 0 writes files), an optional gradient all-reduce hook, and a `report(metrics,
-checkpoint_path)` callback called every `report_every` steps and at each checkpoint. The library itself never
-imports Ray. A run lives in `run_dir/<stage>/`: checkpoint.pt (latest, for resuming), best.pt (model
-selection), config.json (resolved config), metrics.jsonl. Re-running with the same run_dir resumes.
+device, rank / world size (only rank 0 writes files), gradient and metric all-reduce hooks, a checkpoint to
+resume from, and a `report(metrics, checkpoint_dir)` callback called on every rank every `report_every` steps
+and at each checkpoint. The library itself never imports Ray (ractd_ray/ adapts this loop to Ray Train).
+A run lives in `run_dir/<stage>/`: latest/checkpoint.pt (for resuming), best.pt (model selection; only ever a
+finite, selected model), config.json (resolved config), metrics.jsonl (one JSON object per checkpoint).
+Re-running with the same run_dir resumes; a non-finite loss or gradient stops the run and keeps the last good
+checkpoint.
 """
 
 from __future__ import annotations
@@ -40,25 +43,41 @@ STAGES = ("reward", "teacher", "ddpm", "student")
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """One training stage. Paper-scale values come from the task registry (preset="paper").
+    """One training stage. The defaults here are the CPU-scale teacher; `TrainConfig.for_stage(stage, budget)`
+    applies a stage's budget (BUDGETS: cpu | quick | paper). The CLI is generated from these fields.
 
-    task: registry name. stage: reward | teacher | ddpm | student. run_dir: where the run lives
-        ("" = <cache>/runs/<task>). preset: U-Net preset name, "cpu" (task.cpu_preset) or "paper".
-    source / scale: dataset source and locally generated scale (ractd.data.d4rl.load_dataset).
-    steps, batch, lr, warmup: AdamW (betas 0.95, 0.999) with linear warmup then cosine decay (released code).
-    ema_decay: EMA of the teacher / DDPM weights used for evaluation.
-    ckpt_every, report_every: in optimizer steps. seed: everything random derives from it (and the rank).
-    rtg: "paper" (task gamma, -100 termination penalty) or "code" (gamma 0.99, no penalty).
-    reward_hidden, reward_bounded, val_fraction: reward model width, tanh output, validation split.
-    scalings, distance: teacher preconditioning and Eq. (4) distance form.
+    task: registry name, e.g. hopper-medium-replay or maze2d-umaze.
+    stage: reward | teacher | ddpm | student.
+    run_dir: where the run lives ("" = <cache>/runs/<task>); reusing it resumes.
+    preset: U-Net preset name, "cpu" (the task's CPU preset) or "paper" (the task's paper preset).
+    source: dataset source: auto | d4rl | local | minari.
+    scale: scale of a locally generated dataset: tiny | small | full.
+    steps: optimizer steps (extending it on resume is allowed).
+    batch: global batch size (each of N workers draws batch / N samples).
+    lr: AdamW learning rate (betas 0.95, 0.999; released code).
+    warmup: linear warm-up steps before the cosine decay.
+    ema_decay: maximum EMA decay of the teacher / DDPM weights used for evaluation.
+    ema_power: EMA warm-up: decay at step k is min(ema_decay, 1 - (1 + k)^-ema_power) (diffusion_policy's
+        EMAModel schedule), so the EMA is not dominated by the random initialisation early in training.
+    ckpt_every: checkpoint (and model selection) every this many steps.
+    report_every: log metrics every this many steps.
+    seed: everything random derives from it (and the worker rank).
+    obs_history: h, past states in the conditioning (locomotion).
+    rtg: return-to-go target: "paper" (task gamma, -100 termination penalty) or "code" (gamma 0.99, no penalty).
+    reward_hidden: reward model layer widths.
+    reward_bounded: tanh-bounded reward model output.
+    val_fraction: reward model validation split (model selection by validation loss).
+    scalings: preconditioning, boundary | edm (the student always uses its teacher's).
+    distance: Eq. (4) pseudo-Huber form: per_sample | elementwise.
     distill: Eq. (5)-(9) options; alpha/beta/sigma < 0 mean "the task's Table 9 value".
-    teacher_ckpt, reward_ckpt: checkpoints the student stage distills from ("" = this run's own).
-    reward_aware_teacher: ablation (Tables 4, 10): add sigma * L_Reward of the teacher's one-step denoised
-        first action to Eq. (4) while training the teacher.
-    select_seeds, select_max_steps: online model selection (student stage), as the paper does: at every
-        checkpoint roll the one-step student out on select_seeds seeds (10000, 10001, ..., disjoint from the
-        evaluation seeds) for select_max_steps env steps; best.pt keeps the highest mean normalized score.
-        0 seeds = select by training loss (reward model: by validation loss).
+    teacher_ckpt: teacher checkpoint to distill from ("" = <run_dir>/teacher/best.pt).
+    reward_ckpt: reward model checkpoint ("" = <run_dir>/reward/best.pt).
+    reward_aware_teacher: ablation (Tables 4, 10): weight of L_Reward of the teacher's one-step denoised first
+        action added to Eq. (4) while training the teacher.
+    select_seeds: online model selection of the student, as the paper does: at every checkpoint roll the one-step
+        student out on this many seeds (10000, 10001, ...: disjoint from the evaluation seeds); best.pt keeps the
+        highest mean normalized score. 0 = select by training loss (reward model: by validation loss).
+    select_max_steps: env steps of each model-selection rollout.
     """
 
     task: str = "hopper-medium-replay"
@@ -67,11 +86,12 @@ class TrainConfig:
     preset: str = "cpu"
     source: str = "auto"
     scale: str = "small"
-    steps: int = 2000
+    steps: int = 3000
     batch: int = 256
-    lr: float = 1e-4
+    lr: float = 3e-4
     warmup: int = 100
     ema_decay: float = 0.999
+    ema_power: float = 0.75
     ckpt_every: int = 500
     report_every: int = 50
     seed: int = 0
@@ -89,11 +109,72 @@ class TrainConfig:
     select_seeds: int = 0
     select_max_steps: int = 300
 
-    def resolved(self) -> "TrainConfig":
-        """Fill task defaults: run_dir, Table 9 weights."""
-        task = get_task(self.task)
+    @classmethod
+    def for_stage(cls, stage: str, budget: str = "cpu", **overrides) -> "TrainConfig":
+        """The config of one stage at a budget (BUDGETS), then `overrides` (field names of TrainConfig)."""
+        if budget not in BUDGETS:
+            raise RactdError(f"unknown budget {budget!r}; expected one of {', '.join(BUDGETS)}")
+        if stage not in STAGES:
+            raise RactdError(f"unknown stage {stage!r}; expected one of {', '.join(STAGES)}")
+        kw = {**BUDGETS[budget][stage], **overrides}
+        kw["ckpt_every"] = min(kw.get("ckpt_every", cls.ckpt_every), kw.get("steps", cls.steps))
+        return cls(stage=stage, **kw)
+
+    def validate(self) -> "TrainConfig":
+        """Check every field up front; a bad value raises RactdError with one line naming it."""
+        from ractd.tasks import SCALES
+
+        def bad(name, value, why):
+            raise RactdError(f"{name}={value!r}: {why}")
+
+        get_task(self.task)
         if self.stage not in STAGES:
-            raise RactdError(f"unknown stage {self.stage!r}; expected one of {', '.join(STAGES)}")
+            bad("stage", self.stage, f"expected one of {', '.join(STAGES)}")
+        for name in ("steps", "batch", "ckpt_every", "report_every", "select_max_steps", "obs_history"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                bad(name, getattr(self, name), "must be a positive integer")
+        for name in ("warmup", "select_seeds", "seed"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                bad(name, getattr(self, name), "must be a non-negative integer")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            bad("lr", self.lr, "must be a positive finite number")
+        if not 0 <= self.ema_decay < 1:
+            bad("ema_decay", self.ema_decay, "must be in [0, 1)")
+        if not (math.isfinite(self.ema_power) and self.ema_power > 0):
+            bad("ema_power", self.ema_power, "must be positive")
+        if not 0 < self.val_fraction < 1:
+            bad("val_fraction", self.val_fraction, "must be in (0, 1)")
+        if self.scale not in SCALES:
+            bad("scale", self.scale, f"expected one of {', '.join(SCALES)}")
+        if self.source not in ("auto", "d4rl", "local", "minari"):
+            bad("source", self.source, "expected one of auto, d4rl, local, minari")
+        for name, allowed in (("rtg", ("paper", "code")), ("scalings", ("boundary", "edm")),
+                              ("distance", ("per_sample", "elementwise"))):
+            if getattr(self, name) not in allowed:
+                bad(name, getattr(self, name), f"expected one of {', '.join(allowed)}")
+        if not self.reward_hidden or any(not isinstance(h, int) or h < 1 for h in self.reward_hidden):
+            bad("reward_hidden", self.reward_hidden, "must be positive integers")
+        if not (math.isfinite(self.reward_aware_teacher) and self.reward_aware_teacher >= 0):
+            bad("reward_aware_teacher", self.reward_aware_teacher, "must be >= 0")
+        d = self.distill
+        for name in ("alpha", "beta", "sigma", "dsm_top_fraction"):
+            v = getattr(d, name)
+            if not math.isfinite(v):
+                bad(name, v, "must be finite")
+        if not 0 < d.dsm_top_fraction <= 1:
+            bad("dsm_top_fraction", d.dsm_top_fraction, "must be in (0, 1]")
+        if d.n_bins < 2:
+            bad("n_bins", d.n_bins, "must be >= 2")
+        for name, allowed in (("reward_variant", ("one_step", "ctm")), ("dsm_form", ("jump", "denoiser")),
+                              ("distance", ("per_sample", "elementwise"))):
+            if getattr(d, name) not in allowed:
+                bad(name, getattr(d, name), f"expected one of {', '.join(allowed)}")
+        return self
+
+    def resolved(self) -> "TrainConfig":
+        """Validate, then fill task defaults: run_dir, Table 9 weights."""
+        self.validate()
+        task = get_task(self.task)
         d = self.distill
         w = task.weights
         distill = dataclasses.replace(
@@ -113,14 +194,70 @@ class TrainConfig:
         return Path(self.run_dir) / self.stage
 
 
+# Training budgets per stage: "cpu" (CPU scale), "quick" (the README's first command: measured on 2 CPUs, see
+# README), "paper" (released code: teacher batch 1024, student batch 4800; paper network sizes).
+BUDGETS: dict[str, dict[str, dict]] = {
+    "cpu": {
+        "reward": dict(steps=3000, batch=256, lr=3e-4),
+        "teacher": dict(steps=3000, batch=256, lr=3e-4),
+        "ddpm": dict(steps=3000, batch=256, lr=3e-4),
+        "student": dict(steps=2000, batch=256, lr=1e-4),
+    },
+    "quick": {
+        "reward": dict(steps=500, batch=256, lr=3e-4),
+        "teacher": dict(steps=1200, batch=64, lr=3e-4),
+        "ddpm": dict(steps=1200, batch=64, lr=3e-4),
+        "student": dict(steps=150, batch=64, lr=1e-4),
+    },
+    "paper": {
+        "reward": dict(steps=200_000, batch=1024, lr=3e-4, preset="paper"),
+        "teacher": dict(steps=400_000, batch=1024, lr=1e-4, warmup=500, preset="paper"),
+        "ddpm": dict(steps=400_000, batch=1024, lr=1e-4, warmup=500, preset="paper"),
+        "student": dict(steps=200_000, batch=4800, lr=1e-4, warmup=500, preset="paper"),
+    },
+}
+
+# Fields that do not define a run: they may differ when a run resumes (a restored Ray trial in another folder,
+# more steps, other selection or checkpoint cadence, the same upstream checkpoints at another path).
+RESUMABLE_FIELDS = frozenset({"run_dir", "steps", "ckpt_every", "report_every", "teacher_ckpt", "reward_ckpt",
+                              "select_seeds", "select_max_steps", "source"})
+
+
+def ema_decay_at(step: int, max_decay: float, power: float) -> float:
+    """EMA decay after `step` optimizer steps (1-based): 0 at step 1, rising as 1 - (1 + step)^-power, capped
+    at max_decay (the warm-up schedule of diffusion_policy's EMAModel with inv_gamma = 1)."""
+    if step <= 1:
+        return 0.0
+    return min(max_decay, 1.0 - (1.0 + step) ** -power)
+
+
+@torch.no_grad()
+def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * model, parameters and floating buffers."""
+    for p_ema, p in zip(ema.parameters(), model.parameters()):
+        p_ema.lerp_(p, 1.0 - decay)
+    for b_ema, b in zip(ema.buffers(), model.buffers()):
+        if b.is_floating_point():
+            b_ema.lerp_(b, 1.0 - decay)
+
+
 @dataclasses.dataclass
 class RunContext:
     """What a caller (CLI, test, Ray Train worker) injects into a training loop.
 
-    report(metrics, checkpoint_path_or_None) is called on rank 0 every report_every steps and after each
-    checkpoint; sync_grads(model) is called after every backward pass, where a distributed caller averages
-    the gradients across workers (an all-reduce: DDP-equivalent, and it works for the student, whose loss calls
-    the network several times per step, without DDP's forward bookkeeping).
+    report(metrics, checkpoint_dir_or_None): called on EVERY rank the same number of times (every report_every
+        steps and at every checkpoint; metrics["at_checkpoint"] says which). checkpoint_dir is given on rank 0 at
+        checkpoints only: a folder holding just the latest checkpoint.pt (and its config.json), so persisting it
+        does not copy best.pt too. Once a student run with select_seeds > 0 has checkpointed, every metrics dict
+        carries the latest "select_score".
+    sync_grads(model): called after every backward pass; a distributed caller averages the gradients across
+        workers (an all-reduce: DDP-equivalent, and it works for the student, whose loss calls the network several
+        times per step, without DDP's forward bookkeeping or a wrapper hiding Student.g / sigma_min).
+    all_reduce_sum(tensor) -> tensor: sum over workers, for metrics and the model-selection score (each rank rolls
+        out a disjoint slice of the selection seeds). None = one process.
+    resume_from: a checkpoint file to resume from (e.g. the one Ray Train hands back after a restart); default
+        <run_dir>/<stage>/latest/checkpoint.pt when it exists.
+    on_step(step): called after every optimizer step (test hook, e.g. to inject a worker failure).
     stop_at: end the loop after this step (simulates an interruption in tests).
     """
 
@@ -129,6 +266,9 @@ class RunContext:
     world_size: int = 1
     report: Callable[[dict, Path | None], None] | None = None
     sync_grads: Callable[[nn.Module], None] | None = None
+    all_reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None
+    resume_from: Path | None = None
+    on_step: Callable[[int], None] | None = None
     progress: bool = True
     stop_at: int | None = None
 
@@ -221,7 +361,8 @@ def build_ddpm(cfg: TrainConfig, prep: Prepared) -> ddpm.EpsModel:
 
 
 def build_student(cfg: TrainConfig, prep: Prepared) -> ctm.Student:
-    return ctm.Student(ConditionalUnet1D(prep.shape_tail[1], prep.cond.shape[1], cfg.unet(prep.task), n_times=2))
+    net = ConditionalUnet1D(prep.shape_tail[1], prep.cond.shape[1], cfg.unet(prep.task), n_times=2)
+    return ctm.Student(net, scalings=cfg.scalings)
 
 
 def build_reward(cfg: TrainConfig, prep: Prepared) -> ResidualMLP:
@@ -283,30 +424,64 @@ def _to_torch(a, idx, device):
     return torch.from_numpy(np.ascontiguousarray(a[idx])).to(device)
 
 
+def load_upstream(path: Path, stage: str, cfg: TrainConfig, prep: Prepared):
+    """A frozen upstream model (teacher or reward) for `cfg`'s run, refused unless it was trained on the same
+    task and the same dataset (fingerprint): (model, its TrainConfig)."""
+    model, up_cfg, ck = load_stage_model(path, prep)
+    if up_cfg.stage != stage:
+        raise RactdError(f"{path} is a {up_cfg.stage} checkpoint, expected a {stage} checkpoint")
+    if up_cfg.task != cfg.task:
+        raise RactdError(f"{path} was trained on task {up_cfg.task}, this run is {cfg.task}")
+    fp = ck.get("meta", {}).get("dataset_fingerprint")
+    if fp != prep.fingerprint:
+        raise RactdError(f"{path} was trained on dataset {fp}, this run's dataset is {prep.fingerprint} "
+                         f"(another scale, source or generation seed)")
+    return model, up_cfg
+
+
+def _stable_config(d: dict) -> dict:
+    return {k: v for k, v in d.items() if k not in RESUMABLE_FIELDS}
+
+
+def _finite_json(metrics: dict) -> str:
+    """One JSON line; non-finite numbers become null (JSON has no NaN)."""
+    clean = {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in metrics.items()}
+    return json.dumps(clean, allow_nan=False)
+
+
 def train(cfg: TrainConfig, ctx: RunContext | None = None, data: dict | None = None,
           prep: Prepared | None = None) -> dict:
-    """Run one stage to cfg.steps (resuming from run_dir/<stage>/checkpoint.pt if present).
+    """Run one stage to cfg.steps, resuming from ctx.resume_from or <run_dir>/<stage>/latest/checkpoint.pt.
 
-    Returns {"checkpoint": path of the latest checkpoint, "best": path of best.pt, "metrics": last metrics}.
+    Returns {"checkpoint": path of the latest checkpoint, "best": path of best.pt, "metrics": last metrics,
+    "step": the step reached}.
     """
     ctx = ctx or RunContext()
     cfg = cfg.resolved()
+    if cfg.batch < ctx.world_size:
+        raise RactdError(f"batch={cfg.batch} is smaller than the number of workers ({ctx.world_size})")
     device = torch.device(ctx.device)
     prep = prep or prepare(cfg, data)
     stage_dir = cfg.stage_dir
-    ckpt_path, best_path = stage_dir / "checkpoint.pt", stage_dir / "best.pt"
+    ckpt_path, best_path = stage_dir / "latest" / "checkpoint.pt", stage_dir / "best.pt"
+
+    teacher = reward_model = None
+    if cfg.stage == "student":
+        teacher, t_cfg = load_upstream(Path(cfg.teacher_ckpt or Path(cfg.run_dir) / "teacher" / "best.pt"),
+                                       "teacher", cfg, prep)
+        if t_cfg.scalings != cfg.scalings:  # one preconditioning: the student takes its teacher's
+            log.info("student uses its teacher's %s scalings", t_cfg.scalings)
+            cfg = dataclasses.replace(cfg, scalings=t_cfg.scalings)
+        teacher = teacher.to(device)
+    if (cfg.stage == "student" and cfg.distill.sigma > 0) or (cfg.stage == "teacher" and cfg.reward_aware_teacher > 0):
+        reward_model, _ = load_upstream(Path(cfg.reward_ckpt or Path(cfg.run_dir) / "reward" / "best.pt"),
+                                        "reward", cfg, prep)
+        reward_model = reward_model.to(device)
 
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
     model = BUILDERS[cfg.stage](cfg, prep).to(device)
-    teacher = reward_model = None
-    if cfg.stage == "student":
-        teacher, _, _ = load_stage_model(Path(cfg.teacher_ckpt or Path(cfg.run_dir) / "teacher" / "best.pt"), prep)
-        teacher = teacher.to(device)
+    if teacher is not None:
         load_teacher_into_student(model.net, teacher.net)  # new s pathway zero-initialised
-    if (cfg.stage == "student" and cfg.distill.sigma > 0) or (cfg.stage == "teacher" and cfg.reward_aware_teacher > 0):
-        reward_model, _, _ = load_stage_model(Path(cfg.reward_ckpt or Path(cfg.run_dir) / "reward" / "best.pt"), prep)
-        reward_model = reward_model.to(device)
-
     ema = copy.deepcopy(model).requires_grad_(False) if cfg.stage in ("teacher", "ddpm") else None
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.95, 0.999), weight_decay=1e-6)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg.warmup, cfg.steps))
@@ -319,83 +494,124 @@ def train(cfg: TrainConfig, ctx: RunContext | None = None, data: dict | None = N
         val_idx, train_idx = perm[:n_val], perm[n_val:]
     else:
         train_idx, val_idx = np.arange(n), None
+    if len(train_idx) == 0:
+        raise RactdError(f"{cfg.task}: the dataset gives no training windows")
 
-    step, best = 0, math.inf
-    if ckpt_path.is_file():
-        ck = load_checkpoint(ckpt_path)
-        if ck["config"] != to_dict(cfg):
-            raise RactdError(f"{ckpt_path} was written with a different config; use another --run-dir to start anew")
+    step, best, last_select = 0, math.inf, None
+    resume = Path(ctx.resume_from) if ctx.resume_from else ckpt_path
+    if resume.is_file():
+        ck = load_checkpoint(resume)
+        if _stable_config(ck["config"]) != _stable_config(to_dict(cfg)):
+            diff = sorted(k for k in set(ck["config"]) | set(to_dict(cfg)) if k not in RESUMABLE_FIELDS
+                          and ck["config"].get(k) != to_dict(cfg).get(k))
+            raise RactdError(f"{resume} was written with a different config ({', '.join(diff)}); "
+                             f"use another --run-dir to start anew")
+        fp = ck.get("meta", {}).get("dataset_fingerprint")
+        if fp != prep.fingerprint:
+            raise RactdError(f"{resume} was trained on dataset {fp}, the dataset now is {prep.fingerprint}; "
+                             f"use another --run-dir to start anew")
         model.load_state_dict(ck["model"])
         if ema is not None:
             ema.load_state_dict(ck["ema"])
         opt.load_state_dict(ck["optimizer"])
-        sched.load_state_dict(ck["scheduler"])
-        gen.set_state(ck["rng"]["data"])
-        torch.set_rng_state(ck["rng"]["torch"])
-        step, best = ck["step"], ck["best"]
-        log.info("resumed %s at step %d", ckpt_path, step)
+        sched.load_state_dict(ck["scheduler"])  # keeps this run's lambda: more steps stretch the cosine
+        step, best, last_select = ck["step"], ck["best"], ck.get("select_score")
+        if ctx.rank == 0:  # rank 0's streams were saved; other ranks start fresh streams keyed by the step
+            gen.set_state(ck["rng"]["data"])
+            torch.set_rng_state(ck["rng"]["torch"])
+        else:
+            gen.manual_seed(cfg.seed * 1000 + ctx.rank + 7919 * step)
+            torch.manual_seed(cfg.seed * 1000 + ctx.rank + 7919 * step)
+        log.info("resumed %s at step %d", resume, step)
 
     shapes = {"x": list(prep.shape_tail), "cond": int(prep.cond.shape[1]),
               "state": None if prep.state is None else int(prep.state.shape[1]),
               "action": None if prep.action is None else int(prep.action.shape[1])}
-    meta = {"versions": _versions(), "dataset_fingerprint": prep.fingerprint}
+    meta = {"versions": _versions(), "dataset_fingerprint": prep.fingerprint, "world_size": ctx.world_size}
 
     def checkpoint_payload():
         return {"config": to_dict(cfg), "model": model.state_dict(), "ema": None if ema is None else ema.state_dict(),
                 "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step, "best": best,
+                "select_score": last_select,
                 "normalizers": {k: v.state_dict() for k, v in prep.normalizers.items()}, "shapes": shapes,
                 "rng": {"data": gen.get_state(), "torch": torch.get_rng_state()}, "meta": meta}
 
+    def reduce_mean(values: dict) -> dict:
+        if ctx.all_reduce_sum is None or ctx.world_size == 1:
+            return values
+        keys = sorted(values)
+        total = ctx.all_reduce_sum(torch.tensor([values[k] for k in keys], dtype=torch.float64))
+        return {k: float(v) / ctx.world_size for k, v in zip(keys, total.tolist())}
+
+    per_rank_batch = cfg.batch // ctx.world_size
     metrics: dict = {}
     sums: dict[str, float] = {}
     count = 0
     bar = tqdm(total=cfg.steps, initial=step, desc=f"{cfg.task} {cfg.stage}", disable=not ctx.progress or ctx.rank != 0)
     t0 = time.perf_counter()
-    last_ckpt = None
     while step < cfg.steps and (ctx.stop_at is None or step < ctx.stop_at):
-        idx = train_idx[torch.randint(0, len(train_idx), (cfg.batch,), generator=gen).numpy()]
+        idx = train_idx[torch.randint(0, len(train_idx), (per_rank_batch,), generator=gen).numpy()]
         terms = _loss_terms(cfg, model, teacher, reward_model, prep, idx, device)
         opt.zero_grad(set_to_none=True)
         terms["loss"].backward()
         if ctx.sync_grads:
             ctx.sync_grads(model)
+        # the norm of the synchronized gradient is the same on every rank, so every rank stops together
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), math.inf)
+        loss_value = float(terms["loss"].detach())
+        if not math.isfinite(float(grad_norm)) or (ctx.world_size == 1 and not math.isfinite(loss_value)):
+            bar.close()
+            kept = f"the last good checkpoint {ckpt_path} (step {step}) is kept" if ckpt_path.is_file() else \
+                "no checkpoint was written"
+            raise RactdError(f"{cfg.task} {cfg.stage}: non-finite loss ({loss_value}) or gradient norm "
+                             f"({float(grad_norm)}) at step {step + 1}; stopped, {kept}; try a lower --lr")
         opt.step()
         sched.step()
-        if ema is not None:
-            with torch.no_grad():
-                for p_ema, p in zip(ema.parameters(), model.parameters()):
-                    p_ema.lerp_(p, 1 - cfg.ema_decay)
         step += 1
+        if ema is not None:
+            ema_update(ema, model, ema_decay_at(step, cfg.ema_decay, cfg.ema_power))
         bar.update(1)
         for k, v in terms.items():
             sums[k] = sums.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v)
+        sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(grad_norm)
         count += 1
+        if ctx.on_step:
+            ctx.on_step(step)
         at_ckpt = step % cfg.ckpt_every == 0 or step == cfg.steps
-        if step % cfg.report_every == 0 or at_ckpt:
-            metrics = {k: v / count for k, v in sums.items()}
-            metrics.update(step=step, lr=sched.get_last_lr()[0], steps_per_s=count / (time.perf_counter() - t0))
-            sums, count, t0 = {}, 0, time.perf_counter()
-            bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items() if k in ("loss", "ctm", "dsm", "reward")})
+        if not (step % cfg.report_every == 0 or at_ckpt):
+            continue
+        metrics = reduce_mean({k: v / count for k, v in sums.items()})
+        metrics.update(step=step, lr=sched.get_last_lr()[0], steps_per_s=count / (time.perf_counter() - t0),
+                       at_checkpoint=at_ckpt)
+        if ema is not None:
+            metrics["ema_decay"] = ema_decay_at(step, cfg.ema_decay, cfg.ema_power)
+        sums, count = {}, 0
+        bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items() if k in ("loss", "ctm", "dsm", "reward")})
+        ckpt_dir = None
         if at_ckpt:
             if val_idx is not None:
                 metrics["val_loss"] = _reward_val_loss(model, prep, val_idx, device)
-            if cfg.stage == "student" and cfg.select_seeds > 0 and ctx.rank == 0:
-                metrics["select_score"] = _quick_eval(cfg, model, prep)
-                score = -metrics["select_score"]
+            if cfg.stage == "student" and cfg.select_seeds > 0:
+                last_select = _quick_eval(cfg, model, prep, ctx)
+                score = -last_select
             else:
                 score = metrics.get("val_loss", metrics.get("loss", math.inf))
             if ctx.rank == 0:
-                improved = score <= best or not best_path.exists()
-                best = min(best, score)
-                last_ckpt = save_checkpoint(ckpt_path, checkpoint_payload())
+                improved = math.isfinite(score) and score <= best
+                best = min(best, score) if math.isfinite(score) else best
+                save_checkpoint(ckpt_path, checkpoint_payload())
+                copy_checkpoint(ckpt_path.parent / "config.json", stage_dir / "config.json")
                 if improved:  # best.pt is the latest checkpoint at its best score; copy, don't re-serialize
                     copy_checkpoint(ckpt_path, best_path)
-                with open(stage_dir / "metrics.jsonl", "a") as f:
-                    f.write(json.dumps(metrics) + "\n")
-                if ctx.report:
-                    ctx.report(dict(metrics), last_ckpt)
-        elif ctx.report and ctx.rank == 0 and step % cfg.report_every == 0:
-            ctx.report(dict(metrics), None)
+                ckpt_dir = ckpt_path.parent
+        if last_select is not None:
+            metrics["select_score"] = last_select
+        if at_ckpt and ctx.rank == 0:
+            with open(stage_dir / "metrics.jsonl", "a") as f:
+                f.write(_finite_json(metrics) + "\n")
+        if ctx.report:
+            ctx.report(dict(metrics), ckpt_dir)
+        t0 = time.perf_counter()
     bar.close()
     return {"checkpoint": ckpt_path, "best": best_path, "metrics": metrics, "step": step}
 
@@ -424,25 +640,34 @@ def _loss_terms(cfg: TrainConfig, model, teacher, reward_model, prep: Prepared, 
     return ctm.ractd_loss(model, teacher, reward_model, x0, cond, state, cfg.distill)  # Eq. (9)
 
 
-def _quick_eval(cfg: TrainConfig, student: ctm.Student, prep: Prepared) -> float:
-    """Mean normalized score of the one-step student on cfg.select_seeds short rollouts."""
+def _quick_eval(cfg: TrainConfig, student: ctm.Student, prep: Prepared, ctx: RunContext | None = None) -> float:
+    """Mean normalized score of the one-step student on cfg.select_seeds short rollouts (seeds 10000, ...:
+    disjoint from the evaluation seeds). With several workers each rolls out its own slice of the seeds and
+    the mean is taken over all of them (every rank gets the same number)."""
     from ractd.policy import LocomotionPolicy, MazePlanner, student_sampler
     from ractd.rollout import rollout_locomotion, rollout_maze
 
+    rank, world = (ctx.rank, ctx.world_size) if ctx else (0, 1)
+    seeds = list(range(10_000, 10_000 + cfg.select_seeds))[rank::world]
     was_training = student.training
     student.eval()
     try:
-        sampler = student_sampler(student, prep.shape_tail, n_steps=1, init_scaled=cfg.distill.init_scaled)
-        seeds = list(range(10_000, 10_000 + cfg.select_seeds))
-        if prep.task.kind == "locomotion":
-            policy = LocomotionPolicy(sampler, prep.normalizers["obs"], prep.normalizers["action"], cfg.obs_history)
-            records = rollout_locomotion(prep.task, policy, seeds, max_steps=cfg.select_max_steps, progress=False)
-        else:
-            planner = MazePlanner(sampler, prep.normalizers["obs"], prep.shape_tail[0])
-            records = rollout_maze(prep.task, planner, seeds, max_steps=cfg.select_max_steps, progress=False)
+        scores = []
+        if seeds:
+            sampler = student_sampler(student, prep.shape_tail, n_steps=1, init_scaled=cfg.distill.init_scaled)
+            if prep.task.kind == "locomotion":
+                policy = LocomotionPolicy(sampler, prep.normalizers["obs"], prep.normalizers["action"], cfg.obs_history)
+                records = rollout_locomotion(prep.task, policy, seeds, max_steps=cfg.select_max_steps, progress=False)
+            else:
+                planner = MazePlanner(sampler, prep.normalizers["obs"], prep.shape_tail[0])
+                records = rollout_maze(prep.task, planner, seeds, max_steps=cfg.select_max_steps, progress=False)
+            scores = [r["normalized_score"] for r in records]
     finally:
         student.train(was_training)
-    return float(np.mean([r["normalized_score"] for r in records]))
+    total = torch.tensor([float(np.sum(scores)), float(len(scores))], dtype=torch.float64)
+    if ctx is not None and ctx.all_reduce_sum is not None and world > 1:
+        total = ctx.all_reduce_sum(total)
+    return float(total[0] / total[1])
 
 
 @torch.no_grad()
