@@ -1,0 +1,170 @@
+"""Offline checks of the Ray cluster files (cluster.yaml, cluster-local.yaml) and where shared results go.
+
+`validate_cluster_config(path)` does what `ray up` does to a cluster file before it touches a cloud account:
+fill in the provider's defaults (`ray.autoscaler.sdk.fillout_defaults`) and validate the result against the
+autoscaler schema shipped in the Ray wheel (`ray/autoscaler/ray-schema.json`, JSON Schema draft-07: unknown
+keys are errors, node resources are non-negative integers), then the few cross-field rules `ray up` checks
+outside the schema. No network access, no AWS credentials, no Ray instance.
+
+    python -m ractd_ray.cluster validate cluster.yaml cluster-local.yaml
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+import ray.autoscaler
+from ray.autoscaler.sdk import fillout_defaults
+
+from ractd import RactdError
+
+STORAGE_ENV = "RACTD_STORAGE_PATH"
+"""Environment variable naming the shared storage for Tune and Train results (s3://bucket/prefix or a path on
+a shared file system); the cluster files set it on every node."""
+
+PLACEHOLDER = "CHANGE-ME"
+"""Marker of the values a user must edit in the cluster files before `ray up`."""
+
+
+def default_storage_path(fallback: str | os.PathLike | None = None) -> str | None:
+    """The storage_path for ray.tune/ray.train RunConfig: $RACTD_STORAGE_PATH if set (on a cluster started from
+    cluster.yaml or cluster-local.yaml), else `fallback` (a local directory is right on a single machine)."""
+    value = os.environ.get(STORAGE_ENV)
+    if value:
+        return value
+    return None if fallback is None else str(fallback)
+
+
+def schema_path() -> Path:
+    """The autoscaler's JSON schema, as shipped in the installed Ray wheel."""
+    return Path(ray.autoscaler.__file__).parent / "ray-schema.json"
+
+
+def _where(error: jsonschema.ValidationError) -> str:
+    """Dotted key path of a schema error, e.g. available_node_types.gpu_v100.resources.GPU."""
+    parts = [str(p) for p in error.absolute_path]
+    return ".".join(parts) if parts else "(top level)"
+
+
+def _load(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise RactdError(f"{path}: cannot read cluster file ({e.strerror or e})") from None
+    try:
+        cfg = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark is not None else ""
+        raise RactdError(f"{path}: not valid YAML{at}: {getattr(e, 'problem', None) or e}") from None
+    if not isinstance(cfg, dict):
+        raise RactdError(f"{path}: a cluster file must be a YAML mapping, got {type(cfg).__name__}")
+    provider = cfg.get("provider")
+    if not isinstance(provider, dict) or not isinstance(provider.get("type"), str):
+        raise RactdError(f"{path}: provider.type is missing (e.g. aws, gcp, local)")
+    return cfg
+
+
+def _check_rules(path: Path, raw: dict[str, Any], cfg: dict[str, Any]) -> None:
+    """Rules `ray up` enforces outside the schema (ray.autoscaler._private.util.validate_config and the local
+    provider's preparation), restated so that a bad file fails here rather than half-way through `ray up`."""
+    if cfg["provider"]["type"] == "local":
+        if raw.get("available_node_types") or raw.get("head_node_type"):
+            raise RactdError(f"{path}: available_node_types: not allowed with the local provider "
+                             "(Ray builds its one node type from provider.head_ip and provider.worker_ips)")
+        if "coordinator_address" not in cfg["provider"]:
+            for key in ("head_ip", "worker_ips"):
+                if key not in cfg["provider"]:
+                    raise RactdError(f"{path}: provider.{key}: required by the local provider")
+        return
+    types = cfg.get("available_node_types")
+    if not types:
+        raise RactdError(f"{path}: available_node_types: missing (one head type and the worker types)")
+    head = cfg.get("head_node_type")
+    if head not in types:
+        raise RactdError(f"{path}: head_node_type: {head!r} is not one of available_node_types "
+                         f"({', '.join(types)})")
+    total_min = sum(t.get("min_workers", 0) for t in types.values())
+    if total_min > cfg["max_workers"]:
+        raise RactdError(f"{path}: max_workers: {cfg['max_workers']} is below the sum of the node types' "
+                         f"min_workers ({total_min})")
+
+
+def validate_cluster_config(path: str | os.PathLike) -> dict[str, Any]:
+    """Load a Ray cluster file, fill in the provider's defaults and validate it against the Ray wheel's schema.
+
+    Returns the filled-in config (what `ray up` would use before contacting the cloud). Raises RactdError with
+    one line naming the file and the offending key: unknown keys, wrong types (a resource of 0.5 GPU),
+    a head_node_type that is not a node type, available_node_types on the local provider, ...
+    """
+    path = Path(path)
+    raw = _load(path)
+    try:
+        cfg = fillout_defaults(raw)
+    except NotImplementedError as e:  # an unknown provider type
+        raise RactdError(f"{path}: provider.type: {e}") from None
+    schema = json.loads(schema_path().read_text())
+    validator_cls = jsonschema.validators.validator_for(schema)
+    error = jsonschema.exceptions.best_match(validator_cls(schema).iter_errors(cfg))
+    if error is not None:
+        raise RactdError(f"{path}: {_where(error)}: {error.message}")
+    _check_rules(path, raw, cfg)
+    return cfg
+
+
+def placeholders(path: str | os.PathLike) -> list[int]:
+    """Line numbers (1-based) that still hold a CHANGE-ME value (full-line comments do not count)."""
+    lines = Path(path).read_text().splitlines()
+    return [i for i, line in enumerate(lines, 1) if PLACEHOLDER in line and not line.lstrip().startswith("#")]
+
+
+def summary(cfg: dict[str, Any]) -> str:
+    """One line per node type: instance, worker range and the resources it advertises."""
+    provider = cfg["provider"]
+    if provider["type"] == "local":
+        return (f"  local provider: head {provider.get('head_ip')}, workers {provider.get('worker_ips')} "
+                "(resources detected on each machine)")
+    rows = []
+    for name, t in cfg["available_node_types"].items():
+        if name == cfg["head_node_type"]:
+            role = "head"
+        else:
+            role = f"workers {t.get('min_workers', 0)}..{t.get('max_workers', cfg['max_workers'])}"
+        instance = t["node_config"].get("InstanceType", t["node_config"].get("machineType", "?"))
+        rows.append(f"  {name}: {instance}, {role}, resources {t['resources']}")
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m ractd_ray.cluster",
+        description="Offline checks of Ray cluster files (no cloud account or Ray instance needed).")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("validate", help="fill in Ray's defaults and validate against the autoscaler schema "
+                                        "shipped in the installed Ray wheel; exit 2 on the first invalid file")
+    p.add_argument("paths", nargs="+", metavar="CLUSTER_YAML", help="e.g. cluster.yaml cluster-local.yaml")
+    args = parser.parse_args(argv)
+    for path in args.paths:
+        try:
+            cfg = validate_cluster_config(path)
+        except RactdError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(f"{path}: valid ({cfg['provider']['type']} provider, schema {schema_path()})")
+        print(summary(cfg))
+        todo = placeholders(path)
+        if todo:
+            print(f"  edit before `ray up`: {PLACEHOLDER} on line(s) {', '.join(map(str, todo))}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,153 @@
+"""The repository's Ray cluster files pass the autoscaler schema shipped in the Ray wheel; broken copies fail it.
+
+Offline: fillout_defaults + jsonschema, no cloud account and no Ray instance. Copies go to tmp_path.
+"""
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ractd import RactdError
+from ractd_ray import cluster
+
+pytestmark = pytest.mark.ray
+
+REPO = Path(__file__).resolve().parent.parent
+CLOUD = REPO / "cluster.yaml"
+LOCAL = REPO / "cluster-local.yaml"
+
+
+def _raw(path):
+    return yaml.safe_load(path.read_text())
+
+
+def _write(tmp_path, cfg, name="copy.yaml"):
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.mark.parametrize("path", [CLOUD, LOCAL], ids=["cluster.yaml", "cluster-local.yaml"])
+def test_repository_cluster_files_validate(path):
+    cfg = cluster.validate_cluster_config(path)
+    assert cfg["cluster_name"] == _raw(path)["cluster_name"]
+
+
+def test_provider_defaults_are_filled_in(tmp_path):
+    """Keys a file leaves out come from the provider's defaults.yaml in the wheel, as `ray up` fills them."""
+    aws = cluster.validate_cluster_config(
+        _write(tmp_path, {"cluster_name": "x", "provider": {"type": "aws", "region": "us-west-2"}}, "aws.yaml"))
+    assert aws["head_node_type"] in aws["available_node_types"]
+    assert aws["max_workers"] >= 0 and aws["worker_start_ray_commands"]
+    local = cluster.validate_cluster_config(_write(
+        tmp_path, {"cluster_name": "x", "provider": {"type": "local", "head_ip": "h", "worker_ips": []}}, "l.yaml"))
+    assert any("ray start --head" in c for c in local["head_start_ray_commands"])
+
+
+def test_cli_validates_both_files(capsys):
+    assert cluster.main(["validate", str(CLOUD), str(LOCAL)]) == 0
+    out = capsys.readouterr().out
+    assert f"{CLOUD}: valid (aws provider" in out
+    assert f"{LOCAL}: valid (local provider" in out
+
+
+def test_cloud_file_shape():
+    """CPU head, autoscaling GPU workers from zero, the Ray 2.60 GPU image, the project installed, S3 storage."""
+    cfg = cluster.validate_cluster_config(CLOUD)
+    assert cfg["provider"]["type"] == "aws"
+    types = cfg["available_node_types"]
+    head = types[cfg["head_node_type"]]
+    assert head["resources"]["GPU"] == 0
+    assert head["resources"]["CPU"] >= 1
+    workers = {name: t for name, t in types.items() if name != cfg["head_node_type"]}
+    assert workers, "no worker node type"
+    for name, t in workers.items():
+        assert t["resources"]["GPU"] >= 1, name
+        assert t["min_workers"] == 0, name
+        assert t["max_workers"] >= 1, name
+        assert t["node_config"]["InstanceType"] in {"p3.2xlarge", "g5.xlarge"}, name
+    assert sum(t["max_workers"] for t in workers.values()) <= cfg["max_workers"]
+    assert cfg["docker"]["image"] == "rayproject/ray:2.60.0-py311-gpu"
+    assert any("pip install" in c and ".[ray]" in c for c in cfg["setup_commands"])
+    assert any(f"--env {cluster.STORAGE_ENV}=s3://" in o for o in cfg["docker"]["run_options"])
+
+
+def test_local_file_shape():
+    raw = _raw(LOCAL)
+    assert raw["provider"]["type"] == "local"
+    assert raw["provider"]["head_ip"] and raw["provider"]["worker_ips"]
+    assert "available_node_types" not in raw
+    starts = [c for c in raw["head_start_ray_commands"] + raw["worker_start_ray_commands"] if "ray start" in c]
+    assert len(starts) == 2
+    for command in starts:
+        assert f"{cluster.STORAGE_ENV}=/mnt/shared" in command and "RACTD_CACHE_DIR=/mnt/shared" in command
+
+
+@pytest.mark.parametrize("where", ["top", "node_type", "docker"])
+def test_unknown_key_fails(tmp_path, where):
+    cfg = _raw(CLOUD)
+    target = {"top": cfg, "node_type": cfg["available_node_types"]["gpu_v100"], "docker": cfg["docker"]}[where]
+    target["bogus_key"] = 1
+    with pytest.raises(RactdError, match=r"'bogus_key' was unexpected") as info:
+        cluster.validate_cluster_config(_write(tmp_path, cfg))
+    assert "\n" not in str(info.value)
+
+
+def test_unknown_key_in_local_file_fails(tmp_path):
+    cfg = _raw(LOCAL)
+    cfg["setup_command"] = []  # a typo of setup_commands
+    with pytest.raises(RactdError, match=r"'setup_command' was unexpected"):
+        cluster.validate_cluster_config(_write(tmp_path, cfg))
+
+
+def test_fractional_resource_fails_naming_the_key(tmp_path):
+    cfg = _raw(CLOUD)
+    cfg["available_node_types"]["gpu_v100"]["resources"]["GPU"] = 0.5
+    with pytest.raises(RactdError, match=r"available_node_types\.gpu_v100\.resources\.GPU: 0\.5 is not of type "
+                                         r"'integer'"):
+        cluster.validate_cluster_config(_write(tmp_path, cfg))
+
+
+def test_negative_resource_fails(tmp_path):
+    cfg = _raw(CLOUD)
+    cfg["available_node_types"]["head"]["resources"]["CPU"] = -1
+    with pytest.raises(RactdError, match=r"available_node_types\.head\.resources\.CPU"):
+        cluster.validate_cluster_config(_write(tmp_path, cfg))
+
+
+def test_cross_field_rules(tmp_path):
+    cfg = _raw(CLOUD)
+    bad_head = copy.deepcopy(cfg)
+    bad_head["head_node_type"] = "nope"
+    with pytest.raises(RactdError, match=r"head_node_type: 'nope' is not one of available_node_types"):
+        cluster.validate_cluster_config(_write(tmp_path, bad_head, "head.yaml"))
+    too_many = copy.deepcopy(cfg)
+    too_many["available_node_types"]["gpu_v100"]["min_workers"] = cfg["max_workers"] + 1
+    with pytest.raises(RactdError, match=r"max_workers: .* below the sum"):
+        cluster.validate_cluster_config(_write(tmp_path, too_many, "min.yaml"))
+    local = _raw(LOCAL)
+    local["available_node_types"] = copy.deepcopy(cfg["available_node_types"])
+    with pytest.raises(RactdError, match=r"available_node_types: not allowed with the local provider"):
+        cluster.validate_cluster_config(_write(tmp_path, local, "local.yaml"))
+
+
+def test_bad_input_is_one_line_exit_2(tmp_path, capsys):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("cluster_name: x\nprovider: [unclosed\n")
+    assert cluster.main(["validate", str(broken)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "not valid YAML" in err and err.count("\n") == 1
+    with pytest.raises(RactdError, match=r"provider\.type"):
+        cluster.validate_cluster_config(_write(tmp_path, {"cluster_name": "x"}, "noprov.yaml"))
+    with pytest.raises(RactdError, match=r"cannot read"):
+        cluster.validate_cluster_config(tmp_path / "missing.yaml")
+
+
+def test_default_storage_path(monkeypatch, tmp_path):
+    monkeypatch.delenv(cluster.STORAGE_ENV, raising=False)
+    assert cluster.default_storage_path() is None
+    assert cluster.default_storage_path(tmp_path) == str(tmp_path)
+    monkeypatch.setenv(cluster.STORAGE_ENV, "s3://bucket/prefix")
+    assert cluster.default_storage_path(tmp_path) == "s3://bucket/prefix"
