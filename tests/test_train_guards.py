@@ -1,0 +1,195 @@
+"""The training loop's guards: CLI defaults = dataclass defaults, EMA warm-up, config validation, non-finite
+stops, provenance of upstream checkpoints, resume rules, reports on every rank."""
+
+import dataclasses
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from ractd import RactdError, ctm
+from ractd.cli import TRAIN_COMMANDS, build_parser, eval_config, main, train_config
+from ractd.data.generate_maze import generate_maze
+from ractd.evaluate import EvalConfig
+from ractd.train import BUDGETS, RunContext, TrainConfig, ema_decay_at, ema_update, train
+
+TINY = dict(task="maze2d-umaze", scale="tiny", preset="tiny", batch=8, report_every=5)
+
+
+def _parse(argv):
+    return build_parser().parse_args(argv)
+
+
+@pytest.mark.parametrize("command", list(TRAIN_COMMANDS))
+@pytest.mark.parametrize("budget", ["cpu", "quick", "paper"])
+def test_every_training_command_defaults_equal_the_dataclass(command, budget):
+    stage = TRAIN_COMMANDS[command][0]
+    argv = [command, "--task", "hopper-medium"] + ({"cpu": [], "quick": ["--quick"], "paper": ["--paper"]}[budget])
+    expected = TrainConfig.for_stage(stage, budget, task="hopper-medium")
+    assert train_config(_parse(argv), stage) == expected
+    # and the budget table only holds fields of the dataclass
+    assert set(BUDGETS[budget][stage]) <= {f.name for f in dataclasses.fields(TrainConfig)}
+
+
+def test_evaluate_defaults_equal_the_dataclass_and_flags_reach_every_field():
+    assert eval_config(_parse(["evaluate", "--task", "maze2d-umaze"])) == EvalConfig(task="maze2d-umaze")
+    # every field of the configs has a flag, and a given flag lands in its field (nested ones too)
+    cfg = train_config(_parse(["distill", "--task", "hopper-medium", "--sigma", "0.3", "--dsm-form", "jump",
+                               "--no-init-scaled", "--distill-distance", "elementwise", "--reward-hidden", "8", "16",
+                               "--steps", "7"]), "student")
+    assert cfg.distill.sigma == 0.3 and cfg.distill.dsm_form == "jump" and not cfg.distill.init_scaled
+    assert cfg.distill.distance == "elementwise" and cfg.distance == "per_sample"
+    assert cfg.reward_hidden == (8, 16) and cfg.steps == 7 and cfg.ckpt_every == 7
+    from ractd.cli import STAGE_ONLY
+
+    for command, (stage, _) in TRAIN_COMMANDS.items():
+        dests = {a.dest for a in build_parser()._subparsers._group_actions[0].choices[command]._actions}
+        fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"stage", "distill"}
+        if stage == "student":
+            fields |= {f"distill.{f.name}" for f in dataclasses.fields(ctm.DistillConfig)}
+        fields -= {k for k, s in STAGE_ONLY.items() if s != stage}
+        assert fields <= dests, command
+
+
+def test_pipeline_distills_with_the_dataclass_dsm_form():
+    """The defect that made the first command score -11: pipeline restated dsm_form='jump' by hand."""
+    args = _parse(["pipeline", "--task", "maze2d-umaze", "--quick"])
+    cfg = train_config(args, "student")
+    assert cfg == TrainConfig.for_stage("student", "quick", task="maze2d-umaze")
+    assert cfg.distill.dsm_form == ctm.DistillConfig().dsm_form == "denoiser"
+
+
+def test_ema_warmup_is_dominated_by_trained_weights():
+    """A parameter leaves its initial value 0 for 1 at the first step and stays there: the EMA's remaining weight
+    on the initialisation is the product of the decays. With warm-up it is negligible after 100 steps; a constant
+    0.999 decay (the defect) would still hold 90% of the initialisation."""
+    model, ema = torch.nn.Linear(1, 1, bias=False), torch.nn.Linear(1, 1, bias=False)
+    ema.weight.data.zero_()
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    for k in range(1, 101):
+        ema_update(ema, model, ema_decay_at(k, 0.999, 0.75))
+    init_weight = 1.0 - float(ema.weight.detach())
+    expected = math.prod(ema_decay_at(k, 0.999, 0.75) for k in range(1, 101))
+    np.testing.assert_allclose(init_weight, expected, rtol=1e-4, atol=1e-7)
+    assert init_weight < 0.01
+    assert ema_decay_at(1, 0.999, 0.75) == 0.0 and ema_decay_at(10**7, 0.999, 0.75) == 0.999
+
+
+@pytest.mark.parametrize("field, value, words", [
+    ("batch", 0, "batch=0"), ("steps", -1, "steps=-1"), ("lr", float("nan"), "lr=nan"),
+    ("ema_decay", 1.0, "ema_decay=1.0"), ("scale", "huge", "scale='huge'"), ("rtg", "x", "rtg='x'"),
+])
+def test_bad_config_values_fail_up_front_with_one_line(field, value, words):
+    with pytest.raises(RactdError, match=words.replace("(", r"\(").replace(".", r"\.")) as e:
+        TrainConfig(**{**TINY, field: value}).resolved()
+    assert "\n" not in str(e.value)
+
+
+def test_bad_cli_values_exit_2_with_one_line(capsys):
+    for argv in (["train-teacher", "--task", "maze2d-umaze", "--batch", "0", "--quiet"],
+                 ["evaluate", "--task", "maze2d-umaze", "--seeds", "0"],
+                 ["distill", "--task", "maze2d-umaze", "--dsm-form", "nope"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error:") and "\n" not in err, err
+
+
+@pytest.fixture
+def maze_tiny():
+    generate_maze("maze2d-umaze", scale="tiny", seed=0, progress=False)
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(maze_tiny, tmp_path):
+    cfg = TrainConfig(**TINY, stage="teacher", run_dir=str(tmp_path / "r"), steps=20, ckpt_every=5)
+
+    def poison(step):  # after step 7 the weights become NaN: the next loss is non-finite
+        if step == 7:
+            with torch.no_grad():
+                next(model_params()).fill_(float("nan"))
+
+    holder = {}
+    import ractd.train as T
+
+    orig = T.BUILDERS["teacher"]
+
+    def build(cfg_, prep):
+        holder["m"] = orig(cfg_, prep)
+        return holder["m"]
+
+    def model_params():
+        return holder["m"].parameters()
+
+    T.BUILDERS["teacher"] = build
+    try:
+        with pytest.raises(RactdError, match="non-finite .* at step 8; stopped, the last good checkpoint") as e:
+            train(cfg, RunContext(progress=False, on_step=poison))
+    finally:
+        T.BUILDERS["teacher"] = orig
+    assert "\n" not in str(e.value)
+    ck = torch.load(tmp_path / "r" / "teacher" / "latest" / "checkpoint.pt", weights_only=False)
+    assert ck["step"] == 5 and all(torch.isfinite(v).all() for v in ck["model"].values())
+    best = torch.load(tmp_path / "r" / "teacher" / "best.pt", weights_only=False)
+    assert all(torch.isfinite(v).all() for v in best["model"].values())
+    for line in (tmp_path / "r" / "teacher" / "metrics.jsonl").read_text().splitlines():
+        json.loads(line, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
+
+
+def test_distillation_refuses_upstream_of_another_dataset(tmp_path):
+    generate_maze("maze2d-umaze", scale="tiny", seed=0, progress=False)
+    run = str(tmp_path / "r")
+    train(TrainConfig(**TINY, stage="teacher", run_dir=run, steps=2), RunContext(progress=False))
+    # the same task generated with another seed: same shapes, another dataset
+    generate_maze("maze2d-umaze", scale="tiny", seed=1, progress=False)
+    with pytest.raises(RactdError, match=r"teacher/best.pt was trained on dataset \w+, this run's dataset is \w+"):
+        train(TrainConfig(**TINY, stage="student", run_dir=run, steps=2), RunContext(progress=False))
+    # and resuming the teacher on the changed dataset is refused too
+    with pytest.raises(RactdError, match="trained on dataset .* the dataset now is"):
+        train(TrainConfig(**TINY, stage="teacher", run_dir=run, steps=4), RunContext(progress=False))
+
+
+def test_distillation_refuses_a_teacher_of_another_task(maze_tiny, tmp_path):
+    from ractd.data.generate_maze import generate_maze as gen
+
+    gen("maze2d-umaze", scale="tiny", seed=0, progress=False)
+    run = tmp_path / "r"
+    out = train(TrainConfig(**TINY, stage="teacher", run_dir=str(run), steps=2), RunContext(progress=False))
+    ck = torch.load(out["best"], weights_only=False)
+    ck["config"]["task"] = "maze2d-medium"  # same shapes (4-dim states), another task
+    torch.save(ck, tmp_path / "other.pt")
+    with pytest.raises(RactdError, match="trained on task maze2d-medium, this run is maze2d-umaze"):
+        train(TrainConfig(**TINY, stage="student", run_dir=str(run), steps=2, teacher_ckpt=str(tmp_path / "other.pt")),
+              RunContext(progress=False))
+
+
+def test_resume_allows_more_steps_and_another_folder(maze_tiny, tmp_path):
+    kw = dict(**TINY, stage="teacher", ckpt_every=5)
+    a = train(TrainConfig(**kw, run_dir=str(tmp_path / "a"), steps=5), RunContext(progress=False))
+    at5 = tmp_path / "at5.pt"
+    at5.write_bytes(a["checkpoint"].read_bytes())
+    # extend the same run
+    b = train(TrainConfig(**kw, run_dir=str(tmp_path / "a"), steps=10), RunContext(progress=False))
+    assert b["step"] == 10
+    # a restored run in another folder (as a restarted Ray trial): resume from the given checkpoint file
+    reports = []
+    c = train(TrainConfig(**kw, run_dir=str(tmp_path / "c"), steps=10),
+              RunContext(progress=False, resume_from=at5, report=lambda m, d: reports.append(m["step"])))
+    assert c["step"] == 10 and reports == [10]
+    with pytest.raises(RactdError, match=r"different config \(lr\)"):
+        train(TrainConfig(**{**kw, "lr": 1e-2}, run_dir=str(tmp_path / "a"), steps=12), RunContext(progress=False))
+
+
+def test_reports_on_every_rank_and_checkpoint_dir_holds_only_the_latest(maze_tiny, tmp_path):
+    """Two simulated ranks in one process (no collectives): both call report the same number of times; only
+    rank 0 gets a checkpoint folder, and it holds the latest checkpoint, not best.pt."""
+    calls = {0: [], 1: []}
+    for rank in (0, 1):
+        cfg = TrainConfig(**TINY, stage="teacher", run_dir=str(tmp_path / f"r{rank}"), steps=10, ckpt_every=5)
+        train(cfg, RunContext(progress=False, rank=rank, world_size=2,
+                              report=lambda m, d, rank=rank: calls[rank].append((m["step"], m["at_checkpoint"], d))))
+    assert [(s, c) for s, c, _ in calls[0]] == [(s, c) for s, c, _ in calls[1]] == [(5, True), (10, True)]
+    assert all(d is None for _, _, d in calls[1])
+    dirs = [d for _, _, d in calls[0]]
+    assert all(d is not None and sorted(p.name for p in d.iterdir()) == ["checkpoint.pt", "config.json"] for d in dirs)
