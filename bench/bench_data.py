@@ -1,10 +1,12 @@
-"""Data benchmark (not a test): load a 1M-transition D4RL-format file and build its windows; generate maze2d.
+"""Data benchmark (not a test): write and load a 1M-transition D4RL-format file, build its windows; maze2d.
 
     python bench/bench_data.py [--transitions 1000000] [--maze-steps 1000000] [--skip-maze]
 
 1. Writes a synthetic hopper-shaped dataset (obs 11, act 3, D4RL v2 keys, episodes ended by terminals and
-   timeouts) to a temporary folder, then, in a fresh subprocess, times load_d4rl_hdf5 + locomotion_windows
-   (c = 16, h = 1, paper gamma / penalty) + Normalizer.fit and reports the subprocess' peak RSS.
+   timeouts) to a temporary folder with write_d4rl_hdf5 (atomic: temp file object, fsyncs, rename) and, for
+   the ratios, with a plain h5py write to the path with and without fsync; then, in a fresh subprocess, times
+   load_d4rl_hdf5 + locomotion_windows (c = 16, h = 1, paper gamma / penalty) + Normalizer.fit and reports the
+   subprocess' peak RSS.
    Targets: <= 10 s, <= 2 GB.
 2. Generates maze2d-umaze with the D4RL recipe (noise on) for --maze-steps steps (paper size 1M by default)
    and reports the time; with fewer steps it extrapolates linearly to 1M and says so. Target: <= 5 min.
@@ -52,6 +54,21 @@ def synthetic_hopper(n: int, seed: int = 0) -> dict:
     }
 
 
+def plain_h5py_write(path: Path, data: dict, fsync: bool = False) -> None:
+    """The same datasets written straight to a path (no temp file): the reference for the atomic write."""
+    import os
+
+    import h5py
+
+    with h5py.File(path, "w") as f:
+        for key, value in data.items():
+            f.create_dataset(key, data=np.asarray(value), chunks=True)
+    if fsync:
+        fd = os.open(path, os.O_RDONLY)
+        os.fsync(fd)
+        os.close(fd)
+
+
 def measure(path: str) -> None:
     """Runs in a fresh process: load + windows + normalizers; prints JSON."""
     from ractd.data.d4rl import load_d4rl_hdf5
@@ -89,10 +106,22 @@ def main() -> None:
     from ractd.data.d4rl import write_d4rl_hdf5
 
     with tempfile.TemporaryDirectory() as tmp:
-        t0 = time.perf_counter()
-        path = write_d4rl_hdf5(Path(tmp) / "hopper-synthetic.hdf5", synthetic_hopper(args.transitions))
-        print(f"wrote {args.transitions} synthetic hopper transitions ({path.stat().st_size / 2**20:.0f} MiB) "
-              f"in {time.perf_counter() - t0:.1f} s")
+        data = synthetic_hopper(args.transitions)
+        t_atomic, t_plain, t_synced = [], [], []  # interleaved, best of 3: the machine is shared
+        for _ in range(3):
+            t0 = time.perf_counter()
+            path = write_d4rl_hdf5(Path(tmp) / "hopper-synthetic.hdf5", data)
+            t_atomic.append(time.perf_counter() - t0)
+            for times, sync in ((t_plain, False), (t_synced, True)):
+                t0 = time.perf_counter()
+                plain_h5py_write(Path(tmp) / "plain.hdf5", data, fsync=sync)
+                times.append(time.perf_counter() - t0)
+                (Path(tmp) / "plain.hdf5").unlink()
+        del data
+        a, p, s = min(t_atomic), min(t_plain), min(t_synced)
+        print(f"wrote {args.transitions} synthetic hopper transitions ({path.stat().st_size / 2**20:.0f} MiB), "
+              f"best of 3: atomic write_d4rl_hdf5 {a:.2f} s; plain h5py.File(path) {p:.2f} s (ratio {a / p:.2f}); "
+              f"plain + fsync {s:.2f} s (ratio {a / s:.2f})")
         out = subprocess.run([sys.executable, __file__, "--measure", str(path)], capture_output=True, text=True,
                              check=True)
         r = json.loads(out.stdout.strip().splitlines()[-1])

@@ -1,7 +1,8 @@
 """ractd: Reward-Aware Consistency Trajectory Distillation for offline RL.
 
-The library imports torch, numpy, gymnasium and h5py, never Ray (Ray lives in tune/, eval/ and
-ractd/distributed.py).
+The library imports torch, numpy, gymnasium and h5py, never Ray: the Ray glue (distributed
+training, hyperparameter search, the evaluation pool) is the separate package ractd_ray/, with thin
+command-line scripts over it in tune/ and eval/.
 """
 
 __version__ = "0.1.0"

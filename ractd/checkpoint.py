@@ -1,59 +1,40 @@
 """Checkpoints: model, EMA, optimizer, scheduler, normalizers, RNG state and the resolved config, together.
 
-One file per checkpoint (torch.save of a dict), written atomically (temp file in the same folder, then
-os.replace), with the resolved config also saved as config.json beside it.
+One file per checkpoint (torch.save of a dict), written atomically (ractd.io: temp file in the same folder,
+fsync, os.replace, fsync of the folder), with the resolved config also saved as config.json beside it.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
+import shutil
 from pathlib import Path
 
 import torch
 
 from ractd import RactdError
-
-
-def atomic_write_bytes(path: Path, write) -> Path:
-    """Call write(file_object) on a temp file next to `path`, then rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+from ractd.io import atomic_torch_save, atomic_write, atomic_write_json
 
 
 def save_checkpoint(path: Path, payload: dict) -> Path:
     """Write payload (must contain "config": dict) atomically to path, and config.json beside it."""
-    atomic_write_bytes(path, lambda f: torch.save(payload, f))
-    text = json.dumps(payload["config"], indent=2, sort_keys=True).encode()
-    atomic_write_bytes(Path(path).parent / "config.json", lambda f: f.write(text))
+    atomic_torch_save(path, payload)
+    atomic_write_json(Path(path).parent / "config.json", payload["config"], indent=2, sort_keys=True)
     return Path(path)
 
 
 def copy_checkpoint(src: Path, dst: Path) -> Path:
     """Atomically copy a written checkpoint file (e.g. latest -> best) without serializing it again."""
-    import shutil
-
     with open(src, "rb") as f:
-        return atomic_write_bytes(dst, lambda out: shutil.copyfileobj(f, out, 1 << 24))
+        return atomic_write(dst, lambda out: shutil.copyfileobj(f, out, 1 << 24))
 
 
 def load_checkpoint(path: Path) -> dict:
+    """Read a checkpoint written by save_checkpoint (on CPU); a missing or unreadable file is a RactdError."""
     path = Path(path)
     if not path.is_file():
         raise RactdError(f"checkpoint not found: {path}")
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # corrupt or foreign file
-        raise RactdError(f"cannot read checkpoint {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise RactdError(f"cannot read checkpoint {path}: {reason}") from None

@@ -5,11 +5,11 @@ conditioning, `generators` a list of B torch.Generators (one per row) and x_0 (B
 units, clamped to [-1, 1]. Every random number of row b (its starting noise x_T and any re-noising of
 multi-step / ancestral samplers) is drawn from generators[b] alone, with a per-row `torch.randn(shape_tail,
 generator=g)`, so a row's sample does not depend on which other rows share the batch (up to float rounding of
-batched matmuls/convolutions, which may differ in the last bits between batch sizes). The builders wrap the
-library samplers (edm.sample_heun / sample_euler, ddpm.sample_ddim, ctm.sample_student); the two samplers
-with noise inside the loop (DDPM ancestral, multi-step student) are re-stated here with per-row noise, and
-tests/test_policy.py checks them against ddpm.sample_ddpm / ctm.sample_student at batch 1 with the same
-generator.
+batched matmuls/convolutions, which may differ in the last bits between batch sizes). The builders call the
+library samplers (edm.sample_heun / sample_euler, ddpm.sample_ddpm / sample_ddim, ctm.sample_student); the
+ones with noise inside the loop (DDPM ancestral, multi-step student) get the per-row noise through their
+`noise` hook; tests/test_policy.py checks the Heun, DDPM and multi-step student builders against the library
+functions at batch 1 with the same generator.
 
 Starting noise of the EDM-family samplers (teacher Heun/Euler, student): `init_scaled=True` draws
 x_T ~ N(0, sigma_max^2 I), the marginal the probability-flow ODE assumes; `init_scaled=False` draws
@@ -29,7 +29,7 @@ provide start = first state and goal = last state of each window: `maze_windows(
 `["goal"]`), then track it with a = (wp_xy - xy) + (wp_vel - vel) toward waypoint t + 1, clipped to the
 action space [-1, 1]. After the plan ends the waypoint is the last planned state with zero velocity (as
 Diffuser's maze2d evaluation does). Everything here is in D4RL maze2d coordinates; the rollout converts
-to and from PointMaze's frame (ractd.data.generate_maze).
+to and from PointMaze's frame (ractd.maze).
 """
 
 from __future__ import annotations

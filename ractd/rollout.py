@@ -29,30 +29,28 @@ Maze2d protocol (D4RL maze2d-sparse, Diffuser's evaluation), all decisions here:
     coordinates, drawn from np.random.default_rng(seed), written into PointMaze's MuJoCo state after
     env.reset(seed, options={goal_cell, reset_cell}) (PointMaze's own reset noise is +-0.25 and zero
     velocity, so its start is overwritten).
-  * goal and reward: D4RL's fixed evaluation goal (generate_maze.eval_goal, D4RL coordinates); reward 1 when
+  * goal and reward: D4RL's fixed evaluation goal (ractd.maze.eval_goal, D4RL coordinates); reward 1 when
     the position after the step is within 0.5 of it (D4RL's sparse reward; PointMaze's own reward uses
     0.45 around its noisy goal and is ignored).
   * coordinates: observations are converted from PointMaze to D4RL coordinates and actions back with
-    generate_maze.pointmaze_to_d4rl / d4rl_to_pointmaze (the one place for the convention).
+    ractd.maze.pointmaze_to_d4rl / d4rl_to_pointmaze (the one place for the convention).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import os
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ractd.io import atomic_write
+from ractd.maze import REWARD_RADIUS, d4rl_to_pointmaze, eval_goal, maze_map, pointmaze_to_d4rl
 from ractd.tasks import Task, get_task
 
 log = logging.getLogger(__name__)
-
-REWARD_RADIUS = 0.5  # D4RL maze2d sparse reward: 1 within 0.5 of the goal
 
 
 def _task(task: Task | str) -> Task:
@@ -153,8 +151,6 @@ def maze_sparse_reward(pos_xy: np.ndarray, goal_xy: np.ndarray) -> np.ndarray:
 
 def env_obs_to_d4rl(obs_pm: np.ndarray, maze_shape: tuple[int, int]) -> np.ndarray:
     """PointMaze observation [x, y, vx, vy] (..., 4) -> D4RL maze2d coordinates (..., 4) float64."""
-    from ractd.data.generate_maze import pointmaze_to_d4rl
-
     obs_pm = np.asarray(obs_pm, np.float64)
     return np.concatenate([pointmaze_to_d4rl(obs_pm[..., :2], maze_shape),
                            pointmaze_to_d4rl(obs_pm[..., 2:], maze_shape, vector=True)], axis=-1)
@@ -162,8 +158,6 @@ def env_obs_to_d4rl(obs_pm: np.ndarray, maze_shape: tuple[int, int]) -> np.ndarr
 
 def maze_reset(env, task: Task, seed: int, grid: np.ndarray) -> np.ndarray:
     """Reset a PointMaze env D4RL-style for `seed` (see module doc); returns the start obs (4,), D4RL frame."""
-    from ractd.data.generate_maze import d4rl_to_pointmaze
-
     rng = np.random.default_rng(int(seed))
     free = np.argwhere(grid == 0)
     cell = free[rng.integers(len(free))]
@@ -180,8 +174,6 @@ def rollout_maze(task: Task | str, planner, seeds: list[int], max_steps: int | N
     """Plan once per seed (one batched planner call), then track the plans open loop for max_steps steps
     (default task.max_episode_steps). planner: a ractd.policy.MazePlanner. One record per seed."""
     from tqdm import tqdm
-
-    from ractd.data.generate_maze import d4rl_to_pointmaze, eval_goal, maze_map
 
     task = _task(task)
     if task.kind != "maze":
@@ -243,21 +235,12 @@ def summarize(records: list[dict]) -> dict:
 
 
 def save_records(records: list[dict], path) -> Path:
-    """Write records (flat dicts with one schema) as Parquet, atomically (temp file + os.replace)."""
+    """Write records (flat dicts with one schema) as Parquet, atomically (ractd.io.atomic_write)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     table = pa.Table.from_pylist(list(records))
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    path = atomic_write(path, lambda f: pq.write_table(table, f))
     log.info("wrote %d records to %s", len(records), path)
     return path
 

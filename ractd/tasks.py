@@ -14,6 +14,10 @@ from typing import Literal
 
 from ractd import RactdError
 
+# Dataset generation scales (ractd.data.generate_maze / generate_locomotion, the --scale flags): tiny for tests,
+# small for CPU runs, full = the size of D4RL's release.
+SCALES = ("tiny", "small", "full")
+
 D4RL_GYM_URL = "http://rail.eecs.berkeley.edu/datasets/offline_rl/gym_mujoco_v2/{env}_{split}-v2.hdf5"
 D4RL_MAZE_URL = "http://rail.eecs.berkeley.edu/datasets/offline_rl/maze2d/maze2d-{size}-sparse-v1.hdf5"
 
@@ -45,7 +49,7 @@ class Task:
     max_episode_steps: evaluation episode length.
     dataset_size: transitions in D4RL's release (the "full" generation scale).
     goal_cell: maze only, the (row, col) cell of D4RL's fixed evaluation goal ('G' in D4RL's maze string);
-        in D4RL maze2d coordinates the goal is at exactly (row, col) (see ractd.data.generate_maze).
+        in D4RL maze2d coordinates the goal is at exactly (row, col) (see ractd.maze).
     """
 
     name: str

@@ -59,3 +59,29 @@ def test_help():
     for args in [("--help",), ("generate", "--help"), ("info", "--help"), ("export", "--help")]:
         r = run(*args)
         assert r.returncode == 0 and "usage" in r.stdout
+
+
+def test_scales_come_from_one_place():
+    """tiny|small|full is declared in ractd.tasks.SCALES only; the CLI, the maze sizes and the locomotion
+    recipes all cover exactly those names."""
+    from ractd.data import generate_locomotion
+    from ractd.data.__main__ import build_parser
+    from ractd.data.generate_maze import scale_steps
+    from ractd.tasks import SCALES, get_task
+
+    choices = {}
+    for name, sub in build_parser()._subparsers._group_actions[0].choices.items():
+        for a in sub._actions:
+            if "--scale" in a.option_strings:
+                choices[name] = tuple(a.choices)
+    assert choices and all(c == SCALES for c in choices.values()), choices
+    umaze = get_task("maze2d-umaze")
+    assert [scale_steps(umaze, s) for s in SCALES] == [5_000, 100_000, 1_000_000]
+    assert tuple(generate_locomotion.RECIPES) == SCALES  # (imports without the optional SB3 extra too)
+    import ast
+
+    assigned = [str(p.relative_to(Path(ractd.__file__).parent)) for p in Path(ractd.__file__).parent.rglob("*.py")
+                for node in ast.walk(ast.parse(p.read_text())) if isinstance(node, (ast.Assign, ast.AnnAssign))
+                for t in (node.targets if isinstance(node, ast.Assign) else [node.target])
+                if isinstance(t, ast.Name) and t.id == "SCALES"]
+    assert assigned == ["tasks.py"], assigned

@@ -6,9 +6,8 @@ import numpy as np
 import pytest
 
 from ractd.data.d4rl import load_d4rl_hdf5
-from ractd.data.generate_maze import (
-    d4rl_to_pointmaze, generate_maze, generate_maze_arrays, maze_map, pointmaze_to_d4rl,
-)
+from ractd.data.generate_maze import generate_maze, generate_maze_arrays
+from ractd.maze import d4rl_to_pointmaze, maze_map, pointmaze_to_d4rl
 from ractd.tasks import get_task
 
 gym.register_envs(gymnasium_robotics)

@@ -7,8 +7,9 @@ import pytest
 from minari.data_collector import EpisodeBuffer
 
 from ractd import RactdError
-from ractd.data.generate_maze import d4rl_to_pointmaze, generate_maze_arrays, maze_map
+from ractd.data.generate_maze import generate_maze_arrays
 from ractd.data.minari_io import export_minari, load_minari
+from ractd.maze import d4rl_to_pointmaze, maze_map
 from ractd.tasks import get_task
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning:minari")

@@ -77,19 +77,19 @@ def test_medium_replay_schema_and_metadata(hopper_mr):
     _, path = hopper_mr
     data = load_d4rl_hdf5(path, kind="locomotion")
     n = len(data["rewards"])
-    assert n == gl.SCALES["tiny"].medium_max_steps  # tiny never reaches the threshold: forced medium
+    assert n == gl.RECIPES["tiny"].medium_max_steps  # tiny never reaches the threshold: forced medium
     assert data["observations"].shape == (n, 11) and data["next_observations"].shape == (n, 11)
     assert data["actions"].shape == (n, 3) and data["infos/action_log_probs"].shape == (n,)
     assert data["infos/qpos"].shape == (n, 6) and data["infos/qvel"].shape == (n, 6)
     assert data["terminals"].dtype == bool and data["timeouts"].dtype == bool
     meta = read_metadata(path)
     assert meta["split"] == "medium-replay" and meta["scale"] == "tiny" and meta["seed"] == 0
-    assert meta["medium_reached"] == 0 and meta["medium_policy_step"] == gl.SCALES["tiny"].medium_max_steps
+    assert meta["medium_reached"] == 0 and meta["medium_policy_step"] == gl.RECIPES["tiny"].medium_max_steps
     assert "stable_baselines3" in meta["versions_json"] and "recipe_json" in meta
     assert meta["n_episodes"] == len(_episode_slices(data))
     np.testing.assert_allclose(meta["return_max"], gl.episode_returns(data).max())
     # warm-up actions are uniform: their log-density is -act_dim * log 2
-    warm = gl.SCALES["tiny"].learning_starts
+    warm = gl.RECIPES["tiny"].learning_starts
     np.testing.assert_allclose(data["infos/action_log_probs"][:warm], -3 * np.log(2.0), rtol=1e-6)
     assert np.all(np.abs(data["actions"]) <= 1.0)
 
@@ -122,9 +122,9 @@ def test_policies_are_reused_across_tasks(hopper_mr, monkeypatch):
     monkeypatch.setattr(gl._Trainer, "run", no_training)
     path = _generate(tmp, get_task("hopper-medium"))
     data = load_d4rl_hdf5(path)
-    assert len(data["rewards"]) == gl.SCALES["tiny"].rollout_size
+    assert len(data["rewards"]) == gl.RECIPES["tiny"].rollout_size
     meta = read_metadata(path)
-    assert meta["split"] == "medium" and meta["medium_policy_step"] == gl.SCALES["tiny"].medium_max_steps
+    assert meta["split"] == "medium" and meta["medium_policy_step"] == gl.RECIPES["tiny"].medium_max_steps
     _assert_matches_env(data, HOPPER_MR, meta)
 
 
@@ -161,8 +161,8 @@ def test_interrupted_training_resumes_bit_identically(hopper_mr, tmp_path, monke
         torch.testing.assert_close(crashed[k], straight[k], rtol=0, atol=0)
         torch.testing.assert_close(resumed_from_medium[k], straight[k], rtol=0, atol=0)
     data = load_d4rl_hdf5(out)
-    assert len(data["rewards"]) == 2 * gl.SCALES["tiny"].rollout_size
-    assert read_metadata(out)["expert_policy_step"] == gl.SCALES["tiny"].total_steps
+    assert len(data["rewards"]) == 2 * gl.RECIPES["tiny"].rollout_size
+    assert read_metadata(out)["expert_policy_step"] == gl.RECIPES["tiny"].total_steps
 
 
 def test_halfcheetah_timeouts_at_time_limit(tmp_path):
@@ -171,7 +171,7 @@ def test_halfcheetah_timeouts_at_time_limit(tmp_path):
     path = _generate(tmp_path, task)
     data = load_d4rl_hdf5(path)
     meta = read_metadata(path)
-    n = gl.SCALES["tiny"].rollout_size
+    n = gl.RECIPES["tiny"].rollout_size
     assert len(data["rewards"]) == n
     np.testing.assert_array_equal(data["terminals"], False)
     np.testing.assert_array_equal(np.flatnonzero(data["timeouts"]), np.arange(999, n, 1000))

@@ -10,9 +10,8 @@ from torch import nn
 
 from ractd import ctm, rollout
 from ractd.config import UNET_PRESETS
-from ractd.data.generate_maze import (bfs_next_cell, d4rl_to_pointmaze, eval_goal, maze_map,
-                                      pointmaze_to_d4rl)
 from ractd.data.windows import Normalizer
+from ractd.maze import bfs_next_cell, d4rl_to_pointmaze, eval_goal, maze_map, pointmaze_to_d4rl
 from ractd.nets.unet1d import ConditionalUnet1D
 from ractd.policy import LocomotionPolicy, MazePlanner, student_sampler
 from ractd.tasks import get_task
@@ -230,8 +229,7 @@ def test_save_records_is_atomic(tmp_path, monkeypatch):
     rollout.save_records(_records()[:1], path)
 
     def broken(table, where, **kw):
-        with open(where, "wb") as f:
-            f.write(b"partial")
+        where.write(b"partial")  # save_records hands pyarrow the open temporary file
         raise OSError("disk full")
 
     monkeypatch.setattr(pq, "write_table", broken)

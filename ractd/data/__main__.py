@@ -18,8 +18,9 @@ from pathlib import Path
 import numpy as np
 
 from ractd import RactdError
-
-SCALES = ("tiny", "small", "full")
+from ractd.data.d4rl import SOURCES
+from ractd.maze import REWARD_RADIUS
+from ractd.tasks import SCALES
 
 
 class _Parser(argparse.ArgumentParser):
@@ -106,7 +107,8 @@ def _info(args) -> int:
     if "infos/goal" in data:
         last = ends - 1
         gap = np.linalg.norm(obs[last, :2] - data["infos/goal"][last], axis=-1)
-        print(f"goals        {int((gap <= 0.5).sum())}/{len(last)} episodes end within 0.5 of their goal")
+        print(f"goals        {int((gap <= REWARD_RADIUS).sum())}/{len(last)} episodes end within {REWARD_RADIUS} "
+              f"of their goal")
     meta = {k[len('metadata/'):]: v for k, v in data.items() if k.startswith("metadata/")}
     if meta:
         print("metadata     " + ", ".join(f"{k}={v}" for k, v in sorted(meta.items()))[:400])
@@ -155,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=_generate)
 
     def add_source(sp):
-        sp.add_argument("--source", choices=("auto", "d4rl", "local", "minari"), default="auto",
+        sp.add_argument("--source", choices=SOURCES, default="auto",
                         help="where a TASK's data comes from (default auto: d4rl cache, else local file)")
         sp.add_argument("--scale", choices=SCALES, default="small", help="scale of a local dataset (default small)")
 

@@ -10,13 +10,12 @@ carry the slashes ("infos/qpos", "metadata/algorithm").
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from ractd import RactdError
+from ractd.io import atomic_write
 from ractd.paths import d4rl_dir, datasets_dir
 
 log = logging.getLogger(__name__)
@@ -26,21 +25,18 @@ def write_d4rl_hdf5(path, data: dict[str, np.ndarray], metadata: dict | None = N
     """Write `data` (flat keys with slashes, arrays with a shared first dim N) as D4RL HDF5.
 
     metadata values (str / int / float / bool / list) go under "metadata/<key>"; keys of `data` that already
-    start with "metadata/" are written as they are. Atomic: written to a temporary file in the same folder,
-    then os.replace'd onto `path`. Returns the path.
+    start with "metadata/" are written as they are. Written atomically (ractd.io.atomic_write). Returns the path.
     """
     import h5py
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     items = dict(data)
     for k, v in (metadata or {}).items():
         if v is not None:  # HDF5 has no null; an absent key reads back as absent
             items[f"metadata/{k}"] = v
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        with h5py.File(tmp, "w") as f:
+
+    def write(fileobj):
+        with h5py.File(fileobj, "w") as f:
             for key, value in items.items():
                 if key.startswith("metadata/"):
                     if isinstance(value, str):
@@ -53,10 +49,8 @@ def write_d4rl_hdf5(path, data: dict[str, np.ndarray], metadata: dict | None = N
                     arr = np.asarray(value)
                     kw = {"compression": None} if arr.ndim == 0 else {"chunks": True}
                     f.create_dataset(key, data=arr, **kw)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    atomic_write(path, write)
     log.info("wrote %s (%d keys)", path, len(items))
     return path
 
@@ -195,10 +189,11 @@ def _kind(task) -> str:
 
 
 def download_d4rl(task, force: bool = False, timeout: float = 30.0) -> Path:
-    """Download the task's D4RL HDF5 file into d4rl's cache (temporary file, then rename); returns its path.
+    """Download the task's D4RL HDF5 file into d4rl's cache (ractd.io.atomic_write); returns its path.
 
-    An existing file is reused unless force. On any network failure: a RactdError saying where to put the
-    file by hand and how to generate a local dataset instead.
+    An existing file is reused unless force. The download is validated before it takes the cache name. On any
+    network failure: a RactdError saying where to put the file by hand and how to generate a local dataset
+    instead.
     """
     import urllib.error
     import urllib.request
@@ -209,26 +204,24 @@ def download_d4rl(task, force: bool = False, timeout: float = 30.0) -> Path:
     path = d4rl_cache_path(task)
     if path.is_file() and not force:
         return path
-    path.parent.mkdir(parents=True, exist_ok=True)
     hint = (f"download {task.d4rl_url} by hand to {path} (d4rl's cache, $D4RL_DATASET_DIR), or generate a local "
             f"dataset: python -m ractd.data generate {task.name}")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(task.d4rl_url, timeout=timeout) as resp:
+
+    def fetch(out):
+        with urllib.request.urlopen(task.d4rl_url, timeout=timeout) as resp:
             total = int(resp.headers.get("Content-Length") or 0) or None
             with tqdm(total=total, unit="B", unit_scale=True, desc=path.name) as bar:
                 while chunk := resp.read(1 << 20):
                     out.write(chunk)
                     bar.update(len(chunk))
-        load_d4rl_hdf5(tmp, kind=_kind(task))  # validate before it takes the cache name
-        os.replace(tmp, path)
+        out.flush()
+        load_d4rl_hdf5(out.name, kind=_kind(task))  # validate before it takes the cache name
+
+    try:
+        atomic_write(path, fetch)
     except (urllib.error.URLError, OSError, TimeoutError) as e:
-        Path(tmp).unlink(missing_ok=True)
         reason = getattr(e, "reason", None) or _first_line(e)
         raise RactdError(f"cannot download {task.name} ({reason}); {hint}") from None
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     log.info("downloaded %s", path)
     return path
 

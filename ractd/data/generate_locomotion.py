@@ -25,11 +25,11 @@ small, and its data is not a replay buffer of the D4RL kind. SAC reaches hopper'
 with ~6 other busy processes; 65k replay transitions, episode returns 3.5 / 41 / 2292 (min / median / max). The
 expert is the policy at the 150k-step end.
 
-Scales (`SCALES`): tiny = 1500 SAC steps with 32x32 nets (tests; medium is forced at a fixed step because
-no threshold is reachable), small = 150k SAC steps, 100k transitions per rollout dataset, full = 1M SAC steps
-with 256x256 nets and D4RL's dataset sizes (task.dataset_size; medium-expert = two halves of that). The expert of
-"small" is whatever 150k steps reach; the metadata records the actual returns. The medium-replay size is what the
-agent saw until medium (D4RL's sizes for it are not a recipe parameter).
+Scales (ractd.tasks.SCALES, one `RECIPES` entry each): tiny = 1500 SAC steps with 32x32 nets (tests; medium is
+forced at a fixed step because no threshold is reachable), small = 150k SAC steps, 100k transitions per rollout
+dataset, full = 1M SAC steps with 256x256 nets and D4RL's dataset sizes (task.dataset_size; medium-expert = two
+halves of that). The expert of "small" is whatever 150k steps reach; the metadata records the actual returns. The
+medium-replay size is what the agent saw until medium (D4RL's sizes for it are not a recipe parameter).
 
 Cache (per env, scale and seed, shared by all tasks of that env): ractd.paths.cache_dir()/"behavior"/<env_id>/
 <scale>-seed<seed>-<recipe hash>/ holds random.pt, medium.pt, expert.pt (policy state_dicts), replay.npz (the
@@ -61,7 +61,6 @@ import os
 import pickle
 import platform
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +72,8 @@ from tqdm.auto import tqdm
 import ractd
 from ractd import RactdError
 from ractd.paths import cache_dir
-from ractd.tasks import Task, get_task
+from ractd.io import atomic_npz, atomic_torch_save, atomic_write, atomic_write_json
+from ractd.tasks import SCALES, Task, get_task
 
 try:  # optional extra "locomotion"
     import stable_baselines3 as sb3
@@ -126,7 +126,7 @@ class Recipe:
         return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:8]
 
 
-SCALES: dict[str, Recipe] = {
+RECIPES: dict[str, Recipe] = {  # keys: ractd.tasks.SCALES
     "tiny": Recipe(total_steps=1500, learning_starts=500, batch_size=64, net_arch=(32, 32), eval_every=500,
                    eval_episodes=1, medium_max_steps=1000, rollout_size=2000, rollout_envs=2),
     "small": Recipe(total_steps=150_000, learning_starts=10_000, batch_size=256, net_arch=(128, 128),
@@ -143,7 +143,7 @@ def generate_locomotion(task: Task, scale: str = "small", seed: int = 0, out: Pa
     """Generate `task`'s dataset (D4RL HDF5) from cached or freshly trained SAC behavior policies.
 
     task: a locomotion Task; its split (medium / medium-replay / medium-expert, or random / expert from
-    `locomotion_task`) picks the recipe. scale: "tiny" | "small" | "full" (see SCALES). out: default
+    `locomotion_task`) picks the recipe. scale: "tiny" | "small" | "full" (see RECIPES). out: default
     ractd.data.d4rl.local_dataset_path(task, scale). Returns the written path (atomic write).
 
     File: observations / next_observations (N, obs_dim) float32, actions (N, act_dim) float32, rewards (N,)
@@ -260,7 +260,7 @@ class BehaviorCache:
             with _one_torch_thread():
                 data = record_rollouts(actor, self.env_id, n_transitions=n, seed=(self.seed, tag),
                                        n_envs=self.recipe.rollout_envs, desc=f"{self.env_id} {which} rollouts")
-            _atomic_npz(path, data)
+            _npz(path, data)
         with np.load(path) as z:
             return {k.replace("__", "/"): z[k] for k in z.files}
 
@@ -409,7 +409,7 @@ class _Trainer:
                         learning_starts=r.learning_starts, batch_size=r.batch_size, tau=r.tau, gamma=r.gamma,
                         train_freq=1, gradient_steps=1, policy_kwargs={"net_arch": list(r.net_arch)},
                         seed=c.seed, device="cpu", verbose=0)
-            _atomic_torch_save(model.policy.state_dict(), c.policy_path("random"))
+            atomic_torch_save(c.policy_path("random"), model.policy.state_dict())
             ret = self._evaluate(model)
             state = {"history": [[0, ret]], "medium": None, "random": {"step": 0, "eval_return": ret},
                      "rows": None}
@@ -442,11 +442,11 @@ class _Trainer:
                     self._save_medium(model, recorder, state)
                 state["rows"] = recorder.arrays() if recorder.recording else None
                 _save_checkpoint(ckpt_path, model, venv, state)
-                _atomic_json(c.dir / "evals.json", _public_evals(state))
+                atomic_write_json(c.dir / "evals.json", _public_evals(state), indent=1)
             if state["medium"] is not None and not c.policy_path("expert").is_file():
                 state["expert"] = {"step": model.num_timesteps, "eval_return": state["history"][-1][1]}
-                _atomic_json(c.dir / "evals.json", _public_evals(state))
-                _atomic_torch_save(model.policy.state_dict(), c.policy_path("expert"))
+                atomic_write_json(c.dir / "evals.json", _public_evals(state), indent=1)
+                atomic_torch_save(c.policy_path("expert"), model.policy.state_dict())
                 log.info("%s: expert saved (step %d, eval return %.1f)", c.key, model.num_timesteps,
                          state["expert"]["eval_return"])
         finally:
@@ -460,8 +460,8 @@ class _Trainer:
         if cut:  # medium arrived mid-episode: the replay data ends with a cut episode
             data["timeouts"][-1] = True
         state["medium"]["replay_cut_last_episode"] = cut
-        _atomic_npz(c.dir / "replay.npz", data)
-        _atomic_torch_save(model.policy.state_dict(), c.policy_path("medium"))
+        _npz(c.dir / "replay.npz", data)
+        atomic_torch_save(c.policy_path("medium"), model.policy.state_dict())
         recorder.recording = False
         recorder.rows = _Columns()
         log.info("%s: medium saved (step %d, eval return %.1f, %d replay transitions)", c.key,
@@ -491,7 +491,7 @@ def _require_sb3() -> None:
 
 def _recipe(scale: str) -> Recipe:
     try:
-        return SCALES[scale]
+        return RECIPES[scale]
     except KeyError:
         raise RactdError(f"unknown scale {scale!r}; expected one of {', '.join(SCALES)}") from None
 
@@ -556,7 +556,7 @@ def _save_checkpoint(path: Path, model, venv, state: dict) -> None:
     model.save(buf)
     blob = {"model": buf.getvalue(), "replay_buffer": model.replay_buffer, "env": _env_state(venv),
             "rng": _rng_state(model), "state": state}
-    _atomic_write(path, pickle.dumps(blob, protocol=pickle.HIGHEST_PROTOCOL))
+    atomic_write(path, pickle.dumps(blob, protocol=pickle.HIGHEST_PROTOCOL))
 
 
 def _load_checkpoint(path: Path, venv):
@@ -720,39 +720,9 @@ def _is_cut(data: dict, task: Task) -> bool:
                 and len(data["rewards"]) - start != task.max_episode_steps)
 
 
-# ------------------------------------------------------------------------------------------------ atomic files
+# ------------------------------------------------------------------------------------------------ files
 
 
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-
-
-def _atomic_write(path: Path, payload: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give cache files the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _atomic_npz(path: Path, data: dict[str, np.ndarray]) -> None:
-    buf = io.BytesIO()
-    np.savez(buf, **{k.replace("/", "__"): v for k, v in data.items()})
-    _atomic_write(path, buf.getvalue())
-
-
-def _atomic_torch_save(obj, path: Path) -> None:
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    _atomic_write(path, buf.getvalue())
-
-
-def _atomic_json(path: Path, obj) -> None:
-    _atomic_write(path, json.dumps(obj, indent=1, sort_keys=True).encode())
+def _npz(path: Path, data: dict[str, np.ndarray]) -> None:
+    """A flat D4RL dict as .npz, atomically; "/" in keys becomes "__" (read back with the reverse)."""
+    atomic_npz(path, {k.replace("/", "__"): v for k, v in data.items()})

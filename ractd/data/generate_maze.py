@@ -16,31 +16,25 @@ Output, D4RL maze2d format, all in D4RL coordinates (below), N steps:
     infos/goal (N, 2), infos/qpos (N, 2), infos/qvel (N, 2) float32
     metadata/*: task, seed, noise, env_id, eval_goal (D4RL coords), coordinates="d4rl", goals_reached, ...
 
-Coordinates. D4RL's maze2d model puts the point body at world (1.2, 1.2) and the wall of cell (row i, col j)
-at world (i + 1, j + 1), so a D4RL position (x, y) = qpos lies in cell (round(x + 0.2), round(y + 0.2)), and the
-goal / reset locations D4RL samples are the integer points (i, j) (0.2 off the cell centre, as in D4RL).
-PointMaze v3 centres the maze, puts column j along +x and row i along -y: cell (i, j) is centred at
-(j + 0.5 - W/2, L/2 - i - 0.5) for a map of L rows and W columns. The only conversion between the two frames
-is the pair `d4rl_to_pointmaze` / `pointmaze_to_d4rl` below (positions shift, vectors — velocities, actions —
-only rotate); everything else in this project works in D4RL coordinates.
+Coordinates: D4RL maze2d coordinates throughout; the MuJoCo state lives in PointMaze v3 coordinates and is
+converted with ractd.maze.d4rl_to_pointmaze / pointmaze_to_d4rl (the convention is described there).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections import deque
 from pathlib import Path
 
 import numpy as np
 
 from ractd import RactdError
-from ractd.tasks import Task, get_task
+from ractd.data.d4rl import local_dataset_path, write_d4rl_hdf5
+from ractd.maze import D4RL_CELL_OFFSET, REWARD_RADIUS, bfs_next_cell, d4rl_to_pointmaze, eval_goal, maze_map
+from ractd.tasks import SCALES, Task, get_task
 
 log = logging.getLogger(__name__)
 
-# D4RL geometry: point body at world (1.2, 1.2), wall of cell (i, j) centred at world (i + 1, j + 1).
-D4RL_CELL_OFFSET = 0.2
 # Controller and goal constants of the D4RL recipe.
 P_GAIN = 10.0
 D_GAIN = -1.0
@@ -48,80 +42,9 @@ ACTION_NOISE_STD = 0.5
 GOAL_POS_THRESHOLD = 0.1  # "reached": within 0.1 of the goal ...
 GOAL_VEL_THRESHOLD = 0.1  # ... and slower than 0.1 (so segments end at rest, as the planner's goal assumes)
 WAYPOINT_RADIUS = 0.3  # advance to the next cell on the path once within this distance of a cell centre
-REWARD_RADIUS = 0.5  # sparse reward: 1 within 0.5 of the goal
 VELOCITY_CLIP = 5.0  # PointMaze (and D4RL) clip qvel to [-5, 5] before each step
-SCALES = ("tiny", "small", "full")
 TINY_STEPS = 5_000
 SMALL_FRACTION = 0.1
-
-
-def d4rl_to_pointmaze(x, maze_shape: tuple[int, int], vector: bool = False):
-    """Map D4RL maze2d coordinates to PointMaze v3 coordinates.
-
-    x: array (..., 2) of positions (vector=False) or of velocities / actions / displacements (vector=True).
-    maze_shape: (L rows, W columns) of the maze map. Positions: x_pm = y + 0.2 + 0.5 - W/2,
-    y_pm = L/2 - 0.5 - (x + 0.2); vectors: (vx_pm, vy_pm) = (vy, -vx). Returns float64 (..., 2).
-    """
-    x = np.asarray(x, dtype=np.float64)
-    rows, cols = maze_shape
-    if vector:
-        return np.stack([x[..., 1], -x[..., 0]], axis=-1)
-    return np.stack(
-        [x[..., 1] + D4RL_CELL_OFFSET + 0.5 - cols / 2, rows / 2 - 0.5 - (x[..., 0] + D4RL_CELL_OFFSET)], axis=-1
-    )
-
-
-def pointmaze_to_d4rl(x, maze_shape: tuple[int, int], vector: bool = False):
-    """Inverse of `d4rl_to_pointmaze`: PointMaze v3 (..., 2) → D4RL maze2d (..., 2), float64."""
-    x = np.asarray(x, dtype=np.float64)
-    rows, cols = maze_shape
-    if vector:
-        return np.stack([-x[..., 1], x[..., 0]], axis=-1)
-    return np.stack(
-        [rows / 2 - 0.5 - x[..., 1] - D4RL_CELL_OFFSET, x[..., 0] - D4RL_CELL_OFFSET - 0.5 + cols / 2], axis=-1
-    )
-
-
-def maze_map(task: Task) -> np.ndarray:
-    """The task's maze grid (L, W) int8, 1 = wall, 0 = free, read from the PointMaze env registration."""
-    import gymnasium as gym
-    import gymnasium_robotics
-
-    gym.register_envs(gymnasium_robotics)
-    grid = gym.spec(task.env_id).kwargs["maze_map"]
-    return np.array([[1 if c == 1 else 0 for c in row] for row in grid], dtype=np.int8)
-
-
-def eval_goal(task: Task) -> np.ndarray:
-    """D4RL's fixed evaluation goal of a maze task, D4RL coordinates (2,) float64."""
-    if task.goal_cell is None:
-        raise RactdError(f"task {task.name} is not a maze task")
-    return np.asarray(task.goal_cell, dtype=np.float64)
-
-
-def bfs_next_cell(grid: np.ndarray) -> tuple[dict, dict]:
-    """Shortest paths on the free cells of `grid` (L, W), 4-connected.
-
-    Returns (next_cell, dist): next_cell[goal][cell] is the neighbour of `cell` one step closer to `goal`
-    (absent for cell == goal), dist[goal][cell] the number of moves. Cells are (row, col) tuples.
-    """
-    free = [tuple(int(v) for v in c) for c in np.argwhere(grid == 0)]
-    free_set = set(free)
-    next_cell: dict = {}
-    dist: dict = {}
-    for goal in free:
-        nxt, d = {}, {goal: 0}
-        queue = deque([goal])
-        while queue:
-            c = queue.popleft()
-            for dr, dc in ((1, 0), (-1, 0), (0, 1), (0, -1)):
-                n = (c[0] + dr, c[1] + dc)
-                if n in free_set and n not in d:
-                    d[n] = d[c] + 1
-                    nxt[n] = c  # from n, step to c (one closer to goal)
-                    queue.append(n)
-        next_cell[goal], dist[goal] = nxt, d
-    return next_cell, dist
 
 
 def scale_steps(task: Task, scale: str) -> int:
@@ -276,8 +199,6 @@ def generate_maze(task: Task | str, scale: str = "full", seed: int = 0, out=None
     scale: tiny | small | full (see `scale_steps`), overridden by n_steps. out: default
     ractd.data.d4rl.local_dataset_path(task, scale).
     """
-    from ractd.data.d4rl import local_dataset_path, write_d4rl_hdf5
-
     task = get_task(task) if isinstance(task, str) else task
     steps = n_steps if n_steps is not None else scale_steps(task, scale)
     data, metadata = generate_maze_arrays(task, steps, seed=seed, noise=noise, progress=progress)

@@ -7,7 +7,7 @@ Mapping between a Minari episode of T steps and D4RL rows:
     infos[key] (T or T + 1, ...) → infos/<key> = infos[key][:T] (numeric leaves only)
 Minari's PointMaze datasets (D4RL/pointmaze/*) have dict observations {observation (x, y, vx, vy),
 achieved_goal, desired_goal} in PointMaze coordinates: they are converted to D4RL maze2d coordinates with
-ractd.data.generate_maze.pointmaze_to_d4rl, giving observations (N, 4) and infos/goal, infos/qpos, infos/qvel.
+ractd.maze.pointmaze_to_d4rl, giving observations (N, 4) and infos/goal, infos/qpos, infos/qvel.
 
 Export writes our arrays unchanged (flat Box observations; maze data stays in D4RL coordinates, recorded in
 the description) with `minari.create_dataset_from_buffers` and one `EpisodeBuffer` per episode (no jax
@@ -27,6 +27,7 @@ import numpy as np
 
 from ractd import RactdError
 from ractd.data.windows import episode_bounds
+from ractd.maze import maze_map, pointmaze_to_d4rl
 
 log = logging.getLogger(__name__)
 
@@ -81,8 +82,6 @@ def load_minari(dataset_id: str, task=None, download: bool = True) -> dict:
             if task is None or task.kind != "maze":
                 raise RactdError(f"Minari dataset {dataset_id} has PointMaze observations; pass its maze task")
             if maze_shape is None:
-                from ractd.data.generate_maze import maze_map
-
                 maze_shape = maze_map(task).shape
             obs, goal = _pointmaze_to_d4rl_obs(obs, maze_shape)
             extra_infos.setdefault("infos/goal", []).append(goal[:t])
@@ -122,8 +121,6 @@ def load_minari(dataset_id: str, task=None, download: bool = True) -> dict:
 
 def _pointmaze_to_d4rl_obs(obs: dict, maze_shape) -> tuple[np.ndarray, np.ndarray]:
     """PointMaze dict observations (T+1 rows) → D4RL (x, y, vx, vy) (T+1, 4) and goal (T+1, 2), float32."""
-    from ractd.data.generate_maze import pointmaze_to_d4rl
-
     o = np.asarray(obs["observation"], dtype=np.float64)
     pos = pointmaze_to_d4rl(o[:, :2], maze_shape)
     vel = pointmaze_to_d4rl(o[:, 2:4], maze_shape, vector=True)

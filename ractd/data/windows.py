@@ -11,7 +11,8 @@ actions after e - 1 repeat the episode's last action act[e - 1]; `action_mask` m
 Maze (open-loop state sequences, Diffuser): contiguous state windows of length H with (start, goal) = (first,
 last) state of the window, no padding (Diffuser's use_padding=False): windows that would run past the segment
 end are not made. Segments follow Diffuser's maze2d preprocessing: the (never reset) trajectory is cut where it
-leaves the fixed evaluation goal (at goal at t, not at t + 1, threshold 0.5), plus terminals.
+leaves the fixed evaluation goal (at goal at t, not at t + 1, threshold ractd.maze.REWARD_RADIUS = 0.5), plus
+terminals.
 
 Return-to-go (paper Sec. B.2): q_i = sum_k gamma^k r_{i+k} to the end of i's episode, with the early-termination
 penalty added to the last reward of episodes that end by `terminals` (not timeouts). Paper: gamma per task
@@ -25,6 +26,7 @@ import logging
 import numpy as np
 
 from ractd import RactdError
+from ractd.maze import REWARD_RADIUS
 
 log = logging.getLogger(__name__)
 
@@ -237,7 +239,7 @@ class LazyWindows:
         return out if dtype is None else out.astype(dtype)
 
 
-def maze_segments(data: dict, goal_xy=None, threshold: float = 0.5) -> list[tuple[int, int]]:
+def maze_segments(data: dict, goal_xy=None, threshold: float = REWARD_RADIUS) -> list[tuple[int, int]]:
     """Maze segments [start, end) (see module doc). goal_xy (2,): D4RL's evaluation goal; default
     data["metadata/eval_goal"]. Without any goal, segments follow terminals and timeouts."""
     obs = np.asarray(data["observations"])
@@ -252,7 +254,7 @@ def maze_segments(data: dict, goal_xy=None, threshold: float = 0.5) -> list[tupl
     return episode_bounds(done, np.zeros_like(done))
 
 
-def maze_windows(data: dict, horizon: int, goal_xy=None, threshold: float = 0.5, stride: int = 1) -> dict:
+def maze_windows(data: dict, horizon: int, goal_xy=None, threshold: float = REWARD_RADIUS, stride: int = 1) -> dict:
     """Maze state windows (Diffuser's GoalDataset), no padding, never crossing a segment (see module doc).
 
     Returns: states (N, horizon, obs_dim) as a LazyWindows (index it with batch indices), start (N, obs_dim)
