@@ -59,8 +59,13 @@ class FiLMResidualBlock(nn.Module):
         """x (batch, c_in, horizon); cond_act = Mish(conditioning), computed once per U-Net call (the
         film Sequential's Mish is the same for every block, so the U-Net applies it once and each block
         uses only its Linear)."""
+        return self.apply_film(x, self.film[1](cond_act))
+
+    def apply_film(self, x: torch.Tensor, film: torch.Tensor) -> torch.Tensor:
+        """The block with its FiLM Linear output `film` (batch, 2 * c_out) given (fused callers compute the
+        FiLM of every block in one matrix product)."""
         h = self.block1(x)
-        scale, bias = self.film[1](cond_act).unsqueeze(-1).chunk(2, dim=1)
+        scale, bias = film.unsqueeze(-1).chunk(2, dim=1)
         h = self.block2(self.dropout(scale * h + bias))
         return h + self.residual(x)
 
@@ -121,22 +126,40 @@ class ConditionalUnet1D(nn.Module):
                                  f"({x.shape[0]}, {self.global_cond_dim}); got {got}")
 
     def forward(self, x: torch.Tensor, times: tuple[torch.Tensor, ...], cond: torch.Tensor | None = None) -> torch.Tensor:
+        """Inputs in any float dtype; a network cast to reduced precision (to_precision) computes in its
+        weights' dtype and returns the input's dtype."""
         self._check(x, times, cond)
+        io_dtype, dtype = x.dtype, self.final[1].weight.dtype
+        if io_dtype != dtype:
+            x, times = x.to(dtype), tuple(t.to(dtype) for t in times)
+            cond = cond.to(dtype) if cond is not None else None
         feats = [self.time_embed(t) for t in times]
         if self.global_cond_dim:
             feats.append(cond)
         c = self.cond_act(torch.cat(feats, dim=-1))
+        return self.body(x, [block.film[1](c) for block in self.film_blocks()]).to(io_dtype)
+
+    def film_blocks(self) -> list[FiLMResidualBlock]:
+        """The FiLM residual blocks in the order body() consumes their FiLM outputs."""
+        blocks = [b for res1, res2, _ in self.down for b in (res1, res2)]
+        blocks += list(self.mid)
+        return blocks + [b for res1, res2, _ in self.up for b in (res1, res2)]
+
+    def body(self, x: torch.Tensor, films: list[torch.Tensor]) -> torch.Tensor:
+        """The U-Net on x (batch, horizon, input_dim) given each FiLM block's Linear output, in film_blocks()
+        order."""
+        films = iter(films)
         h = x.transpose(1, 2)  # (batch, channels, horizon)
         skips = []
         for res1, res2, downsample in self.down:
-            h = res2(res1(h, c), c)
+            h = res2.apply_film(res1.apply_film(h, next(films)), next(films))
             skips.append(h)
             h = downsample(h)
         for block in self.mid:
-            h = block(h, c)
+            h = block.apply_film(h, next(films))
         for res1, res2, upsample in self.up:
             h = torch.cat([h, skips.pop()], dim=1)
-            h = upsample(res2(res1(h, c), c))
+            h = upsample(res2.apply_film(res1.apply_film(h, next(films)), next(films)))
         return self.final(h).transpose(1, 2)
 
 
@@ -169,6 +192,94 @@ def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+# ---------------------------------------------------------------------------------------------- inference
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def to_precision(model: nn.Module, precision: str = "fp32") -> nn.Module:
+    """Cast every ConditionalUnet1D inside `model` (a net, Student, Denoiser, EpsModel) to `precision`
+    ("fp32" | "bf16"), in place; returns model.
+
+    Only the U-Net's weights and arithmetic change: it still takes and returns the caller's dtype (float32),
+    so samplers keep their noise, scalings and clamping in float32 and a seed draws the same noise at either
+    precision. bench/bench_inference.py measures the speed; the distance between fp32 and bf16 actions is
+    the behavioural cost (about 1e-2 on a random small U-Net), not a float tolerance.
+    """
+    if precision not in PRECISIONS:
+        from ractd import RactdError
+
+        raise RactdError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
+    for m in model.modules():
+        if isinstance(m, ConditionalUnet1D):
+            m.to(PRECISIONS[precision])
+    return model
+
+
+class FusedUnet(nn.Module):
+    """The same function as a ConditionalUnet1D (up to float rounding) with fewer ops per call.
+
+    * every time input goes through the embedding MLP in one call (rows stacked), and
+    * the FiLM Linears of all residual blocks are one matrix product on Mish(conditioning), split per block.
+    With `times` (a tuple of fixed network time inputs, e.g. the student's (c_noise(sigma_max),
+    c_noise(sigma_min)) for one-step sampling) the time embedding is folded away: Mish is elementwise, so
+    Mish(concat(emb, cond)) = concat(Mish(emb), Mish(cond)), and the FiLM product of the constant Mish(emb)
+    part becomes part of the bias; forward then takes (x, cond) and the time MLP and the time columns of
+    the FiLM weights are gone from the graph. Weights are copied (FiLM only) at construction: rebuild after
+    changing the net's weights.
+    """
+
+    def __init__(self, net: ConditionalUnet1D, times: tuple[float, ...] | None = None):
+        super().__init__()
+        self.net = net
+        self.input_dim, self.global_cond_dim, self.n_times = net.input_dim, net.global_cond_dim, net.n_times
+        self.horizon_multiple = net.horizon_multiple
+        blocks = net.film_blocks()
+        weight = torch.cat([b.film[1].weight.detach() for b in blocks])
+        bias = torch.cat([b.film[1].bias.detach() for b in blocks])
+        self.sizes = [b.film[1].out_features for b in blocks]
+        self.fixed_times = None if times is None else tuple(float(t) for t in times)
+        if self.fixed_times is not None:
+            if len(self.fixed_times) != net.n_times:
+                raise ValueError(f"U-Net has {net.n_times} time input(s), got {len(self.fixed_times)} fixed times")
+            E = net.cfg.time_embed_dim * net.n_times
+            with torch.no_grad():
+                t = torch.tensor(self.fixed_times, dtype=torch.float32, device=weight.device).to(weight.dtype)
+                emb_act = net.cond_act(net.time_embed(t).reshape(1, E))
+                bias = bias + emb_act[0] @ weight[:, :E].T
+            weight = weight[:, E:]
+        self.register_buffer("film_weight", weight.contiguous().clone())
+        self.register_buffer("film_bias", bias.contiguous().clone())
+
+    def _films(self, c: torch.Tensor | None, batch: int) -> list[torch.Tensor]:
+        if c is None:  # fixed times, no conditioning: every FiLM output is a constant
+            return list(self.film_bias.expand(batch, -1).split(self.sizes, dim=1))
+        return list(nn.functional.linear(c, self.film_weight, self.film_bias).split(self.sizes, dim=1))
+
+    def forward(self, x: torch.Tensor, *args) -> torch.Tensor:
+        """forward(x, times, cond) like the net, or forward(x, cond) when built with fixed times."""
+        net = self.net
+        if self.fixed_times is None:
+            times, cond = args if len(args) == 2 else (args[0], None)
+            net._check(x, times, cond)
+        else:
+            cond = args[0] if args else None
+            if net.global_cond_dim and (cond is None or cond.shape != (x.shape[0], net.global_cond_dim)):
+                raise ValueError(f"U-Net conditioning must be (batch, {net.global_cond_dim})")
+        io_dtype, dtype = x.dtype, self.film_weight.dtype
+        x = x.to(dtype)
+        cond = cond.to(dtype) if cond is not None and net.global_cond_dim else None
+        if self.fixed_times is None:
+            B = x.shape[0]
+            emb = net.time_embed(torch.cat([t.to(dtype) for t in times]))  # (n_times * B, E)
+            emb = emb.reshape(self.n_times, B, -1).transpose(0, 1).reshape(B, -1)  # (B, n_times * E)
+            feats = [emb] + ([cond] if cond is not None else [])
+            c = net.cond_act(torch.cat(feats, dim=-1))
+        else:
+            c = net.cond_act(cond) if cond is not None else None
+        return net.body(x, self._films(c, x.shape[0])).to(io_dtype)
+
+
 class _TracedNet(nn.Module):
     """Keeps the F(x, times, cond) interface around a TorchScript graph that takes (x, *times, cond)."""
 
@@ -184,7 +295,7 @@ class _TracedNet(nn.Module):
 
 
 class _Flat(nn.Module):
-    def __init__(self, net: ConditionalUnet1D):
+    def __init__(self, net: nn.Module):
         super().__init__()
         self.net = net
 
@@ -195,7 +306,8 @@ class _Flat(nn.Module):
 def accelerate(net: ConditionalUnet1D, mode: str = "jit", batch: int = 2, horizon: int | None = None) -> nn.Module:
     """An inference-only copy of `net` with the same interface and the same numbers up to float rounding.
 
-    mode "jit": TorchScript trace + freeze + optimize_for_inference (shape-generic: any batch size).
+    mode "jit": TorchScript trace + freeze + optimize_for_inference of FusedUnet(net) (one time-embedding
+    call, one FiLM matrix product; shape-generic: any batch size).
     mode "compile": torch.compile (inductor); recompiles for every new batch size, so it suits fixed-batch
     serving rather than rollouts whose live batch shrinks. mode "none": net itself.
     bench/bench_core.py measures each mode against eager execution.
@@ -209,13 +321,15 @@ def accelerate(net: ConditionalUnet1D, mode: str = "jit", batch: int = 2, horizo
     if net.global_cond_dim == 0:
         raise ValueError("jit acceleration needs a conditioned network (global_cond_dim > 0)")
     p = next(net.parameters())
+    dtype = p.dtype if p.dtype in (torch.float32, torch.float64) else torch.float32  # see to_precision
     horizon = horizon or 4 * net.horizon_multiple
-    x = torch.zeros(batch, horizon, net.input_dim, device=p.device, dtype=p.dtype)
-    times = tuple(torch.ones(batch, device=p.device, dtype=p.dtype) for _ in range(net.n_times))
-    cond = torch.zeros(batch, net.global_cond_dim, device=p.device, dtype=p.dtype)
+    x = torch.zeros(batch, horizon, net.input_dim, device=p.device, dtype=dtype)
+    times = tuple(torch.ones(batch, device=p.device, dtype=dtype) for _ in range(net.n_times))
+    cond = torch.zeros(batch, net.global_cond_dim, device=p.device, dtype=dtype)
     import warnings
 
     with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
         warnings.simplefilter("ignore")  # TracerWarnings from the input checks, which _TracedNet repeats
-        graph = torch.jit.optimize_for_inference(torch.jit.freeze(torch.jit.trace(_Flat(net).eval(), (x, *times, cond))))
+        flat = _Flat(FusedUnet(net)).eval()
+        graph = torch.jit.optimize_for_inference(torch.jit.freeze(torch.jit.trace(flat, (x, *times, cond))))
     return _TracedNet(graph, net)
