@@ -473,9 +473,12 @@ def train(cfg: TrainConfig, ctx: RunContext | None = None, data: dict | None = N
             log.info("student uses its teacher's %s scalings", t_cfg.scalings)
             cfg = dataclasses.replace(cfg, scalings=t_cfg.scalings)
         teacher = teacher.to(device)
-    if (cfg.stage == "student" and cfg.distill.sigma > 0) or (cfg.stage == "teacher" and cfg.reward_aware_teacher > 0):
-        reward_model, _ = load_upstream(Path(cfg.reward_ckpt or Path(cfg.run_dir) / "reward" / "best.pt"),
-                                        "reward", cfg, prep)
+    reward_path = Path(cfg.reward_ckpt or Path(cfg.run_dir) / "reward" / "best.pt")
+    needs_reward = (cfg.stage == "student" and cfg.distill.sigma > 0) or (
+        cfg.stage == "teacher" and cfg.reward_aware_teacher > 0)
+    # a CTD student (sigma = 0) still reports R_psi of its actions (distill_diagnostics) when the model is there
+    if needs_reward or (cfg.stage == "student" and prep.state is not None and reward_path.is_file()):
+        reward_model, _ = load_upstream(reward_path, "reward", cfg, prep)
         reward_model = reward_model.to(device)
 
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
@@ -591,6 +594,8 @@ def train(cfg: TrainConfig, ctx: RunContext | None = None, data: dict | None = N
         if at_ckpt:
             if val_idx is not None:
                 metrics["val_loss"] = _reward_val_loss(model, prep, val_idx, device)
+            if cfg.stage == "student":
+                metrics.update(distill_diagnostics(cfg, model, reward_model, prep, device))
             if cfg.stage == "student" and cfg.select_seeds > 0:
                 last_select = _quick_eval(cfg, model, prep, ctx)
                 score = -last_select
@@ -638,6 +643,39 @@ def _loss_terms(cfg: TrainConfig, model, teacher, reward_model, prep: Prepared, 
         return {"loss": loss, "eps": loss.detach()}
     state = None if prep.state is None else _to_torch(prep.state, idx, device)
     return ctm.ractd_loss(model, teacher, reward_model, x0, cond, state, cfg.distill)  # Eq. (9)
+
+
+@torch.no_grad()
+def distill_diagnostics(cfg: TrainConfig, student: ctm.Student, reward_model, prep: Prepared, device,
+                        n: int = 512) -> dict:
+    """What tells reward exploitation from undertraining, on a fixed sample of n dataset states (seeded, the
+    same at every checkpoint): the one-step student's unclamped chunk x = G(x_T, T, sigma_min) and its first
+    action a = x[:, 0].
+
+    at_bound: share of elements of x at or beyond the clamp bound |x| >= 1 (normalized data range [-1, 1]).
+    out_of_range: mean distance of x outside [-1, 1] (0 inside).
+    r_student, r_data (locomotion, with a reward model): mean R_psi(s, clamp(a)) against R_psi(s, a_data) of the
+        dataset's own action on the same states; r_gap = r_student - r_data.
+    """
+    g = torch.Generator().manual_seed(12345)
+    idx = torch.randint(0, len(prep.cond), (min(n, len(prep.cond)),), generator=g).numpy()
+    cond = _to_torch(prep.cond, idx, device)
+    shape = (len(idx), *prep.shape_tail)
+    x_T = edm.prior_sample(shape, scaled=cfg.distill.init_scaled, generator=g).to(device)
+    was_training = student.training
+    student.eval()
+    try:
+        x = ctm.one_step(student, x_T, cond)
+    finally:
+        student.train(was_training)
+    out = {"at_bound": float((x.abs() >= 1.0).float().mean()),
+           "out_of_range": float((x.abs() - 1.0).clamp(min=0).mean())}
+    if reward_model is not None and prep.state is not None:
+        state = _to_torch(prep.state, idx, device)
+        r_student = float(reward_model(state, x[:, 0].clamp(-1, 1)).mean())
+        r_data = float(reward_model(state, _to_torch(prep.action, idx, device)).mean())
+        out.update(r_student=r_student, r_data=r_data, r_gap=r_student - r_data)
+    return out
 
 
 def _quick_eval(cfg: TrainConfig, student: ctm.Student, prep: Prepared, ctx: RunContext | None = None) -> float:

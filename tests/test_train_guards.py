@@ -193,3 +193,30 @@ def test_reports_on_every_rank_and_checkpoint_dir_holds_only_the_latest(maze_tin
     assert all(d is None for _, _, d in calls[1])
     dirs = [d for _, _, d in calls[0]]
     assert all(d is not None and sorted(p.name for p in d.iterdir()) == ["checkpoint.pt", "config.json"] for d in dirs)
+
+
+def test_distill_diagnostics_measure_bound_range_and_reward_gap():
+    """A student that always answers 2.0 (outside the data range) and R(s, a) = sum(a): every element is at
+    the bound, 1.0 outside the range, and R of its clamped action is act_dim against the data's own."""
+    from ractd.tasks import get_task
+    from ractd.train import Prepared, distill_diagnostics
+
+    class Constant(torch.nn.Module):
+        sigma_min = 0.02
+
+        def forward(self, x, t, s, cond=None):
+            return torch.full_like(x, 2.0)
+
+    rng = np.random.default_rng(0)
+    action = rng.uniform(-1, 1, (64, 3)).astype(np.float32)
+    prep = Prepared(get_task("hopper-medium"), np.zeros((64, 16, 3), np.float32), np.zeros((64, 11), np.float32), {},
+                    state=np.zeros((64, 11), np.float32), action=action)
+    reward = lambda s, a: a.sum(-1)  # noqa: E731
+    d = distill_diagnostics(TrainConfig(), Constant(), reward, prep, "cpu", n=64)
+    assert d["at_bound"] == 1.0
+    np.testing.assert_allclose(d["out_of_range"], 1.0)
+    np.testing.assert_allclose(d["r_student"], 3.0)
+    g = torch.Generator().manual_seed(12345)
+    idx = torch.randint(0, 64, (64,), generator=g).numpy()
+    np.testing.assert_allclose(d["r_data"], action[idx].sum(-1).mean(), rtol=1e-5)
+    np.testing.assert_allclose(d["r_gap"], 3.0 - action[idx].sum(-1).mean(), rtol=1e-5)
