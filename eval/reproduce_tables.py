@@ -1,0 +1,146 @@
+"""Rebuild the paper's tables and figures: evaluate a study's cells with a Ray actor pool into one results store.
+
+    python eval/reproduce_tables.py --quick                  # the README's first command (after tune/search.py --quick)
+    python eval/reproduce_tables.py                          # CPU-scale default study (maze2d-umaze, hopper-medium-replay)
+    python eval/reproduce_tables.py --paper --address auto   # every task at the paper's scale, on a Ray cluster
+
+Steps: (1) the study (ractd.study) lists its cells and the checkpoint each needs; missing checkpoints are
+trained (--train-missing; Ray Train when --address names a cluster, else in this process) or their
+`python -m ractd ...` commands are printed and the cells marked missing; (2) the actor pool (ractd_ray.pool)
+rolls out every (cell, seed) not yet in the store, block by block; (3) Fig. 3's reward samples; (4) tables
+(Markdown + CSV) and figures (PNG) from the store (ractd.results), printed and written under --out.
+Rerunning resumes: stored episodes are never rerun. Bad input: one line on stderr, exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from ractd import RactdError
+
+log = logging.getLogger("reproduce_tables")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2
+        print(f"error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from ractd.study import STUDIES
+    from ractd_ray.pool import PoolConfig
+
+    pc = PoolConfig()
+    p = _Parser(prog="python eval/reproduce_tables.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--study", choices=list(STUDIES), default="default",
+                   help="which study (ractd.study.STUDIES; default: default, the CPU-scale study)")
+    g.add_argument("--quick", dest="study", action="store_const", const="quick", help="same as --study quick")
+    g.add_argument("--paper", dest="study", action="store_const", const="paper", help="same as --study paper")
+    p.add_argument("--tasks", nargs="+", default=None, help="only these tasks (default: the study's)")
+    p.add_argument("--seeds", type=int, default=None, help="seeds per cell (default: the study's, 100 as in the paper)")
+    p.add_argument("--actors", type=int, default=pc.actors,
+                   help="rollout actors (default: from the cluster's CPUs, or GPUs x --actors-per-gpu)")
+    p.add_argument("--cpus-per-actor", type=float, default=pc.cpus_per_actor,
+                   help=f"CPUs (and torch threads) per actor (default: {pc.cpus_per_actor:g})")
+    p.add_argument("--actors-per-gpu", type=int, default=pc.actors_per_gpu,
+                   help=f"actors sharing one GPU (default: {pc.actors_per_gpu})")
+    p.add_argument("--block-size", type=int, default=pc.block_size,
+                   help="seeds per block (default: a cell's seeds spread evenly over the actors)")
+    p.add_argument("--address", default=None,
+                   help="Ray cluster address (e.g. auto); default: a local Ray instance")
+    p.add_argument("--store", default=None, help="results store folder (default: <cache>/results/<study>/store)")
+    p.add_argument("--out", default=None, help="tables and figures folder (default: <cache>/results/<study>)")
+    p.add_argument("--train-missing", action=argparse.BooleanOptionalAction, default=None,
+                   help="train missing checkpoints (default: the study's: on for --quick, off otherwise)")
+    p.add_argument("--train-workers", type=int, default=1,
+                   help="Ray Train workers per training stage when --address is given (default: 1)")
+    p.add_argument("--max-steps", type=int, default=0,
+                   help="cap episodes at this many steps (smoke runs; stored as method@steps, not in the tables)")
+    p.add_argument("--no-ray", action="store_true", help="evaluate in this process, without Ray")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def _trainer(args):
+    from ractd.study import train_locally
+
+    if not args.address:
+        return train_locally
+
+    def fit(cfg):
+        from ractd_ray.train import fit_stage
+
+        fit_stage(cfg, num_workers=args.train_workers, progress=not args.quiet)
+
+    return fit
+
+
+def run(args) -> dict:
+    from ractd.paths import cache_dir
+    from ractd.results import ResultsStore, build_figures, build_tables
+    from ractd.study import ensure_models, evaluate_serial, get_study, reward_rows, study_jobs, summary_lines
+
+    study = get_study(args.study, tasks=args.tasks, seeds=args.seeds, train_missing=args.train_missing)
+    if args.max_steps < 0:
+        raise RactdError(f"--max-steps {args.max_steps}: must be >= 0")
+    out = Path(args.out) if args.out else cache_dir() / "results" / study.name
+    store = ResultsStore(Path(args.store) if args.store else out / "store")
+    if args.address and not args.no_ray:
+        from ractd_ray.pool import connect
+
+        connect(args.address)
+    if study.train_missing:
+        trained = ensure_models(study, _trainer(args))
+        if trained:
+            print(f"trained {len(trained)} checkpoints: " + ", ".join(f"{m.task}/{m.name}" for m in trained))
+    jobs, missing = study_jobs(study, max_steps=args.max_steps)
+    for line in summary_lines(jobs, missing):
+        print(line)
+    seeds = list(range(study.seeds))
+    if args.no_ray:
+        summary = evaluate_serial(jobs, seeds, store, block_size=args.block_size or len(seeds),
+                                  progress=not args.quiet)
+    else:
+        from ractd_ray.pool import PoolConfig, connect, evaluate
+
+        connect(args.address)
+        cfg = PoolConfig(actors=args.actors, cpus_per_actor=args.cpus_per_actor, actors_per_gpu=args.actors_per_gpu,
+                         block_size=args.block_size)
+        summary = evaluate(jobs, seeds, store, cfg, progress=not args.quiet)
+    print(f"episodes run: {summary['episodes_run']} (already stored episodes are not rerun)")
+    reward_rows(study, store)
+    tables = build_tables(store, out)
+    figures = build_figures(store, out / "figures")
+    for t in tables:
+        print(f"\n### {t.title}\n\n{t.markdown}")
+    if missing:
+        print(f"\n{len(missing)} cells are missing (no checkpoint); the commands above train them, or rerun with "
+              "--train-missing")
+    print(f"\nstore:   {store.root}")
+    print(f"tables:  {out}/table*.md, table*.csv")
+    print("figures: " + (", ".join(str(f) for f in figures) if figures else "(none: no data for them yet)"))
+    return {"summary": summary, "tables": tables, "figures": figures, "missing": missing, "store": store}
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        args = build_parser().parse_args(argv)
+        run(args)
+    except RactdError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; rerun the same command to continue (stored episodes are kept)", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,234 @@
+"""The rollout actor pool that fills the results store (ractd.results.ResultsStore).
+
+A `ray.util.ActorPool` of `RolloutActor`s. Each actor holds one policy per (checkpoint, sampler, NFE) and runs the
+library's batched rollouts (ractd.study.run_block -> ractd.rollout) on a block of seeds: one network call per env
+step for the whole block, one record per episode. The driver:
+
+  * puts each checkpoint's weights into the object store once (`ray.put` of the model / EMA weights, config,
+    normalizers and shapes: optimizer and RNG state are not shipped); actors receive the reference inside a
+    list, so Ray does not fetch the weights again for every block, and an actor fetches them only the first
+    time it meets the checkpoint;
+  * splits every (cell, not-yet-stored seeds) into blocks (default: the seeds of a cell spread evenly over the
+    actors), submits them all, and writes each returned block to the store as one atomic part file;
+  * on an actor's death (ray.exceptions.RayActorError: a killed actor, a lost node) starts a fresh actor in
+    its place; when the queue is drained, whatever the store still lacks (exactly the blocks of dead actors) is
+    dispatched again, up to `max_retries` rounds. The store is the source of truth, so every seed ends up stored
+    exactly once: a lost block was never written, and a finished one is never rerun (`done_keys`).
+
+Resources: actor count from --actors, else from the cluster (GPUs x actors_per_gpu when the cluster has GPUs,
+each actor with num_gpus = 1 / actors_per_gpu so several share a device; else CPUs // cpus_per_actor). Each
+actor sets torch's intra-op threads to its CPUs (Ray sets OMP_NUM_THREADS=1 for 1-CPU actors; torch needs
+telling too).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import logging
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import ray
+from ray.util import ActorPool
+
+from ractd import RactdError
+from ractd.results import ResultsStore
+from ractd.study import EvalJob, blocks, load_policy, run_block
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class PoolConfig:
+    """Actor pool settings (eval/reproduce_tables.py derives its flags from these).
+
+    actors: number of rollout actors (0 = from the cluster's resources).
+    cpus_per_actor: CPUs each actor reserves; also its torch intra-op threads.
+    actors_per_gpu: actors sharing one GPU (num_gpus = 1 / actors_per_gpu each) when the cluster has GPUs.
+    use_gpus: run policies on the cluster's GPUs when it has some.
+    block_size: seeds per block (0 = a cell's seeds spread evenly over the actors).
+    max_retries: rounds of re-dispatching the blocks of dead actors before giving up.
+    """
+
+    actors: int = 0
+    cpus_per_actor: float = 1.0
+    actors_per_gpu: int = 4
+    use_gpus: bool = True
+    block_size: int = 0
+    max_retries: int = 3
+
+
+@ray.remote
+class RolloutActor:
+    """Holds policies (one per checkpoint, sampler, NFE) and rolls out blocks of seeds with them."""
+
+    def __init__(self, threads: int, device: str):
+        import torch
+
+        torch.set_num_threads(max(1, int(threads)))
+        self.device = device
+        self.policies: dict = {}
+        self.episodes = 0
+
+    def run(self, job: EvalJob, seeds: list[int], weights_box: list) -> list[dict]:
+        from ractd.results import library_versions
+
+        key = (job.checkpoint, job.sampler, job.nfe, job.init_scaled)
+        if key not in self.policies:
+            blob = ray.get(weights_box[0])
+            fd, tmp = tempfile.mkstemp(suffix=".pt")
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(blob)
+                self.policies[key] = load_policy(job, tmp, device=self.device)
+            finally:
+                os.unlink(tmp)
+        versions = {**library_versions(), "ray": ray.__version__}
+        rows = run_block(job, seeds, self.policies[key], device=self._device_name(), versions=versions)
+        self.episodes += len(rows)
+        return rows
+
+    def _device_name(self) -> str:
+        if self.device.startswith("cuda"):
+            import torch
+
+            return torch.cuda.get_device_name(0)
+        return "cpu"
+
+    def stats(self) -> dict:
+        return {"pid": os.getpid(), "episodes": self.episodes, "policies": len(self.policies)}
+
+
+def slim_checkpoint_bytes(path) -> bytes:
+    """What an actor needs of a checkpoint: config, the weights it evaluates (EMA where present), normalizers,
+    shapes and meta, serialized with torch.save (optimizer, scheduler and RNG state dropped)."""
+    import torch
+
+    from ractd.checkpoint import load_checkpoint
+
+    ck = load_checkpoint(Path(path))
+    slim = {k: ck[k] for k in ("config", "normalizers", "shapes", "meta") if k in ck}
+    slim["model"] = ck["ema"] if ck.get("ema") is not None else ck["model"]
+    slim["ema"] = None
+    buf = io.BytesIO()
+    torch.save(slim, buf)
+    return buf.getvalue()
+
+
+def actor_layout(cfg: PoolConfig) -> tuple[int, float, float, str]:
+    """(actors, num_cpus, num_gpus, device) for each actor from the config and the cluster's resources."""
+    res = ray.cluster_resources()
+    cpus, gpus = float(res.get("CPU", 1)), float(res.get("GPU", 0))
+    if cfg.use_gpus and gpus >= 1:
+        n = cfg.actors or int(gpus * cfg.actors_per_gpu)
+        return n, cfg.cpus_per_actor, min(1.0, gpus / n), "cuda"
+    n = cfg.actors or max(1, int(cpus // cfg.cpus_per_actor))
+    return n, cfg.cpus_per_actor, 0.0, "cpu"
+
+
+class RolloutPool:
+    """A pool of rollout actors plus the driver loop that keeps the store exactly-once (see the module doc)."""
+
+    def __init__(self, cfg: PoolConfig = PoolConfig()):
+        if not ray.is_initialized():
+            raise RactdError("Ray is not initialized; call ray.init() (or ractd_ray.pool.connect) first")
+        self.cfg = cfg
+        self.n_actors, self.num_cpus, self.num_gpus, self.device = actor_layout(cfg)
+        self.actors: list = []
+        self.failures = 0
+        self._weights: dict[str, ray.ObjectRef] = {}
+
+    def _new_actor(self):
+        actor = RolloutActor.options(num_cpus=self.num_cpus, num_gpus=self.num_gpus).remote(
+            max(1, int(self.num_cpus)), self.device)
+        self.actors.append(actor)
+        return actor
+
+    def _weights_ref(self, job: EvalJob):
+        if job.checkpoint not in self._weights:  # once per checkpoint
+            self._weights[job.checkpoint] = ray.put(slim_checkpoint_bytes(job.checkpoint_path))
+        return self._weights[job.checkpoint]
+
+    def evaluate(self, jobs: list[EvalJob], seeds: list[int], store: ResultsStore, progress: bool = True,
+                 on_block: Callable[["RolloutPool", list[dict]], None] | None = None) -> dict:
+        """Every (job, seed) not yet in the store, rolled out by the actors and written block by block.
+
+        Returns {"episodes_run", "blocks", "actor_failures", "redispatched_blocks", "actors"}.
+        on_block(pool, rows) is called after each block is stored (tests use it to kill an actor mid-run)."""
+        from tqdm import tqdm
+
+        seeds = [int(s) for s in seeds]
+        bs = self.cfg.block_size or max(1, math.ceil(len(seeds) / self.n_actors))
+        todo = blocks(jobs, seeds, store.done_keys(), bs)
+        total = sum(len(b) for _, b in todo)
+        summary = {"episodes_run": 0, "blocks": 0, "actor_failures": 0, "redispatched_blocks": 0, "actors": 0}
+        if not todo:
+            return summary
+        n = min(self.n_actors, len(todo))
+        pool = ActorPool([self._new_actor() for _ in range(n)])
+        summary["actors"] = n
+        bar = tqdm(total=total, desc="episodes", unit="ep", disable=not progress)
+        rounds = 0
+        while todo:
+            for job, block in todo:
+                ref = self._weights_ref(job)
+                pool.submit(lambda a, v: a.run.remote(v[0], v[1], [v[2]]), (job, block, ref))
+            while pool.has_next():
+                try:
+                    rows = pool.get_next_unordered()
+                except ray.exceptions.RayTaskError as e:  # the rollout itself failed: not worth a retry
+                    bar.close()
+                    cause = e.cause if isinstance(e.cause, Exception) else e
+                    raise RactdError(f"rollout failed: {str(cause).splitlines()[0] if str(cause) else type(cause).__name__}") from None
+                except ray.exceptions.RayActorError as e:
+                    summary["actor_failures"] += 1
+                    log.warning("a rollout actor died (%s); starting a fresh one", type(e).__name__)
+                    pool.push(self._new_actor())
+                    continue
+                store.write_episodes(rows)
+                summary["episodes_run"] += len(rows)
+                summary["blocks"] += 1
+                bar.update(len(rows))
+                if on_block is not None:
+                    on_block(self, rows)
+            todo = blocks(jobs, seeds, store.done_keys(), bs)  # what the dead actors never returned
+            if todo:
+                rounds += 1
+                summary["redispatched_blocks"] += len(todo)
+                if rounds > self.cfg.max_retries:
+                    bar.close()
+                    raise RactdError(f"{sum(len(b) for _, b in todo)} episodes still missing after "
+                                     f"{self.cfg.max_retries} rounds of re-dispatching; see the Ray logs")
+                log.warning("re-dispatching %d blocks lost with dead actors", len(todo))
+        bar.close()
+        return summary
+
+    def shutdown(self) -> None:
+        for a in self.actors:
+            ray.kill(a)
+        self.actors = []
+
+
+def evaluate(jobs: list[EvalJob], seeds: list[int], store: ResultsStore, cfg: PoolConfig = PoolConfig(),
+             progress: bool = True, on_block=None) -> dict:
+    """One pool, all the jobs, then the actors are released."""
+    pool = RolloutPool(cfg)
+    try:
+        return pool.evaluate(jobs, seeds, store, progress=progress, on_block=on_block)
+    finally:
+        pool.shutdown()
+
+
+def connect(address: str | None = None, num_cpus: int | None = None) -> None:
+    """ray.init on a cluster (address, e.g. "auto" or "ray://head:10001") or a local instance."""
+    if ray.is_initialized():
+        return
+    kw = {"address": address} if address else {"num_cpus": num_cpus} if num_cpus else {}
+    try:
+        ray.init(**kw, log_to_driver=False, configure_logging=False)
+    except ConnectionError as e:
+        raise RactdError(f"cannot reach the Ray cluster at {address}: {str(e).splitlines()[0]}") from None

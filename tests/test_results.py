@@ -1,0 +1,200 @@
+"""The results store (exactly-once keys, atomic parts, dedupe), the table statistics checked against numbers
+computed by hand, the paper's numbers in their own columns, the study's commands, and the figures."""
+
+import csv
+import math
+import shlex
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from ractd import results, study
+from ractd.results import PAPER, ResultsStore, cell_stats, episode_rows
+
+
+def _episodes(task, method, scores, ckpt="c0", sampler="student", nfe=1, sigma=float("nan"), first_seed=0,
+              scale="test", time_per_action=0.01):
+    records = [{"task": task, "seed": first_seed + i, "return": float(s), "normalized_score": float(s), "length": 10,
+                "time_per_action": time_per_action, "terminated": False, "truncated": True, "batch_size": len(scores)}
+               for i, s in enumerate(scores)]
+    return episode_rows(records, method=method, sampler=sampler, nfe=nfe, checkpoint=ckpt, checkpoint_path="/x.pt",
+                        scale=scale, sigma=sigma, versions={"ractd": "test"})
+
+
+def _by_hand(x):
+    """mean, SE = sample std (n - 1) / sqrt(n), IQM = mean of the middle half of the sorted sample (n % 4 == 0)."""
+    x = sorted(x)
+    n = len(x)
+    mean = sum(x) / n
+    se = math.sqrt(sum((v - mean) ** 2 for v in x) / (n - 1)) / math.sqrt(n)
+    middle = x[n // 4: n - n // 4]
+    return mean, se, sum(middle) / len(middle)
+
+
+HOPPER_RACTD = [90.0, 100.0, 110.0, 120.0, 95.0, 105.0, 5.0, 300.0]    # outliers: IQM differs from the mean
+HOPPER_CTD = [50.0, 52.0, 48.0, 51.0]
+MAZE_RACTD = [120.0, 130.0, 125.0, 127.0]
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = ResultsStore(tmp_path / "store")
+    s.write_episodes(_episodes("hopper-medium-replay", "ractd", HOPPER_RACTD, sigma=1.0))
+    s.write_episodes(_episodes("hopper-medium-replay", "ctd", HOPPER_CTD, ckpt="c1", sigma=0.0))
+    s.write_episodes(_episodes("hopper-medium-replay", "ractd-sigma-0.5", [70.0, 72.0, 74.0, 76.0], ckpt="c2",
+                               sigma=0.5))
+    s.write_episodes(_episodes("maze2d-umaze", "ractd", MAZE_RACTD, ckpt="c3"))
+    return s
+
+
+def test_cell_stats_equal_hand_computed_mean_se_iqm():
+    s = cell_stats(HOPPER_RACTD)
+    mean, se, iqm = _by_hand(HOPPER_RACTD)
+    assert s["n"] == 8
+    np.testing.assert_allclose([s["mean"], s["se"], s["iqm"]], [mean, se, iqm], rtol=1e-12)
+    assert iqm == pytest.approx(102.5) and mean == pytest.approx(115.625)  # the outliers move the mean only
+    # the 95% bootstrap interval of the IQM brackets it and stays inside the data, and is reproducible
+    assert min(HOPPER_RACTD) <= s["iqm_low"] <= iqm <= s["iqm_high"] <= max(HOPPER_RACTD)
+    assert cell_stats(HOPPER_RACTD) == s
+    const = cell_stats([3.0, 3.0, 3.0, 3.0])
+    assert (const["se"], const["iqm_low"], const["iqm_high"]) == (0.0, 3.0, 3.0)
+
+
+def test_table1_and_table2_cells_are_the_hand_computed_numbers(store, tmp_path):
+    tables = {t.name: t for t in results.build_tables(store, tmp_path / "out")}
+    t1 = tables["table1"]
+    (row,) = [r for r in t1.rows if r["task"] == "hopper-medium-replay"]
+    for mid, data in (("ractd", HOPPER_RACTD), ("ctd", HOPPER_CTD)):
+        mean, se, iqm = _by_hand(data)
+        np.testing.assert_allclose([row[f"{mid}_mean"], row[f"{mid}_se"], row[f"{mid}_iqm"]], [mean, se, iqm],
+                                   rtol=1e-12)
+        assert row[f"{mid}_n"] == len(data) and row[f"{mid}_scale"] == "test"
+    assert "teacher-heun-80_mean" not in row  # not measured: no number
+    # the paper's numbers sit in their own columns, straight from PAPER
+    assert row["paper_RACTD"] == PAPER["table1"]["RACTD"]["hopper-medium-replay"][0] == 104.9
+    assert row["paper_Diffuser"] == 93.6
+    mean, se, iqm = _by_hand(HOPPER_RACTD)
+    line = next(l for l in t1.markdown.splitlines() if l.startswith("| hopper-medium-replay"))
+    assert f"{mean:.1f} ± {se:.1f} · IQM {iqm:.1f}" in line and "· test" in line and "missing" in line
+    assert "104.9 ± 2.1" in line
+    # Table 2 (maze2d)
+    (maze,) = [r for r in tables["table2"].rows if r["method"] == "ractd"]
+    mean, se, iqm = _by_hand(MAZE_RACTD)
+    np.testing.assert_allclose([maze["mean"], maze["se"], maze["iqm"]], [mean, se, iqm], rtol=1e-12)
+    assert maze["paper_score"] == 125.7 and maze["paper_nfe"] == 1
+    # written as Markdown and CSV; the CSV carries the same numbers
+    with open(tmp_path / "out" / "table1.csv") as f:
+        csv_row = next(r for r in csv.DictReader(f) if r["task"] == "hopper-medium-replay")
+    assert float(csv_row["ractd_iqm"]) == pytest.approx(_by_hand(HOPPER_RACTD)[2])
+    assert (tmp_path / "out" / "table1.md").read_text().startswith("### Table 1")
+
+
+def test_table3_and_table5_time_and_nfe(tmp_path):
+    s = ResultsStore(tmp_path / "s")
+    s.write_episodes(_episodes("hopper-medium-replay", "ractd", [1.0, 2.0], time_per_action=0.004))
+    s.write_episodes(_episodes("hopper-medium-replay", "ractd-nfe2", [3.0, 5.0], nfe=2, time_per_action=0.008,
+                               ckpt="c0"))
+    t3 = results.table3(s.episodes())
+    (r,) = [r for r in t3.rows if r["method"] == "ractd"]
+    assert r["time_s"] == pytest.approx(0.004) and r["nfe"] == 1 and r["paper_time_s"] == 0.015
+    t5 = results.table5(s.episodes())
+    (r2,) = [r for r in t5.rows if r["nfe"] == 2]
+    assert r2["time_s"] == pytest.approx(0.008) and r2["mean"] == pytest.approx(4.0) and r2["paper_score"] == 109.8
+    assert [r["mean"] if "mean" in r else None for r in t5.rows if r["nfe"] in (3, 4)] == [None, None]
+
+
+def test_store_keys_dedupe_and_atomic_parts(tmp_path):
+    s = ResultsStore(tmp_path / "s")
+    block = _episodes("maze2d-umaze", "ctd", [1.0, 2.0, 3.0])
+    p1 = s.write_episodes(block)
+    assert s.write_episodes(block) == p1 and s.n_parts() == 1          # the same block replaces its own part
+    # a racing writer stores seeds 1..3 split differently: read-time dedupe keeps one row per key
+    s.write_episodes(_episodes("maze2d-umaze", "ctd", [20.0, 30.0, 40.0], first_seed=1))
+    assert s.n_parts() == 2
+    raw = sum(pq.read_table(p).num_rows for p in s.episodes_dir.glob("part-*.parquet"))
+    rows = s.episodes()
+    assert raw == 6 and len(rows) == 4 and sorted(r["seed"] for r in rows) == [0, 1, 2, 3]
+    assert s.done_keys() == {("maze2d-umaze", "ctd", "c0", k) for k in range(4)}
+    # another checkpoint of the same method is another key
+    s.write_episodes(_episodes("maze2d-umaze", "ctd", [5.0], ckpt="other"))
+    assert ("maze2d-umaze", "ctd", "other", 0) in s.done_keys() and len(s.episodes()) == 5
+    s.compact()
+    assert s.n_parts() == 1 and len(s.episodes()) == 5
+    assert not list(s.episodes_dir.glob(".*.tmp"))  # no temp files left behind
+    assert all(r["versions"] == '{"ractd": "test"}' for r in s.episodes())
+
+
+def test_blocks_skip_stored_seeds(tmp_path):
+    job = study.EvalJob("maze2d-umaze", "ctd", "student", 1, "/x.pt", "c0", "test")
+    done = {("maze2d-umaze", "ctd", "c0", s) for s in (0, 1, 5)}
+    out = study.blocks([job], list(range(8)), done, block_size=2)
+    assert [b for _, b in out] == [[2, 3], [4, 6], [7]]
+    capped = study.EvalJob("maze2d-umaze", "ctd", "student", 1, "/x.pt", "c0", "test", max_steps=50)
+    assert capped.key_method == "ctd@50" and len(study.blocks([capped], list(range(8)), done, 8)[0][1]) == 8
+
+
+def test_figures_written_and_non_empty(store, tmp_path):
+    store.write_rewards([{"task": "hopper-medium-replay", "method": m, "checkpoint": "c", "state_index": i,
+                          "reward": float(v), "reward_checkpoint": "r", "scale": "test"}
+                         for m, mu in (("teacher-heun-80", 0.0), ("ctd", 0.1), ("ractd", 0.5))
+                         for i, v in enumerate(np.random.default_rng(0).normal(mu, 0.1, 50))])
+    figs = results.build_figures(store, tmp_path / "fig")
+    names = sorted(p.name for p in figs)
+    assert names == ["fig3_reward_hist.png", "fig4_sigma.png", "score_distribution.png"]
+    for p in figs:
+        data = p.read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+    # Fig. 4 points: sigma 0 (CTD), 0.5 and 1 (RACTD), sorted, with the cells' means
+    pts = results.sigma_points(store.episodes())["hopper-medium-replay"]
+    assert [s for s, _ in pts] == [0.0, 0.5, 1.0]
+    np.testing.assert_allclose([c["mean"] for _, c in pts], [np.mean(HOPPER_CTD), 73.0, np.mean(HOPPER_RACTD)])
+
+
+def test_paper_numbers_match_the_papers_averages():
+    """The transcription of Tables 1 and 11 reproduces the paper's printed averages (RACTD 97.6, ...) to the
+    printed digit (Diffusion QL's nine scores average 89.38, printed 89.3)."""
+    printed = {"RACTD": 97.6, "Diffuser": 77.5, "Diffusion QL": 89.3, "Consistency AC": 89.8, "BC": 51.9,
+               "CQL": 77.6, "IQL": 77.0, "TT": 78.9}
+    for method, avg in printed.items():
+        vals = [v[0] for v in PAPER["table1"][method].values()]
+        assert len(vals) == 9 and np.mean(vals) == pytest.approx(avg, abs=0.1), method  # printed truncated
+    t11 = {"DDPM 100": 132.6, "DDIM 10": 130.2, "EDM 80": 131.5, "CTD 1": 123.4, "RACTD 1": 133.4}
+    for method, avg in t11.items():
+        assert np.mean([v[0] for v in PAPER["table11"][method].values()]) == pytest.approx(avg, abs=0.06), method
+
+
+def test_study_commands_reproduce_the_planned_configs():
+    """Each printed `python -m ractd ...` command parses (with ractd.cli) to exactly the config the study trains."""
+    from ractd.cli import build_parser, train_config
+
+    bad = []
+    for name in ("quick", "default"):
+        s = study.get_study(name)
+        for task in s.tasks:
+            for m in study.plan_models(s, task).values():
+                argv = shlex.split(m.command(s.budget).split(" && ")[-1])[3:]
+                try:
+                    args = build_parser().parse_args(argv)
+                except SystemExit:
+                    bad.append(f"{name}/{task}/{m.name}: does not parse: {m.command(s.budget)}")
+                    continue
+                if train_config(args, args.stage) != m.cfg:
+                    bad.append(f"{name}/{task}/{m.name}")
+    assert not bad, bad
+
+
+def test_study_plan_and_missing_cells_are_not_invented(tmp_path):
+    s = study.get_study("default")
+    jobs, missing = study.study_jobs(s)
+    assert jobs == []  # nothing trained in this empty cache
+    methods = {(m.task, m.method) for m in missing}
+    assert ("hopper-medium-replay", "ractd-sigma-1.5") in methods and ("maze2d-umaze", "ddim-1") in methods
+    assert not any(m.method.startswith("ra-teacher") for m in missing if m.task == "maze2d-umaze")
+    ractd = next(m for m in missing if m.task == "hopper-medium-replay" and m.method == "ractd")
+    assert "train-reward" in ractd.command and "train-teacher" in ractd.command and "--sigma 1.0" in ractd.command
+    # maze2d RACTD with Table 9's sigma = 0 trains exactly CTD: one checkpoint serves both
+    models = study.plan_models(s, "maze2d-umaze")
+    assert models["ractd"].checkpoint == models["ctd"].checkpoint
+    # no numbers come out of an empty store
+    assert all(r.get("mean") is None for r in results.table11(ResultsStore(tmp_path / "e").episodes()).rows)
