@@ -63,8 +63,13 @@ def rowwise_randn(generators: Sequence[torch.Generator], shape_tail: tuple[int, 
 
 
 def _model_device_dtype(model: torch.nn.Module):
+    """(device, dtype) the sampler computes in: the model's, except that a network cast to reduced
+    precision (ractd.nets.unet1d.to_precision) is fed and read in float32, so noise, scalings and clamping
+    stay float32 and a seed draws the same noise at every precision."""
     p = next(model.parameters(), None)
-    return (p.device, p.dtype) if p is not None else (torch.device("cpu"), torch.float32)
+    if p is None:
+        return torch.device("cpu"), torch.float32
+    return p.device, (p.dtype if p.dtype in (torch.float32, torch.float64) else torch.float32)
 
 
 def _check_rows(cond: torch.Tensor, generators: Sequence[torch.Generator]) -> None:

@@ -198,7 +198,7 @@ PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def to_precision(model: nn.Module, precision: str = "fp32") -> nn.Module:
-    """Cast every ConditionalUnet1D inside `model` (a net, Student, Denoiser, EpsModel) to `precision`
+    """Cast every ConditionalUnet1D / FusedUnet inside `model` (a net, Student, Denoiser, EpsModel) to `precision`
     ("fp32" | "bf16"), in place; returns model.
 
     Only the U-Net's weights and arithmetic change: it still takes and returns the caller's dtype (float32),
@@ -211,7 +211,7 @@ def to_precision(model: nn.Module, precision: str = "fp32") -> nn.Module:
 
         raise RactdError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
     for m in model.modules():
-        if isinstance(m, ConditionalUnet1D):
+        if isinstance(m, (ConditionalUnet1D, FusedUnet)):
             m.to(PRECISIONS[precision])
     return model
 
