@@ -1,0 +1,354 @@
+"""Ray Train adapter: runs `ractd.train.train(cfg, RunContext(...))` unchanged in `TorchTrainer` workers.
+
+What each worker injects into the library loop (ractd.train.RunContext):
+- device: `ray.train.torch.get_device()`; rank and world size from `ray.train.get_context()`.
+- sync_grads: `GradAllReduce`, the gradients of all parameters copied into one flat buffer, averaged with one
+  all-reduce per bucket (one bucket unless the model is larger than `bucket_mb`), copied back. Chosen over DDP
+  because the student's loss calls the network several times per step and reads Student.g / sigma_min, which a
+  DDP wrapper hides; bench/bench_ray.py measures it against one all-reduce per parameter.
+- all_reduce_sum: a sum over workers (torch.distributed: gloo on CPU, nccl on GPU, set up by TorchTrainer).
+- report: every library report becomes a `ray.train.report` on every rank (the same number of calls on each,
+  as Ray Train requires); at checkpoints rank 0 attaches the folder holding only the latest checkpoint.pt,
+  persisted by Ray under `<storage_path>/<name>/<stage>-<step>`.
+- resume_from: after Ray Train restarts a failed worker group (`FailureConfig(max_failures)`), or when a run of
+  the same (storage_path, name) is started again, `ray.train.get_checkpoint()` hands back the latest persisted
+  checkpoint, and the stage it belongs to resumes from it.
+
+One worker group can train several stages in a row (`fit_stages`: the shared reward model then the teacher,
+one group start-up instead of two). Everything here runs where Ray runs; the library never imports Ray.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ractd import RactdError
+from ractd.config import from_dict, to_dict
+import ractd.train as library
+from ractd.train import RunContext, TrainConfig
+
+log = logging.getLogger(__name__)
+
+# Environment the library reads for its paths; the driver's values travel to the workers (a Ray instance
+# started earlier, or another node, does not inherit the driver's environment).
+FORWARDED_ENV = ("RACTD_CACHE_DIR", "XDG_CACHE_HOME", "D4RL_DATASET_DIR", "MINARI_DATASETS_PATH")
+DEFAULT_BUCKET_MB = 256.0
+
+
+def forwarded_env() -> dict[str, str]:
+    """The driver's values of FORWARDED_ENV that are set."""
+    return {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+
+
+# ------------------------------------------------------------------------------------------- collectives
+
+class GradAllReduce:
+    """sync_grads for RunContext: average the gradients of every trainable parameter across workers.
+
+    The gradients are copied into one persistent flat buffer per dtype, all-reduced (summed) in buckets of at
+    most `bucket_mb` MiB (one all-reduce for a model smaller than that), divided by the world size and copied
+    back. A parameter without a gradient on this rank contributes zeros, so every rank issues the same
+    collectives. Needs an initialized torch.distributed process group (TorchTrainer sets one up).
+    """
+
+    def __init__(self, world_size: int, bucket_mb: float = DEFAULT_BUCKET_MB):
+        self.world_size = world_size
+        self.bucket_bytes = max(1, int(bucket_mb * 2**20))
+        self._key = None
+        self._flat: dict[torch.dtype, torch.Tensor] = {}
+        self.calls = 0  # all-reduce calls issued (bench / tests)
+
+    def _layout(self, params: list[nn.Parameter]) -> None:
+        key = tuple((id(p), p.numel(), p.dtype, p.device) for p in params)
+        if key == self._key:
+            return
+        sizes: dict[torch.dtype, int] = {}
+        for p in params:
+            sizes[p.dtype] = sizes.get(p.dtype, 0) + p.numel()
+        device = params[0].device
+        self._flat = {dt: torch.zeros(n, dtype=dt, device=device) for dt, n in sizes.items()}
+        self._key = key
+
+    def __call__(self, model: nn.Module) -> None:
+        import torch.distributed as dist
+
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not params or self.world_size == 1:
+            return
+        self._layout(params)
+        offsets = dict.fromkeys(self._flat, 0)
+        slots = []
+        for p in params:  # gather
+            flat, o, n = self._flat[p.dtype], offsets[p.dtype], p.numel()
+            if p.grad is None:
+                flat[o:o + n].zero_()
+            else:
+                flat[o:o + n].copy_(p.grad.reshape(-1))
+            slots.append((p, flat, o, n))
+            offsets[p.dtype] = o + n
+        for flat in self._flat.values():  # reduce, bucket by bucket
+            step = max(1, self.bucket_bytes // flat.element_size())
+            for start in range(0, flat.numel(), step):
+                dist.all_reduce(flat[start:start + step])
+                self.calls += 1
+            flat.div_(self.world_size)
+        for p, flat, o, n in slots:  # scatter
+            if p.grad is None:
+                p.grad = flat[o:o + n].view_as(p).clone()
+            else:
+                p.grad.copy_(flat[o:o + n].view_as(p.grad))
+
+
+class PerParameterAllReduce:
+    """The naive alternative to GradAllReduce: one all-reduce per parameter (bench/bench_ray.py compares)."""
+
+    def __init__(self, world_size: int):
+        self.world_size = world_size
+        self.calls = 0
+
+    def __call__(self, model: nn.Module) -> None:
+        import torch.distributed as dist
+
+        for p in model.parameters():
+            if not p.requires_grad:
+                continue
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad)
+            p.grad.div_(self.world_size)
+            self.calls += 1
+
+
+def all_reduce_sum(device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+    """all_reduce_sum for RunContext: the sum over workers of a (small) tensor, returned on its own device."""
+    import torch.distributed as dist
+
+    def reduce(t: torch.Tensor) -> torch.Tensor:
+        x = t.detach().to(device, copy=True)
+        dist.all_reduce(x)
+        return x.to(t.device)
+
+    return reduce
+
+
+# ------------------------------------------------------------------------------------------- worker side
+
+def _ray_metrics(metrics: dict, stage: str) -> dict:
+    """Metrics Ray can store: finite numbers, bools and strings (a non-finite number becomes None)."""
+    out = {"stage": stage}
+    for k, v in metrics.items():
+        if isinstance(v, bool) or isinstance(v, str):
+            out[k] = v
+        elif isinstance(v, (int, float)) or (torch.is_tensor(v) and v.numel() == 1):
+            v = float(v) if not isinstance(v, int) else v
+            out[k] = v if not isinstance(v, float) or math.isfinite(v) else None
+    return out
+
+
+def checkpoint_name(stage: str, step: int) -> str:
+    """Name of a persisted Ray checkpoint folder: the stage it belongs to and its step."""
+    return f"{stage}-{step:09d}"
+
+
+def _stage_of(checkpoint_path: str) -> str:
+    return Path(checkpoint_path).name.split("-", 1)[0]
+
+
+def make_reporter(stage: str) -> Callable[[dict, Path | None], None]:
+    """report for RunContext: ray.train.report on every rank; rank 0 attaches the checkpoint folder."""
+    import ray.train
+
+    def report(metrics: dict, checkpoint_dir: Path | None) -> None:
+        m = _ray_metrics(metrics, stage)
+        if checkpoint_dir is None:
+            ray.train.report(m)
+            return
+        ray.train.report(m, checkpoint=ray.train.Checkpoint.from_directory(str(checkpoint_dir)),
+                         checkpoint_dir_name=checkpoint_name(stage, int(metrics["step"])),
+                         delete_local_checkpoint_after_upload=False)
+
+    return report
+
+
+def worker_context(cfg: TrainConfig, resume_from: Path | None = None, on_step: Callable[[int], None] | None = None,
+                   bucket_mb: float = DEFAULT_BUCKET_MB, progress: bool = True) -> RunContext:
+    """The RunContext of this Ray Train worker for `cfg`'s stage (call inside a TorchTrainer loop)."""
+    import ray.train
+    import ray.train.torch
+    import torch.distributed as dist
+
+    tctx = ray.train.get_context()
+    rank, world = tctx.get_world_rank(), tctx.get_world_size()
+    device = ray.train.torch.get_device()
+    distributed = world > 1 and dist.is_available() and dist.is_initialized()
+    if world > 1 and not distributed:
+        raise RactdError(f"{world} Ray Train workers but no torch.distributed process group")
+    return RunContext(device=str(device), rank=rank, world_size=world, report=make_reporter(cfg.stage),
+                      sync_grads=GradAllReduce(world, bucket_mb) if distributed else None,
+                      all_reduce_sum=all_reduce_sum(device) if distributed else None,
+                      resume_from=resume_from, on_step=on_step, progress=progress and rank == 0)
+
+
+def worker_loop(config: dict) -> list[dict]:
+    """TorchTrainer's train_loop_per_worker: train config["stages"] (TrainConfig dicts) one after the other.
+
+    config: stages, env (FORWARDED_ENV values), on_step (hook or None), bucket_mb, progress.
+    Returns (rank 0's is Result.return_value) one dict per stage: stage, step, checkpoint, best, metrics,
+    train_time_s (wall time of ractd.train.train), resumed_from, skipped.
+    """
+    import ray.train
+
+    os.environ.update(config.get("env", {}))
+    cfgs = [from_dict(TrainConfig, d) for d in config["stages"]]
+    stages = [c.stage for c in cfgs]
+    restored = ray.train.get_checkpoint()
+    restored_stage = _stage_of(restored.path) if restored else None
+    # stages before the restored one finished in an earlier attempt (rank 0 wrote their files)
+    first = stages.index(restored_stage) if restored_stage in stages else 0
+    out = [{"stage": c.stage, "skipped": True, "best": str(c.resolved().stage_dir / "best.pt")} for c in cfgs[:first]]
+    with restored.as_directory() if restored else contextlib.nullcontext() as restored_dir:
+        for cfg in cfgs[first:]:
+            resume = Path(restored_dir) / "checkpoint.pt" if restored_dir and cfg.stage == restored_stage else None
+            ctx = worker_context(cfg, resume_from=resume, on_step=config.get("on_step"),
+                                 bucket_mb=config.get("bucket_mb", DEFAULT_BUCKET_MB),
+                                 progress=config.get("progress", True))
+            t0 = time.perf_counter()
+            result = library.train(cfg, ctx)
+            out.append({"stage": cfg.stage, "step": result["step"], "checkpoint": str(result["checkpoint"]),
+                        "best": str(result["best"]), "metrics": _ray_metrics(result["metrics"], cfg.stage),
+                        "train_time_s": time.perf_counter() - t0, "resumed_from": str(resume) if resume else None,
+                        "skipped": False})
+    return out
+
+
+class StepHook:
+    """A RunContext.on_step hook for fault-injection tests and diagnostics (picklable, runs in the workers).
+
+    log: append every step this worker runs to `log` (one line "rank step"), if given.
+    fail_at / fail_rank / marker: raise once, in the worker of rank fail_rank, right after step fail_at, unless
+        the marker file exists (it is created just before raising, so the restarted run goes on).
+    wipe: a folder removed just before the failure, to simulate losing the node that held the run folder (the
+        restarted workers can then resume only from the checkpoint Ray Train persisted).
+    """
+
+    def __init__(self, log: str | None = None, fail_at: int | None = None, fail_rank: int = 0,
+                 marker: str | None = None, wipe: str | None = None):
+        if fail_at is not None and marker is None:
+            raise ValueError("StepHook: fail_at needs a marker file (fail once)")
+        self.log, self.fail_at, self.fail_rank, self.marker, self.wipe = log, fail_at, fail_rank, marker, wipe
+
+    def __call__(self, step: int) -> None:
+        import ray.train
+
+        rank = ray.train.get_context().get_world_rank()
+        if self.log:
+            with open(self.log, "a") as f:
+                f.write(f"{rank} {step}\n")
+        if self.fail_at == step and rank == self.fail_rank and not Path(self.marker).exists():
+            if self.wipe:
+                import shutil
+
+                shutil.rmtree(self.wipe, ignore_errors=True)
+            Path(self.marker).touch()
+            raise RuntimeError(f"injected failure on rank {rank} after step {step}")
+
+
+# ------------------------------------------------------------------------------------------- driver side
+
+def ensure_ray(address: str | None = None, **init_kwargs) -> bool:
+    """Connect to Ray: `address` (or $RAY_ADDRESS) = an existing cluster ("auto" = the local node's), else a
+    local instance. Returns True if this call started or connected (the caller shuts it down)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    ray.init(address=address, logging_level=logging.WARNING, **init_kwargs)
+    return True
+
+
+def resolve_use_gpu(use_gpu: bool | str, num_workers: int) -> bool:
+    """use_gpu="auto": True when the Ray cluster has a GPU for each worker."""
+    if use_gpu != "auto":
+        return bool(use_gpu)
+    import ray
+
+    return ray.cluster_resources().get("GPU", 0) >= max(1, num_workers)
+
+
+def fit_stages(cfgs: list[TrainConfig], num_workers: int = 1, use_gpu: bool | str = "auto", max_failures: int = 2,
+               storage_path: str | None = None, name: str | None = None, callbacks: list | None = None,
+               on_step: Callable[[int], None] | None = None, cpus_per_worker: float = 1,
+               bucket_mb: float = DEFAULT_BUCKET_MB, progress: bool = True, keep_checkpoints: int = 1,
+               log_level: str = "WARNING") -> list[dict]:
+    """Train the stages `cfgs` in order in one Ray Train worker group of `num_workers` workers.
+
+    storage_path / name: where Ray persists the run (default <run_dir of the first stage>/ray, "-".join(stages));
+    a later call with the same pair resumes from the latest persisted checkpoint. keep_checkpoints: persisted
+    checkpoints kept (the latest ones; best.pt lives in the stage folder). callbacks: Ray Train UserCallbacks
+    (a Tune trial passes its report callback). log_level: Ray Train's own console logs (INFO logs every
+    report). Returns worker_loop's per-stage dicts (rank 0's), each with
+    "ray_checkpoint" (the run's latest persisted checkpoint), "ray_path" and "fit_time_s" added. A failed run
+    (after max_failures restarts) raises RactdError naming the error.
+    """
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    if not cfgs:
+        raise RactdError("fit_stages: no stage to train")
+    if num_workers < 1:
+        raise RactdError(f"num_workers={num_workers}: must be at least 1")
+    cfgs = [c.resolved() for c in cfgs]
+    ensure_ray()
+    gpu = resolve_use_gpu(use_gpu, num_workers)
+    name = name or "-".join(c.stage for c in cfgs)
+    storage_path = str(Path(storage_path or Path(cfgs[0].run_dir) / "ray").resolve())
+    trainer = TorchTrainer(
+        worker_loop,
+        train_loop_config={"stages": [to_dict(c) for c in cfgs], "env": forwarded_env(), "on_step": on_step,
+                           "bucket_mb": bucket_mb, "progress": progress},
+        scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=gpu,
+                                               resources_per_worker={"CPU": cpus_per_worker}),
+        run_config=ray.train.RunConfig(
+            name=name, storage_path=storage_path, callbacks=callbacks,
+            failure_config=ray.train.FailureConfig(max_failures=max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=keep_checkpoints),
+            logging_config=ray.train.LoggingConfig(log_level=log_level)))
+    t0 = time.perf_counter()
+    result = trainer.fit()
+    fit_time = time.perf_counter() - t0
+    if result.error is not None:
+        raise RactdError(f"Ray Train run {name} failed: {_first_line(result.error)}")
+    out = result.return_value
+    if not out:
+        raise RactdError(f"Ray Train run {name} returned nothing (was it stopped?)")
+    for item in out:
+        item.update(ray_checkpoint=result.checkpoint.path if result.checkpoint else None, ray_path=result.path,
+                    fit_time_s=fit_time)
+    return out
+
+
+def fit_stage(cfg: TrainConfig, num_workers: int = 1, use_gpu: bool | str = "auto", max_failures: int = 2,
+              storage_path: str | None = None, name: str | None = None, **kwargs) -> dict:
+    """One stage with Ray Train (see fit_stages): {"stage", "step", "checkpoint", "best", "metrics",
+    "train_time_s", "fit_time_s", "ray_checkpoint", "ray_path", ...}."""
+    return fit_stages([cfg], num_workers=num_workers, use_gpu=use_gpu, max_failures=max_failures,
+                      storage_path=storage_path, name=name, **kwargs)[-1]
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[-1] if text else type(e).__name__
+
+
+__all__ = ["GradAllReduce", "PerParameterAllReduce", "StepHook", "all_reduce_sum", "ensure_ray", "fit_stage",
+           "fit_stages", "forwarded_env", "worker_context", "worker_loop"]
