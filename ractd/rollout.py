@@ -57,8 +57,9 @@ def _task(task: Task | str) -> Task:
     return get_task(task) if isinstance(task, str) else task
 
 
-def make_env(task: Task | str, max_steps: int | None = None):
-    """One Gymnasium env of the task, limited to max_steps (default task.max_episode_steps).
+def make_env(task: Task | str, max_steps: int | None = None, **kwargs):
+    """One Gymnasium env of the task, limited to max_steps (default task.max_episode_steps); kwargs go to
+    gym.make (locomotion).
 
     Maze tasks get a continuing PointMaze v3 whose goal never moves (see module doc)."""
     import gymnasium as gym
@@ -71,7 +72,7 @@ def make_env(task: Task | str, max_steps: int | None = None):
         gym.register_envs(gymnasium_robotics)
         return gym.make(task.env_id, continuing_task=True, reset_target=False, max_episode_steps=steps,
                         disable_env_checker=True)
-    return gym.make(task.env_id, max_episode_steps=steps, disable_env_checker=True)
+    return gym.make(task.env_id, max_episode_steps=steps, disable_env_checker=True, **kwargs)
 
 
 def _generators(seeds) -> list[torch.Generator]:
@@ -94,51 +95,204 @@ def _record(task: Task, seed, ret, length, policy_time, terminated, truncated, b
 
 # ---------------------------------------------------------------------------------------------- locomotion
 
-def rollout_locomotion(task: Task | str, policy, seeds: list[int], max_steps: int | None = None,
-                       progress: bool = True) -> list[dict]:
-    """Closed-loop episodes of `policy` (a ractd.policy.LocomotionPolicy) for every seed, stepped together.
+OVERLAP_MODES = ("thread", "process")
 
-    Each step: one policy.act over the live envs (one sampler call), the first action of each chunk clipped
-    to the action space, then each live env steps. Returns one record per seed, in the order of `seeds`.
+
+def rollout_locomotion(task: Task | str, policy, seeds: list[int], max_steps: int | None = None,
+                       progress: bool = True, overlap: bool | str = False,
+                       env_kwargs: dict | None = None) -> list[dict]:
+    """Closed-loop episodes of `policy` (a ractd.policy.LocomotionPolicy, or ractd.export's rollout policy)
+    for every seed, stepped together. Returns one record per seed, in the order of `seeds`.
+
+    overlap=False: each step, one policy.act over the live envs (one sampler call), the first action of each
+    chunk clipped to the action space, then each live env steps.
+    overlap="thread" | "process" (True = "thread"): the seeds are split into two halves that alternate, so
+    the network computes one half's actions while the other half's envs step -- in a worker thread (MuJoCo
+    and the inference engines release the GIL) or in a worker process that owns all the envs. Each env sees
+    exactly the same observations, actions and noise as without overlap (same records: tests/
+    test_rollout_overlap.py), up to the float rounding of a batched network call of half the size.
+    bench/bench_inference.py measures the modes; the default stays False (see the module doc).
+    env_kwargs: extra gym.make arguments (e.g. terminate_when_unhealthy=False for benchmarks).
     """
     from tqdm import tqdm
 
     task = _task(task)
     steps = int(max_steps or task.max_episode_steps)
     n = len(seeds)
-    envs = [make_env(task, steps) for _ in range(n)]
+    mode = "thread" if overlap is True else (overlap or None)
+    if mode is not None and mode not in OVERLAP_MODES:
+        raise ValueError(f"overlap must be False, True or one of {', '.join(OVERLAP_MODES)}; got {overlap!r}")
+    if n < 2:
+        mode = None
+    envs = _EnvGroup(task, steps, seeds, env_kwargs, in_process=mode == "process")
     try:
         gens = _generators(seeds)
-        obs = np.stack([env.reset(seed=int(s))[0] for env, s in zip(envs, seeds)]).astype(np.float32)
-        low, high = envs[0].action_space.low, envs[0].action_space.high
+        obs = envs.obs
         policy.reset(n)
-        active = np.ones(n, dtype=bool)
-        ret, length, ptime = np.zeros(n), np.zeros(n, dtype=np.int64), np.zeros(n)
-        term, trunc = np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
+        st = _EpisodeState(n)
         bar = tqdm(total=steps, desc=task.name, unit="step", disable=not progress, leave=False)
-        for _ in range(steps):
-            if not active.any():
-                break
+
+        def act(mask):
             t0 = time.perf_counter()
-            actions = np.clip(policy.act(obs, gens, active), low, high)
-            ptime[active] += time.perf_counter() - t0
-            for i in np.flatnonzero(active):
-                o, r, te, tr, _ = envs[i].step(actions[i])
-                obs[i] = o
-                ret[i] += r
-                length[i] += 1
-                if te or tr:
-                    active[i], term[i], trunc[i] = False, te, tr
-            bar.update(1)
-            bar.set_postfix(live=int(active.sum()), refresh=False)
+            actions = np.clip(policy.act(obs, gens, mask), envs.low, envs.high)
+            st.ptime[mask] += time.perf_counter() - t0
+            return actions
+
+        def tick():
+            done = int(st.length.max())
+            if done > bar.n:
+                bar.update(done - bar.n)
+                bar.set_postfix(live=int(st.active.sum()), refresh=False)
+
+        if mode is None:
+            for _ in range(steps):
+                if not st.active.any():
+                    break
+                rows = np.flatnonzero(st.active)
+                actions = act(st.active.copy())
+                st.apply(rows, envs.step(rows, actions[rows]), obs)
+                tick()
+        else:
+            halves = np.arange(n) < (n + 1) // 2
+            groups = (halves, ~halves)
+            g = 0
+            mask = st.active & groups[g]
+            pending = (np.flatnonzero(mask), act(mask))   # group 0's first actions
+            while pending is not None or st.active.any():
+                # group g's envs step (worker) while the network acts for the other group (here)
+                job = envs.submit(pending[0], pending[1][pending[0]]) if pending is not None else None
+                mask = st.active & groups[1 - g]
+                nxt = (np.flatnonzero(mask), act(mask)) if mask.any() else None
+                if job is not None:
+                    st.apply(pending[0], job(), obs)
+                pending, g = nxt, 1 - g
+                tick()
         bar.close()
     finally:
-        for env in envs:
-            env.close()
-    records = [_record(task, s, ret[i], length[i], ptime[i], term[i], trunc[i], n) for i, s in enumerate(seeds)]
+        envs.close()
+    records = [_record(task, s, st.ret[i], st.length[i], st.ptime[i], st.term[i], st.trunc[i], n)
+               for i, s in enumerate(seeds)]
     log.info("%s: %d episodes, mean normalized score %.1f", task.name, n,
              float(np.mean([r["normalized_score"] for r in records])) if records else float("nan"))
     return records
+
+
+class _EpisodeState:
+    """Per-seed episode bookkeeping of rollout_locomotion."""
+
+    def __init__(self, n: int):
+        self.active = np.ones(n, dtype=bool)
+        self.ret, self.length, self.ptime = np.zeros(n), np.zeros(n, dtype=np.int64), np.zeros(n)
+        self.term, self.trunc = np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
+
+    def apply(self, rows: np.ndarray, result, obs: np.ndarray) -> None:
+        """Record one env step of `rows`: result = (obs, rewards, terminated, truncated) arrays."""
+        o, r, te, tr = result
+        obs[rows] = o
+        for j, i in enumerate(rows):  # per seed, in the same order of additions as a plain loop
+            self.ret[i] += r[j]
+        self.length[rows] += 1
+        done = te | tr
+        self.active[rows[done]] = False
+        self.term[rows[done]], self.trunc[rows[done]] = te[done], tr[done]
+
+
+def _step_envs(envs: list, rows: np.ndarray, actions: np.ndarray):
+    """Step envs[i] with actions[j] for the j-th i in rows: (obs, rewards, terminated, truncated) arrays."""
+    out = [envs[i].step(actions[j]) for j, i in enumerate(rows)]
+    if not out:
+        return np.zeros((0,) + envs[0].observation_space.shape), np.zeros(0), np.zeros(0, bool), np.zeros(0, bool)
+    return (np.stack([o[0] for o in out]), np.array([o[1] for o in out], dtype=np.float64),
+            np.array([o[2] for o in out], dtype=bool), np.array([o[3] for o in out], dtype=bool))
+
+
+def _make_reset_envs(task: Task, steps: int, seeds, env_kwargs):
+    envs = [make_env(task, steps, **(env_kwargs or {})) for _ in seeds]
+    obs = np.stack([env.reset(seed=int(s))[0] for env, s in zip(envs, seeds)]).astype(np.float32)
+    return envs, obs
+
+
+def _env_worker(conn, task_name: str, steps: int, seeds: list, env_kwargs) -> None:
+    """Worker process of overlap="process": owns the envs; answers (rows, actions) with _step_envs."""
+    envs = []
+    try:
+        envs, obs = _make_reset_envs(get_task(task_name), steps, seeds, env_kwargs)
+        conn.send(("ok", (obs, envs[0].action_space.low, envs[0].action_space.high)))
+        while True:
+            msg = conn.recv()
+            if msg is None:
+                break
+            conn.send(("ok", _step_envs(envs, *msg)))
+    except BaseException as e:  # reported to the parent, which raises it
+        try:
+            conn.send(("error", f"{type(e).__name__}: {e}"))
+        except (BrokenPipeError, OSError):
+            pass
+    finally:
+        for env in envs:
+            env.close()
+        conn.close()
+
+
+class _EnvGroup:
+    """The seeds' envs, reset: here (stepped inline or by one worker thread) or in a worker process.
+
+    step(rows, actions) -> result; submit(rows, actions) -> a callable that waits for the result."""
+
+    def __init__(self, task: Task, steps: int, seeds, env_kwargs, in_process: bool):
+        self._proc = self._conn = self._pool = None
+        self.envs = []
+        if in_process:
+            import multiprocessing as mp
+
+            ctx = mp.get_context("spawn")  # no fork of a process holding torch / engine thread pools
+            self._conn, child = ctx.Pipe()
+            self._proc = ctx.Process(target=_env_worker, args=(child, task.name, steps, list(seeds), env_kwargs),
+                                     daemon=True)
+            self._proc.start()
+            child.close()
+            self.obs, self.low, self.high = self._recv()
+        else:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self.envs, self.obs = _make_reset_envs(task, steps, seeds, env_kwargs)
+            self.low, self.high = self.envs[0].action_space.low, self.envs[0].action_space.high
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="ractd-envs")
+
+    def _recv(self):
+        try:
+            status, payload = self._conn.recv()
+        except EOFError:
+            raise RuntimeError(f"env worker process exited (code {self._proc.exitcode})") from None
+        if status != "ok":
+            raise RuntimeError(f"env worker process failed: {payload}")
+        return payload
+
+    def step(self, rows, actions):
+        return self.submit(rows, actions)()
+
+    def submit(self, rows, actions):
+        if self._conn is not None:
+            self._conn.send((rows, actions))
+            return self._recv
+        if not len(rows):
+            return lambda: _step_envs(self.envs, rows, actions)
+        return self._pool.submit(_step_envs, self.envs, rows, actions).result
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+        for env in self.envs:
+            env.close()
+        if self._proc is not None:
+            try:
+                self._conn.send(None)
+            except (BrokenPipeError, OSError):
+                pass
+            self._proc.join(timeout=10)
+            if self._proc.is_alive():
+                self._proc.kill()
+            self._conn.close()
 
 
 # ---------------------------------------------------------------------------------------------- maze2d
