@@ -40,12 +40,13 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from ractd import ctm, ddpm, edm
+from ractd import RactdError, ctm, ddpm, edm
 
 log = logging.getLogger(__name__)
 
 Sampler = Callable[[torch.Tensor, Sequence[torch.Generator]], torch.Tensor]
 SAMPLER_KINDS = ("heun", "euler", "ddpm", "ddim", "student")
+MAZE_TRACKERS = ("pd", "inverse_dynamics")
 
 
 # ---------------------------------------------------------------------------------------------- noise
@@ -241,14 +242,25 @@ class LocomotionPolicy:
 # ---------------------------------------------------------------------------------------------- maze2d
 
 class MazePlanner:
-    """Open-loop maze2d planner (Diffuser protocol): plan once from (start, goal), then PD-track the plan.
+    """Open-loop maze2d planner (Diffuser protocol): plan once from (start, goal), then track the plan.
 
     sampler: a Sampler producing (B, horizon, 4) normalized state sequences from cond (B, 8).
     obs_normalizer: the Normalizer of the 4-d maze states [x, y, vx, vy] (D4RL coordinates).
+    tracker: "pd" (Diffuser's PD rule, MazePlanner.track) or "inverse_dynamics" (paper Sec. 4.2: the action
+        toward each waypoint from `inverse_dynamics`, a ractd.inverse_dynamics.InverseDynamics; its track()
+        then becomes this instance's track, while the class attribute MazePlanner.track stays the PD rule).
     """
 
-    def __init__(self, sampler: Sampler, obs_normalizer, horizon: int):
+    def __init__(self, sampler: Sampler, obs_normalizer, horizon: int, tracker: str = "pd",
+                 inverse_dynamics=None):
         self.sampler, self.obs_normalizer, self.horizon = sampler, obs_normalizer, int(horizon)
+        if tracker not in MAZE_TRACKERS:
+            raise RactdError(f"unknown maze tracker {tracker!r}; expected one of {', '.join(MAZE_TRACKERS)}")
+        if (tracker == "inverse_dynamics") != (inverse_dynamics is not None):
+            raise RactdError("tracker='inverse_dynamics' needs an inverse_dynamics model, and only it takes one")
+        self.tracker = tracker
+        if inverse_dynamics is not None:
+            self.track = inverse_dynamics.track
 
     def conditioning(self, start_obs: np.ndarray, goal_xy: np.ndarray) -> torch.Tensor:
         """cond = concat(normalize(start), normalize([gx, gy, 0, 0])): (n, 2 * obs_dim) float32."""
