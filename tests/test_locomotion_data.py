@@ -5,6 +5,7 @@ transition is replayed from its stored MuJoCo state (infos/qpos, infos/qvel) wit
 env's own next observation, reward and termination flag must match the file.
 """
 
+import dataclasses
 from pathlib import Path
 
 import gymnasium as gym
@@ -203,3 +204,74 @@ def test_episode_returns_split_on_terminals_and_timeouts():
     data = {"rewards": np.array([1.0, 2.0, 3.0, 4.0, 5.0], np.float32),
             "terminals": np.array([0, 1, 0, 0, 0], bool), "timeouts": np.array([0, 0, 0, 1, 0], bool)}
     np.testing.assert_allclose(gl.episode_returns(data), [3.0, 7.0, 5.0])
+
+
+# ---------------------------------------------------------------------------------------------- recipes, info
+
+
+def test_walker_small_uses_its_own_recipe():
+    walker, hopper = gl.recipe_for("Walker2d-v5", "small"), gl.recipe_for("Hopper-v5", "small")
+    assert hopper == gl.RECIPES["small"]  # no override: the scale's recipe
+    assert walker == dataclasses.replace(gl.RECIPES["small"], **gl.RECIPE_OVERRIDES[("walker2d", "small")])
+    assert walker.total_steps > gl.RECIPES["small"].total_steps and walker.key() != hopper.key()
+    assert gl.recipe_for("walker2d", "small") == walker and gl.recipe_for("Walker2d-v5", "tiny") == gl.RECIPES["tiny"]
+
+
+def test_generation_trains_walker_with_the_walker_recipe(monkeypatch):
+    """generate_locomotion(walker2d-medium, small) hands the walker recipe to the trainer (stopped before SAC)."""
+    seen = {}
+
+    def stop(self, until):
+        seen.update(recipe=self.recipe, dir=self.cache.dir, until=until)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(gl._Trainer, "run", stop)
+    with pytest.raises(KeyboardInterrupt):
+        gl.generate_locomotion(get_task("walker2d-medium"), scale="small", seed=0)
+    walker = gl.recipe_for("Walker2d-v5", "small")
+    assert seen["recipe"] == walker and seen["until"] == "medium"
+    assert seen["dir"].name == f"small-seed0-{walker.key()}"
+
+
+def _info(path, capsys) -> str:
+    from ractd.data.__main__ import main
+
+    assert main(["info", str(path)]) == 0
+    return capsys.readouterr().out
+
+
+def _file_with_meta(path: Path, **meta) -> Path:
+    from ractd.data.d4rl import write_d4rl_hdf5
+
+    n = 4
+    data = {"observations": np.zeros((n, 17), np.float32), "actions": np.zeros((n, 6), np.float32),
+            "rewards": np.ones(n, np.float32), "terminals": np.zeros(n, bool),
+            "timeouts": np.array([0, 1, 0, 1], bool)}
+    base = {"task": "walker2d-medium-expert", "split": "medium-expert", "medium_threshold_return": 1531.9,
+            "medium_policy_step": 100000}
+    return write_d4rl_hdf5(path, data, {**base, **meta})
+
+
+def test_info_says_when_medium_was_not_reached(tmp_path, capsys):
+    out = _info(_file_with_meta(tmp_path / "a.hdf5", medium_reached=0, medium_policy_eval_return=1200.0,
+                                expert_policy_eval_return=3000.0, expert_policy_step=150000), capsys)
+    assert "medium       NOT REACHED: policy eval return 1200.0 (step 100000) < threshold 1531.9" in out
+    assert "= normalized 33.3" in out
+    assert "medium / expert = 0.40 (>= 1/3)" in out
+
+
+def test_info_says_when_medium_is_below_a_third_of_the_expert(tmp_path, capsys):
+    out = _info(_file_with_meta(tmp_path / "b.hdf5", medium_reached=1, medium_policy_eval_return=1600.0,
+                                expert_policy_eval_return=5000.0, expert_policy_step=300000), capsys)
+    assert "medium       reached: policy eval return 1600.0 (step 100000) >= threshold 1531.9" in out
+    assert "medium / expert = 0.32 (NOT >= 1/3" in out
+    assert "NOT REACHED" not in out
+
+
+def test_info_of_a_generated_tiny_file_reports_the_forced_medium(hopper_mr, capsys):
+    _, path = hopper_mr
+    out = _info(path, capsys)
+    meta = read_metadata(path)
+    assert meta["medium_reached"] == 0
+    assert f"medium       NOT REACHED: policy eval return {meta['medium_policy_eval_return']:.1f} " in out
+    assert "medium / expert" not in out  # a medium-replay file records no expert

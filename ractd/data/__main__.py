@@ -80,6 +80,33 @@ def _stats(x) -> str:
     return f"min {x.min():.2f}  median {np.median(x):.2f}  max {x.max():.2f}"
 
 
+def _definition_lines(meta: dict, task) -> list[str]:
+    """Whether a generated locomotion file's behavior policies met their split's definition.
+
+    medium (also behind medium-replay and medium-expert): the first evaluation at >= 1/3 of D4RL's expert
+    reference (metadata medium_reached; when it was never reached, the recipe took the policy at its
+    medium_max_steps). With an expert in the file: the medium policy's evaluation return against a third of the
+    expert's. Empty for files without generation metadata (D4RL downloads, maze data)."""
+    if "medium_reached" not in meta or "medium_policy_eval_return" not in meta:
+        return []
+    med, step = float(meta["medium_policy_eval_return"]), int(meta.get("medium_policy_step", -1))
+    thr = float(meta.get("medium_threshold_return", float("nan")))
+    norm = f" = normalized {task.normalized_score(thr):.1f}" if task is not None else ""
+    if int(meta["medium_reached"]):
+        lines = [f"medium       reached: policy eval return {med:.1f} (step {step}) >= threshold {thr:.1f}{norm}"]
+    else:
+        lines = [f"medium       NOT REACHED: policy eval return {med:.1f} (step {step}) < threshold {thr:.1f}{norm}; "
+                 "taken at the recipe's medium_max_steps, so this data is below D4RL's medium definition"]
+    if "expert_policy_eval_return" in meta:
+        exp = float(meta["expert_policy_eval_return"])
+        ok = exp > 0 and med >= exp / 3.0
+        ratio = f"{med / exp:.2f}" if exp > 0 else "undefined"
+        lines.append(f"expert       policy eval return {exp:.1f} (step {int(meta.get('expert_policy_step', -1))}); "
+                     f"medium / expert = {ratio} " + ("(>= 1/3)" if ok else "(NOT >= 1/3: medium is below a third of "
+                                                                          "this expert)"))
+    return lines
+
+
 def _info(args) -> int:
     from ractd.data.windows import _bounds_arrays
 
@@ -110,6 +137,8 @@ def _info(args) -> int:
         print(f"goals        {int((gap <= REWARD_RADIUS).sum())}/{len(last)} episodes end within {REWARD_RADIUS} "
               f"of their goal")
     meta = {k[len('metadata/'):]: v for k, v in data.items() if k.startswith("metadata/")}
+    for line in _definition_lines(meta, task):
+        print(line)
     if meta:
         print("metadata     " + ", ".join(f"{k}={v}" for k, v in sorted(meta.items()))[:400])
     return 0
