@@ -19,7 +19,10 @@ the data's action range.
 Training pairs: (observations[i], observations[i + 1], actions[i]) for every i whose successor lies in the same
 episode (ractd.data.windows.episode_bounds over terminals | timeouts), so no pair crosses a boundary where a
 dataset may reset the state. Loss: mean squared error; a held-out share of the pairs gives the reported
-validation error (mean absolute error in action units, beside the error of the zero predictor).
+validation error (mean absolute error in action units, beside the error of the zero predictor). Measured on
+maze2d-umaze small (100k generated steps, one CPU thread): validation MAE 0.0347 after 5000 steps (22 s CPU) and
+0.0091 after the default 20000 (77 s), against 0.68 for the zero predictor (on all pairs: 0.023 on the 11% where
+PointMaze clips the velocity to [-5, 5] before the step, 0.007 elsewhere).
 
 Tracking (Decision Diffuser's use of an inverse dynamics model): at env step t the action is
 f(observed s_t, planned waypoint), the waypoint being plan[t + 1] and, once t + 1 >= H, the last planned state
@@ -59,7 +62,7 @@ class InverseDynamicsConfig:
     """
 
     hidden: tuple[int, ...] = (256, 256)
-    steps: int = 5000
+    steps: int = 20_000
     batch_size: int = 256
     lr: float = 1e-3
     val_fraction: float = 0.05
@@ -219,3 +222,71 @@ def train_inverse_dynamics(data: dict, config: InverseDynamicsConfig = InverseDy
     if out is not None:
         model.save(out)
     return model
+
+
+def default_path(task: str, scale: str) -> Path:
+    """Where the CLI saves a task's model: ractd.paths.cache_dir()/"inverse_dynamics"/<task>-<scale>.pt."""
+    from ractd.paths import cache_dir
+
+    return cache_dir() / "inverse_dynamics" / f"{task}-{scale}.pt"
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+
+def build_parser():
+    """python -m ractd.inverse_dynamics TASK: options generated from InverseDynamicsConfig's fields."""
+    import argparse
+
+    from ractd.data.d4rl import SOURCES
+    from ractd.tasks import SCALES
+
+    class Parser(argparse.ArgumentParser):
+        def error(self, message):
+            self.exit(2, f"{self.prog}: error: {message}\n")
+
+    p = Parser(prog="python -m ractd.inverse_dynamics",
+               description="Train the maze2d inverse dynamics model a = f(s_t, s_{t+1}) on a task's dataset and "
+                           "save it (MazePlanner(tracker='inverse_dynamics') loads it with InverseDynamics.load).")
+    p.add_argument("task", help="maze task, e.g. maze2d-umaze")
+    p.add_argument("--scale", choices=SCALES, default="small", help="scale of a local dataset (default small)")
+    p.add_argument("--source", choices=SOURCES, default="auto", help="dataset source (default auto)")
+    p.add_argument("--out", type=Path, default=None, help="checkpoint path (default: the ractd cache, "
+                                                          "inverse_dynamics/<task>-<scale>.pt)")
+    docs = dict(line.strip().split(": ", 1) for line in InverseDynamicsConfig.__doc__.splitlines()
+                if ": " in line and line.strip().split(": ", 1)[0].isidentifier())
+    for f in dataclasses.fields(InverseDynamicsConfig):
+        doc = f"{docs.get(f.name, '')} (default {f.default})"
+        if f.name == "hidden":
+            p.add_argument("--hidden", type=int, nargs="+", default=list(f.default), help=doc)
+        else:
+            p.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default, help=doc)
+    return p
+
+
+def main(argv=None) -> int:
+    import sys
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    try:
+        from ractd.data.d4rl import load_dataset
+        from ractd.tasks import get_task
+
+        task = get_task(args.task)
+        if task.kind != "maze":
+            raise RactdError(f"{task.name} is not a maze task; the inverse dynamics tracker is for maze2d")
+        cfg = InverseDynamicsConfig(**{f.name: (tuple(args.hidden) if f.name == "hidden" else getattr(args, f.name))
+                                       for f in dataclasses.fields(InverseDynamicsConfig)})
+        out = args.out or default_path(task.name, args.scale)
+        model = train_inverse_dynamics(load_dataset(task, source=args.source, scale=args.scale), cfg, out=out,
+                                       progress=True)
+    except RactdError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"{out}  validation MAE {model.metrics['val_mae']:.4f} (zero predictor {model.metrics['val_mae_zero']:.4f})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
