@@ -137,3 +137,19 @@ def test_tracker_option_is_validated(trained):
         MazePlanner(None, model.obs_normalizer, 8, tracker="pid")
     with pytest.raises(RactdError, match="needs an inverse_dynamics model"):
         MazePlanner(None, model.obs_normalizer, 8, tracker="inverse_dynamics")
+
+
+def test_cli_trains_from_the_task_dataset_and_rejects_bad_input(tmp_path, capsys):
+    from ractd.inverse_dynamics import main
+
+    generate_maze(UMAZE, scale="tiny", seed=0)  # the local tiny dataset the CLI loads by task name
+    out = tmp_path / "idm.pt"
+    assert main(["maze2d-umaze", "--scale", "tiny", "--steps", "50", "--hidden", "16", "8", "--out", str(out)]) == 0
+    loaded = InverseDynamics.load(out)
+    assert loaded.config == InverseDynamicsConfig(steps=50, hidden=(16, 8))
+    assert str(out) in capsys.readouterr().out
+    assert main(["hopper-medium"]) == 2
+    assert capsys.readouterr().err.strip() == ("error: hopper-medium is not a maze task; the inverse dynamics "
+                                               "tracker is for maze2d")
+    assert main(["maze2d-umaze", "--scale", "tiny", "--steps", "0"]) == 2
+    assert "steps, batch_size, lr must be positive" in capsys.readouterr().err
