@@ -30,6 +30,11 @@ forced at a fixed step because no threshold is reachable), small = 150k SAC step
 dataset, full = 1M SAC steps with 256x256 nets and D4RL's dataset sizes (task.dataset_size; medium-expert = two
 halves of that). The expert of "small" is whatever 150k steps reach; the metadata records the actual returns. The
 medium-replay size is what the agent saw until medium (D4RL's sizes for it are not a recipe parameter).
+Per-env changes to a scale's recipe live in `RECIPE_OVERRIDES` (recipe_for(env_id, scale) applies them; the cache
+key follows the resulting recipe): walker2d at "small" trains 300k steps and takes medium by 250k at the latest,
+because with 150k / 100k its medium threshold was never reached (medium_reached = 0). A split whose medium policy
+missed the threshold says so in `python -m ractd.data info` ("medium NOT REACHED"), which also prints the medium
+policy's return against a third of the expert's when the file has an expert.
 
 Cache (per env, scale and seed, shared by all tasks of that env): ractd.paths.cache_dir()/"behavior"/<env_id>/
 <scale>-seed<seed>-<recipe hash>/ holds random.pt, medium.pt, expert.pt (policy state_dicts), replay.npz (the
