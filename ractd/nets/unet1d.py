@@ -27,13 +27,18 @@ class SinusoidalEmbedding(nn.Module):
         super().__init__()
         if dim % 2:
             raise ValueError(f"time embedding dim must be even, got {dim}")
+        self.register_buffer("freqs", self.frequencies(dim), persistent=False)
+        self.out_dtype: torch.dtype | None = None  # set by to_precision: features computed in freqs' dtype
+
+    @staticmethod
+    def frequencies(dim: int, device=None) -> torch.Tensor:
         half = dim // 2
-        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32) / (half - 1))
-        self.register_buffer("freqs", freqs, persistent=False)
+        return torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=device) / (half - 1))
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         arg = t.to(self.freqs.dtype)[:, None] * self.freqs[None, :]
-        return torch.cat([arg.sin(), arg.cos()], dim=-1)
+        emb = torch.cat([arg.sin(), arg.cos()], dim=-1)
+        return emb if self.out_dtype is None else emb.to(self.out_dtype)
 
 
 class Conv1dBlock(nn.Sequential):
@@ -130,9 +135,8 @@ class ConditionalUnet1D(nn.Module):
         weights' dtype and returns the input's dtype."""
         self._check(x, times, cond)
         io_dtype, dtype = x.dtype, self.final[1].weight.dtype
-        if io_dtype != dtype:
-            x, times = x.to(dtype), tuple(t.to(dtype) for t in times)
-            cond = cond.to(dtype) if cond is not None else None
+        if io_dtype != dtype:  # the times stay as given: the sinusoidal features are computed in float32
+            x, cond = x.to(dtype), (cond.to(dtype) if cond is not None else None)
         feats = [self.time_embed(t) for t in times]
         if self.global_cond_dim:
             feats.append(cond)
@@ -203,16 +207,22 @@ def to_precision(model: nn.Module, precision: str = "fp32") -> nn.Module:
 
     Only the U-Net's weights and arithmetic change: it still takes and returns the caller's dtype (float32),
     so samplers keep their noise, scalings and clamping in float32 and a seed draws the same noise at either
-    precision. bench/bench_inference.py measures the speed; the distance between fp32 and bf16 actions is
+    precision. The sinusoidal time features stay float32 (their arguments, 250 ln(sigma) times frequencies
+    up to 1, are ~1e3: in bf16 the phase would be off by several radians). bench/bench_inference.py measures the speed; the distance between fp32 and bf16 actions is
     the behavioural cost (about 1e-2 on a random small U-Net), not a float tolerance.
     """
     if precision not in PRECISIONS:
         from ractd import RactdError
 
         raise RactdError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
+    dtype = PRECISIONS[precision]
     for m in model.modules():
         if isinstance(m, (ConditionalUnet1D, FusedUnet)):
-            m.to(PRECISIONS[precision])
+            m.to(dtype)
+    for m in model.modules():
+        if isinstance(m, SinusoidalEmbedding):  # sin/cos of 250 ln(sigma) ~ 1e3 need float32 arguments
+            m.freqs = m.frequencies(2 * len(m.freqs), m.freqs.device)  # recomputed: m.to() rounded them
+            m.out_dtype = None if dtype == torch.float32 else dtype
     return model
 
 
@@ -271,7 +281,7 @@ class FusedUnet(nn.Module):
         cond = cond.to(dtype) if cond is not None and net.global_cond_dim else None
         if self.fixed_times is None:
             B = x.shape[0]
-            emb = net.time_embed(torch.cat([t.to(dtype) for t in times]))  # (n_times * B, E)
+            emb = net.time_embed(torch.cat(list(times)))  # (n_times * B, E)
             emb = emb.reshape(self.n_times, B, -1).transpose(0, 1).reshape(B, -1)  # (B, n_times * E)
             feats = [emb] + ([cond] if cond is not None else [])
             c = net.cond_act(torch.cat(feats, dim=-1))
