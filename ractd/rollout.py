@@ -6,6 +6,19 @@ slightly faster, 7.6-8.3k vs 7.4-7.5k random steps/s on one core, and it lets fi
 which a vector env's autoreset does not). At every env step the policy makes ONE sampler call for all live
 seeds; an episode that terminates or is truncated is not stepped again and leaves the batch.
 
+Overlap. `rollout_locomotion(overlap="thread" | "process")` splits the seeds into two halves that take
+turns: the network acts for one half while the other half's envs step, in a worker thread (MuJoCo and the
+inference engines release the GIL; torch releases it inside each op) or in a worker process that owns all
+the envs ("process" starts it with multiprocessing's spawn, so the caller's __main__ must be importable: a
+script file or a -m module, not stdin). Per-seed records are the same as without overlap (each env sees the
+same observations, actions and noise; only a half-size batch may round the network's last bits
+differently). It pays only when a core would otherwise idle: bench/bench_inference.py, 100 Hopper seeds x
+1000 steps, small student on OpenVINO with one network thread, on the 2-CPU machine while other jobs kept
+load average 5-9, measured 0.30 of raw env stepping sequential vs 0.26 (thread) and 0.27 (process), and
+with the TorchScript (jit) net 0.22 vs 0.20 / 0.18 -- no idle core to overlap into. Hence the default
+overlap=False; use "thread" where the rollout owns two otherwise idle cores (envs on one, network on the
+other).
+
 Threads. Small networks on a shared CPU: torch's default intra-op threads can make a batch-100 forward 10x
 slower under contention (measured 189-1283 ms vs 61 ms with one thread); callers (CLI, Ray actors) should
 set torch.set_num_threads to the CPUs they own. This module does not, as that is process-global state.
@@ -111,7 +124,8 @@ def rollout_locomotion(task: Task | str, policy, seeds: list[int], max_steps: in
     and the inference engines release the GIL) or in a worker process that owns all the envs. Each env sees
     exactly the same observations, actions and noise as without overlap (same records: tests/
     test_rollout_overlap.py), up to the float rounding of a batched network call of half the size.
-    bench/bench_inference.py measures the modes; the default stays False (see the module doc).
+    bench/bench_inference.py measures the modes; the default False was faster on the shared 2-CPU machine
+    (see the module doc).
     env_kwargs: extra gym.make arguments (e.g. terminate_when_unhealthy=False for benchmarks).
     """
     from tqdm import tqdm
