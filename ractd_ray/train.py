@@ -265,14 +265,38 @@ class StepHook:
 # ------------------------------------------------------------------------------------------- driver side
 
 def ensure_ray(address: str | None = None, **init_kwargs) -> bool:
-    """Connect to Ray: `address` (or $RAY_ADDRESS) = an existing cluster ("auto" = the local node's), else a
-    local instance. Returns True if this call started or connected (the caller shuts it down)."""
+    """Connect to Ray: `address` (or $RAY_ADDRESS) = an existing cluster ("auto" = the local node's), else start
+    a local instance. Returns True if this call started or connected (the caller shuts it down).
+
+    A local instance gets its dashboard on a free port, and every Ray process of the job learns that address
+    ($RAY_API_SERVER_ADDRESS): Ray Train's PlacementGroupCleaner finds the controller through the state API,
+    which otherwise refuses to guess when several Ray instances run on one machine, and the workers of a Tune
+    trial stopped early by ASHA would keep their CPUs (the next trial then waits forever).
+    """
     import ray
 
     if ray.is_initialized():
         return False
     address = address or os.environ.get("RAY_ADDRESS") or None
-    ray.init(address=address, logging_level=logging.WARNING, **init_kwargs)
+    env = {}
+    if address is None:
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+        init_kwargs.update(dashboard_host="127.0.0.1", dashboard_port=port)
+    elif address != "auto" and "://" not in address:  # the job's processes find the same cluster
+        env["RAY_ADDRESS"] = address
+    if env:
+        runtime_env = dict(init_kwargs.pop("runtime_env", None) or {})
+        runtime_env["env_vars"] = {**runtime_env.get("env_vars", {}), **env}
+        init_kwargs["runtime_env"] = runtime_env
+    ctx = ray.init(address=address, logging_level=logging.WARNING, **init_kwargs)
+    if address is None and getattr(ctx, "dashboard_url", None) and not ctx.dashboard_url.endswith(f":{port}"):
+        log.warning("Ray's dashboard is at %s, not port %d: trials stopped early may not release their workers",
+                    ctx.dashboard_url, port)
     return True
 
 
@@ -289,14 +313,15 @@ def fit_stages(cfgs: list[TrainConfig], num_workers: int = 1, use_gpu: bool | st
                storage_path: str | None = None, name: str | None = None, callbacks: list | None = None,
                on_step: Callable[[int], None] | None = None, cpus_per_worker: float = 1,
                bucket_mb: float = DEFAULT_BUCKET_MB, progress: bool = True, keep_checkpoints: int = 1,
-               log_level: str = "WARNING") -> list[dict]:
+               log_level: str = "WARNING", controller_failure_limit: int = 30) -> list[dict]:
     """Train the stages `cfgs` in order in one Ray Train worker group of `num_workers` workers.
 
     storage_path / name: where Ray persists the run (default <run_dir of the first stage>/ray, "-".join(stages));
     a later call with the same pair resumes from the latest persisted checkpoint. keep_checkpoints: persisted
     checkpoints kept (the latest ones; best.pt lives in the stage folder). callbacks: Ray Train UserCallbacks
     (a Tune trial passes its report callback). log_level: Ray Train's own console logs (INFO logs every
-    report). Returns worker_loop's per-stage dicts (rank 0's), each with
+    report). controller_failure_limit: worker-group start-ups that may time out (60 s each, e.g. waiting for
+    CPUs) before the run fails instead of waiting forever (Ray's default is to wait forever). Returns worker_loop's per-stage dicts (rank 0's), each with
     "ray_checkpoint" (the run's latest persisted checkpoint), "ray_path" and "fit_time_s" added. A failed run
     (after max_failures restarts) raises RactdError naming the error.
     """
@@ -320,7 +345,8 @@ def fit_stages(cfgs: list[TrainConfig], num_workers: int = 1, use_gpu: bool | st
                                                resources_per_worker={"CPU": cpus_per_worker}),
         run_config=ray.train.RunConfig(
             name=name, storage_path=storage_path, callbacks=callbacks,
-            failure_config=ray.train.FailureConfig(max_failures=max_failures),
+            failure_config=ray.train.FailureConfig(max_failures=max_failures,
+                                                   controller_failure_limit=controller_failure_limit),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=keep_checkpoints),
             logging_config=ray.train.LoggingConfig(log_level=log_level)))
     t0 = time.perf_counter()

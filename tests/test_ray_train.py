@@ -136,6 +136,7 @@ def test_two_workers_step_equals_one_process_step_on_the_union_batch(tmp_path):
     assert moved  # the step changed the weights, so the comparison above is not trivially true
 
 
+@pytest.mark.slow
 def test_worker_failure_restarts_from_the_last_persisted_checkpoint(tmp_path):
     random_hopper_dataset()
     run = tmp_path / "run"

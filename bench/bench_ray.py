@@ -1,0 +1,202 @@
+"""Ray Train / Ray Tune costs on this machine, each printed from one run.
+
+1. Distillation steps/s of the student (the task's CPU preset, tiny hopper data) with 1 and 2 Ray Train workers
+   at the same global batch, and in one plain process (no Ray) for reference.
+2. Gradient all-reduce time per step across 2 workers (gloo, CPU) for the small and the paper-size student
+   (ractd.config.UNET_PRESETS["mujoco"]): one flattened (bucketed) all-reduce (ractd_ray.train.GradAllReduce)
+   against one all-reduce per parameter.
+3. Ray's overhead in a sweep (ractd_ray.search.run_search): wall time against the sum of the trials' training
+   time (ractd.train.train inside the workers), the fixed start-up (Ray, dataset, shared models) and the
+   per-trial start-up (Tune trial + Ray Train worker group).
+
+    python bench/bench_ray.py [--steps 60] [--batch 256] [--trial-steps 200] [--trials 3] [--skip-paper]
+
+Everything is written into a temporary cache folder that is removed at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def random_hopper(n_steps: int = 3000, seed: int = 0) -> Path:
+    """A D4RL-format hopper dataset from uniform random actions (for timing only)."""
+    import gymnasium as gym
+
+    from ractd.data.d4rl import local_dataset_path, write_d4rl_hdf5
+    from ractd.tasks import get_task
+
+    env = gym.make("Hopper-v5")
+    rng = np.random.default_rng(seed)
+    cols = {k: [] for k in ("observations", "next_observations", "actions", "rewards", "terminals", "timeouts")}
+    obs, _ = env.reset(seed=seed)
+    for i in range(n_steps):
+        a = rng.uniform(-1, 1, 3).astype(np.float32)
+        nxt, r, term, trunc, _ = env.step(a)
+        trunc = trunc or i == n_steps - 1
+        for k, v in zip(cols, (obs, nxt, a, r, term, trunc and not term)):
+            cols[k].append(v)
+        obs = env.reset()[0] if term or trunc else nxt
+    data = {k: np.asarray(v, np.float32 if k not in ("terminals", "timeouts") else bool) for k, v in cols.items()}
+    return write_d4rl_hdf5(local_dataset_path(get_task("hopper-medium-replay"), "tiny"), data, {"recipe": "random"})
+
+
+def _steps_per_s(stage_dir: Path) -> float:
+    """Mean training speed over the checkpoints after the first (the first includes warm-up)."""
+    lines = [json.loads(x) for x in (stage_dir / "metrics.jsonl").read_text().splitlines()]
+    return statistics.mean(m["steps_per_s"] for m in lines[1:])
+
+
+def bench_distill(root: Path, steps: int, batch: int) -> dict:
+    from ractd.train import RunContext, TrainConfig, train
+    from ractd_ray.train import fit_stage
+
+    task = "hopper-medium-replay"
+    teacher = TrainConfig.for_stage("teacher", task=task, scale="tiny", source="local", steps=2, batch=16,
+                                    run_dir=str(root / "teacher-run"))
+    train(teacher, RunContext(progress=False))
+    every = max(1, steps // 4)
+    student = TrainConfig.for_stage("student", task=task, scale="tiny", source="local", steps=steps, batch=batch,
+                                    ckpt_every=every, report_every=every, select_seeds=0,
+                                    teacher_ckpt=str(root / "teacher-run" / "teacher" / "best.pt"))
+    student = replace(student, distill=replace(student.distill, sigma=0.0))  # CTD: no reward model needed
+    out = {}
+    torch.set_num_threads(1)
+    local = replace(student, run_dir=str(root / "local"))
+    train(local, RunContext(progress=False))
+    out["process"] = _steps_per_s(root / "local" / "student")
+    for n in (1, 2):
+        cfg = replace(student, run_dir=str(root / f"ray{n}"))
+        t0 = time.perf_counter()
+        res = fit_stage(cfg, num_workers=n, use_gpu=False, storage_path=str(root / "ray"), name=f"distill{n}",
+                        progress=False)
+        out[f"workers{n}"] = _steps_per_s(root / f"ray{n}" / "student")
+        out[f"workers{n}_fit_s"] = time.perf_counter() - t0
+        out[f"workers{n}_train_s"] = res["train_time_s"]
+    return out
+
+
+def _allreduce_loop(config):
+    import ray.train
+    import torch.distributed as dist
+
+    from ractd import ctm
+    from ractd.config import unet_preset
+    from ractd.nets.unet1d import ConditionalUnet1D
+    from ractd_ray.train import GradAllReduce, PerParameterAllReduce
+
+    torch.set_num_threads(1)
+    rank, world = ray.train.get_context().get_world_rank(), ray.train.get_context().get_world_size()
+    model = ctm.Student(ConditionalUnet1D(3, 11, unet_preset(config["preset"]), n_times=2))
+    gen = torch.Generator().manual_seed(rank)
+    for p in model.parameters():
+        p.grad = torch.randn(p.shape, generator=gen)
+    out = {"params": sum(p.numel() for p in model.parameters()),
+           "tensors": sum(1 for p in model.parameters() if p.requires_grad)}
+    for name, reducer in (("flat", GradAllReduce(world)), ("per_param", PerParameterAllReduce(world))):
+        times = []
+        for i in range(config["repeats"] + 1):
+            dist.barrier()
+            t0 = time.perf_counter()
+            reducer(model)
+            dist.barrier()
+            if i:  # the first call allocates the flat buffer
+                times.append(time.perf_counter() - t0)
+        out[name] = statistics.median(times)
+        out[f"{name}_calls"] = reducer.calls // (config["repeats"] + 1)
+    return out
+
+
+def bench_allreduce(root: Path, preset: str, repeats: int) -> dict:
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    result = TorchTrainer(_allreduce_loop, train_loop_config={"preset": preset, "repeats": repeats},
+                          scaling_config=ray.train.ScalingConfig(num_workers=2, use_gpu=False),
+                          run_config=ray.train.RunConfig(name=f"allreduce-{preset}", storage_path=str(root / "ray"))
+                          ).fit()
+    if result.error is not None:
+        raise result.error
+    return result.return_value
+
+
+def bench_sweep(root: Path, trials: int, trial_steps: int) -> dict:
+    from ractd_ray.search import SearchConfig, run_search
+
+    cfg = SearchConfig(task="hopper-medium-replay", budget="quick", scale="tiny", source="local", preset="tiny",
+                       run_dir=str(root / "sweep"), num_samples=trials, steps=trial_steps, batch=64,
+                       teacher_steps=50, reward_steps=50, select_seeds=1, select_max_steps=50,
+                       grace_period=100)  # no early stopping: every trial runs all its steps
+    t0 = time.perf_counter()
+    res = run_search(cfg)
+    wall = time.perf_counter() - t0
+    train_s = sum(r["train_time_s"] for r in res["trials"])
+    fit_s = sum(r["fit_time_s"] for r in res["trials"])
+    return {"wall_s": wall, "startup_s": res["startup_s"], "tune_wall_s": res["tune_wall_s"],
+            "trials_train_s": train_s, "trials_fit_s": fit_s, "trials": len(res["trials"]),
+            "shared_train_s": res["shared"]["train_time_s"]}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--steps", type=int, default=60, help="distillation steps per speed measurement")
+    p.add_argument("--batch", type=int, default=256, help="global distillation batch")
+    p.add_argument("--repeats", type=int, default=5, help="all-reduce repetitions (median reported)")
+    p.add_argument("--trials", type=int, default=3, help="sweep trials")
+    p.add_argument("--trial-steps", type=int, default=200, help="distillation steps per sweep trial")
+    p.add_argument("--skip-paper", action="store_true", help="skip the paper-size all-reduce (needs ~6 GB)")
+    args = p.parse_args()
+
+    root = Path(tempfile.mkdtemp(prefix="ractd-bench-ray-"))
+    os.environ["RACTD_CACHE_DIR"] = str(root / "cache")
+    import ray
+
+    from ractd_ray.train import ensure_ray
+
+    try:
+        random_hopper()
+        t0 = time.perf_counter()
+        ensure_ray()
+        init_s = time.perf_counter() - t0
+        d = bench_distill(root, args.steps, args.batch)
+        print(f"ray.init: {init_s:.1f} s")
+        print(f"distillation, small student, global batch {args.batch}, steps/s: one process {d['process']:.2f}, "
+              f"1 worker {d['workers1']:.2f}, 2 workers {d['workers2']:.2f} "
+              f"(2 vs 1 worker: {d['workers2'] / d['workers1']:.2f}x; 1 worker vs process: "
+              f"{d['workers1'] / d['process']:.2f}x)")
+        print(f"  fit wall vs training time: 1 worker {d['workers1_fit_s']:.1f} s vs {d['workers1_train_s']:.1f} s, "
+              f"2 workers {d['workers2_fit_s']:.1f} s vs {d['workers2_train_s']:.1f} s")
+        for preset in ["small"] + ([] if args.skip_paper else ["mujoco"]):
+            a = bench_allreduce(root, preset, args.repeats)
+            print(f"all-reduce, 2 workers (gloo), {preset} student ({a['params'] / 1e6:.1f} M parameters, "
+                  f"{a['tensors']} tensors): flattened {a['flat'] * 1e3:.1f} ms ({a['flat_calls']} call(s)), "
+                  f"per-parameter {a['per_param'] * 1e3:.1f} ms ({a['per_param_calls']} calls): "
+                  f"{a['per_param'] / a['flat']:.2f}x")
+        ray.shutdown()
+        s = bench_sweep(root, args.trials, args.trial_steps)
+        per_trial = (s["tune_wall_s"] - s["trials_train_s"]) / s["trials"]
+        print(f"sweep of {s['trials']} trials x {args.trial_steps} steps: wall {s['wall_s']:.1f} s = fixed start-up "
+              f"{s['startup_s']:.1f} s (Ray, dataset) + shared models {s['wall_s'] - s['startup_s'] - s['tune_wall_s']:.1f}"
+              f" s (training {s['shared_train_s']:.1f} s) + Tune {s['tune_wall_s']:.1f} s")
+        print(f"  Tune wall vs sum of trials' training time: {s['tune_wall_s']:.1f} s vs {s['trials_train_s']:.1f} s "
+              f"= {s['tune_wall_s'] / s['trials_train_s']:.2f}x; start-up per trial {per_trial:.1f} s "
+              f"(trial fit {s['trials_fit_s'] / s['trials']:.1f} s vs training {s['trials_train_s'] / s['trials']:.1f} s)")
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

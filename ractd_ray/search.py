@@ -1,0 +1,600 @@
+"""The sweep over the Eq. (9) weights (alpha, beta, sigma) of one task: Ray Tune around Ray Train.
+
+    python tune/search.py --task walker2d-medium [--quick] [--num-samples N] [--workers W] [--resume] ...
+
+What a search does, in order (everything before Ray starts fails with one line and exit code 2):
+1. the dataset: the D4RL cache file, else the task's Minari dataset in the local store, else the locally
+   generated file at --scale, else it is generated now; it is loaded (which validates it) and fingerprinted, and
+   the log says which one is used;
+2. the teacher and (locomotion) the reward model, trained once per (task, their configs, dataset fingerprint)
+   with Ray Train (one worker group trains both) into ractd.paths.shared_models_dir(task, key) and reused by
+   every later search of the task (the paper's decoupled training: one teacher, one reward model, many students);
+3. a Tune search over search_space() (ALPHA_RANGE, BETA_RANGE, SIGMA_CHOICES) with Optuna's TPE (OptunaSearch), seeded with the task's Table 9 weights
+   (points_to_evaluate), ASHA on "select_score" (mode max) reported at every student checkpoint; each trial is
+   a Tune function trainable (0.5 CPU) that runs a TorchTrainer (ractd_ray.train) distilling one student;
+4. the results under the run folder (default ractd.paths.sweep_dir(task, scale)): trials.parquet (one row per
+   trial), best_config.json, best/checkpoint.pt (the best student), search.json (the search's config, for
+   --resume), trials/<trial_id>/ (each trial's run folder), ray/ (Tune's and Train's state); a table at the end.
+
+The objective is the paper's online model selection: the mean normalized return of the one-step student on
+select_seeds short rollouts (seeds 10000, ... disjoint from evaluation seeds), computed by the library at every
+checkpoint; a trial's score is its best checkpoint's, whose weights are its student/best.pt.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Literal
+
+from ractd import RactdError
+from ractd.config import from_dict, to_dict
+from ractd.tasks import SCALES, Task, get_task
+from ractd.train import BUDGETS, TrainConfig
+
+log = logging.getLogger(__name__)
+
+METRIC, MODE = "select_score", "max"
+
+# The search space of the Eq. (9) weights, the one place it is defined. sigma is a choice so that sigma = 0
+# (CTD, no reward term) is a point of the space, and every Table 9 value is on the grid; maze2d tasks have no
+# reward model, so their sigma is fixed at 0.
+ALPHA_RANGE = (0.25, 4.0)  # log-uniform
+BETA_RANGE = (0.25, 4.0)  # log-uniform
+SIGMA_CHOICES = (0.0, 0.05, 0.1, 0.2, 0.4, 0.5, 1.0, 2.0, 3.0)
+
+
+def search_space(task: Task) -> dict:
+    """Tune's param_space for a task (see ALPHA_RANGE, BETA_RANGE, SIGMA_CHOICES)."""
+    from ray import tune
+
+    space = {"alpha": tune.loguniform(*ALPHA_RANGE), "beta": tune.loguniform(*BETA_RANGE)}
+    space["sigma"] = tune.choice(list(SIGMA_CHOICES)) if task.kind == "locomotion" else 0.0
+    return space
+
+
+def table9_point(task: Task) -> dict:
+    """The task's paper weights (Table 9) as a point of the space (only the searched keys)."""
+    w = task.weights
+    point = {"alpha": w.alpha, "beta": w.beta}
+    if task.kind == "locomotion":
+        if w.sigma not in SIGMA_CHOICES:
+            raise RactdError(f"{task.name}: Table 9 sigma {w.sigma} is not on the search grid {SIGMA_CHOICES}")
+        point["sigma"] = w.sigma
+    return point
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchConfig:
+    """A sweep over the Eq. (9) weights of one task. tune/search.py's flags are generated from these fields.
+
+    task: registry name, e.g. walker2d-medium or maze2d-umaze.
+    budget: training budget of every stage: cpu | quick | paper (ractd.train.BUDGETS).
+    scale: scale of a locally generated dataset: tiny | small | full.
+    source: dataset: auto (D4RL cache, else Minari's local store, else the local file at scale, else generate
+        it) | d4rl | minari | local.
+    preset: U-Net preset of teacher and student: cpu (the task's CPU preset), paper, or a preset name ("" = the
+        budget's: paper for the paper budget, else cpu).
+    run_dir: output folder ("" = ractd.paths.sweep_dir(task, scale)).
+    num_samples: trials (weight settings); the first is the task's Table 9 setting.
+    max_concurrent: trials running at the same time.
+    workers: Ray Train workers per trial (and for training the shared teacher and reward model).
+    cpus_per_worker: CPUs reserved per worker (whole CPUs; a trial's driver takes 0.5 CPU more).
+    gpu: GPUs for the workers: auto (when the cluster has one per worker) | yes | no.
+    steps: distillation steps per trial (0 = the budget's).
+    batch: global distillation batch (0 = the budget's).
+    teacher_steps: steps of the shared teacher (0 = the budget's).
+    reward_steps: steps of the shared reward model (0 = the budget's).
+    ckpt_every: student checkpoint interval, where the objective is measured and ASHA decides (0 = steps / 4).
+    select_seeds: objective rollouts at each checkpoint (seeds 10000, ...).
+    select_max_steps: env steps of each objective rollout.
+    grace_period: checkpoints every trial runs before ASHA may stop it.
+    reduction_factor: ASHA's reduction factor.
+    max_failures: Ray Train restarts of a worker group after a worker failure (from its last checkpoint).
+    trial_failures: Tune retries of a failed trial.
+    seed: training seed of every stage and trial, and the TPE sampler's seed.
+    address: Ray cluster to connect to ("" = $RAY_ADDRESS if set, else a local Ray; auto = the running cluster).
+    """
+
+    task: str = "walker2d-medium"
+    budget: Literal["cpu", "quick", "paper"] = "cpu"
+    scale: str = "small"
+    source: Literal["auto", "d4rl", "minari", "local"] = "auto"
+    preset: str = ""
+    run_dir: str = ""
+    num_samples: int = 12
+    max_concurrent: int = 1
+    workers: int = 1
+    cpus_per_worker: int = 1
+    gpu: Literal["auto", "yes", "no"] = "auto"
+    steps: int = 0
+    batch: int = 0
+    teacher_steps: int = 0
+    reward_steps: int = 0
+    ckpt_every: int = 0
+    select_seeds: int = 5
+    select_max_steps: int = 300
+    grace_period: int = 2
+    reduction_factor: int = 2
+    max_failures: int = 2
+    trial_failures: int = 1
+    seed: int = 0
+    address: str = ""
+
+    def validate(self) -> "SearchConfig":
+        """Check every field; a bad value raises RactdError with one line naming it."""
+        get_task(self.task)
+        if self.budget not in BUDGETS:
+            raise RactdError(f"budget={self.budget!r}: expected one of {', '.join(BUDGETS)}")
+        if self.scale not in SCALES:
+            raise RactdError(f"unknown scale {self.scale!r}; expected one of {', '.join(SCALES)}")
+        if self.source not in ("auto", "d4rl", "minari", "local"):
+            raise RactdError(f"source={self.source!r}: expected one of auto, d4rl, minari, local")
+        for name in ("num_samples", "max_concurrent", "workers", "cpus_per_worker", "select_seeds",
+                     "select_max_steps", "grace_period"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise RactdError(f"{name}={v!r}: must be a positive integer")
+        for name in ("steps", "batch", "teacher_steps", "reward_steps", "ckpt_every", "max_failures",
+                     "trial_failures", "seed"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 0:
+                raise RactdError(f"{name}={v!r}: must be a non-negative integer")
+        if self.reduction_factor < 2:
+            raise RactdError(f"reduction_factor={self.reduction_factor!r}: must be at least 2")
+        if self.gpu not in ("auto", "yes", "no"):
+            raise RactdError(f"gpu={self.gpu!r}: expected one of auto, yes, no")
+        for cfg in self.stage_configs():
+            cfg.validate().unet(get_task(self.task))
+        return self
+
+    @property
+    def use_gpu(self) -> bool | str:
+        return {"auto": "auto", "yes": True, "no": False}[self.gpu]
+
+    def stage_config(self, stage: str, **overrides) -> TrainConfig:
+        """A stage's TrainConfig: the budget's, then this search's sizes, then `overrides`."""
+        kw = dict(task=self.task, scale=self.scale, seed=self.seed)
+        if self.preset:
+            kw["preset"] = self.preset
+        steps = {"student": self.steps, "teacher": self.teacher_steps, "reward": self.reward_steps}[stage]
+        if steps:
+            kw["steps"] = steps
+        if stage == "student":
+            if self.batch:
+                kw["batch"] = self.batch
+            n = steps or BUDGETS[self.budget]["student"].get("steps", TrainConfig.steps)
+            kw.update(ckpt_every=self.ckpt_every or max(1, math.ceil(n / 4)), select_seeds=self.select_seeds,
+                      select_max_steps=self.select_max_steps)
+        return TrainConfig.for_stage(stage, self.budget, **{**kw, **overrides})
+
+    def stage_configs(self, **student_overrides) -> list[TrainConfig]:
+        """The shared stages (reward for locomotion, teacher) and the student template."""
+        stages = (["reward"] if get_task(self.task).kind == "locomotion" else []) + ["teacher"]
+        return [self.stage_config(s) for s in stages] + [self.stage_config("student", **student_overrides)]
+
+    def out_dir(self) -> Path:
+        from ractd.paths import sweep_dir
+
+        return Path(self.run_dir).expanduser().resolve() if self.run_dir else sweep_dir(self.task, self.scale)
+
+
+# `--quick`: a smoke budget on tiny data (the quick training budget, 3 trials, 2 objective rollouts).
+QUICK = dict(budget="quick", scale="tiny", num_samples=3, select_seeds=2)
+
+
+# ------------------------------------------------------------------------------------------------ dataset
+
+def _minari_has(dataset_id: str | None) -> bool:
+    if dataset_id is None:
+        return False
+    try:
+        import minari
+    except ImportError:
+        return False
+    try:
+        return dataset_id in minari.list_local_datasets()
+    except Exception as e:  # an unreadable local store is not a reason to fail; the next source is tried
+        log.warning("cannot list Minari's local store (%s); skipping Minari", e)
+        return False
+
+
+def _generate(task: Task, scale: str, seed: int) -> Path:
+    log.info("generating the %s dataset at scale %s (seed %d) ...", task.name, scale, seed)
+    if task.kind == "maze":
+        from ractd.data.generate_maze import generate_maze
+
+        return generate_maze(task, scale=scale, seed=seed)
+    try:
+        from ractd.data.generate_locomotion import generate_locomotion
+    except ImportError as e:
+        raise RactdError(f"cannot generate {task.name} locally ({e}); install the locomotion extra or put the "
+                         f"D4RL file into the d4rl cache") from None
+    return generate_locomotion(task, scale=scale, seed=seed)
+
+
+def ensure_dataset(task: Task, scale: str, source: str = "auto", seed: int = 0) -> dict:
+    """Make sure the task's dataset exists, load it (validating it) and fingerprint it.
+
+    Returns {"source": d4rl | minari | local, "path", "fingerprint", "transitions", "generated"}; the sources are
+    tried in the order of SearchConfig.source's doc. A dataset that fails validation raises RactdError."""
+    from ractd.data.d4rl import d4rl_cache_path, load_dataset, local_dataset_path
+    from ractd.train import dataset_fingerprint
+
+    local = local_dataset_path(task, scale)
+    generated = False
+    if source == "auto":
+        if d4rl_cache_path(task).is_file():
+            source = "d4rl"
+        elif _minari_has(task.minari_id):
+            source = "minari"
+        else:
+            source = "local"
+    if source == "local" and not local.is_file():
+        _generate(task, scale, seed)
+        generated = True
+    data = load_dataset(task, source=source, scale=scale)
+    path = {"d4rl": str(d4rl_cache_path(task)), "local": str(local), "minari": task.minari_id}[source]
+    info = {"source": source, "path": path, "fingerprint": dataset_fingerprint(data),
+            "transitions": int(len(data["rewards"])), "generated": generated}
+    log.info("dataset: %s (%s%s), %d transitions, fingerprint %s", path, source,
+             ", generated now" if generated else "", info["transitions"], info["fingerprint"])
+    return info
+
+
+# ------------------------------------------------------------------------------------------------ shared models
+
+# Fields that do not change what a teacher / reward model is (the dataset is identified by its fingerprint).
+_KEY_EXCLUDE = frozenset({"run_dir", "report_every", "source", "scale", "teacher_ckpt", "reward_ckpt",
+                          "select_seeds", "select_max_steps"})
+
+
+def shared_key(cfgs: list[TrainConfig], fingerprint: str) -> str:
+    """12 hex digits identifying (the shared stages' configs, the dataset fingerprint)."""
+    body = {"fingerprint": fingerprint,
+            "stages": [{k: v for k, v in to_dict(c).items() if k not in _KEY_EXCLUDE} for c in cfgs]}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def ensure_shared_models(scfg: SearchConfig, dataset: dict) -> dict:
+    """Train the teacher (and the reward model) once per key, or reuse them.
+
+    Returns {"dir", "key", "teacher", "reward" (path or ""), "trained": stages trained by this call,
+    "train_time_s"}. A lock file serializes concurrent searches of the same task and key."""
+    from ractd.io import atomic_write_json
+    from ractd.paths import shared_models_dir
+    from ractd_ray.train import fit_stages
+
+    *shared, _ = scfg.stage_configs()
+    shared = [dataclasses.replace(c, source=dataset["source"]) for c in shared]
+    key = shared_key(shared, dataset["fingerprint"])
+    folder = shared_models_dir(scfg.task, key)
+    folder.mkdir(parents=True, exist_ok=True)
+    shared = [dataclasses.replace(c, run_dir=str(folder)) for c in shared]
+    marker = folder / "models.json"
+    paths = {c.stage: folder / c.stage / "best.pt" for c in shared}
+    with open(folder / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if marker.is_file() and all(p.is_file() for p in paths.values()):
+            info = json.loads(marker.read_text())
+            log.info("reusing the shared %s from %s (trained %s)", " and ".join(paths), folder, info["trained_at"])
+            return {**_shared_info(folder, key, paths), "trained": [], "train_time_s": 0.0}
+        log.info("training the shared %s into %s", " and ".join(paths), folder)
+        out = fit_stages(shared, num_workers=scfg.workers, use_gpu=scfg.use_gpu, max_failures=scfg.max_failures,
+                         storage_path=str(folder / "ray"), name="shared", cpus_per_worker=scfg.cpus_per_worker)
+        trained = [o["stage"] for o in out if not o["skipped"]]
+        train_time = sum(o.get("train_time_s", 0.0) for o in out)
+        atomic_write_json(marker, {"key": key, "task": scfg.task, "dataset": dataset,
+                                   "configs": [to_dict(c) for c in shared], "trained_at": time.strftime("%F %T"),
+                                   "train_time_s": train_time, "fit_time_s": out[-1]["fit_time_s"]})
+    return {**_shared_info(folder, key, paths), "trained": trained, "train_time_s": train_time}
+
+
+def _shared_info(folder: Path, key: str, paths: dict) -> dict:
+    return {"dir": str(folder), "key": key, "teacher": str(paths["teacher"]), "reward": str(paths.get("reward", ""))}
+
+
+# ------------------------------------------------------------------------------------------------ trials
+
+@dataclasses.dataclass(frozen=True)
+class TrialPlan:
+    """What every trial needs besides its weights (passed to the trainable with tune.with_parameters)."""
+
+    student: dict  # TrainConfig of the student without run_dir and weights
+    out_dir: str
+    workers: int
+    cpus_per_worker: int
+    use_gpu: bool | str
+    max_failures: int
+    env: dict
+
+
+def _report_callback():
+    """Ray Train -> Tune: forward only checkpoint reports (they carry select_score and the checkpoint)."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    class CheckpointReports(TuneReportCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            if metrics and metrics[0].get("at_checkpoint"):
+                super().after_report(run_context, metrics, checkpoint)
+
+    return CheckpointReports()
+
+
+def run_trial(config: dict, plan: TrialPlan) -> None:
+    """Tune function trainable: distill one student with weights `config` via Ray Train (ractd_ray.train)."""
+    from ray import tune
+
+    from ractd.io import atomic_write_json
+    from ractd_ray.train import fit_stage
+
+    os.environ.update(plan.env)
+    trial_id = tune.get_context().get_trial_id()
+    trial_dir = Path(plan.out_dir) / "trials" / trial_id
+    trial_dir.mkdir(parents=True, exist_ok=True)
+    with open(trial_dir / "driver.log", "a") as f:  # one line per start of this trial's driver
+        f.write(f"{time.strftime('%F %T')} start {json.dumps(config, sort_keys=True)}\n")
+    base = from_dict(TrainConfig, plan.student)
+    weights = {k: float(config[k]) for k in ("alpha", "beta", "sigma")}
+    cfg = dataclasses.replace(base, run_dir=str(trial_dir), distill=dataclasses.replace(base.distill, **weights))
+    out = fit_stage(cfg, num_workers=plan.workers, use_gpu=plan.use_gpu, max_failures=plan.max_failures,
+                    storage_path=str(Path(plan.out_dir) / "ray" / "train"), name=trial_id,
+                    callbacks=[_report_callback()], cpus_per_worker=plan.cpus_per_worker, progress=False)
+    atomic_write_json(trial_dir / "summary.json", {
+        "trial_id": trial_id, **weights, "step": out["step"], "best": out["best"], "train_time_s": out["train_time_s"],
+        "fit_time_s": out["fit_time_s"], "ray_checkpoint": out["ray_checkpoint"]})
+
+
+# ------------------------------------------------------------------------------------------------ the search
+
+def _trainable(plan: TrialPlan):
+    from ray import tune
+
+    return tune.with_resources(tune.with_parameters(run_trial, plan=plan), {"cpu": 0.5})
+
+
+def _check_resources(scfg: SearchConfig) -> None:
+    """A trial that can never fit is an error; CPUs held by something else are a warning (trials would wait)."""
+    import ray
+
+    need = scfg.workers * scfg.cpus_per_worker + 0.5
+    have, free = ray.cluster_resources().get("CPU", 0), ray.available_resources().get("CPU", 0)
+    if need > have:
+        raise RactdError(f"a trial needs {need:g} CPUs ({scfg.workers} workers x {scfg.cpus_per_worker} + 0.5 for its "
+                         f"driver) but the Ray cluster has {have:g}; lower --workers")
+    if need > free:
+        log.warning("only %g of the cluster's %g CPUs are free (a trial needs %g): trials wait until they are",
+                    free, have, need)
+
+
+def run_search(scfg: SearchConfig, resume: bool = False) -> dict:
+    """Run (or, with resume, continue) a search; see the module doc. Returns {"out_dir", "trials" (rows),
+    "best", "shared", "dataset", "complete", "wall_s", "startup_s"}."""
+    from ray import tune
+
+    from ractd.io import atomic_write_json
+    from ractd_ray.train import ensure_ray, forwarded_env
+
+    t_start = time.perf_counter()
+    scfg = scfg.validate()
+    out_dir = scfg.out_dir()
+    tune_path = out_dir / "ray" / "tune"
+    saved = out_dir / "search.json"
+    if resume:
+        if not (saved.is_file() and tune.Tuner.can_restore(str(tune_path))):
+            raise RactdError(f"nothing to resume in {out_dir} (no search was started there)")
+        stored = from_dict(SearchConfig, json.loads(saved.read_text())["config"])
+        scfg = dataclasses.replace(stored, address=scfg.address or stored.address).validate()
+    elif tune.Tuner.can_restore(str(tune_path)):
+        raise RactdError(f"{out_dir} already holds a search; pass --resume to continue it, or --run-dir to start "
+                         f"another")
+    task = get_task(scfg.task)
+    dataset = ensure_dataset(task, scfg.scale, scfg.source, scfg.seed)  # before Ray: bad data fails fast
+
+    started = ensure_ray(scfg.address or None)
+    try:
+        _check_resources(scfg)
+        startup = time.perf_counter() - t_start
+        shared = ensure_shared_models(scfg, dataset)
+        student = scfg.stage_config("student", source=dataset["source"], teacher_ckpt=shared["teacher"],
+                                    reward_ckpt=shared["reward"])
+        plan = TrialPlan(student=to_dict(student), out_dir=str(out_dir), workers=scfg.workers,
+                         cpus_per_worker=scfg.cpus_per_worker, use_gpu=scfg.use_gpu, max_failures=scfg.max_failures,
+                         env=forwarded_env())
+        if not resume:
+            atomic_write_json(saved, {"config": to_dict(scfg), "dataset": dataset, "shared": shared})
+        t_tune = time.perf_counter()
+        if resume:
+            tuner = tune.Tuner.restore(str(tune_path), trainable=_trainable(plan), resume_errored=True)
+        else:
+            tuner = tune.Tuner(_trainable(plan), param_space=search_space(task),
+                               tune_config=_tune_config(scfg, task, student),
+                               run_config=tune.RunConfig(name=tune_path.name, storage_path=str(tune_path.parent),
+                                                         failure_config=tune.FailureConfig(
+                                                             max_failures=scfg.trial_failures)))
+        grid = tuner.fit()
+        tune_wall = time.perf_counter() - t_tune
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+    rows = collect_trials(grid, out_dir, student.steps)
+    complete = len(rows) == scfg.num_samples and all(r["status"] in ("completed", "stopped", "error") for r in rows)
+    best = write_results(rows, out_dir, scfg, dataset, shared)
+    _print_summary(rows, best, out_dir, complete)
+    return {"out_dir": str(out_dir), "trials": rows, "best": best, "shared": shared, "dataset": dataset,
+            "complete": complete, "wall_s": time.perf_counter() - t_start, "startup_s": startup,
+            "tune_wall_s": tune_wall}
+
+
+def _tune_config(scfg: SearchConfig, task: Task, student: TrainConfig):
+    import optuna
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    searcher = OptunaSearch(points_to_evaluate=[table9_point(task)],
+                            sampler=optuna.samplers.TPESampler(seed=scfg.seed))
+    # rungs at checkpoints; max_t beyond the last step, so a trial that runs to the end finishes by itself
+    scheduler = ASHAScheduler(time_attr="step", max_t=student.steps + 1,
+                              grace_period=scfg.grace_period * student.ckpt_every,
+                              reduction_factor=scfg.reduction_factor)
+    return tune.TuneConfig(metric=METRIC, mode=MODE, search_alg=searcher, scheduler=scheduler,
+                           num_samples=scfg.num_samples, max_concurrent_trials=scfg.max_concurrent,
+                           trial_dirname_creator=lambda trial: trial.trial_id)
+
+
+LOSS_TERMS = ("loss", "ctm", "dsm", "reward")
+
+
+def _checkpoint_metrics(trial_dir: Path) -> list[dict]:
+    """The student's metrics at each of its checkpoints (the library's metrics.jsonl), [] if absent."""
+    path = trial_dir / "student" / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _number(v) -> float:
+    return float(v) if v is not None else math.nan
+
+
+def collect_trials(grid, out_dir: Path, steps: int) -> list[dict]:
+    """One row per trial from Tune's results and each trial's run folder.
+
+    select_score: the best checkpoint's score, i.e. the score of the trial's student/best.pt (from the library's
+    metrics.jsonl; Tune's reports where that file is not visible); last_score, step and the loss terms: the
+    trial's last checkpoint. status: completed (ran all steps), stopped (by ASHA), error, unfinished (the search
+    was interrupted before the trial ended)."""
+    rows = []
+    for result in grid:
+        trial_id = Path(result.path).name
+        trial_dir = out_dir / "trials" / trial_id
+        reported = result.metrics or {}
+        history = _checkpoint_metrics(trial_dir)
+        if not history and result.metrics_dataframe is not None:
+            history = result.metrics_dataframe.to_dict("records")
+        scores = [float(h[METRIC]) for h in history if h.get(METRIC) is not None and math.isfinite(h[METRIC])]
+        last = history[-1] if history else {}
+        summary = trial_dir / "summary.json"
+        summary = json.loads(summary.read_text()) if summary.is_file() else {}
+        if result.error is not None:
+            status = "error"
+        elif int(reported.get("step") or 0) >= steps:
+            status = "completed"
+        elif reported.get("done"):
+            status = "stopped"
+        else:
+            status = "unfinished"
+        best_pt = trial_dir / "student" / "best.pt"
+        rows.append({
+            "trial_id": trial_id, **{k: float(result.config.get(k, math.nan)) for k in ("alpha", "beta", "sigma")},
+            METRIC: max(scores) if scores else math.nan, "last_score": scores[-1] if scores else math.nan,
+            "step": int(last.get("step") or 0), **{k: _number(last.get(k)) for k in LOSS_TERMS},
+            "status": status, "checkpoint": str(best_pt) if best_pt.is_file() else "",
+            "ray_checkpoint": reported.get("checkpoint_path") or "",
+            "train_time_s": _number(summary.get("train_time_s")), "fit_time_s": _number(summary.get("fit_time_s")),
+            "trial_time_s": _number(reported.get("time_total_s")),
+            "error": "" if result.error is None else str(result.error).strip().splitlines()[-1][:500]})
+    return sorted(rows, key=lambda r: r["trial_id"])
+
+
+def write_results(rows: list[dict], out_dir: Path, scfg: SearchConfig, dataset: dict, shared: dict) -> dict | None:
+    """trials.parquet, and for the trial with the highest score best_config.json and best/checkpoint.pt.
+    Returns best_config.json's content (None when no trial has a score)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from ractd.checkpoint import copy_checkpoint
+    from ractd.io import atomic_write, atomic_write_json
+
+    table = pa.Table.from_pylist(rows)
+    atomic_write(out_dir / "trials.parquet", lambda f: pq.write_table(table, f))
+    scored = [r for r in rows if math.isfinite(r[METRIC]) and r["checkpoint"]]
+    if not scored:
+        return None
+    top = max(scored, key=lambda r: r[METRIC])
+    ckpt = copy_checkpoint(Path(top["checkpoint"]), out_dir / "best" / "checkpoint.pt")
+    best = {"task": scfg.task, "alpha": top["alpha"], "beta": top["beta"], "sigma": top["sigma"],
+            "score": top[METRIC], "metric": METRIC, "trial_id": top["trial_id"], "checkpoint": str(ckpt),
+            "trial_checkpoint": top["checkpoint"], "teacher": shared["teacher"], "reward": shared["reward"],
+            "dataset": dataset, "scale": scfg.scale, "budget": scfg.budget, "trials": len(rows)}
+    atomic_write_json(out_dir / "best_config.json", best)
+    return best
+
+
+def _print_summary(rows: list[dict], best: dict | None, out_dir: Path, complete: bool) -> None:
+    from tabulate import tabulate
+
+    cols = ["trial_id", "alpha", "beta", "sigma", METRIC, "step", "ctm", "dsm", "reward", "status"]
+    ordered = sorted(rows, key=lambda r: -r[METRIC] if math.isfinite(r[METRIC]) else math.inf)
+    print(tabulate([[r[c] for c in cols] for r in ordered], headers=cols, floatfmt=".4g"))
+    if best:
+        print(f"best: alpha={best['alpha']:.4g} beta={best['beta']:.4g} sigma={best['sigma']:.4g} "
+              f"{METRIC}={best['score']:.4g} -> {best['checkpoint']}")
+    print(f"results: {out_dir / 'trials.parquet'}")
+    if not complete:
+        print(f"the search did not finish ({sum(r['status'] in ('completed', 'stopped', 'error') for r in rows)} "
+              f"trials done); continue it with --resume --run-dir {out_dir}")
+
+
+# ------------------------------------------------------------------------------------------------ command line
+
+def build_parser():
+    import argparse
+    import sys
+
+    from ractd.config import add_config_args
+    from ractd.tasks import TASKS
+
+    class Parser(argparse.ArgumentParser):
+        def error(self, message):  # one line, exit 2
+            print(f"error: {message}", file=sys.stderr)
+            raise SystemExit(2)
+
+    p = Parser(prog="python tune/search.py", formatter_class=argparse.RawDescriptionHelpFormatter,
+               description="Search the Eq. (9) weights alpha, beta, sigma of one task with Ray Tune (Optuna TPE + "
+                           "ASHA), each trial distilled with Ray Train.",
+               epilog=__doc__.split("\n\n", 2)[2])
+    p.add_argument("--task", required=True, help=f"task name, one of: {', '.join(TASKS)}")
+    dests = ["task"] + add_config_args(p, SearchConfig, SearchConfig(), skip=("task",))
+    p.add_argument("--quick", action="store_true",
+                   help=f"a smoke budget on tiny data (sets {', '.join(f'{k}={v}' for k, v in QUICK.items())}; "
+                        f"flags given override it)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the search in the run folder (Tuner.restore): finished trials are not rerun")
+    p.set_defaults(dests=dests)
+    return p
+
+
+def config_from_args(args) -> SearchConfig:
+    from ractd.config import replace_from_args
+
+    base = SearchConfig(task=args.task)
+    if args.quick:
+        base = dataclasses.replace(base, **QUICK)
+    return replace_from_args(base, args, args.dests)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import sys
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        result = run_search(config_from_args(args), resume=args.resume)
+    except RactdError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; continue with --resume", file=sys.stderr)
+        return 130
+    return 0 if result["complete"] else 1

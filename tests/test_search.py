@@ -1,0 +1,161 @@
+"""tune/search.py (ractd_ray.search) on a real local Ray: tiny sweeps on a locomotion and a maze task, shared
+teacher / reward model trained once, --resume after an interruption, bad input before Ray starts."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+pytest.importorskip("ray")
+
+import ray  # noqa: E402
+
+from ractd.data.d4rl import local_dataset_path, write_d4rl_hdf5  # noqa: E402
+from ractd.tasks import get_task  # noqa: E402
+from ractd_ray.search import SIGMA_CHOICES, main  # noqa: E402
+from ractd_ray.train import ensure_ray  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_pipeline import random_hopper_dataset  # noqa: E402
+
+pytestmark = pytest.mark.ray
+
+REPO = Path(__file__).resolve().parents[1]
+# a tiny budget: tiny U-Nets, 20-step teacher and reward model, 12-step students checkpointed every 4 steps
+# (ASHA may stop a trial at step 8), one 20-step objective rollout per checkpoint
+TINY = ["--quick", "--preset", "tiny", "--steps", "12", "--ckpt-every", "4", "--teacher-steps", "20",
+        "--reward-steps", "20", "--batch", "16", "--num-samples", "2", "--max-concurrent", "1", "--select-seeds", "1",
+        "--select-max-steps", "20"]
+
+
+# ------------------------------------------------------------------------------------------ bad input (no Ray)
+
+@pytest.mark.parametrize("argv, message", [
+    (["--task", "hopper-nope"], "unknown task 'hopper-nope'; known tasks: hopper-medium,"),
+    (["--task", "maze2d-umaze", "--num-samples", "0"], "num_samples=0: must be a positive integer"),
+    (["--task", "maze2d-umaze", "--scale", "huge"], "unknown scale 'huge'; expected one of tiny, small, full"),
+])
+def test_bad_input_is_one_line_exit_2_before_ray_starts(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {message}") and "\n" not in err
+    assert not ray.is_initialized()
+
+
+def test_dataset_that_fails_validation_is_one_line_exit_2_before_ray_starts(capsys):
+    task = get_task("hopper-medium-replay")
+    path = random_hopper_dataset()
+    from ractd.data.d4rl import load_d4rl_hdf5
+
+    data = load_d4rl_hdf5(path)
+    data["observations"][3, 1] = np.nan
+    write_d4rl_hdf5(local_dataset_path(task, "tiny"), data)
+    assert main(["--task", task.name, *TINY]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "NaN" in err and "\n" not in err
+    assert not ray.is_initialized()
+
+
+# ------------------------------------------------------------------------------------------ sweeps
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ensure_ray(num_cpus=2)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+def _checkpoint_scores(trial_dir: Path) -> list[float]:
+    lines = (trial_dir / "student" / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line)["select_score"] for line in lines]
+
+
+def _check_sweep(out: Path, task_name: str, n: int) -> dict:
+    """trials.parquet: one row per trial with the weights and scores; best = argmax; best/checkpoint.pt is it."""
+    table = pq.read_table(out / "trials.parquet").to_pylist()
+    assert len(table) == n and len({r["trial_id"] for r in table}) == n
+    task = get_task(task_name)
+    for r in table:
+        assert r["status"] in ("completed", "stopped")
+        assert r["alpha"] > 0 and r["beta"] > 0 and r["sigma"] in SIGMA_CHOICES
+        assert task.kind == "locomotion" or r["sigma"] == 0.0
+        assert math.isfinite(r["select_score"]) and math.isfinite(r["dsm"]) and math.isfinite(r["ctm"])
+        # the trial's score is its best checkpoint's, as the library recorded it in the trial's run folder
+        assert r["select_score"] == pytest.approx(max(_checkpoint_scores(out / "trials" / r["trial_id"])))
+        cfg = json.loads((out / "trials" / r["trial_id"] / "student" / "config.json").read_text())
+        assert (cfg["distill"]["alpha"], cfg["distill"]["beta"], cfg["distill"]["sigma"]) == \
+            pytest.approx((r["alpha"], r["beta"], r["sigma"]))
+    w = task.weights  # the first trial is the paper's Table 9 setting
+    assert any((r["alpha"], r["beta"], r["sigma"]) == (w.alpha, w.beta, w.sigma) for r in table)
+    best = json.loads((out / "best_config.json").read_text())
+    top = max(table, key=lambda r: r["select_score"])
+    assert best["score"] == pytest.approx(top["select_score"]) and best["trial_id"] == top["trial_id"]
+    assert (best["alpha"], best["beta"], best["sigma"]) == (top["alpha"], top["beta"], top["sigma"])
+    ck = torch.load(out / "best" / "checkpoint.pt", weights_only=False)
+    assert ck["config"]["stage"] == "student" and ck["select_score"] == pytest.approx(best["score"])
+    assert (ck["config"]["distill"]["alpha"], ck["config"]["distill"]["sigma"]) == (best["alpha"], best["sigma"])
+    return {"table": table, "best": best}
+
+
+@pytest.mark.slow
+def test_locomotion_sweep_shared_models_once_and_resume(local_ray, tmp_path, capsys):
+    task = "hopper-medium-replay"
+    random_hopper_dataset()
+    first = tmp_path / "first"
+    assert main(["--task", task, *TINY, "--run-dir", str(first)]) == 0
+    assert "select_score" in capsys.readouterr().out  # the summary table
+    _check_sweep(first, task, 2)
+    search = json.loads((first / "search.json").read_text())
+    assert search["dataset"]["source"] == "local" and not search["dataset"]["generated"]
+    shared = search["shared"]
+    assert sorted(shared["trained"]) == ["reward", "teacher"]
+    stamps = {p: os.stat(p).st_mtime_ns for p in (shared["teacher"], shared["reward"])}
+
+    # a second search of the task (on its own local Ray, as from a shell), interrupted (Ctrl-C) once its first
+    # trial has finished and the second has started
+    second = tmp_path / "second"
+    proc = subprocess.Popen([sys.executable, str(REPO / "tune" / "search.py"), "--task", task, *TINY,
+                             "--run-dir", str(second)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while len(list((second / "trials").glob("*/driver.log"))) < 2:
+            assert proc.poll() is None and time.monotonic() < deadline, "the second search ended or hung"
+            time.sleep(1)
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert json.loads((second / "search.json").read_text())["shared"]["trained"] == []  # trains neither
+    assert {p: os.stat(p).st_mtime_ns for p in stamps} == stamps
+    done = [d for d in (second / "trials").iterdir() if (d / "summary.json").is_file()]
+    assert len(done) == 1
+    finished = done[0]
+    finished_metrics = (finished / "student" / "metrics.jsonl").read_text()
+
+    assert main(["--task", task, "--resume", "--run-dir", str(second)]) == 0
+    result = _check_sweep(second, task, 2)
+    assert finished.name in {r["trial_id"] for r in result["table"]}
+    assert len((finished / "driver.log").read_text().splitlines()) == 1  # the finished trial did not run again
+    assert (finished / "student" / "metrics.jsonl").read_text() == finished_metrics
+    assert {p: os.stat(p).st_mtime_ns for p in stamps} == stamps
+
+
+@pytest.mark.slow
+def test_maze_sweep_generates_its_dataset_and_trains_no_reward_model(local_ray, tmp_path):
+    out = tmp_path / "sweep"
+    assert main(["--task", "maze2d-umaze", *TINY, "--run-dir", str(out)]) == 0
+    _check_sweep(out, "maze2d-umaze", 2)
+    search = json.loads((out / "search.json").read_text())
+    assert search["dataset"]["source"] == "local" and search["dataset"]["generated"]
+    assert search["shared"]["trained"] == ["teacher"] and search["shared"]["reward"] == ""
