@@ -15,7 +15,7 @@ step for the whole block, one record per episode. The driver:
     dispatched again, up to `max_retries` rounds. The store is the source of truth, so every seed ends up stored
     exactly once: a lost block was never written, and a finished one is never rerun (`done_keys`).
 
-Resources: actor count from --actors, else from the cluster (GPUs x actors_per_gpu when the cluster has GPUs,
+Resources: actor count from --actors, else from the cluster's free resources (GPUs x actors_per_gpu when the cluster has GPUs,
 each actor with num_gpus = 1 / actors_per_gpu so several share a device; else CPUs // cpus_per_actor). Each
 actor sets torch's intra-op threads to its CPUs (Ray sets OMP_NUM_THREADS=1 for 1-CPU actors; torch needs
 telling too).
@@ -121,7 +121,7 @@ def slim_checkpoint_bytes(path) -> bytes:
 
 def actor_layout(cfg: PoolConfig) -> tuple[int, float, float, str]:
     """(actors, num_cpus, num_gpus, device) for each actor from the config and the cluster's resources."""
-    res = ray.cluster_resources()
+    res = ray.available_resources()  # what other jobs on the cluster leave free
     cpus, gpus = float(res.get("CPU", 1)), float(res.get("GPU", 0))
     if cfg.use_gpus and gpus >= 1:
         n = cfg.actors or int(gpus * cfg.actors_per_gpu)
@@ -131,7 +131,9 @@ def actor_layout(cfg: PoolConfig) -> tuple[int, float, float, str]:
 
 
 class RolloutPool:
-    """A pool of rollout actors plus the driver loop that keeps the store exactly-once (see the module doc)."""
+    """A pool of rollout actors plus the driver loop that keeps the store exactly-once (see the module doc).
+
+    The actors live until `shutdown()` and are reused by later `evaluate` calls (with their loaded policies)."""
 
     def __init__(self, cfg: PoolConfig = PoolConfig()):
         if not ray.is_initialized():
@@ -169,8 +171,10 @@ class RolloutPool:
         if not todo:
             return summary
         n = min(self.n_actors, len(todo))
-        pool = ActorPool([self._new_actor() for _ in range(n)])
-        summary["actors"] = n
+        while len(self.actors) < n:  # actors left from an earlier call are reused (they hold the CPUs)
+            self._new_actor()
+        pool = ActorPool(list(self.actors))
+        summary["actors"] = len(self.actors)
         bar = tqdm(total=total, desc="episodes", unit="ep", disable=not progress)
         rounds = 0
         while todo:
@@ -205,6 +209,10 @@ class RolloutPool:
                                      f"{self.cfg.max_retries} rounds of re-dispatching; see the Ray logs")
                 log.warning("re-dispatching %d blocks lost with dead actors", len(todo))
         bar.close()
+        live = []  # every result is in, so every live actor is idle again; dead ones were dropped by the pool
+        while (actor := pool.pop_idle()) is not None:
+            live.append(actor)
+        self.actors = live
         return summary
 
     def shutdown(self) -> None:
