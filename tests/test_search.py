@@ -113,7 +113,8 @@ def test_locomotion_sweep_shared_models_once_and_resume(local_ray, tmp_path, cap
     first = tmp_path / "first"
     assert main(["--task", task, *TINY, "--run-dir", str(first)]) == 0
     assert "select_score" in capsys.readouterr().out  # the summary table
-    _check_sweep(first, task, 2)
+    table = _check_sweep(first, task, 2)["table"]
+    assert table[0]["select_score"] != table[1]["select_score"]  # so that picking the argmax is not vacuous
     search = json.loads((first / "search.json").read_text())
     assert search["dataset"]["source"] == "local" and not search["dataset"]["generated"]
     shared = search["shared"]
