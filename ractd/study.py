@@ -25,6 +25,7 @@ with the exact `python -m ractd ...` command that trains it (`ModelPlan.command`
 and no number is ever made up for them.
 
 Studies (STUDIES): "quick" (the README's first command: maze2d-umaze, quick budget, reusing the quick sweep),
+"demo" (minutes: tiny datasets, every figure; docs/figures),
 "default" (CPU scale: maze2d-umaze and hopper-medium-replay, small datasets, CPU budget; every table and
 figure), "paper" (every task of Tables 1, 2, 11 and the ablation tasks of Tables 3-5, 10 at the paper budget).
 The study name is the scale label stored with each episode and printed in every table cell.
@@ -156,10 +157,17 @@ _LOCO_FULL = CORE + LOCO_SAMPLERS + MULTISTEP + REWARD_AWARE_TEACHER + (SIGMA_SW
 _MAZE_FULL = CORE + MAZE_SAMPLERS
 
 STUDIES: dict[str, Study] = {
-    # The README's first command (~15 min on 2 CPUs with the quick sweep): reuses the sweep's teacher and best
-    # student, trains CTD and a DDPM model at the quick budget; maze2d plans once per episode, so 100 seeds are cheap.
-    "quick": Study(name="quick", budget="quick", data_scale="small", train_missing=True,
-                   plans=(TaskPlan("maze2d-umaze", CORE + ("ddim-10", "ddim-1")),)),
+    # The README's first command (with the quick sweep, ~15 min on 2 CPUs): the same tiny dataset as
+    # `tune/search.py --quick`, whose teacher and best student it reuses; it trains only CTD (the quick budget's 150 student steps); maze2d plans once per episode, so 100
+    # seeds are cheap. DDPM/DDIM (Table 11) are left out: their model costs a teacher's training again.
+    "quick": Study(name="quick", budget="quick", data_scale="tiny", train_missing=True,
+                   plans=(TaskPlan("maze2d-umaze", CORE),)),
+    # A few-minute demonstration of every figure and table layout on tiny generated datasets (quick budget,
+    # 20 seeds): what docs/figures shows. Its numbers say nothing about the method; the scale label says so.
+    "demo": Study(name="demo-tiny", budget="quick", data_scale="tiny", train_missing=True, seeds=20,
+                  sigmas=(0.3, 1.5), fig3_states=256,
+                  plans=(TaskPlan("maze2d-umaze", CORE),
+                         TaskPlan("hopper-medium-replay", CORE + ("ractd-nfe2", SIGMA_SWEEP)))),
     # CPU scale: every table and figure on one maze and one locomotion task (hours on a laptop; the locomotion
     # teacher's Heun-80 rollouts dominate: 158 network calls per env step).
     "default": Study(name="cpu", budget="cpu", data_scale="small",
@@ -335,8 +343,8 @@ def plan_models(study: Study, task: str) -> dict[str, ModelPlan]:
     if best is not None and Path(best["checkpoint"]).is_file():
         ck_cfg = load_checkpoint(Path(best["checkpoint"]))["config"]
         models["ractd"] = ModelPlan(task, "ractd", "student", Path(best["checkpoint"]), None, source="sweep")
-        for up in ("teacher", "reward"):
-            p = ck_cfg.get(f"{up}_ckpt") or ""
+        for up in ("teacher", "reward"):  # best_config.json names them; else the student's own config does
+            p = best.get(up) or ck_cfg.get(f"{up}_ckpt") or ""
             if p and Path(p).is_file():
                 models[up] = ModelPlan(task, up, up, Path(p), None, source="sweep")
     if "reward" not in models and t.kind == "locomotion":

@@ -198,3 +198,57 @@ def test_study_plan_and_missing_cells_are_not_invented(tmp_path):
     assert models["ractd"].checkpoint == models["ctd"].checkpoint
     # no numbers come out of an empty store
     assert all(r.get("mean") is None for r in results.table11(ResultsStore(tmp_path / "e").episodes()).rows)
+
+
+def test_study_reuses_the_sweeps_student_and_teacher_and_trains_what_is_missing(tmp_path):
+    """With a sweep's best_config.json in place, RACTD is the sweep's best student with its weights, the other
+    students distill from the sweep's teacher, ensure_models trains only the missing CTD, and evaluate_serial
+    stores every (cell, seed) once."""
+    import dataclasses
+    import json
+
+    from ractd.checkpoint import load_checkpoint
+    from ractd.data.generate_maze import generate_maze
+    from ractd.paths import sweep_dir
+    from ractd.train import RunContext, TrainConfig, train
+
+    generate_maze("maze2d-umaze", scale="tiny", seed=0, progress=False)
+    tiny = dict(scale="tiny", preset="tiny", steps=2, batch=8, ckpt_every=2, report_every=2)
+    shared = tmp_path / "shared"
+    teacher = train(TrainConfig(task="maze2d-umaze", stage="teacher", run_dir=str(shared), **tiny),
+                    RunContext(progress=False))["best"]
+    best = train(TrainConfig(task="maze2d-umaze", stage="student", run_dir=str(tmp_path / "trial"),
+                             teacher_ckpt=str(teacher), **tiny),
+                 RunContext(progress=False))["best"]
+    d = sweep_dir("maze2d-umaze", "tiny")
+    d.mkdir(parents=True)
+    (d / "best_config.json").write_text(json.dumps({"alpha": 0.5, "beta": 2.0, "sigma": 0.0, "checkpoint": str(best),
+                                                    "teacher": str(teacher), "reward": ""}))
+    s = study.get_study("quick")
+    assert s.data_scale == "tiny" and study.ractd_weights(s, "maze2d-umaze") == (0.5, 2.0, 0.0, "sweep")
+    models = study.plan_models(s, "maze2d-umaze")
+    assert models["ractd"].source == "sweep" and models["ractd"].checkpoint == best
+    assert models["teacher"].source == "sweep" and models["teacher"].checkpoint == teacher
+    assert models["ctd"].cfg.teacher_ckpt == str(teacher) and not models["ctd"].exists
+    jobs, missing = study.study_jobs(s)
+    assert sorted(j.method for j in jobs) == ["ractd", "teacher-heun-80"]
+    assert [m.method for m in missing] == ["ctd"] and f"--teacher-ckpt {teacher}" in missing[0].command
+
+    trained = []
+
+    def small_trainer(cfg):  # the planned run, shrunk to a tiny network and two steps
+        trained.append(cfg.run_dir)
+        train(dataclasses.replace(cfg, preset="tiny", steps=2, batch=8, ckpt_every=2), RunContext(progress=False))
+
+    done = study.ensure_models(s, small_trainer)
+    assert [m.name for m in done] == ["ctd"] and trained == [models["ctd"].cfg.run_dir]
+    assert load_checkpoint(models["ctd"].checkpoint)["config"]["teacher_ckpt"] == str(teacher)
+    assert study.ensure_models(s, small_trainer) == []  # nothing left to train
+    jobs, missing = study.study_jobs(s, max_steps=20)
+    assert missing == [] and len(jobs) == 3
+    store = ResultsStore(tmp_path / "store")
+    assert study.evaluate_serial(jobs, [0, 1, 2], store, block_size=2, progress=False)["episodes_run"] == 9
+    assert study.evaluate_serial(jobs, [0, 1, 2], store, block_size=2, progress=False)["episodes_run"] == 0
+    rows = store.episodes()
+    assert len(rows) == 9 and {r["method"] for r in rows} == {"ctd@20", "ractd@20", "teacher-heun-80@20"}
+    assert {r["length"] for r in rows} == {20} and {r["scale"] for r in rows} == {"quick"}
