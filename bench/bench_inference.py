@@ -28,8 +28,45 @@ with env stepping overlapped with inference. Everything is measured in one run a
    first actions on dataset states for the same noise, and the normalized score on --behaviour-seeds seeds
    with its standard error (issue 11: bf16 may become a default only if the score is unchanged within one SEM).
 
-Measured on the 2-CPU development machine, one run, while other agents' jobs kept it busy (load average
-4-9 on 2 cores, so absolute numbers are noisy and ratios are the useful part): see the README's Benchmarks.
+Measured 2026-11-26 on the 2-CPU development machine (Xeon, AVX-512 but no AVX512-BF16/AMX in its flags;
+memory bandwidth 14.9 GB/s on one thread, 29 GB/s on two), torch 2.13, OpenVINO 2026.4, ONNX Runtime 1.32,
+one thread, while other agents' jobs kept the load average at 6-15 on 2 cores: absolute times are about 2x
+a quiet machine's (eager small batch 1: 7.5 ms here vs 3.3-3.9 ms quiet), so the ratios within one run
+("vs eager") are the reliable part. Latency, best of 5 interleaved rounds (paper batch 100: 2):
+
+    ms per call         small b1  small b100  paper b1  paper b100    max|diff| vs eager
+    eager                  7.52      103.9      212.5      7779        0
+    eager-fused            5.90      101.5      268.5      6900        4e-7
+    jit                    5.38      143.4      268.0      6770        4e-7
+    ts (TorchScript)       4.21      127.4      251.4      6059        4e-7
+    ov  (OpenVINO fp32)    2.76       64.3      147.8     19146        3e-7 .. 1.4e-6
+    ort (ONNX Runtime)     3.52      263.2      176.0         -        4e-7
+    eager-bf16            23.46      246.1      719.6     18194        4e-3 .. 8e-3
+    ts-bf16               16.14      221.0      643.8     17914        4e-3 .. 7e-3
+    ov-bf16                3.23      195.1      120.5     19581        3e-3 .. 7e-3
+    ov / eager             0.37       0.62       0.70       2.46
+    vs released (b1)       0.84 (small, 3.3 ms)   2.22 (paper, 66.5 ms; both measured quiet, 2 threads)
+
+An earlier quiet moment of the same day (load < 1, one thread): small batch 1 eager 3.86 ms, OpenVINO 1.59 ms
+(0.48x the released 3.3 ms), ONNX Runtime 2.17 ms; small batch 100 eager 60.9, OpenVINO 37.8, ONNX Runtime
+151 ms; paper batch 1 eager 131 ms, OpenVINO 131 ms, ONNX Runtime 112 ms, OpenVINO bf16 85 ms.
+Paper size at batch 1 is memory-bound: 977 MB of fp32 weights per call need >= 34 ms at 29 GB/s (two
+threads), 0.51x the released 66.5 ms with no compute at all, so <= 0.5x is out of reach in fp32 here;
+bf16 halves the bytes (OpenVINO bf16 0.57x eager at paper batch 1) but without native bf16 it is slower
+wherever compute dominates (small batch 100: 1.9x eager) and moves actions by ~5e-3.
+
+Profile (section 0) of one small U-Net call at batch 1, eager: convolutions ~55-70% of the op time (the
+native im2col path: at batch 1 it beats oneDNN, 30 vs 127 us for 64 channels), GroupNorm + Mish ~6-8%, the
+12 FiLM Linears + time MLP ~5-9% (FusedUnet: one product, ~0.3%), other elementwise/cat/copy ops ~13-15%,
+Python between ops ~5-10%. Fused away: the FiLM Linears (one matrix product; with the one-step student's
+fixed times also the whole time MLP, folded into the FiLM bias): eager 7.52 -> 5.90 ms (0.78x). GroupNorm and
+Mish are too small a share to pay for a custom kernel; OpenVINO fuses them itself (0.37x eager).
+
+Rollouts, 100 seeds x 1000 steps, same load: raw random-action stepping 3445 env-steps/s at the start, 4459
+at the end (load drift); sequential on OpenVINO 1044 env-steps/s = 0.30 of raw (whole evaluation 96 s wall),
+overlapped thread 879 (0.26), process 931 (0.27); TorchScript jit sequential 768 (0.22), thread 686 (0.20),
+process 637 (0.18). This process got about half a core on average (CPU time / wall 0.55 sequential), so
+there was no idle core for the overlap to use; rollout_locomotion's default stays overlap=False.
 """
 
 from __future__ import annotations
