@@ -55,10 +55,10 @@ threads), 0.51x the released 66.5 ms with no compute at all, so <= 0.5x is out o
 bf16 halves the bytes (OpenVINO bf16 0.57x eager at paper batch 1) but without native bf16 it is slower
 wherever compute dominates (small batch 100: 1.9x eager) and moves actions by ~5e-3.
 
-Profile (section 0) of one small U-Net call at batch 1, eager: convolutions ~55-70% of the op time (the
-native im2col path: at batch 1 it beats oneDNN, 30 vs 127 us for 64 channels), GroupNorm + Mish ~6-8%, the
-12 FiLM Linears + time MLP ~5-9% (FusedUnet: one product, ~0.3%), other elementwise/cat/copy ops ~13-15%,
-Python between ops ~5-10%. Fused away: the FiLM Linears (one matrix product; with the one-step student's
+Profile (section 0, two runs at load 6-9) of one small U-Net call at batch 1, eager, share of the wall time:
+convolutions 50-60% (the native im2col path: at batch 1 it beats oneDNN, 30 vs 127 us for 64 channels),
+GroupNorm + Mish 7-13%, the 12 FiLM Linears + time MLP ~9% (FusedUnet: one product, < 1%), other
+elementwise/cat/copy ops 15-19%, Python between ops 6-12%. Paper size: convolutions > 95% (memory-bound). Fused away: the FiLM Linears (one matrix product; with the one-step student's
 fixed times also the whole time MLP, folded into the FiLM bias): eager 7.52 -> 5.90 ms (0.78x). GroupNorm and
 Mish are too small a share to pay for a custom kernel; OpenVINO fuses them itself (0.37x eager).
 
