@@ -31,6 +31,13 @@ class EvalConfig:
     init_scaled: start noise x_T ~ N(0, sigma_max^2 I) (True) or N(0, I) (False, the released code).
     out: Parquet file ("" = <run_dir>/eval/<sampler>-<nfe>.parquet).
     accelerate: none | jit (TorchScript-frozen networks: same numbers up to float rounding, faster on CPU).
+    precision: fp32 | bf16 (the U-Net's weights and arithmetic in bfloat16; bench/bench_inference.py measures
+        it; fp32 stays the default until a score on 100 seeds shows bf16 unchanged).
+    overlap: locomotion: step one half of the seeds' envs while the network acts for the other half (same
+        records; measured no faster on a loaded 2-CPU machine, so off by default; bench/bench_inference.py).
+    tracker: maze2d: pd (Diffuser's PD rule) | inverse_dynamics (paper Sec. 4.2; train it with
+        python -m ractd.inverse_dynamics TASK).
+    inverse_dynamics: the inverse dynamics model file ("" = its default path for the task and scale).
     """
 
     task: str = "hopper-medium-replay"
@@ -44,6 +51,10 @@ class EvalConfig:
     init_scaled: bool = True
     out: str = ""
     accelerate: Literal["none", "jit"] = "none"
+    precision: Literal["fp32", "bf16"] = "fp32"
+    overlap: bool = False
+    tracker: Literal["pd", "inverse_dynamics"] = "pd"
+    inverse_dynamics: str = ""
 
     def validate(self) -> "EvalConfig":
         get_task(self.task)
@@ -65,7 +76,8 @@ class EvalConfig:
             task=self.task, run_dir=self.run_dir, sampler=self.sampler, checkpoint=self.checkpoint,
             nfe=self.nfe or None, seeds=list(range(self.first_seed, self.first_seed + self.seeds)),
             max_steps=self.max_steps or None, init_scaled=self.init_scaled, out=self.out, progress=progress,
-            accelerate=self.accelerate)
+            accelerate=self.accelerate, precision=self.precision, overlap=self.overlap, tracker=self.tracker,
+            inverse_dynamics=self.inverse_dynamics)
 
 
 SAMPLER_STAGE = {"student": "student", "heun": "teacher", "euler": "teacher", "ddpm": "ddpm", "ddim": "ddpm"}
@@ -81,11 +93,14 @@ def _sampler_opts(sampler: str, nfe: int, init_scaled: bool) -> dict:
 
 
 def policy_from_checkpoint(checkpoint: str | Path, sampler: str = "student", nfe: int | None = None,
-                           init_scaled: bool = True, accelerate: str = "none"):
+                           init_scaled: bool = True, accelerate: str = "none", precision: str = "fp32",
+                           tracker: str = "pd", inverse_dynamics: str = ""):
     """(policy or planner, task, its TrainConfig) for a checkpoint of the stage the sampler needs.
 
     accelerate: "none" or "jit" (ractd.nets.unet1d.accelerate: same numbers up to float rounding;
-    bench/bench_core.py measures the speed-up)."""
+    bench/bench_core.py measures the speed-up). precision: "fp32" or "bf16" (ractd.nets.unet1d.to_precision:
+    the U-Net's weights and arithmetic only). tracker (maze2d): "pd" or "inverse_dynamics", the latter with the
+    model file `inverse_dynamics` ("" = ractd.inverse_dynamics.default_path of the checkpoint's task and scale)."""
     from ractd.data.windows import Normalizer
     from ractd.policy import LocomotionPolicy, MazePlanner, make_sampler
     from ractd.train import load_stage_model
@@ -96,6 +111,10 @@ def policy_from_checkpoint(checkpoint: str | Path, sampler: str = "student", nfe
     if cfg.stage != SAMPLER_STAGE[sampler]:
         raise RactdError(f"sampler {sampler!r} needs a {SAMPLER_STAGE[sampler]} checkpoint; {checkpoint} is a {cfg.stage}")
     task = get_task(cfg.task)
+    if precision != "fp32":
+        from ractd.nets.unet1d import to_precision
+
+        to_precision(model, precision)
     if accelerate != "none":
         from ractd.nets.unet1d import accelerate as accelerate_net
 
@@ -105,14 +124,21 @@ def policy_from_checkpoint(checkpoint: str | Path, sampler: str = "student", nfe
     fn = make_sampler(sampler, model, shape_tail, **_sampler_opts(sampler, nfe or DEFAULT_NFE[sampler], init_scaled))
     if task.kind == "locomotion":
         return LocomotionPolicy(fn, norms["obs"], norms["action"], obs_history=cfg.obs_history), task, cfg
-    return MazePlanner(fn, norms["obs"], horizon=shape_tail[0]), task, cfg
+    inv = None
+    if tracker == "inverse_dynamics":
+        from ractd.inverse_dynamics import InverseDynamics, default_path
+
+        inv = InverseDynamics.load(Path(inverse_dynamics) if inverse_dynamics else default_path(task.name, cfg.scale))
+    return MazePlanner(fn, norms["obs"], horizon=shape_tail[0], tracker=tracker, inverse_dynamics=inv), task, cfg
 
 
 def evaluate_checkpoint(task: str, run_dir: str = "", sampler: str = "student", checkpoint: str = "",
                         nfe: int | None = None, seeds: list[int] | None = None, max_steps: int | None = None,
                         init_scaled: bool = True, out: str = "", progress: bool = True,
-                        accelerate: str = "none") -> dict:
-    """Roll out `seeds` (default 0..9) with the checkpoint's policy; write records to Parquet; return a summary."""
+                        accelerate: str = "none", precision: str = "fp32", overlap: bool = False,
+                        tracker: str = "pd", inverse_dynamics: str = "") -> dict:
+    """Roll out `seeds` (default 0..9) with the checkpoint's policy; write records to Parquet; return a summary.
+    The options are EvalConfig's (see there)."""
     from ractd.paths import runs_dir
     from ractd.rollout import rollout_locomotion, rollout_maze, save_records, summarize
 
@@ -122,14 +148,18 @@ def evaluate_checkpoint(task: str, run_dir: str = "", sampler: str = "student", 
         raise RactdError(f"unknown sampler {sampler!r}; expected one of {', '.join(SAMPLER_STAGE)}")
     ckpt = Path(checkpoint) if checkpoint else run / SAMPLER_STAGE[sampler] / "best.pt"
     nfe = nfe or DEFAULT_NFE[sampler]
-    policy, t2, cfg = policy_from_checkpoint(ckpt, sampler, nfe, init_scaled, accelerate)
+    policy, t2, cfg = policy_from_checkpoint(ckpt, sampler, nfe, init_scaled, accelerate, precision, tracker,
+                                             inverse_dynamics)
     if t2.name != t.name:
         raise RactdError(f"{ckpt} was trained on {t2.name}, not {t.name}")
     seeds = list(range(10)) if seeds is None else seeds
     start = time.perf_counter()
-    roll = rollout_locomotion if t.kind == "locomotion" else rollout_maze
-    records = roll(t, policy, seeds, max_steps=max_steps, progress=progress)
-    extra = {"sampler": sampler, "nfe": nfe, "init_scaled": init_scaled, "accelerate": accelerate, "checkpoint": str(ckpt),
+    if t.kind == "locomotion":
+        records = rollout_locomotion(t, policy, seeds, max_steps=max_steps, progress=progress, overlap=overlap)
+    else:
+        records = rollout_maze(t, policy, seeds, max_steps=max_steps, progress=progress)
+    extra = {"sampler": sampler, "nfe": nfe, "init_scaled": init_scaled, "accelerate": accelerate,
+             "precision": precision, "tracker": tracker if t.kind == "maze" else "", "checkpoint": str(ckpt),
              "sigma": cfg.distill.sigma if cfg.stage == "student" else 0.0, "train_seed": cfg.seed}
     records = [{**r, **extra} for r in records]
     path = Path(out) if out else run / "eval" / f"{sampler}-{nfe}.parquet"
