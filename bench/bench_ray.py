@@ -9,7 +9,7 @@
    time (ractd.train.train inside the workers), the fixed start-up (Ray, dataset, shared models) and the
    per-trial start-up (Tune trial + Ray Train worker group).
 
-    python bench/bench_ray.py [--steps 60] [--batch 256] [--trial-steps 200] [--trials 3] [--skip-paper]
+    python bench/bench_ray.py [--steps 40] [--batch 128] [--trial-steps 400] [--trials 3] [--skip-paper]
 
 Everything is written into a temporary cache folder that is removed at the end.
 """
@@ -150,11 +150,11 @@ def bench_sweep(root: Path, trials: int, trial_steps: int) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=60, help="distillation steps per speed measurement")
-    p.add_argument("--batch", type=int, default=256, help="global distillation batch")
+    p.add_argument("--steps", type=int, default=40, help="distillation steps per speed measurement")
+    p.add_argument("--batch", type=int, default=128, help="global distillation batch")
     p.add_argument("--repeats", type=int, default=5, help="all-reduce repetitions (median reported)")
     p.add_argument("--trials", type=int, default=3, help="sweep trials")
-    p.add_argument("--trial-steps", type=int, default=200, help="distillation steps per sweep trial")
+    p.add_argument("--trial-steps", type=int, default=400, help="distillation steps per sweep trial")
     p.add_argument("--skip-paper", action="store_true", help="skip the paper-size all-reduce (needs ~6 GB)")
     args = p.parse_args()
 

@@ -14,7 +14,8 @@ What a search does, in order (everything before Ray starts fails with one line a
    a Tune function trainable (0.5 CPU) that runs a TorchTrainer (ractd_ray.train) distilling one student;
 4. the results under the run folder (default ractd.paths.sweep_dir(task, scale)): trials.parquet (one row per
    trial), best_config.json, best/checkpoint.pt (the best student), search.json (the search's config, for
-   --resume), trials/<trial_id>/ (each trial's run folder), ray/ (Tune's and Train's state); a table at the end.
+   --resume), trials/<trial_id>/ (each trial's run folder), ray/ (Tune's and Train's state, or under
+   $RACTD_STORAGE_PATH on a cluster: ractd_ray.cluster.default_storage_path); a table at the end.
 
 The objective is the paper's online model selection: the mean normalized return of the one-step student on
 select_seeds short rollouts (seeds 10000, ... disjoint from evaluation seeds), computed by the library at every
@@ -186,8 +187,9 @@ class SearchConfig:
         return Path(self.run_dir).expanduser().resolve() if self.run_dir else sweep_dir(self.task, self.scale)
 
 
-# `--quick`: a smoke budget on tiny data (the quick training budget, 3 trials, 2 objective rollouts).
-QUICK = dict(budget="quick", scale="tiny", num_samples=3, select_seeds=2)
+# `--quick`: a smoke budget on tiny data: the quick training budget with the 32-64-128 U-Net (preset
+# "small-maze", about a quarter of the CPU preset's compute), 3 trials, 2 objective rollouts per checkpoint.
+QUICK = dict(budget="quick", scale="tiny", preset="small-maze", num_samples=3, select_seeds=2)
 
 
 # ------------------------------------------------------------------------------------------------ dataset
@@ -263,6 +265,15 @@ def shared_key(cfgs: list[TrainConfig], fingerprint: str) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:12]
 
 
+def ray_storage(sub: str, local: Path) -> str:
+    """Where Tune and Train keep their state: $RACTD_STORAGE_PATH/<sub> on a cluster started from cluster.yaml
+    (ractd_ray.cluster.default_storage_path, e.g. an S3 prefix), else the local folder `local`."""
+    from ractd_ray.cluster import default_storage_path
+
+    base = default_storage_path()
+    return f"{base.rstrip('/')}/{sub}" if base else str(local)
+
+
 def ensure_shared_models(scfg: SearchConfig, dataset: dict) -> dict:
     """Train the teacher (and the reward model) once per key, or reuse them.
 
@@ -288,7 +299,8 @@ def ensure_shared_models(scfg: SearchConfig, dataset: dict) -> dict:
             return {**_shared_info(folder, key, paths), "trained": [], "train_time_s": 0.0}
         log.info("training the shared %s into %s", " and ".join(paths), folder)
         out = fit_stages(shared, num_workers=scfg.workers, use_gpu=scfg.use_gpu, max_failures=scfg.max_failures,
-                         storage_path=str(folder / "ray"), name="shared", cpus_per_worker=scfg.cpus_per_worker)
+                         storage_path=ray_storage(f"shared/{folder.name}", folder / "ray"), name="shared",
+                         cpus_per_worker=scfg.cpus_per_worker)
         trained = [o["stage"] for o in out if not o["skipped"]]
         train_time = sum(o.get("train_time_s", 0.0) for o in out)
         atomic_write_json(marker, {"key": key, "task": scfg.task, "dataset": dataset,
@@ -309,6 +321,7 @@ class TrialPlan:
 
     student: dict  # TrainConfig of the student without run_dir and weights
     out_dir: str
+    train_storage: str  # Ray Train's storage_path of the trials (one run per trial, named by the trial id)
     workers: int
     cpus_per_worker: int
     use_gpu: bool | str
@@ -345,7 +358,7 @@ def run_trial(config: dict, plan: TrialPlan) -> None:
     weights = {k: float(config[k]) for k in ("alpha", "beta", "sigma")}
     cfg = dataclasses.replace(base, run_dir=str(trial_dir), distill=dataclasses.replace(base.distill, **weights))
     out = fit_stage(cfg, num_workers=plan.workers, use_gpu=plan.use_gpu, max_failures=plan.max_failures,
-                    storage_path=str(Path(plan.out_dir) / "ray" / "train"), name=trial_id,
+                    storage_path=plan.train_storage, name=trial_id,
                     callbacks=[_report_callback()], cpus_per_worker=plan.cpus_per_worker, progress=False)
     atomic_write_json(trial_dir / "summary.json", {
         "trial_id": trial_id, **weights, "step": out["step"], "best": out["best"], "train_time_s": out["train_time_s"],
@@ -385,14 +398,15 @@ def run_search(scfg: SearchConfig, resume: bool = False) -> dict:
     t_start = time.perf_counter()
     scfg = scfg.validate()
     out_dir = scfg.out_dir()
-    tune_path = out_dir / "ray" / "tune"
+    tune_storage = ray_storage(f"sweeps/{out_dir.name}", out_dir / "ray")
+    tune_path = f"{tune_storage}/tune"
     saved = out_dir / "search.json"
     if resume:
-        if not (saved.is_file() and tune.Tuner.can_restore(str(tune_path))):
+        if not (saved.is_file() and tune.Tuner.can_restore(tune_path)):
             raise RactdError(f"nothing to resume in {out_dir} (no search was started there)")
         stored = from_dict(SearchConfig, json.loads(saved.read_text())["config"])
         scfg = dataclasses.replace(stored, address=scfg.address or stored.address).validate()
-    elif tune.Tuner.can_restore(str(tune_path)):
+    elif tune.Tuner.can_restore(tune_path):
         raise RactdError(f"{out_dir} already holds a search; pass --resume to continue it, or --run-dir to start "
                          f"another")
     task = get_task(scfg.task)
@@ -405,18 +419,19 @@ def run_search(scfg: SearchConfig, resume: bool = False) -> dict:
         shared = ensure_shared_models(scfg, dataset)
         student = scfg.stage_config("student", source=dataset["source"], teacher_ckpt=shared["teacher"],
                                     reward_ckpt=shared["reward"])
-        plan = TrialPlan(student=to_dict(student), out_dir=str(out_dir), workers=scfg.workers,
+        plan = TrialPlan(student=to_dict(student), out_dir=str(out_dir), train_storage=f"{tune_storage}/train",
+                         workers=scfg.workers,
                          cpus_per_worker=scfg.cpus_per_worker, use_gpu=scfg.use_gpu, max_failures=scfg.max_failures,
                          env=forwarded_env())
         if not resume:
             atomic_write_json(saved, {"config": to_dict(scfg), "dataset": dataset, "shared": shared})
         t_tune = time.perf_counter()
         if resume:
-            tuner = tune.Tuner.restore(str(tune_path), trainable=_trainable(plan), resume_errored=True)
+            tuner = tune.Tuner.restore(tune_path, trainable=_trainable(plan), resume_errored=True)
         else:
             tuner = tune.Tuner(_trainable(plan), param_space=search_space(task),
                                tune_config=_tune_config(scfg, task, student),
-                               run_config=tune.RunConfig(name=tune_path.name, storage_path=str(tune_path.parent),
+                               run_config=tune.RunConfig(name="tune", storage_path=tune_storage,
                                                          failure_config=tune.FailureConfig(
                                                              max_failures=scfg.trial_failures)))
         grid = tuner.fit()

@@ -336,7 +336,9 @@ def fit_stages(cfgs: list[TrainConfig], num_workers: int = 1, use_gpu: bool | st
     ensure_ray()
     gpu = resolve_use_gpu(use_gpu, num_workers)
     name = name or "-".join(c.stage for c in cfgs)
-    storage_path = str(Path(storage_path or Path(cfgs[0].run_dir) / "ray").resolve())
+    storage_path = str(storage_path or Path(cfgs[0].run_dir) / "ray")
+    if "://" not in storage_path:  # a local folder (else a URI such as s3://..., for a cluster)
+        storage_path = str(Path(storage_path).resolve())
     trainer = TorchTrainer(
         worker_loop,
         train_loop_config={"stages": [to_dict(c) for c in cfgs], "env": forwarded_env(), "on_step": on_step,
