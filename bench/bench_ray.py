@@ -104,7 +104,9 @@ def _allreduce_loop(config):
         p.grad = torch.randn(p.shape, generator=gen)
     out = {"params": sum(p.numel() for p in model.parameters()),
            "tensors": sum(1 for p in model.parameters() if p.requires_grad)}
-    for name, reducer in (("flat", GradAllReduce(world)), ("per_param", PerParameterAllReduce(world))):
+    reducers = {f"flat {mb:g} MiB": GradAllReduce(world, bucket_mb=mb) for mb in config["bucket_mb"]}
+    reducers["per-parameter"] = PerParameterAllReduce(world)
+    for name, reducer in reducers.items():
         times = []
         for i in range(config["repeats"] + 1):
             dist.barrier()
@@ -113,16 +115,16 @@ def _allreduce_loop(config):
             dist.barrier()
             if i:  # the first call allocates the flat buffer
                 times.append(time.perf_counter() - t0)
-        out[name] = statistics.median(times)
-        out[f"{name}_calls"] = reducer.calls // (config["repeats"] + 1)
+        out[name] = (statistics.median(times), reducer.calls // (config["repeats"] + 1))
     return out
 
 
-def bench_allreduce(root: Path, preset: str, repeats: int) -> dict:
+def bench_allreduce(root: Path, preset: str, repeats: int, bucket_mb: list[float]) -> dict:
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    result = TorchTrainer(_allreduce_loop, train_loop_config={"preset": preset, "repeats": repeats},
+    result = TorchTrainer(_allreduce_loop,
+                          train_loop_config={"preset": preset, "repeats": repeats, "bucket_mb": bucket_mb},
                           scaling_config=ray.train.ScalingConfig(num_workers=2, use_gpu=False),
                           run_config=ray.train.RunConfig(name=f"allreduce-{preset}", storage_path=str(root / "ray"))
                           ).fit()
@@ -153,10 +155,14 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=40, help="distillation steps per speed measurement")
     p.add_argument("--batch", type=int, default=128, help="global distillation batch")
     p.add_argument("--repeats", type=int, default=5, help="all-reduce repetitions (median reported)")
+    p.add_argument("--bucket-mb", type=float, nargs="+", default=[16.0, 64.0, 256.0, 1024.0],
+                   help="bucket sizes of the flattened all-reduce to compare")
     p.add_argument("--trials", type=int, default=3, help="sweep trials")
     p.add_argument("--trial-steps", type=int, default=400, help="distillation steps per sweep trial")
     p.add_argument("--skip-paper", action="store_true", help="skip the paper-size all-reduce (needs ~6 GB)")
+    p.add_argument("--parts", default="distill,allreduce,sweep", help="measurements to run (comma-separated)")
     args = p.parse_args()
+    parts = set(args.parts.split(","))
 
     root = Path(tempfile.mkdtemp(prefix="ractd-bench-ray-"))
     os.environ["RACTD_CACHE_DIR"] = str(root / "cache")
@@ -168,30 +174,34 @@ def main() -> None:
         random_hopper()
         t0 = time.perf_counter()
         ensure_ray()
-        init_s = time.perf_counter() - t0
-        d = bench_distill(root, args.steps, args.batch)
-        print(f"ray.init: {init_s:.1f} s")
-        print(f"distillation, small student, global batch {args.batch}, steps/s: one process {d['process']:.2f}, "
-              f"1 worker {d['workers1']:.2f}, 2 workers {d['workers2']:.2f} "
-              f"(2 vs 1 worker: {d['workers2'] / d['workers1']:.2f}x; 1 worker vs process: "
-              f"{d['workers1'] / d['process']:.2f}x)")
-        print(f"  fit wall vs training time: 1 worker {d['workers1_fit_s']:.1f} s vs {d['workers1_train_s']:.1f} s, "
-              f"2 workers {d['workers2_fit_s']:.1f} s vs {d['workers2_train_s']:.1f} s")
-        for preset in ["small"] + ([] if args.skip_paper else ["mujoco"]):
-            a = bench_allreduce(root, preset, args.repeats)
-            print(f"all-reduce, 2 workers (gloo), {preset} student ({a['params'] / 1e6:.1f} M parameters, "
-                  f"{a['tensors']} tensors): flattened {a['flat'] * 1e3:.1f} ms ({a['flat_calls']} call(s)), "
-                  f"per-parameter {a['per_param'] * 1e3:.1f} ms ({a['per_param_calls']} calls): "
-                  f"{a['per_param'] / a['flat']:.2f}x")
+        print(f"ray.init: {time.perf_counter() - t0:.1f} s")
+        if "distill" in parts:
+            d = bench_distill(root, args.steps, args.batch)
+            print(f"distillation, small student, global batch {args.batch}, steps/s: one process {d['process']:.2f}, "
+                  f"1 worker {d['workers1']:.2f}, 2 workers {d['workers2']:.2f} (2 vs 1 worker: "
+                  f"{d['workers2'] / d['workers1']:.2f}x; 1 worker vs one process: {d['workers1'] / d['process']:.2f}x)")
+            print(f"  fit wall vs training time: 1 worker {d['workers1_fit_s']:.1f} s vs {d['workers1_train_s']:.1f} s, "
+                  f"2 workers {d['workers2_fit_s']:.1f} s vs {d['workers2_train_s']:.1f} s")
+        if "allreduce" in parts:
+            for preset in ["small"] + ([] if args.skip_paper else ["mujoco"]):
+                a = bench_allreduce(root, preset, args.repeats, args.bucket_mb)
+                per_param = a["per-parameter"][0]
+                timings = ", ".join(f"{k} {v[0] * 1e3:.1f} ms ({v[1]} calls, {per_param / v[0]:.2f}x)"
+                                    for k, v in a.items() if isinstance(v, (tuple, list)))
+                print(f"all-reduce per step, 2 workers (gloo), {preset} student ({a['params'] / 1e6:.1f} M parameters,"
+                      f" {a['tensors']} tensors): {timings} (x = speed-up over per-parameter)")
         ray.shutdown()
-        s = bench_sweep(root, args.trials, args.trial_steps)
-        per_trial = (s["tune_wall_s"] - s["trials_train_s"]) / s["trials"]
-        print(f"sweep of {s['trials']} trials x {args.trial_steps} steps: wall {s['wall_s']:.1f} s = fixed start-up "
-              f"{s['startup_s']:.1f} s (Ray, dataset) + shared models {s['wall_s'] - s['startup_s'] - s['tune_wall_s']:.1f}"
-              f" s (training {s['shared_train_s']:.1f} s) + Tune {s['tune_wall_s']:.1f} s")
-        print(f"  Tune wall vs sum of trials' training time: {s['tune_wall_s']:.1f} s vs {s['trials_train_s']:.1f} s "
-              f"= {s['tune_wall_s'] / s['trials_train_s']:.2f}x; start-up per trial {per_trial:.1f} s "
-              f"(trial fit {s['trials_fit_s'] / s['trials']:.1f} s vs training {s['trials_train_s'] / s['trials']:.1f} s)")
+        if "sweep" in parts:
+            s = bench_sweep(root, args.trials, args.trial_steps)
+            per_trial = (s["tune_wall_s"] - s["trials_train_s"]) / s["trials"]
+            shared = s["wall_s"] - s["startup_s"] - s["tune_wall_s"]
+            print(f"sweep of {s['trials']} trials x {args.trial_steps} steps: wall {s['wall_s']:.1f} s = fixed start-up "
+                  f"{s['startup_s']:.1f} s (Ray, dataset) + shared models {shared:.1f} s (training "
+                  f"{s['shared_train_s']:.1f} s) + Tune {s['tune_wall_s']:.1f} s")
+            print(f"  Tune wall vs sum of the trials' training time: {s['tune_wall_s']:.1f} s vs "
+                  f"{s['trials_train_s']:.1f} s = {s['tune_wall_s'] / s['trials_train_s']:.2f}x; start-up per trial "
+                  f"{per_trial:.1f} s (trial fit {s['trials_fit_s'] / s['trials']:.1f} s vs training "
+                  f"{s['trials_train_s'] / s['trials']:.1f} s)")
     finally:
         if ray.is_initialized():
             ray.shutdown()

@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 # Environment the library reads for its paths; the driver's values travel to the workers (a Ray instance
 # started earlier, or another node, does not inherit the driver's environment).
 FORWARDED_ENV = ("RACTD_CACHE_DIR", "XDG_CACHE_HOME", "D4RL_DATASET_DIR", "MINARI_DATASETS_PATH")
-DEFAULT_BUCKET_MB = 256.0
+DEFAULT_BUCKET_MB = 64.0  # bench/bench_ray.py: the fastest of 16-1024 MiB for the small and the paper-size student
 
 
 def forwarded_env() -> dict[str, str]:
@@ -54,28 +54,39 @@ def forwarded_env() -> dict[str, str]:
 class GradAllReduce:
     """sync_grads for RunContext: average the gradients of every trainable parameter across workers.
 
-    The gradients are copied into one persistent flat buffer per dtype, all-reduced (summed) in buckets of at
-    most `bucket_mb` MiB (one all-reduce for a model smaller than that), divided by the world size and copied
-    back. A parameter without a gradient on this rank contributes zeros, so every rank issues the same
-    collectives. Needs an initialized torch.distributed process group (TorchTrainer sets one up).
+    The gradients are copied into one persistent flat buffer per dtype, summed across workers with one
+    all-reduce per bucket of whole parameters of at most `bucket_mb` MiB (one all-reduce for a model smaller than
+    that), divided by the world size and copied back. The all-reduces are issued asynchronously as each bucket is
+    filled, so copying the next bucket in (and the previous one out) overlaps the communication. A parameter
+    without a gradient on this rank contributes zeros, so every rank issues the same collectives. Needs an
+    initialized torch.distributed process group (TorchTrainer sets one up).
     """
 
     def __init__(self, world_size: int, bucket_mb: float = DEFAULT_BUCKET_MB):
         self.world_size = world_size
         self.bucket_bytes = max(1, int(bucket_mb * 2**20))
         self._key = None
-        self._flat: dict[torch.dtype, torch.Tensor] = {}
+        self._buckets: list[tuple[torch.Tensor, list[tuple[nn.Parameter, int, int]]]] = []
         self.calls = 0  # all-reduce calls issued (bench / tests)
 
     def _layout(self, params: list[nn.Parameter]) -> None:
         key = tuple((id(p), p.numel(), p.dtype, p.device) for p in params)
         if key == self._key:
             return
-        sizes: dict[torch.dtype, int] = {}
-        for p in params:
-            sizes[p.dtype] = sizes.get(p.dtype, 0) + p.numel()
-        device = params[0].device
-        self._flat = {dt: torch.zeros(n, dtype=dt, device=device) for dt, n in sizes.items()}
+        self._buckets = []
+        for dtype in dict.fromkeys(p.dtype for p in params):
+            group = [p for p in params if p.dtype == dtype]
+            flat = torch.zeros(sum(p.numel() for p in group), dtype=dtype, device=group[0].device)
+            per_bucket = max(1, self.bucket_bytes // flat.element_size())
+            start, members = 0, []
+            for p in group:
+                offset = members[-1][1] + members[-1][2] if members else start
+                if members and offset + p.numel() - start > per_bucket:
+                    self._buckets.append((flat[start:offset], [(q, o - start, n) for q, o, n in members]))
+                    start, members = offset, []
+                members.append((p, offset, p.numel()))
+            end = members[-1][1] + members[-1][2]
+            self._buckets.append((flat[start:end], [(q, o - start, n) for q, o, n in members]))
         self._key = key
 
     def __call__(self, model: nn.Module) -> None:
@@ -85,27 +96,23 @@ class GradAllReduce:
         if not params or self.world_size == 1:
             return
         self._layout(params)
-        offsets = dict.fromkeys(self._flat, 0)
-        slots = []
-        for p in params:  # gather
-            flat, o, n = self._flat[p.dtype], offsets[p.dtype], p.numel()
-            if p.grad is None:
-                flat[o:o + n].zero_()
-            else:
-                flat[o:o + n].copy_(p.grad.reshape(-1))
-            slots.append((p, flat, o, n))
-            offsets[p.dtype] = o + n
-        for flat in self._flat.values():  # reduce, bucket by bucket
-            step = max(1, self.bucket_bytes // flat.element_size())
-            for start in range(0, flat.numel(), step):
-                dist.all_reduce(flat[start:start + step])
-                self.calls += 1
-            flat.div_(self.world_size)
-        for p, flat, o, n in slots:  # scatter
-            if p.grad is None:
-                p.grad = flat[o:o + n].view_as(p).clone()
-            else:
-                p.grad.copy_(flat[o:o + n].view_as(p.grad))
+        works = []
+        for segment, members in self._buckets:  # gather a bucket, start its all-reduce, go on with the next
+            for p, o, n in members:
+                if p.grad is None:
+                    segment[o:o + n].zero_()
+                else:
+                    segment[o:o + n].copy_(p.grad.reshape(-1))
+            works.append(dist.all_reduce(segment, async_op=True))
+            self.calls += 1
+        for (segment, members), work in zip(self._buckets, works):  # scatter each bucket as it completes
+            work.wait()
+            segment.div_(self.world_size)
+            for p, o, n in members:
+                if p.grad is None:
+                    p.grad = segment[o:o + n].view_as(p).clone()
+                else:
+                    p.grad.copy_(segment[o:o + n].view_as(p.grad))
 
 
 class PerParameterAllReduce:
