@@ -50,10 +50,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"CPUs (and torch threads) per actor (default: {pc.cpus_per_actor:g})")
     p.add_argument("--actors-per-gpu", type=int, default=pc.actors_per_gpu,
                    help=f"actors sharing one GPU (default: {pc.actors_per_gpu})")
+    p.add_argument("--gpu", choices=["auto", "yes", "no"], default=pc.gpu,
+                   help="rollout actors on GPUs: auto (when the cluster has free GPUs), yes (ask for them: brings up "
+                        "the GPU workers of an autoscaling cluster), no (default: auto)")
     p.add_argument("--block-size", type=int, default=pc.block_size,
                    help="seeds per block (default: a cell's seeds spread evenly over the actors)")
     p.add_argument("--address", default=None,
-                   help="Ray cluster address (e.g. auto); default: a local Ray instance")
+                   help="Ray cluster address (e.g. auto; default: $RAY_ADDRESS if set, else a local Ray instance); "
+                        "on a cluster, missing checkpoints are trained with Ray Train")
     p.add_argument("--store", default=None, help="results store folder (default: <cache>/results/<study>/store)")
     p.add_argument("--out", default=None, help="tables and figures folder (default: <cache>/results/<study>)")
     p.add_argument("--train-missing", action=argparse.BooleanOptionalAction, default=None,
@@ -63,15 +67,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=int, default=0,
                    help="cap episodes at this many steps (smoke runs; stored as method@steps, not in the tables)")
     p.add_argument("--no-ray", action="store_true", help="evaluate in this process, without Ray")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads of this process, which trains missing checkpoints (default: "
+                        "torch's; use 1 when other work shares the CPUs: oversubscribed threads slow training "
+                        "several-fold)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
 
-def _trainer(args):
-    from ractd.study import train_locally
+def _on_cluster(args) -> bool:
+    """--address given, or RAY_ADDRESS set (a `ray job submit` entrypoint on the cluster's head)."""
+    import os
 
-    if not args.address:
-        return train_locally
+    return bool(args.address or os.environ.get("RAY_ADDRESS")) and not args.no_ray
+
+
+def _trainer(args):
+    if not _on_cluster(args):
+        def local(cfg):
+            from ractd.train import RunContext, train
+
+            train(cfg, RunContext(progress=not args.quiet))
+
+        return local
 
     def fit(cfg):
         from ractd_ray.train import fit_stage
@@ -87,11 +105,17 @@ def run(args) -> dict:
     from ractd.study import ensure_models, evaluate_serial, get_study, reward_rows, study_jobs, summary_lines
 
     study = get_study(args.study, tasks=args.tasks, seeds=args.seeds, train_missing=args.train_missing)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise RactdError(f"--threads {args.threads}: must be a positive integer")
+        import torch
+
+        torch.set_num_threads(args.threads)
     if args.max_steps < 0:
         raise RactdError(f"--max-steps {args.max_steps}: must be >= 0")
     out = Path(args.out) if args.out else cache_dir() / "results" / study.name
     store = ResultsStore(Path(args.store) if args.store else out / "store")
-    if args.address and not args.no_ray:
+    if _on_cluster(args):
         from ractd_ray.pool import connect
 
         connect(args.address)
@@ -111,7 +135,7 @@ def run(args) -> dict:
 
         connect(args.address)
         cfg = PoolConfig(actors=args.actors, cpus_per_actor=args.cpus_per_actor, actors_per_gpu=args.actors_per_gpu,
-                         block_size=args.block_size)
+                         gpu=args.gpu, block_size=args.block_size)
         summary = evaluate(jobs, seeds, store, cfg, progress=not args.quiet)
     print(f"episodes run: {summary['episodes_run']} (already stored episodes are not rerun)")
     reward_rows(study, store)

@@ -324,8 +324,8 @@ def paper_value(table: str, label: str, task: str) -> tuple | None:
 def fmt_paper(v: tuple | None) -> str:
     if v is None:
         return "—"
-    value, se = v
-    return f"{value:g}" if se is None else f"{value:g} ± {se:g}"
+    value, se = v  # as printed in the paper (123.4 ± 1.0, 79.6 ± 0.55)
+    return f"{value}" if se is None else f"{value} ± {se}"
 
 
 # ---------------------------------------------------------------------------------------------- tables

@@ -127,6 +127,8 @@ class Study:
         < 0 = the task's RACTD sigma.
     train_missing: train missing checkpoints (else print their commands and mark the cells missing).
     fig3_states: dataset states on which Fig. 3 samples one action per method.
+    preset: U-Net preset of every network ("" = the budget's).
+    max_train_steps: cap on every stage's training steps (0 = the budget's).
     """
 
     name: str
@@ -138,6 +140,8 @@ class Study:
     ra_teacher_weight: float = -1.0
     train_missing: bool = False
     fig3_states: int = 512
+    preset: str = ""
+    max_train_steps: int = 0
 
     @property
     def tasks(self) -> tuple[str, ...]:
@@ -162,10 +166,11 @@ STUDIES: dict[str, Study] = {
     # seeds are cheap. DDPM/DDIM (Table 11) are left out: their model costs a teacher's training again.
     "quick": Study(name="quick", budget="quick", data_scale="tiny", train_missing=True,
                    plans=(TaskPlan("maze2d-umaze", CORE),)),
-    # A few-minute demonstration of every figure and table layout on tiny generated datasets (quick budget,
-    # 20 seeds): what docs/figures shows. Its numbers say nothing about the method; the scale label says so.
+    # A few-minute demonstration of every figure and table layout: tiny generated datasets, tiny U-Nets trained
+    # for at most 200 steps, 20 seeds: what docs/figures shows. Its numbers say nothing about the method (the
+    # scale label "demo-tiny" says so in every cell and figure).
     "demo": Study(name="demo-tiny", budget="quick", data_scale="tiny", train_missing=True, seeds=20,
-                  sigmas=(0.3, 1.5), fig3_states=256,
+                  sigmas=(0.3, 1.5), fig3_states=256, preset="tiny", max_train_steps=200,
                   plans=(TaskPlan("maze2d-umaze", CORE),
                          TaskPlan("hopper-medium-replay", CORE + ("ractd-nfe2", SIGMA_SWEEP)))),
     # CPU scale: every table and figure on one maze and one locomotion task (hours on a laptop; the locomotion
@@ -330,6 +335,10 @@ def plan_models(study: Study, task: str) -> dict[str, ModelPlan]:
     models: dict[str, ModelPlan] = {}
 
     def cfg_for(name: str, stage: str, **kw) -> TrainConfig:
+        if study.preset:
+            kw["preset"] = study.preset
+        if study.max_train_steps:
+            kw["steps"] = min(study.max_train_steps, TrainConfig.for_stage(stage, study.budget).steps)
         return TrainConfig.for_stage(stage, study.budget, task=task, run_dir=str(root / name),
                                      scale=study.data_scale, **kw)
 
@@ -438,7 +447,10 @@ def ensure_models(study: Study, trainer: Trainer = train_locally) -> list[ModelP
     trained: list[ModelPlan] = []
     for task in study.tasks:
         models = plan_models(study, task)
-        order = sorted({m.checkpoint: m for m in models.values()}.values(),
+        unique: dict[Path, ModelPlan] = {}
+        for m in models.values():
+            unique.setdefault(m.checkpoint, m)  # a shared checkpoint is trained once, under its first name
+        order = sorted(unique.values(),
                        key=lambda m: (_STAGE_ORDER[m.stage], m.name != "teacher", m.name))
         for m in order:
             if m.exists:

@@ -48,8 +48,9 @@ class PoolConfig:
 
     actors: number of rollout actors (0 = from the cluster's resources).
     cpus_per_actor: CPUs each actor reserves; also its torch intra-op threads.
-    actors_per_gpu: actors sharing one GPU (num_gpus = 1 / actors_per_gpu each) when the cluster has GPUs.
-    use_gpus: run policies on the cluster's GPUs when it has some.
+    actors_per_gpu: actors sharing one GPU (num_gpus = 1 / actors_per_gpu each).
+    gpu: auto (GPU actors when the cluster has free GPUs now) | yes (always ask for GPUs: on an autoscaling
+        cluster that starts from zero GPU workers, the request is what brings them up) | no.
     block_size: seeds per block (0 = a cell's seeds spread evenly over the actors).
     max_retries: rounds of re-dispatching the blocks of dead actors before giving up.
     """
@@ -57,7 +58,7 @@ class PoolConfig:
     actors: int = 0
     cpus_per_actor: float = 1.0
     actors_per_gpu: int = 4
-    use_gpus: bool = True
+    gpu: str = "auto"
     block_size: int = 0
     max_retries: int = 3
 
@@ -121,11 +122,15 @@ def slim_checkpoint_bytes(path) -> bytes:
 
 def actor_layout(cfg: PoolConfig) -> tuple[int, float, float, str]:
     """(actors, num_cpus, num_gpus, device) for each actor from the config and the cluster's resources."""
+    if cfg.gpu not in ("auto", "yes", "no"):
+        raise RactdError(f"gpu={cfg.gpu!r}: expected auto, yes or no")
+    if cfg.actors < 0 or cfg.cpus_per_actor <= 0 or cfg.actors_per_gpu < 1:
+        raise RactdError("actors must be >= 0, cpus_per_actor > 0 and actors_per_gpu >= 1")
     res = ray.available_resources()  # what other jobs on the cluster leave free
     cpus, gpus = float(res.get("CPU", 1)), float(res.get("GPU", 0))
-    if cfg.use_gpus and gpus >= 1:
-        n = cfg.actors or int(gpus * cfg.actors_per_gpu)
-        return n, cfg.cpus_per_actor, min(1.0, gpus / n), "cuda"
+    if cfg.gpu == "yes" or (cfg.gpu == "auto" and gpus >= 1):
+        n = cfg.actors or int(max(1.0, gpus) * cfg.actors_per_gpu)
+        return n, cfg.cpus_per_actor, 1.0 / cfg.actors_per_gpu, "cuda"
     n = cfg.actors or max(1, int(cpus // cfg.cpus_per_actor))
     return n, cfg.cpus_per_actor, 0.0, "cpu"
 
