@@ -35,9 +35,9 @@ key follows the resulting recipe): walker2d at "small" trains 300k steps and tak
 because with 150k / 100k its medium threshold was never reached (medium_reached = 0). Measured with the override
 (seed 0, nice 10 on 2 CPUs shared with ~6 busy processes): stochastic eval returns 60-780 from 15k to 95k steps,
 then 838 (100k), 1498 (110k), 1748 at 115k = medium (normalized 38.0; 115k replay transitions), 2168 (120k),
-620-2440 from 125k to 265k, 2960-3050 from 275k, 3052 at the 300k expert; medium / expert = 0.57. walker2d-medium took 37 min (training and
-100k rollouts), the expert and walker2d-medium-expert 59 min more. walker2d-medium data: 133 episodes, return
-median 2052 (normalized 44.7). A split whose medium policy
+620-2440 from 125k to 265k, 2960-3050 from 275k, 3052 at the 300k expert; medium / expert = 0.57.
+walker2d-medium took 37 min (training and 100k rollouts), the expert and walker2d-medium-expert 59 min more.
+walker2d-medium data: 133 episodes, return median 2052 (normalized 44.7). A split whose medium policy
 missed the threshold says so in `python -m ractd.data info` ("medium NOT REACHED"), which also prints the medium
 policy's return against a third of the expert's when the file has an expert.
 
