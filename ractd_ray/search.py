@@ -460,7 +460,7 @@ def _tune_config(scfg: SearchConfig, task: Task, student: TrainConfig):
                             sampler=optuna.samplers.TPESampler(seed=scfg.seed))
     # rungs at checkpoints; max_t beyond the last step, so a trial that runs to the end finishes by itself
     scheduler = ASHAScheduler(time_attr="step", max_t=student.steps + 1,
-                              grace_period=min(scfg.grace_period * student.ckpt_every, student.steps),
+                              grace_period=min(scfg.grace_period * student.ckpt_every, student.steps + 1),
                               reduction_factor=scfg.reduction_factor)
     return tune.TuneConfig(metric=METRIC, mode=MODE, search_alg=searcher, scheduler=scheduler,
                            num_samples=scfg.num_samples, max_concurrent_trials=scfg.max_concurrent,
