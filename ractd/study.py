@@ -16,10 +16,10 @@ Methods (METHODS; the tables in ractd.results refer to these ids):
 
 Checkpoints. Each method needs a model (ModelPlan): reward, teacher, ddpm, ctd, ractd, sigma-S, ra-teacher,
 ra-teacher-ctd, ra-teacher-ractd. Models live under ractd.paths.runs_dir()/study/<task>-<study name>/<model>/
-<stage>/best.pt, except that when the sweep has run, RACTD is the sweep's best checkpoint and the teacher and
-reward model are the ones it distilled from (read from that checkpoint's config), so the study's other
-students distill from the same teacher. A model whose training config equals another's (e.g. maze2d RACTD with
-sigma = 0 and CTD) shares its checkpoint. A missing checkpoint is trained with `ensure_models(study, trainer)`
+<stage>/best.pt, except that when the sweep has run, RACTD is the sweep's best checkpoint, the teacher and
+reward model are the ones it distilled from (best_config.json), so the study's other students distill from the
+same teacher, and CTD is the sweep's completed trial at alpha = beta = 1, sigma = 0 when there is one. A model
+whose training config equals another's (e.g. maze2d RACTD with sigma = 0 and CTD) shares its checkpoint. A missing checkpoint is trained with `ensure_models(study, trainer)`
 (ractd.train.train by default; eval/reproduce_tables.py passes Ray Train when a cluster is there) or reported
 with the exact `python -m ractd ...` command that trains it (`ModelPlan.command`); its cells are marked missing
 and no number is ever made up for them.
@@ -314,6 +314,24 @@ def _sweep(study: Study, task: str) -> dict | None:
     return best
 
 
+def _sweep_ctd_trial(study: Study, task: str) -> Path | None:
+    """The sweep's CTD point, if it trained one to the end: a completed trial with alpha = beta = 1 and sigma = 0
+    (for maze2d that is the Table 9 point, every sweep's first trial). Same teacher, budget and model selection
+    as the sweep's RACTD, so the two are compared like for like, and it is not trained twice."""
+    import pyarrow.parquet as pq
+
+    from ractd.paths import sweep_dir
+
+    path = sweep_dir(task, study.data_scale) / "trials.parquet"
+    if not path.is_file():
+        return None
+    for r in pq.read_table(path).to_pylist():
+        if (r.get("status") == "completed" and r.get("checkpoint") and Path(r["checkpoint"]).is_file()
+                and (r.get("alpha"), r.get("beta"), r.get("sigma")) == (1.0, 1.0, 0.0)):
+            return Path(r["checkpoint"])
+    return None
+
+
 def ractd_weights(study: Study, task: str) -> tuple[float, float, float, str]:
     """(alpha, beta, sigma, where from) of the task's RACTD student: the sweep's best, else Table 9."""
     best = _sweep(study, task)
@@ -356,6 +374,9 @@ def plan_models(study: Study, task: str) -> dict[str, ModelPlan]:
             p = best.get(up) or ck_cfg.get(f"{up}_ckpt") or ""
             if p and Path(p).is_file():
                 models[up] = ModelPlan(task, up, up, Path(p), None, source="sweep")
+        ctd = _sweep_ctd_trial(study, task)
+        if ctd is not None and "teacher" in models:
+            models["ctd"] = ModelPlan(task, "ctd", "student", ctd, None, source="sweep")
     if "reward" not in models and t.kind == "locomotion":
         add("reward", "reward")
     if "teacher" not in models:
@@ -371,7 +392,7 @@ def plan_models(study: Study, task: str) -> dict[str, ModelPlan]:
     needed = {get_method(m).model for m in methods}
     if needed & {"ddpm"}:
         add("ddpm", "ddpm")
-    if "ctd" in needed:
+    if "ctd" in needed and "ctd" not in models:
         student("ctd", 1.0, 1.0, 0.0, "teacher")
     if "ractd" in needed and "ractd" not in models:
         student("ractd", alpha, beta, sigma, "teacher")

@@ -252,3 +252,15 @@ def test_study_reuses_the_sweeps_student_and_teacher_and_trains_what_is_missing(
     rows = store.episodes()
     assert len(rows) == 9 and {r["method"] for r in rows} == {"ctd@20", "ractd@20", "teacher-heun-80@20"}
     assert {r["length"] for r in rows} == {20} and {r["scale"] for r in rows} == {"quick"}
+    # The sweep's completed trial at alpha = beta = 1, sigma = 0 is CTD; a trial ASHA stopped early is not.
+    import pyarrow as pa
+
+    trial = tmp_path / "trial-ctd.pt"
+    trial.write_bytes(models["ctd"].checkpoint.read_bytes())
+    rows = [{"trial_id": "a", "alpha": 1.0, "beta": 1.0, "sigma": 0.0, "status": "stopped", "checkpoint": str(best)},
+            {"trial_id": "b", "alpha": 1.0, "beta": 1.0, "sigma": 0.0, "status": "completed", "checkpoint": str(trial)}]
+    pq.write_table(pa.Table.from_pylist(rows), d / "trials.parquet")
+    ctd = study.plan_models(s, "maze2d-umaze")["ctd"]
+    assert ctd.source == "sweep" and ctd.checkpoint == trial
+    pq.write_table(pa.Table.from_pylist(rows[:1]), d / "trials.parquet")
+    assert study.plan_models(s, "maze2d-umaze")["ctd"].source == "study"
