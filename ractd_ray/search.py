@@ -187,9 +187,17 @@ class SearchConfig:
         return Path(self.run_dir).expanduser().resolve() if self.run_dir else sweep_dir(self.task, self.scale)
 
 
-# `--quick`: a smoke budget on tiny data: the quick training budget with the 32-64-128 U-Net (preset
-# "small-maze", about a quarter of the CPU preset's compute), 3 trials, 2 objective rollouts per checkpoint.
+# `--quick`: a smoke budget on tiny data that ends within 10 minutes on 2 CPUs: the quick training budget with the
+# 32-64-128 U-Net (preset "small-maze", about a quarter of the CPU preset's compute), 3 trials, 2 objective
+# rollouts per checkpoint; maze2d's 128-state plans cost about 8x a 16-action locomotion chunk per sample, so
+# its teacher and students train shorter, its students on half the batch.
 QUICK = dict(budget="quick", scale="tiny", preset="small-maze", num_samples=3, select_seeds=2)
+QUICK_MAZE = dict(teacher_steps=500, steps=100, batch=32)
+
+
+def quick_settings(task: str) -> dict:
+    """The SearchConfig fields `--quick` sets for a task."""
+    return {**QUICK, **(QUICK_MAZE if get_task(task).kind == "maze" else {})}
 
 
 # ------------------------------------------------------------------------------------------------ dataset
@@ -406,6 +414,7 @@ def run_search(scfg: SearchConfig, resume: bool = False) -> dict:
             raise RactdError(f"nothing to resume in {out_dir} (no search was started there)")
         stored = from_dict(SearchConfig, json.loads(saved.read_text())["config"])
         scfg = dataclasses.replace(stored, address=scfg.address or stored.address).validate()
+        log.info("resuming the search in %s with its saved configuration (%s)", out_dir, saved)
     elif tune.Tuner.can_restore(tune_path):
         raise RactdError(f"{out_dir} already holds a search; pass --resume to continue it, or --run-dir to start "
                          f"another")
@@ -583,7 +592,8 @@ def build_parser():
     dests = ["task"] + add_config_args(p, SearchConfig, SearchConfig(), skip=("task",))
     p.add_argument("--quick", action="store_true",
                    help=f"a smoke budget on tiny data (sets {', '.join(f'{k}={v}' for k, v in QUICK.items())}; "
-                        f"flags given override it)")
+                        f"maze2d also {', '.join(f'{k}={v}' for k, v in QUICK_MAZE.items())}; flags given override "
+                        f"it)")
     p.add_argument("--resume", action="store_true",
                    help="continue the search in the run folder (Tuner.restore): finished trials are not rerun")
     p.set_defaults(dests=dests)
@@ -595,7 +605,7 @@ def config_from_args(args) -> SearchConfig:
 
     base = SearchConfig(task=args.task)
     if args.quick:
-        base = dataclasses.replace(base, **QUICK)
+        base = dataclasses.replace(base, **quick_settings(args.task))
     return replace_from_args(base, args, args.dests)
 
 
