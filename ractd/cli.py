@@ -24,8 +24,8 @@ TRAIN_COMMANDS = {"train-reward": ("reward", "train the return-to-go model R_psi
                   "train-ddpm": ("ddpm", "train the DDPM baseline (Tables 3, 11)"),
                   "distill": ("student", "distill the CTM student with Eq. (5)-(9)")}
 # fields a stage does not use are not offered on its command line
-STAGE_ONLY = {"distill": "student", "teacher_ckpt": "student", "reward_ckpt": "student", "select_seeds": "student",
-              "select_max_steps": "student", "reward_aware_teacher": "teacher"}
+STAGE_ONLY = {"distill": {"student"}, "teacher_ckpt": {"student"}, "reward_ckpt": {"student", "teacher"},
+              "select_seeds": {"student"}, "select_max_steps": {"student"}, "reward_aware_teacher": {"teacher"}}
 ALIASES = {"reward_aware_teacher": ["--reward-aware"]}
 PIPELINE_FIELDS = ("task", "run_dir", "source", "scale", "seed", "preset")
 
@@ -51,7 +51,7 @@ def _process_flags(p: argparse.ArgumentParser, device: bool = True) -> None:
 
 
 def _skip_for(stage: str) -> tuple[str, ...]:
-    return ("stage",) + tuple(k for k, s in STAGE_ONLY.items() if s != stage)
+    return ("stage",) + tuple(k for k, stages in STAGE_ONLY.items() if stage not in stages)
 
 
 def build_parser() -> argparse.ArgumentParser:

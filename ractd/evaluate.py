@@ -94,12 +94,13 @@ def _sampler_opts(sampler: str, nfe: int, init_scaled: bool) -> dict:
 
 def policy_from_checkpoint(checkpoint: str | Path, sampler: str = "student", nfe: int | None = None,
                            init_scaled: bool = True, accelerate: str = "none", precision: str = "fp32",
-                           tracker: str = "pd", inverse_dynamics: str = ""):
+                           tracker: str = "pd", inverse_dynamics: str = "", device: str = "cpu"):
     """(policy or planner, task, its TrainConfig) for a checkpoint of the stage the sampler needs.
 
     accelerate: "none" or "jit" (ractd.nets.unet1d.accelerate: same numbers up to float rounding;
     bench/bench_core.py measures the speed-up). precision: "fp32" or "bf16" (ractd.nets.unet1d.to_precision:
-    the U-Net's weights and arithmetic only). tracker (maze2d): "pd" or "inverse_dynamics", the latter with the
+    the U-Net's weights and arithmetic only). device: where the network runs (the samplers draw noise on CPU
+    per seed and move it to the model's device). tracker (maze2d): "pd" or "inverse_dynamics", the latter with the
     model file `inverse_dynamics` ("" = ractd.inverse_dynamics.default_path of the checkpoint's task and scale)."""
     from ractd.data.windows import Normalizer
     from ractd.policy import LocomotionPolicy, MazePlanner, make_sampler
@@ -108,6 +109,7 @@ def policy_from_checkpoint(checkpoint: str | Path, sampler: str = "student", nfe
     if sampler not in SAMPLER_STAGE:
         raise RactdError(f"unknown sampler {sampler!r}; expected one of {', '.join(SAMPLER_STAGE)}")
     model, cfg, ck = load_stage_model(Path(checkpoint))
+    model = model.to(device)
     if cfg.stage != SAMPLER_STAGE[sampler]:
         raise RactdError(f"sampler {sampler!r} needs a {SAMPLER_STAGE[sampler]} checkpoint; {checkpoint} is a {cfg.stage}")
     task = get_task(cfg.task)
