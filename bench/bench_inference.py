@@ -90,21 +90,12 @@ from ractd.data.windows import Normalizer  # noqa: E402
 from ractd.export import ExportedPolicy, build_policy_graph, export_graph  # noqa: E402
 from ractd.nets.unet1d import ConditionalUnet1D, accelerate, count_parameters, to_precision  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_core import timeit  # noqa: E402  (one timer for every benchmark)
+
 RELEASED_MS = {"small": 3.3, "paper": 66.5}  # released code, batch 1, 2 threads (issue 11)
 PRESET = {"small": "small", "paper": "mujoco"}
 OBS, ACT, H = 11, 3, 16
-
-
-def timeit(fn, min_time: float = 1.0, max_iter: int = 200, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    n, start = 0, time.perf_counter()
-    while True:
-        fn()
-        n += 1
-        elapsed = time.perf_counter() - start
-        if elapsed >= min_time or n >= max_iter:
-            return elapsed / n
 
 
 def interleaved(modes: dict, obs, noise, rounds: int, round_s: float) -> dict:

@@ -26,30 +26,14 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import torch
 
 
 def random_hopper(n_steps: int = 3000, seed: int = 0) -> Path:
     """A D4RL-format hopper dataset from uniform random actions (for timing only)."""
-    import gymnasium as gym
+    from ractd.data.generate_random import random_locomotion_dataset
 
-    from ractd.data.d4rl import local_dataset_path, write_d4rl_hdf5
-    from ractd.tasks import get_task
-
-    env = gym.make("Hopper-v5")
-    rng = np.random.default_rng(seed)
-    cols = {k: [] for k in ("observations", "next_observations", "actions", "rewards", "terminals", "timeouts")}
-    obs, _ = env.reset(seed=seed)
-    for i in range(n_steps):
-        a = rng.uniform(-1, 1, 3).astype(np.float32)
-        nxt, r, term, trunc, _ = env.step(a)
-        trunc = trunc or i == n_steps - 1
-        for k, v in zip(cols, (obs, nxt, a, r, term, trunc and not term)):
-            cols[k].append(v)
-        obs = env.reset()[0] if term or trunc else nxt
-    data = {k: np.asarray(v, np.float32 if k not in ("terminals", "timeouts") else bool) for k, v in cols.items()}
-    return write_d4rl_hdf5(local_dataset_path(get_task("hopper-medium-replay"), "tiny"), data, {"recipe": "random"})
+    return random_locomotion_dataset("hopper-medium-replay", n_steps, seed)
 
 
 def _steps_per_s(stage_dir: Path) -> float:

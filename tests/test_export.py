@@ -22,23 +22,10 @@ TOL = 1e-4  # fp32: exported vs PyTorch actions on the same noise
 
 
 def _random_hopper_dataset(n_steps=600, seed=0):
-    """A small D4RL-format dataset from random actions in Hopper-v5 (as tests/test_pipeline.py makes it)."""
-    from ractd.data.d4rl import local_dataset_path, write_d4rl_hdf5
-    from ractd.tasks import get_task
+    """A small D4RL-format dataset from random actions in Hopper-v5."""
+    from ractd.data.generate_random import random_locomotion_dataset
 
-    env = gym.make("Hopper-v5")
-    rng = np.random.default_rng(seed)
-    keys = {k: [] for k in ("observations", "next_observations", "actions", "rewards", "terminals", "timeouts")}
-    obs, _ = env.reset(seed=seed)
-    for i in range(n_steps):
-        a = rng.uniform(-1, 1, 3).astype(np.float32)
-        nxt, r, term, trunc, _ = env.step(a)
-        trunc = trunc or i == n_steps - 1
-        for k, v in zip(keys, (obs, nxt, a, r, term, trunc and not term)):
-            keys[k].append(v)
-        obs = env.reset()[0] if (term or trunc) else nxt
-    data = {k: np.asarray(v, dtype=np.float32 if k not in ("terminals", "timeouts") else bool) for k, v in keys.items()}
-    return write_d4rl_hdf5(local_dataset_path(get_task(TASK), "tiny"), data, {"recipe": "random"})
+    return random_locomotion_dataset(TASK, n_steps, seed)
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 
 import json
 
-import gymnasium as gym
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -10,7 +9,7 @@ import torch
 
 from ractd import RactdError
 from ractd.cli import main
-from ractd.data.d4rl import local_dataset_path, write_d4rl_hdf5
+from ractd.data.generate_random import random_locomotion_dataset
 from ractd.data.generate_maze import generate_maze
 from ractd.tasks import get_task
 from ractd.train import RunContext, TrainConfig, train
@@ -19,20 +18,8 @@ TINY = ["--scale", "tiny", "--preset", "tiny", "--batch", "16", "--quiet"]
 
 
 def random_hopper_dataset(n_steps=1500, seed=0):
-    """A small D4RL-format dataset from random actions in Hopper-v5 (episodes split as the env reports)."""
-    env = gym.make("Hopper-v5")
-    rng = np.random.default_rng(seed)
-    keys = {k: [] for k in ("observations", "next_observations", "actions", "rewards", "terminals", "timeouts")}
-    obs, _ = env.reset(seed=seed)
-    for i in range(n_steps):
-        a = rng.uniform(-1, 1, 3).astype(np.float32)
-        nxt, r, term, trunc, _ = env.step(a)
-        trunc = trunc or i == n_steps - 1 or (not term and rng.random() < 0.01)
-        for k, v in zip(keys, (obs, nxt, a, r, term, trunc and not term)):
-            keys[k].append(v)
-        obs = env.reset()[0] if (term or trunc) else nxt
-    data = {k: np.asarray(v, dtype=np.float32 if k not in ("terminals", "timeouts") else bool) for k, v in keys.items()}
-    return write_d4rl_hdf5(local_dataset_path(get_task("hopper-medium-replay"), "tiny"), data, {"recipe": "random"})
+    """A small D4RL-format dataset from random actions in Hopper-v5 (extra 1% timeouts: more episodes)."""
+    return random_locomotion_dataset("hopper-medium-replay", n_steps, seed, cut_prob=0.01)
 
 
 @pytest.mark.parametrize("task", ["hopper-medium-replay", "maze2d-umaze"])
