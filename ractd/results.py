@@ -428,18 +428,27 @@ def table1(rows: list[dict]) -> Table:
     return Table("table1", "Table 1: D4RL locomotion, normalized score", csv_rows, _md(md, headers))
 
 
+# (method id, label, the paper's row it is compared with). The paper infers maze2d actions with an inverse dynamics
+# model (Sec. 4.2); "RACTD (PD)" tracks the same plans with Diffuser's PD rule, the project's default tracker.
+TABLE2_METHODS = [("ractd", "RACTD (PD tracker)", "RACTD"), ("ractd-invdyn", "RACTD (inverse dynamics)", "RACTD"),
+                  ("ctd", "CTD (PD tracker)", "CTD")]
+
+
 def table2(rows: list[dict]) -> Table:
-    """Table 2 (maze2d): measured RACTD and CTD score, NFE and policy time; the paper's columns beside them."""
+    """Table 2 (maze2d): measured RACTD and CTD score, NFE and policy time; the paper's columns beside them.
+    The inverse-dynamics row appears when the store has it."""
     g = _group(rows)
     tasks = sorted({k[0] for k in g if _kind(k[0]) == "maze"})
     md, csv_rows = [], []
     for task in tasks:
-        for mid, label in (("ractd", "RACTD"), ("ctd", "CTD")):
+        for mid, label, paper_label in TABLE2_METHODS:
             eps = g.get((task, mid))
+            if eps is None and mid == "ractd-invdyn":
+                continue
             text, nums = _score_cell(eps)
             ttext, tnums = _time_cell(eps, "maze")
             nfe = eps[0]["nfe"] if eps else "—"
-            pv, pt = paper_value("table2", label, task), paper_value("table2_time", label, task)
+            pv, pt = paper_value("table2", paper_label, task), paper_value("table2_time", paper_label, task)
             md.append([task, label, text, nfe, ttext, fmt_paper(pv), pt[1] if pt else "—", pt[0] if pt else "—"])
             csv_rows.append({"task": task, "method": mid, **nums, "nfe": nfe, **tnums,
                              "paper_score": pv[0] if pv else None, "paper_se": pv[1] if pv else None,

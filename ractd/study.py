@@ -9,6 +9,7 @@ Methods (METHODS; the tables in ractd.results refer to these ids):
   ctd                    one-step student distilled with sigma = 0 (Tables 2, 4, 11; Fig. 3)
   ractd                  one-step student with the RACTD weights: the best of `tune/search.py` when
                          ractd.paths.sweep_dir(task, data scale)/best_config.json exists, else Table 9
+  ractd-invdyn           maze2d: the RACTD student's plan tracked by the inverse dynamics model (Table 2)
   ractd-nfe2/3/4         the RACTD student sampled with 2-4 steps (Table 5)
   ra-teacher-ctd, ra-teacher-ractd   students of a reward-aware teacher (Tables 4, 10)
   ractd-sigma-S          students with reward weight S (the sigma sweep, Fig. 4); a plan's "sigma-sweep"
@@ -52,13 +53,16 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class Method:
-    """One evaluated column: label, the model (ModelPlan name) whose checkpoint it samples, sampler and NFE."""
+    """One evaluated column: label, the model (ModelPlan name) whose checkpoint it samples, sampler and NFE;
+    tracker (maze2d): how the planned states become actions, pd (Diffuser's PD rule) or inverse_dynamics (the
+    paper's Sec. 4.2, ractd.inverse_dynamics)."""
 
     id: str
     label: str
     model: str
     sampler: str
     nfe: int
+    tracker: str = "pd"
 
 
 METHODS: dict[str, Method] = {m.id: m for m in [
@@ -70,6 +74,7 @@ METHODS: dict[str, Method] = {m.id: m for m in [
     Method("ddim-1", "DDIM 1", "ddpm", "ddim", 1),
     Method("ctd", "CTD", "ctd", "student", 1),
     Method("ractd", "RACTD", "ractd", "student", 1),
+    Method("ractd-invdyn", "RACTD, inverse dynamics", "ractd", "student", 1, "inverse_dynamics"),
     Method("ractd-nfe2", "RACTD 2-step", "ractd", "student", 2),
     Method("ractd-nfe3", "RACTD 3-step", "ractd", "student", 3),
     Method("ractd-nfe4", "RACTD 4-step", "ractd", "student", 4),
@@ -79,6 +84,8 @@ METHODS: dict[str, Method] = {m.id: m for m in [
 SIGMA_SWEEP = "sigma-sweep"
 # methods that need the reward model R_psi (locomotion only; maze2d uses sigma = 0 and no reward model)
 NEEDS_REWARD = {"ra-teacher-ctd", "ra-teacher-ractd", SIGMA_SWEEP}
+# methods that need a planner (maze2d only)
+MAZE_ONLY = {m.id for m in METHODS.values() if m.tracker != "pd"}
 
 
 def sigma_method(sigma: float) -> Method:
@@ -127,6 +134,12 @@ class Study:
         < 0 = the task's RACTD sigma.
     train_missing: train missing checkpoints (else print their commands and mark the cells missing).
     fig3_states: dataset states on which Fig. 3 samples one action per method.
+    costly_seeds: seeds (the first of 0 .. seeds - 1) of cells whose sampler makes more than 4 network calls
+        per action (teacher Heun-80: 159, DDPM, DDIM 10/15) on locomotion, where every env step replans; 0 = seeds.
+        On CPU such a cell costs 15-159x a one-step student's (Heun-80 on 100 seeds x 1000 steps: hours), so a
+        CPU study may give it fewer seeds; each table cell prints its n.
+    sweep_flags: ((task, tune/search.py flags), ...): the study's models come from these sweeps; a missing cell
+        of such a task prints the sweep command instead of a `python -m ractd` one.
     preset: U-Net preset of every network ("" = the budget's).
     max_train_steps: cap on every stage's training steps (0 = the budget's).
     """
@@ -140,6 +153,8 @@ class Study:
     ra_teacher_weight: float = -1.0
     train_missing: bool = False
     fig3_states: int = 512
+    costly_seeds: int = 0
+    sweep_flags: tuple[tuple[str, str], ...] = ()
     preset: str = ""
     max_train_steps: int = 0
 
@@ -160,6 +175,21 @@ class Study:
 _LOCO_FULL = CORE + LOCO_SAMPLERS + MULTISTEP + REWARD_AWARE_TEACHER + (SIGMA_SWEEP,)
 _MAZE_FULL = CORE + MAZE_SAMPLERS
 
+# The sweeps the claims study reads (`python tune/search.py --task T <flags>`), one per task: the CPU budget's
+# reward model, a 2000-step teacher (2.2 steps/s at batch 256 on one core), 400-step students at batch 128, no
+# ASHA stopping (every grid point runs to its end) and the sigma grid of Fig. 4 with CTD (sigma = 0). maze2d:
+# the quick budget's teacher with the 32-64-128 U-Net (what the README's first command trains), its Table 9
+# point (= CTD) and one TPE point.
+CLAIMS_SWEEPS: dict[str, str] = {
+    "hopper-medium-replay": "--scale small --teacher-steps 2000 --steps 400 --batch 128 --ckpt-every 100 "
+                            "--grace-period 4 --sigmas 0 0.3 1.5 --num-samples 4",
+    "walker2d-medium": "--scale small --teacher-steps 2000 --steps 400 --batch 128 --ckpt-every 100 "
+                       "--grace-period 4 --sigmas 0 0.3 1.5 --num-samples 4",
+    "maze2d-umaze": "--scale small --budget quick --preset small-maze --num-samples 2 --select-seeds 5 "
+                    "--grace-period 4",
+}
+
+
 STUDIES: dict[str, Study] = {
     # The README's first command (after the quick sweep; measured 18.6 + 2.2 min on the shared 2-CPU machine):
     # the quick sweep's tiny dataset, teacher, best student (RACTD) and alpha = beta = 1, sigma = 0 trial (CTD);
@@ -178,6 +208,18 @@ STUDIES: dict[str, Study] = {
     # teacher's Heun-80 rollouts dominate: 158 network calls per env step).
     "default": Study(name="cpu", budget="cpu", data_scale="small",
                      plans=(TaskPlan("maze2d-umaze", _MAZE_FULL), TaskPlan("hopper-medium-replay", _LOCO_FULL))),
+    # The claims study (docs/results.md, scripts/results_doc.py): the paper's claims at a CPU budget on three
+    # generated small datasets of different quality -- mixed (hopper-medium-replay), medium (walker2d-medium) and
+    # maze2d-umaze. Every student, the teacher and the reward model come from one `tune/search.py --sigmas` run
+    # per task (CLAIMS_SWEEPS), so CTD, RACTD and each sigma share teacher, budget and model selection; 100 seeds
+    # for every one-step cell, 10 for the Heun-80 teacher (159 network calls per env step, closed loop). The
+    # DDPM/DDIM baselines and the reward-aware teacher (Tables 3, 4, 10, 11) cost another diffusion model per
+    # task and are not in it; their cells are listed as missing with the commands that train them.
+    "claims": Study(name="cpu-claims", budget="cpu", data_scale="small", costly_seeds=10, sigmas=(0.3, 1.5),
+                    sweep_flags=tuple(CLAIMS_SWEEPS.items()),
+                    plans=(TaskPlan("maze2d-umaze", CORE + ("ractd-invdyn",)),
+                           TaskPlan("hopper-medium-replay", CORE + MULTISTEP + (SIGMA_SWEEP,)),
+                           TaskPlan("walker2d-medium", CORE + (SIGMA_SWEEP,)))),
     # The paper: Tables 1, 2, 11 on every task, Tables 3, 5 and Fig. 4 on hopper-medium-replay, Table 10 on
     # walker2d-medium (GPU cluster).
     "paper": Study(name="paper", budget="paper", data_scale="full", plans=tuple(
@@ -296,6 +338,31 @@ def train_command(cfg, budget: str) -> str:
     return shlex.join(argv)
 
 
+def inverse_dynamics_path(study: Study, task: str) -> Path:
+    """The inverse dynamics model the study's maze2d planner uses (the one `evaluate --tracker
+    inverse_dynamics` loads for a checkpoint of this data scale)."""
+    from ractd.inverse_dynamics import default_path
+
+    return default_path(task, study.data_scale)
+
+
+def ensure_inverse_dynamics(study: Study) -> list[Path]:
+    """Train the inverse dynamics model of every task with an inverse-dynamics method when it is missing (about a
+    minute on a CPU for the default config); returns the files written."""
+    from ractd.data.d4rl import load_dataset
+    from ractd.inverse_dynamics import train_inverse_dynamics
+
+    written = []
+    for task in study.tasks:
+        path = inverse_dynamics_path(study, task)
+        if path.is_file() or not any(get_method(m).tracker == "inverse_dynamics" for m in expand_methods(study, task)):
+            continue
+        log.info("training the inverse dynamics model of %s -> %s", task, path)
+        train_inverse_dynamics(load_dataset(get_task(task), scale=study.data_scale), out=path, progress=True)
+        written.append(path)
+    return written
+
+
 def _sweep(study: Study, task: str) -> dict | None:
     """The sweep's best_config.json for (task, data scale), with absolute checkpoint paths, or None."""
     from ractd.paths import sweep_dir
@@ -315,10 +382,12 @@ def _sweep(study: Study, task: str) -> dict | None:
     return best
 
 
-def _sweep_ctd_trial(study: Study, task: str) -> Path | None:
-    """The sweep's CTD point, if it trained one to the end: a completed trial with alpha = beta = 1 and sigma = 0
-    (for maze2d that is the Table 9 point, every sweep's first trial). Same teacher, budget and model selection
-    as the sweep's RACTD, so the two are compared like for like, and it is not trained twice."""
+def _sweep_trial(study: Study, task: str, alpha: float, beta: float, sigma: float) -> Path | None:
+    """The student/best.pt of the sweep's completed trial at these Eq. (9) weights, or None. CTD is the point
+    alpha = beta = 1, sigma = 0 (for maze2d the Table 9 point, every sweep's first trial); a sweep run with
+    `--sigmas` also holds the sigma study's students (Table 9 alpha, beta). Such a student has the sweep's
+    teacher, reward model, budget and model selection, so it compares like for like with the sweep's RACTD, and
+    it is not trained twice."""
     import pyarrow.parquet as pq
 
     from ractd.paths import sweep_dir
@@ -326,9 +395,10 @@ def _sweep_ctd_trial(study: Study, task: str) -> Path | None:
     path = sweep_dir(task, study.data_scale) / "trials.parquet"
     if not path.is_file():
         return None
+    want = (float(alpha), float(beta), float(sigma))
     for r in pq.read_table(path).to_pylist():
         if (r.get("status") == "completed" and r.get("checkpoint") and Path(r["checkpoint"]).is_file()
-                and (r.get("alpha"), r.get("beta"), r.get("sigma")) == (1.0, 1.0, 0.0)):
+                and (r.get("alpha"), r.get("beta"), r.get("sigma")) == want):
             return Path(r["checkpoint"])
     return None
 
@@ -375,9 +445,12 @@ def plan_models(study: Study, task: str) -> dict[str, ModelPlan]:
             p = best.get(up) or ck_cfg.get(f"{up}_ckpt") or ""
             if p and Path(p).is_file():
                 models[up] = ModelPlan(task, up, up, Path(p), None, source="sweep")
-        ctd = _sweep_ctd_trial(study, task)
-        if ctd is not None and "teacher" in models:
-            models["ctd"] = ModelPlan(task, "ctd", "student", ctd, None, source="sweep")
+        if "teacher" in models:
+            for name, (a, b, s) in [("ctd", (1.0, 1.0, 0.0))] + [(f"sigma-{x:g}", (alpha, beta, float(x)))
+                                                                for x in study.sigmas]:
+                found = _sweep_trial(study, task, a, b, s)
+                if found is not None:
+                    models[name] = ModelPlan(task, name, "student", found, None, source="sweep")
     if "reward" not in models and t.kind == "locomotion":
         add("reward", "reward")
     if "teacher" not in models:
@@ -398,7 +471,7 @@ def plan_models(study: Study, task: str) -> dict[str, ModelPlan]:
     if "ractd" in needed and "ractd" not in models:
         student("ractd", alpha, beta, sigma, "teacher")
     for s in study.sigmas:
-        if f"sigma-{s:g}" in needed:
+        if f"sigma-{s:g}" in needed and f"sigma-{s:g}" not in models:
             student(f"sigma-{s:g}", alpha, beta, float(s), "teacher")
     if needed & {"ra-teacher-ctd", "ra-teacher-ractd"}:
         w = study.ra_teacher_weight if study.ra_teacher_weight >= 0 else (sigma if sigma > 0 else 1.0)
@@ -439,7 +512,7 @@ def expand_methods(study: Study, task: str) -> list[str]:
     kind = get_task(task).kind
     out: list[str] = []
     for m in plan.methods:
-        if m in NEEDS_REWARD and kind == "maze":
+        if (m in NEEDS_REWARD and kind == "maze") or (m in MAZE_ONLY and kind != "maze"):
             continue
         if m == SIGMA_SWEEP:
             out += [sigma_method(s).id for s in study.sigmas]
@@ -488,6 +561,7 @@ def ensure_models(study: Study, trainer: Trainer = train_locally) -> list[ModelP
             if not m.exists:
                 raise RactdError(f"training {task}/{m.name} finished without writing {m.checkpoint}")
             trained.append(m)
+    ensure_inverse_dynamics(study)
     return trained
 
 
@@ -511,6 +585,11 @@ class EvalJob:
     train_steps: int = -1
     init_scaled: bool = True
     max_steps: int = 0       # 0 = the task's episode length
+    tracker: str = "pd"      # maze2d: pd | inverse_dynamics
+    seed_cap: int = 0        # evaluate only the first seed_cap of the study's seeds (0 = all)
+
+    def seeds(self, seeds: list[int]) -> list[int]:
+        return list(seeds[:self.seed_cap]) if self.seed_cap else list(seeds)
 
     @property
     def key_method(self) -> str:
@@ -530,7 +609,7 @@ class Missing:
 
 
 def make_job(task: str, method: str, checkpoint, scale: str, max_steps: int = 0, sigma: float | None = None,
-             hash_cache: dict | None = None) -> EvalJob:
+             hash_cache: dict | None = None, seed_cap: int = 0) -> EvalJob:
     """The EvalJob of a method (METHODS id) on a checkpoint file (its hash, preset and steps read here)."""
     from ractd.checkpoint import load_checkpoint
 
@@ -545,7 +624,8 @@ def make_job(task: str, method: str, checkpoint, scale: str, max_steps: int = 0,
         sigma = float(cfg["distill"]["sigma"]) if cfg.get("stage") == "student" else float("nan")
     return EvalJob(task=task, method=m.id, sampler=m.sampler, nfe=m.nfe, checkpoint_path=str(path),
                    checkpoint=digest, scale=scale, sigma=sigma, preset=str(cfg.get("preset", "")),
-                   train_steps=int(cfg.get("steps", -1)), max_steps=int(max_steps))
+                   train_steps=int(cfg.get("steps", -1)), max_steps=int(max_steps), tracker=m.tracker,
+                   seed_cap=int(seed_cap))
 
 
 def study_jobs(study: Study, max_steps: int = 0) -> tuple[list[EvalJob], list[Missing]]:
@@ -556,9 +636,18 @@ def study_jobs(study: Study, max_steps: int = 0) -> tuple[list[EvalJob], list[Mi
     for task in study.tasks:
         models = plan_models(study, task)
         for mid in expand_methods(study, task):
-            model = models[get_method(mid).model]
-            if model.exists:
-                jobs.append(make_job(task, mid, model.checkpoint, study.name, max_steps, hash_cache=hashes))
+            method = get_method(mid)
+            model = models[method.model]
+            costly = get_task(task).kind == "locomotion" and method.nfe > 4 and method.sampler != "student"
+            if model.exists and method.tracker == "inverse_dynamics" and not inverse_dynamics_path(study, task).is_file():
+                missing.append(Missing(task, mid, inverse_dynamics_path(study, task),
+                                       f"python -m ractd.inverse_dynamics {task} --scale {study.data_scale}"))
+            elif model.exists:
+                jobs.append(make_job(task, mid, model.checkpoint, study.name, max_steps, hash_cache=hashes,
+                                     seed_cap=study.costly_seeds if costly else 0))
+            elif task in dict(study.sweep_flags):
+                missing.append(Missing(task, mid, model.checkpoint,
+                                       f"python tune/search.py --task {task} {dict(study.sweep_flags)[task]}"))
             else:
                 chain = [models[d] for d in model.deps if not models[d].exists] + [model]
                 missing.append(Missing(task, mid, model.checkpoint,
@@ -570,7 +659,8 @@ def blocks(jobs: list[EvalJob], seeds: list[int], done: set[tuple], block_size: 
     """Split each job's not-yet-stored seeds into blocks of at most block_size seeds."""
     out = []
     for job in jobs:
-        todo = [s for s, k in zip(seeds, job.keys(seeds)) if k not in done]
+        mine = job.seeds(seeds)
+        todo = [s for s, k in zip(mine, job.keys(mine)) if k not in done]
         for i in range(0, len(todo), max(1, block_size)):
             out.append((job, todo[i:i + block_size]))
     return out
@@ -588,6 +678,8 @@ def load_policy(job: EvalJob, checkpoint_file=None, device: str = "cpu"):
         if "device" not in inspect.signature(policy_from_checkpoint).parameters:
             raise RactdError("ractd.evaluate.policy_from_checkpoint has no device argument; evaluate on CPU")
         kw["device"] = device
+    if job.tracker != "pd":
+        kw["tracker"] = job.tracker
     policy, task, _ = policy_from_checkpoint(checkpoint_file or job.checkpoint_path, job.sampler, job.nfe,
                                              job.init_scaled, **kw)
     if task.name != job.task:
@@ -621,7 +713,7 @@ def evaluate_serial(jobs: list[EvalJob], seeds: list[int], store: ResultsStore, 
     policies: dict = {}
     n = 0
     for job, block in todo:
-        key = (job.checkpoint, job.sampler, job.nfe, job.init_scaled)
+        key = (job.checkpoint, job.sampler, job.nfe, job.init_scaled, job.tracker)
         if key not in policies:
             policies[key] = load_policy(job)
         store.write_episodes(run_block(job, block, policies[key], progress=progress))

@@ -37,6 +37,7 @@ from typing import Literal
 
 from ractd import RactdError
 from ractd.config import from_dict, to_dict
+from ractd.results import PAPER_FIG4_SIGMAS
 from ractd.tasks import SCALES, Task, get_task
 from ractd.train import BUDGETS, TrainConfig
 
@@ -49,7 +50,9 @@ METRIC, MODE = "select_score", "max"
 # reward model, so their sigma is fixed at 0.
 ALPHA_RANGE = (0.25, 4.0)  # log-uniform
 BETA_RANGE = (0.25, 4.0)  # log-uniform
-SIGMA_CHOICES = (0.0, 0.05, 0.1, 0.2, 0.4, 0.5, 1.0, 2.0, 3.0)
+# the grid holds every Table 9 sigma and every sigma of the paper's Fig. 4 (ractd.results.PAPER_FIG4_SIGMAS), so
+# a --sigmas study of Fig. 4 is a set of points of the space
+SIGMA_CHOICES = tuple(sorted({0.0, 0.05, 0.1, 0.2, 0.4, 0.5, 1.0, 2.0, 3.0} | set(PAPER_FIG4_SIGMAS)))
 
 
 def search_space(task: Task) -> dict:
@@ -72,6 +75,23 @@ def table9_point(task: Task) -> dict:
     return point
 
 
+def grid_points(task: Task, sigmas: tuple[float, ...]) -> list[dict]:
+    """The points a search evaluates before TPE proposes any: the Table 9 point, then one per sigma in `sigmas`
+    (locomotion) at the Table 9 alpha and beta -- except sigma = 0, which is CTD's point alpha = beta = 1 (the
+    baseline ractd.study takes from the sweep) -- without repeats. Together they are a like-for-like sigma study
+    (Fig. 4): one teacher, one reward model, one budget and model selection for every student."""
+    points = [table9_point(task)]
+    for s in sigmas:
+        if task.kind != "locomotion":
+            raise RactdError(f"{task.name}: --sigmas needs a locomotion task (maze2d has no reward model)")
+        if float(s) not in SIGMA_CHOICES:
+            raise RactdError(f"sigma {s:g} is not on the search grid {', '.join(f'{c:g}' for c in SIGMA_CHOICES)}")
+        p = {"alpha": 1.0, "beta": 1.0, "sigma": 0.0} if s == 0 else {**table9_point(task), "sigma": float(s)}
+        if p not in points:
+            points.append(p)
+    return points
+
+
 @dataclasses.dataclass(frozen=True)
 class SearchConfig:
     """A sweep over the Eq. (9) weights of one task. tune/search.py's flags are generated from these fields.
@@ -84,7 +104,9 @@ class SearchConfig:
     preset: U-Net preset of teacher and student: cpu (the task's CPU preset), paper, or a preset name ("" = the
         budget's: paper for the paper budget, else cpu).
     run_dir: output folder ("" = ractd.paths.sweep_dir(task, scale)).
-    num_samples: trials (weight settings); the first is the task's Table 9 setting.
+    num_samples: trials (weight settings); the first is the task's Table 9 setting, then the --sigmas points.
+    sigmas: locomotion: sigmas evaluated (each at the Table 9 alpha, beta; 0 = CTD at alpha = beta = 1) before
+        TPE proposes points: a like-for-like sigma study; num_samples must cover them.
     max_concurrent: trials running at the same time.
     workers: Ray Train workers per trial (and for training the shared teacher and reward model).
     cpus_per_worker: CPUs reserved per worker (whole CPUs; a trial's driver takes 0.5 CPU more).
@@ -111,6 +133,7 @@ class SearchConfig:
     preset: str = ""
     run_dir: str = ""
     num_samples: int = 12
+    sigmas: tuple[float, ...] = ()
     max_concurrent: int = 1
     workers: int = 1
     cpus_per_worker: int = 1
@@ -152,6 +175,10 @@ class SearchConfig:
             raise RactdError(f"reduction_factor={self.reduction_factor!r}: must be at least 2")
         if self.gpu not in ("auto", "yes", "no"):
             raise RactdError(f"gpu={self.gpu!r}: expected one of auto, yes, no")
+        n_points = len(grid_points(get_task(self.task), self.sigmas))
+        if self.num_samples < n_points:
+            raise RactdError(f"num_samples={self.num_samples}: fewer than the {n_points} points the search evaluates "
+                             "first (Table 9 and --sigmas)")
         for cfg in self.stage_configs():
             cfg.validate().unet(get_task(self.task))
         return self
@@ -465,7 +492,7 @@ def _tune_config(scfg: SearchConfig, task: Task, student: TrainConfig):
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
-    searcher = OptunaSearch(points_to_evaluate=[table9_point(task)],
+    searcher = OptunaSearch(points_to_evaluate=grid_points(task, scfg.sigmas),
                             sampler=optuna.samplers.TPESampler(seed=scfg.seed))
     # rungs at checkpoints; max_t beyond the last step, so a trial that runs to the end finishes by itself
     scheduler = ASHAScheduler(time_attr="step", max_t=student.steps + 1,
@@ -477,6 +504,8 @@ def _tune_config(scfg: SearchConfig, task: Task, student: TrainConfig):
 
 
 LOSS_TERMS = ("loss", "ctm", "dsm", "reward")
+# ractd.train.distill_diagnostics, taken at the trial's best checkpoint (the student its best.pt holds)
+DIAG_TERMS = ("at_bound", "out_of_range", "r_student", "r_data", "r_gap")
 
 
 def _checkpoint_metrics(trial_dir: Path) -> list[dict]:
@@ -496,7 +525,7 @@ def collect_trials(grid, out_dir: Path, steps: int) -> list[dict]:
 
     select_score: the best checkpoint's score, i.e. the score of the trial's student/best.pt (from the library's
     metrics.jsonl; Tune's reports where that file is not visible); last_score, step and the loss terms: the
-    trial's last checkpoint. status: completed (ran all steps), stopped (by ASHA), error, unfinished (the search
+    trial's last checkpoint; best_step and the diagnostics (DIAG_TERMS): its best checkpoint. status: completed (ran all steps), stopped (by ASHA), error, unfinished (the search
     was interrupted before the trial ended)."""
     rows = []
     for result in grid:
@@ -508,6 +537,8 @@ def collect_trials(grid, out_dir: Path, steps: int) -> list[dict]:
             history = result.metrics_dataframe.to_dict("records")
         scores = [float(h[METRIC]) for h in history if h.get(METRIC) is not None and math.isfinite(h[METRIC])]
         last = history[-1] if history else {}
+        scored = [h for h in history if h.get(METRIC) is not None and math.isfinite(h[METRIC])]
+        at_best = max(scored, key=lambda h: float(h[METRIC])) if scored else {}
         summary = trial_dir / "summary.json"
         summary = json.loads(summary.read_text()) if summary.is_file() else {}
         if result.error is not None:
@@ -523,6 +554,7 @@ def collect_trials(grid, out_dir: Path, steps: int) -> list[dict]:
             "trial_id": trial_id, **{k: float(result.config.get(k, math.nan)) for k in ("alpha", "beta", "sigma")},
             METRIC: max(scores) if scores else math.nan, "last_score": scores[-1] if scores else math.nan,
             "step": int(last.get("step") or 0), **{k: _number(last.get(k)) for k in LOSS_TERMS},
+            "best_step": int(at_best.get("step") or 0), **{k: _number(at_best.get(k)) for k in DIAG_TERMS},
             "status": status, "checkpoint": str(best_pt) if best_pt.is_file() else "",
             "ray_checkpoint": reported.get("checkpoint_path") or "",
             "train_time_s": _number(summary.get("train_time_s")), "fit_time_s": _number(summary.get("fit_time_s")),

@@ -264,3 +264,75 @@ def test_study_reuses_the_sweeps_student_and_teacher_and_trains_what_is_missing(
     assert ctd.source == "sweep" and ctd.checkpoint == trial
     pq.write_table(pa.Table.from_pylist(rows[:1]), d / "trials.parquet")
     assert study.plan_models(s, "maze2d-umaze")["ctd"].source == "study"
+
+
+def test_claims_study_takes_every_sigma_student_from_the_sweep_and_caps_only_costly_cells(tmp_path):
+    """A sweep run with --sigmas holds CTD and the sigma study's students: the study evaluates those trials'
+    checkpoints (completed ones only) and trains none of them; the Heun-80 teacher gets costly_seeds seeds on
+    locomotion, one-step cells all of them; maze2d's inverse-dynamics cell needs its model and says how to make it."""
+    import dataclasses
+    import json
+
+    import pyarrow as pa
+
+    from ractd.data.generate_random import random_locomotion_dataset
+    from ractd.paths import sweep_dir
+    from ractd.train import RunContext, TrainConfig, train
+
+    task = "hopper-medium-replay"
+    random_locomotion_dataset(task, 600, 0, cut_prob=0.01)
+    tiny = dict(task=task, scale="tiny", preset="tiny", steps=2, batch=8, ckpt_every=2, report_every=2)
+    shared = tmp_path / "shared"
+    reward = train(TrainConfig(stage="reward", run_dir=str(shared), **tiny), RunContext(progress=False))["best"]
+    teacher = train(TrainConfig(stage="teacher", run_dir=str(shared), **tiny), RunContext(progress=False))["best"]
+    d = sweep_dir(task, "tiny")
+    d.mkdir(parents=True)
+    trials = []
+    for i, (sigma, status) in enumerate([(1.0, "completed"), (0.0, "completed"), (0.3, "completed"),
+                                         (1.5, "stopped")]):
+        cfg = TrainConfig(stage="student", run_dir=str(tmp_path / f"trial{i}"), teacher_ckpt=str(teacher),
+                          reward_ckpt=str(reward), **tiny)
+        cfg = dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, alpha=1.0, beta=1.0, sigma=sigma))
+        ckpt = train(cfg, RunContext(progress=False))["best"]
+        trials.append({"trial_id": str(i), "alpha": 1.0, "beta": 1.0, "sigma": sigma, "status": status,
+                       "checkpoint": str(ckpt)})
+    pq.write_table(pa.Table.from_pylist(trials), d / "trials.parquet")
+    (d / "best_config.json").write_text(json.dumps({"alpha": 1.0, "beta": 1.0, "sigma": 1.0, "checkpoint":
+                                                    trials[0]["checkpoint"], "teacher": str(teacher),
+                                                    "reward": str(reward)}))
+    s = dataclasses.replace(study.get_study("claims", tasks=[task, "maze2d-umaze"]), data_scale="tiny")
+    models = study.plan_models(s, task)
+    assert {n: str(models[n].checkpoint) for n in ("ractd", "ctd", "sigma-0.3")} == {
+        "ractd": trials[0]["checkpoint"], "ctd": trials[1]["checkpoint"], "sigma-0.3": trials[2]["checkpoint"]}
+    assert all(models[n].source == "sweep" for n in ("ractd", "ctd", "sigma-0.3", "teacher", "reward"))
+    # ASHA stopped the sigma = 1.5 trial: the study would train that student from the sweep's teacher
+    assert models["sigma-1.5"].source == "study" and models["sigma-1.5"].cfg.teacher_ckpt == str(teacher)
+    jobs, missing = study.study_jobs(s)
+    caps = {j.method: j.seed_cap for j in jobs if j.task == task}
+    assert caps == {"teacher-heun-80": 10, "ctd": 0, "ractd": 0, "ractd-nfe2": 0, "ractd-nfe3": 0, "ractd-nfe4": 0,
+                    "ractd-sigma-0.3": 0}
+    assert {j.sigma for j in jobs if j.method in ("ctd", "ractd-sigma-0.3")} == {0.0, 0.3}
+    by_method = {(m.task, m.method): m.command for m in missing}
+    assert by_method[(task, "ractd-sigma-1.5")].startswith(f"python tune/search.py --task {task} ")
+    # blocks: the teacher's cell only ever gets its first 10 seeds, a one-step cell all 100
+    todo = study.blocks([j for j in jobs if j.method in ("teacher-heun-80", "ctd")], list(range(100)), set(), 7)
+    seeds = {}
+    for job, block in todo:
+        seeds.setdefault(job.method, []).extend(block)
+    assert seeds == {"teacher-heun-80": list(range(10)), "ctd": list(range(100))}
+    assert "ractd-invdyn" not in study.expand_methods(s, task)  # a planner-only method is maze2d's alone
+    assert "ractd-invdyn" in study.expand_methods(s, "maze2d-umaze")
+
+
+def test_table2_reports_the_inverse_dynamics_tracker_beside_the_pd_rule(tmp_path):
+    s = ResultsStore(tmp_path / "store")
+    s.write_episodes(_episodes("maze2d-umaze", "ractd", MAZE_RACTD, ckpt="c3"))
+    s.write_episodes(_episodes("maze2d-umaze", "ractd-invdyn", [100.0, 110.0, 90.0, 104.0], ckpt="c3"))
+    t2 = results.table2(s.episodes())
+    rows = {r["method"]: r for r in t2.rows}
+    assert rows["ractd-invdyn"]["mean"] == pytest.approx(101.0) and rows["ractd"]["mean"] == pytest.approx(125.5)
+    assert "RACTD (inverse dynamics)" in t2.markdown and "RACTD (PD tracker)" in t2.markdown
+    # without inverse-dynamics episodes the row is left out rather than shown as missing
+    s2 = ResultsStore(tmp_path / "store2")
+    s2.write_episodes(_episodes("maze2d-umaze", "ractd", MAZE_RACTD, ckpt="c3"))
+    assert "inverse dynamics" not in results.table2(s2.episodes()).markdown

@@ -43,6 +43,10 @@ TINY = ["--quick", "--preset", "tiny", "--steps", "12", "--ckpt-every", "4", "--
     (["--task", "hopper-nope"], "unknown task 'hopper-nope'; known tasks: hopper-medium,"),
     (["--task", "maze2d-umaze", "--num-samples", "0"], "num_samples=0: must be a positive integer"),
     (["--task", "maze2d-umaze", "--scale", "huge"], "unknown scale 'huge'; expected one of tiny, small, full"),
+    (["--task", "maze2d-umaze", "--sigmas", "0.5"], "maze2d-umaze: --sigmas needs a locomotion task"),
+    (["--task", "hopper-medium-replay", "--sigmas", "0.33"], "sigma 0.33 is not on the search grid 0, 0.05,"),
+    (["--task", "hopper-medium-replay", "--sigmas", "0", "0.3", "--num-samples", "2"],
+     "num_samples=2: fewer than the 3 points the search evaluates first"),
 ])
 def test_bad_input_is_one_line_exit_2_before_ray_starts(argv, message, capsys):
     assert main(argv) == 2
@@ -91,6 +95,9 @@ def _check_sweep(out: Path, task_name: str, n: int) -> dict:
         assert math.isfinite(r["select_score"]) and math.isfinite(r["dsm"]) and math.isfinite(r["ctm"])
         # the trial's score is its best checkpoint's, as the library recorded it in the trial's run folder
         assert r["select_score"] == pytest.approx(max(_checkpoint_scores(out / "trials" / r["trial_id"])))
+        # the diagnostics of the best checkpoint ride along (a share in [0, 1]; R_psi gap where a reward exists)
+        assert 0.0 <= r["at_bound"] <= 1.0 and r["out_of_range"] >= 0.0 and r["best_step"] > 0
+        assert task.kind != "locomotion" or r["sigma"] == 0.0 or math.isfinite(r["r_gap"])
         cfg = json.loads((out / "trials" / r["trial_id"] / "student" / "config.json").read_text())
         assert (cfg["distill"]["alpha"], cfg["distill"]["beta"], cfg["distill"]["sigma"]) == \
             pytest.approx((r["alpha"], r["beta"], r["sigma"]))
@@ -111,9 +118,11 @@ def test_locomotion_sweep_shared_models_once_and_resume(local_ray, tmp_path, cap
     task = "hopper-medium-replay"
     random_hopper_dataset()
     first = tmp_path / "first"
-    assert main(["--task", task, *TINY, "--run-dir", str(first)]) == 0
+    assert main(["--task", task, *TINY, "--sigmas", "0", "--run-dir", str(first)]) == 0
     assert "select_score" in capsys.readouterr().out  # the summary table
     table = _check_sweep(first, task, 2)["table"]
+    # --sigmas 0: the two trials are the grid's points, Table 9 (sigma = 1) and CTD, not TPE proposals
+    assert sorted((r["alpha"], r["beta"], r["sigma"]) for r in table) == [(1.0, 1.0, 0.0), (1.0, 1.0, 1.0)]
     assert table[0]["select_score"] != table[1]["select_score"]  # so that picking the argmax is not vacuous
     search = json.loads((first / "search.json").read_text())
     assert search["dataset"]["source"] == "local" and not search["dataset"]["generated"]

@@ -1,0 +1,406 @@
+"""docs/results.md: the paper's claims, measured by the project's own sweep and evaluation, with a verdict each.
+
+Data. Everything the document says comes from one snapshot folder (docs/results/ in the repository):
+  store/                    the results store of the claims study (ractd.results.ResultsStore, compacted):
+                            every evaluated episode and Fig. 3's R_psi samples
+  sweeps/<task>/trials.parquet   the task's `tune/search.py` trials (weights, select_score, diagnostics)
+  sweeps/<task>/curves.parquet   one row per trial checkpoint: step, select_score and the distillation
+                            diagnostics of ractd.train.distill_diagnostics (Fig. 4's training curves)
+  sweeps/<task>/search.json      the sweep's config, dataset and shared-model record
+`snapshot()` copies these from the cache (the store eval/reproduce_tables.py wrote, the sweeps under
+ractd.paths.sweep_dir); `render()` turns a snapshot into the Markdown text, deterministically (a test rebuilds
+the committed document from the committed snapshot and compares). Figures go to <snapshot>/figures/.
+
+Verdicts. Each claim gets "holds", "does not hold", "inconclusive" or "not measured", by a rule stated in the
+document and applied to the stored numbers (never typed):
+  * a difference of two cells is decided at two standard errors of the difference,
+    SE = sqrt(SE_a^2 + SE_b^2), each SE over the cell's episodes (ractd.results.cell_stats);
+  * "matches" allows MATCH_MARGIN normalized points: the student matches when (student - reference) - 2 SE >
+    -MATCH_MARGIN, does not match when (student - reference) + 2 SE < -MATCH_MARGIN;
+  * Fig. 3 compares R_psi of two methods' actions on the same dataset states: paired differences.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from ractd import RactdError
+from ractd.results import TABLES, ResultsStore, cell_stats, fig_reward_hist, fig_score_distribution, fig_sigma
+
+MATCH_MARGIN = 10.0   # normalized points within which a one-step student "matches" its reference
+Z = 2.0               # standard errors at which a difference counts
+DIAG_TERMS = ("at_bound", "out_of_range", "r_student", "r_data", "r_gap")
+CURVE_TERMS = ("select_score", "ctm", "dsm", "reward") + DIAG_TERMS
+
+
+# ---------------------------------------------------------------------------------------------- snapshot
+
+def snapshot(store: ResultsStore, sweeps: dict[str, Path], out: Path) -> Path:
+    """Copy the claims study's store (compacted) and each task's sweep record into `out` (see the module doc)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from ractd.io import atomic_write
+
+    out = Path(out)
+    if not (store.root / "episodes").is_dir():
+        raise RactdError(f"no results store at {store.root}: run eval/reproduce_tables.py --study claims first")
+    dst = out / "store"
+    tmp = out / "store.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(store.root, tmp, ignore=shutil.ignore_patterns(".*"))
+    ResultsStore(tmp).compact()
+    shutil.rmtree(dst, ignore_errors=True)
+    tmp.rename(dst)
+    for task, d in sweeps.items():
+        d = Path(d)
+        if not (d / "trials.parquet").is_file():
+            continue
+        sd = out / "sweeps" / task
+        sd.mkdir(parents=True, exist_ok=True)
+        trials = pq.read_table(d / "trials.parquet").to_pylist()
+        keep = ("trial_id", "alpha", "beta", "sigma", "select_score", "last_score", "step", "status",
+                "train_time_s", "trial_time_s")
+        rows = [{k: t.get(k) for k in keep} for t in trials]
+        atomic_write(sd / "trials.parquet", lambda f: pq.write_table(pa.Table.from_pylist(rows), f))
+        curves = []
+        for t in trials:
+            metrics = d / "trials" / t["trial_id"] / "student" / "metrics.jsonl"
+            if not metrics.is_file():
+                continue
+            for line in metrics.read_text().splitlines():
+                m = json.loads(line) if line.strip() else {}
+                if m.get("at_checkpoint"):
+                    curves.append({"trial_id": t["trial_id"], "alpha": t["alpha"], "beta": t["beta"],
+                                   "sigma": t["sigma"], "step": int(m["step"]),
+                                   **{k: float(m[k]) if m.get(k) is not None else math.nan for k in CURVE_TERMS}})
+        atomic_write(sd / "curves.parquet", lambda f: pq.write_table(pa.Table.from_pylist(curves), f))
+        if (d / "search.json").is_file():
+            search = json.loads((d / "search.json").read_text())
+            marker = Path(search.get("shared", {}).get("dir", "")) / "models.json"
+            if marker.is_file():
+                search["shared_models"] = json.loads(marker.read_text())
+            atomic_write(sd / "search.json", lambda f: f.write(json.dumps(search, indent=1, sort_keys=True).encode()))
+    return out
+
+
+def _sweep_tables(data: Path) -> dict[str, dict]:
+    import pyarrow.parquet as pq
+
+    out = {}
+    for sd in sorted((Path(data) / "sweeps").glob("*")):
+        entry = {"trials": pq.read_table(sd / "trials.parquet").to_pylist() if (sd / "trials.parquet").is_file()
+                 else [],
+                 "curves": pq.read_table(sd / "curves.parquet").to_pylist() if (sd / "curves.parquet").is_file()
+                 else [],
+                 "search": json.loads((sd / "search.json").read_text()) if (sd / "search.json").is_file() else {}}
+        out[sd.name] = entry
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- verdicts
+
+def _cells(rows: list[dict]) -> dict[tuple[str, str], dict]:
+    from ractd.results import _group
+
+    return {k: cell_stats([r["normalized_score"] for r in eps]) for k, eps in _group(rows).items()}
+
+
+def _fmt(c: dict) -> str:
+    se = "" if math.isnan(c["se"]) else f" ± {c['se']:.1f}"
+    return f"{c['mean']:.1f}{se} (n={c['n']})"
+
+
+def _diff(a: dict, b: dict) -> tuple[float, float]:
+    se = math.sqrt((0.0 if math.isnan(a["se"]) else a["se"]) ** 2 + (0.0 if math.isnan(b["se"]) else b["se"]) ** 2)
+    return a["mean"] - b["mean"], se
+
+
+def better(a: dict, b: dict) -> str:
+    """a beats b: holds / does not hold (b beats a) / inconclusive, at Z standard errors of the difference."""
+    d, se = _diff(a, b)
+    if d - Z * se > 0:
+        return "holds"
+    if d + Z * se < 0:
+        return "does not hold"
+    return "inconclusive"
+
+
+def matches(student: dict, reference: dict, margin: float = MATCH_MARGIN) -> str:
+    """student matches (or beats) reference within `margin` normalized points, at Z standard errors."""
+    d, se = _diff(student, reference)
+    if d - Z * se > -margin:
+        return "holds"
+    if d + Z * se < -margin:
+        return "does not hold"
+    return "inconclusive"
+
+
+def paired(values_a: list[float], values_b: list[float]) -> tuple[str, float, float]:
+    """(verdict that a > b, mean of a - b, its SE) for values on the same items (Fig. 3's states)."""
+    d = np.asarray(values_a, float) - np.asarray(values_b, float)
+    se = float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else math.nan
+    m = float(d.mean())
+    if not math.isfinite(se):
+        return "inconclusive", m, se
+    return ("holds" if m - Z * se > 0 else "does not hold" if m + Z * se < 0 else "inconclusive"), m, se
+
+
+def claims(rows: list[dict], rewards: list[dict], sweeps: dict[str, dict]) -> list[dict]:
+    """[{claim, task, verdict, evidence}] for the paper's claims (module doc), from stored rows only."""
+    cells = _cells(rows)
+    tasks = sorted({t for t, _ in cells})
+    out = []
+
+    def add(claim, task, verdict, evidence):
+        out.append({"claim": claim, "task": task, "verdict": verdict, "evidence": evidence})
+
+    for task in tasks:
+        c = {m: cells[(t, m)] for t, m in cells if t == task}
+        if "ctd" in c and "teacher-heun-80" in c:
+            d, se = _diff(c["ctd"], c["teacher-heun-80"])
+            add("1. The one-step CTD student matches the teacher's Heun-80 (within "
+                f"{MATCH_MARGIN:g} points)", task, matches(c["ctd"], c["teacher-heun-80"]),
+                f"CTD {_fmt(c['ctd'])} vs teacher {_fmt(c['teacher-heun-80'])}: difference {d:+.1f} ± {se:.1f}")
+        if "ractd" in c and "ctd" in c:
+            sigma = _sigma_of(rows, task, "ractd")
+            d, se = _diff(c["ractd"], c["ctd"])
+            if sigma == 0:
+                add("2a. RACTD beats CTD", task, "not measured",
+                    f"the RACTD student has sigma = 0 (Table 9 for this task), so it is CTD: {_fmt(c['ractd'])}")
+            else:
+                add("2a. RACTD beats CTD", task, better(c["ractd"], c["ctd"]),
+                    f"RACTD (sigma {sigma:g}) {_fmt(c['ractd'])} vs CTD {_fmt(c['ctd'])}: difference "
+                    f"{d:+.1f} ± {se:.1f}")
+        if "ractd" in c and "teacher-heun-80" in c and _sigma_of(rows, task, "ractd") != 0:
+            d, se = _diff(c["ractd"], c["teacher-heun-80"])
+            add(f"2b. RACTD matches or beats the teacher (within {MATCH_MARGIN:g} points)", task,
+                matches(c["ractd"], c["teacher-heun-80"]),
+                f"RACTD {_fmt(c['ractd'])} vs teacher {_fmt(c['teacher-heun-80'])}: difference {d:+.1f} ± {se:.1f}")
+        # Fig. 3: R_psi of RACTD's actions against CTD's on the same dataset states
+        r = {m: {x["state_index"]: x["reward"] for x in rewards if x["task"] == task and x["method"] == m}
+             for m in ("ractd", "ctd", "teacher-heun-80")}
+        if r["ractd"] and r["ctd"]:
+            keys = sorted(set(r["ractd"]) & set(r["ctd"]))
+            v, m, se = paired([r["ractd"][k] for k in keys], [r["ctd"][k] for k in keys])
+            diag = _diag_line(sweeps.get(task, {}))
+            add("3. Reward-aware distillation moves the student's actions to higher R_psi (Fig. 3)", task, v,
+                f"mean R_psi(s, a_RACTD) - R_psi(s, a_CTD) = {m:+.4f} ± {se:.4f} over {len(keys)} dataset states"
+                + (f"; {diag}" if diag else ""))
+        # Fig. 4: the effect of sigma on the final score
+        pts = sorted((_sigma_of(rows, task, m), c[m]) for m in c
+                     if m in ("ctd", "ractd") or m.startswith("ractd-sigma-"))
+        pts = [(s, x) for s, x in pts if not math.isnan(s)]
+        if len({s for s, _ in pts}) >= 3:
+            zero = next((x for s, x in pts if s == 0), None)
+            best_s, best = max(((s, x) for s, x in pts if s > 0), key=lambda p: p[1]["mean"])
+            top_s, top = max(pts, key=lambda p: p[0])
+            listing = ", ".join(f"sigma {s:g}: {x['mean']:.1f} ± {0 if math.isnan(x['se']) else x['se']:.1f}"
+                                for s, x in pts)
+            if zero is not None:
+                add("4a. A moderate reward weight raises the score over sigma = 0 (Fig. 4)", task,
+                    better(best, zero), f"best sigma {best_s:g}; {listing}")
+            lower = [x for s, x in pts if 0 < s < top_s]
+            if lower:
+                peak = max(lower, key=lambda x: x["mean"])
+                add(f"4b. Too large a weight (sigma {top_s:g}) does worse than a moderate one (Fig. 4)", task,
+                    better(peak, top), listing)
+        # Table 5: multi-step sampling
+        multi = [(k, c[f"ractd-nfe{k}"]) for k in (2, 3, 4) if f"ractd-nfe{k}" in c]
+        if multi and "ractd" in c:
+            verdicts = [better(x, c["ractd"]) for _, x in multi]
+            v = ("holds" if "holds" in verdicts else "does not hold" if all(x == "does not hold" for x in verdicts)
+                 else "inconclusive")
+            add("5. Multi-step sampling (2-4 steps) improves on one step (Table 5)", task, v,
+                f"1 step {_fmt(c['ractd'])}; " + "; ".join(f"{k} steps {_fmt(x)}" for k, x in multi))
+        # Table 3: speed per action
+        t = _times(rows, task)
+        if "teacher-heun-80" in t and "ractd" in t:
+            (tt, bt), (ts, bs) = t["teacher-heun-80"], t["ractd"]
+            add("6. The one-step student is about NFE-times faster per action than the teacher (Table 3: "
+                "142x on a V100)", task, "holds" if bt == bs and tt / ts > 10 else "inconclusive",
+                f"teacher {tt * 1e3:.1f} ms vs student {ts * 1e3:.2f} ms per batched policy call "
+                f"(batch {bt} vs {bs}): {tt / ts:.0f}x")
+    return out
+
+
+def _sigma_of(rows: list[dict], task: str, method: str) -> float:
+    s = {r["sigma"] for r in rows if r["task"] == task and r["method"] == method}
+    return float(next(iter(s))) if len(s) == 1 else math.nan
+
+
+def _times(rows: list[dict], task: str) -> dict[str, tuple[float, int]]:
+    """{method: (median time per batched policy call, batch size)} at each method's most common batch size."""
+    out = {}
+    for m in {r["method"] for r in rows if r["task"] == task}:
+        eps = [r for r in rows if r["task"] == task and r["method"] == m]
+        sizes = [r["batch_size"] for r in eps]
+        b = max(set(sizes), key=sizes.count)
+        out[m] = (float(np.median([r["time_per_action"] for r in eps if r["batch_size"] == b])), int(b))
+    return out
+
+
+def _diag_line(sweep: dict) -> str:
+    """The RACTD and CTD trials' diagnostics at their best checkpoints, from the sweep's curves."""
+    curves = sweep.get("curves") or []
+    parts = []
+    for label, pick in (("CTD", lambda r: r["sigma"] == 0), ("RACTD", lambda r: r["sigma"] > 0)):
+        rows = [r for r in curves if pick(r) and math.isfinite(r["select_score"])]
+        if not rows:
+            continue
+        best = max(rows, key=lambda r: r["select_score"])
+        parts.append(f"{label} (sigma {best['sigma']:g}) at its best checkpoint: {100 * best['at_bound']:.0f}% of "
+                     f"chunk elements at the clamp bound, R_psi gap to the data's actions {best['r_gap']:+.3f}")
+    return "; ".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------- document
+
+def _sweep_section(task: str, sweep: dict) -> list[str]:
+    from tabulate import tabulate
+
+    trials = sorted(sweep.get("trials") or [], key=lambda t: (t["sigma"], t["alpha"], t["beta"]))
+    curves = sweep.get("curves") or []
+    lines = [f"### {task}", ""]
+    search = sweep.get("search") or {}
+    cfg = search.get("config") or {}
+    if cfg:
+        flags = ", ".join(f"{k} {cfg[k]}" for k in ("budget", "scale", "preset", "teacher_steps", "steps", "batch",
+                                                    "num_samples", "sigmas", "select_seeds", "select_max_steps")
+                          if k in cfg)
+        lines += [f"Sweep settings: {flags}.", ""]
+    table = []
+    for t in trials:
+        pts = [c for c in curves if c["trial_id"] == t["trial_id"] and math.isfinite(c["select_score"])]
+        best = max(pts, key=lambda c: c["select_score"]) if pts else {}
+        table.append([f"{t['alpha']:g}", f"{t['beta']:g}", f"{t['sigma']:g}", t["status"], f"{t['select_score']:.1f}",
+                      best.get("step", "—"),
+                      *[("—" if not best or not math.isfinite(best[k]) else f"{best[k]:.3f}") for k in DIAG_TERMS],
+                      "—" if t.get("train_time_s") is None or not math.isfinite(t["train_time_s"])
+                      else f"{t['train_time_s'] / 60:.1f}"])
+    if table:
+        lines.append(tabulate(table, headers=["alpha", "beta", "sigma", "status", "select_score", "best step",
+                                              *DIAG_TERMS, "train min"], tablefmt="github", disable_numparse=True))
+        lines.append("")
+    return lines
+
+
+def fig_curves(sweeps: dict[str, dict], path: Path) -> Path | None:
+    """Fig. 4's training curves: select_score at each student checkpoint per sigma, one panel per task."""
+    from ractd.results import _plt, _savefig
+
+    tasks = [t for t, s in sweeps.items() if s.get("curves")]
+    if not tasks:
+        return None
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 3.6), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        curves = sweeps[task]["curves"]
+        for tid in sorted({c["trial_id"] for c in curves}):
+            pts = sorted((c["step"], c["select_score"]) for c in curves if c["trial_id"] == tid)
+            c0 = next(c for c in curves if c["trial_id"] == tid)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
+                    label=f"sigma {c0['sigma']:g} (alpha {c0['alpha']:.2g}, beta {c0['beta']:.2g})")
+        ax.set(title=task, xlabel="student step", ylabel="select_score (normalized)")
+        ax.legend(fontsize=7)
+    fig.suptitle("Fig. 4 counterpart: model-selection score during distillation")
+    fig.tight_layout()
+    return _savefig(fig, Path(path))
+
+
+FIGURES = ("fig3_reward_hist.png", "fig4_sigma.png", "fig4_curves.png", "score_distribution.png")
+
+
+def render(data: Path, write: bool = True) -> str:
+    """The Markdown of docs/results.md from a snapshot folder (module doc; its provenance.json gives the commands
+    and the machine). write: also (re)write the tables (Markdown + CSV) under <data>/tables and the figures (PNG)
+    under <data>/figures; the text is the same either way (it links the figures present in <data>/figures)."""
+    data = Path(data)
+    prov = json.loads((data / "provenance.json").read_text()) if (data / "provenance.json").is_file() else {}
+    commands = ["```bash", *prov.get("commands", []), "```"]
+    compute = [f"- machine: {prov['machine']}"] if prov.get("machine") else []
+    store = ResultsStore(data / "store")
+    rows, rewards = store.episodes(), store.rewards()
+    sweeps = _sweep_tables(data)
+    tables = [fn(rows) for fn in TABLES.values()]
+    if write:
+        for t in tables:
+            t.write(data / "tables")
+    verdicts = claims(rows, rewards, sweeps)
+    lines = ["# The paper's claims at CPU scale, measured", "",
+             "Generated by `python eval/results_doc.py` from the snapshot in `docs/results/` (the claims study's "
+             "results store and sweep records); do not edit by hand. Every number below is computed from those "
+             "Parquet files; `tests/test_claims.py` rebuilds this file from them and compares.", "",
+             "**Scale.** These are CPU-budget models (small U-Nets, 2000 teacher steps, 400 student steps) on "
+             "datasets generated here with D4RL's recipes at `--scale small`, not the paper's 248 M-parameter "
+             "networks on D4RL's files. A verdict says what these numbers show at this budget; it does not "
+             "confirm or refute the paper at its scale.", "",
+             "## Verdicts", "",
+             f"Rules: a difference counts at {Z:g} standard errors of the difference (SE over episodes, "
+             f"sqrt(SE_a^2 + SE_b^2)); \"matches\" allows {MATCH_MARGIN:g} normalized points; Fig. 3 uses paired "
+             "differences on the same dataset states. \"inconclusive\" = the interval contains both outcomes.", ""]
+    from tabulate import tabulate
+
+    if verdicts:
+        lines.append(tabulate([[v["claim"], v["task"], f"**{v['verdict']}**", v["evidence"]] for v in verdicts],
+                              headers=["claim", "task", "verdict", "evidence"], tablefmt="github",
+                              disable_numparse=True))
+    else:
+        lines.append("(no evaluated cells in the store yet)")
+    lines += ["", "Not measured in this study: the reward-aware teacher (Tables 4, 10) and the DDPM/DDIM "
+              "baselines (Tables 3, 11) need a second diffusion model per task, which did not fit the budget; "
+              "`python eval/reproduce_tables.py --study default` plans them.", ""]
+    lines += ["## How it was produced", ""] + commands + [""]
+    lines += ["## Compute", ""] + compute + _train_compute(sweeps) + _eval_compute(rows) + [""]
+    lines += ["## Tables", ""]
+    for t in tables:
+        lines += [f"### {t.title}", "", t.markdown, ""]
+    lines += ["## The sweeps: weights, model-selection score and distillation diagnostics", "",
+              "Diagnostics at each trial's best checkpoint (ractd.train.distill_diagnostics, 512 fixed dataset "
+              "states): at_bound = share of the one-step chunk's elements at the clamp bound |x| >= 1; "
+              "out_of_range = mean distance outside [-1, 1]; r_student / r_data = mean R_psi of the student's "
+              "first action / of the dataset's action on the same states; r_gap = their difference. A student "
+              "exploiting R_psi shows a large r_gap together with many actions at the bound.", ""]
+    for task, sweep in sweeps.items():
+        lines += _sweep_section(task, sweep)
+    if write:
+        fig_reward_hist(rewards, data / "figures" / FIGURES[0])
+        fig_sigma(rows, data / "figures" / FIGURES[1])
+        fig_curves(sweeps, data / "figures" / FIGURES[2])
+        fig_score_distribution(rows, data / "figures" / FIGURES[3])
+    present = [name for name in FIGURES if (data / "figures" / name).is_file()]
+    if present:
+        lines += ["## Figures", ""] + [f"![{Path(n).stem}](results/figures/{n})" for n in present] + [""]
+    return "\n".join(lines)
+
+
+def _train_compute(sweeps: dict[str, dict]) -> list[str]:
+    """Training time per task: the shared teacher and reward model (their models.json) and the trials."""
+    out = []
+    for task, sweep in sweeps.items():
+        shared = (sweep.get("search") or {}).get("shared_models") or {}
+        trials = [t["train_time_s"] for t in sweep.get("trials") or []
+                  if t.get("train_time_s") is not None and math.isfinite(t["train_time_s"])]
+        wall = sum(t["trial_time_s"] for t in sweep.get("trials") or []
+                   if t.get("trial_time_s") is not None and math.isfinite(t["trial_time_s"]))
+        t_shared = f"{shared['train_time_s'] / 60:.1f} min" if "train_time_s" in shared else "(not recorded)"
+        out.append(f"- training of {task}: shared teacher (+ reward model) {t_shared}; {len(trials)} students {sum(trials) / 60:.1f} min of training ({wall / 60:.1f} min of "
+                   "trial wall time with Tune's and Ray Train's start-up)")
+    return out
+
+
+def _eval_compute(rows: list[dict]) -> list[str]:
+    """Evaluation wall time per task: the sum over stored blocks (each block's rows carry its wall time)."""
+    out = []
+    for task in sorted({r["task"] for r in rows}):
+        blocks = {(r["method"], r["checkpoint"], r["created"][:19], r["wall_s"]) for r in rows if r["task"] == task}
+        wall = sum(w for *_, w in blocks if math.isfinite(w))
+        n = sum(1 for r in rows if r["task"] == task)
+        out.append(f"- evaluation of {task}: {n} episodes, {wall / 60:.1f} min of rollout wall time summed over "
+                   "blocks (one CPU thread per actor)")
+    return out
