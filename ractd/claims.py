@@ -182,6 +182,18 @@ def claims(rows: list[dict], rewards: list[dict], sweeps: dict[str, dict]) -> li
             add(f"2b. RACTD matches or beats the teacher (within {MATCH_MARGIN:g} points)", task,
                 matches(c["ractd"], c["teacher-heun-80"]),
                 f"RACTD {_fmt(c['ractd'])} vs teacher {_fmt(c['teacher-heun-80'])}: difference {d:+.1f} ± {se:.1f}")
+        # 2c: any sigma > 0 the study evaluated (RACTD and the sigma cells) against CTD
+        positive = sorted({(_sigma_of(rows, task, m), m) for m in c
+                           if (m == "ractd" or m.startswith("ractd-sigma-")) and _sigma_of(rows, task, m) > 0})
+        if positive and "ctd" in c:
+            each = [(s, m, better(c[m], c["ctd"]), *_diff(c[m], c["ctd"])) for s, m in positive]
+            verdicts = [v for _, _, v, _, _ in each]
+            v = ("holds" if "holds" in verdicts else "does not hold" if all(x == "does not hold" for x in verdicts)
+                 else "inconclusive")
+            diag = _diag_line(sweeps.get(task, {}))
+            add("2c. Some reward weight sigma > 0 that the sweep tried beats CTD", task, v,
+                "; ".join(f"sigma {s:g}: {d:+.1f} ± {se:.1f} ({x})" for s, _, x, d, se in each)
+                + (f". Diagnostics: {diag}" if diag else ""))
         # Fig. 3: R_psi of RACTD's actions against CTD's on the same dataset states
         r = {m: {x["state_index"]: x["reward"] for x in rewards if x["task"] == task and x["method"] == m}
              for m in ("ractd", "ctd", "teacher-heun-80")}

@@ -100,6 +100,8 @@ def test_document_from_a_synthetic_study_carries_the_stores_numbers(tmp_path):
     t = "hopper-medium-replay"
     assert v[("2a", t)]["verdict"] == "holds"       # 63 vs 33, SE ~0.2
     assert v[("1.", t)]["verdict"] == "holds"       # CTD 33.0 vs teacher 33.9: within 10 points
+    assert v[("2c", t)]["verdict"] == "holds"       # sigma 1 and 0.3 beat CTD (sigma 1.5 does not)
+    assert "sigma 1.5: -21.0" in v[("2c", t)]["evidence"] and "(does not hold)" in v[("2c", t)]["evidence"]
     assert v[("3.", t)]["verdict"] == "holds"       # R_psi 0.5 vs 0.2 on the same states
     assert "42% of chunk elements at the clamp bound" in v[("3.", t)]["evidence"]
     assert v[("4a", t)]["verdict"] == "holds" and v[("4b", t)]["verdict"] == "holds"  # 1.5 is below 1.0's 63
@@ -122,6 +124,11 @@ def test_document_from_a_synthetic_study_carries_the_stores_numbers(tmp_path):
         _study(s2, a, b, teacher)
         got = {x["claim"][:2]: x["verdict"] for x in claims.claims(s2.episodes(), s2.rewards(), {})}
         assert got["2a"] == want
+    # no sigma beats CTD: RACTD and every sigma cell below it -> "does not hold" at every sigma tried
+    s3 = ResultsStore(tmp_path / "s-none")
+    _study(s3, [5.0 + (i % 3) for i in range(100)], [80.0 + (i % 3) for i in range(100)], teacher)
+    got = {x["claim"][:2]: x for x in claims.claims(s3.episodes(), s3.rewards(), {})}
+    assert got["2c"]["verdict"] == "does not hold" and got["2c"]["evidence"].count("(does not hold)") == 3
 
 
 def test_a_sigma_zero_ractd_is_not_claimed_to_beat_ctd(tmp_path):
