@@ -208,7 +208,7 @@ STUDIES: dict[str, Study] = {
     # teacher's Heun-80 rollouts dominate: 158 network calls per env step).
     "default": Study(name="cpu", budget="cpu", data_scale="small",
                      plans=(TaskPlan("maze2d-umaze", _MAZE_FULL), TaskPlan("hopper-medium-replay", _LOCO_FULL))),
-    # The claims study (docs/results.md, scripts/results_doc.py): the paper's claims at a CPU budget on three
+    # The claims study (docs/results.md, eval/results_doc.py): the paper's claims at a CPU budget on three
     # generated small datasets of different quality -- mixed (hopper-medium-replay), medium (walker2d-medium) and
     # maze2d-umaze. Every student, the teacher and the reward model come from one `tune/search.py --sigmas` run
     # per task (CLAIMS_SWEEPS), so CTD, RACTD and each sigma share teacher, budget and model selection; 100 seeds
