@@ -37,7 +37,7 @@ from ray.util import ActorPool
 
 from ractd import RactdError
 from ractd.results import ResultsStore
-from ractd.study import EvalJob, blocks, load_policy, run_block
+from ractd.study import EvalJob, blocks, load_policy, policy_key, run_block
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ class RolloutActor:
     def run(self, job: EvalJob, seeds: list[int], weights_box: list) -> list[dict]:
         from ractd.results import library_versions
 
-        key = (job.checkpoint, job.sampler, job.nfe, job.init_scaled)
+        key = policy_key(job)
         if key not in self.policies:
             blob = ray.get(weights_box[0])
             fd, tmp = tempfile.mkstemp(suffix=".pt")

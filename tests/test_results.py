@@ -336,3 +336,16 @@ def test_table2_reports_the_inverse_dynamics_tracker_beside_the_pd_rule(tmp_path
     s2 = ResultsStore(tmp_path / "store2")
     s2.write_episodes(_episodes("maze2d-umaze", "ractd", MAZE_RACTD, ckpt="c3"))
     assert "inverse dynamics" not in results.table2(s2.episodes()).markdown
+
+
+def test_jobs_that_differ_only_in_their_tracker_never_share_a_policy(monkeypatch, tmp_path):
+    """evaluate_serial (and the pool's actors, through the same study.policy_key) cache one policy per key: the
+    inverse-dynamics cell of a checkpoint must not reuse the PD planner of the same checkpoint."""
+    jobs = [study.EvalJob(task="maze2d-umaze", method=m, sampler="student", nfe=1, checkpoint_path="/x.pt",
+                          checkpoint="h", scale="test", tracker=tr)
+            for m, tr in (("ractd", "pd"), ("ractd-invdyn", "inverse_dynamics"))]
+    used = []
+    monkeypatch.setattr(study, "load_policy", lambda job, *a, **k: f"planner-{job.tracker}")
+    monkeypatch.setattr(study, "run_block", lambda job, seeds, policy, **k: used.append((job.method, policy)) or [])
+    study.evaluate_serial(jobs, [0, 1], ResultsStore(tmp_path / "s"), block_size=2, progress=False)
+    assert used == [("ractd", "planner-pd"), ("ractd-invdyn", "planner-inverse_dynamics")]
