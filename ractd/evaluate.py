@@ -35,8 +35,9 @@ class EvalConfig:
         it; fp32 stays the default until a score on 100 seeds shows bf16 unchanged).
     overlap: locomotion: step one half of the seeds' envs while the network acts for the other half (same
         records; measured no faster on a loaded 2-CPU machine, so off by default; bench/bench_inference.py).
-    tracker: maze2d: pd (Diffuser's PD rule) | inverse_dynamics (paper Sec. 4.2; train it with
-        python -m ractd.inverse_dynamics TASK).
+    tracker: maze2d: pd (Diffuser's PD rule) | inverse_dynamics (closed loop: observed state -> next waypoint) |
+        inverse_dynamics_plan (open loop: consecutive planned states, paper Sec. 4.2); train the model with
+        python -m ractd.inverse_dynamics TASK.
     inverse_dynamics: the inverse dynamics model file ("" = its default path for the task and scale).
     """
 
@@ -53,7 +54,7 @@ class EvalConfig:
     accelerate: Literal["none", "jit"] = "none"
     precision: Literal["fp32", "bf16"] = "fp32"
     overlap: bool = False
-    tracker: Literal["pd", "inverse_dynamics"] = "pd"
+    tracker: Literal["pd", "inverse_dynamics", "inverse_dynamics_plan"] = "pd"
     inverse_dynamics: str = ""
 
     def validate(self) -> "EvalConfig":
@@ -127,7 +128,7 @@ def policy_from_checkpoint(checkpoint: str | Path, sampler: str = "student", nfe
     if task.kind == "locomotion":
         return LocomotionPolicy(fn, norms["obs"], norms["action"], obs_history=cfg.obs_history), task, cfg
     inv = None
-    if tracker == "inverse_dynamics":
+    if tracker != "pd":
         from ractd.inverse_dynamics import InverseDynamics, default_path
 
         inv = InverseDynamics.load(Path(inverse_dynamics) if inverse_dynamics else default_path(task.name, cfg.scale))

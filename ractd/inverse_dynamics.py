@@ -130,6 +130,19 @@ class InverseDynamics:
             wp[:, 2:] = 0.0
         return self.predict(obs, wp)
 
+    def track_plan(self, plan: np.ndarray, obs: np.ndarray, t: int) -> np.ndarray:
+        """The paper's reading of Sec. 4.2 ("infer all the actions from the predicted state sequence"): open
+        loop, a_t = f(plan[:, t], plan[:, t + 1]) from consecutive planned states, whatever the observed state;
+        once t + 1 >= H the plan has no next state, and the PD rule (ractd.policy.MazePlanner.track) steers to
+        the last planned state. Unlike track(), its inputs never leave the one-step pairs the model was trained
+        on, but it cannot correct drift. plan (n, H, 4), obs (n, 4) -> (n, 2) float64."""
+        from ractd.policy import MazePlanner
+
+        plan = np.asarray(plan, dtype=np.float64)
+        if t + 1 < plan.shape[1]:
+            return self.predict(plan[:, t], plan[:, t + 1])
+        return MazePlanner.track(plan, obs, t)
+
     # -- checkpoint
 
     def save(self, path) -> Path:

@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 
 Sampler = Callable[[torch.Tensor, Sequence[torch.Generator]], torch.Tensor]
 SAMPLER_KINDS = ("heun", "euler", "ddpm", "ddim", "student")
-MAZE_TRACKERS = ("pd", "inverse_dynamics")
+MAZE_TRACKERS = ("pd", "inverse_dynamics", "inverse_dynamics_plan")
 
 
 # ---------------------------------------------------------------------------------------------- noise
@@ -246,9 +246,11 @@ class MazePlanner:
 
     sampler: a Sampler producing (B, horizon, 4) normalized state sequences from cond (B, 8).
     obs_normalizer: the Normalizer of the 4-d maze states [x, y, vx, vy] (D4RL coordinates).
-    tracker: "pd" (Diffuser's PD rule, MazePlanner.track) or "inverse_dynamics" (paper Sec. 4.2: the action
-        toward each waypoint from `inverse_dynamics`, a ractd.inverse_dynamics.InverseDynamics; its track()
-        then becomes this instance's track, while the class attribute MazePlanner.track stays the PD rule).
+    tracker: "pd" (Diffuser's PD rule, MazePlanner.track), "inverse_dynamics" (closed loop: the action from the
+        observed state toward each waypoint by `inverse_dynamics`, a ractd.inverse_dynamics.InverseDynamics; its
+        track() becomes this instance's track, while the class attribute MazePlanner.track stays the PD rule) or
+        "inverse_dynamics_plan" (open loop, the paper's Sec. 4.2: the actions between consecutive planned states,
+        InverseDynamics.track_plan).
     """
 
     def __init__(self, sampler: Sampler, obs_normalizer, horizon: int, tracker: str = "pd",
@@ -256,11 +258,12 @@ class MazePlanner:
         self.sampler, self.obs_normalizer, self.horizon = sampler, obs_normalizer, int(horizon)
         if tracker not in MAZE_TRACKERS:
             raise RactdError(f"unknown maze tracker {tracker!r}; expected one of {', '.join(MAZE_TRACKERS)}")
-        if (tracker == "inverse_dynamics") != (inverse_dynamics is not None):
-            raise RactdError("tracker='inverse_dynamics' needs an inverse_dynamics model, and only it takes one")
+        if (tracker != "pd") != (inverse_dynamics is not None):
+            raise RactdError(f"tracker={tracker!r}: the inverse dynamics trackers need an inverse_dynamics model, and "
+                             "only they take one")
         self.tracker = tracker
         if inverse_dynamics is not None:
-            self.track = inverse_dynamics.track
+            self.track = inverse_dynamics.track if tracker == "inverse_dynamics" else inverse_dynamics.track_plan
 
     def conditioning(self, start_obs: np.ndarray, goal_xy: np.ndarray) -> torch.Tensor:
         """cond = concat(normalize(start), normalize([gx, gy, 0, 0])): (n, 2 * obs_dim) float32."""

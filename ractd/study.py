@@ -9,7 +9,9 @@ Methods (METHODS; the tables in ractd.results refer to these ids):
   ctd                    one-step student distilled with sigma = 0 (Tables 2, 4, 11; Fig. 3)
   ractd                  one-step student with the RACTD weights: the best of `tune/search.py` when
                          ractd.paths.sweep_dir(task, data scale)/best_config.json exists, else Table 9
-  ractd-invdyn           maze2d: the RACTD student's plan tracked by the inverse dynamics model (Table 2)
+  ractd-invdyn           maze2d: the RACTD student's plan tracked by the inverse dynamics model (Table 2),
+                         closed loop (observed state -> next waypoint)
+  ractd-invdyn-plan      the same, open loop: actions between consecutive planned states (the paper's Sec. 4.2)
   ractd-nfe2/3/4         the RACTD student sampled with 2-4 steps (Table 5)
   ra-teacher-ctd, ra-teacher-ractd   students of a reward-aware teacher (Tables 4, 10)
   ractd-sigma-S          students with reward weight S (the sigma sweep, Fig. 4); a plan's "sigma-sweep"
@@ -74,7 +76,9 @@ METHODS: dict[str, Method] = {m.id: m for m in [
     Method("ddim-1", "DDIM 1", "ddpm", "ddim", 1),
     Method("ctd", "CTD", "ctd", "student", 1),
     Method("ractd", "RACTD", "ractd", "student", 1),
-    Method("ractd-invdyn", "RACTD, inverse dynamics", "ractd", "student", 1, "inverse_dynamics"),
+    Method("ractd-invdyn", "RACTD, inverse dynamics (closed loop)", "ractd", "student", 1, "inverse_dynamics"),
+    Method("ractd-invdyn-plan", "RACTD, inverse dynamics on the plan (open loop)", "ractd", "student", 1,
+           "inverse_dynamics_plan"),
     Method("ractd-nfe2", "RACTD 2-step", "ractd", "student", 2),
     Method("ractd-nfe3", "RACTD 3-step", "ractd", "student", 3),
     Method("ractd-nfe4", "RACTD 4-step", "ractd", "student", 4),
@@ -218,7 +222,7 @@ STUDIES: dict[str, Study] = {
     # task and are not in it; their cells are listed as missing with the commands that train them.
     "claims": Study(name="cpu-claims", budget="cpu", data_scale="small", costly_seeds=10, sigmas=(0.3, 1.5),
                     sweep_flags=tuple(CLAIMS_SWEEPS.items()),
-                    plans=(TaskPlan("maze2d-umaze", CORE + ("ractd-invdyn",)),
+                    plans=(TaskPlan("maze2d-umaze", CORE + ("ractd-invdyn", "ractd-invdyn-plan")),
                            TaskPlan("hopper-medium-replay", CORE + MULTISTEP + (SIGMA_SWEEP,)),
                            TaskPlan("walker2d-medium", CORE))),
     # The paper: Tables 1, 2, 11 on every task, Tables 3, 5 and Fig. 4 on hopper-medium-replay, Table 10 on
@@ -356,7 +360,7 @@ def ensure_inverse_dynamics(study: Study) -> list[Path]:
     written = []
     for task in study.tasks:
         path = inverse_dynamics_path(study, task)
-        if path.is_file() or not any(get_method(m).tracker == "inverse_dynamics" for m in expand_methods(study, task)):
+        if path.is_file() or not any(get_method(m).tracker != "pd" for m in expand_methods(study, task)):
             continue
         log.info("training the inverse dynamics model of %s -> %s", task, path)
         train_inverse_dynamics(load_dataset(get_task(task), scale=study.data_scale), out=path, progress=True)
@@ -640,7 +644,7 @@ def study_jobs(study: Study, max_steps: int = 0) -> tuple[list[EvalJob], list[Mi
             method = get_method(mid)
             model = models[method.model]
             costly = get_task(task).kind == "locomotion" and method.nfe > 4 and method.sampler != "student"
-            if model.exists and method.tracker == "inverse_dynamics" and not inverse_dynamics_path(study, task).is_file():
+            if model.exists and method.tracker != "pd" and not inverse_dynamics_path(study, task).is_file():
                 missing.append(Missing(task, mid, inverse_dynamics_path(study, task),
                                        f"python -m ractd.inverse_dynamics {task} --scale {study.data_scale}"))
             elif model.exists:

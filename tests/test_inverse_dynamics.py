@@ -75,6 +75,17 @@ def test_track_uses_the_pd_rules_waypoint(trained):
     np.testing.assert_array_equal(model.track(plan, s, 4), model.predict(s, end))
 
 
+def test_track_plan_reads_consecutive_planned_states_then_the_pd_rule(trained):
+    """Open loop (the paper's Sec. 4.2): the action of step t is f(plan[t], plan[t + 1]), whatever is observed;
+    past the plan's end the PD rule steers to its last state."""
+    model, test, _ = trained
+    s = test["observations"][:3].astype(np.float64)
+    plan = np.stack([test["observations"][i:i + 5] for i in (10, 20, 30)]).astype(np.float64)  # (3, 5, 4)
+    np.testing.assert_array_equal(model.track_plan(plan, s, 1), model.predict(plan[:, 1], plan[:, 2]))
+    np.testing.assert_array_equal(model.track_plan(plan, s + 1.0, 1), model.track_plan(plan, s, 1))
+    np.testing.assert_array_equal(model.track_plan(plan, s, 4), MazePlanner.track(plan, s, 4))
+
+
 class _SimulatedPlans:
     """Sampler whose plan is the env's own response to known actions from the conditioning's start state."""
 
@@ -101,24 +112,32 @@ class _SimulatedPlans:
 
 
 class _Counting:
-    """Delegates track() to an InverseDynamics and keeps every action it returned."""
+    """Delegates track() / track_plan() to an InverseDynamics and keeps every action they returned; counts only
+    the rule the tracker names, so a planner calling the other one fails the test."""
 
-    def __init__(self, model):
-        self.model, self.actions = model, []
+    def __init__(self, model, tracker="inverse_dynamics"):
+        self.model, self.tracker, self.actions = model, tracker, []
 
-    def track(self, plan, obs, t):
-        a = self.model.track(plan, obs, t)
-        self.actions.append(a)
+    def _keep(self, rule, plan, obs, t):
+        a = getattr(self.model, rule)(plan, obs, t)
+        if rule == {"inverse_dynamics": "track", "inverse_dynamics_plan": "track_plan"}[self.tracker]:
+            self.actions.append(a)
         return a
 
+    def track(self, plan, obs, t):
+        return self._keep("track", plan, obs, t)
 
-def test_rollout_with_the_inverse_dynamics_tracker_executes_the_plans_actions(trained):
+    def track_plan(self, plan, obs, t):
+        return self._keep("track_plan", plan, obs, t)
+
+
+@pytest.mark.parametrize("tracker", ["inverse_dynamics", "inverse_dynamics_plan"])
+def test_rollout_with_the_inverse_dynamics_tracker_executes_the_plans_actions(trained, tracker):
     model, _, _ = trained
     steps = 20
     sampler = _SimulatedPlans(model.obs_normalizer, horizon=steps + 1)
-    counting = _Counting(model)
-    planner = MazePlanner(sampler, model.obs_normalizer, steps + 1, tracker="inverse_dynamics",
-                          inverse_dynamics=counting)
+    counting = _Counting(model, tracker)
+    planner = MazePlanner(sampler, model.obs_normalizer, steps + 1, tracker=tracker, inverse_dynamics=counting)
     seeds = [0, 1, 2]
     records = rollout.rollout_maze(UMAZE, planner, seeds, max_steps=steps, progress=False)
     assert [r["seed"] for r in records] == seeds and all(r["length"] == steps for r in records)
@@ -135,8 +154,11 @@ def test_tracker_option_is_validated(trained):
     model, _, _ = trained
     with pytest.raises(RactdError, match="unknown maze tracker"):
         MazePlanner(None, model.obs_normalizer, 8, tracker="pid")
-    with pytest.raises(RactdError, match="needs an inverse_dynamics model"):
-        MazePlanner(None, model.obs_normalizer, 8, tracker="inverse_dynamics")
+    for tracker in ("inverse_dynamics", "inverse_dynamics_plan"):
+        with pytest.raises(RactdError, match="need an inverse_dynamics model"):
+            MazePlanner(None, model.obs_normalizer, 8, tracker=tracker)
+    with pytest.raises(RactdError, match="only they take one"):
+        MazePlanner(None, model.obs_normalizer, 8, tracker="pd", inverse_dynamics=model)
 
 
 def test_cli_trains_from_the_task_dataset_and_rejects_bad_input(tmp_path, capsys):

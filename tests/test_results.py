@@ -331,7 +331,8 @@ def test_table2_reports_the_inverse_dynamics_tracker_beside_the_pd_rule(tmp_path
     t2 = results.table2(s.episodes())
     rows = {r["method"]: r for r in t2.rows}
     assert rows["ractd-invdyn"]["mean"] == pytest.approx(101.0) and rows["ractd"]["mean"] == pytest.approx(125.5)
-    assert "RACTD (inverse dynamics)" in t2.markdown and "RACTD (PD tracker)" in t2.markdown
+    assert "RACTD (inverse dynamics, closed loop)" in t2.markdown and "RACTD (PD tracker)" in t2.markdown
+    assert "open loop" not in t2.markdown  # no episodes of the open-loop tracker: no row
     # without inverse-dynamics episodes the row is left out rather than shown as missing
     s2 = ResultsStore(tmp_path / "store2")
     s2.write_episodes(_episodes("maze2d-umaze", "ractd", MAZE_RACTD, ckpt="c3"))
