@@ -234,6 +234,17 @@ def claims(rows: list[dict], rewards: list[dict], sweeps: dict[str, dict]) -> li
                  else "inconclusive")
             add("5. Multi-step sampling (2-4 steps) improves on one step (Table 5)", task, v,
                 f"1 step {_fmt(c['ractd'])}; " + "; ".join(f"{k} steps {_fmt(x)}" for k, x in multi))
+        # Table 2: maze2d actions from the inverse dynamics model (the paper's Sec. 4.2) against the PD rule
+        for mid, how in (("ractd-invdyn-plan", "open loop, consecutive planned states"),
+                         ("ractd-invdyn", "closed loop, observed state to the next waypoint")):
+            if mid in c and "ractd" in c:
+                d, se = _diff(c[mid], c["ractd"])
+                add(f"7. maze2d: an inverse dynamics model turns the plan into actions as well as the PD rule ({how})",
+                    task, matches(c[mid], c["ractd"]),
+                    f"inverse dynamics {_fmt(c[mid])} vs PD rule {_fmt(c['ractd'])} on the same plans: difference "
+                    f"{d:+.1f} ± {se:.1f}. The model is fitted on the dataset's one-step transitions "
+                    "(tests/test_inverse_dynamics.py bounds its error there); how far the student's planned steps "
+                    "are from such transitions is not measured here")
         # Table 3: speed per action
         t = _times(rows, task)
         if "teacher-heun-80" in t and "ractd" in t:

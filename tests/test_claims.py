@@ -137,6 +137,10 @@ def test_a_sigma_zero_ractd_is_not_claimed_to_beat_ctd(tmp_path):
     store.write_episodes(_eps("maze2d-umaze", "ctd", [100.0, 120.0], "m", sigma=0.0))
     (v,) = [x for x in claims.claims(store.episodes(), [], {}) if x["claim"].startswith("2a")]
     assert v["verdict"] == "not measured" and "sigma = 0" in v["evidence"]
+    # the inverse-dynamics tracker far below the PD rule on the same plans does not match it
+    store.write_episodes(_eps("maze2d-umaze", "ractd-invdyn-plan", [-10.0, -12.0], "m", sigma=0.0))
+    (v,) = [x for x in claims.claims(store.episodes(), [], {}) if x["claim"].startswith("7.")]
+    assert v["verdict"] == "does not hold" and "difference -121.0" in v["evidence"]
     # on locomotion a sweep that picks sigma = 0 as its best student says RACTD did not beat CTD
     store.write_episodes(_eps("hopper-medium-replay", "ractd", [10.0, 12.0], "h", sigma=0.0))
     store.write_episodes(_eps("hopper-medium-replay", "ctd", [10.0, 12.0], "h", sigma=0.0))
