@@ -118,10 +118,12 @@ REWARD_AWARE_TEACHER = ("ra-teacher-ctd", "ra-teacher-ractd")  # Tables 4, 10
 
 @dataclasses.dataclass(frozen=True)
 class TaskPlan:
-    """The methods evaluated on one task (METHODS ids, or "sigma-sweep")."""
+    """The methods evaluated on one task (METHODS ids, or "sigma-sweep"); sigmas: this task's reward weights of
+    the sigma sweep (() = the study's)."""
 
     task: str
     methods: tuple[str, ...]
+    sigmas: tuple[float, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,7 +184,8 @@ _MAZE_FULL = CORE + MAZE_SAMPLERS
 # The sweeps the claims study reads (`python tune/search.py --task T <flags>`), one per task: the CPU budget's
 # reward model, a 2000-step teacher (2.2 steps/s at batch 256 on one core), 400-step students at batch 128, no
 # ASHA stopping (every grid point runs to its end) and the sigma grid of Fig. 4 with CTD (sigma = 0) on
-# hopper-medium-replay (the paper's Fig. 4 task); walker2d-medium runs its Table 9 point and CTD only. maze2d:
+# hopper-medium-replay (the paper's Fig. 4 task); walker2d-medium runs its Table 9 point (sigma 0.4, evaluated as
+# its sigma sweep, so that it is evaluated even when the sweep picks CTD) and CTD only. maze2d:
 # the quick budget's teacher with the 32-64-128 U-Net (what the README's first command trains), its Table 9
 # point (= CTD) and one TPE point.
 CLAIMS_SWEEPS: dict[str, str] = {
@@ -224,7 +227,7 @@ STUDIES: dict[str, Study] = {
                     sweep_flags=tuple(CLAIMS_SWEEPS.items()),
                     plans=(TaskPlan("maze2d-umaze", CORE + ("ractd-invdyn", "ractd-invdyn-plan")),
                            TaskPlan("hopper-medium-replay", CORE + MULTISTEP + (SIGMA_SWEEP,)),
-                           TaskPlan("walker2d-medium", CORE))),
+                           TaskPlan("walker2d-medium", CORE + (SIGMA_SWEEP,), sigmas=(0.4,)))),
     # The paper: Tables 1, 2, 11 on every task, Tables 3, 5 and Fig. 4 on hopper-medium-replay, Table 10 on
     # walker2d-medium (GPU cluster).
     "paper": Study(name="paper", budget="paper", data_scale="full", plans=tuple(
@@ -298,6 +301,12 @@ class ModelPlan:
         for src, dst in self.copies:
             if not dst.is_file():
                 copy_checkpoint(src, dst)
+
+
+def task_sigmas(study: Study, task: str) -> tuple[float, ...]:
+    """The reward weights of a task's sigma sweep: its plan's, else the study's."""
+    plan = next((p for p in study.plans if p.task == task), None)
+    return plan.sigmas if plan is not None and plan.sigmas else study.sigmas
 
 
 def study_root(study: Study, task: str) -> Path:
@@ -452,7 +461,7 @@ def plan_models(study: Study, task: str) -> dict[str, ModelPlan]:
                 models[up] = ModelPlan(task, up, up, Path(p), None, source="sweep")
         if "teacher" in models:
             for name, (a, b, s) in [("ctd", (1.0, 1.0, 0.0))] + [(f"sigma-{x:g}", (alpha, beta, float(x)))
-                                                                for x in study.sigmas]:
+                                                                for x in task_sigmas(study, task)]:
                 found = _sweep_trial(study, task, a, b, s)
                 if found is not None:
                     models[name] = ModelPlan(task, name, "student", found, None, source="sweep")
@@ -475,7 +484,7 @@ def plan_models(study: Study, task: str) -> dict[str, ModelPlan]:
         student("ctd", 1.0, 1.0, 0.0, "teacher")
     if "ractd" in needed and "ractd" not in models:
         student("ractd", alpha, beta, sigma, "teacher")
-    for s in study.sigmas:
+    for s in task_sigmas(study, task):
         if f"sigma-{s:g}" in needed and f"sigma-{s:g}" not in models:
             student(f"sigma-{s:g}", alpha, beta, float(s), "teacher")
     if needed & {"ra-teacher-ctd", "ra-teacher-ractd"}:
@@ -520,7 +529,7 @@ def expand_methods(study: Study, task: str) -> list[str]:
         if (m in NEEDS_REWARD and kind == "maze") or (m in MAZE_ONLY and kind != "maze"):
             continue
         if m == SIGMA_SWEEP:
-            out += [sigma_method(s).id for s in study.sigmas]
+            out += [sigma_method(s).id for s in task_sigmas(study, task)]
         else:
             out.append(get_method(m).id)
     return out
