@@ -226,7 +226,7 @@ STUDIES: dict[str, Study] = {
     "claims": Study(name="cpu-claims", budget="cpu", data_scale="small", costly_seeds=10, sigmas=(0.3, 1.5),
                     sweep_flags=tuple(CLAIMS_SWEEPS.items()),
                     plans=(TaskPlan("maze2d-umaze", CORE + ("ractd-invdyn", "ractd-invdyn-plan")),
-                           TaskPlan("hopper-medium-replay", CORE + MULTISTEP + (SIGMA_SWEEP,)),
+                           TaskPlan("hopper-medium-replay", CORE + MULTISTEP + (SIGMA_SWEEP,), sigmas=(0.3, 1.0, 1.5)),
                            TaskPlan("walker2d-medium", CORE + (SIGMA_SWEEP,), sigmas=(0.4,)))),
     # The paper: Tables 1, 2, 11 on every task, Tables 3, 5 and Fig. 4 on hopper-medium-replay, Table 10 on
     # walker2d-medium (GPU cluster).
@@ -657,8 +657,13 @@ def study_jobs(study: Study, max_steps: int = 0) -> tuple[list[EvalJob], list[Mi
                 missing.append(Missing(task, mid, inverse_dynamics_path(study, task),
                                        f"python -m ractd.inverse_dynamics {task} --scale {study.data_scale}"))
             elif model.exists:
-                jobs.append(make_job(task, mid, model.checkpoint, study.name, max_steps, hash_cache=hashes,
-                                     seed_cap=study.costly_seeds if costly else 0))
+                job = make_job(task, mid, model.checkpoint, study.name, max_steps, hash_cache=hashes,
+                               seed_cap=study.costly_seeds if costly else 0)
+                if mid.startswith("ractd-sigma-") and any(j.task == task and j.method == "ractd" and
+                                                          j.checkpoint == job.checkpoint for j in jobs):
+                    log.info("%s: %s is the RACTD checkpoint; its cell is RACTD's", task, mid)
+                    continue  # the same file: Fig. 4 and the tables read it from the RACTD cell
+                jobs.append(job)
             elif task in dict(study.sweep_flags):
                 missing.append(Missing(task, mid, model.checkpoint,
                                        f"python tune/search.py --task {task} {dict(study.sweep_flags)[task]}"))

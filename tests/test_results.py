@@ -273,6 +273,8 @@ def test_claims_study_takes_every_sigma_student_from_the_sweep_and_caps_only_cos
     import dataclasses
     import json
 
+    from pathlib import Path
+
     import pyarrow as pa
 
     from ractd.data.generate_random import random_locomotion_dataset
@@ -309,6 +311,8 @@ def test_claims_study_takes_every_sigma_student_from_the_sweep_and_caps_only_cos
     assert models["sigma-1.5"].source == "study" and models["sigma-1.5"].cfg.teacher_ckpt == str(teacher)
     jobs, missing = study.study_jobs(s)
     caps = {j.method: j.seed_cap for j in jobs if j.task == task}
+    # the plan's sigma 1 is the sweep's best (RACTD) trial: the same file is evaluated once, as RACTD
+    assert study.plan_models(s, task)["sigma-1"].checkpoint == Path(trials[0]["checkpoint"])
     assert caps == {"teacher-heun-80": 10, "ctd": 0, "ractd": 0, "ractd-nfe2": 0, "ractd-nfe3": 0, "ractd-nfe4": 0,
                     "ractd-sigma-0.3": 0}
     assert {j.sigma for j in jobs if j.method in ("ctd", "ractd-sigma-0.3")} == {0.0, 0.3}
