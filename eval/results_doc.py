@@ -6,7 +6,7 @@
 The study it reads is run by (CPU, in this order; the tune/search.py flags are ractd.study.CLAIMS_SWEEPS):
 
     python tune/search.py --task T <CLAIMS_SWEEPS[T]>         for T in hopper-medium-replay, walker2d-medium, maze2d-umaze
-    python eval/reproduce_tables.py --study claims --block-size 10 --actors 2
+    python eval/reproduce_tables.py --study claims --block-size 10 --actors 2 --train-missing
 
 The snapshot (docs/results/: the compacted results store, each sweep's trials and checkpoint curves) is what the
 document is computed from (ractd.claims); a test rebuilds the committed document from it. Bad input: one line on
@@ -36,7 +36,7 @@ def commands() -> list[str]:
     study = STUDIES["claims"]
     lines = [f"python -m ractd.data generate {t} --scale {study.data_scale}" for t in study.tasks]
     lines += [f"python tune/search.py --task {t} {CLAIMS_SWEEPS[t]}" for t in study.tasks]
-    lines += ["python eval/reproduce_tables.py --study claims --block-size 10 --actors 2",
+    lines += ["python eval/reproduce_tables.py --study claims --block-size 10 --actors 2 --train-missing",
               "python eval/results_doc.py"]
     return lines
 
