@@ -201,7 +201,10 @@ def claims(rows: list[dict], rewards: list[dict], sweeps: dict[str, dict]) -> li
         # Fig. 3: R_psi of RACTD's actions against CTD's on the same dataset states
         r = {m: {x["state_index"]: x["reward"] for x in rewards if x["task"] == task and x["method"] == m}
              for m in ("ractd", "ctd", "teacher-heun-80")}
-        if r["ractd"] and r["ctd"]:
+        if r["ractd"] and r["ctd"] and _sigma_of(rows, task, "ractd") == 0:
+            add("3. Reward-aware distillation moves the student's actions to higher R_psi (Fig. 3)", task,
+                "not measured", "the sweep picked sigma = 0 (CTD) as RACTD, so Fig. 3 compares CTD with itself")
+        elif r["ractd"] and r["ctd"]:
             keys = sorted(set(r["ractd"]) & set(r["ctd"]))
             v, m, se = paired([r["ractd"][k] for k in keys], [r["ctd"][k] for k in keys])
             diag = _diag_line(sweeps.get(task, {}))
