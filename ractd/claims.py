@@ -441,8 +441,11 @@ def _train_compute(sweeps: dict[str, dict]) -> list[str]:
         wall = sum(t["trial_time_s"] for t in sweep.get("trials") or []
                    if t.get("trial_time_s") is not None and math.isfinite(t["trial_time_s"]))
         t_shared = f"{shared['train_time_s'] / 60:.1f} min" if "train_time_s" in shared else "(not recorded)"
-        out.append(f"- training of {task}: shared teacher (+ reward model) {t_shared}; {len(trials)} students {sum(trials) / 60:.1f} min of training ({wall / 60:.1f} min of "
-                   "trial wall time with Tune's and Ray Train's start-up)")
+        n_all = len(sweep.get("trials") or [])
+        recorded = "" if len(trials) == n_all else f", recorded for {len(trials)} of them"
+        out.append(f"- training of {task}: shared teacher (+ reward model) {t_shared}; {n_all} students: "
+                   f"{sum(trials) / 60:.1f} min of training{recorded} ({wall / 60:.1f} min of trial wall time with "
+                   "Tune's and Ray Train's start-up)")
     return out
 
 

@@ -110,7 +110,7 @@ def test_document_from_a_synthetic_study_carries_the_stores_numbers(tmp_path):
     c = cell_stats(ractd)
     assert f"RACTD (sigma 1) {c['mean']:.1f} ± {c['se']:.1f} (n=100)" in v[("2a", t)]["evidence"]
     assert "**holds**" in text and "python eval/results_doc.py" in text
-    assert "4.0 min of training" in text  # 2 trials x 120 s
+    assert "2 students: 4.0 min of training (5.0 min" in text  # 2 trials x 120 s
     for name in ("fig3_reward_hist.png", "fig4_sigma.png", "fig4_curves.png", "score_distribution.png"):
         assert (data / "figures" / name).stat().st_size > 1000 and f"results/figures/{name}" in text
     # the curves keep checkpoints only (the step-150 log line is not one)
