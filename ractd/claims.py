@@ -289,10 +289,11 @@ def _times(rows: list[dict], task: str) -> dict[str, tuple[float, int]]:
 
 
 def _diag_line(sweep: dict) -> str:
-    """The RACTD and CTD trials' diagnostics at their best checkpoints, from the sweep's curves."""
+    """The diagnostics of the CTD trial and of the best-scoring sigma > 0 trial at their best checkpoints, from
+    the sweep's curves."""
     curves = sweep.get("curves") or []
     parts = []
-    for label, pick in (("CTD", lambda r: r["sigma"] == 0), ("RACTD", lambda r: r["sigma"] > 0)):
+    for label, pick in (("CTD", lambda r: r["sigma"] == 0), ("the best sigma > 0 trial", lambda r: r["sigma"] > 0)):
         rows = [r for r in curves if pick(r) and math.isfinite(r["select_score"])]
         if not rows:
             continue
