@@ -5,7 +5,7 @@
 
 The study it reads is run by (CPU, in this order; the tune/search.py flags are ractd.study.CLAIMS_SWEEPS):
 
-    python tune/search.py --task T <CLAIMS_SWEEPS[T]>         for T in hopper-medium-replay, walker2d-medium, maze2d-umaze
+    python tune/search.py --task T <CLAIMS_SWEEPS[T]>     # T: hopper-medium-replay, walker2d-medium, maze2d-umaze
     python eval/reproduce_tables.py --study claims --block-size 10 --actors 2 --train-missing
 
 The snapshot (docs/results/: the compacted results store, each sweep's trials and checkpoint curves) is what the
@@ -65,7 +65,8 @@ def machine() -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python eval/results_doc.py", description=__doc__.split("\n\n")[0],
-                                epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+                                epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--store", default="", help="the claims study's results store (default: "
                    "<cache>/results/cpu-claims/store, where eval/reproduce_tables.py --study claims writes)")
     p.add_argument("--data", default=str(REPO / "docs" / "results"), help="snapshot folder (default: docs/results)")

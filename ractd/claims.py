@@ -31,10 +31,10 @@ import numpy as np
 
 from ractd import RactdError
 from ractd.results import TABLES, ResultsStore, cell_stats, fig_reward_hist, fig_score_distribution, fig_sigma
+from ractd.train import DIAG_TERMS
 
 MATCH_MARGIN = 10.0   # normalized points within which a one-step student "matches" its reference
 Z = 2.0               # standard errors at which a difference counts
-DIAG_TERMS = ("at_bound", "out_of_range", "r_student", "r_data", "r_gap")
 CURVE_TERMS = ("select_score", "ctm", "dsm", "reward") + DIAG_TERMS
 
 
@@ -391,7 +391,8 @@ def render(data: Path, write: bool = True) -> str:
              "Parquet files; `tests/test_claims.py` rebuilds this file from them and compares.", "",
              "**Scale.** These are CPU-budget models (small U-Nets; thousands of teacher steps, hundreds of "
              "student steps: each task's settings are in its sweep section below) on datasets generated here with "
-             "D4RL's recipes at `--scale small`, not the paper's 248 M-parameter networks on D4RL's files. A verdict says what these numbers show at this budget; it does not "
+             "D4RL's recipes at `--scale small`, not the paper's 248 M-parameter networks on D4RL's files. "
+             "A verdict says what these numbers show at this budget; it does not "
              "confirm or refute the paper at its scale.", "",
              "## Verdicts", "",
              f"Rules: a difference counts at {Z:g} standard errors of the difference (SE over episodes, "

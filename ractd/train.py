@@ -645,6 +645,10 @@ def _loss_terms(cfg: TrainConfig, model, teacher, reward_model, prep: Prepared, 
     return ctm.ractd_loss(model, teacher, reward_model, x0, cond, state, cfg.distill)  # Eq. (9)
 
 
+# the keys distill_diagnostics reports (besides the loss terms); sweeps and docs/results.md read these
+DIAG_TERMS = ("at_bound", "out_of_range", "r_student", "r_data", "r_gap")
+
+
 @torch.no_grad()
 def distill_diagnostics(cfg: TrainConfig, student: ctm.Student, reward_model, prep: Prepared, device,
                         n: int = 512) -> dict:

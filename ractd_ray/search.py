@@ -39,7 +39,7 @@ from ractd import RactdError
 from ractd.config import from_dict, to_dict
 from ractd.results import PAPER_FIG4_SIGMAS
 from ractd.tasks import SCALES, Task, get_task
-from ractd.train import BUDGETS, TrainConfig
+from ractd.train import BUDGETS, DIAG_TERMS, TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -504,8 +504,6 @@ def _tune_config(scfg: SearchConfig, task: Task, student: TrainConfig):
 
 
 LOSS_TERMS = ("loss", "ctm", "dsm", "reward")
-# ractd.train.distill_diagnostics, taken at the trial's best checkpoint (the student its best.pt holds)
-DIAG_TERMS = ("at_bound", "out_of_range", "r_student", "r_data", "r_gap")
 
 
 def _checkpoint_metrics(trial_dir: Path) -> list[dict]:
@@ -525,7 +523,8 @@ def collect_trials(grid, out_dir: Path, steps: int) -> list[dict]:
 
     select_score: the best checkpoint's score, i.e. the score of the trial's student/best.pt (from the library's
     metrics.jsonl; Tune's reports where that file is not visible); last_score, step and the loss terms: the
-    trial's last checkpoint; best_step and the diagnostics (DIAG_TERMS): its best checkpoint. status: completed (ran all steps), stopped (by ASHA), error, unfinished (the search
+    trial's last checkpoint; best_step and the diagnostics (ractd.train.DIAG_TERMS): its best checkpoint, the
+    student its best.pt holds. status: completed (ran all steps), stopped (by ASHA), error, unfinished (the search
     was interrupted before the trial ended)."""
     rows = []
     for result in grid:
