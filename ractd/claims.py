@@ -151,6 +151,13 @@ def paired(values_a: list[float], values_b: list[float]) -> tuple[str, float, fl
     return ("holds" if m - Z * se > 0 else "does not hold" if m + Z * se < 0 else "inconclusive"), m, se
 
 
+def any_holds(verdicts: list[str]) -> str:
+    """"Some X beats Y" from the verdicts of each X: holds if one holds, does not hold if all do not."""
+    if "holds" in verdicts:
+        return "holds"
+    return "does not hold" if all(v == "does not hold" for v in verdicts) else "inconclusive"
+
+
 def claims(rows: list[dict], rewards: list[dict], sweeps: dict[str, dict]) -> list[dict]:
     """[{claim, task, verdict, evidence}] for the paper's claims (module doc), from stored rows only."""
     cells = _cells(rows)
@@ -191,9 +198,7 @@ def claims(rows: list[dict], rewards: list[dict], sweeps: dict[str, dict]) -> li
                            if (m == "ractd" or m.startswith("ractd-sigma-")) and _sigma_of(rows, task, m) > 0})
         if positive and "ctd" in c:
             each = [(s, m, better(c[m], c["ctd"]), *_diff(c[m], c["ctd"])) for s, m in positive]
-            verdicts = [v for _, _, v, _, _ in each]
-            v = ("holds" if "holds" in verdicts else "does not hold" if all(x == "does not hold" for x in verdicts)
-                 else "inconclusive")
+            v = any_holds([x for _, _, x, _, _ in each])
             diag = _diag_line(sweeps.get(task, {}))
             add("2c. Some reward weight sigma > 0 that the sweep tried beats CTD", task, v,
                 "; ".join(f"sigma {s:g}: {d:+.1f} ± {se:.1f} ({x})" for s, _, x, d, se in each)
@@ -232,9 +237,7 @@ def claims(rows: list[dict], rewards: list[dict], sweeps: dict[str, dict]) -> li
         # Table 5: multi-step sampling
         multi = [(k, c[f"ractd-nfe{k}"]) for k in (2, 3, 4) if f"ractd-nfe{k}" in c]
         if multi and "ractd" in c:
-            verdicts = [better(x, c["ractd"]) for _, x in multi]
-            v = ("holds" if "holds" in verdicts else "does not hold" if all(x == "does not hold" for x in verdicts)
-                 else "inconclusive")
+            v = any_holds([better(x, c["ractd"]) for _, x in multi])
             add("5. Multi-step sampling (2-4 steps) improves on one step (Table 5)", task, v,
                 f"1 step {_fmt(c['ractd'])}; " + "; ".join(f"{k} steps {_fmt(x)}" for k, x in multi))
         # Table 2: maze2d actions from the inverse dynamics model (the paper's Sec. 4.2) against the PD rule

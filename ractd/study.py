@@ -396,25 +396,24 @@ def _sweep(study: Study, task: str) -> dict | None:
     return best
 
 
-def _sweep_trial(study: Study, task: str, alpha: float, beta: float, sigma: float) -> Path | None:
-    """The student/best.pt of the sweep's completed trial at these Eq. (9) weights, or None. CTD is the point
-    alpha = beta = 1, sigma = 0 (for maze2d the Table 9 point, every sweep's first trial); a sweep run with
-    `--sigmas` also holds the sigma study's students (Table 9 alpha, beta). Such a student has the sweep's
-    teacher, reward model, budget and model selection, so it compares like for like with the sweep's RACTD, and
-    it is not trained twice."""
+def _sweep_trials(study: Study, task: str) -> dict[tuple[float, float, float], Path]:
+    """{(alpha, beta, sigma): student/best.pt} of the sweep's completed trials (the first at each weights). CTD
+    is the point alpha = beta = 1, sigma = 0 (for maze2d the Table 9 point, every sweep's first trial); a sweep
+    run with `--sigmas` also holds the sigma study's students (Table 9 alpha, beta). Such a student has the
+    sweep's teacher, reward model, budget and model selection, so it compares like for like with the sweep's
+    RACTD, and it is not trained twice."""
     import pyarrow.parquet as pq
 
     from ractd.paths import sweep_dir
 
     path = sweep_dir(task, study.data_scale) / "trials.parquet"
     if not path.is_file():
-        return None
-    want = (float(alpha), float(beta), float(sigma))
+        return {}
+    out: dict[tuple[float, float, float], Path] = {}
     for r in pq.read_table(path).to_pylist():
-        if (r.get("status") == "completed" and r.get("checkpoint") and Path(r["checkpoint"]).is_file()
-                and (r.get("alpha"), r.get("beta"), r.get("sigma")) == want):
-            return Path(r["checkpoint"])
-    return None
+        if r.get("status") == "completed" and r.get("checkpoint") and Path(r["checkpoint"]).is_file():
+            out.setdefault((r.get("alpha"), r.get("beta"), r.get("sigma")), Path(r["checkpoint"]))
+    return out
 
 
 def ractd_weights(study: Study, task: str) -> tuple[float, float, float, str]:
@@ -460,9 +459,10 @@ def plan_models(study: Study, task: str) -> dict[str, ModelPlan]:
             if p and Path(p).is_file():
                 models[up] = ModelPlan(task, up, up, Path(p), None, source="sweep")
         if "teacher" in models:
+            trials = _sweep_trials(study, task)
             for name, (a, b, s) in [("ctd", (1.0, 1.0, 0.0))] + [(f"sigma-{x:g}", (alpha, beta, float(x)))
                                                                 for x in task_sigmas(study, task)]:
-                found = _sweep_trial(study, task, a, b, s)
+                found = trials.get((float(a), float(b), float(s)))
                 if found is not None:
                     models[name] = ModelPlan(task, name, "student", found, None, source="sweep")
     if "reward" not in models and t.kind == "locomotion":
