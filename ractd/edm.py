@@ -134,8 +134,9 @@ def pseudo_huber(p: torch.Tensor, q: torch.Tensor, c: float | None = None,
                  form: Literal["per_sample", "elementwise"] = "per_sample") -> torch.Tensor:
     """Eq. (4) distance d(p, q), one value per sample: (batch, ...) x2 -> (batch,).
 
-    form="per_sample" (default; the iCT definition the paper describes): sqrt(||p - q||^2 + c^2) - c.
-    form="elementwise" (the released code): mean over elements of sqrt(((p - q)^2)^2 + c^2) - c.
+    form="per_sample" (the iCT definition): sqrt(||p - q||^2 + c^2) - c.
+    form="elementwise" (the released code; the teacher's default, see edm_loss): mean over elements of
+    sqrt(((p - q)^2)^2 + c^2) - c, which is ~ (p - q)^2 once |p - q| >> sqrt(c).
     c defaults to pseudo_huber_c(elements per sample).
     """
     diff = (p - q).flatten(1)
@@ -159,17 +160,59 @@ def edm_weight(sigma: torch.Tensor, sigma_data: float = SIGMA_DATA) -> torch.Ten
     return (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2
 
 
-def edm_loss(denoiser: Denoiser, x0: torch.Tensor, cond: torch.Tensor | None = None,
-             distance: Literal["per_sample", "elementwise"] = "per_sample",
-             p_mean: float = P_MEAN, p_std: float = P_STD) -> torch.Tensor:
-    """Eq. (4): lambda(sigma) d(x_0, D_phi(x_0 + sigma eps, sigma)) with ln sigma ~ N(p_mean, p_std^2).
+Distance = Literal["per_sample", "elementwise"]
+Weighting = Literal["lambda", "sqrt_lambda", "none"]
 
+# The Eq. (4) variants compared by bench/eq4_forms.py, by name: (weighting, distance). The paper writes Eq. (4)
+# without a weight; the released code multiplies lambda(sigma) by its elementwise pseudo-Huber (REFERENCE.md).
+EQ4_FORMS: dict[str, tuple[str, str]] = {
+    "released": ("lambda", "elementwise"),         # lambda x elementwise: ~ lambda ||D - x0||^2, uniform on F
+    "lambda_per_sample": ("lambda", "per_sample"),  # lambda x per-sample: gradient on F ~ lambda c_out ~ 1/sigma
+    "sqrt_lambda_per_sample": ("sqrt_lambda", "per_sample"),  # ~ sqrt(lambda) ||D - x0||: ~ ||F - F*||
+    "paper": ("none", "per_sample"),                # Eq. (4) as printed: d(x0, D) with no weight
+}
+
+
+def loss_weight(sigma: torch.Tensor, weighting: Weighting = "lambda", sigma_data: float = SIGMA_DATA) -> torch.Tensor:
+    """The weight of Eq. (4) / Eq. (7) per sample: lambda(sigma), sqrt(lambda(sigma)) or 1."""
+    if weighting == "lambda":
+        return edm_weight(sigma, sigma_data)
+    if weighting == "sqrt_lambda":
+        return edm_weight(sigma, sigma_data).sqrt()
+    if weighting == "none":
+        return torch.ones_like(sigma)
+    raise ValueError(f"unknown loss weighting {weighting!r}; expected 'lambda', 'sqrt_lambda' or 'none'")
+
+
+def edm_loss(denoiser: Denoiser, x0: torch.Tensor, cond: torch.Tensor | None = None,
+             distance: Distance = "elementwise", weighting: Weighting = "lambda",
+             p_mean: float = P_MEAN, p_std: float = P_STD, sigma_max: float = SIGMA_MAX) -> torch.Tensor:
+    """Eq. (4): w(sigma) d(x_0, D_phi(x_0 + sigma eps, sigma)) with ln sigma ~ N(p_mean, p_std^2), sigma clamped
+    to [sigma_min, sigma_max] (below sigma_min the boundary scalings' c_out is negative).
+
+    Default: the released code's form, lambda(sigma) times the elementwise pseudo-Huber, which behaves like
+    lambda ||D - x0||^2 and so weighs the network output F uniformly over sigma (EDM's design). Chosen by
+    measurement (bench/eq4_forms.py, README "Eq. (4)"): the per-sample form under lambda puts a gradient
+    ~ 1/sigma on F, most of it at sigma < 0.1, and its teachers scored lower and varied across training seeds.
     x0: (batch, horizon, dim) clean normalized data. Returns the per-sample loss, (batch,).
     """
     sigma = sample_sigma_lognormal(x0.shape[0], p_mean, p_std, device=x0.device).to(x0.dtype)
+    sigma = sigma.clamp(denoiser.sigma_min, sigma_max)
     x_sigma = x0 + append_dims(sigma, x0.ndim) * torch.randn_like(x0)
     D_x = denoiser(x_sigma, sigma, cond)
-    return edm_weight(sigma, denoiser.sigma_data) * pseudo_huber(D_x, x0, form=distance)  # Eq. (4)
+    return loss_weight(sigma, weighting, denoiser.sigma_data) * pseudo_huber(D_x, x0, form=distance)  # Eq. (4)
+
+
+@torch.no_grad()
+def denoising_error(denoiser: Denoiser, x0: torch.Tensor, cond: torch.Tensor | None, sigma: torch.Tensor,
+                    generator: torch.Generator | None = None) -> torch.Tensor:
+    """Mean squared error per element of D(x0 + sigma eps, sigma) against x0, one value per sample: (batch,).
+
+    A yardstick independent of the loss form (held-out data, fixed sigma), for comparing Eq. (4) variants.
+    """
+    eps = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
+    sigma = _as_batch(sigma, x0)
+    return (denoiser(x0 + append_dims(sigma, x0.ndim) * eps, sigma, cond) - x0).pow(2).flatten(1).mean(1)
 
 
 # ---------------------------------------------------------------------------------------------- samplers

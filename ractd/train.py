@@ -68,7 +68,10 @@ class TrainConfig:
     reward_bounded: tanh-bounded reward model output.
     val_fraction: reward model validation split (model selection by validation loss).
     scalings: preconditioning, boundary | edm (the student always uses its teacher's).
-    distance: Eq. (4) pseudo-Huber form: per_sample | elementwise.
+    distance: Eq. (4) pseudo-Huber form: elementwise (released code; default) | per_sample (iCT).
+    weighting: Eq. (4) weight: lambda (EDM's lambda(sigma), released code; default) | sqrt_lambda | none (the
+        paper's Eq. (4) as printed). The default pair (lambda, elementwise) was chosen by measurement
+        (bench/eq4_forms.py; edm.edm_loss says why).
     distill: Eq. (5)-(9) options; alpha/beta/sigma < 0 mean "the task's Table 9 value".
     teacher_ckpt: teacher checkpoint to distill from ("" = <run_dir>/teacher/best.pt).
     reward_ckpt: reward model checkpoint ("" = <run_dir>/reward/best.pt).
@@ -101,7 +104,8 @@ class TrainConfig:
     reward_bounded: bool = True
     val_fraction: float = 0.05
     scalings: Literal["boundary", "edm"] = "boundary"
-    distance: Literal["per_sample", "elementwise"] = "per_sample"
+    distance: Literal["per_sample", "elementwise"] = "elementwise"
+    weighting: Literal["lambda", "sqrt_lambda", "none"] = "lambda"
     distill: ctm.DistillConfig = ctm.DistillConfig(alpha=-1.0, beta=-1.0, sigma=-1.0)
     teacher_ckpt: str = ""
     reward_ckpt: str = ""
@@ -149,7 +153,8 @@ class TrainConfig:
         if self.source not in ("auto", "d4rl", "local", "minari"):
             bad("source", self.source, "expected one of auto, d4rl, local, minari")
         for name, allowed in (("rtg", ("paper", "code")), ("scalings", ("boundary", "edm")),
-                              ("distance", ("per_sample", "elementwise"))):
+                              ("distance", ("per_sample", "elementwise")),
+                              ("weighting", ("lambda", "sqrt_lambda", "none"))):
             if getattr(self, name) not in allowed:
                 bad(name, getattr(self, name), f"expected one of {', '.join(allowed)}")
         if not self.reward_hidden or any(not isinstance(h, int) or h < 1 for h in self.reward_hidden):
@@ -309,8 +314,9 @@ def dataset_fingerprint(data: dict) -> str:
     return h.hexdigest()[:16]
 
 
-def prepare(cfg: TrainConfig, data: dict | None = None) -> Prepared:
-    """Load the dataset (unless given), build windows, fit normalizers to [-1, 1], normalize."""
+def prepare(cfg: TrainConfig, data: dict | None = None, norms: dict | None = None) -> Prepared:
+    """Load the dataset (unless given), build windows, fit normalizers to [-1, 1] (unless `norms`, e.g. a
+    checkpoint's, are given: held-out data in a trained model's coordinates), normalize."""
     from ractd.data.d4rl import load_dataset
     from ractd.data.windows import Normalizer, locomotion_windows, maze_windows, rtg_settings
 
@@ -322,15 +328,15 @@ def prepare(cfg: TrainConfig, data: dict | None = None) -> Prepared:
         gamma, penalty = rtg_settings(task, paper=cfg.rtg == "paper")
         w = locomotion_windows(data, horizon=task.horizon, obs_history=cfg.obs_history, gamma=gamma,
                                termination_penalty=penalty)
-        norm = {"obs": Normalizer.fit(data["observations"]), "action": Normalizer.fit(data["actions"]),
-                "rtg": Normalizer.fit(w["rtg"][:, None])}
+        norm = norms or {"obs": Normalizer.fit(data["observations"]), "action": Normalizer.fit(data["actions"]),
+                         "rtg": Normalizer.fit(w["rtg"][:, None])}
         x = norm["action"].normalize(w["actions"]).astype(np.float32)
         obs = norm["obs"].normalize(w["obs"]).astype(np.float32)
         return Prepared(task, x, obs.reshape(len(obs), -1), norm,
                         state=norm["obs"].normalize(w["first_obs"]).astype(np.float32),
                         action=norm["action"].normalize(w["first_action"]).astype(np.float32),
                         rtg=norm["rtg"].normalize(w["rtg"][:, None])[:, 0].astype(np.float32), fingerprint=fp)
-    norm = {"obs": Normalizer.fit(data["observations"])}
+    norm = norms or {"obs": Normalizer.fit(data["observations"])}
     observations = norm["obs"].normalize(np.asarray(data["observations"], np.float32)).astype(np.float32)
     w = maze_windows({**data, "observations": observations}, horizon=task.horizon,
                      goal_xy=_normalized_goal(norm["obs"], data))
@@ -628,7 +634,7 @@ def _loss_terms(cfg: TrainConfig, model, teacher, reward_model, prep: Prepared, 
     cond = _to_torch(prep.cond, idx, device)
     x0 = _to_torch(prep.x, idx, device)
     if cfg.stage == "teacher":
-        loss = edm.edm_loss(model, x0, cond, distance=cfg.distance).mean()  # Eq. (4)
+        loss = edm.edm_loss(model, x0, cond, distance=cfg.distance, weighting=cfg.weighting).mean()  # Eq. (4)
         out = {"edm": loss.detach()}
         if cfg.reward_aware_teacher > 0:  # ablation: reward-aware teacher (Tables 4 and 10)
             sigma = torch.full((x0.shape[0],), edm.SIGMA_MAX, device=device)

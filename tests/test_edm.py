@@ -85,6 +85,42 @@ def test_eq4_weight_and_lognormal_sigma():
     np.testing.assert_allclose(ln.std().item(), 1.2, atol=0.01)
 
 
+def test_eq4_forms_weight_the_network_output_as_documented():
+    """With D - x0 = c_out(sigma) delta (the network output F off by delta), lambda x elementwise is
+    ~ lambda c_out^2 delta^2 = delta^2 at every sigma (EDM scalings; while |D - x0| >> sqrt(c)): a uniform
+    weight on F. lambda x per-sample is ~ lambda c_out ||delta||, which grows like 1/sigma for sigma << sigma_d;
+    sqrt(lambda) x per-sample is ~ ||delta|| (uniform)."""
+    sigma = torch.tensor([0.01, 0.04, 0.2, 1.0, 5.0, 40.0], dtype=torch.float64)
+    x0 = torch.zeros(6, 16, 4, dtype=torch.float64)
+    _, c_out, _ = edm.edm_scalings(sigma)
+
+    def value(form, delta):
+        D = x0 + edm.append_dims(c_out, 3) * delta
+        weighting, distance = edm.EQ4_FORMS[form]
+        return (edm.loss_weight(sigma, weighting) * edm.pseudo_huber(D, x0, form=distance)).numpy()
+
+    np.testing.assert_allclose(value("released", 20.0)[1:], 400.0, rtol=0.02)
+    per_sample = value("lambda_per_sample", 1.0)
+    np.testing.assert_allclose(per_sample[0] / per_sample[1], 4.0, rtol=0.05)  # ~ 1/sigma at small sigma
+    assert per_sample[0] / per_sample[-1] > 20
+    sqrt_l = value("sqrt_lambda_per_sample", 1.0)
+    np.testing.assert_allclose(sqrt_l[1:], 8.0, rtol=0.02)  # sqrt(lambda) c_out ||delta|| = ||delta|| = 8
+    np.testing.assert_allclose(value("paper", 1.0), 8.0 * c_out.numpy(), atol=0.01)  # no weight: ~ c_out
+    with pytest.raises(ValueError, match="weighting"):
+        edm.loss_weight(sigma, "bogus")
+
+
+def test_eq4_clamps_sigma_to_sigma_min():
+    """ln sigma ~ N(p_mean, 0): a p_mean below sigma_min is clamped to sigma_min, where the boundary denoiser is
+    the identity (c_out = 0): no gradient. Unclamped, c_out < 0 and the net is trained on a sign-flipped target."""
+    den = edm.Denoiser(RandomNet())
+    x0 = torch.randn(10, 4, 3)
+    loss = edm.edm_loss(den, x0, p_mean=math.log(0.005), p_std=0.0)
+    assert torch.isfinite(loss).all()
+    loss.mean().backward()
+    np.testing.assert_allclose(den.net.lin.weight.grad.abs().sum().item(), 0.0, atol=1e-12)
+
+
 def test_eq4_loss_is_per_sample_positive_and_trains_the_net():
     den = edm.Denoiser(RandomNet())
     x0 = torch.randn(10, 4, 3)
