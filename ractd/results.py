@@ -478,7 +478,8 @@ def table2(rows: list[dict]) -> Table:
             if eps is None and mid.startswith("ractd-invdyn"):
                 continue
             text, nums = _score_cell(eps, absent=NOT_MEASURED if mid in _OPTIONAL else "missing")
-            ttext, tnums = _time_cell(eps, "maze") if mid != "data" else ("—", {})
+            ttext, tnums = _time_cell(eps, "maze") if eps and mid != "data" else ("—" if mid in _OPTIONAL else
+                                                                                  "missing", {})
             nfe = eps[0]["nfe"] if eps and mid != "data" else "—"
             pv = paper_value("table2", paper_label, task) if paper_label else None
             pt = paper_value("table2_time", paper_label, task) if paper_label else None
@@ -508,7 +509,8 @@ def table3(rows: list[dict]) -> Table:
         for mid, label in TABLE3_METHODS:
             eps = g.get((task, mid))
             text, nums = _score_cell(eps, absent=NOT_MEASURED if mid in _OPTIONAL else "missing")
-            ttext, tnums = _time_cell(eps, "locomotion") if mid != "data" else ("—", {})
+            ttext, tnums = _time_cell(eps, "locomotion") if eps and mid != "data" else (
+                "—" if mid in _OPTIONAL else "missing", {})
             nfe = eps[0]["nfe"] if eps and mid != "data" else "—"
             pv, pt = paper_value("table3", label, task), paper_value("table3_time", label, task)
             md.append([task, label, ttext, nfe, text, pt[0] if pt else "—", pt[1] if pt else "—", fmt_paper(pv)])
@@ -561,7 +563,7 @@ def table5(rows: list[dict]) -> Table:
         for mid, label in BASELINES:
             eps = g.get((task, mid))
             text, nums = _score_cell(eps, absent=NOT_MEASURED)
-            ttext, tnums = _time_cell(eps, _kind(task)) if mid != "data" else ("—", {})
+            ttext, tnums = _time_cell(eps, _kind(task)) if eps and mid != "data" else ("—", {})
             md.append([task, label, ttext, text, "—", "—"])
             csv_rows.append({"task": task, "method": mid, "nfe": eps[0]["nfe"] if eps and mid != "data" else None,
                              **tnums, **nums})

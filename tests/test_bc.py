@@ -106,3 +106,26 @@ def test_maze_bc_is_conditioned_on_state_and_goal_as_trained(tmp_path):
     prep2 = prepare_bc(get_task("maze2d-umaze"), data)
     want = prep2.normalizers["obs"].normalize(np.concatenate([obs[[31, 63], :2], np.zeros((2, 2), np.float32)], 1))
     np.testing.assert_allclose(prep2.cond[[0, 40], 4:], want, atol=1e-6)
+
+
+def test_the_pool_ships_a_bc_checkpoint_as_the_driver_slims_it(tmp_path):
+    """The Ray pool's actors build their policy from the bytes the driver puts in the object store
+    (ractd_ray.pool.slim_checkpoint_bytes): for BC (no EMA) those are the trained weights."""
+    pytest.importorskip("ray")
+    from ractd.study import load_policy, make_job
+    from ractd_ray.pool import slim_checkpoint_bytes
+
+    data, w = _linear_data(n=512)
+    cfg = TrainConfig.for_stage("bc", "quick", task="hopper-medium-replay", run_dir=str(tmp_path), steps=30,
+                                ckpt_every=30)
+    best = train(cfg, RunContext(progress=False), data=data)["best"]
+    job = make_job("hopper-medium-replay", "bc", best, "test")
+    assert (job.sampler, job.nfe) == ("bc", 1)
+    slim = tmp_path / "slim.pt"
+    slim.write_bytes(slim_checkpoint_bytes(best))
+    states = np.random.default_rng(2).uniform(-1, 1, (8, 11)).astype(np.float32)
+    acts = []
+    for policy in (load_policy(job), load_policy(job, slim)):
+        policy.reset(8)
+        acts.append(policy.act(states, [torch.Generator()] * 8))
+    np.testing.assert_array_equal(acts[0], acts[1])
