@@ -77,8 +77,11 @@ class TrainConfig:
         action added to Eq. (4) while training the teacher.
     select_seeds: online model selection of the student, as the paper does: at every checkpoint roll the one-step
         student out on this many seeds (10000, 10001, ...: disjoint from the evaluation seeds); best.pt keeps the
-        highest mean normalized score. 0 = select by training loss (reward model: by validation loss).
-    select_max_steps: env steps of each model-selection rollout.
+        highest mean normalized score. 0 = select by training loss (reward model: by validation loss). 10 by
+        default: fewer seeds rank checkpoints by noise (a one-step student's episode scores spread by tens of
+        points), so best.pt would not be the checkpoint the 100-seed table ranks first.
+    select_max_steps: env steps of each model-selection rollout; 0 = the task's full episode length, the
+        episodes the tables report (a 300-step hopper episode does not rank 1000-step behaviour).
     bc_hidden: behavior cloning MLP widths (CORL: 2 x 256, ReLU).
     """
 
@@ -108,8 +111,8 @@ class TrainConfig:
     teacher_ckpt: str = ""
     reward_ckpt: str = ""
     reward_aware_teacher: float = 0.0
-    select_seeds: int = 0
-    select_max_steps: int = 300
+    select_seeds: int = 10
+    select_max_steps: int = 0
     bc_hidden: tuple[int, ...] = (256, 256)
 
     @classmethod
@@ -133,10 +136,10 @@ class TrainConfig:
         get_task(self.task)
         if self.stage not in STAGES:
             bad("stage", self.stage, f"expected one of {', '.join(STAGES)}")
-        for name in ("steps", "batch", "ckpt_every", "report_every", "select_max_steps", "obs_history"):
+        for name in ("steps", "batch", "ckpt_every", "report_every", "obs_history"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 bad(name, getattr(self, name), "must be a positive integer")
-        for name in ("warmup", "select_seeds", "seed"):
+        for name in ("warmup", "select_seeds", "select_max_steps", "seed"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 bad(name, getattr(self, name), "must be a non-negative integer")
         if not (math.isfinite(self.lr) and self.lr > 0):
@@ -216,7 +219,8 @@ BUDGETS: dict[str, dict[str, dict]] = {
         "reward": dict(steps=500, batch=256, lr=3e-4),
         "teacher": dict(steps=1200, batch=64, lr=3e-4),
         "ddpm": dict(steps=1200, batch=64, lr=3e-4),
-        "student": dict(steps=150, batch=64, lr=1e-4),
+        # 2 selection seeds: the quick budget is a smoke run (one or two checkpoints), not a ranking
+        "student": dict(steps=150, batch=64, lr=1e-4, select_seeds=2),
         "bc": dict(steps=3000, batch=256, lr=3e-4, warmup=0, ckpt_every=1000),
     },
     "paper": {
@@ -764,10 +768,12 @@ def _quick_eval(cfg: TrainConfig, student: ctm.Student, prep: Prepared, ctx: Run
             sampler = student_sampler(student, prep.shape_tail, n_steps=1, init_scaled=cfg.distill.init_scaled)
             if prep.task.kind == "locomotion":
                 policy = LocomotionPolicy(sampler, prep.normalizers["obs"], prep.normalizers["action"], cfg.obs_history)
-                records = rollout_locomotion(prep.task, policy, seeds, max_steps=cfg.select_max_steps, progress=False)
+                records = rollout_locomotion(prep.task, policy, seeds, max_steps=cfg.select_max_steps or None,
+                                             progress=False)
             else:
                 planner = MazePlanner(sampler, prep.normalizers["obs"], prep.shape_tail[0])
-                records = rollout_maze(prep.task, planner, seeds, max_steps=cfg.select_max_steps, progress=False)
+                records = rollout_maze(prep.task, planner, seeds, max_steps=cfg.select_max_steps or None,
+                                       progress=False)
             scores = [r["normalized_score"] for r in records]
     finally:
         student.train(was_training)

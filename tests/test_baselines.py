@@ -103,3 +103,29 @@ def test_every_table_shows_bc_data_and_final_rows_or_says_not_measured(tmp_path)
     t2 = results.table2(rows)
     assert {"ractd-final", "ctd-final"} <= {r["method"] for r in t2.rows}
     assert "RACTD (PD tracker), selected checkpoint" in t2.markdown
+
+
+def test_model_selection_defaults_rank_full_episodes_on_ten_seeds(monkeypatch):
+    """TrainConfig is the one source of the selection defaults (the sweep takes them), and 0 steps means the
+    task's full episode: the selection rollout gets no cap."""
+    from ractd.data.windows import Normalizer
+    from ractd.train import Prepared, TrainConfig, _quick_eval, build_student
+
+    assert TrainConfig.select_seeds >= 10 and TrainConfig.select_max_steps == 0
+    assert TrainConfig.for_stage("student", "cpu").select_seeds >= 10
+    search = pytest.importorskip("ractd_ray.search")
+    stu = search.SearchConfig(task="maze2d-umaze").stage_config("student")
+    assert (stu.select_seeds, stu.select_max_steps) == (TrainConfig.select_seeds, 0)
+    seen = {}
+
+    def fake_rollout(task, planner, seeds, max_steps=None, progress=True):
+        seen.update(seeds=list(seeds), max_steps=max_steps)
+        return [{"normalized_score": float(s)} for s in seeds]
+
+    monkeypatch.setattr("ractd.rollout.rollout_maze", fake_rollout)
+    cfg = TrainConfig(task="maze2d-umaze", stage="student", preset="tiny").resolved()
+    prep = Prepared(get_task("maze2d-umaze"), np.zeros((1, 128, 4), np.float32), np.zeros((1, 8), np.float32),
+                    {"obs": Normalizer(np.zeros(4), np.ones(4))})
+    score = _quick_eval(cfg, build_student(cfg, prep), prep)
+    assert seen["max_steps"] is None and seen["seeds"] == list(range(10_000, 10_010))
+    assert score == pytest.approx(np.mean(range(10_000, 10_010)))

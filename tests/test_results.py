@@ -300,7 +300,7 @@ def test_claims_study_takes_every_sigma_student_from_the_sweep_and_caps_only_cos
     for i, (sigma, status) in enumerate([(1.0, "completed"), (0.0, "completed"), (0.3, "completed"),
                                          (1.5, "stopped")]):
         cfg = TrainConfig(stage="student", run_dir=str(tmp_path / f"trial{i}"), teacher_ckpt=str(teacher),
-                          reward_ckpt=str(reward), **tiny)
+                          reward_ckpt=str(reward), select_seeds=0, **tiny)
         cfg = dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, alpha=1.0, beta=1.0, sigma=sigma))
         ckpt = train(cfg, RunContext(progress=False))["best"]
         trials.append({"trial_id": str(i), "alpha": 1.0, "beta": 1.0, "sigma": sigma, "status": status,
