@@ -219,7 +219,9 @@ class SearchConfig:
 # 32-64-128 U-Net (preset "small-maze", about a quarter of the CPU preset's compute), 3 trials, 2 objective
 # rollouts per checkpoint; maze2d's 128-state plans cost about 8x a 16-action locomotion chunk per sample, so
 # its teacher and students train shorter, its students on half the batch.
-QUICK = dict(budget="quick", scale="tiny", preset="small-maze", num_samples=3, select_seeds=2)
+# select_max_steps 300: the quick sweep is a smoke run whose time the README quotes; its 2 short objective rollouts
+# rank nothing (the default, full-length episodes on 10 seeds, is SearchConfig's, from TrainConfig)
+QUICK = dict(budget="quick", scale="tiny", preset="small-maze", num_samples=3, select_seeds=2, select_max_steps=300)
 QUICK_MAZE = dict(teacher_steps=500, steps=100, batch=32)
 
 
