@@ -7,7 +7,8 @@
 Steps: (1) the study (ractd.study) lists its cells and the checkpoint each needs; missing checkpoints are
 trained (--train-missing; Ray Train when --address names a cluster, else in this process) or their
 `python -m ractd ...` commands are printed and the cells marked missing; (2) the actor pool (ractd_ray.pool)
-rolls out every (cell, seed) not yet in the store, block by block; (3) Fig. 3's reward samples; (4) tables
+rolls out every (cell, seed) not yet in the store, block by block; (3) Fig. 3's reward samples and the data-level
+rows (ractd.study.baseline_rows); (4) tables
 (Markdown + CSV) and figures (PNG) from the store (ractd.results), printed and written under --out.
 Rerunning resumes: stored episodes are never rerun. Bad input: one line on stderr, exit status 2.
 """
@@ -102,7 +103,8 @@ def _trainer(args):
 def run(args) -> dict:
     from ractd.paths import cache_dir
     from ractd.results import ResultsStore, build_figures, build_tables
-    from ractd.study import ensure_models, evaluate_serial, get_study, reward_rows, study_jobs, summary_lines
+    from ractd.study import (baseline_rows, ensure_models, evaluate_serial, get_study, reward_rows, study_jobs,
+                             summary_lines)
 
     study = get_study(args.study, tasks=args.tasks, seeds=args.seeds, train_missing=args.train_missing)
     if args.threads is not None:
@@ -139,6 +141,7 @@ def run(args) -> dict:
         summary = evaluate(jobs, seeds, store, cfg, progress=not args.quiet)
     print(f"episodes run: {summary['episodes_run']} (already stored episodes are not rerun)")
     reward_rows(study, store)
+    baseline_rows(study, store)  # the data's own level (and the behavior policy's record), no rollouts
     tables = build_tables(store, out)
     figures = build_figures(store, out / "figures")
     for t in tables:

@@ -251,6 +251,25 @@ def claims(rows: list[dict], rewards: list[dict], sweeps: dict[str, dict]) -> li
                     f"{d:+.1f} ± {se:.1f}. The model is fitted on the dataset's one-step transitions "
                     "(tests/test_inverse_dynamics.py bounds its error there); how far the student's planned steps "
                     "are from such transitions is not measured here")
+        # the baselines: BC trained on the same data, and the data's own level (ractd.data.level)
+        for ref, claim in BASELINE_CLAIMS:
+            models = [m for m in DIFFUSION_MODELS if m in c]
+            if not models:
+                continue
+            if ref not in c:
+                add(claim, task, "not measured",
+                    f"the store has no {ref} cell ({BASELINE_LABEL[ref]}; the baseline rows came after this study's "
+                    "evaluation; eval/reproduce_tables.py --study claims adds them)")
+                continue
+            each = [(m, better(c[m], c[ref]), *_diff(c[m], c[ref])) for m in models]
+            verdicts = [x for _, x, _, _ in each]
+            v = "does not hold" if "does not hold" in verdicts else "holds" if all(
+                x == "holds" for x in verdicts) else "inconclusive"
+            add(claim, task, v, f"{BASELINE_LABEL[ref]} {_fmt(c[ref])}; " + "; ".join(
+                f"{MODEL_LABEL[m]} {d:+.1f} ± {se:.1f} ({'**below**' if x == 'does not hold' else x})"
+                for m, x, d, se in each))
+            out[-1]["below"] = [(MODEL_LABEL[m], BASELINE_LABEL[ref], d, se) for m, x, d, se in each
+                                if x == "does not hold"]
         # Table 3: speed per action
         t = _times(rows, task)
         if "teacher-heun-80" in t and "ractd" in t:
@@ -263,6 +282,20 @@ def claims(rows: list[dict], rewards: list[dict], sweeps: dict[str, dict]) -> li
                 f"teacher {tt * 1e3:.1f} ms vs student {ts * 1e3:.2f} ms per batched policy call (batch {bt} vs "
                 f"{bs}): {ratio:.0f}x for {nfe:g}x the NFE (rule: at least half the NFE ratio, at equal batch)")
     return sorted(out, key=lambda v: (v["claim"].split(".")[0], v["task"]))
+
+
+# the diffusion teacher and the one-step students (selected checkpoints) compared with each baseline
+DIFFUSION_MODELS = ("teacher-heun-80", "ctd", "ractd")
+MODEL_LABEL = {"teacher-heun-80": "teacher Heun-80", "ctd": "CTD", "ractd": "RACTD"}
+BASELINE_LABEL = {"bc": "BC", "data": "the data's own level"}
+BASELINE_CLAIMS = (("bc", "8a. The diffusion teacher and the one-step students score above behavior cloning (BC)"),
+                   ("data", "8b. The diffusion teacher and the one-step students score above the data's own level"))
+
+
+def findings(verdicts: list[dict]) -> list[str]:
+    """One sentence per model that scores below BC or below the data (claims 8a/8b at Z standard errors)."""
+    return [f"- {v['task']}: {model} scores below {ref} by {-d:.1f} ± {se:.1f} normalized points."
+            for v in verdicts for model, ref, d, se in v.get("below", [])]
 
 
 def _kind(task: str) -> str:
@@ -409,6 +442,13 @@ def render(data: Path, write: bool = True) -> str:
                               disable_numparse=True))
     else:
         lines.append("(no evaluated cells in the store yet)")
+    found = findings(verdicts)
+    measured = [v for v in verdicts if v["claim"].startswith(("8a.", "8b.")) and v["verdict"] != "not measured"]
+    lines += ["", "**Baselines.** " + (
+        "Models that score below a baseline (claims 8a, 8b, at 2 standard errors):" if found else
+        "No teacher or student scores below BC or the data's own level where they are measured (claims 8a, 8b)."
+        if measured else "BC and the data's own level are not measured in this snapshot (claims 8a, 8b).")]
+    lines += [""] + found if found else []
     lines += ["", "Not measured in this study: the reward-aware teacher (Tables 4, 10) and the DDPM/DDIM "
               "baselines (Tables 3, 11) need a second diffusion model per task, which did not fit the budget; "
               "`python eval/reproduce_tables.py --study default` plans them.", ""]

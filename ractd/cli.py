@@ -1,4 +1,4 @@
-"""python -m ractd train-reward | train-teacher | train-ddpm | distill | evaluate | pipeline | export --task T ...
+"""python -m ractd train-reward | train-teacher | train-ddpm | distill | train-bc | evaluate | pipeline | export --task T
 
 Every flag of the training and evaluation commands is generated from the config dataclasses
 (ractd.train.TrainConfig with its ractd.ctm.DistillConfig, ractd.evaluate.EvalConfig), so a default cannot drift
@@ -22,10 +22,12 @@ log = logging.getLogger("ractd")
 TRAIN_COMMANDS = {"train-reward": ("reward", "train the return-to-go model R_psi"),
                   "train-teacher": ("teacher", "train the EDM teacher (Eq. 4)"),
                   "train-ddpm": ("ddpm", "train the DDPM baseline (Tables 3, 11)"),
-                  "distill": ("student", "distill the CTM student with Eq. (5)-(9)")}
+                  "distill": ("student", "distill the CTM student with Eq. (5)-(9)"),
+                  "train-bc": ("bc", "train the behavior cloning baseline (CORL's BC: 2 x 256 MLP, MSE)")}
 # fields a stage does not use are not offered on its command line
 STAGE_ONLY = {"distill": {"student"}, "teacher_ckpt": {"student"}, "reward_ckpt": {"student", "teacher"},
-              "select_seeds": {"student"}, "select_max_steps": {"student"}, "reward_aware_teacher": {"teacher"}}
+              "select_seeds": {"student"}, "select_max_steps": {"student"}, "reward_aware_teacher": {"teacher"},
+              "bc_hidden": {"bc"}}
 ALIASES = {"reward_aware_teacher": ["--reward-aware"]}
 PIPELINE_FIELDS = ("task", "run_dir", "source", "scale", "seed", "preset")
 
@@ -126,11 +128,14 @@ def train_config(args, stage: str):
     from ractd.config import replace_from_args
     from ractd.train import TrainConfig
 
+    from ractd.train import BUDGETS
+
     budget = "paper" if getattr(args, "paper", False) else "quick" if getattr(args, "quick", False) else "cpu"
     cfg = TrainConfig.for_stage(stage, budget, task=args.task)
     cfg = replace_from_args(cfg, args, [d for d in args.dests if d != "task"])
-    if not hasattr(args, "ckpt_every"):
-        cfg = dataclasses.replace(cfg, ckpt_every=min(TrainConfig.ckpt_every, cfg.steps))
+    if not hasattr(args, "ckpt_every"):  # the budget's cadence, capped by the steps given
+        every = BUDGETS[budget][stage].get("ckpt_every", TrainConfig.ckpt_every)
+        cfg = dataclasses.replace(cfg, ckpt_every=min(every, cfg.steps))
     return cfg
 
 

@@ -22,7 +22,8 @@ class EvalConfig:
     """Evaluation of one checkpoint (`python -m ractd evaluate`; the flags are generated from these fields).
 
     task: registry name. run_dir: run folder ("" = <cache>/runs/<task>).
-    sampler: student | heun | euler | ddpm | ddim.
+    sampler: student | heun | euler | ddpm | ddim | bc (the behavior cloning baseline: closed loop; maze2d:
+        conditioned on (state, evaluation goal) at every step, ractd.policy.BCGoalPolicy).
     checkpoint: checkpoint file ("" = <run_dir>/<stage>/best.pt of the sampler's stage).
     nfe: student steps (1-4) / DDPM or DDIM steps / Heun or Euler bins (0 = the sampler's default).
     seeds: number of seeds (episodes), rolled out batched.
@@ -43,7 +44,7 @@ class EvalConfig:
 
     task: str = "hopper-medium-replay"
     run_dir: str = ""
-    sampler: Literal["student", "heun", "euler", "ddpm", "ddim"] = "student"
+    sampler: Literal["student", "heun", "euler", "ddpm", "ddim", "bc"] = "student"
     checkpoint: str = ""
     nfe: int = 0
     seeds: int = 10
@@ -81,8 +82,9 @@ class EvalConfig:
             inverse_dynamics=self.inverse_dynamics)
 
 
-SAMPLER_STAGE = {"student": "student", "heun": "teacher", "euler": "teacher", "ddpm": "ddpm", "ddim": "ddpm"}
-DEFAULT_NFE = {"student": 1, "heun": 80, "euler": 80, "ddpm": 100, "ddim": 10}
+SAMPLER_STAGE = {"student": "student", "heun": "teacher", "euler": "teacher", "ddpm": "ddpm", "ddim": "ddpm",
+                 "bc": "bc"}
+DEFAULT_NFE = {"student": 1, "heun": 80, "euler": 80, "ddpm": 100, "ddim": 10, "bc": 1}
 
 
 def _sampler_opts(sampler: str, nfe: int, init_scaled: bool) -> dict:
@@ -114,6 +116,13 @@ def policy_from_checkpoint(checkpoint: str | Path, sampler: str = "student", nfe
     if cfg.stage != SAMPLER_STAGE[sampler]:
         raise RactdError(f"sampler {sampler!r} needs a {SAMPLER_STAGE[sampler]} checkpoint; {checkpoint} is a {cfg.stage}")
     task = get_task(cfg.task)
+    norms = {k: Normalizer.from_state_dict(v) for k, v in ck["normalizers"].items()}
+    if sampler == "bc":  # a deterministic MLP: no sampler, no U-Net options
+        from ractd.policy import BCGoalPolicy, BCPolicy
+
+        if tracker != "pd" or accelerate != "none" or precision != "fp32":
+            raise RactdError("the bc policy takes no tracker, accelerate or precision option")
+        return (BCPolicy if task.kind == "locomotion" else BCGoalPolicy)(model, norms["obs"], norms["action"]), task, cfg
     if precision != "fp32":
         from ractd.nets.unet1d import to_precision
 
@@ -122,7 +131,6 @@ def policy_from_checkpoint(checkpoint: str | Path, sampler: str = "student", nfe
         from ractd.nets.unet1d import accelerate as accelerate_net
 
         model.net = accelerate_net(model.net, accelerate, horizon=ck["shapes"]["x"][0])
-    norms = {k: Normalizer.from_state_dict(v) for k, v in ck["normalizers"].items()}
     shape_tail = tuple(ck["shapes"]["x"])
     fn = make_sampler(sampler, model, shape_tail, **_sampler_opts(sampler, nfe or DEFAULT_NFE[sampler], init_scaled))
     if task.kind == "locomotion":
@@ -162,7 +170,7 @@ def evaluate_checkpoint(task: str, run_dir: str = "", sampler: str = "student", 
     else:
         records = rollout_maze(t, policy, seeds, max_steps=max_steps, progress=progress)
     extra = {"sampler": sampler, "nfe": nfe, "init_scaled": init_scaled, "accelerate": accelerate,
-             "precision": precision, "tracker": tracker if t.kind == "maze" else "", "checkpoint": str(ckpt),
+             "precision": precision, "tracker": ("bc" if sampler == "bc" else tracker) if t.kind == "maze" else "", "checkpoint": str(ckpt),
              "sigma": cfg.distill.sigma if cfg.stage == "student" else 0.0, "train_seed": cfg.seed}
     records = [{**r, **extra} for r in records]
     path = Path(out) if out else run / "eval" / f"{sampler}-{nfe}.parquet"

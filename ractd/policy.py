@@ -295,3 +295,66 @@ class MazePlanner:
             wp[:, 2:] = 0.0
         a = (wp[:, :2] - obs[:, :2]) + (wp[:, 2:] - obs[:, 2:])
         return np.clip(a, -1.0, 1.0)
+
+
+# ---------------------------------------------------------------------------------------------- behavior cloning
+
+class BCPolicy:
+    """Closed-loop behavior cloning policy (locomotion) with LocomotionPolicy's interface (reset / act): the
+    deterministic actor maps normalize(s) to a normalized action, executed unnormalized at every step. The
+    generators are accepted and unused (the policy draws no noise), so seeds differ only by their env reset.
+
+    actor: ractd.nets.mlp.BCActor; obs_normalizer / action_normalizer: the ones it was trained with.
+    """
+
+    def __init__(self, actor: torch.nn.Module, obs_normalizer, action_normalizer):
+        self.actor, self.obs_normalizer, self.action_normalizer = actor, obs_normalizer, action_normalizer
+        self._n = None
+
+    def reset(self, n: int) -> None:
+        self._n = int(n)
+
+    def act(self, obs: np.ndarray, generators: Sequence[torch.Generator],
+            active_mask: np.ndarray | None = None) -> np.ndarray:
+        """(n, act_dim) float32 unnormalized actions of the active envs, NaN rows for inactive ones."""
+        if self._n is None:
+            raise RuntimeError("call reset(n) before act()")
+        obs = np.asarray(obs, np.float32)
+        rows = np.arange(len(obs)) if active_mask is None else np.flatnonzero(np.asarray(active_mask, bool))
+        out = np.full((len(obs), self.action_normalizer.dim), np.nan, dtype=np.float32)
+        out[rows] = _bc_act(self.actor, self.obs_normalizer.normalize(obs[rows]), self.action_normalizer)
+        return out
+
+
+class BCGoalPolicy:
+    """Goal-conditioned behavior cloning on maze2d, acting closed loop through MazePlanner's interface.
+
+    rollout_maze calls plan() once per episode batch and track(plan, obs, t) at every step. Here plan() only
+    fixes the conditioning goal [gx, gy, 0, 0] (the evaluation goal, in the layout the planner's goal takes), and
+    track() feeds the current observed state: a = pi(normalize(s_t), normalize(goal)), clipped to [-1, 1] --
+    a reactive policy, trained on (state, goal of the data's controller, action) triples (ractd.train.prepare_bc).
+    """
+
+    tracker = "bc"
+
+    def __init__(self, actor: torch.nn.Module, obs_normalizer, action_normalizer):
+        self.actor, self.obs_normalizer, self.action_normalizer = actor, obs_normalizer, action_normalizer
+
+    def plan(self, start_obs: np.ndarray, goal_xy: np.ndarray, generators: Sequence[torch.Generator]) -> np.ndarray:
+        """The normalized goal of each episode (n, obs_dim); no network call."""
+        start = np.asarray(start_obs, np.float32)
+        goal = np.zeros_like(start)
+        goal[:, :2] = np.asarray(goal_xy, np.float32)
+        return self.obs_normalizer.normalize(goal)
+
+    def track(self, plan: np.ndarray, obs: np.ndarray, t: int) -> np.ndarray:
+        """(n, 2) float64 actions (D4RL frame) from the observed states obs (n, 4) toward the goals in `plan`."""
+        x = np.concatenate([self.obs_normalizer.normalize(np.asarray(obs, np.float32)), plan], axis=1)
+        return np.clip(_bc_act(self.actor, x, self.action_normalizer).astype(np.float64), -1.0, 1.0)
+
+
+def _bc_act(actor: torch.nn.Module, x: np.ndarray, action_normalizer) -> np.ndarray:
+    device, dtype = _model_device_dtype(actor)
+    with torch.inference_mode():
+        a = actor(torch.from_numpy(np.ascontiguousarray(x, np.float32)).to(device, dtype))
+    return action_normalizer.unnormalize(a.float().cpu().numpy())

@@ -367,16 +367,33 @@ def _group(rows: list[dict]) -> dict[tuple[str, str], list[dict]]:
     return out
 
 
-def _score_cell(eps: list[dict] | None) -> tuple[str, dict]:
-    """('mean ± se · IQM x [lo, hi] · n=N · scale', numbers) of a cell's episodes; ('missing', {}) if none."""
+def _score_cell(eps: list[dict] | None, absent: str = "missing") -> tuple[str, dict]:
+    """('mean ± se · IQM x [lo, hi] · n=N · scale', numbers) of a cell's episodes; (absent, {}) if none."""
     if not eps:
-        return "missing", {}
+        return absent, {}
     s = cell_stats([r["normalized_score"] for r in eps])
     scale = "/".join(sorted({r["scale"] for r in eps}))
     se = "" if math.isnan(s["se"]) else f" ± {s['se']:.1f}"
     ci = "" if math.isnan(s["iqm_low"]) else f" [{s['iqm_low']:.1f}, {s['iqm_high']:.1f}]"
     text = f"{s['mean']:.1f}{se} · IQM {s['iqm']:.1f}{ci} · n={s['n']} · {scale}"
     return text, {**s, "scale": scale}
+
+
+NOT_MEASURED = "not measured"
+# Baseline rows beside the methods of every table (ractd.study: "bc" is evaluated like a method; "data" and
+# "behavior" are written by ractd.study.baseline_rows from the dataset, ractd.data.level). Absent: "not measured".
+BASELINES = [("bc", "BC (CORL recipe)"), ("data", "data (the dataset's episodes)")]
+# the final checkpoints of the selected students (ractd.study: ctd-final, ractd-final)
+FINALS = [("ractd-final", "RACTD, final checkpoint"), ("ctd-final", "CTD, final checkpoint")]
+
+
+def _behavior_cell(eps: list[dict] | None) -> tuple[str, dict]:
+    """The generator's record of its behavior policies' evaluation (no episodes stored: a mean, no SE)."""
+    if not eps:
+        return NOT_MEASURED, {}
+    parts = [f"{r['normalized_score']:.1f} ({r['sampler'].split(':')[-1]} policy at step {r['train_steps']}: mean of "
+             f"{r['batch_size']} episodes, no SE)" for r in sorted(eps, key=lambda r: r["seed"])]
+    return "; ".join(parts), {"mean": float(np.mean([r["normalized_score"] for r in eps]))}
 
 
 def _time_cell(eps: list[dict] | None, kind: str) -> tuple[str, dict]:
@@ -409,31 +426,44 @@ def table1(rows: list[dict]) -> Table:
     g = _group(rows)
     tasks = [t for t in _T1_TASKS if any(k[0] == t for k in g)]
     tasks += sorted({k[0] for k in g if _kind(k[0]) == "locomotion"} - set(tasks))
-    measured = [("ractd", "RACTD"), ("ctd", "CTD"), ("teacher-heun-80", "Teacher Heun-80")]
-    paper_cols = ["RACTD", "Diffuser", "Consistency AC", "Diffusion QL"]
+    measured = [("ractd", "RACTD, selected checkpoint"), ("ctd", "CTD, selected checkpoint"),
+                ("teacher-heun-80", "Teacher Heun-80")] + FINALS + BASELINES
+    paper_cols = ["RACTD", "Diffuser", "Consistency AC", "Diffusion QL", "BC"]
     md, csv_rows = [], []
     for task in tasks:
         line, rec = [task], {"task": task}
         for mid, label in measured:
-            text, nums = _score_cell(g.get((task, mid)))
+            text, nums = _score_cell(g.get((task, mid)), absent=NOT_MEASURED if mid not in ("ractd", "ctd",
+                                                                                          "teacher-heun-80")
+                                     else "missing")
             line.append(text)
             rec.update(_numbers(f"{mid}_", nums))
+        text, nums = _behavior_cell(g.get((task, "behavior")))
+        line.append(text)
+        rec.update(_numbers("behavior_", nums))
         for p in paper_cols:
             v = paper_value("table1", p, task)
             line.append(fmt_paper(v))
             rec[f"paper_{p}"] = None if v is None else v[0]
         md.append(line)
         csv_rows.append(rec)
-    headers = ["task"] + [f"{label} (measured)" for _, label in measured] + [f"paper {p}" for p in paper_cols]
+    headers = (["task"] + [f"{label} (measured)" for _, label in measured] + ["behavior policy (generator's record)"]
+               + [f"paper {p}" for p in paper_cols])
     return Table("table1", "Table 1: D4RL locomotion, normalized score", csv_rows, _md(md, headers))
 
 
 # (method id, label, the paper's row it is compared with). The paper infers maze2d actions with an inverse dynamics
 # model (Sec. 4.2); "RACTD (PD)" tracks the same plans with Diffuser's PD rule, the project's default tracker.
-TABLE2_METHODS = [("ractd", "RACTD (PD tracker)", "RACTD"),
+TABLE2_METHODS = [("ractd", "RACTD (PD tracker), selected checkpoint", "RACTD"),
                   ("ractd-invdyn", "RACTD (inverse dynamics, closed loop)", "RACTD"),
                   ("ractd-invdyn-plan", "RACTD (inverse dynamics on the plan, open loop)", "RACTD"),
-                  ("ctd", "CTD (PD tracker)", "CTD")]
+                  ("ctd", "CTD (PD tracker), selected checkpoint", "CTD"),
+                  ("ractd-final", "RACTD (PD tracker), final checkpoint", None),
+                  ("ctd-final", "CTD (PD tracker), final checkpoint", None),
+                  ("bc", "BC (goal-conditioned, closed loop)", None),
+                  ("data", "data (300-step windows of the dataset at the evaluation goal)", None)]
+# rows that say "not measured" when the store lacks them (the others say "missing": a planned cell not run)
+_OPTIONAL = {m for m, _ in FINALS + BASELINES}
 
 
 def table2(rows: list[dict]) -> Table:
@@ -447,10 +477,12 @@ def table2(rows: list[dict]) -> Table:
             eps = g.get((task, mid))
             if eps is None and mid.startswith("ractd-invdyn"):
                 continue
-            text, nums = _score_cell(eps)
-            ttext, tnums = _time_cell(eps, "maze")
-            nfe = eps[0]["nfe"] if eps else "—"
-            pv, pt = paper_value("table2", paper_label, task), paper_value("table2_time", paper_label, task)
+            text, nums = _score_cell(eps, absent=NOT_MEASURED if mid in _OPTIONAL else "missing")
+            ttext, tnums = _time_cell(eps, "maze") if eps and mid != "data" else ("—" if mid in _OPTIONAL else
+                                                                                  "missing", {})
+            nfe = eps[0]["nfe"] if eps and mid != "data" else "—"
+            pv = paper_value("table2", paper_label, task) if paper_label else None
+            pt = paper_value("table2_time", paper_label, task) if paper_label else None
             md.append([task, label, text, nfe, ttext, fmt_paper(pv), pt[1] if pt else "—", pt[0] if pt else "—"])
             csv_rows.append({"task": task, "method": mid, **nums, "nfe": nfe, **tnums,
                              "paper_score": pv[0] if pv else None, "paper_se": pv[1] if pv else None,
@@ -465,7 +497,7 @@ def table2(rows: list[dict]) -> Table:
 
 
 TABLE3_METHODS = [("ddpm-15", "DDPM 15"), ("ddim-15", "DDIM 15"), ("teacher-heun-80", "EDM (Teacher) 80"),
-                  ("ractd", "RACTD (Student) 1")]
+                  ("ractd", "RACTD (Student) 1")] + BASELINES
 
 
 def table3(rows: list[dict]) -> Table:
@@ -476,9 +508,10 @@ def table3(rows: list[dict]) -> Table:
     for task in tasks:
         for mid, label in TABLE3_METHODS:
             eps = g.get((task, mid))
-            text, nums = _score_cell(eps)
-            ttext, tnums = _time_cell(eps, "locomotion")
-            nfe = eps[0]["nfe"] if eps else "—"
+            text, nums = _score_cell(eps, absent=NOT_MEASURED if mid in _OPTIONAL else "missing")
+            ttext, tnums = _time_cell(eps, "locomotion") if eps and mid != "data" else (
+                "—" if mid in _OPTIONAL else "missing", {})
+            nfe = eps[0]["nfe"] if eps and mid != "data" else "—"
             pv, pt = paper_value("table3", label, task), paper_value("table3_time", label, task)
             md.append([task, label, ttext, nfe, text, pt[0] if pt else "—", pt[1] if pt else "—", fmt_paper(pv)])
             csv_rows.append({"task": task, "method": mid, **tnums, "nfe": nfe, **nums,
@@ -501,8 +534,8 @@ def table4(rows: list[dict]) -> Table:
     tasks = sorted({k[0] for k in g if k[1].startswith("ra-teacher")})
     md, csv_rows = [], []
     for task in tasks:
-        for mid, label in TABLE4_CELLS:
-            text, nums = _score_cell(g.get((task, mid)))
+        for mid, label in TABLE4_CELLS + BASELINES:
+            text, nums = _score_cell(g.get((task, mid)), absent=NOT_MEASURED if mid in _OPTIONAL else "missing")
             pv = paper_value("table4", label, task)
             md.append([task, label, text, fmt_paper(pv)])
             csv_rows.append({"task": task, "method": mid, **nums, "paper_score": pv[0] if pv else None,
@@ -527,12 +560,20 @@ def table5(rows: list[dict]) -> Table:
             csv_rows.append({"task": task, "method": mid, "nfe": k, **tnums, **nums,
                              "paper_time_s": pt[0] if pt else None, "paper_score": pv[0] if pv else None,
                              "paper_se": pv[1] if pv else None})
+        for mid, label in BASELINES:
+            eps = g.get((task, mid))
+            text, nums = _score_cell(eps, absent=NOT_MEASURED)
+            ttext, tnums = _time_cell(eps, _kind(task)) if eps and mid != "data" else ("—", {})
+            md.append([task, label, ttext, text, "—", "—"])
+            csv_rows.append({"task": task, "method": mid, "nfe": eps[0]["nfe"] if eps and mid != "data" else None,
+                             **tnums, **nums})
     headers = ["task", "NFE", "time (measured)", "score (measured)", "paper time (s, V100)", "paper score"]
     return Table("table5", "Table 5: multi-step student sampling", csv_rows, _md(md, headers))
 
 
 TABLE11_METHODS = [("ddpm-100", "DDPM 100"), ("ddim-10", "DDIM 10"), ("ddim-1", "DDIM 1"),
-                   ("teacher-heun-80", "EDM 80"), ("ctd", "CTD 1"), ("ractd", "RACTD 1")]
+                   ("teacher-heun-80", "EDM 80"), ("ctd", "CTD 1"), ("ractd", "RACTD 1"),
+                   ("ctd-final", "CTD 1, final checkpoint"), ("ractd-final", "RACTD 1, final checkpoint")] + BASELINES
 
 
 def table11(rows: list[dict]) -> Table:
@@ -544,7 +585,7 @@ def table11(rows: list[dict]) -> Table:
         line = [label]
         for task in tasks:
             eps = g.get((task, mid))
-            text, nums = _score_cell(eps)
+            text, nums = _score_cell(eps, absent=NOT_MEASURED if mid in _OPTIONAL else "missing")
             pv = paper_value("table11", label, task)
             line += [text, fmt_paper(pv)]
             csv_rows.append({"task": task, "method": mid, **nums, "nfe": eps[0]["nfe"] if eps else None,

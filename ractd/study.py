@@ -16,9 +16,17 @@ Methods (METHODS; the tables in ractd.results refer to these ids):
   ra-teacher-ctd, ra-teacher-ractd   students of a reward-aware teacher (Tables 4, 10)
   ractd-sigma-S          students with reward weight S (the sigma sweep, Fig. 4); a plan's "sigma-sweep"
                          entry expands to one per Study.sigmas
+  ctd-final, ractd-final the same students' final checkpoints (<stage>/latest/checkpoint.pt at the last step),
+                         beside the selected best.pt the other cells use: the tables show both, labeled
+  bc                     behavior cloning (CORL's BC, ractd.train stage "bc"; maze2d: goal-conditioned, closed
+                         loop), trained on the same dataset: a baseline row in every table
+
+Baseline rows without a policy (`baseline_rows`, no rollouts): "data", the dataset's own level (its complete
+episodes' normalized returns, ractd.data.level), and "behavior", the generator's evaluation of the behavior
+policy where the file records it.
 
 Checkpoints. Each method needs a model (ModelPlan): reward, teacher, ddpm, ctd, ractd, sigma-S, ra-teacher,
-ra-teacher-ctd, ra-teacher-ractd. Models live under ractd.paths.runs_dir()/study/<task>-<study name>/<model>/
+ra-teacher-ctd, ra-teacher-ractd, bc; ctd-final and ractd-final are files their student's training writes. Models live under ractd.paths.runs_dir()/study/<task>-<study name>/<model>/
 <stage>/best.pt, except that when the sweep has run, RACTD is the sweep's best checkpoint, the teacher and
 reward model are the ones it distilled from (best_config.json), so the study's other students distill from the
 same teacher, and CTD is the sweep's completed trial at alpha = beta = 1, sigma = 0 when there is one. A model
@@ -84,6 +92,9 @@ METHODS: dict[str, Method] = {m.id: m for m in [
     Method("ractd-nfe4", "RACTD 4-step", "ractd", "student", 4),
     Method("ra-teacher-ctd", "RA teacher + CTD", "ra-teacher-ctd", "student", 1),
     Method("ra-teacher-ractd", "RA teacher + RACTD", "ra-teacher-ractd", "student", 1),
+    Method("ctd-final", "CTD, final checkpoint", "ctd-final", "student", 1),
+    Method("ractd-final", "RACTD, final checkpoint", "ractd-final", "student", 1),
+    Method("bc", "BC", "bc", "bc", 1),
 ]}
 SIGMA_SWEEP = "sigma-sweep"
 # methods that need the reward model R_psi (locomotion only; maze2d uses sigma = 0 and no reward model)
@@ -110,6 +121,8 @@ def get_method(mid: str) -> Method:
 # ---------------------------------------------------------------------------------------------- the spec
 
 CORE = ("teacher-heun-80", "ctd", "ractd")
+# beside every task's methods: behavior cloning, and the final checkpoints of the selected students
+BASELINES = ("bc", "ctd-final", "ractd-final")
 LOCO_SAMPLERS = ("ddpm-15", "ddim-15")                      # Table 3
 MAZE_SAMPLERS = ("ddpm-100", "ddim-10", "ddim-1")           # Table 11
 MULTISTEP = ("ractd-nfe2", "ractd-nfe3", "ractd-nfe4")      # Table 5
@@ -174,12 +187,12 @@ class Study:
         for t in tasks:
             get_task(t)
         known = {p.task: p for p in self.plans}
-        plans = tuple(known.get(t, TaskPlan(t, CORE)) for t in tasks)
+        plans = tuple(known.get(t, TaskPlan(t, CORE + BASELINES)) for t in tasks)
         return dataclasses.replace(self, plans=plans)
 
 
-_LOCO_FULL = CORE + LOCO_SAMPLERS + MULTISTEP + REWARD_AWARE_TEACHER + (SIGMA_SWEEP,)
-_MAZE_FULL = CORE + MAZE_SAMPLERS
+_LOCO_FULL = CORE + LOCO_SAMPLERS + MULTISTEP + REWARD_AWARE_TEACHER + (SIGMA_SWEEP,) + BASELINES
+_MAZE_FULL = CORE + MAZE_SAMPLERS + BASELINES
 
 # The sweeps the claims study reads (`python tune/search.py --task T <flags>`), one per task: the CPU budget's
 # reward model, a 2000-step teacher (2.2 steps/s at batch 256 on one core), 400-step students at batch 128, no
@@ -204,14 +217,14 @@ STUDIES: dict[str, Study] = {
     # it trains CTD itself (150 student steps) only when the sweep has no such trial. maze2d plans once per
     # episode, so 100 seeds are cheap. DDPM/DDIM (Table 11) are left out: their model costs a teacher again.
     "quick": Study(name="quick", budget="quick", data_scale="tiny", train_missing=True,
-                   plans=(TaskPlan("maze2d-umaze", CORE),)),
+                   plans=(TaskPlan("maze2d-umaze", CORE + BASELINES),)),
     # A few-minute demonstration of every figure and table layout: tiny generated datasets, tiny U-Nets trained
     # for at most 200 steps, 20 seeds: what docs/figures shows. Its numbers say nothing about the method (the
     # scale label "demo-tiny" says so in every cell and figure).
     "demo": Study(name="demo-tiny", budget="quick", data_scale="tiny", train_missing=True, seeds=20,
                   sigmas=(0.3, 1.5), fig3_states=256, preset="tiny", max_train_steps=200,
-                  plans=(TaskPlan("maze2d-umaze", CORE),
-                         TaskPlan("hopper-medium-replay", CORE + ("ractd-nfe2", SIGMA_SWEEP)))),
+                  plans=(TaskPlan("maze2d-umaze", CORE + BASELINES),
+                         TaskPlan("hopper-medium-replay", CORE + ("ractd-nfe2", SIGMA_SWEEP) + BASELINES))),
     # CPU scale: every table and figure on one maze and one locomotion task (hours on a laptop; the locomotion
     # teacher's Heun-80 rollouts dominate: 158 network calls per env step).
     "default": Study(name="cpu", budget="cpu", data_scale="small",
@@ -225,14 +238,16 @@ STUDIES: dict[str, Study] = {
     # task and are not in it; their cells are listed as missing with the commands that train them.
     "claims": Study(name="cpu-claims", budget="cpu", data_scale="small", costly_seeds=10, sigmas=(0.3, 1.5),
                     sweep_flags=tuple(CLAIMS_SWEEPS.items()),
-                    plans=(TaskPlan("maze2d-umaze", CORE + ("ractd-invdyn", "ractd-invdyn-plan")),
-                           TaskPlan("hopper-medium-replay", CORE + MULTISTEP + (SIGMA_SWEEP,), sigmas=(0.3, 1.0, 1.5)),
-                           TaskPlan("walker2d-medium", CORE + (SIGMA_SWEEP,), sigmas=(0.4,)))),
+                    plans=(TaskPlan("maze2d-umaze", CORE + ("ractd-invdyn", "ractd-invdyn-plan") + BASELINES),
+                           TaskPlan("hopper-medium-replay", CORE + MULTISTEP + (SIGMA_SWEEP,) + BASELINES,
+                                    sigmas=(0.3, 1.0, 1.5)),
+                           TaskPlan("walker2d-medium", CORE + (SIGMA_SWEEP,) + BASELINES, sigmas=(0.4,)))),
     # The paper: Tables 1, 2, 11 on every task, Tables 3, 5 and Fig. 4 on hopper-medium-replay, Table 10 on
     # walker2d-medium (GPU cluster).
     "paper": Study(name="paper", budget="paper", data_scale="full", plans=tuple(
         [TaskPlan(f"{env}-{split}", _LOCO_FULL if f"{env}-{split}" == "hopper-medium-replay" else
-                  CORE + REWARD_AWARE_TEACHER if f"{env}-{split}" == "walker2d-medium" else CORE)
+                  CORE + REWARD_AWARE_TEACHER + BASELINES if f"{env}-{split}" == "walker2d-medium" else
+                  CORE + BASELINES)
          for env in ("halfcheetah", "hopper", "walker2d") for split in ("medium-expert", "medium", "medium-replay")]
         + [TaskPlan(f"maze2d-{size}", _MAZE_FULL) for size in ("umaze", "medium", "large")])),
 }
@@ -266,6 +281,8 @@ class ModelPlan:
     copies: (source, destination) files put in place before training: the reward-aware teacher reads its
         reward model from <run_dir>/reward/best.pt (`train-teacher` takes no --reward-ckpt), so the study's
         reward checkpoint is copied there.
+    final_of: for a final checkpoint (ctd-final, ractd-final), the model whose training writes it (not trained
+        on its own).
     """
 
     task: str
@@ -276,6 +293,7 @@ class ModelPlan:
     source: str = "study"
     deps: tuple[str, ...] = ()
     copies: tuple[tuple[Path, Path], ...] = ()
+    final_of: str = ""
 
     @property
     def exists(self) -> bool:
@@ -315,7 +333,8 @@ def study_root(study: Study, task: str) -> Path:
     return runs_dir() / "study" / f"{task}-{study.name}"
 
 
-_STAGE_COMMAND = {"reward": "train-reward", "teacher": "train-teacher", "ddpm": "train-ddpm", "student": "distill"}
+_STAGE_COMMAND = {"reward": "train-reward", "teacher": "train-teacher", "ddpm": "train-ddpm", "student": "distill",
+                  "bc": "train-bc"}
 
 
 def train_command(cfg, budget: str) -> str:
@@ -480,6 +499,8 @@ def plan_models(study: Study, task: str) -> dict[str, ModelPlan]:
     needed = {get_method(m).model for m in methods}
     if needed & {"ddpm"}:
         add("ddpm", "ddpm")
+    if "bc" in needed:
+        add("bc", "bc")
     if "ctd" in needed and "ctd" not in models:
         student("ctd", 1.0, 1.0, 0.0, "teacher")
     if "ractd" in needed and "ractd" not in models:
@@ -495,7 +516,14 @@ def plan_models(study: Study, task: str) -> dict[str, ModelPlan]:
             student("ra-teacher-ctd", 1.0, 1.0, 0.0, "ra-teacher")
         if "ra-teacher-ractd" in needed:
             student("ra-teacher-ractd", alpha, beta, sigma, "ra-teacher")
-    return _share_identical(models)
+    models = _share_identical(models)
+    for base in ("ctd", "ractd"):  # the final checkpoint beside the selected best.pt (ractd.train's run layout)
+        if f"{base}-final" in needed and base in models:
+            b = models[base]
+            models[f"{base}-final"] = ModelPlan(task, f"{base}-final", "student",
+                                                b.checkpoint.parent / "latest" / "checkpoint.pt", None,
+                                                source=b.source, deps=(base,), final_of=base)
+    return models
 
 
 def _share_identical(models: dict[str, ModelPlan]) -> dict[str, ModelPlan]:
@@ -547,7 +575,7 @@ def train_locally(cfg) -> None:
     train(cfg, RunContext(progress=True))
 
 
-_STAGE_ORDER = {"reward": 0, "teacher": 1, "ddpm": 1, "student": 2}
+_STAGE_ORDER = {"reward": 0, "bc": 0, "teacher": 1, "ddpm": 1, "student": 2}
 
 
 def ensure_models(study: Study, trainer: Trainer = train_locally) -> list[ModelPlan]:
@@ -562,7 +590,7 @@ def ensure_models(study: Study, trainer: Trainer = train_locally) -> list[ModelP
         order = sorted(unique.values(),
                        key=lambda m: (_STAGE_ORDER[m.stage], m.name != "teacher", m.name))
         for m in order:
-            if m.exists:
+            if m.exists or m.final_of:  # a final checkpoint comes with its student's training
                 continue
             if m.cfg is None:
                 raise RactdError(f"{m.checkpoint} (from the sweep) is missing; rerun tune/search.py --task {task}")
@@ -664,9 +692,18 @@ def study_jobs(study: Study, max_steps: int = 0) -> tuple[list[EvalJob], list[Mi
                     log.info("%s: %s is the RACTD checkpoint; its cell is RACTD's", task, mid)
                     continue  # the same file: Fig. 4 and the tables read it from the RACTD cell
                 jobs.append(job)
-            elif task in dict(study.sweep_flags):
+            elif model.final_of and models[model.final_of].exists:
+                missing.append(Missing(task, mid, model.checkpoint,
+                                       f"# {models[model.final_of].checkpoint} was kept without its final checkpoint; "
+                                       "retrain it to evaluate the final one"))
+            elif task in dict(study.sweep_flags) and model.stage != "bc":
                 missing.append(Missing(task, mid, model.checkpoint,
                                        f"python tune/search.py --task {task} {dict(study.sweep_flags)[task]}"))
+            elif model.final_of:
+                base = models[model.final_of]
+                chain = [models[d] for d in base.deps if not models[d].exists] + [base]
+                missing.append(Missing(task, mid, model.checkpoint,
+                                       " && ".join(dict.fromkeys(m.command(study.budget) for m in chain))))
             else:
                 chain = [models[d] for d in model.deps if not models[d].exists] + [model]
                 missing.append(Missing(task, mid, model.checkpoint,
@@ -744,6 +781,55 @@ def evaluate_serial(jobs: list[EvalJob], seeds: list[int], store: ResultsStore, 
         store.write_episodes(run_block(job, block, policies[key], progress=progress))
         n += len(block)
     return {"episodes_run": n, "blocks": len(todo)}
+
+
+# ---------------------------------------------------------------------------------------------- baseline rows
+
+def data_rows(task: str, data: dict, scale: str, source: str = "") -> list[dict]:
+    """Episode rows of the "data" cell (one per complete dataset episode, or maze2d window: ractd.data.level) and
+    of the "behavior" cell (one per behavior policy evaluation the generator recorded). Their checkpoint is the
+    dataset's fingerprint; seed is the episode's (window's, policy's) index; the behavior rows' batch_size is the
+    number of episodes the generator averaged (it stepped them together) and train_steps the policy's SAC step."""
+    from ractd.data.level import behavior_evals, data_level
+    from ractd.train import dataset_fingerprint
+
+    t = get_task(task)
+    fp = dataset_fingerprint(data)
+    lvl = data_level(t, data)
+    records = [{"task": task, "seed": int(i), "return": float(r), "normalized_score": float(x), "length": int(n),
+                "time_per_action": float("nan"), "terminated": bool(te), "truncated": False, "batch_size": 1}
+               for i, r, x, n, te in zip(lvl["index"], lvl["returns"], lvl["scores"], lvl["lengths"],
+                                         lvl["terminated"])]
+    meta = dict(checkpoint=fp, checkpoint_path=source, scale=scale, max_steps=t.max_episode_steps, nfe=0)
+    rows = episode_rows(records, method="data", sampler="data", **meta)
+    for k, b in enumerate(behavior_evals(t, data)):
+        rec = {"task": task, "seed": k, "return": b["eval_return"], "normalized_score": b["normalized"],
+               "length": -1, "time_per_action": float("nan"), "terminated": False, "truncated": False,
+               "batch_size": b["episodes"]}
+        rows += episode_rows([rec], method="behavior", sampler=f"generator-eval:{b['policy']}",
+                             train_steps=b["step"], **meta)
+    log.info("%s: data level over %d of %d episodes (%s)", task, len(records), lvl["n_episodes"], lvl["rule"])
+    return rows
+
+
+def baseline_rows(study: Study, store: ResultsStore) -> int:
+    """Write the "data" and "behavior" rows of every task of the study (its dataset at study.data_scale, source
+    auto) that the store lacks; returns the number of rows written. A task without a dataset is skipped (logged)."""
+    from ractd.data.d4rl import load_dataset
+
+    done = {k[:3] for k in store.done_keys()}
+    written = 0
+    for task in study.tasks:
+        try:
+            data = load_dataset(get_task(task), scale=study.data_scale)
+        except RactdError as e:
+            log.warning("%s: no data row (%s)", task, e)
+            continue
+        rows = data_rows(task, data, study.name, source=f"dataset {task} ({study.data_scale})")
+        rows = [r for r in rows if (r["task"], r["method"], r["checkpoint"]) not in done]
+        store.write_episodes(rows)
+        written += len(rows)
+    return written
 
 
 # ---------------------------------------------------------------------------------------------- Fig. 3

@@ -1,5 +1,6 @@
 """The three decoupled trainings of RACTD as plain loops: reward model, teacher (EDM; or the DDPM baseline),
-and reward-aware distillation of the CTM student.
+and reward-aware distillation of the CTM student; and the behavior cloning baseline (stage "bc", CORL's recipe:
+`build_bc`, `prepare_bc`).
 
 Each `train(cfg, ctx)` call runs one stage. Everything a Ray Train worker needs is in `RunContext`: the
 device, rank / world size (only rank 0 writes files), gradient and metric all-reduce hooks, a checkpoint to
@@ -31,14 +32,14 @@ from tqdm.auto import tqdm
 from ractd import RactdError, __version__, ctm, ddpm, edm
 from ractd.checkpoint import copy_checkpoint, load_checkpoint, save_checkpoint
 from ractd.config import UNetConfig, from_dict, to_dict, unet_preset
-from ractd.nets.mlp import ResidualMLP
+from ractd.nets.mlp import BCActor, ResidualMLP
 from ractd.nets.unet1d import ConditionalUnet1D, load_teacher_into_student
 from ractd.tasks import Task, get_task
 
 log = logging.getLogger(__name__)
 
-Stage = Literal["reward", "teacher", "ddpm", "student"]
-STAGES = ("reward", "teacher", "ddpm", "student")
+Stage = Literal["reward", "teacher", "ddpm", "student", "bc"]
+STAGES = ("reward", "teacher", "ddpm", "student", "bc")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,14 +48,14 @@ class TrainConfig:
     applies a stage's budget (BUDGETS: cpu | quick | paper). The CLI is generated from these fields.
 
     task: registry name, e.g. hopper-medium-replay or maze2d-umaze.
-    stage: reward | teacher | ddpm | student.
+    stage: reward | teacher | ddpm | student | bc (behavior cloning baseline).
     run_dir: where the run lives ("" = <cache>/runs/<task>); reusing it resumes.
     preset: U-Net preset name, "cpu" (the task's CPU preset) or "paper" (the task's paper preset).
     source: dataset source: auto | d4rl | local | minari.
     scale: scale of a locally generated dataset: tiny | small | full.
     steps: optimizer steps (extending it on resume is allowed).
     batch: global batch size (each of N workers draws batch / N samples).
-    lr: AdamW learning rate (betas 0.95, 0.999; released code).
+    lr: AdamW learning rate (betas 0.95, 0.999; released code); bc: Adam at a constant rate (CORL).
     warmup: linear warm-up steps before the cosine decay.
     ema_decay: maximum EMA decay of the teacher / DDPM weights used for evaluation.
     ema_power: EMA warm-up: decay at step k is min(ema_decay, 1 - (1 + k)^-ema_power) (diffusion_policy's
@@ -79,8 +80,12 @@ class TrainConfig:
         action added to Eq. (4) while training the teacher.
     select_seeds: online model selection of the student, as the paper does: at every checkpoint roll the one-step
         student out on this many seeds (10000, 10001, ...: disjoint from the evaluation seeds); best.pt keeps the
-        highest mean normalized score. 0 = select by training loss (reward model: by validation loss).
-    select_max_steps: env steps of each model-selection rollout.
+        highest mean normalized score. 0 = select by training loss (reward model: by validation loss). 10 by
+        default: fewer seeds rank checkpoints by noise (a one-step student's episode scores spread by tens of
+        points), so best.pt would not be the checkpoint the 100-seed table ranks first.
+    select_max_steps: env steps of each model-selection rollout; 0 = the task's full episode length, the
+        episodes the tables report (a 300-step hopper episode does not rank 1000-step behaviour).
+    bc_hidden: behavior cloning MLP widths (CORL: 2 x 256, ReLU).
     """
 
     task: str = "hopper-medium-replay"
@@ -110,8 +115,9 @@ class TrainConfig:
     teacher_ckpt: str = ""
     reward_ckpt: str = ""
     reward_aware_teacher: float = 0.0
-    select_seeds: int = 0
-    select_max_steps: int = 300
+    select_seeds: int = 10
+    select_max_steps: int = 0
+    bc_hidden: tuple[int, ...] = (256, 256)
 
     @classmethod
     def for_stage(cls, stage: str, budget: str = "cpu", **overrides) -> "TrainConfig":
@@ -134,10 +140,10 @@ class TrainConfig:
         get_task(self.task)
         if self.stage not in STAGES:
             bad("stage", self.stage, f"expected one of {', '.join(STAGES)}")
-        for name in ("steps", "batch", "ckpt_every", "report_every", "select_max_steps", "obs_history"):
+        for name in ("steps", "batch", "ckpt_every", "report_every", "obs_history"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 bad(name, getattr(self, name), "must be a positive integer")
-        for name in ("warmup", "select_seeds", "seed"):
+        for name in ("warmup", "select_seeds", "select_max_steps", "seed"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 bad(name, getattr(self, name), "must be a non-negative integer")
         if not (math.isfinite(self.lr) and self.lr > 0):
@@ -157,8 +163,10 @@ class TrainConfig:
                               ("weighting", ("lambda", "sqrt_lambda", "none"))):
             if getattr(self, name) not in allowed:
                 bad(name, getattr(self, name), f"expected one of {', '.join(allowed)}")
-        if not self.reward_hidden or any(not isinstance(h, int) or h < 1 for h in self.reward_hidden):
-            bad("reward_hidden", self.reward_hidden, "must be positive integers")
+        for name in ("reward_hidden", "bc_hidden"):
+            v = getattr(self, name)
+            if not v or any(not isinstance(h, int) or h < 1 for h in v):
+                bad(name, v, "must be positive integers")
         if not (math.isfinite(self.reward_aware_teacher) and self.reward_aware_teacher >= 0):
             bad("reward_aware_teacher", self.reward_aware_teacher, "must be >= 0")
         d = self.distill
@@ -207,18 +215,25 @@ BUDGETS: dict[str, dict[str, dict]] = {
         "teacher": dict(steps=3000, batch=256, lr=3e-4),
         "ddpm": dict(steps=3000, batch=256, lr=3e-4),
         "student": dict(steps=2000, batch=256, lr=1e-4),
+        # CORL's BC runs 1M steps (paper budget). On CPU the 2 x 256 MLP takes 2-5 ms a step at batch 256: 20k
+        # steps took 2.5 min on the shared 2-CPU machine under load (maze2d-umaze small: 150.7 +- 3.0 normalized on
+        # 100 seeds); a known linear policy is learned within 1k steps (tests/test_bc.py)
+        "bc": dict(steps=20_000, batch=256, lr=3e-4, warmup=0, ckpt_every=2000),
     },
     "quick": {
         "reward": dict(steps=500, batch=256, lr=3e-4),
         "teacher": dict(steps=1200, batch=64, lr=3e-4),
         "ddpm": dict(steps=1200, batch=64, lr=3e-4),
-        "student": dict(steps=150, batch=64, lr=1e-4),
+        # 2 selection seeds: the quick budget is a smoke run (one or two checkpoints), not a ranking
+        "student": dict(steps=150, batch=64, lr=1e-4, select_seeds=2),
+        "bc": dict(steps=3000, batch=256, lr=3e-4, warmup=0, ckpt_every=1000),
     },
     "paper": {
         "reward": dict(steps=200_000, batch=1024, lr=3e-4, preset="paper"),
         "teacher": dict(steps=400_000, batch=1024, lr=1e-4, warmup=500, preset="paper"),
         "ddpm": dict(steps=400_000, batch=1024, lr=1e-4, warmup=500, preset="paper"),
         "student": dict(steps=200_000, batch=4800, lr=1e-4, warmup=500, preset="paper"),
+        "bc": dict(steps=1_000_000, batch=256, lr=3e-4, warmup=0, ckpt_every=50_000),  # CORL's BC defaults
     },
 }
 
@@ -324,6 +339,8 @@ def prepare(cfg: TrainConfig, data: dict | None = None, norms: dict | None = Non
     if data is None:
         data = load_dataset(task, source=cfg.source, scale=cfg.scale)
     fp = dataset_fingerprint(data)
+    if cfg.stage == "bc":
+        return prepare_bc(task, data, fp)
     if task.kind == "locomotion":
         gamma, penalty = rtg_settings(task, paper=cfg.rtg == "paper")
         w = locomotion_windows(data, horizon=task.horizon, obs_history=cfg.obs_history, gamma=gamma,
@@ -342,6 +359,42 @@ def prepare(cfg: TrainConfig, data: dict | None = None, norms: dict | None = Non
                      goal_xy=_normalized_goal(norm["obs"], data))
     cond = np.concatenate([w["start"], w["goal"]], axis=1)
     return Prepared(task, w["states"], cond, norm, fingerprint=fp)
+
+
+def bc_goals(data: dict) -> np.ndarray:
+    """(N, 2) goal of every maze2d transition for goal-conditioned BC: the goal the data's controller was steering
+    to (infos/goal, D4RL's maze2d files and ours have it), else in hindsight the position of the episode's last
+    state (episodes split on terminals | timeouts, ractd.data.windows)."""
+    from ractd.data.windows import episode_bounds
+
+    if "infos/goal" in data:
+        return np.asarray(data["infos/goal"], np.float32)[:, :2]
+    obs = np.asarray(data["observations"], np.float32)
+    goals = np.empty((len(obs), 2), np.float32)
+    for s, e in episode_bounds(data["terminals"], data["timeouts"]):
+        goals[s:e] = obs[e - 1, :2]
+    return goals
+
+
+def prepare_bc(task: Task, data: dict, fingerprint: str = "") -> Prepared:
+    """Behavior cloning pairs, one per dataset transition: x (N, act_dim) normalized actions, cond (N, in_dim).
+
+    locomotion: cond = normalize(s) (obs_dim). maze2d (goal-conditioned, like the planner): cond =
+    concat(normalize(s), normalize([gx, gy, 0, 0])) (2 * obs_dim) with g = `bc_goals(data)`; at evaluation g is
+    the fixed evaluation goal (ractd.policy.BCGoalPolicy). Normalizers "obs" and "action" are fitted on the whole
+    dataset, as `prepare` fits them for the diffusion models."""
+    from ractd.data.windows import Normalizer
+
+    obs = np.asarray(data["observations"], np.float32)
+    act = np.asarray(data["actions"], np.float32)
+    norm = {"obs": Normalizer.fit(obs), "action": Normalizer.fit(act)}
+    cond = norm["obs"].normalize(obs)
+    if task.kind == "maze":
+        goal = np.zeros_like(obs)
+        goal[:, :2] = bc_goals(data)
+        cond = np.concatenate([cond, norm["obs"].normalize(goal)], axis=1)
+    return Prepared(task, norm["action"].normalize(act).astype(np.float32), cond.astype(np.float32), norm,
+                    fingerprint=fingerprint)
 
 
 def _normalized_goal(obs_norm, data):
@@ -377,7 +430,12 @@ def build_reward(cfg: TrainConfig, prep: Prepared) -> ResidualMLP:
     return ResidualMLP(prep.state.shape[1], prep.action.shape[1], cfg.reward_hidden, bounded=cfg.reward_bounded)
 
 
-BUILDERS = {"reward": build_reward, "teacher": build_teacher, "ddpm": build_ddpm, "student": build_student}
+def build_bc(cfg: TrainConfig, prep: Prepared) -> BCActor:
+    return BCActor(prep.cond.shape[1], prep.shape_tail[0], cfg.bc_hidden)
+
+
+BUILDERS = {"reward": build_reward, "teacher": build_teacher, "ddpm": build_ddpm, "student": build_student,
+            "bc": build_bc}
 
 
 def load_stage_model(path: Path, prep: Prepared | None = None, use_ema: bool = True):
@@ -417,6 +475,10 @@ def _lr_lambda(warmup: int, total: int):
         progress = (step - warmup) / max(1, total - warmup)
         return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
     return f
+
+
+def _constant_lr(step: int) -> float:
+    return 1.0
 
 
 def _versions() -> dict:
@@ -492,8 +554,12 @@ def train(cfg: TrainConfig, ctx: RunContext | None = None, data: dict | None = N
     if teacher is not None:
         load_teacher_into_student(model.net, teacher.net)  # new s pathway zero-initialised
     ema = copy.deepcopy(model).requires_grad_(False) if cfg.stage in ("teacher", "ddpm") else None
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.95, 0.999), weight_decay=1e-6)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg.warmup, cfg.steps))
+    if cfg.stage == "bc":  # CORL's BC: Adam (default betas), constant learning rate
+        opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, _constant_lr)
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.95, 0.999), weight_decay=1e-6)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg.warmup, cfg.steps))
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + ctx.rank)
     torch.manual_seed(cfg.seed * 1000 + ctx.rank)
     n = len(prep.cond)
@@ -631,6 +697,9 @@ def _loss_terms(cfg: TrainConfig, model, teacher, reward_model, prep: Prepared, 
     if cfg.stage == "reward":
         pred = model(_to_torch(prep.state, idx, device), _to_torch(prep.action, idx, device))
         return {"loss": (pred - _to_torch(prep.rtg, idx, device)).pow(2).mean()}
+    if cfg.stage == "bc":  # MSE on normalized actions (CORL's BC)
+        pred = model(_to_torch(prep.cond, idx, device))
+        return {"loss": (pred - _to_torch(prep.x, idx, device)).pow(2).mean()}
     cond = _to_torch(prep.cond, idx, device)
     x0 = _to_torch(prep.x, idx, device)
     if cfg.stage == "teacher":
@@ -705,10 +774,12 @@ def _quick_eval(cfg: TrainConfig, student: ctm.Student, prep: Prepared, ctx: Run
             sampler = student_sampler(student, prep.shape_tail, n_steps=1, init_scaled=cfg.distill.init_scaled)
             if prep.task.kind == "locomotion":
                 policy = LocomotionPolicy(sampler, prep.normalizers["obs"], prep.normalizers["action"], cfg.obs_history)
-                records = rollout_locomotion(prep.task, policy, seeds, max_steps=cfg.select_max_steps, progress=False)
+                records = rollout_locomotion(prep.task, policy, seeds, max_steps=cfg.select_max_steps or None,
+                                             progress=False)
             else:
                 planner = MazePlanner(sampler, prep.normalizers["obs"], prep.shape_tail[0])
-                records = rollout_maze(prep.task, planner, seeds, max_steps=cfg.select_max_steps, progress=False)
+                records = rollout_maze(prep.task, planner, seeds, max_steps=cfg.select_max_steps or None,
+                                       progress=False)
             scores = [r["normalized_score"] for r in records]
     finally:
         student.train(was_training)

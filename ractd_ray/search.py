@@ -116,8 +116,9 @@ class SearchConfig:
     teacher_steps: steps of the shared teacher (0 = the budget's).
     reward_steps: steps of the shared reward model (0 = the budget's).
     ckpt_every: student checkpoint interval, where the objective is measured and ASHA decides (0 = steps / 4).
-    select_seeds: objective rollouts at each checkpoint (seeds 10000, ...).
-    select_max_steps: env steps of each objective rollout.
+    select_seeds: objective rollouts at each checkpoint (seeds 10000, ...); default TrainConfig's (10).
+    select_max_steps: env steps of each objective rollout; 0 = the task's full episode length (TrainConfig's
+        default).
     grace_period: checkpoints every trial runs before ASHA may stop it.
     reduction_factor: ASHA's reduction factor.
     max_failures: Ray Train restarts of a worker group after a worker failure (from its last checkpoint).
@@ -143,8 +144,8 @@ class SearchConfig:
     teacher_steps: int = 0
     reward_steps: int = 0
     ckpt_every: int = 0
-    select_seeds: int = 5
-    select_max_steps: int = 300
+    select_seeds: int = TrainConfig.select_seeds          # one source of truth: the training config's defaults
+    select_max_steps: int = TrainConfig.select_max_steps
     grace_period: int = 2
     reduction_factor: int = 2
     max_failures: int = 2
@@ -162,12 +163,12 @@ class SearchConfig:
         if self.source not in ("auto", "d4rl", "minari", "local"):
             raise RactdError(f"source={self.source!r}: expected one of auto, d4rl, minari, local")
         for name in ("num_samples", "max_concurrent", "workers", "cpus_per_worker", "select_seeds",
-                     "select_max_steps", "grace_period"):
+                     "grace_period"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise RactdError(f"{name}={v!r}: must be a positive integer")
         for name in ("steps", "batch", "teacher_steps", "reward_steps", "ckpt_every", "max_failures",
-                     "trial_failures", "seed"):
+                     "trial_failures", "seed", "select_max_steps"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 0:
                 raise RactdError(f"{name}={v!r}: must be a non-negative integer")
@@ -218,7 +219,9 @@ class SearchConfig:
 # 32-64-128 U-Net (preset "small-maze", about a quarter of the CPU preset's compute), 3 trials, 2 objective
 # rollouts per checkpoint; maze2d's 128-state plans cost about 8x a 16-action locomotion chunk per sample, so
 # its teacher and students train shorter, its students on half the batch.
-QUICK = dict(budget="quick", scale="tiny", preset="small-maze", num_samples=3, select_seeds=2)
+# select_max_steps 300: the quick sweep is a smoke run whose time the README quotes; its 2 short objective rollouts
+# rank nothing (the default, full-length episodes on 10 seeds, is SearchConfig's, from TrainConfig)
+QUICK = dict(budget="quick", scale="tiny", preset="small-maze", num_samples=3, select_seeds=2, select_max_steps=300)
 QUICK_MAZE = dict(teacher_steps=500, steps=100, batch=32)
 
 

@@ -160,3 +160,24 @@ def test_committed_document_is_rebuilt_exactly_from_its_committed_snapshot():
     assert text == (REPO / "docs" / "results.md").read_text()
     rows = ResultsStore(data / "store").episodes()
     assert rows and all(math.isfinite(r["normalized_score"]) for r in rows)
+
+
+def test_a_model_below_bc_or_the_data_is_a_finding_the_document_states(tmp_path):
+    """Claims 8a/8b: the teacher (33-35) scores below BC (50) by ~16 points, every model is above the data (5);
+    without the baseline cells the claims say "not measured"."""
+    store = ResultsStore(tmp_path / "store")
+    ractd = [60.0 + (i % 7) for i in range(100)]
+    _study(store, ractd, [30.0 + (i % 7) for i in range(100)], [33.0 + (i % 3) for i in range(10)])
+    rows = store.episodes()
+    v = {x["claim"][:2]: x for x in claims.claims(rows, [], {})}
+    assert v["8a"]["verdict"] == v["8b"]["verdict"] == "not measured"
+    t = "hopper-medium-replay"
+    store.write_episodes(_eps(t, "bc", [50.0 + (i % 2) for i in range(100)], "b", sampler="bc"))
+    store.write_episodes(_eps(t, "data", [5.0 + (i % 2) for i in range(40)], "d", sampler="data", nfe=0))
+    verdicts = claims.claims(store.episodes(), [], {})
+    v = {x["claim"][:2]: x for x in verdicts}
+    assert v["8a"]["verdict"] == "does not hold" and v["8b"]["verdict"] == "holds"
+    found = claims.findings(verdicts)
+    teacher_below = 50.5 - np.mean([33.0 + (i % 3) for i in range(10)])
+    assert len(found) == 2 and any(f"teacher Heun-80 scores below BC by {teacher_below:.1f}" in f for f in found)
+    assert any("CTD scores below BC" in f for f in found) and not any("RACTD" in f for f in found)

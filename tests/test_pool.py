@@ -38,7 +38,8 @@ def tiny(tmp_path_factory):
         generate_maze("maze2d-umaze", scale="tiny", seed=0, progress=False)
         ctx = RunContext(progress=False)
         train(TrainConfig(task="hopper-medium-replay", stage="teacher", run_dir=str(root / "h"), **kw), ctx)
-        student = TrainConfig(task="hopper-medium-replay", stage="student", run_dir=str(root / "h"), **kw)
+        student = TrainConfig(task="hopper-medium-replay", stage="student", run_dir=str(root / "h"), select_seeds=0,
+                              **kw)
         student = dataclasses.replace(student, distill=dataclasses.replace(student.distill, sigma=0.0))
         hop = train(student, ctx)["best"]
         maze = train(TrainConfig(task="maze2d-umaze", stage="teacher", run_dir=str(root / "m"), **kw), ctx)["best"]

@@ -173,6 +173,8 @@ def test_study_commands_reproduce_the_planned_configs():
         s = study.get_study(name)
         for task in s.tasks:
             for m in study.plan_models(s, task).values():
+                if m.final_of:  # a student's final checkpoint: written by that student's command
+                    continue
                 argv = shlex.split(m.command(s.budget).split(" && ")[-1])[3:]
                 try:
                     args = build_parser().parse_args(argv)
@@ -231,8 +233,12 @@ def test_study_reuses_the_sweeps_student_and_teacher_and_trains_what_is_missing(
     assert models["teacher"].source == "sweep" and models["teacher"].checkpoint == teacher
     assert models["ctd"].cfg.teacher_ckpt == str(teacher) and not models["ctd"].exists
     jobs, missing = study.study_jobs(s)
-    assert sorted(j.method for j in jobs) == ["ractd", "teacher-heun-80"]
-    assert [m.method for m in missing] == ["ctd"] and f"--teacher-ckpt {teacher}" in missing[0].command
+    # the sweep's student comes with its final checkpoint (<trial>/student/latest/checkpoint.pt)
+    assert sorted(j.method for j in jobs) == ["ractd", "ractd-final", "teacher-heun-80"]
+    assert {j.method: j.checkpoint_path for j in jobs}["ractd-final"] == str(best.parent / "latest" / "checkpoint.pt")
+    assert [m.method for m in missing] == ["ctd", "bc", "ctd-final"] and f"--teacher-ckpt {teacher}" in missing[0].command
+    assert missing[1].command.startswith("python -m ractd train-bc --task maze2d-umaze --quick")
+    assert missing[2].command == missing[0].command  # the final checkpoint comes with CTD's training
 
     trained = []
 
@@ -241,16 +247,17 @@ def test_study_reuses_the_sweeps_student_and_teacher_and_trains_what_is_missing(
         train(dataclasses.replace(cfg, preset="tiny", steps=2, batch=8, ckpt_every=2), RunContext(progress=False))
 
     done = study.ensure_models(s, small_trainer)
-    assert [m.name for m in done] == ["ctd"] and trained == [models["ctd"].cfg.run_dir]
+    assert [m.name for m in done] == ["bc", "ctd"] and trained == [models["bc"].cfg.run_dir, models["ctd"].cfg.run_dir]
     assert load_checkpoint(models["ctd"].checkpoint)["config"]["teacher_ckpt"] == str(teacher)
     assert study.ensure_models(s, small_trainer) == []  # nothing left to train
     jobs, missing = study.study_jobs(s, max_steps=20)
-    assert missing == [] and len(jobs) == 3
+    assert missing == [] and len(jobs) == 6
     store = ResultsStore(tmp_path / "store")
-    assert study.evaluate_serial(jobs, [0, 1, 2], store, block_size=2, progress=False)["episodes_run"] == 9
+    assert study.evaluate_serial(jobs, [0, 1, 2], store, block_size=2, progress=False)["episodes_run"] == 18
     assert study.evaluate_serial(jobs, [0, 1, 2], store, block_size=2, progress=False)["episodes_run"] == 0
     rows = store.episodes()
-    assert len(rows) == 9 and {r["method"] for r in rows} == {"ctd@20", "ractd@20", "teacher-heun-80@20"}
+    assert len(rows) == 18 and {r["method"] for r in rows} == {"ctd@20", "ractd@20", "teacher-heun-80@20", "bc@20",
+                                                                "ctd-final@20", "ractd-final@20"}
     assert {r["length"] for r in rows} == {20} and {r["scale"] for r in rows} == {"quick"}
     # The sweep's completed trial at alpha = beta = 1, sigma = 0 is CTD; a trial ASHA stopped early is not.
     import pyarrow as pa
@@ -293,7 +300,7 @@ def test_claims_study_takes_every_sigma_student_from_the_sweep_and_caps_only_cos
     for i, (sigma, status) in enumerate([(1.0, "completed"), (0.0, "completed"), (0.3, "completed"),
                                          (1.5, "stopped")]):
         cfg = TrainConfig(stage="student", run_dir=str(tmp_path / f"trial{i}"), teacher_ckpt=str(teacher),
-                          reward_ckpt=str(reward), **tiny)
+                          reward_ckpt=str(reward), select_seeds=0, **tiny)
         cfg = dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, alpha=1.0, beta=1.0, sigma=sigma))
         ckpt = train(cfg, RunContext(progress=False))["best"]
         trials.append({"trial_id": str(i), "alpha": 1.0, "beta": 1.0, "sigma": sigma, "status": status,
@@ -314,7 +321,9 @@ def test_claims_study_takes_every_sigma_student_from_the_sweep_and_caps_only_cos
     # the plan's sigma 1 is the sweep's best (RACTD) trial: the same file is evaluated once, as RACTD
     assert study.plan_models(s, task)["sigma-1"].checkpoint == Path(trials[0]["checkpoint"])
     assert caps == {"teacher-heun-80": 10, "ctd": 0, "ractd": 0, "ractd-nfe2": 0, "ractd-nfe3": 0, "ractd-nfe4": 0,
-                    "ractd-sigma-0.3": 0}
+                    "ractd-sigma-0.3": 0, "ctd-final": 0, "ractd-final": 0}
+    # BC is not a sweep model: its missing cell says how to train it, not how to rerun the sweep
+    assert by_method_cmd(missing, task, "bc").startswith(f"python -m ractd train-bc --task {task}")
     assert {j.sigma for j in jobs if j.method in ("ctd", "ractd-sigma-0.3")} == {0.0, 0.3}
     by_method = {(m.task, m.method): m.command for m in missing}
     assert by_method[(task, "ractd-sigma-1.5")].startswith(f"python tune/search.py --task {task} ")
@@ -354,3 +363,7 @@ def test_jobs_that_differ_only_in_their_tracker_never_share_a_policy(monkeypatch
     monkeypatch.setattr(study, "run_block", lambda job, seeds, policy, **k: used.append((job.method, policy)) or [])
     study.evaluate_serial(jobs, [0, 1], ResultsStore(tmp_path / "s"), block_size=2, progress=False)
     assert used == [("ractd", "planner-pd"), ("ractd-invdyn", "planner-inverse_dynamics")]
+
+
+def by_method_cmd(missing, task, method):
+    return next(m.command for m in missing if m.task == task and m.method == method)

@@ -74,3 +74,26 @@ class MLPNet(nn.Module):
                 raise ValueError(f"MLPNet conditioning must be ({x.shape[0]}, {self.global_cond_dim}); got {got}")
             feats.append(cond)
         return self.mlp(torch.cat(feats, dim=-1)).reshape(x.shape)
+
+
+class BCActor(nn.Module):
+    """Behavior cloning actor (CORL's BC recipe): Linear-ReLU-Linear-ReLU-Linear, tanh output.
+
+    Deterministic: inputs (batch, in_dim) normalized -> (batch, act_dim) normalized actions in (-1, 1) (the
+    project's actions are min/max-normalized to [-1, 1]; CORL scales tanh by max_action instead).
+    hidden: layer widths, (256, 256) in CORL.
+    """
+
+    def __init__(self, in_dim: int, act_dim: int, hidden=(256, 256)):
+        super().__init__()
+        self.in_dim, self.act_dim = int(in_dim), int(act_dim)
+        dims = [self.in_dim, *hidden]
+        layers: list[nn.Module] = []
+        for a, b in zip(dims[:-1], dims[1:]):
+            layers += [nn.Linear(a, b), nn.ReLU()]
+        self.net = nn.Sequential(*layers, nn.Linear(dims[-1], self.act_dim), nn.Tanh())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 2 or x.shape[1] != self.in_dim:
+            raise ValueError(f"BC actor input must be (batch, {self.in_dim}); got {tuple(x.shape)}")
+        return self.net(x)

@@ -1,0 +1,131 @@
+"""The behavior cloning baseline (CORL's BC): it learns a known policy, a corrupted dataset makes it fail, the
+command line is its dataclass, it resumes, and maze2d BC is conditioned on (state, goal) like the planner."""
+
+import numpy as np
+import pytest
+import torch
+
+from ractd.cli import build_parser, eval_config, train_config
+from ractd.evaluate import EvalConfig, policy_from_checkpoint
+from ractd.policy import BCGoalPolicy, BCPolicy
+from ractd.train import RunContext, TrainConfig, prepare_bc, train
+from ractd.tasks import get_task
+
+
+def _linear_data(n=4096, shuffle=False, seed=0):
+    """Hopper-shaped (11 -> 3) transitions with actions a = s W: a known linear behavior policy."""
+    rng = np.random.default_rng(seed)
+    obs = rng.uniform(-1, 1, (n, 11)).astype(np.float32)
+    w = rng.normal(0, 0.3, (11, 3)).astype(np.float32)
+    act = obs @ w
+    if shuffle:  # the planted defect: actions no longer belong to their states
+        act = act[rng.permutation(n)]
+    z = np.zeros(n, np.float32)
+    return {"observations": obs, "actions": act, "rewards": z, "terminals": z.astype(bool),
+            "timeouts": z.astype(bool)}, w
+
+
+def _rmse_of_trained_policy(tmp_path, data, w, name):
+    cfg = TrainConfig.for_stage("bc", "cpu", task="hopper-medium-replay", run_dir=str(tmp_path / name), steps=800,
+                                ckpt_every=800)
+    best = train(cfg, RunContext(progress=False), data=data)["best"]
+    policy, _, _ = policy_from_checkpoint(best, "bc")
+    assert isinstance(policy, BCPolicy)
+    states = np.random.default_rng(1).uniform(-0.8, 0.8, (400, 11)).astype(np.float32)  # held out, inside the box
+    policy.reset(len(states))
+    err = policy.act(states, [torch.Generator()] * len(states)) - states @ w
+    return float(np.sqrt(np.mean(err ** 2)))
+
+
+def test_bc_learns_a_known_linear_policy_and_not_from_shuffled_actions(tmp_path):
+    data, w = _linear_data()
+    rmse = _rmse_of_trained_policy(tmp_path, data, w, "clean")
+    spread = float((data["actions"]).std())
+    assert rmse < 0.05 * spread, (rmse, spread)  # 5% of the actions' std (about 1% of their range)
+    shuffled, _ = _linear_data(shuffle=True)
+    rmse_bad = _rmse_of_trained_policy(tmp_path, shuffled, w, "shuffled")
+    assert rmse_bad > 10 * rmse, (rmse_bad, rmse)
+
+
+def test_bc_uses_corls_recipe_and_resumes(tmp_path):
+    data, _ = _linear_data(n=512)
+    cfg = TrainConfig.for_stage("bc", "quick", task="hopper-medium-replay", run_dir=str(tmp_path), steps=20,
+                                ckpt_every=10, report_every=10)
+    assert (cfg.batch, cfg.lr, cfg.bc_hidden) == (256, 3e-4, (256, 256))
+    first = train(cfg, RunContext(progress=False, stop_at=10), data=data)
+    assert first["step"] == 10
+    out = train(cfg, RunContext(progress=False), data=data)  # resumes from latest/checkpoint.pt
+    assert out["step"] == 20
+    from ractd.checkpoint import load_checkpoint
+
+    ck = load_checkpoint(out["checkpoint"])
+    assert ck["step"] == 20 and ck["ema"] is None
+    assert ck["optimizer"]["param_groups"][0]["lr"] == pytest.approx(3e-4)  # constant rate, no cosine decay
+    assert "betas" in ck["optimizer"]["param_groups"][0] and ck["optimizer"]["param_groups"][0]["betas"] == (0.9, 0.999)
+    lines = (tmp_path / "bc" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 2
+
+
+def test_train_bc_and_evaluate_bc_parse_to_the_dataclasses():
+    p = build_parser()
+    for budget, flag in (("cpu", []), ("quick", ["--quick"]), ("paper", ["--paper"])):
+        args = p.parse_args(["train-bc", "--task", "maze2d-umaze", *flag])
+        assert train_config(args, "bc") == TrainConfig.for_stage("bc", budget, task="maze2d-umaze")
+    args = p.parse_args(["train-bc", "--task", "hopper-medium", "--bc-hidden", "32", "32", "--steps", "50"])
+    cfg = train_config(args, "bc")
+    assert cfg.bc_hidden == (32, 32) and cfg.steps == 50 and cfg.ckpt_every == 50
+    with pytest.raises(SystemExit):  # a stage's foreign field is not offered
+        p.parse_args(["train-bc", "--task", "hopper-medium", "--sigma", "1"])
+    ev = eval_config(p.parse_args(["evaluate", "--task", "maze2d-umaze", "--sampler", "bc"]))
+    assert ev == EvalConfig(task="maze2d-umaze", sampler="bc")
+
+
+def test_maze_bc_is_conditioned_on_state_and_goal_as_trained(tmp_path):
+    rng = np.random.default_rng(0)
+    n = 64
+    obs = rng.uniform(0.5, 3.5, (n, 4)).astype(np.float32)
+    goal = rng.uniform(1, 3, (n, 2)).astype(np.float32)
+    data = {"observations": obs, "actions": rng.uniform(-1, 1, (n, 2)).astype(np.float32),
+            "rewards": np.zeros(n, np.float32), "terminals": np.zeros(n, bool), "timeouts": np.zeros(n, bool),
+            "infos/goal": goal}
+    prep = prepare_bc(get_task("maze2d-umaze"), data)
+    seen = []
+
+    class Recorder(torch.nn.Module):
+        def forward(self, x):
+            seen.append(x.clone())
+            return torch.zeros(len(x), 2)
+
+    policy = BCGoalPolicy(Recorder(), prep.normalizers["obs"], prep.normalizers["action"])
+    plan = policy.plan(obs[:5], goal[:5], [torch.Generator()] * 5)
+    policy.track(plan, obs[:5], t=0)
+    np.testing.assert_allclose(seen[0].numpy(), prep.cond[:5], rtol=0, atol=1e-6)
+    # the hindsight goal when the data has no infos/goal: the episode's last position
+    del data["infos/goal"]
+    data["timeouts"][31] = True
+    prep2 = prepare_bc(get_task("maze2d-umaze"), data)
+    want = prep2.normalizers["obs"].normalize(np.concatenate([obs[[31, 63], :2], np.zeros((2, 2), np.float32)], 1))
+    np.testing.assert_allclose(prep2.cond[[0, 40], 4:], want, atol=1e-6)
+
+
+def test_the_pool_ships_a_bc_checkpoint_as_the_driver_slims_it(tmp_path):
+    """The Ray pool's actors build their policy from the bytes the driver puts in the object store
+    (ractd_ray.pool.slim_checkpoint_bytes): for BC (no EMA) those are the trained weights."""
+    pytest.importorskip("ray")
+    from ractd.study import load_policy, make_job
+    from ractd_ray.pool import slim_checkpoint_bytes
+
+    data, w = _linear_data(n=512)
+    cfg = TrainConfig.for_stage("bc", "quick", task="hopper-medium-replay", run_dir=str(tmp_path), steps=30,
+                                ckpt_every=30)
+    best = train(cfg, RunContext(progress=False), data=data)["best"]
+    job = make_job("hopper-medium-replay", "bc", best, "test")
+    assert (job.sampler, job.nfe) == ("bc", 1)
+    slim = tmp_path / "slim.pt"
+    slim.write_bytes(slim_checkpoint_bytes(best))
+    states = np.random.default_rng(2).uniform(-1, 1, (8, 11)).astype(np.float32)
+    acts = []
+    for policy in (load_policy(job), load_policy(job, slim)):
+        policy.reset(8)
+        acts.append(policy.act(states, [torch.Generator()] * 8))
+    np.testing.assert_array_equal(acts[0], acts[1])
