@@ -59,9 +59,10 @@ def pointmaze_to_d4rl(x, maze_shape: tuple[int, int], vector: bool = False):
 def maze_map(task: Task) -> np.ndarray:
     """The task's maze grid (L, W) int8, 1 = wall, 0 = free, read from the PointMaze env registration."""
     import gymnasium as gym
-    import gymnasium_robotics
 
-    gym.register_envs(gymnasium_robotics)
+    from ractd.tasks import gymnasium_robotics
+
+    gymnasium_robotics()
     grid = gym.spec(task.env_id).kwargs["maze_map"]
     return np.array([[1 if c == 1 else 0 for c in row] for row in grid], dtype=np.int8)
 

@@ -93,9 +93,9 @@ def library_versions() -> dict:
     out = {"ractd": __version__, "torch": torch.__version__, "numpy": np.__version__,
            "gymnasium": gymnasium.__version__, "python": platform.python_version()}
     try:
-        import gymnasium_robotics
+        from ractd.tasks import gymnasium_robotics
 
-        out["gymnasium_robotics"] = gymnasium_robotics.__version__
+        out["gymnasium_robotics"] = gymnasium_robotics().__version__
     except Exception:  # optional for locomotion-only installs
         pass
     return out

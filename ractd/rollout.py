@@ -80,9 +80,9 @@ def make_env(task: Task | str, max_steps: int | None = None, **kwargs):
     task = _task(task)
     steps = int(max_steps or task.max_episode_steps)
     if task.kind == "maze":
-        import gymnasium_robotics
+        from ractd.tasks import gymnasium_robotics
 
-        gym.register_envs(gymnasium_robotics)
+        gymnasium_robotics()
         return gym.make(task.env_id, continuing_task=True, reset_target=False, max_episode_steps=steps,
                         disable_env_checker=True)
     return gym.make(task.env_id, max_episode_steps=steps, disable_env_checker=True, **kwargs)

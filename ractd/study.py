@@ -212,11 +212,11 @@ CLAIMS_SWEEPS: dict[str, str] = {
 
 
 STUDIES: dict[str, Study] = {
-    # The README's first command (after the quick sweep; measured 18.6 + 2.2 min on the shared 2-CPU machine):
-    # the quick sweep's tiny dataset, teacher, best student (RACTD) and alpha = beta = 1, sigma = 0 trial (CTD);
+    # The README's first command (after the quick sweep; README gives its measured time and scores): the quick
+    # sweep's small dataset, teacher, best student (RACTD) and alpha = beta = 1, sigma = 0 trial (CTD);
     # it trains CTD itself (150 student steps) only when the sweep has no such trial. maze2d plans once per
     # episode, so 100 seeds are cheap. DDPM/DDIM (Table 11) are left out: their model costs a teacher again.
-    "quick": Study(name="quick", budget="quick", data_scale="tiny", train_missing=True,
+    "quick": Study(name="quick", budget="quick", data_scale="small", train_missing=True,
                    plans=(TaskPlan("maze2d-umaze", CORE + BASELINES),)),
     # A few-minute demonstration of every figure and table layout: tiny generated datasets, tiny U-Nets trained
     # for at most 200 steps, 20 seeds: what docs/figures shows. Its numbers say nothing about the method (the

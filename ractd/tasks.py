@@ -189,3 +189,30 @@ def get_task(name: str) -> Task:
         return TASKS[name]
     except KeyError:
         raise RactdError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)}") from None
+
+
+def gymnasium_robotics():
+    """Import gymnasium_robotics, register its environments with gymnasium, and return the module.
+
+    Its first import prints a release note to stderr (farama_notifications: the Adroit hand environments'
+    reward functions changed in 1.2.1), which concerns none of this project's environments and was printed once
+    per process -- three times per Ray trial. That note is dropped here, where it arises; anything else the
+    import prints is passed on.
+    """
+    import contextlib
+    import io
+    import sys
+
+    import gymnasium as gym
+
+    if "gymnasium_robotics" in sys.modules:
+        module = sys.modules["gymnasium_robotics"]
+    else:
+        buf = io.StringIO()
+        with contextlib.redirect_stderr(buf):
+            import gymnasium_robotics as module
+        kept = [line for line in buf.getvalue().splitlines() if line.strip() and "AdroitHand" not in line]
+        if kept:
+            print("\n".join(kept), file=sys.stderr)
+    gym.register_envs(module)
+    return module

@@ -215,14 +215,16 @@ class SearchConfig:
         return Path(self.run_dir).expanduser().resolve() if self.run_dir else sweep_dir(self.task, self.scale)
 
 
-# `--quick`: a smoke budget on tiny data that ends within 10 minutes on 2 CPUs: the quick training budget with the
-# 32-64-128 U-Net (preset "small-maze", about a quarter of the CPU preset's compute), 3 trials, 2 objective
-# rollouts per checkpoint; maze2d's 128-state plans cost about 8x a 16-action locomotion chunk per sample, so
-# its teacher and students train shorter, its students on half the batch.
-# select_max_steps 300: the quick sweep is a smoke run whose time the README quotes; its 2 short objective rollouts
-# rank nothing (the default, full-length episodes on 10 seeds, is SearchConfig's, from TrainConfig)
+# `--quick`: the README's first command, within 10 minutes on 2 CPUs: the quick training budget (teacher 1200
+# steps at batch 64, students 150 steps) with the 32-64-128 U-Net (preset "small-maze", about a quarter of the
+# CPU preset's compute), 2 objective rollouts per checkpoint. maze2d-umaze runs on the small generated dataset
+# (100k steps, generated in seconds), where this budget gives a working policy (README: the first command's
+# scores), with 2 trials: the Table 9 point (alpha = beta = 1, sigma = 0: CTD) and one TPE point. Locomotion
+# stays a smoke run on tiny data (3 trials): its small datasets take an hour or more to generate.
+# select_max_steps 300: a maze2d-umaze episode's full length; locomotion's quick objective rolls out 300 steps (the
+# default, full-length episodes on 10 seeds, is SearchConfig's, from TrainConfig).
 QUICK = dict(budget="quick", scale="tiny", preset="small-maze", num_samples=3, select_seeds=2, select_max_steps=300)
-QUICK_MAZE = dict(teacher_steps=500, steps=100, batch=32)
+QUICK_MAZE = dict(scale="small", num_samples=2)
 
 
 def quick_settings(task: str) -> dict:
@@ -341,6 +343,9 @@ def ensure_shared_models(scfg: SearchConfig, dataset: dict) -> dict:
                          cpus_per_worker=scfg.cpus_per_worker)
         trained = [o["stage"] for o in out if not o["skipped"]]
         train_time = sum(o.get("train_time_s", 0.0) for o in out)
+        for o in out:
+            if not o["skipped"]:
+                log.info("trained the %s: %d steps in %.0f s", o["stage"], o["step"], o.get("train_time_s", 0.0))
         atomic_write_json(marker, {"key": key, "task": scfg.task, "dataset": dataset,
                                    "configs": [to_dict(c) for c in shared], "trained_at": time.strftime("%F %T"),
                                    "train_time_s": train_time, "fit_time_s": out[-1]["fit_time_s"]})
@@ -397,7 +402,8 @@ def run_trial(config: dict, plan: TrialPlan) -> None:
     cfg = dataclasses.replace(base, run_dir=str(trial_dir), distill=dataclasses.replace(base.distill, **weights))
     out = fit_stage(cfg, num_workers=plan.workers, use_gpu=plan.use_gpu, max_failures=plan.max_failures,
                     storage_path=plan.train_storage, name=trial_id,
-                    callbacks=[_report_callback()], cpus_per_worker=plan.cpus_per_worker, progress=False)
+                    callbacks=[_report_callback()], cpus_per_worker=plan.cpus_per_worker, progress=True,
+                    stage_lines=False)
     atomic_write_json(trial_dir / "summary.json", {
         "trial_id": trial_id, **weights, "step": out["step"], "best": out["best"], "train_time_s": out["train_time_s"],
         "fit_time_s": out["fit_time_s"], "ray_checkpoint": out["ray_checkpoint"]})
@@ -465,6 +471,9 @@ def run_search(scfg: SearchConfig, resume: bool = False) -> dict:
         if not resume:
             atomic_write_json(saved, {"config": to_dict(scfg), "dataset": dataset, "shared": shared})
         t_tune = time.perf_counter()
+        log.info("searching alpha, beta%s: %d trials of %d distillation steps, select_score at every %d steps",
+                 ", sigma" if task.kind == "locomotion" else " (maze2d: sigma = 0, no reward model)",
+                 scfg.num_samples, student.steps, student.ckpt_every)
         if resume:
             tuner = tune.Tuner.restore(tune_path, trainable=_trainable(plan), resume_errored=True)
         else:
@@ -472,7 +481,8 @@ def run_search(scfg: SearchConfig, resume: bool = False) -> dict:
                                tune_config=_tune_config(scfg, task, student),
                                run_config=tune.RunConfig(name="tune", storage_path=tune_storage,
                                                          failure_config=tune.FailureConfig(
-                                                             max_failures=scfg.trial_failures)))
+                                                             max_failures=scfg.trial_failures),
+                                                         **_console_options(student.steps)))
         grid = tuner.fit()
         tune_wall = time.perf_counter() - t_tune
     finally:
@@ -483,10 +493,19 @@ def run_search(scfg: SearchConfig, resume: bool = False) -> dict:
     rows = collect_trials(grid, out_dir, student.steps)
     complete = len(rows) == scfg.num_samples and all(r["status"] in ("completed", "stopped", "error") for r in rows)
     best = write_results(rows, out_dir, scfg, dataset, shared)
-    _print_summary(rows, best, out_dir, complete)
+    _print_summary(rows, best, out_dir, complete, scfg)
     return {"out_dir": str(out_dir), "trials": rows, "best": best, "shared": shared, "dataset": dataset,
             "complete": complete, "wall_s": time.perf_counter() - t_start, "startup_s": startup,
             "tune_wall_s": tune_wall}
+
+
+def _console_options(steps: int) -> dict:
+    """RunConfig options for the console: Tune's status tables with --verbose, else one line per checkpoint."""
+    from ractd_ray import console
+
+    if console.verbose():
+        return {}
+    return {"verbose": 0, "callbacks": [console.trial_lines(steps)]}
 
 
 def _tune_config(scfg: SearchConfig, task: Task, student: TrainConfig):
@@ -589,7 +608,16 @@ def write_results(rows: list[dict], out_dir: Path, scfg: SearchConfig, dataset: 
     return best
 
 
-def _print_summary(rows: list[dict], best: dict | None, out_dir: Path, complete: bool) -> None:
+def evaluation_command(scfg: SearchConfig) -> str:
+    """The command that evaluates this sweep's students (eval/reproduce_tables.py reads the sweep)."""
+    if scfg.budget == "quick":
+        return "python eval/reproduce_tables.py --quick" + ("" if scfg.task == "maze2d-umaze" else
+                                                              f" --tasks {scfg.task}")
+    return f"python eval/reproduce_tables.py --study claims --tasks {scfg.task} --scale {scfg.scale}"
+
+
+def _print_summary(rows: list[dict], best: dict | None, out_dir: Path, complete: bool,
+                   scfg: SearchConfig | None = None) -> None:
     from tabulate import tabulate
 
     cols = ["trial_id", "alpha", "beta", "sigma", METRIC, "step", "ctm", "dsm", "reward", "status"]
@@ -599,6 +627,8 @@ def _print_summary(rows: list[dict], best: dict | None, out_dir: Path, complete:
         print(f"best: alpha={best['alpha']:.4g} beta={best['beta']:.4g} sigma={best['sigma']:.4g} "
               f"{METRIC}={best['score']:.4g} -> {best['checkpoint']}")
     print(f"results: {out_dir / 'trials.parquet'}")
+    if complete and best and scfg is not None:
+        print(f"next: evaluate it on 100 seeds and rebuild the tables: {evaluation_command(scfg)}")
     if not complete:
         print(f"the search did not finish ({sum(r['status'] in ('completed', 'stopped', 'error') for r in rows)} "
               f"trials done); continue it with --resume --run-dir {out_dir}")
@@ -630,6 +660,8 @@ def build_parser():
                         f"it)")
     p.add_argument("--resume", action="store_true",
                    help="continue the search in the run folder (Tuner.restore): finished trials are not rerun")
+    p.add_argument("--verbose", action="store_true",
+                   help="Ray's own console output: Tune's status tables, Ray Train's report lines, INFO logs")
     p.set_defaults(dests=dests)
     return p
 
@@ -646,8 +678,11 @@ def config_from_args(args) -> SearchConfig:
 def main(argv: list[str] | None = None) -> int:
     import sys
 
+    from ractd_ray import console
+
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = build_parser().parse_args(argv)
+    console.set_verbose(args.verbose)
     try:
         result = run_search(config_from_args(args), resume=args.resume)
     except RactdError as e:

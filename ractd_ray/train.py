@@ -35,6 +35,7 @@ from ractd import RactdError
 from ractd.config import from_dict, to_dict
 import ractd.train as library
 from ractd.train import RunContext, TrainConfig
+from ractd_ray import console
 
 log = logging.getLogger(__name__)
 
@@ -170,12 +171,15 @@ def _stage_of(checkpoint_path: str) -> str:
     return Path(checkpoint_path).name.split("-", 1)[0]
 
 
-def make_reporter(stage: str) -> Callable[[dict, Path | None], None]:
-    """report for RunContext: ray.train.report on every rank; rank 0 attaches the checkpoint folder."""
+def make_reporter(stage: str, line_total: int = 0) -> Callable[[dict, Path | None], None]:
+    """report for RunContext: ray.train.report on every rank; rank 0 attaches the checkpoint folder. line_total > 0:
+    also print one console line per checkpoint (console.checkpoint_line, out of line_total steps)."""
     import ray.train
 
     def report(metrics: dict, checkpoint_dir: Path | None) -> None:
         m = _ray_metrics(metrics, stage)
+        if checkpoint_dir is not None and line_total:
+            print(console.checkpoint_line(stage, m, line_total), flush=True)
         if checkpoint_dir is None:
             ray.train.report(m)
             return
@@ -187,7 +191,7 @@ def make_reporter(stage: str) -> Callable[[dict, Path | None], None]:
 
 
 def worker_context(cfg: TrainConfig, resume_from: Path | None = None, on_step: Callable[[int], None] | None = None,
-                   bucket_mb: float = DEFAULT_BUCKET_MB, progress: bool = True) -> RunContext:
+                   bucket_mb: float = DEFAULT_BUCKET_MB, progress: bool = True, lines: bool = False) -> RunContext:
     """The RunContext of this Ray Train worker for `cfg`'s stage (call inside a TorchTrainer loop)."""
     import ray.train
     import ray.train.torch
@@ -199,7 +203,8 @@ def worker_context(cfg: TrainConfig, resume_from: Path | None = None, on_step: C
     distributed = world > 1 and dist.is_available() and dist.is_initialized()
     if world > 1 and not distributed:
         raise RactdError(f"{world} Ray Train workers but no torch.distributed process group")
-    return RunContext(device=str(device), rank=rank, world_size=world, report=make_reporter(cfg.stage),
+    return RunContext(device=str(device), rank=rank, world_size=world,
+                      report=make_reporter(cfg.stage, cfg.steps if lines and rank == 0 else 0),
                       sync_grads=GradAllReduce(world, bucket_mb) if distributed else None,
                       all_reduce_sum=all_reduce_sum(device) if distributed else None,
                       resume_from=resume_from, on_step=on_step, progress=progress and rank == 0)
@@ -208,13 +213,16 @@ def worker_context(cfg: TrainConfig, resume_from: Path | None = None, on_step: C
 def worker_loop(config: dict) -> list[dict]:
     """TorchTrainer's train_loop_per_worker: train config["stages"] (TrainConfig dicts) one after the other.
 
-    config: stages, env (FORWARDED_ENV values), on_step (hook or None), bucket_mb, progress.
+    config: stages, env (FORWARDED_ENV values), on_step (hook or None), bucket_mb, progress, verbose (Ray Train's
+    report lines, the library's INFO logs and its step bar; without it, with stage_lines, one line per checkpoint).
     Returns (rank 0's is Result.return_value) one dict per stage: stage, step, checkpoint, best, metrics,
     train_time_s (wall time of ractd.train.train), resumed_from, skipped.
     """
     import ray.train
 
     os.environ.update(config.get("env", {}))
+    verbose = config.get("verbose", True)
+    console.quiet_worker(verbose)
     cfgs = [from_dict(TrainConfig, d) for d in config["stages"]]
     stages = [c.stage for c in cfgs]
     restored = ray.train.get_checkpoint()
@@ -227,7 +235,8 @@ def worker_loop(config: dict) -> list[dict]:
             resume = Path(restored_dir) / "checkpoint.pt" if restored_dir and cfg.stage == restored_stage else None
             ctx = worker_context(cfg, resume_from=resume, on_step=config.get("on_step"),
                                  bucket_mb=config.get("bucket_mb", DEFAULT_BUCKET_MB),
-                                 progress=config.get("progress", True))
+                                 progress=config.get("progress", True) and verbose,
+                                 lines=config.get("stage_lines", False) and not verbose)
             t0 = time.perf_counter()
             result = library.train(cfg, ctx)
             out.append({"stage": cfg.stage, "step": result["step"], "checkpoint": str(result["checkpoint"]),
@@ -293,6 +302,7 @@ def ensure_ray(address: str | None = None, **init_kwargs) -> bool:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+        env.update(console.local_env())
         init_kwargs.update(dashboard_host="127.0.0.1", dashboard_port=port)
     elif address != "auto" and "://" not in address:  # the job's processes find the same cluster
         env["RAY_ADDRESS"] = address
@@ -320,14 +330,15 @@ def fit_stages(cfgs: list[TrainConfig], num_workers: int = 1, use_gpu: bool | st
                storage_path: str | None = None, name: str | None = None, callbacks: list | None = None,
                on_step: Callable[[int], None] | None = None, cpus_per_worker: float = 1,
                bucket_mb: float = DEFAULT_BUCKET_MB, progress: bool = True, keep_checkpoints: int = 1,
-               log_level: str = "WARNING", controller_failure_limit: int = 30) -> list[dict]:
+               log_level: str = "WARNING", controller_failure_limit: int = 30, stage_lines: bool = True) -> list[dict]:
     """Train the stages `cfgs` in order in one Ray Train worker group of `num_workers` workers.
 
     storage_path / name: where Ray persists the run (default <run_dir of the first stage>/ray, "-".join(stages));
     a later call with the same pair resumes from the latest persisted checkpoint. keep_checkpoints: persisted
     checkpoints kept (the latest ones; best.pt lives in the stage folder). callbacks: Ray Train UserCallbacks
     (a Tune trial passes its report callback). log_level: Ray Train's own console logs (INFO logs every
-    report). controller_failure_limit: worker-group start-ups that may time out (60 s each, e.g. waiting for
+    report). stage_lines: without --verbose, one console line per checkpoint (a Tune trial prints its own from the
+    driver). controller_failure_limit: worker-group start-ups that may time out (60 s each, e.g. waiting for
     CPUs) before the run fails instead of waiting forever (Ray's default is to wait forever). Returns worker_loop's per-stage dicts (rank 0's), each with
     "ray_checkpoint" (the run's latest persisted checkpoint), "ray_path" and "fit_time_s" added. A failed run
     (after max_failures restarts) raises RactdError naming the error.
@@ -349,7 +360,8 @@ def fit_stages(cfgs: list[TrainConfig], num_workers: int = 1, use_gpu: bool | st
     trainer = TorchTrainer(
         worker_loop,
         train_loop_config={"stages": [to_dict(c) for c in cfgs], "env": forwarded_env(), "on_step": on_step,
-                           "bucket_mb": bucket_mb, "progress": progress},
+                           "bucket_mb": bucket_mb, "progress": progress, "verbose": console.verbose(),
+                           "stage_lines": stage_lines},
         scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=gpu,
                                                resources_per_worker={"CPU": cpus_per_worker}),
         run_config=ray.train.RunConfig(

@@ -66,7 +66,6 @@ def generate_maze_arrays(task: Task | str, n_steps: int, seed: int = 0, noise: b
     (env.unwrapped.point_env), replicating PointEnv.step: clip action, clip qvel to [-5, 5], mj_step.
     """
     import gymnasium as gym
-    import gymnasium_robotics
     import mujoco
     from tqdm import tqdm
 
@@ -75,7 +74,9 @@ def generate_maze_arrays(task: Task | str, n_steps: int, seed: int = 0, noise: b
         raise RactdError(f"task {task.name} is not a maze task")
     if n_steps <= 0:
         raise RactdError(f"number of steps must be positive, got {n_steps}")
-    gym.register_envs(gymnasium_robotics)
+    from ractd.tasks import gymnasium_robotics
+
+    gymnasium_robotics()
     env = gym.make(task.env_id, continuing_task=True)
     env.reset(seed=seed)
     point = env.unwrapped.point_env

@@ -183,9 +183,9 @@ def export_minari(data: dict, dataset_id: str, task=None, description: str | Non
     if task is not None:
         kwargs.update(ref_min_score=task.ref_min_score, ref_max_score=task.ref_max_score)
         if task.kind == "maze":
-            import gymnasium_robotics
+            from ractd.tasks import gymnasium_robotics
 
-            gym.register_envs(gymnasium_robotics)
+            gymnasium_robotics()
         kwargs["env"] = gym.spec(task.env_id)
     try:
         with warnings.catch_warnings():  # minari warns about every unset optional field (author, permalink, ...)
