@@ -146,12 +146,21 @@ def run(args) -> dict:
     figures = build_figures(store, out / "figures")
     for t in tables:
         print(f"\n### {t.title}\n\n{t.markdown}")
+    from ractd.results import headline_lines
+
+    lines = headline_lines(store.episodes(), [p.task for p in study.plans])
+    if lines:
+        print("\n## What this study found\n")
+        print("\n".join(lines))
     if missing:
         print(f"\n{len(missing)} cells are missing (no checkpoint); the commands above train them, or rerun with "
               "--train-missing")
     print(f"\nstore:   {store.root}")
     print(f"tables:  {out}/table*.md, table*.csv")
     print("figures: " + (", ".join(str(f) for f in figures) if figures else "(none: no data for them yet)"))
+    if study.name == "quick":
+        print("next:    the CPU-scale study (hours): python eval/reproduce_tables.py; on a Ray cluster: ray up "
+              "cluster.yaml, then the same commands on its head (README: Sweep, Tables)")
     return {"summary": summary, "tables": tables, "figures": figures, "missing": missing, "store": store}
 
 

@@ -723,3 +723,44 @@ def build_figures(store: ResultsStore, out) -> list[Path]:
             fig_sigma(rows, out / "fig4_sigma.png"),
             fig_score_distribution(rows, out / "score_distribution.png")]
     return [p for p in made if p is not None]
+
+
+# ---------------------------------------------------------------------------------------------- the headline
+
+HEADLINE = [("ractd", "RACTD, one-step student", ("RACTD 1", "RACTD")),
+            ("teacher-heun-80", "teacher, EDM Heun-80 (158 network calls)", ("EDM 80", None)),
+            ("ctd", "CTD (alpha = beta = 1, sigma = 0)", ("CTD 1", None)),
+            ("bc", "BC (2 x 256 MLP, CORL recipe)", (None, "BC")),
+            ("data", "data (the dataset's own level)", (None, None))]
+
+
+def headline_lines(rows: list[dict], tasks: list[str]) -> list[str]:
+    """What a study found, a few lines per task: each method's normalized score (mean ± SE, IQM, n) beside the
+    paper's, and the one-step student's speed-up per policy call over the teacher, measured in the same run."""
+    g = _group(rows)
+    out = []
+    for task in tasks:
+        cells = {mid: g.get((task, mid)) for mid, *_ in HEADLINE}
+        if not any(cells.values()):
+            continue
+        scale = "/".join(sorted({r["scale"] for eps in cells.values() if eps for r in eps}))
+        out.append(f"{task} ({scale}), normalized score, mean ± SE over episodes:")
+        for mid, label, (t11, t1) in HEADLINE:
+            eps = cells[mid]
+            if not eps:
+                continue
+            s = cell_stats([r["normalized_score"] for r in eps])
+            paper = paper_value("table11", t11, task) if t11 else None
+            paper = paper or (paper_value("table1", t1, task) if t1 else None)
+            se = "" if math.isnan(s["se"]) else f" ± {s['se']:.1f}"
+            out.append(f"  {label:44s} {s['mean']:6.1f}{se:7s} (IQM {s['iqm']:.1f}, n={s['n']})"
+                       + (f"   paper: {fmt_paper(paper)}" if paper else ""))
+        student, teacher = cells["ractd"], cells["teacher-heun-80"]
+        if student and teacher:
+            maze = _kind(task) == "maze"  # maze2d plans once per episode: the plan's time
+            ts, tt = (float(np.mean([r["time_per_action"] * (r["length"] if maze else 1) for r in eps]))
+                      for eps in (student, teacher))
+            what = "per plan" if maze else "per action"
+            out.append(f"  speed: {ts * 1e3:.3g} ms {what} for the student, {tt * 1e3:.3g} ms for the teacher: "
+                       f"{tt / ts:.0f}x faster")
+    return out

@@ -520,8 +520,10 @@ def plan_models(study: Study, task: str) -> dict[str, ModelPlan]:
     for base in ("ctd", "ractd"):  # the final checkpoint beside the selected best.pt (ractd.train's run layout)
         if f"{base}-final" in needed and base in models:
             b = models[base]
-            models[f"{base}-final"] = ModelPlan(task, f"{base}-final", "student",
-                                                b.checkpoint.parent / "latest" / "checkpoint.pt", None,
+            run = b.checkpoint.parent
+            if base == "ractd" and b.source == "sweep" and best and best.get("trial_checkpoint"):
+                run = Path(best["trial_checkpoint"]).parent  # best/checkpoint.pt is a copy; its run is the trial's
+            models[f"{base}-final"] = ModelPlan(task, f"{base}-final", "student", run / "latest" / "checkpoint.pt", None,
                                                 source=b.source, deps=(base,), final_of=base)
     return models
 
