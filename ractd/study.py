@@ -154,8 +154,8 @@ class Study:
     train_missing: train missing checkpoints (else print their commands and mark the cells missing).
     fig3_states: dataset states on which Fig. 3 samples one action per method.
     costly_seeds: seeds (the first of 0 .. seeds - 1) of cells whose sampler makes more than 4 network calls
-        per action (teacher Heun-80: 159, DDPM, DDIM 10/15) on locomotion, where every env step replans; 0 = seeds.
-        On CPU such a cell costs 15-159x a one-step student's (Heun-80 on 100 seeds x 1000 steps: hours), so a
+        per action (teacher Heun-80: 158, DDPM, DDIM 10/15) on locomotion, where every env step replans; 0 = seeds.
+        On CPU such a cell costs 15-158x a one-step student's (Heun-80 on 100 seeds x 1000 steps: hours), so a
         CPU study may give it fewer seeds; each table cell prints its n.
     sweep_flags: ((task, tune/search.py flags), ...): the study's models come from these sweeps; a missing cell
         of such a task prints the sweep command instead of a `python -m ractd` one.
@@ -233,7 +233,7 @@ STUDIES: dict[str, Study] = {
     # generated small datasets of different quality -- mixed (hopper-medium-replay), medium (walker2d-medium) and
     # maze2d-umaze. Every student, the teacher and the reward model come from one `tune/search.py --sigmas` run
     # per task (CLAIMS_SWEEPS), so CTD, RACTD and each sigma share teacher, budget and model selection; 100 seeds
-    # for every one-step cell, 10 for the Heun-80 teacher (159 network calls per env step, closed loop). The
+    # for every one-step cell, 10 for the Heun-80 teacher (158 network calls per env step, closed loop). The
     # DDPM/DDIM baselines and the reward-aware teacher (Tables 3, 4, 10, 11) cost another diffusion model per
     # task and are not in it; their cells are listed as missing with the commands that train them.
     "claims": Study(name="cpu-claims", budget="cpu", data_scale="small", costly_seeds=10, sigmas=(0.3, 1.5),
