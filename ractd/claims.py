@@ -16,8 +16,13 @@ document and applied to the stored numbers (never typed):
   * a difference of two cells is decided at two standard errors of the difference,
     SE = sqrt(SE_a^2 + SE_b^2), each SE over the cell's episodes (ractd.results.cell_stats);
   * "matches" allows MATCH_MARGIN normalized points: the student matches when (student - reference) - 2 SE >
-    -MATCH_MARGIN, does not match when (student - reference) + 2 SE < -MATCH_MARGIN;
-  * Fig. 3 compares R_psi of two methods' actions on the same dataset states: paired differences.
+    -MATCH_MARGIN, does not match when (student - reference) + 2 SE < -MATCH_MARGIN; it is "not meaningful" when
+    both sides are below the data's own level (the "data" cell, ractd.study.baseline_rows) at 2 SE, and where the
+    store has no data cell the evidence says "data level not measured";
+  * claim 3 compares R_psi of two methods' actions on the same dataset states: paired differences.
+Naming. The teacher is named by its cost, "Heun-80 (158 network calls)" (ractd.results.sampler_name: 79 Heun steps
+of 2 calls); a RACTD cell whose episodes carry sigma = 0 is named "RACTD (σ = 0, i.e. CTD)", with "the sweep's
+pick" where the task's sweep tried a sigma > 0.
 """
 
 from __future__ import annotations
@@ -30,7 +35,9 @@ from pathlib import Path
 import numpy as np
 
 from ractd import RactdError
-from ractd.results import TABLES, ResultsStore, cell_stats, fig_reward_hist, fig_score_distribution, fig_sigma
+from ractd.edm import N_BINS
+from ractd.results import (CTD_NOTE, TABLES, ResultsStore, cell_stats, fig_return_dist, fig_reward_hist,
+                           fig_score_distribution, fig_sigma, is_ctd, network_calls, sampler_name)
 from ractd.train import DIAG_TERMS
 
 MATCH_MARGIN = 10.0   # normalized points within which a one-step student "matches" its reference
@@ -131,8 +138,12 @@ def better(a: dict, b: dict) -> str:
     return "inconclusive"
 
 
-def matches(student: dict, reference: dict, margin: float = MATCH_MARGIN) -> str:
-    """student matches (or beats) reference within `margin` normalized points, at Z standard errors."""
+def matches(student: dict, reference: dict, margin: float = MATCH_MARGIN, data: dict | None = None) -> str:
+    """student matches (or beats) reference within `margin` normalized points, at Z standard errors; "not
+    meaningful" when both are below the data's own level `data` at Z standard errors (matching a reference that
+    does worse than the dataset's episodes says nothing). data None: the data level is not measured (old rule)."""
+    if data is not None and better(data, student) == "holds" and better(data, reference) == "holds":
+        return "not meaningful"
     d, se = _diff(student, reference)
     if d - Z * se > -margin:
         return "holds"
@@ -169,11 +180,15 @@ def claims(rows: list[dict], rewards: list[dict], sweeps: dict[str, dict]) -> li
 
     for task in tasks:
         c = {m: cells[(t, m)] for t, m in cells if t == task}
+        data = c.get("data")
+        ractd = _ractd_label(rows, task, sweeps.get(task, {}))
+        teacher = _teacher_name(rows, task)
         if "ctd" in c and "teacher-heun-80" in c:
             d, se = _diff(c["ctd"], c["teacher-heun-80"])
-            add("1. The one-step CTD student matches (or beats) the teacher's Heun-80 (within "
-                f"{MATCH_MARGIN:g} points)", task, matches(c["ctd"], c["teacher-heun-80"]),
-                f"CTD {_fmt(c['ctd'])} vs teacher {_fmt(c['teacher-heun-80'])}: difference {d:+.1f} ± {se:.1f}")
+            add(f"1. The one-step CTD student matches (or beats) the teacher's {teacher} (within "
+                f"{MATCH_MARGIN:g} points)", task, matches(c["ctd"], c["teacher-heun-80"], data=data),
+                f"CTD {_fmt(c['ctd'])} vs teacher {_fmt(c['teacher-heun-80'])}: difference {d:+.1f} ± {se:.1f}; "
+                + _data_level(data))
         if "ractd" in c and "ctd" in c:
             sigma = _sigma_of(rows, task, "ractd")
             d, se = _diff(c["ractd"], c["ctd"])
@@ -182,17 +197,18 @@ def claims(rows: list[dict], rewards: list[dict], sweeps: dict[str, dict]) -> li
                     f"maze2d has no reward model (sigma = 0, Table 9), so its RACTD is CTD: {_fmt(c['ractd'])}")
             elif sigma == 0:
                 add("2a. RACTD beats CTD", task, "does not hold",
-                    f"the sweep's model selection picked sigma = 0, the CTD point, as its best student: no sigma > 0 "
-                    f"scored higher ({_fmt(c['ractd'])}); 2c compares every sigma on the evaluation seeds")
+                    f"{ractd} {_fmt(c['ractd'])}: the sweep's model selection picked sigma = 0, the CTD point, as its "
+                    "best student, so no sigma > 0 scored higher; 2c compares every sigma on the evaluation seeds")
             else:
                 add("2a. RACTD beats CTD", task, better(c["ractd"], c["ctd"]),
                     f"RACTD (sigma {sigma:g}) {_fmt(c['ractd'])} vs CTD {_fmt(c['ctd'])}: difference "
                     f"{d:+.1f} ± {se:.1f}")
         if "ractd" in c and "teacher-heun-80" in c and _sigma_of(rows, task, "ractd") != 0:
             d, se = _diff(c["ractd"], c["teacher-heun-80"])
-            add(f"2b. RACTD matches or beats the teacher (within {MATCH_MARGIN:g} points)", task,
-                matches(c["ractd"], c["teacher-heun-80"]),
-                f"RACTD {_fmt(c['ractd'])} vs teacher {_fmt(c['teacher-heun-80'])}: difference {d:+.1f} ± {se:.1f}")
+            add(f"2b. RACTD matches or beats the teacher's {teacher} (within {MATCH_MARGIN:g} points)", task,
+                matches(c["ractd"], c["teacher-heun-80"], data=data),
+                f"RACTD {_fmt(c['ractd'])} vs teacher {_fmt(c['teacher-heun-80'])}: difference {d:+.1f} ± {se:.1f}; "
+                + _data_level(data))
         # 2c: any sigma > 0 the study evaluated (RACTD and the sigma cells) against CTD
         positive = sorted({(_sigma_of(rows, task, m), m) for m in c
                            if (m == "ractd" or m.startswith("ractd-sigma-")) and _sigma_of(rows, task, m) > 0})
@@ -239,16 +255,17 @@ def claims(rows: list[dict], rewards: list[dict], sweeps: dict[str, dict]) -> li
         if multi and "ractd" in c:
             v = any_holds([better(x, c["ractd"]) for _, x in multi])
             add("5. Multi-step sampling (2-4 steps) improves on one step (Table 5)", task, v,
-                f"1 step {_fmt(c['ractd'])}; " + "; ".join(f"{k} steps {_fmt(x)}" for k, x in multi))
+                f"{ractd}: 1 step {_fmt(c['ractd'])}; " + "; ".join(f"{k} steps {_fmt(x)}" for k, x in multi))
         # Table 2: maze2d actions from the inverse dynamics model (the paper's Sec. 4.2) against the PD rule
         for mid, how in (("ractd-invdyn-plan", "open loop, consecutive planned states"),
                          ("ractd-invdyn", "closed loop, observed state to the next waypoint")):
             if mid in c and "ractd" in c:
                 d, se = _diff(c[mid], c["ractd"])
                 add(f"7. maze2d: an inverse dynamics model turns the plan into actions as well as the PD rule ({how})",
-                    task, matches(c[mid], c["ractd"]),
-                    f"inverse dynamics {_fmt(c[mid])} vs PD rule {_fmt(c['ractd'])} on the same plans: difference "
-                    f"{d:+.1f} ± {se:.1f}. The model is fitted on the dataset's one-step transitions "
+                    task, matches(c[mid], c["ractd"], data=data),
+                    f"{ractd} plans: inverse dynamics {_fmt(c[mid])} vs PD rule {_fmt(c['ractd'])} on the same plans: "
+                    f"difference {d:+.1f} ± {se:.1f}; {_data_level(data)}. The model is fitted on the dataset's "
+                    "one-step transitions "
                     "(tests/test_inverse_dynamics.py bounds its error there); how far the student's planned steps "
                     "are from such transitions is not measured here")
         # the baselines: BC trained on the same data, and the data's own level (ractd.data.level)
@@ -265,22 +282,24 @@ def claims(rows: list[dict], rewards: list[dict], sweeps: dict[str, dict]) -> li
             verdicts = [x for _, x, _, _ in each]
             v = "does not hold" if "does not hold" in verdicts else "holds" if all(
                 x == "holds" for x in verdicts) else "inconclusive"
+            label = {**MODEL_LABEL, "teacher-heun-80": f"teacher {teacher}", "ractd": ractd}
             add(claim, task, v, f"{BASELINE_LABEL[ref]} {_fmt(c[ref])}; " + "; ".join(
-                f"{MODEL_LABEL[m]} {d:+.1f} ± {se:.1f} ({'**below**' if x == 'does not hold' else x})"
+                f"{label[m]} {d:+.1f} ± {se:.1f} ({'**below**' if x == 'does not hold' else x})"
                 for m, x, d, se in each))
-            out[-1]["below"] = [(MODEL_LABEL[m], BASELINE_LABEL[ref], d, se) for m, x, d, se in each
+            out[-1]["below"] = [(label[m], BASELINE_LABEL[ref], d, se) for m, x, d, se in each
                                 if x == "does not hold"]
         # Table 3: speed per action
         t = _times(rows, task)
         if "teacher-heun-80" in t and "ractd" in t:
             (tt, bt), (ts, bs) = t["teacher-heun-80"], t["ractd"]
-            nfe = _nfe(rows, task, "teacher-heun-80") / max(1, _nfe(rows, task, "ractd"))
+            calls = _calls(rows, task, "teacher-heun-80") / max(1, _calls(rows, task, "ractd"))
             ratio = tt / ts
-            v = "inconclusive" if bt != bs else "holds" if ratio >= nfe / 2 else "does not hold"
-            add("6. The one-step student is faster per action than the teacher roughly in proportion to the NFE "
-                "(Table 3: 142x on a V100 for 80 NFE)", task, v,
-                f"teacher {tt * 1e3:.1f} ms vs student {ts * 1e3:.2f} ms per batched policy call (batch {bt} vs "
-                f"{bs}): {ratio:.0f}x for {nfe:g}x the NFE (rule: at least half the NFE ratio, at equal batch)")
+            v = "inconclusive" if bt != bs else "holds" if ratio >= calls / 2 else "does not hold"
+            add("6. The one-step student is faster per action than the teacher roughly in proportion to the network "
+                "calls (Table 3: 142x on a V100, where the paper counts Heun-80 as 80 NFE)", task, v,
+                f"teacher {teacher} {tt * 1e3:.1f} ms vs student {ts * 1e3:.2f} ms per batched policy call (batch "
+                f"{bt} vs {bs}): {ratio:.0f}x for {calls:g}x the network calls (rule: at least half the ratio of "
+                "network calls, at equal batch)")
     return sorted(out, key=lambda v: (v["claim"].split(".")[0], v["task"]))
 
 
@@ -309,8 +328,30 @@ def _sigma_of(rows: list[dict], task: str, method: str) -> float:
     return float(next(iter(s))) if len(s) == 1 else math.nan
 
 
-def _nfe(rows: list[dict], task: str, method: str) -> int:
-    return max((int(r["nfe"]) for r in rows if r["task"] == task and r["method"] == method), default=1)
+def _calls(rows: list[dict], task: str, method: str) -> int:
+    """Network calls per policy call of a cell (ractd.results.network_calls of its stored sampler and NFE)."""
+    return max((network_calls(r["sampler"], r["nfe"]) for r in rows if r["task"] == task and r["method"] == method),
+               default=1)
+
+
+def _teacher_name(rows: list[dict], task: str) -> str:
+    """The teacher's sampler named by its cost, from its stored episodes: 'Heun-80 (158 network calls)'."""
+    r = next((r for r in rows if r["task"] == task and r["method"] == "teacher-heun-80"), None)
+    return sampler_name(r["sampler"], r["nfe"]) if r else "Heun-80"
+
+
+def _ractd_label(rows: list[dict], task: str, sweep: dict) -> str:
+    """'RACTD', or where the cell's episodes carry sigma = 0 (ractd.results.is_ctd) 'RACTD (σ = 0, i.e. CTD)',
+    with "the sweep's pick" when the task's sweep tried a sigma > 0 and selected sigma = 0."""
+    eps = [r for r in rows if r["task"] == task and r["method"] == "ractd"]
+    if not is_ctd(eps):
+        return "RACTD"
+    tried = any(t["sigma"] > 0 for t in sweep.get("trials") or [])
+    return f"RACTD (the sweep's pick: {CTD_NOTE})" if tried else f"RACTD ({CTD_NOTE})"
+
+
+def _data_level(data: dict | None) -> str:
+    return f"the data's own level {_fmt(data)}" if data else "data level not measured"
 
 
 def _times(rows: list[dict], task: str) -> dict[str, tuple[float, int]]:
@@ -402,7 +443,15 @@ def fig_curves(sweeps: dict[str, dict], path: Path) -> Path | None:
     return _savefig(fig, Path(path))
 
 
-FIGURES = ("fig3_reward_hist.png", "fig4_sigma.png", "fig4_curves.png", "score_distribution.png")
+# file name -> caption under it in the document
+FIGURES = {"fig3_returns.png": "Fig. 3 as the paper draws it: the distribution of per-episode normalized returns of "
+                               "CTD's and RACTD's rollouts (the stored episodes); a task without both cells' episodes "
+                               "in the snapshot says so in its panel.",
+           "rpsi_dataset_states.png": "Diagnostic beside Fig. 3 (claim 3): R_psi of the first action each model "
+                                      "samples on the same dataset states.",
+           "fig4_sigma.png": "Fig. 4: normalized score against the reward weight sigma.",
+           "fig4_curves.png": "Fig. 4's training curves: model-selection score at each student checkpoint.",
+           "score_distribution.png": "Episode scores per method."}
 
 
 def render(data: Path, write: bool = True) -> str:
@@ -432,8 +481,13 @@ def render(data: Path, write: bool = True) -> str:
              "confirm or refute the paper at its scale.", "",
              "## Verdicts", "",
              f"Rules: a difference counts at {Z:g} standard errors of the difference (SE over episodes, "
-             f"sqrt(SE_a^2 + SE_b^2)); \"matches\" allows {MATCH_MARGIN:g} normalized points; Fig. 3 uses paired "
-             "differences on the same dataset states. \"inconclusive\" = the interval contains both outcomes.", ""]
+             f"sqrt(SE_a^2 + SE_b^2)); \"matches\" allows {MATCH_MARGIN:g} normalized points, and is \"not "
+             "meaningful\" when both sides are below the data's own level at the same 2 SE (where the data level "
+             "is not measured the evidence says so); claim 3 uses paired differences of R_psi on the same dataset "
+             "states. \"inconclusive\" = the interval contains both outcomes. The teacher is named by its cost: "
+             f"Heun over {N_BINS} bins is {N_BINS - 1} steps of 2 network calls, "
+             f"{sampler_name('heun', N_BINS)}. A RACTD cell whose episodes carry σ = 0 is named "
+             f"\"RACTD ({CTD_NOTE})\".", ""]
     from tabulate import tabulate
 
     if verdicts:
@@ -465,14 +519,22 @@ def render(data: Path, write: bool = True) -> str:
               "exploiting R_psi shows a large r_gap together with many actions at the bound.", ""]
     for task, sweep in sweeps.items():
         lines += _sweep_section(task, sweep)
+    fig3_tasks = sorted({r["task"] for r in rows} | set(sweeps))
     if write:
-        fig_reward_hist(rewards, data / "figures" / FIGURES[0])
-        fig_sigma(rows, data / "figures" / FIGURES[1])
-        fig_curves(sweeps, data / "figures" / FIGURES[2])
-        fig_score_distribution(rows, data / "figures" / FIGURES[3])
+        fig_return_dist(rows, data / "figures" / "fig3_returns.png", tasks=fig3_tasks)
+        fig_reward_hist(rewards, data / "figures" / "rpsi_dataset_states.png")
+        fig_sigma(rows, data / "figures" / "fig4_sigma.png")
+        fig_curves(sweeps, data / "figures" / "fig4_curves.png")
+        fig_score_distribution(rows, data / "figures" / "score_distribution.png")
     present = [name for name in FIGURES if (data / "figures" / name).is_file()]
     if present:
-        lines += ["## Figures", ""] + [f"![{Path(n).stem}](results/figures/{n})" for n in present] + [""]
+        lines += ["## Figures", ""]
+        for n in present:
+            lines += [f"![{Path(n).stem}](results/figures/{n})", "", FIGURES[n], ""]
+        cells = _cells(rows)
+        lacking = [t for t in fig3_tasks if not ((t, "ctd") in cells and (t, "ractd") in cells)]
+        if "fig3_returns.png" in present and lacking:
+            lines += [f"Fig. 3 has no CTD/RACTD episodes for {', '.join(lacking)} in this snapshot.", ""]
     return "\n".join(lines)
 
 

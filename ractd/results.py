@@ -26,8 +26,9 @@ Tables. The paper's published numbers live in one place, `PAPER`, transcribed fr
 "paper ...". Every measured cell names the scale at which it was measured (the study's scale label stored
 with each episode, e.g. "quick", "cpu", "paper"). `build_tables` writes <out>/tableN.md and tableN.csv.
 
-Figures (matplotlib Agg): Fig. 3 (histograms of R_psi of the first actions sampled by teacher, CTD and RACTD
-on dataset states, from the rewards dataset), Fig. 4 (normalized score against the reward weight sigma),
+Figures (matplotlib Agg): Fig. 3 (the return distribution of CTD's and RACTD's rollouts, from the episodes), a
+diagnostic beside it (histograms of R_psi of the first actions sampled by teacher, CTD and RACTD on dataset states,
+from the rewards dataset), Fig. 4 (normalized score against the reward weight sigma),
 and the distribution of episode scores per method.
 """
 
@@ -367,8 +368,49 @@ def _group(rows: list[dict]) -> dict[tuple[str, str], list[dict]]:
     return out
 
 
+def network_calls(sampler: str, nfe: int) -> int:
+    """Network calls per policy call of a stored (sampler, nfe): Heun over nfe Karras bins takes nfe - 1 steps of 2
+    calls (edm.sample_heun; the schedule ends at sigma_min > 0, so no step is Euler): Heun-80 = 158; Euler over
+    nfe bins takes nfe - 1; DDPM/DDIM and the student take nfe (their steps)."""
+    if sampler == "heun":
+        return 2 * (int(nfe) - 1)
+    if sampler == "euler":
+        return int(nfe) - 1
+    return int(nfe)
+
+
+def sampler_name(sampler: str, nfe: int) -> str:
+    """How the document names a sampler's cost: 'Heun-80 (158 network calls)', 'Euler-80 (79 network calls)'."""
+    if sampler in ("heun", "euler"):
+        return f"{sampler.capitalize()}-{nfe} ({network_calls(sampler, nfe)} network calls)"
+    return f"{sampler} {nfe}"
+
+
+def _nfe_cell(eps: list[dict]) -> str | int:
+    """The NFE column: network calls per policy call, with the sampler's name where they differ from the bins."""
+    r = eps[0]
+    return sampler_name(r["sampler"], r["nfe"]) if r["sampler"] in ("heun", "euler") else r["nfe"]
+
+
+def _nfe_numbers(eps: list[dict] | None, mid: str) -> dict:
+    if not eps or mid == "data":
+        return {"nfe": None, "network_calls": None}
+    return {"nfe": eps[0]["nfe"], "network_calls": network_calls(eps[0]["sampler"], eps[0]["nfe"])}
+
+
+def is_ctd(eps: list[dict] | None) -> bool:
+    """A RACTD cell whose reward weight is 0 (the sweep picked sigma = 0, or the task has no reward model): its
+    student is CTD's. Read from the episodes' sigma, never from the task's name."""
+    return bool(eps) and eps[0]["method"].startswith("ractd") and all(
+        r["sigma"] is not None and float(r["sigma"]) == 0.0 for r in eps)
+
+
+CTD_NOTE = "σ = 0, i.e. CTD"
+
+
 def _score_cell(eps: list[dict] | None, absent: str = "missing") -> tuple[str, dict]:
-    """('mean ± se · IQM x [lo, hi] · n=N · scale', numbers) of a cell's episodes; (absent, {}) if none."""
+    """('mean ± se · IQM x [lo, hi] · n=N · scale', numbers) of a cell's episodes; (absent, {}) if none. A RACTD
+    cell at sigma = 0 (is_ctd) says so."""
     if not eps:
         return absent, {}
     s = cell_stats([r["normalized_score"] for r in eps])
@@ -376,6 +418,8 @@ def _score_cell(eps: list[dict] | None, absent: str = "missing") -> tuple[str, d
     se = "" if math.isnan(s["se"]) else f" ± {s['se']:.1f}"
     ci = "" if math.isnan(s["iqm_low"]) else f" [{s['iqm_low']:.1f}, {s['iqm_high']:.1f}]"
     text = f"{s['mean']:.1f}{se} · IQM {s['iqm']:.1f}{ci} · n={s['n']} · {scale}"
+    if is_ctd(eps):
+        text += f" · RACTD ({CTD_NOTE})"
     return text, {**s, "scale": scale}
 
 
@@ -480,11 +524,11 @@ def table2(rows: list[dict]) -> Table:
             text, nums = _score_cell(eps, absent=NOT_MEASURED if mid in _OPTIONAL else "missing")
             ttext, tnums = _time_cell(eps, "maze") if eps and mid != "data" else ("—" if mid in _OPTIONAL else
                                                                                   "missing", {})
-            nfe = eps[0]["nfe"] if eps and mid != "data" else "—"
+            nfe = _nfe_cell(eps) if eps and mid != "data" else "—"
             pv = paper_value("table2", paper_label, task) if paper_label else None
             pt = paper_value("table2_time", paper_label, task) if paper_label else None
             md.append([task, label, text, nfe, ttext, fmt_paper(pv), pt[1] if pt else "—", pt[0] if pt else "—"])
-            csv_rows.append({"task": task, "method": mid, **nums, "nfe": nfe, **tnums,
+            csv_rows.append({"task": task, "method": mid, **nums, **_nfe_numbers(eps, mid), **tnums,
                              "paper_score": pv[0] if pv else None, "paper_se": pv[1] if pv else None,
                              "paper_nfe": pt[1] if pt else None, "paper_time_s": pt[0] if pt else None})
         for label in ("Diffuser",):
@@ -511,10 +555,10 @@ def table3(rows: list[dict]) -> Table:
             text, nums = _score_cell(eps, absent=NOT_MEASURED if mid in _OPTIONAL else "missing")
             ttext, tnums = _time_cell(eps, "locomotion") if eps and mid != "data" else (
                 "—" if mid in _OPTIONAL else "missing", {})
-            nfe = eps[0]["nfe"] if eps and mid != "data" else "—"
+            nfe = _nfe_cell(eps) if eps and mid != "data" else "—"
             pv, pt = paper_value("table3", label, task), paper_value("table3_time", label, task)
             md.append([task, label, ttext, nfe, text, pt[0] if pt else "—", pt[1] if pt else "—", fmt_paper(pv)])
-            csv_rows.append({"task": task, "method": mid, **tnums, "nfe": nfe, **nums,
+            csv_rows.append({"task": task, "method": mid, **tnums, **_nfe_numbers(eps, mid), **nums,
                              "paper_time_s": pt[0] if pt else None, "paper_nfe": pt[1] if pt else None,
                              "paper_score": pv[0] if pv else None})
     headers = ["task", "method", "time per action (measured)", "NFE", "score (measured)", "paper time (s, V100)",
@@ -576,13 +620,17 @@ TABLE11_METHODS = [("ddpm-100", "DDPM 100"), ("ddim-10", "DDIM 10"), ("ddim-1", 
                    ("ctd-final", "CTD 1, final checkpoint"), ("ractd-final", "RACTD 1, final checkpoint")] + BASELINES
 
 
+# the teacher's row named by its cost ("EDM 80" is the paper's row, which counts its 80 bins as the NFE)
+TABLE11_SHOWN = {"EDM 80": f"EDM {sampler_name('heun', 80)}"}
+
+
 def table11(rows: list[dict]) -> Table:
     """Table 11 (maze2d): fast samplers (DDPM, DDIM) against the EDM teacher, CTD and RACTD."""
     g = _group(rows)
     tasks = sorted({k[0] for k in g if _kind(k[0]) == "maze"})
     md, csv_rows = [], []
     for mid, label in TABLE11_METHODS:
-        line = [label]
+        line = [TABLE11_SHOWN.get(label, label)]
         for task in tasks:
             eps = g.get((task, mid))
             text, nums = _score_cell(eps, absent=NOT_MEASURED if mid in _OPTIONAL else "missing")
@@ -641,7 +689,8 @@ FIG3_METHODS = (("teacher-heun-80", "Teacher (Heun-80)"), ("ctd", "CTD"), ("ract
 
 
 def fig_reward_hist(reward_rows: list[dict], path) -> Path | None:
-    """Fig. 3: histograms of R_psi(s, a) of the actions each method samples on the same dataset states."""
+    """Diagnostic beside Fig. 3: histograms of R_psi(s, a) of the actions each method samples on the same dataset
+    states (the paper's Fig. 3 is the return distribution of rollouts: fig_return_dist)."""
     tasks = sorted({r["task"] for r in reward_rows})
     if not tasks:
         return None
@@ -658,7 +707,43 @@ def fig_reward_hist(reward_rows: list[dict], path) -> Path | None:
         scale = "/".join(sorted({r["scale"] for r in reward_rows if r["task"] == task}))
         ax.set(title=f"{task} [{scale}]", xlabel="R_psi(s, a) (normalized return-to-go)", ylabel="actions")
         ax.legend(fontsize=8)
-    fig.suptitle("Fig. 3: reward of sampled actions on dataset states")
+    fig.suptitle("Diagnostic: R_psi of sampled actions on dataset states (not the paper's Fig. 3)")
+    return _savefig(fig, Path(path))
+
+
+FIG3_RETURN_METHODS = (("ctd", "CTD"), ("ractd", "RACTD"))
+
+
+def fig_return_dist(rows: list[dict], path, tasks: list[str] | None = None) -> Path | None:
+    """Fig. 3 as the paper draws it: the distribution (histogram, density-normalized) of the per-episode normalized
+    returns of CTD's and RACTD's rollouts, one panel per task, from the stored episodes. A task whose store lacks
+    either cell's episodes gets a panel that says so; a RACTD cell at sigma = 0 is named as CTD's student."""
+    g = _group(rows)
+    tasks = sorted({t for t, _ in g}) if tasks is None else list(tasks)
+    if not tasks:
+        return None
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 3.6), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        eps = {m: g.get((task, m)) for m, _ in FIG3_RETURN_METHODS}
+        missing = [label for m, label in FIG3_RETURN_METHODS if not eps[m]]
+        ax.set(title=task, xlabel="normalized return per episode", ylabel="density")
+        if missing:
+            ax.text(0.5, 0.5, f"no {' or '.join(missing)} episodes\nin this snapshot", ha="center", va="center",
+                    transform=ax.transAxes)
+            continue
+        vals = {m: np.array([r["normalized_score"] for r in eps[m]]) for m, _ in FIG3_RETURN_METHODS}
+        allv = np.concatenate(list(vals.values()))
+        bins = np.linspace(allv.min(), allv.max() + 1e-9, 30)
+        for m, label in FIG3_RETURN_METHODS:
+            if m == "ractd" and is_ctd(eps[m]):
+                label = f"RACTD ({CTD_NOTE})"
+            ax.hist(vals[m], bins=bins, density=True, alpha=0.5,
+                    label=f"{label}: mean {vals[m].mean():.1f}, n={len(vals[m])}")
+        ax.set_title(f"{task} [{'/'.join(sorted({r['scale'] for m in eps for r in eps[m]}))}]")
+        ax.legend(fontsize=8)
+    fig.suptitle("Fig. 3: return distribution of CTD and RACTD rollouts")
+    fig.tight_layout()
     return _savefig(fig, Path(path))
 
 
@@ -716,10 +801,12 @@ def fig_score_distribution(rows: list[dict], path) -> Path | None:
 
 
 def build_figures(store: ResultsStore, out) -> list[Path]:
-    """fig3_reward_hist.png, fig4_sigma.png, score_distribution.png under `out` (those with data)."""
+    """fig3_returns.png, fig3_reward_hist.png (the R_psi diagnostic), fig4_sigma.png, score_distribution.png under
+    `out` (those with data)."""
     out = Path(out)
     rows = store.episodes()
-    made = [fig_reward_hist(store.rewards(), out / "fig3_reward_hist.png"),
+    made = [fig_return_dist(rows, out / "fig3_returns.png"),
+            fig_reward_hist(store.rewards(), out / "fig3_reward_hist.png"),
             fig_sigma(rows, out / "fig4_sigma.png"),
             fig_score_distribution(rows, out / "score_distribution.png")]
     return [p for p in made if p is not None]

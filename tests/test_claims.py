@@ -31,6 +31,13 @@ def test_verdict_rules_at_two_standard_errors():
     assert claims.better(_cell(60, 3), _cell(50, 4)) == "inconclusive"
     assert claims.better(_cell(60.1, 3), _cell(50, 4)) == "holds"
     assert claims.better(_cell(39.9, 3), _cell(50, 4)) == "does not hold"
+    # both sides below the data's level (50 ± 1) by more than 2 SE: matching says nothing -> "not meaningful";
+    # one side above it -> the old verdict; no data cell -> the old verdict
+    assert claims.matches(_cell(20, 1), _cell(25, 1), data=_cell(50, 1)) == "not meaningful"
+    assert claims.matches(_cell(20, 1), _cell(25, 1)) == "holds"
+    assert claims.matches(_cell(60, 1), _cell(25, 1), data=_cell(50, 1)) == "holds"
+    assert claims.matches(_cell(20, 1), _cell(55, 1), data=_cell(50, 1)) == "does not hold"
+    assert claims.matches(_cell(47.5, 1), _cell(45, 1), data=_cell(50, 1)) == "holds"  # 47.5 is within 2 SE of 50
     # matching within 10 points: -5 - 2*5 = -15 < -10 and -5 + 10 = 5 > -10 -> inconclusive
     assert claims.matches(_cell(45, 3), _cell(50, 4)) == "inconclusive"
     assert claims.matches(_cell(49, 0.5), _cell(50, 0.5)) == "holds"
@@ -45,11 +52,11 @@ def test_verdict_rules_at_two_standard_errors():
     assert claims.paired(b, a)[0] == "does not hold"
 
 
-def _study(store: ResultsStore, ractd_scores, ctd_scores, teacher_scores):
+def _study(store: ResultsStore, ractd_scores, ctd_scores, teacher_scores, teacher_t=1.0):
     t = "hopper-medium-replay"
     store.write_episodes(_eps(t, "ractd", ractd_scores, "r", sigma=1.0))
     store.write_episodes(_eps(t, "ctd", ctd_scores, "c", sigma=0.0))
-    store.write_episodes(_eps(t, "teacher-heun-80", teacher_scores, "t", nfe=80, sampler="heun", t=0.5))
+    store.write_episodes(_eps(t, "teacher-heun-80", teacher_scores, "t", nfe=80, sampler="heun", t=teacher_t))
     store.write_episodes(_eps(t, "ractd-sigma-0.3", [40.0 + (i % 5) for i in range(20)], "s3", sigma=0.3))
     store.write_episodes(_eps(t, "ractd-sigma-1.5", [10.0 + (i % 5) for i in range(20)], "s15", sigma=1.5))
     store.write_episodes(_eps(t, "ractd-nfe2", [v + 1 for v in ractd_scores], "r", nfe=2))
@@ -106,12 +113,16 @@ def test_document_from_a_synthetic_study_carries_the_stores_numbers(tmp_path):
     assert "42% of chunk elements at the clamp bound" in v[("3.", t)]["evidence"]
     assert v[("4a", t)]["verdict"] == "holds" and v[("4b", t)]["verdict"] == "holds"  # 1.5 is below 1.0's 63
     assert v[("5.", t)]["verdict"] == "holds"       # 2 steps = 1 step + 1 exactly: SE of the difference ~0.3
-    assert v[("6.", t)]["verdict"] == "holds" and "50x" in v[("6.", t)]["evidence"]
+    # Heun-80 is 79 steps x 2 = 158 network calls: 100x holds (>= 79x), and the claims name that cost
+    assert v[("6.", t)]["verdict"] == "holds" and "100x for 158x the network calls" in v[("6.", t)]["evidence"]
+    assert "teacher's Heun-80 (158 network calls)" in v[("1.", t)]["claim"]
+    assert "159" not in text and "Heun-80 (158 network calls)" in text
     c = cell_stats(ractd)
     assert f"RACTD (sigma 1) {c['mean']:.1f} ± {c['se']:.1f} (n=100)" in v[("2a", t)]["evidence"]
     assert "**holds**" in text and "python eval/results_doc.py" in text
     assert "2 students: 4.0 min of training (5.0 min" in text  # 2 trials x 120 s
-    for name in ("fig3_reward_hist.png", "fig4_sigma.png", "fig4_curves.png", "score_distribution.png"):
+    for name in ("fig3_returns.png", "rpsi_dataset_states.png", "fig4_sigma.png", "fig4_curves.png",
+                 "score_distribution.png"):
         assert (data / "figures" / name).stat().st_size > 1000 and f"results/figures/{name}" in text
     # the curves keep checkpoints only (the step-150 log line is not one)
     import pyarrow.parquet as pq
@@ -179,5 +190,62 @@ def test_a_model_below_bc_or_the_data_is_a_finding_the_document_states(tmp_path)
     assert v["8a"]["verdict"] == "does not hold" and v["8b"]["verdict"] == "holds"
     found = claims.findings(verdicts)
     teacher_below = 50.5 - np.mean([33.0 + (i % 3) for i in range(10)])
-    assert len(found) == 2 and any(f"teacher Heun-80 scores below BC by {teacher_below:.1f}" in f for f in found)
+    assert len(found) == 2 and any(f"teacher Heun-80 (158 network calls) scores below BC by {teacher_below:.1f}" in f
+                                   for f in found)
     assert any("CTD scores below BC" in f for f in found) and not any("RACTD" in f for f in found)
+
+
+def test_heun_80_is_158_network_calls_and_the_speed_rule_counts_them(tmp_path):
+    """Counting the denoiser's calls in edm.sample_heun over the 80 Karras bins gives 158 (79 steps x 2), which is
+    what results.network_calls says; a 50x speed-up is then below half the ratio (79x): 'does not hold' (it held
+    when the teacher's cost was counted as 80 NFE)."""
+    import torch
+
+    from ractd import edm
+
+    calls = []
+
+    def denoise(x, sigma):
+        calls.append(1)
+        return torch.zeros_like(x)
+
+    edm.sample_heun(denoise, torch.randn(2, 4, 3), edm.karras_sigmas(edm.N_BINS))
+    assert len(calls) == results.network_calls("heun", edm.N_BINS) == 158
+    assert results.sampler_name("heun", 80) == "Heun-80 (158 network calls)"
+    store = ResultsStore(tmp_path / "store")
+    _study(store, [60.0] * 10, [30.0] * 10, [33.0] * 10, teacher_t=0.5)
+    (v,) = [x for x in claims.claims(store.episodes(), [], {}) if x["claim"].startswith("6.")]
+    assert v["verdict"] == "does not hold" and "50x for 158x the network calls" in v["evidence"]
+
+
+def test_matching_below_the_data_and_a_sigma_zero_ractd_are_named_in_verdicts_tables_and_fig3(tmp_path):
+    """Claim 1 on a teacher and a CTD student both below the data's level reads "not meaningful"; without the data
+    cell it keeps the old verdict and says "data level not measured". A RACTD cell whose episodes carry sigma = 0
+    (walker2d's sweep picked it) is named as CTD in the verdicts and in every table, read from the cell's sigma."""
+    t = "walker2d-medium"
+    store = ResultsStore(tmp_path / "store")
+    store.write_episodes(_eps(t, "ctd", [26.0 + (i % 3) for i in range(100)], "c", sigma=0.0))
+    store.write_episodes(_eps(t, "ractd", [26.0 + (i % 3) for i in range(100)], "c", sigma=0.0))
+    store.write_episodes(_eps(t, "teacher-heun-80", [23.0 + (i % 3) for i in range(10)], "t", nfe=80,
+                              sampler="heun", t=1.0))
+    sweeps = {t: {"trials": [{"sigma": 0.0}, {"sigma": 0.4}]}}
+    v = {x["claim"][:2]: x for x in claims.claims(store.episodes(), [], sweeps)}
+    assert v["1."]["verdict"] == "holds" and "data level not measured" in v["1."]["evidence"]
+    assert "RACTD (the sweep's pick: σ = 0, i.e. CTD)" in v["2a"]["evidence"]
+    assert "RACTD (σ = 0, i.e. CTD)" in claims._ractd_label(store.episodes(), t, {})
+    store.write_episodes(_eps(t, "data", [60.0 + (i % 5) for i in range(40)], "d", sampler="data", nfe=0))
+    v = {x["claim"][:2]: x for x in claims.claims(store.episodes(), [], sweeps)}
+    assert v["1."]["verdict"] == "not meaningful" and "the data's own level 62.0" in v["1."]["evidence"]
+    assert "RACTD (the sweep's pick: σ = 0, i.e. CTD) " in v["8b"]["evidence"]
+    for fn, row in ((results.table1, t), (results.table3, "RACTD (Student) 1")):
+        md = fn(store.episodes()).markdown
+        ractd_line = next(line for line in md.splitlines() if row in line)
+        assert "RACTD (σ = 0, i.e. CTD)" in ractd_line
+    # a RACTD cell at sigma > 0 is not renamed
+    s2 = ResultsStore(tmp_path / "s2")
+    _study(s2, [60.0] * 10, [30.0] * 10, [33.0] * 10)
+    assert "i.e. CTD" not in results.table1(s2.episodes()).markdown
+    assert claims._ractd_label(s2.episodes(), "hopper-medium-replay", {}) == "RACTD"
+    # Fig. 3 from the episodes; a task without them gets a panel saying so (the image is still written)
+    p = results.fig_return_dist(store.episodes(), tmp_path / "f.png", tasks=[t, "hopper-medium-replay"])
+    assert p.stat().st_size > 5000

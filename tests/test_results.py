@@ -141,7 +141,7 @@ def test_figures_written_and_non_empty(store, tmp_path):
                          for i, v in enumerate(np.random.default_rng(0).normal(mu, 0.1, 50))])
     figs = results.build_figures(store, tmp_path / "fig")
     names = sorted(p.name for p in figs)
-    assert names == ["fig3_reward_hist.png", "fig4_sigma.png", "score_distribution.png"]
+    assert names == ["fig3_returns.png", "fig3_reward_hist.png", "fig4_sigma.png", "score_distribution.png"]
     for p in figs:
         data = p.read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
