@@ -8,6 +8,7 @@ sigma_max]. The held-out set is a second dataset generated with another seed (sa
 normalized with each teacher's own normalizers.
 
     python bench/eq4_forms.py --task maze2d-umaze [--train-seeds 0 1] [--eval-seeds 50] [--forms released paper]
+    python bench/eq4_forms.py --report --out docs/results/eq4/maze2d-umaze-small    # the committed measurement
 
 Writes <out>/results.parquet (one row per form, training seed and measurement) and prints two tables. Runs are
 resumable: a finished teacher is not retrained, a stored measurement is not redone.
@@ -79,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-seeds", type=int, default=50, help="Heun-80 rollouts per teacher (0 = skip)")
     ap.add_argument("--heldout-seed", type=int, default=1)
     ap.add_argument("--out", default="", help="default <cache>/bench/eq4/<task>-<scale>")
+    ap.add_argument("--report", action="store_true", help="only print the tables of the store in --out")
     args = ap.parse_args(argv)
     try:
         return run(args)
@@ -91,12 +93,15 @@ def run(args) -> int:
     import pandas as pd
 
     out = Path(args.out) if args.out else cache_dir() / "bench" / "eq4" / f"{args.task}-{args.scale}"
-    out.mkdir(parents=True, exist_ok=True)
+    if not args.report:
+        out.mkdir(parents=True, exist_ok=True)
     store = out / "results.parquet"
     rows = pd.read_parquet(store).to_dict("records") if store.is_file() else []
     done = {(r["form"], r["train_seed"], r["measure"]) for r in rows}
-    heldout = load_d4rl_hdf5(ensure_heldout(args.task, args.scale, args.heldout_seed))
-    for seed in args.train_seeds:
+    if args.report and not rows:
+        raise RactdError(f"no results in {store}")
+    heldout = None if args.report else load_d4rl_hdf5(ensure_heldout(args.task, args.scale, args.heldout_seed))
+    for seed in [] if args.report else args.train_seeds:
         for form in args.forms:
             weighting, distance = edm.EQ4_FORMS[form]
             over = dict(task=args.task, scale=args.scale, seed=seed, weighting=weighting, distance=distance,

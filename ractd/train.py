@@ -69,10 +69,10 @@ class TrainConfig:
     reward_bounded: tanh-bounded reward model output.
     val_fraction: reward model validation split (model selection by validation loss).
     scalings: preconditioning, boundary | edm (the student always uses its teacher's).
-    distance: Eq. (4) pseudo-Huber form: elementwise (released code; default) | per_sample (iCT).
-    weighting: Eq. (4) weight: lambda (EDM's lambda(sigma), released code; default) | sqrt_lambda | none (the
-        paper's Eq. (4) as printed). The default pair (lambda, elementwise) was chosen by measurement
-        (bench/eq4_forms.py; edm.edm_loss says why).
+    distance: Eq. (4) pseudo-Huber form: per_sample (iCT; default) | elementwise (released code).
+    weighting: Eq. (4) weight: none (the paper's Eq. (4) as printed; default) | lambda (EDM's lambda(sigma), the
+        released code with elementwise) | sqrt_lambda. The default pair (none, per_sample) was chosen by
+        measurement (bench/eq4_forms.py; edm.edm_loss gives the numbers).
     distill: Eq. (5)-(9) options; alpha/beta/sigma < 0 mean "the task's Table 9 value".
     teacher_ckpt: teacher checkpoint to distill from ("" = <run_dir>/teacher/best.pt).
     reward_ckpt: reward model checkpoint ("" = <run_dir>/reward/best.pt).
@@ -109,8 +109,8 @@ class TrainConfig:
     reward_bounded: bool = True
     val_fraction: float = 0.05
     scalings: Literal["boundary", "edm"] = "boundary"
-    distance: Literal["per_sample", "elementwise"] = "elementwise"
-    weighting: Literal["lambda", "sqrt_lambda", "none"] = "lambda"
+    distance: Literal["per_sample", "elementwise"] = "per_sample"
+    weighting: Literal["lambda", "sqrt_lambda", "none"] = "none"
     distill: ctm.DistillConfig = ctm.DistillConfig(alpha=-1.0, beta=-1.0, sigma=-1.0)
     teacher_ckpt: str = ""
     reward_ckpt: str = ""

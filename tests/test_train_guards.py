@@ -37,10 +37,10 @@ def test_evaluate_defaults_equal_the_dataclass_and_flags_reach_every_field():
     assert eval_config(_parse(["evaluate", "--task", "maze2d-umaze"])) == EvalConfig(task="maze2d-umaze")
     # every field of the configs has a flag, and a given flag lands in its field (nested ones too)
     cfg = train_config(_parse(["distill", "--task", "hopper-medium", "--sigma", "0.3", "--dsm-form", "jump",
-                               "--no-init-scaled", "--distill-distance", "per_sample", "--reward-hidden", "8", "16",
+                               "--no-init-scaled", "--distill-distance", "elementwise", "--reward-hidden", "8", "16",
                                "--steps", "7"]), "student")
     assert cfg.distill.sigma == 0.3 and cfg.distill.dsm_form == "jump" and not cfg.distill.init_scaled
-    assert cfg.distill.distance == "per_sample" and cfg.distance == "elementwise"
+    assert cfg.distill.distance == "elementwise" and cfg.distance == "per_sample" and cfg.weighting == "none"
     assert cfg.reward_hidden == (8, 16) and cfg.steps == 7 and cfg.ckpt_every == 7
     from ractd.cli import STAGE_ONLY
 
