@@ -613,7 +613,7 @@ def evaluation_command(scfg: SearchConfig) -> str:
     if scfg.budget == "quick":
         return "python eval/reproduce_tables.py --quick" + ("" if scfg.task == "maze2d-umaze" else
                                                               f" --tasks {scfg.task}")
-    return f"python eval/reproduce_tables.py --study claims --tasks {scfg.task} --scale {scfg.scale}"
+    return f"python eval/reproduce_tables.py --study claims --tasks {scfg.task}"
 
 
 def _print_summary(rows: list[dict], best: dict | None, out_dir: Path, complete: bool,

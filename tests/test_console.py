@@ -49,8 +49,8 @@ def test_gymnasium_robotics_note_is_dropped_and_envs_registered():
 @pytest.mark.ray
 @pytest.mark.slow
 def test_first_command_ray_path_scores_and_console_is_short(tmp_path):
-    from ractd.results import ResultsStore
-    from ractd.paths import cache_dir
+    from ractd.paths import cache_dir, sweep_dir
+    from ractd.results import ResultsStore, checkpoint_hash
 
     sweep = _run([str(REPO / "tune" / "search.py"), "--task", "maze2d-umaze",
                   "--quick", "--teacher-steps", "600", "--steps", "100", "--ckpt-every", "50"])
@@ -69,8 +69,9 @@ def test_first_command_ray_path_scores_and_console_is_short(tmp_path):
     eps = ResultsStore(cache_dir() / "results" / "quick" / "store").episodes()
     ractd = [e for e in eps if e["method"] == "ractd"]
     assert len(ractd) == 20
-    # the study evaluated the sweep's best student, not one of its own
-    assert all("sweeps" in e["checkpoint"] for e in ractd)
+    # the study evaluated the sweep's best student (the store keeps its checkpoint's content hash), not one of its own
+    best = sweep_dir("maze2d-umaze", "small") / "best" / "checkpoint.pt"
+    assert {e["checkpoint"] for e in ractd} == {checkpoint_hash(best)}
     score = float(np.mean([e["normalized_score"] for e in ractd]))
     assert score >= THRESHOLD, f"RACTD scored {score:.1f} on 20 seeds"
 

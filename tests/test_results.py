@@ -226,8 +226,9 @@ def test_study_reuses_the_sweeps_student_and_teacher_and_trains_what_is_missing(
     d.mkdir(parents=True)
     (d / "best_config.json").write_text(json.dumps({"alpha": 0.5, "beta": 2.0, "sigma": 0.0, "checkpoint": str(best),
                                                     "teacher": str(teacher), "reward": ""}))
-    s = study.get_study("quick")
-    assert s.data_scale == "tiny" and study.ractd_weights(s, "maze2d-umaze") == (0.5, 2.0, 0.0, "sweep")
+    assert study.get_study("quick").data_scale == "small"  # the first command's study; here on tiny data
+    s = dataclasses.replace(study.get_study("quick"), data_scale="tiny")
+    assert study.ractd_weights(s, "maze2d-umaze") == (0.5, 2.0, 0.0, "sweep")
     models = study.plan_models(s, "maze2d-umaze")
     assert models["ractd"].source == "sweep" and models["ractd"].checkpoint == best
     assert models["teacher"].source == "sweep" and models["teacher"].checkpoint == teacher
