@@ -76,18 +76,25 @@ class RolloutActor:
         self.episodes = 0
 
     def run(self, job: EvalJob, seeds: list[int], weights_box: list) -> list[dict]:
+        """weights_box: [ref of (checkpoint bytes, inverse-dynamics bytes or None)], all from the driver: the
+        actor reads nothing from its node's disk."""
         from ractd.results import library_versions
 
         key = policy_key(job)
         if key not in self.policies:
-            blob = ray.get(weights_box[0])
-            fd, tmp = tempfile.mkstemp(suffix=".pt")
+            blobs = ray.get(weights_box[0])
+            tmps = []
             try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(blob)
-                self.policies[key] = load_policy(job, tmp, device=self.device)
+                for blob in blobs:
+                    fd, tmp = tempfile.mkstemp(suffix=".pt")
+                    tmps.append(tmp)
+                    with os.fdopen(fd, "wb") as f:
+                        f.write(blob or b"")
+                self.policies[key] = load_policy(job, tmps[0], device=self.device,
+                                                 inverse_dynamics_file=tmps[1] if blobs[1] else None)
             finally:
-                os.unlink(tmp)
+                for tmp in tmps:
+                    os.unlink(tmp)
         versions = {**library_versions(), "ray": ray.__version__}
         rows = run_block(job, seeds, self.policies[key], device=self._device_name(), versions=versions)
         self.episodes += len(rows)
@@ -118,6 +125,20 @@ def slim_checkpoint_bytes(path) -> bytes:
     buf = io.BytesIO()
     torch.save(slim, buf)
     return buf.getvalue()
+
+
+def inverse_dynamics_bytes(job: EvalJob) -> bytes:
+    """The inverse-dynamics model file a maze2d job's tracker loads (its default path for the checkpoint's task
+    and data scale), read on the driver."""
+    from ractd.checkpoint import load_checkpoint
+    from ractd.inverse_dynamics import default_path
+
+    scale = load_checkpoint(Path(job.checkpoint_path))["config"].get("scale", job.scale)
+    path = default_path(job.task, scale)
+    if not path.is_file():
+        raise RactdError(f"no inverse dynamics model at {path}; train it with python -m ractd.inverse_dynamics "
+                         f"{job.task}")
+    return path.read_bytes()
 
 
 def actor_layout(cfg: PoolConfig) -> tuple[int, float, float, str]:
@@ -156,9 +177,11 @@ class RolloutPool:
         return actor
 
     def _weights_ref(self, job: EvalJob):
-        if job.checkpoint not in self._weights:  # once per checkpoint
-            self._weights[job.checkpoint] = ray.put(slim_checkpoint_bytes(job.checkpoint_path))
-        return self._weights[job.checkpoint]
+        key = (job.checkpoint, job.tracker != "pd")
+        if key not in self._weights:  # once per checkpoint (and tracker model)
+            self._weights[key] = ray.put((slim_checkpoint_bytes(job.checkpoint_path),
+                                          inverse_dynamics_bytes(job) if job.tracker != "pd" else None))
+        return self._weights[key]
 
     def evaluate(self, jobs: list[EvalJob], seeds: list[int], store: ResultsStore, progress: bool = True,
                  on_block: Callable[["RolloutPool", list[dict]], None] | None = None) -> dict:
