@@ -909,6 +909,28 @@ def reward_rows(study: Study, store: ResultsStore, chunk: int = 256) -> int:
     return written
 
 
+def sweep_usage_lines(study: Study) -> list[str]:
+    """One line per task: which models come from the task's sweep at the study's data scale (its best student as
+    RACTD, its alpha = beta = 1, sigma = 0 trial as CTD, its teacher and reward model) and which are trained here."""
+    from ractd.paths import sweep_dir
+
+    lines = []
+    for task in study.tasks:
+        best = _sweep(study, task)
+        d = sweep_dir(task, study.data_scale)
+        if best is None:
+            lines.append(f"{task}: no sweep at scale {study.data_scale} ({d}): RACTD at the Table 9 weights, every "
+                         f"model from this study")
+            continue
+        models = plan_models(study, task)
+        used = sorted(n for n, m in models.items() if m.source == "sweep")
+        own = sorted(n for n, m in models.items() if m.source != "sweep")
+        lines.append(f"{task}: from the sweep {d} (best trial {best.get('trial_id', '?')}: alpha={best['alpha']:.4g} "
+                     f"beta={best['beta']:.4g} sigma={best['sigma']:.4g}): {', '.join(used) or 'nothing'}"
+                     + (f"; from this study: {', '.join(own)}" if own else ""))
+    return lines
+
+
 def summary_lines(jobs: list[EvalJob], missing: list[Missing]) -> list[str]:
     """Human-readable plan: what will be evaluated, what is missing and how to train it."""
     lines = [f"evaluate {j.task} {j.method} ({j.sampler}, NFE {j.nfe}) on {Path(j.checkpoint_path)} [{j.checkpoint}]"

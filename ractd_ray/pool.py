@@ -260,11 +260,9 @@ def evaluate(jobs: list[EvalJob], seeds: list[int], store: ResultsStore, cfg: Po
 
 
 def connect(address: str | None = None, num_cpus: int | None = None) -> None:
-    """ray.init on a cluster (address, e.g. "auto" or "ray://head:10001") or a local instance."""
-    if ray.is_initialized():
-        return
-    kw = {"address": address} if address else {"num_cpus": num_cpus} if num_cpus else {}
-    try:
-        ray.init(**kw, log_to_driver=False, configure_logging=False)
-    except ConnectionError as e:
-        raise RactdError(f"cannot reach the Ray cluster at {address}: {str(e).splitlines()[0]}") from None
+    """Connect to Ray through the project's one helper (ractd_ray.train.ensure_ray): a cluster (address, e.g.
+    "auto" or "head:6379"; else $RAY_ADDRESS) or a new local instance."""
+    from ractd_ray.train import ensure_ray
+
+    kw = {"num_cpus": num_cpus} if num_cpus else {}
+    ensure_ray(address, log_to_driver=False, configure_logging=False, **kw)
