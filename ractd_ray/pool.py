@@ -10,8 +10,8 @@ step for the whole block, one record per episode. The driver:
     time it meets the checkpoint;
   * splits every (cell, not-yet-stored seeds) into blocks (default: the seeds of a cell spread evenly over the
     actors), submits them all, and writes each returned block to the store as one atomic part file;
-  * on an actor's death (ray.exceptions.RayActorError: a killed actor, a lost node) starts a fresh actor in
-    its place; when the queue is drained, whatever the store still lacks (exactly the blocks of dead actors) is
+  * on an actor's death (ray.exceptions.ActorDiedError: a killed actor, a lost node) starts a fresh actor in
+    its place (a transient error, ActorUnavailableError, keeps the actor); when the queue is drained, whatever the store still lacks (exactly the blocks of dead actors) is
     dispatched again, up to `max_retries` rounds. The store is the source of truth, so every seed ends up stored
     exactly once: a lost block was never written, and a finished one is never rerun (`done_keys`).
 
@@ -49,10 +49,13 @@ class PoolConfig:
     actors: number of rollout actors (0 = from the cluster's resources).
     cpus_per_actor: CPUs each actor reserves; also its torch intra-op threads.
     actors_per_gpu: actors sharing one GPU (num_gpus = 1 / actors_per_gpu each).
-    gpu: auto (GPU actors when the cluster has free GPUs now) | yes (always ask for GPUs: on an autoscaling
-        cluster that starts from zero GPU workers, the request is what brings them up) | no.
+    gpu: auto (GPU actors when a node type of the cluster has a GPU: ractd_ray.resources; on an autoscaling
+        cluster that starts from zero GPU workers, the request is what brings them up) | yes (the same, and an
+        error where no node type has a GPU) | no.
     block_size: seeds per block (0 = a cell's seeds spread evenly over the actors).
     max_retries: rounds of re-dispatching the blocks of dead actors before giving up.
+    start_timeout_s: an actor not started within this many seconds (no node can take it: the cluster cannot
+        scale that far, or other jobs hold the resources) is an error, not a wait forever.
     """
 
     actors: int = 0
@@ -61,6 +64,7 @@ class PoolConfig:
     gpu: str = "auto"
     block_size: int = 0
     max_retries: int = 3
+    start_timeout_s: float = 900.0
 
 
 @ray.remote
@@ -142,17 +146,22 @@ def inverse_dynamics_bytes(job: EvalJob) -> bytes:
 
 
 def actor_layout(cfg: PoolConfig) -> tuple[int, float, float, str]:
-    """(actors, num_cpus, num_gpus, device) for each actor from the config and the cluster's resources."""
-    if cfg.gpu not in ("auto", "yes", "no"):
-        raise RactdError(f"gpu={cfg.gpu!r}: expected auto, yes or no")
+    """(actors, num_cpus, num_gpus, device) for each actor, decided once from the config and what the cluster can
+    scale to (ractd_ray.resources: its node types on an autoscaling cluster). An actor no node can hold, or --gpu
+    yes where no node type has a GPU: RactdError."""
+    from ractd_ray.resources import capacity, check_fits, decide_gpu
+
     if cfg.actors < 0 or cfg.cpus_per_actor <= 0 or cfg.actors_per_gpu < 1:
         raise RactdError("actors must be >= 0, cpus_per_actor > 0 and actors_per_gpu >= 1")
-    res = ray.available_resources()  # what other jobs on the cluster leave free
-    cpus, gpus = float(res.get("CPU", 1)), float(res.get("GPU", 0))
-    if cfg.gpu == "yes" or (cfg.gpu == "auto" and gpus >= 1):
+    cap = capacity()
+    free = ray.available_resources()  # what other jobs on the cluster leave free
+    if decide_gpu(cfg.gpu, "rollout actors", cap):
+        check_fits("a rollout actor", {"CPU": cfg.cpus_per_actor, "GPU": 1.0 / cfg.actors_per_gpu}, 1, cap)
+        gpus = float(free.get("GPU", 0)) or cap.node_gpus  # none started yet: one GPU node's worth
         n = cfg.actors or int(max(1.0, gpus) * cfg.actors_per_gpu)
         return n, cfg.cpus_per_actor, 1.0 / cfg.actors_per_gpu, "cuda"
-    n = cfg.actors or max(1, int(cpus // cfg.cpus_per_actor))
+    check_fits("a rollout actor", {"CPU": cfg.cpus_per_actor}, 1, cap)
+    n = cfg.actors or max(1, int(float(free.get("CPU", 1)) // cfg.cpus_per_actor))
     return n, cfg.cpus_per_actor, 0.0, "cpu"
 
 
@@ -175,6 +184,13 @@ class RolloutPool:
             max(1, int(self.num_cpus)), self.device)
         self.actors.append(actor)
         return actor
+
+    def _wait_started(self) -> None:
+        """Until at least one actor runs; none within cfg.start_timeout_s is a RactdError (one line)."""
+        ready, _ = ray.wait([a.stats.remote() for a in self.actors], num_returns=1, timeout=self.cfg.start_timeout_s)
+        if not ready:
+            raise RactdError(f"no rollout actor started within {self.cfg.start_timeout_s:g} s (each asks for "
+                             f"{self.num_cpus:g} CPU, {self.num_gpus:g} GPU): the Ray cluster cannot place one")
 
     def _weights_ref(self, job: EvalJob):
         key = (job.checkpoint, job.tracker != "pd")
@@ -201,6 +217,7 @@ class RolloutPool:
         n = min(self.n_actors, len(todo))
         while len(self.actors) < n:  # actors left from an earlier call are reused (they hold the CPUs)
             self._new_actor()
+        self._wait_started()
         pool = ActorPool(list(self.actors))
         summary["actors"] = len(self.actors)
         bar = tqdm(total=total, desc="episodes", unit="ep", disable=not progress)
@@ -216,10 +233,15 @@ class RolloutPool:
                     bar.close()
                     cause = e.cause if isinstance(e.cause, Exception) else e
                     raise RactdError(f"rollout failed: {str(cause).splitlines()[0] if str(cause) else type(cause).__name__}") from None
-                except ray.exceptions.RayActorError as e:
+                except ray.exceptions.ActorDiedError as e:  # dead for good (killed, its node lost): replace it
                     summary["actor_failures"] += 1
                     log.warning("a rollout actor died (%s); starting a fresh one", type(e).__name__)
                     pool.push(self._new_actor())
+                    continue
+                except ray.exceptions.RayActorError as e:  # transient (ActorUnavailableError): keep the actor;
+                    # its block is not stored, so the next round dispatches it again
+                    log.warning("a rollout actor is unavailable (%s); its block is dispatched again",
+                                type(e).__name__)
                     continue
                 store.write_episodes(rows)
                 summary["episodes_run"] += len(rows)

@@ -110,7 +110,7 @@ class SearchConfig:
     max_concurrent: trials running at the same time.
     workers: Ray Train workers per trial (and for training the shared teacher and reward model).
     cpus_per_worker: CPUs reserved per worker (whole CPUs; a trial's driver takes 0.5 CPU more).
-    gpu: GPUs for the workers: auto (when the cluster has one per worker) | yes | no.
+    gpu: GPUs for the workers: auto (when a node type of the cluster has one: ractd_ray.resources) | yes | no.
     steps: distillation steps per trial (0 = the budget's).
     batch: global distillation batch (0 = the budget's).
     teacher_steps: steps of the shared teacher (0 = the budget's).
@@ -315,7 +315,7 @@ def sweep_storage(out_dir: Path) -> str:
     return storage.location(f"sweeps/{out_dir.name}-{digest}", out_dir / "ray")
 
 
-def ensure_shared_models(scfg: SearchConfig, dataset: dict, data=None) -> dict:
+def ensure_shared_models(scfg: SearchConfig, dataset: dict, data=None, use_gpu: bool | str | None = None) -> dict:
     """Train the teacher (and the reward model) once per key, or reuse them.
 
     They live in storage (ractd.storage: $RACTD_STORAGE_PATH/shared/<task>-<key>/ on a cluster), found there by
@@ -353,7 +353,8 @@ def ensure_shared_models(scfg: SearchConfig, dataset: dict, data=None) -> dict:
             log.info("fetched the shared %s from %s", " and ".join(paths), stored)
             return {**_shared_info(folder, key, paths), "stored": stored, "trained": [], "train_time_s": 0.0}
         log.info("training the shared %s into %s", " and ".join(paths), stored)
-        out = fit_stages(shared, num_workers=scfg.workers, use_gpu=scfg.use_gpu, max_failures=scfg.max_failures,
+        out = fit_stages(shared, num_workers=scfg.workers, use_gpu=scfg.use_gpu if use_gpu is None else use_gpu,
+                         max_failures=scfg.max_failures,
                          storage_path=train_storage, name="shared", cpus_per_worker=scfg.cpus_per_worker, data=data,
                          fetch=True)
         missing = [str(p) for p in paths.values() if not p.is_file()]
@@ -393,6 +394,26 @@ class TrialPlan:
     env: dict
 
 
+SCORE_FLOOR = -1e6
+"""What Tune sees in place of a non-finite select_score (a diverged student): ASHA multiplies the score, so a NaN
+would poison its rungs, and Tune refuses a report without its metric; the floor ranks the trial last, so ASHA
+stops it at its next rung and TPE learns the point is bad. trials.parquet keeps the library's own record."""
+
+
+def finite_score(metrics: dict) -> dict:
+    """The report with a non-finite (or missing, None) select_score replaced by SCORE_FLOOR."""
+    v = metrics.get(METRIC)
+    if isinstance(v, (int, float)) and math.isfinite(v):
+        return metrics
+    return {**metrics, METRIC: SCORE_FLOOR}
+
+
+def startup_trials(num_samples: int, n_points: int) -> int:
+    """TPE's random start-up trials: the grid points, or a quarter of the budget, at most Optuna's default 10
+    (Optuna's own default of 10 made 10 of a 12-trial search random)."""
+    return max(1, n_points, min(10, math.ceil(num_samples / 4)))
+
+
 def _report_callback():
     """Ray Train -> Tune: forward only checkpoint reports (they carry select_score and the checkpoint)."""
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -400,7 +421,7 @@ def _report_callback():
     class CheckpointReports(TuneReportCallback):
         def after_report(self, run_context, metrics, checkpoint):
             if metrics and metrics[0].get("at_checkpoint"):
-                super().after_report(run_context, metrics, checkpoint)
+                super().after_report(run_context, [finite_score(m) for m in metrics], checkpoint)
 
     return CheckpointReports()
 
@@ -424,6 +445,12 @@ def run_trial(config: dict, plan: TrialPlan) -> None:
 
     os.environ.update(plan.env)
     trial_id = tune.get_context().get_trial_id()
+    summary_loc = trial_record(plan.train_storage, trial_id, "summary.json")
+    if storage.exists(summary_loc):  # it finished under an earlier driver (killed before Tune saved that)
+        last = json.loads(storage.read_text(summary_loc)).get("last_report")
+        if last:
+            tune.report(finite_score(last))
+            return
     trial_dir = Path(plan.out_dir) / "trials" / trial_id
     trial_dir.mkdir(parents=True, exist_ok=True)
     with open(trial_dir / "driver.log", "a") as f:  # one line per start of this trial's driver (on this node)
@@ -437,9 +464,9 @@ def run_trial(config: dict, plan: TrialPlan) -> None:
                     stage_lines=False)
     summary = {"trial_id": trial_id, **weights, "step": out["step"], "best": out["stored_best"],
                "train_time_s": out["train_time_s"], "fit_time_s": out["fit_time_s"],
-               "ray_checkpoint": out["ray_checkpoint"], "uploaded_bytes": out.get("uploaded_bytes", 0)}
-    storage.write_bytes(trial_record(plan.train_storage, trial_id, "summary.json"),
-                        json.dumps(summary, indent=2, sort_keys=True).encode())
+               "ray_checkpoint": out["ray_checkpoint"], "uploaded_bytes": out.get("uploaded_bytes", 0),
+               "last_report": {**out["metrics"], "checkpoint_path": out["ray_checkpoint"], "done": True}}
+    storage.write_bytes(summary_loc, json.dumps(summary, indent=2, sort_keys=True).encode())
     atomic_write_json(trial_dir / "summary.json", summary)
 
 
@@ -451,18 +478,24 @@ def _trainable(plan: TrialPlan):
     return tune.with_resources(tune.with_parameters(run_trial, plan=plan), {"cpu": 0.5})
 
 
-def _check_resources(scfg: SearchConfig) -> None:
-    """A trial that can never fit is an error; CPUs held by something else are a warning (trials would wait)."""
+def _check_resources(scfg: SearchConfig, use_gpu: bool) -> None:
+    """A trial that can never fit what the cluster can scale to (its node types, ractd_ray.resources) is an error;
+    CPUs not free now are a warning (trials wait, or the autoscaler adds nodes)."""
     import ray
 
+    from ractd_ray.resources import check_fits
+
+    per_worker = {"CPU": float(scfg.cpus_per_worker), **({"GPU": 1.0} if use_gpu else {})}
+    cap = check_fits(f"a trial's {scfg.workers} Ray Train workers", per_worker, scfg.workers)
     need = scfg.workers * scfg.cpus_per_worker + 0.5
-    have, free = ray.cluster_resources().get("CPU", 0), ray.available_resources().get("CPU", 0)
-    if need > have:
+    if need > cap.cpus:
         raise RactdError(f"a trial needs {need:g} CPUs ({scfg.workers} workers x {scfg.cpus_per_worker} + 0.5 for its "
-                         f"driver) but the Ray cluster has {have:g}; lower --workers")
+                         f"driver) but the Ray cluster {'can scale to' if cap.autoscaling else 'has'} {cap.cpus:g}; "
+                         f"lower --workers")
+    free = ray.available_resources().get("CPU", 0)
     if need > free:
-        log.warning("only %g of the cluster's %g CPUs are free (a trial needs %g): trials wait until they are",
-                    free, have, need)
+        log.warning("only %g CPUs are free now (a trial needs %g; the cluster %s %g): trials wait until they are",
+                    free, need, "can scale to" if cap.autoscaling else "has", cap.cpus)
 
 
 def run_search(scfg: SearchConfig, resume: bool = False) -> dict:
@@ -497,17 +530,20 @@ def run_search(scfg: SearchConfig, resume: bool = False) -> dict:
     try:
         import ray
 
-        _check_resources(scfg)
+        from ractd_ray.resources import decide_gpu
+
+        use_gpu = decide_gpu(scfg.gpu, "the trials' Ray Train workers")  # once, for the whole search
+        _check_resources(scfg, use_gpu)
         startup = time.perf_counter() - t_start
         data_ref = ray.put(data)  # every node trains on this copy (object store), none reads its own disk
         del data
-        shared = ensure_shared_models(scfg, dataset, data_ref)
+        shared = ensure_shared_models(scfg, dataset, data_ref, use_gpu=use_gpu)
         student = scfg.stage_config("student", source=dataset["source"], teacher_ckpt=shared["teacher"],
                                     reward_ckpt=shared["reward"])
         inputs = {f"{k}_ckpt": file_ref(shared[k]) for k in ("teacher", "reward") if shared[k]}
         plan = TrialPlan(student=to_dict(student), out_dir=str(out_dir), train_storage=train_storage,
                          data=data_ref, inputs=inputs, workers=scfg.workers,
-                         cpus_per_worker=scfg.cpus_per_worker, use_gpu=scfg.use_gpu, max_failures=scfg.max_failures,
+                         cpus_per_worker=scfg.cpus_per_worker, use_gpu=use_gpu, max_failures=scfg.max_failures,
                          env=forwarded_env())
         if not resume:
             atomic_write_json(saved, {"config": to_dict(scfg), "dataset": dataset, "shared": shared})
@@ -555,8 +591,9 @@ def _tune_config(scfg: SearchConfig, task: Task, student: TrainConfig):
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
-    searcher = OptunaSearch(points_to_evaluate=grid_points(task, scfg.sigmas),
-                            sampler=optuna.samplers.TPESampler(seed=scfg.seed))
+    points = grid_points(task, scfg.sigmas)
+    searcher = OptunaSearch(points_to_evaluate=points, sampler=optuna.samplers.TPESampler(
+        seed=scfg.seed, n_startup_trials=startup_trials(scfg.num_samples, len(points))))
     # rungs at checkpoints; max_t beyond the last step, so a trial that runs to the end finishes by itself
     scheduler = ASHAScheduler(time_attr="step", max_t=student.steps + 1,
                               grace_period=min(scfg.grace_period * student.ckpt_every, student.steps + 1),

@@ -440,12 +440,13 @@ def ensure_ray(address: str | None = None, **init_kwargs) -> bool:
 
 
 def resolve_use_gpu(use_gpu: bool | str, num_workers: int) -> bool:
-    """use_gpu="auto": True when the Ray cluster has a GPU for each worker."""
-    if use_gpu != "auto":
-        return bool(use_gpu)
-    import ray
+    """use_gpu "auto" | "yes" | "no" | bool -> bool: ractd_ray.resources.decide_gpu (auto: when a node type of the
+    cluster has a GPU, which the request then brings up; yes where none can: RactdError)."""
+    from ractd_ray.resources import decide_gpu
 
-    return ray.cluster_resources().get("GPU", 0) >= max(1, num_workers)
+    if isinstance(use_gpu, bool):
+        return use_gpu
+    return decide_gpu({True: "yes", False: "no"}.get(use_gpu, use_gpu), f"Ray Train ({num_workers} workers)")
 
 
 _SHIPPED: dict = {}  # (what, key) -> ObjectRef: each dataset / input file is put into the object store once per job

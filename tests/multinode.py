@@ -211,3 +211,8 @@ class MultiNodeCluster:
             if not page.get("IsTruncated"):
                 return out
             token = page["NextContinuationToken"]
+
+    def head(self, key: str) -> tuple:
+        """(ETag, LastModified) of one object (a full key, as objects() lists it)."""
+        o = self.s3().head_object(Bucket=self.bucket, Key=key)
+        return o["ETag"], o["LastModified"]
