@@ -11,14 +11,15 @@ step for the whole block, one record per episode. The driver:
   * splits every (cell, not-yet-stored seeds) into blocks (default: the seeds of a cell spread evenly over the
     actors), submits them all, and writes each returned block to the store as one atomic part file;
   * on an actor's death (ray.exceptions.ActorDiedError: a killed actor, a lost node) starts a fresh actor in
-    its place (a transient error, ActorUnavailableError, keeps the actor); when the queue is drained, whatever the store still lacks (exactly the blocks of dead actors) is
-    dispatched again, up to `max_retries` rounds. The store is the source of truth, so every seed ends up stored
+    its place (a transient error, ActorUnavailableError, keeps the actor); when the queue is drained, whatever
+    the store still lacks (exactly the blocks of dead actors) is dispatched again, up to `max_retries` rounds. The store is the source of truth, so every seed ends up stored
     exactly once: a lost block was never written, and a finished one is never rerun (`done_keys`).
 
-Resources: actor count from --actors, else from the cluster's free resources (GPUs x actors_per_gpu when the cluster has GPUs,
-each actor with num_gpus = 1 / actors_per_gpu so several share a device; else CPUs // cpus_per_actor). Each
-actor sets torch's intra-op threads to its CPUs (Ray sets OMP_NUM_THREADS=1 for 1-CPU actors; torch needs
-telling too).
+Resources (actor_layout, decided once in the driver): actor count from --actors, else from the cluster's free
+resources (GPUs x actors_per_gpu when a node type has GPUs, each actor with num_gpus = 1 / actors_per_gpu so
+several share a device; else CPUs // cpus_per_actor). Actors get everything they load from the driver (checkpoint
+bytes, inverse-dynamics weights; the normalizers ride in the checkpoint). Each actor sets torch's intra-op
+threads to its CPUs (Ray sets OMP_NUM_THREADS=1 for 1-CPU actors; torch needs telling too).
 """
 
 from __future__ import annotations
@@ -54,6 +55,8 @@ class PoolConfig:
         error where no node type has a GPU) | no.
     block_size: seeds per block (0 = a cell's seeds spread evenly over the actors).
     max_retries: rounds of re-dispatching the blocks of dead actors before giving up.
+    ping_timeout_s: after a round that lost blocks, an actor that does not answer within this many seconds is
+        replaced.
     start_timeout_s: an actor not started within this many seconds (no node can take it: the cluster cannot
         scale that far, or other jobs hold the resources) is an error, not a wait forever.
     """
@@ -65,6 +68,7 @@ class PoolConfig:
     block_size: int = 0
     max_retries: int = 3
     start_timeout_s: float = 900.0
+    ping_timeout_s: float = 60.0
 
 
 @ray.remote
@@ -218,11 +222,13 @@ class RolloutPool:
         while len(self.actors) < n:  # actors left from an earlier call are reused (they hold the CPUs)
             self._new_actor()
         self._wait_started()
-        pool = ActorPool(list(self.actors))
         summary["actors"] = len(self.actors)
         bar = tqdm(total=total, desc="episodes", unit="ep", disable=not progress)
         rounds = 0
         while todo:
+            if rounds:  # a round lost blocks: keep the actors that answer, replace the others
+                self._keep_live(n)
+            pool = ActorPool(list(self.actors))
             for job, block in todo:
                 ref = self._weights_ref(job)
                 pool.submit(lambda a, v: a.run.remote(v[0], v[1], [v[2]]), (job, block, ref))
@@ -236,10 +242,12 @@ class RolloutPool:
                 except ray.exceptions.ActorDiedError as e:  # dead for good (killed, its node lost): replace it
                     summary["actor_failures"] += 1
                     log.warning("a rollout actor died (%s); starting a fresh one", type(e).__name__)
-                    pool.push(self._new_actor())
+                    if len(self.actors) - summary["actor_failures"] < n:  # one fresh actor per dead one
+                        pool.push(self._new_actor())
                     continue
-                except ray.exceptions.RayActorError as e:  # transient (ActorUnavailableError): keep the actor;
-                    # its block is not stored, so the next round dispatches it again
+                except ray.exceptions.RayActorError as e:  # unavailable (ActorUnavailableError: maybe transient,
+                    # maybe its node is going): no new actor now; its block is not stored, so the next round
+                    # dispatches it again, after _keep_live has pinged the actors
                     log.warning("a rollout actor is unavailable (%s); its block is dispatched again",
                                 type(e).__name__)
                     continue
@@ -259,11 +267,31 @@ class RolloutPool:
                                      f"{self.cfg.max_retries} rounds of re-dispatching; see the Ray logs")
                 log.warning("re-dispatching %d blocks lost with dead actors", len(todo))
         bar.close()
-        live = []  # every result is in, so every live actor is idle again; dead ones were dropped by the pool
-        while (actor := pool.pop_idle()) is not None:
-            live.append(actor)
-        self.actors = live
+        self._keep_live(0)  # drop the actors that died in the last round (the live ones are idle again)
         return summary
+
+    def _keep_live(self, want: int) -> None:
+        """Ping every actor (bounded by cfg.ping_timeout_s); kill the ones that are dead or do not answer (a lost
+        node's actor can stay 'unavailable' until its node is declared dead), then start fresh ones up to `want`."""
+        actors, alive = list(self.actors), []
+        if actors:
+            pings = {a.stats.remote(): a for a in actors}
+            ready, _ = ray.wait(list(pings), num_returns=len(pings), timeout=self.cfg.ping_timeout_s)
+            for ref in ready:
+                try:
+                    ray.get(ref)
+                    alive.append(pings[ref])
+                except ray.exceptions.RayActorError:
+                    pass
+        for a in actors:
+            if a not in alive:
+                try:
+                    ray.kill(a)
+                except Exception:  # already gone
+                    pass
+        self.actors = alive
+        while len(self.actors) < want:
+            self._new_actor()
 
     def shutdown(self) -> None:
         for a in self.actors:

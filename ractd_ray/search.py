@@ -7,15 +7,21 @@ What a search does, in order (everything before Ray starts fails with one line a
    generated file at --scale, else it is generated now; it is loaded (which validates it) and fingerprinted, and
    the log says which one is used;
 2. the teacher and (locomotion) the reward model, trained once per (task, their configs, dataset fingerprint)
-   with Ray Train (one worker group trains both) into ractd.paths.shared_models_dir(task, key) and reused by
-   every later search of the task (the paper's decoupled training: one teacher, one reward model, many students);
+   with Ray Train (one worker group trains both), persisted in the run storage (ractd.storage: S3 on a cluster)
+   under shared/<task>-<key>/ and found there by key by every later search of the task, whichever node trained
+   them (a copy in ractd.paths.shared_models_dir(task, key) on the driver's machine); the paper's decoupled
+   training: one teacher, one reward model, many students;
 3. a Tune search over search_space() (ALPHA_RANGE, BETA_RANGE, SIGMA_CHOICES) with Optuna's TPE (OptunaSearch), seeded with the task's Table 9 weights
    (points_to_evaluate), ASHA on "select_score" (mode max) reported at every student checkpoint; each trial is
    a Tune function trainable (0.5 CPU) that runs a TorchTrainer (ractd_ray.train) distilling one student;
 4. the results under the run folder (default ractd.paths.sweep_dir(task, scale)): trials.parquet (one row per
-   trial), best_config.json, best/checkpoint.pt (the best student), search.json (the search's config, for
-   --resume), trials/<trial_id>/ (each trial's run folder), ray/ (Tune's and Train's state, or under
-   $RACTD_STORAGE_PATH on a cluster: ractd_ray.cluster.default_storage_path); a table at the end.
+   trial, read from storage), best_config.json, best/checkpoint.pt (the best student, fetched from storage),
+   search.json (the search's config, for --resume), trials/<trial_id>/ (each trial's run folder, on the node that
+   ran it), ray/ (Tune's and Train's state and the trials' persisted files; on a cluster under
+   $RACTD_STORAGE_PATH/sweeps/<folder>-<digest>: sweep_storage); a table at the end.
+
+Nothing is read from another node's disk: the dataset and the shared models reach every trial through the object
+store (from the driver); each trial's best.pt, metrics.jsonl and summary go to storage (ractd_ray.train).
 
 The objective is the paper's online model selection: the mean normalized return of the one-step student on
 select_seeds short rollouts (seeds 10000, ... disjoint from evaluation seeds), computed by the library at every

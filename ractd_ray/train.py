@@ -10,6 +10,11 @@ What each worker injects into the library loop (ractd.train.RunContext):
 - report: every library report becomes a `ray.train.report` on every rank (the same number of calls on each,
   as Ray Train requires); at checkpoints rank 0 attaches the folder holding only the latest checkpoint.pt,
   persisted by Ray under `<storage_path>/<name>/<stage>-<step>`.
+- storage: the driver ships the dataset and the upstream checkpoints (teacher, reward model) through the object
+  store, so no worker reads its own disk for them; at every checkpoint rank 0 persists the stage's best.pt (when
+  it changed) and metrics.jsonl to `<storage_path>/<name>/ractd/<stage>/` (StageUploader) before reporting, a
+  worker restarted on another node fetches them back, and the driver copies them to its own disk (`fetch`). The
+  storage is ractd.storage's decision ($RACTD_STORAGE_PATH on a cluster, else a local folder).
 - resume_from: after Ray Train restarts a failed worker group (`FailureConfig(max_failures)`), or when a run of
   the same (storage_path, name) is started again, `ray.train.get_checkpoint()` hands back the latest persisted
   checkpoint, and the stage it belongs to resumes from it.

@@ -95,7 +95,8 @@ class MultiNodeCluster:
         boto3.client("s3", endpoint_url=self.env["AWS_ENDPOINT_URL"], aws_access_key_id="testing",
                      aws_secret_access_key="testing", region_name="us-east-1").create_bucket(Bucket=self.bucket)
         ray = str(Path(sys.executable).parent / "ray")
-        head = [ray, "start", "--head", "--num-cpus=0", "--num-gpus=0", f"--port={gcs_port}", "--object-store-memory=400000000",
+        head = [ray, "start", "--head", "--num-cpus=0", "--num-gpus=0", f"--port={gcs_port}",
+                "--object-store-memory=400000000",
                 f"--temp-dir={self.temp_dir}", "--node-ip-address=127.0.0.1", "--include-dashboard=true",
                 "--dashboard-host=127.0.0.1", f"--dashboard-port={free_port()}", "--disable-usage-stats", "--block"]
         self._spawn("head", head)
@@ -106,7 +107,8 @@ class MultiNodeCluster:
 
     def _spawn(self, name: str, argv: list[str]) -> None:
         env = {**os.environ, **self.env, NODE_MARK: f"{self.id}/{name}"}
-        env.pop("RAY_ADDRESS") if name == "head" else None
+        if name == "head":
+            env.pop("RAY_ADDRESS", None)
         log = open(self.root / f"node-{name}.log", "ab")
         self._procs[name] = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT,
                                              start_new_session=True, cwd=self.root)
@@ -115,7 +117,8 @@ class MultiNodeCluster:
         """A worker node in its own mount namespace: a private tmpfs over the cache directory, then ray start."""
         ray = str(Path(sys.executable).parent / "ray")
         script = (f'mount -t tmpfs -o size=4g tmpfs "{self.cache}" && exec {ray} start --address={self.address} '
-                  f'--num-cpus={self.cpus_per_worker} --num-gpus=0 --node-ip-address=127.0.0.1 --object-store-memory=400000000 '
+                  f'--num-cpus={self.cpus_per_worker} --num-gpus=0 --node-ip-address=127.0.0.1 '
+                  f'--object-store-memory=400000000 '
                   f'--temp-dir={self.temp_dir} --disable-usage-stats --block')
         n = self.alive_nodes()
         self._spawn(name, ["unshare", "-m", "--propagation", "private", "sh", "-c", script])
