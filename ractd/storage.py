@@ -164,3 +164,12 @@ def total_bytes(loc: str) -> int:
     fs, path = _fs(loc)
     infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
     return sum(i.size for i in infos if i.type == pafs.FileType.File)
+
+
+def list_dir(loc: str) -> list[str]:
+    """Names of the entries directly under the folder `loc` ([] if it does not exist)."""
+    import pyarrow.fs as pafs
+
+    fs, path = _fs(loc)
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=False, allow_not_found=True))
+    return sorted(i.base_name for i in infos)

@@ -445,10 +445,22 @@ def _sweep_trials(study: Study, task: str, wanted: Iterable[tuple[float, float, 
             local = path.parent / "trials" / r["trial_id"] / "student" / "best.pt"
             if not local.is_file() and storage.exists(ckpt):
                 storage.download(ckpt, local)
+                _fetch_final(ckpt, local.parent / "latest" / "checkpoint.pt")
             ckpt = str(local)
         if Path(ckpt).is_file():
             out[weights] = Path(ckpt)
     return out
+
+
+def _fetch_final(best_loc: str, local) -> None:
+    """The final checkpoint beside a stored best.pt (<run>/ractd/student/best.pt): the run's latest persisted Ray
+    checkpoint (<run>/student-<step>/checkpoint.pt), copied to `local` (ctd-final, ractd-final read it there)."""
+    from ractd import storage
+
+    run = best_loc.rsplit("/ractd/", 1)[0]
+    steps = [n for n in storage.list_dir(run) if n.startswith("student-")]
+    if steps and storage.exists(storage.join(run, max(steps), "checkpoint.pt")):
+        storage.download(storage.join(run, max(steps), "checkpoint.pt"), local)
 
 
 def ractd_weights(study: Study, task: str) -> tuple[float, float, float, str]:
