@@ -138,12 +138,13 @@ def _check_project_rules(path: Path, raw: dict[str, Any], cfg: dict[str, Any]) -
                          + "; ".join(f"{e} ({REQUIRED_EXTRAS[e]})" for e in missing))
 
 
-def validate_cluster_config(path: str | os.PathLike) -> dict[str, Any]:
+def validate_cluster_config(path: str | os.PathLike, project_rules: bool = True) -> dict[str, Any]:
     """Load a Ray cluster file, fill in the provider's defaults and validate it against the Ray wheel's schema.
 
     Returns the filled-in config (what `ray up` would use before contacting the cloud). Raises RactdError with
     one line naming the file and the offending key: unknown keys, wrong types (a resource of 0.5 GPU),
-    a head_node_type that is not a node type, available_node_types on the local provider, ...
+    a head_node_type that is not a node type, available_node_types on the local provider, ...; with
+    project_rules, also this project's own rules (_check_project_rules: shared storage, installed extras).
     """
     path = Path(path)
     raw = _load(path)
@@ -157,7 +158,8 @@ def validate_cluster_config(path: str | os.PathLike) -> dict[str, Any]:
     if error is not None:
         raise RactdError(f"{path}: {_where(error)}: {error.message}")
     _check_rules(path, raw, cfg)
-    _check_project_rules(path, raw, cfg)
+    if project_rules:
+        _check_project_rules(path, raw, cfg)
     return cfg
 
 

@@ -38,11 +38,13 @@ def test_repository_cluster_files_validate(path):
 def test_provider_defaults_are_filled_in(tmp_path):
     """Keys a file leaves out come from the provider's defaults.yaml in the wheel, as `ray up` fills them."""
     aws = cluster.validate_cluster_config(
-        _write(tmp_path, {"cluster_name": "x", "provider": {"type": "aws", "region": "us-west-2"}}, "aws.yaml"))
+        _write(tmp_path, {"cluster_name": "x", "provider": {"type": "aws", "region": "us-west-2"}}, "aws.yaml"),
+        project_rules=False)
     assert aws["head_node_type"] in aws["available_node_types"]
     assert aws["max_workers"] >= 0 and aws["worker_start_ray_commands"]
     local = cluster.validate_cluster_config(_write(
-        tmp_path, {"cluster_name": "x", "provider": {"type": "local", "head_ip": "h", "worker_ips": []}}, "l.yaml"))
+        tmp_path, {"cluster_name": "x", "provider": {"type": "local", "head_ip": "h", "worker_ips": []}}, "l.yaml"),
+        project_rules=False)
     assert any("ray start --head" in c for c in local["head_start_ray_commands"])
 
 
@@ -70,7 +72,7 @@ def test_cloud_file_shape():
         assert t["node_config"]["InstanceType"] in {"p3.2xlarge", "g5.xlarge"}, name
     assert sum(t["max_workers"] for t in workers.values()) <= cfg["max_workers"]
     assert cfg["docker"]["image"] == "rayproject/ray:2.60.0-py311-gpu"
-    assert any("pip install" in c and ".[ray]" in c for c in cfg["setup_commands"])
+    assert any("pip install" in c and ".[ray,locomotion]" in c for c in cfg["setup_commands"])
     assert any(f"--env {cluster.STORAGE_ENV}=s3://" in o for o in cfg["docker"]["run_options"])
 
 
