@@ -219,7 +219,7 @@ def test_node_removed_during_evaluation_stores_every_cell_seed_once(cluster, tmp
     """The pool's actors run on the worker nodes; the node of one of them is killed after the first block is
     stored; its blocks go to a fresh actor on the surviving node, and every (cell, seed) is stored exactly once."""
     c = cluster
-    seeds = 12
+    seeds = 6
     store = tmp_path / "store"
     proc = c.popen(TABLES + ["--seeds", str(seeds), "--block-size", "1", "--store", str(store), "--out",
                              str(tmp_path / "out")], stdout=-1, stderr=-1, text=True)
