@@ -445,14 +445,14 @@ def _sweep_trials(study: Study, task: str, wanted: Iterable[tuple[float, float, 
             local = path.parent / "trials" / r["trial_id"] / "student" / "best.pt"
             if not local.is_file() and storage.exists(ckpt):
                 storage.download(ckpt, local)
-                _fetch_final(ckpt, local.parent / "latest" / "checkpoint.pt")
+                fetch_final_checkpoint(ckpt, local.parent / "latest" / "checkpoint.pt")
             ckpt = str(local)
         if Path(ckpt).is_file():
             out[weights] = Path(ckpt)
     return out
 
 
-def _fetch_final(best_loc: str, local) -> None:
+def fetch_final_checkpoint(best_loc: str, local) -> None:
     """The final checkpoint beside a stored best.pt (<run>/ractd/student/best.pt): the run's latest persisted Ray
     checkpoint (<run>/student-<step>/checkpoint.pt), copied to `local` (ctd-final, ractd-final read it there)."""
     from ractd import storage

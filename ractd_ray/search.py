@@ -682,6 +682,7 @@ def write_results(rows: list[dict], out_dir: Path, scfg: SearchConfig, dataset: 
     import pyarrow.parquet as pq
 
     from ractd.io import atomic_write, atomic_write_json
+    from ractd.study import fetch_final_checkpoint
 
     table = pa.Table.from_pylist(rows)
     atomic_write(out_dir / "trials.parquet", lambda f: pq.write_table(table, f))
@@ -690,9 +691,14 @@ def write_results(rows: list[dict], out_dir: Path, scfg: SearchConfig, dataset: 
         return None
     top = max(scored, key=lambda r: r[METRIC])
     ckpt = storage.download(top["checkpoint"], out_dir / "best" / "checkpoint.pt")
+    # the winning trial's best.pt and final checkpoint on this machine, in its run folder's layout (ractd-final of
+    # the study reads <trial>/student/latest/checkpoint.pt), fetched from storage whichever node trained it
+    trial_best = storage.download(top["checkpoint"], out_dir / "trials" / top["trial_id"] / "student" / "best.pt")
+    fetch_final_checkpoint(top["checkpoint"], trial_best.parent / "latest" / "checkpoint.pt")
     best = {"task": scfg.task, "alpha": top["alpha"], "beta": top["beta"], "sigma": top["sigma"],
             "score": top[METRIC], "metric": METRIC, "trial_id": top["trial_id"], "checkpoint": str(ckpt),
-            "trial_checkpoint": top["checkpoint"], "teacher": shared["teacher"], "reward": shared["reward"],
+            "trial_checkpoint": str(trial_best), "trial_checkpoint_stored": top["checkpoint"],
+            "teacher": shared["teacher"], "reward": shared["reward"],
             "dataset": dataset, "scale": scfg.scale, "budget": scfg.budget, "trials": len(rows)}
     atomic_write_json(out_dir / "best_config.json", best)
     return best

@@ -83,10 +83,12 @@ def test_sweep_then_tables_end_to_end_on_three_nodes(cluster):
     for r in rows:  # each trial's best student is in S3, its run folder on no disk of the head
         assert r["checkpoint"].startswith(f"s3://{c.bucket}/{c.prefix}/sweeps/{TASK}-small-")
         assert r["stored_bytes"] > 0
-        assert not (out / "trials" / r["trial_id"] / "student").exists()
+        assert not (out / "trials" / r["trial_id"] / "student" / "config.json").exists()  # no worker wrote here
     best = json.loads((out / "best_config.json").read_text())
     top = max(rows, key=lambda r: r["select_score"])
-    assert best["trial_id"] == top["trial_id"] and best["trial_checkpoint"] == top["checkpoint"]
+    assert best["trial_id"] == top["trial_id"] and best["trial_checkpoint_stored"] == top["checkpoint"]
+    final = Path(best["trial_checkpoint"]).parent / "latest" / "checkpoint.pt"  # fetched for ractd-final
+    assert torch.load(final, weights_only=False)["step"] == 12
     ck = torch.load(out / "best" / "checkpoint.pt", weights_only=False)
     assert ck["config"]["stage"] == "student" and ck["select_score"] == pytest.approx(best["score"])
     search_json = json.loads((out / "search.json").read_text())
