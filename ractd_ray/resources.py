@@ -80,7 +80,7 @@ def decide_gpu(gpu: str | bool, what: str, cap: Capacity | None = None) -> bool:
         raise RactdError(f"--gpu yes: no node of the Ray cluster has a GPU, and no node type it can start has one "
                          f"({'autoscaler config read' if cap.autoscaling else 'no autoscaler'}); use --gpu auto or no")
     use = cap.node_gpus >= 1
-    log.info("%s: %s (the cluster %s GPUs: %g)", what, "GPU" if use else "CPU",
+    log.debug("%s: %s (the cluster %s GPUs: %g)", what, "GPU" if use else "CPU",
              "can scale to" if cap.autoscaling else "has", cap.gpus)
     return use
 
