@@ -441,7 +441,8 @@ def _sweep_trials(study: Study, task: str, wanted: Iterable[tuple[float, float, 
         if wanted is not None and weights not in wanted:
             continue
         ckpt = r["checkpoint"]
-        if storage.is_uri(ckpt):
+        if storage.is_uri(ckpt) or "/ractd/student/" in ckpt:  # stored by the sweep (ractd_ray.train's layout)
+            # the trial's run folder on this machine: its worker's (one machine), else fetched from storage
             local = path.parent / "trials" / r["trial_id"] / "student" / "best.pt"
             if not local.is_file() and storage.exists(ckpt):
                 storage.download(ckpt, local)
