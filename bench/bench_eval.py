@@ -106,8 +106,10 @@ def main() -> None:
     assert all(r["length"] == args.steps for r in batched)
 
     t0 = time.perf_counter()
-    ray.init(num_cpus=2, log_to_driver=False, configure_logging=False, include_dashboard=False,
-             runtime_env={"worker_process_setup_hook": never_unhealthy})
+    from ractd_ray.train import ensure_ray
+
+    ensure_ray("local", num_cpus=2, log_to_driver=False, configure_logging=False,
+               runtime_env={"worker_process_setup_hook": never_unhealthy})
     t_init = time.perf_counter() - t0
     t_pool = {}
     for actors in (1, 2):

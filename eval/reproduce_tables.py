@@ -104,7 +104,7 @@ def run(args) -> dict:
     from ractd.paths import cache_dir
     from ractd.results import ResultsStore, build_figures, build_tables
     from ractd.study import (baseline_rows, ensure_models, evaluate_serial, get_study, reward_rows, study_jobs,
-                             summary_lines)
+                             summary_lines, sweep_usage_lines)
 
     study = get_study(args.study, tasks=args.tasks, seeds=args.seeds, train_missing=args.train_missing)
     if args.threads is not None:
@@ -121,6 +121,8 @@ def run(args) -> dict:
         from ractd_ray.pool import connect
 
         connect(args.address)
+    for line in sweep_usage_lines(study):
+        print(line)
     if study.train_missing:
         trained = ensure_models(study, _trainer(args))
         if trained:

@@ -415,12 +415,16 @@ def _sweep(study: Study, task: str) -> dict | None:
     return best
 
 
-def _sweep_trials(study: Study, task: str) -> dict[tuple[float, float, float], Path]:
+def _sweep_trials(study: Study, task: str, wanted: Iterable[tuple[float, float, float]] | None = None
+                  ) -> dict[tuple[float, float, float], Path]:
     """{(alpha, beta, sigma): student/best.pt} of the sweep's completed trials (the first at each weights). CTD
     is the point alpha = beta = 1, sigma = 0 (for maze2d the Table 9 point, every sweep's first trial); a sweep
     run with `--sigmas` also holds the sigma study's students (Table 9 alpha, beta). Such a student has the
     sweep's teacher, reward model, budget and model selection, so it compares like for like with the sweep's
-    RACTD, and it is not trained twice."""
+    RACTD, and it is not trained twice. A checkpoint in run storage (a sweep on a cluster: s3://...) is fetched
+    into the sweep's trials/<trial_id>/student/best.pt on this machine, for the weights in `wanted` (default:
+    all)."""
+    from ractd import storage
     import pyarrow.parquet as pq
 
     from ractd.paths import sweep_dir
@@ -428,11 +432,36 @@ def _sweep_trials(study: Study, task: str) -> dict[tuple[float, float, float], P
     path = sweep_dir(task, study.data_scale) / "trials.parquet"
     if not path.is_file():
         return {}
+    wanted = None if wanted is None else {tuple(float(x) for x in w) for w in wanted}
     out: dict[tuple[float, float, float], Path] = {}
     for r in pq.read_table(path).to_pylist():
-        if r.get("status") == "completed" and r.get("checkpoint") and Path(r["checkpoint"]).is_file():
-            out.setdefault((r.get("alpha"), r.get("beta"), r.get("sigma")), Path(r["checkpoint"]))
+        weights = (r.get("alpha"), r.get("beta"), r.get("sigma"))
+        if r.get("status") != "completed" or not r.get("checkpoint") or weights in out:
+            continue
+        if wanted is not None and weights not in wanted:
+            continue
+        ckpt = r["checkpoint"]
+        if storage.is_uri(ckpt) or "/ractd/student/" in ckpt:  # stored by the sweep (ractd_ray.train's layout)
+            # the trial's run folder on this machine: its worker's (one machine), else fetched from storage
+            local = path.parent / "trials" / r["trial_id"] / "student" / "best.pt"
+            if not local.is_file() and storage.exists(ckpt):
+                storage.download(ckpt, local)
+                fetch_final_checkpoint(ckpt, local.parent / "latest" / "checkpoint.pt")
+            ckpt = str(local)
+        if Path(ckpt).is_file():
+            out[weights] = Path(ckpt)
     return out
+
+
+def fetch_final_checkpoint(best_loc: str, local) -> None:
+    """The final checkpoint beside a stored best.pt (<run>/ractd/student/best.pt): the run's latest persisted Ray
+    checkpoint (<run>/student-<step>/checkpoint.pt), copied to `local` (ctd-final, ractd-final read it there)."""
+    from ractd import storage
+
+    run = best_loc.rsplit("/ractd/", 1)[0]
+    steps = [n for n in storage.list_dir(run) if n.startswith("student-")]
+    if steps and storage.exists(storage.join(run, max(steps), "checkpoint.pt")):
+        storage.download(storage.join(run, max(steps), "checkpoint.pt"), local)
 
 
 def ractd_weights(study: Study, task: str) -> tuple[float, float, float, str]:
@@ -478,9 +507,10 @@ def plan_models(study: Study, task: str) -> dict[str, ModelPlan]:
             if p and Path(p).is_file():
                 models[up] = ModelPlan(task, up, up, Path(p), None, source="sweep")
         if "teacher" in models:
-            trials = _sweep_trials(study, task)
-            for name, (a, b, s) in [("ctd", (1.0, 1.0, 0.0))] + [(f"sigma-{x:g}", (alpha, beta, float(x)))
-                                                                for x in task_sigmas(study, task)]:
+            points = [("ctd", (1.0, 1.0, 0.0))] + [(f"sigma-{x:g}", (alpha, beta, float(x)))
+                                                   for x in task_sigmas(study, task)]
+            trials = _sweep_trials(study, task, wanted=[w for _, w in points])
+            for name, (a, b, s) in points:
                 found = trials.get((float(a), float(b), float(s)))
                 if found is not None:
                     models[name] = ModelPlan(task, name, "student", found, None, source="sweep")
@@ -730,9 +760,10 @@ def policy_key(job: EvalJob) -> tuple:
     return (job.checkpoint, job.sampler, job.nfe, job.init_scaled, job.tracker)
 
 
-def load_policy(job: EvalJob, checkpoint_file=None, device: str = "cpu"):
+def load_policy(job: EvalJob, checkpoint_file=None, device: str = "cpu", inverse_dynamics_file=None):
     """The job's policy (LocomotionPolicy or MazePlanner), from checkpoint_file (default: job.checkpoint_path),
-    its network on `device`."""
+    its network on `device`; an inverse-dynamics tracker from inverse_dynamics_file (default: its default path,
+    ractd.inverse_dynamics.default_path)."""
     import inspect
 
     from ractd.evaluate import policy_from_checkpoint
@@ -744,6 +775,8 @@ def load_policy(job: EvalJob, checkpoint_file=None, device: str = "cpu"):
         kw["device"] = device
     if job.tracker != "pd":
         kw["tracker"] = job.tracker
+        if inverse_dynamics_file:
+            kw["inverse_dynamics"] = str(inverse_dynamics_file)
     policy, task, _ = policy_from_checkpoint(checkpoint_file or job.checkpoint_path, job.sampler, job.nfe,
                                              job.init_scaled, **kw)
     if task.name != job.task:
@@ -887,6 +920,28 @@ def reward_rows(study: Study, store: ResultsStore, chunk: int = 256) -> int:
             written += len(vals)
             log.info("Fig. 3 %s %s: mean R_psi %.4f over %d states", task, job.method, float(vals.mean()), n)
     return written
+
+
+def sweep_usage_lines(study: Study) -> list[str]:
+    """One line per task: which models come from the task's sweep at the study's data scale (its best student as
+    RACTD, its alpha = beta = 1, sigma = 0 trial as CTD, its teacher and reward model) and which are trained here."""
+    from ractd.paths import sweep_dir
+
+    lines = []
+    for task in study.tasks:
+        best = _sweep(study, task)
+        d = sweep_dir(task, study.data_scale)
+        if best is None:
+            lines.append(f"{task}: no sweep at scale {study.data_scale} ({d}): RACTD at the Table 9 weights, every "
+                         f"model from this study")
+            continue
+        models = plan_models(study, task)
+        used = sorted(n for n, m in models.items() if m.source == "sweep")
+        own = sorted(n for n, m in models.items() if m.source != "sweep")
+        lines.append(f"{task}: from the sweep {d} (best trial {best.get('trial_id', '?')}: alpha={best['alpha']:.4g} "
+                     f"beta={best['beta']:.4g} sigma={best['sigma']:.4g}): {', '.join(used) or 'nothing'}"
+                     + (f"; from this study: {', '.join(own)}" if own else ""))
+    return lines
 
 
 def summary_lines(jobs: list[EvalJob], missing: list[Missing]) -> list[str]:

@@ -24,11 +24,17 @@ import yaml
 import ray.autoscaler
 from ray.autoscaler.sdk import fillout_defaults
 
-from ractd import RactdError
+from ractd import RactdError, storage
 
-STORAGE_ENV = "RACTD_STORAGE_PATH"
+STORAGE_ENV = storage.STORAGE_ENV
 """Environment variable naming the shared storage for Tune and Train results (s3://bucket/prefix or a path on
-a shared file system); the cluster files set it on every node."""
+a shared file system); the cluster files set it on every node (ractd.storage decides with it)."""
+
+REQUIRED_EXTRAS = {
+    "ray": "Ray Tune / Train, Optuna: tune/search.py and eval/reproduce_tables.py",
+    "locomotion": "stable-baselines3: --source auto generates locomotion datasets on the head",
+}
+"""Extras of this project the nodes must install for the README's commands to run on the cluster."""
 
 PLACEHOLDER = "CHANGE-ME"
 """Marker of the values a user must edit in the cluster files before `ray up`."""
@@ -36,11 +42,9 @@ PLACEHOLDER = "CHANGE-ME"
 
 def default_storage_path(fallback: str | os.PathLike | None = None) -> str | None:
     """The storage_path for ray.tune/ray.train RunConfig: $RACTD_STORAGE_PATH if set (on a cluster started from
-    cluster.yaml or cluster-local.yaml), else `fallback` (a local directory is right on a single machine)."""
-    value = os.environ.get(STORAGE_ENV)
-    if value:
-        return value
-    return None if fallback is None else str(fallback)
+    cluster.yaml or cluster-local.yaml), else `fallback` (a local directory is right on a single machine).
+    ractd.storage.location is the helper the sweep, Train and the evaluation use; this is its root."""
+    return storage.configured() or (None if fallback is None else str(fallback))
 
 
 def schema_path() -> Path:
@@ -98,12 +102,49 @@ def _check_rules(path: Path, raw: dict[str, Any], cfg: dict[str, Any]) -> None:
                          f"min_workers ({total_min})")
 
 
-def validate_cluster_config(path: str | os.PathLike) -> dict[str, Any]:
+def _is_multi_node(raw: dict[str, Any], cfg: dict[str, Any]) -> bool:
+    if cfg["provider"]["type"] == "local":
+        return bool(cfg["provider"].get("worker_ips"))
+    head = cfg.get("head_node_type")
+    return any(t.get("max_workers", cfg.get("max_workers", 0)) > 0
+               for name, t in (cfg.get("available_node_types") or {}).items() if name != head)
+
+
+def installed_extras(cfg: dict[str, Any]) -> set[str] | None:
+    """The extras of this project the setup commands install (`pip install -e '.[a,b]'`), None if none does."""
+    import re
+
+    found = None
+    for cmd in [*cfg.get("setup_commands", []), *cfg.get("head_setup_commands", []),
+                *cfg.get("worker_setup_commands", [])]:
+        for m in re.finditer(r"pip install[^;&|]*?-e\s+['\"]?\.\[([^\]]*)\]", str(cmd)):
+            found = (found or set()) | {x.strip() for x in m.group(1).split(",") if x.strip()}
+    return found
+
+
+def _check_project_rules(path: Path, raw: dict[str, Any], cfg: dict[str, Any]) -> None:
+    """This project's own rules for a cluster file: a multi-node cluster sets the shared storage
+    ($RACTD_STORAGE_PATH: the nodes share no disk), and the nodes install the extras the commands need."""
+    if _is_multi_node(raw, cfg) and f"{STORAGE_ENV}=" not in yaml.safe_dump(raw, width=10**6):
+        raise RactdError(f"{path}: a multi-node cluster needs shared storage: set {STORAGE_ENV}=s3://... (or a "
+                         f"shared folder) on every node, e.g. docker.run_options: --env {STORAGE_ENV}=...")
+    extras = installed_extras(cfg)
+    if extras is None:
+        raise RactdError(f"{path}: setup_commands: no `pip install -e '.[{','.join(REQUIRED_EXTRAS)}]'` of this "
+                         f"project")
+    missing = [e for e in REQUIRED_EXTRAS if e not in extras]
+    if missing:
+        raise RactdError(f"{path}: setup_commands: the nodes install .[{','.join(sorted(extras))}] without "
+                         + "; ".join(f"{e} ({REQUIRED_EXTRAS[e]})" for e in missing))
+
+
+def validate_cluster_config(path: str | os.PathLike, project_rules: bool = True) -> dict[str, Any]:
     """Load a Ray cluster file, fill in the provider's defaults and validate it against the Ray wheel's schema.
 
     Returns the filled-in config (what `ray up` would use before contacting the cloud). Raises RactdError with
     one line naming the file and the offending key: unknown keys, wrong types (a resource of 0.5 GPU),
-    a head_node_type that is not a node type, available_node_types on the local provider, ...
+    a head_node_type that is not a node type, available_node_types on the local provider, ...; with
+    project_rules, also this project's own rules (_check_project_rules: shared storage, installed extras).
     """
     path = Path(path)
     raw = _load(path)
@@ -117,6 +158,8 @@ def validate_cluster_config(path: str | os.PathLike) -> dict[str, Any]:
     if error is not None:
         raise RactdError(f"{path}: {_where(error)}: {error.message}")
     _check_rules(path, raw, cfg)
+    if project_rules:
+        _check_project_rules(path, raw, cfg)
     return cfg
 
 

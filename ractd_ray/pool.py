@@ -10,15 +10,16 @@ step for the whole block, one record per episode. The driver:
     time it meets the checkpoint;
   * splits every (cell, not-yet-stored seeds) into blocks (default: the seeds of a cell spread evenly over the
     actors), submits them all, and writes each returned block to the store as one atomic part file;
-  * on an actor's death (ray.exceptions.RayActorError: a killed actor, a lost node) starts a fresh actor in
-    its place; when the queue is drained, whatever the store still lacks (exactly the blocks of dead actors) is
-    dispatched again, up to `max_retries` rounds. The store is the source of truth, so every seed ends up stored
+  * on an actor's death (ray.exceptions.ActorDiedError: a killed actor, a lost node) starts a fresh actor in
+    its place (a transient error, ActorUnavailableError, keeps the actor); when the queue is drained, whatever
+    the store still lacks (exactly the blocks of dead actors) is dispatched again, up to `max_retries` rounds. The store is the source of truth, so every seed ends up stored
     exactly once: a lost block was never written, and a finished one is never rerun (`done_keys`).
 
-Resources: actor count from --actors, else from the cluster's free resources (GPUs x actors_per_gpu when the cluster has GPUs,
-each actor with num_gpus = 1 / actors_per_gpu so several share a device; else CPUs // cpus_per_actor). Each
-actor sets torch's intra-op threads to its CPUs (Ray sets OMP_NUM_THREADS=1 for 1-CPU actors; torch needs
-telling too).
+Resources (actor_layout, decided once in the driver): actor count from --actors, else from the cluster's free
+resources (GPUs x actors_per_gpu when a node type has GPUs, each actor with num_gpus = 1 / actors_per_gpu so
+several share a device; else CPUs // cpus_per_actor). Actors get everything they load from the driver (checkpoint
+bytes, inverse-dynamics weights; the normalizers ride in the checkpoint). Each actor sets torch's intra-op
+threads to its CPUs (Ray sets OMP_NUM_THREADS=1 for 1-CPU actors; torch needs telling too).
 """
 
 from __future__ import annotations
@@ -49,10 +50,15 @@ class PoolConfig:
     actors: number of rollout actors (0 = from the cluster's resources).
     cpus_per_actor: CPUs each actor reserves; also its torch intra-op threads.
     actors_per_gpu: actors sharing one GPU (num_gpus = 1 / actors_per_gpu each).
-    gpu: auto (GPU actors when the cluster has free GPUs now) | yes (always ask for GPUs: on an autoscaling
-        cluster that starts from zero GPU workers, the request is what brings them up) | no.
+    gpu: auto (GPU actors when a node type of the cluster has a GPU: ractd_ray.resources; on an autoscaling
+        cluster that starts from zero GPU workers, the request is what brings them up) | yes (the same, and an
+        error where no node type has a GPU) | no.
     block_size: seeds per block (0 = a cell's seeds spread evenly over the actors).
     max_retries: rounds of re-dispatching the blocks of dead actors before giving up.
+    ping_timeout_s: after a round that lost blocks, an actor that does not answer within this many seconds is
+        replaced.
+    start_timeout_s: an actor not started within this many seconds (no node can take it: the cluster cannot
+        scale that far, or other jobs hold the resources) is an error, not a wait forever.
     """
 
     actors: int = 0
@@ -61,6 +67,8 @@ class PoolConfig:
     gpu: str = "auto"
     block_size: int = 0
     max_retries: int = 3
+    start_timeout_s: float = 900.0
+    ping_timeout_s: float = 60.0
 
 
 @ray.remote
@@ -76,18 +84,25 @@ class RolloutActor:
         self.episodes = 0
 
     def run(self, job: EvalJob, seeds: list[int], weights_box: list) -> list[dict]:
+        """weights_box: [ref of (checkpoint bytes, inverse-dynamics bytes or None)], all from the driver: the
+        actor reads nothing from its node's disk."""
         from ractd.results import library_versions
 
         key = policy_key(job)
         if key not in self.policies:
-            blob = ray.get(weights_box[0])
-            fd, tmp = tempfile.mkstemp(suffix=".pt")
+            blobs = ray.get(weights_box[0])
+            tmps = []
             try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(blob)
-                self.policies[key] = load_policy(job, tmp, device=self.device)
+                for blob in blobs:
+                    fd, tmp = tempfile.mkstemp(suffix=".pt")
+                    tmps.append(tmp)
+                    with os.fdopen(fd, "wb") as f:
+                        f.write(blob or b"")
+                self.policies[key] = load_policy(job, tmps[0], device=self.device,
+                                                 inverse_dynamics_file=tmps[1] if blobs[1] else None)
             finally:
-                os.unlink(tmp)
+                for tmp in tmps:
+                    os.unlink(tmp)
         versions = {**library_versions(), "ray": ray.__version__}
         rows = run_block(job, seeds, self.policies[key], device=self._device_name(), versions=versions)
         self.episodes += len(rows)
@@ -120,18 +135,37 @@ def slim_checkpoint_bytes(path) -> bytes:
     return buf.getvalue()
 
 
+def inverse_dynamics_bytes(job: EvalJob) -> bytes:
+    """The inverse-dynamics model file a maze2d job's tracker loads (its default path for the checkpoint's task
+    and data scale), read on the driver."""
+    from ractd.checkpoint import load_checkpoint
+    from ractd.inverse_dynamics import default_path
+
+    scale = load_checkpoint(Path(job.checkpoint_path))["config"].get("scale", job.scale)
+    path = default_path(job.task, scale)
+    if not path.is_file():
+        raise RactdError(f"no inverse dynamics model at {path}; train it with python -m ractd.inverse_dynamics "
+                         f"{job.task}")
+    return path.read_bytes()
+
+
 def actor_layout(cfg: PoolConfig) -> tuple[int, float, float, str]:
-    """(actors, num_cpus, num_gpus, device) for each actor from the config and the cluster's resources."""
-    if cfg.gpu not in ("auto", "yes", "no"):
-        raise RactdError(f"gpu={cfg.gpu!r}: expected auto, yes or no")
+    """(actors, num_cpus, num_gpus, device) for each actor, decided once from the config and what the cluster can
+    scale to (ractd_ray.resources: its node types on an autoscaling cluster). An actor no node can hold, or --gpu
+    yes where no node type has a GPU: RactdError."""
+    from ractd_ray.resources import capacity, check_fits, decide_gpu
+
     if cfg.actors < 0 or cfg.cpus_per_actor <= 0 or cfg.actors_per_gpu < 1:
         raise RactdError("actors must be >= 0, cpus_per_actor > 0 and actors_per_gpu >= 1")
-    res = ray.available_resources()  # what other jobs on the cluster leave free
-    cpus, gpus = float(res.get("CPU", 1)), float(res.get("GPU", 0))
-    if cfg.gpu == "yes" or (cfg.gpu == "auto" and gpus >= 1):
+    cap = capacity()
+    free = ray.available_resources()  # what other jobs on the cluster leave free
+    if decide_gpu(cfg.gpu, "rollout actors", cap):
+        check_fits("a rollout actor", {"CPU": cfg.cpus_per_actor, "GPU": 1.0 / cfg.actors_per_gpu}, 1, cap)
+        gpus = float(free.get("GPU", 0)) or cap.node_gpus  # none started yet: one GPU node's worth
         n = cfg.actors or int(max(1.0, gpus) * cfg.actors_per_gpu)
         return n, cfg.cpus_per_actor, 1.0 / cfg.actors_per_gpu, "cuda"
-    n = cfg.actors or max(1, int(cpus // cfg.cpus_per_actor))
+    check_fits("a rollout actor", {"CPU": cfg.cpus_per_actor}, 1, cap)
+    n = cfg.actors or max(1, int(float(free.get("CPU", 1)) // cfg.cpus_per_actor))
     return n, cfg.cpus_per_actor, 0.0, "cpu"
 
 
@@ -155,10 +189,19 @@ class RolloutPool:
         self.actors.append(actor)
         return actor
 
+    def _wait_started(self) -> None:
+        """Until at least one actor runs; none within cfg.start_timeout_s is a RactdError (one line)."""
+        ready, _ = ray.wait([a.stats.remote() for a in self.actors], num_returns=1, timeout=self.cfg.start_timeout_s)
+        if not ready:
+            raise RactdError(f"no rollout actor started within {self.cfg.start_timeout_s:g} s (each asks for "
+                             f"{self.num_cpus:g} CPU, {self.num_gpus:g} GPU): the Ray cluster cannot place one")
+
     def _weights_ref(self, job: EvalJob):
-        if job.checkpoint not in self._weights:  # once per checkpoint
-            self._weights[job.checkpoint] = ray.put(slim_checkpoint_bytes(job.checkpoint_path))
-        return self._weights[job.checkpoint]
+        key = (job.checkpoint, job.tracker != "pd")
+        if key not in self._weights:  # once per checkpoint (and tracker model)
+            self._weights[key] = ray.put((slim_checkpoint_bytes(job.checkpoint_path),
+                                          inverse_dynamics_bytes(job) if job.tracker != "pd" else None))
+        return self._weights[key]
 
     def evaluate(self, jobs: list[EvalJob], seeds: list[int], store: ResultsStore, progress: bool = True,
                  on_block: Callable[["RolloutPool", list[dict]], None] | None = None) -> dict:
@@ -178,11 +221,14 @@ class RolloutPool:
         n = min(self.n_actors, len(todo))
         while len(self.actors) < n:  # actors left from an earlier call are reused (they hold the CPUs)
             self._new_actor()
-        pool = ActorPool(list(self.actors))
+        self._wait_started()
         summary["actors"] = len(self.actors)
         bar = tqdm(total=total, desc="episodes", unit="ep", disable=not progress)
         rounds = 0
         while todo:
+            if rounds:  # a round lost blocks: keep the actors that answer, replace the others
+                self._keep_live(n)
+            pool = ActorPool(list(self.actors))
             for job, block in todo:
                 ref = self._weights_ref(job)
                 pool.submit(lambda a, v: a.run.remote(v[0], v[1], [v[2]]), (job, block, ref))
@@ -193,10 +239,17 @@ class RolloutPool:
                     bar.close()
                     cause = e.cause if isinstance(e.cause, Exception) else e
                     raise RactdError(f"rollout failed: {str(cause).splitlines()[0] if str(cause) else type(cause).__name__}") from None
-                except ray.exceptions.RayActorError as e:
+                except ray.exceptions.ActorDiedError as e:  # dead for good (killed, its node lost): replace it
                     summary["actor_failures"] += 1
                     log.warning("a rollout actor died (%s); starting a fresh one", type(e).__name__)
-                    pool.push(self._new_actor())
+                    if len(self.actors) - summary["actor_failures"] < n:  # one fresh actor per dead one
+                        pool.push(self._new_actor())
+                    continue
+                except ray.exceptions.RayActorError as e:  # unavailable (ActorUnavailableError: maybe transient,
+                    # maybe its node is going): no new actor now; its block is not stored, so the next round
+                    # dispatches it again, after _keep_live has pinged the actors
+                    log.warning("a rollout actor is unavailable (%s); its block is dispatched again",
+                                type(e).__name__)
                     continue
                 store.write_episodes(rows)
                 summary["episodes_run"] += len(rows)
@@ -214,11 +267,31 @@ class RolloutPool:
                                      f"{self.cfg.max_retries} rounds of re-dispatching; see the Ray logs")
                 log.warning("re-dispatching %d blocks lost with dead actors", len(todo))
         bar.close()
-        live = []  # every result is in, so every live actor is idle again; dead ones were dropped by the pool
-        while (actor := pool.pop_idle()) is not None:
-            live.append(actor)
-        self.actors = live
+        self._keep_live(0)  # drop the actors that died in the last round (the live ones are idle again)
         return summary
+
+    def _keep_live(self, want: int) -> None:
+        """Ping every actor (bounded by cfg.ping_timeout_s); kill the ones that are dead or do not answer (a lost
+        node's actor can stay 'unavailable' until its node is declared dead), then start fresh ones up to `want`."""
+        actors, alive = list(self.actors), []
+        if actors:
+            pings = {a.stats.remote(): a for a in actors}
+            ready, _ = ray.wait(list(pings), num_returns=len(pings), timeout=self.cfg.ping_timeout_s)
+            for ref in ready:
+                try:
+                    ray.get(ref)
+                    alive.append(pings[ref])
+                except ray.exceptions.RayActorError:
+                    pass
+        for a in actors:
+            if a not in alive:
+                try:
+                    ray.kill(a)
+                except Exception:  # already gone
+                    pass
+        self.actors = alive
+        while len(self.actors) < want:
+            self._new_actor()
 
     def shutdown(self) -> None:
         for a in self.actors:
@@ -237,11 +310,9 @@ def evaluate(jobs: list[EvalJob], seeds: list[int], store: ResultsStore, cfg: Po
 
 
 def connect(address: str | None = None, num_cpus: int | None = None) -> None:
-    """ray.init on a cluster (address, e.g. "auto" or "ray://head:10001") or a local instance."""
-    if ray.is_initialized():
-        return
-    kw = {"address": address} if address else {"num_cpus": num_cpus} if num_cpus else {}
-    try:
-        ray.init(**kw, log_to_driver=False, configure_logging=False)
-    except ConnectionError as e:
-        raise RactdError(f"cannot reach the Ray cluster at {address}: {str(e).splitlines()[0]}") from None
+    """Connect to Ray through the project's one helper (ractd_ray.train.ensure_ray): a cluster (address, e.g.
+    "auto" or "head:6379"; else $RAY_ADDRESS) or a new local instance."""
+    from ractd_ray.train import ensure_ray
+
+    kw = {"num_cpus": num_cpus} if num_cpus else {}
+    ensure_ray(address, log_to_driver=False, configure_logging=False, **kw)

@@ -7,15 +7,21 @@ What a search does, in order (everything before Ray starts fails with one line a
    generated file at --scale, else it is generated now; it is loaded (which validates it) and fingerprinted, and
    the log says which one is used;
 2. the teacher and (locomotion) the reward model, trained once per (task, their configs, dataset fingerprint)
-   with Ray Train (one worker group trains both) into ractd.paths.shared_models_dir(task, key) and reused by
-   every later search of the task (the paper's decoupled training: one teacher, one reward model, many students);
+   with Ray Train (one worker group trains both), persisted in the run storage (ractd.storage: S3 on a cluster)
+   under shared/<task>-<key>/ and found there by key by every later search of the task, whichever node trained
+   them (a copy in ractd.paths.shared_models_dir(task, key) on the driver's machine); the paper's decoupled
+   training: one teacher, one reward model, many students;
 3. a Tune search over search_space() (ALPHA_RANGE, BETA_RANGE, SIGMA_CHOICES) with Optuna's TPE (OptunaSearch), seeded with the task's Table 9 weights
    (points_to_evaluate), ASHA on "select_score" (mode max) reported at every student checkpoint; each trial is
    a Tune function trainable (0.5 CPU) that runs a TorchTrainer (ractd_ray.train) distilling one student;
 4. the results under the run folder (default ractd.paths.sweep_dir(task, scale)): trials.parquet (one row per
-   trial), best_config.json, best/checkpoint.pt (the best student), search.json (the search's config, for
-   --resume), trials/<trial_id>/ (each trial's run folder), ray/ (Tune's and Train's state, or under
-   $RACTD_STORAGE_PATH on a cluster: ractd_ray.cluster.default_storage_path); a table at the end.
+   trial, read from storage), best_config.json, best/checkpoint.pt (the best student, fetched from storage),
+   search.json (the search's config, for --resume), trials/<trial_id>/ (each trial's run folder, on the node that
+   ran it), ray/ (Tune's and Train's state and the trials' persisted files; on a cluster under
+   $RACTD_STORAGE_PATH/sweeps/<folder>-<digest>: sweep_storage); a table at the end.
+
+Nothing is read from another node's disk: the dataset and the shared models reach every trial through the object
+store (from the driver); each trial's best.pt, metrics.jsonl and summary go to storage (ractd_ray.train).
 
 The objective is the paper's online model selection: the mean normalized return of the one-step student on
 select_seeds short rollouts (seeds 10000, ... disjoint from evaluation seeds), computed by the library at every
@@ -35,7 +41,7 @@ import time
 from pathlib import Path
 from typing import Literal
 
-from ractd import RactdError
+from ractd import RactdError, storage
 from ractd.config import from_dict, to_dict
 from ractd.results import PAPER_FIG4_SIGMAS
 from ractd.tasks import SCALES, Task, get_task
@@ -110,7 +116,7 @@ class SearchConfig:
     max_concurrent: trials running at the same time.
     workers: Ray Train workers per trial (and for training the shared teacher and reward model).
     cpus_per_worker: CPUs reserved per worker (whole CPUs; a trial's driver takes 0.5 CPU more).
-    gpu: GPUs for the workers: auto (when the cluster has one per worker) | yes | no.
+    gpu: GPUs for the workers: auto (when a node type of the cluster has one: ractd_ray.resources) | yes | no.
     steps: distillation steps per trial (0 = the budget's).
     batch: global distillation batch (0 = the budget's).
     teacher_steps: steps of the shared teacher (0 = the budget's).
@@ -262,10 +268,11 @@ def _generate(task: Task, scale: str, seed: int) -> Path:
     return generate_locomotion(task, scale=scale, seed=seed)
 
 
-def ensure_dataset(task: Task, scale: str, source: str = "auto", seed: int = 0) -> dict:
+def ensure_dataset(task: Task, scale: str, source: str = "auto", seed: int = 0, with_data: bool = False):
     """Make sure the task's dataset exists, load it (validating it) and fingerprint it.
 
-    Returns {"source": d4rl | minari | local, "path", "fingerprint", "transitions", "generated"}; the sources are
+    Returns {"source": d4rl | minari | local, "path", "fingerprint", "transitions", "generated"} (with_data:
+    (that, the dataset dict), which the search ships to every node through the object store); the sources are
     tried in the order of SearchConfig.source's doc. A dataset that fails validation raises RactdError."""
     from ractd.data.d4rl import d4rl_cache_path, load_dataset, local_dataset_path
     from ractd.train import dataset_fingerprint
@@ -288,7 +295,7 @@ def ensure_dataset(task: Task, scale: str, source: str = "auto", seed: int = 0) 
             "transitions": int(len(data["rewards"])), "generated": generated}
     log.info("dataset: %s (%s%s), %d transitions, fingerprint %s", path, source,
              ", generated now" if generated else "", info["transitions"], info["fingerprint"])
-    return info
+    return (info, data) if with_data else info
 
 
 # ------------------------------------------------------------------------------------------------ shared models
@@ -305,23 +312,27 @@ def shared_key(cfgs: list[TrainConfig], fingerprint: str) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def ray_storage(sub: str, local: Path) -> str:
-    """Where Tune and Train keep their state: $RACTD_STORAGE_PATH/<sub> on a cluster started from cluster.yaml
-    (ractd_ray.cluster.default_storage_path, e.g. an S3 prefix), else the local folder `local`."""
-    from ractd_ray.cluster import default_storage_path
+def sweep_storage(out_dir: Path) -> str:
+    """Where a sweep's Tune and Train state live (ractd.storage.location): $RACTD_STORAGE_PATH/sweeps/<folder>-<id>
+    on a cluster, the id a digest of the run folder's absolute path (two sweeps whose folders share a name do
+    not share state), else <run folder>/ray."""
+    out_dir = Path(out_dir).expanduser().resolve()
+    digest = hashlib.sha256(str(out_dir).encode()).hexdigest()[:8]
+    return storage.location(f"sweeps/{out_dir.name}-{digest}", out_dir / "ray")
 
-    base = default_storage_path()
-    return f"{base.rstrip('/')}/{sub}" if base else str(local)
 
-
-def ensure_shared_models(scfg: SearchConfig, dataset: dict) -> dict:
+def ensure_shared_models(scfg: SearchConfig, dataset: dict, data=None, use_gpu: bool | str | None = None) -> dict:
     """Train the teacher (and the reward model) once per key, or reuse them.
 
-    Returns {"dir", "key", "teacher", "reward" (path or ""), "trained": stages trained by this call,
-    "train_time_s"}. A lock file serializes concurrent searches of the same task and key."""
+    They live in storage (ractd.storage: $RACTD_STORAGE_PATH/shared/<task>-<key>/ on a cluster), found there by
+    key by every later search and evaluation, whichever node trained them; this machine keeps a copy in
+    ractd.paths.shared_models_dir(task, key), fetched from storage. data: ObjectRef of the dataset (see
+    ractd_ray.train.fit_stages). Returns {"dir", "key", "teacher", "reward" (path or ""), "stored" (storage
+    location), "trained": stages trained by this call, "train_time_s"}. A lock file serializes concurrent
+    searches of the same task and key on this machine."""
     from ractd.io import atomic_write_json
     from ractd.paths import shared_models_dir
-    from ractd_ray.train import fit_stages
+    from ractd_ray.train import artifacts_location, fit_stages
 
     *shared, _ = scfg.stage_configs()
     shared = [dataclasses.replace(c, source=dataset["source"]) for c in shared]
@@ -329,27 +340,42 @@ def ensure_shared_models(scfg: SearchConfig, dataset: dict) -> dict:
     folder = shared_models_dir(scfg.task, key)
     folder.mkdir(parents=True, exist_ok=True)
     shared = [dataclasses.replace(c, run_dir=str(folder)) for c in shared]
+    train_storage = storage.location(f"shared/{folder.name}", folder / "ray")
+    stored = artifacts_location(train_storage, "shared")
+    stored_marker = storage.join(stored, "models.json")
     marker = folder / "models.json"
     paths = {c.stage: folder / c.stage / "best.pt" for c in shared}
     with open(folder / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
+        info = {"dir": str(folder), "key": key, "stored": stored}
         if marker.is_file() and all(p.is_file() for p in paths.values()):
-            info = json.loads(marker.read_text())
-            log.info("reusing the shared %s from %s (trained %s)", " and ".join(paths), folder, info["trained_at"])
-            return {**_shared_info(folder, key, paths), "trained": [], "train_time_s": 0.0}
-        log.info("training the shared %s into %s", " and ".join(paths), folder)
-        out = fit_stages(shared, num_workers=scfg.workers, use_gpu=scfg.use_gpu, max_failures=scfg.max_failures,
-                         storage_path=ray_storage(f"shared/{folder.name}", folder / "ray"), name="shared",
-                         cpus_per_worker=scfg.cpus_per_worker)
+            log.info("reusing the shared %s from %s (trained %s)", " and ".join(paths), folder,
+                     json.loads(marker.read_text())["trained_at"])
+            return {**_shared_info(folder, key, paths), "stored": stored, "trained": [], "train_time_s": 0.0}
+        if storage.exists(stored_marker):
+            for stage, p in paths.items():
+                storage.download(storage.join(stored, stage, "best.pt"), p)
+            storage.download(stored_marker, marker)
+            log.info("fetched the shared %s from %s", " and ".join(paths), stored)
+            return {**_shared_info(folder, key, paths), "stored": stored, "trained": [], "train_time_s": 0.0}
+        log.info("training the shared %s into %s", " and ".join(paths), stored)
+        out = fit_stages(shared, num_workers=scfg.workers, use_gpu=scfg.use_gpu if use_gpu is None else use_gpu,
+                         max_failures=scfg.max_failures,
+                         storage_path=train_storage, name="shared", cpus_per_worker=scfg.cpus_per_worker, data=data,
+                         fetch=True)
+        missing = [str(p) for p in paths.values() if not p.is_file()]
+        if missing:
+            raise RactdError(f"training the shared models wrote no {', '.join(missing)} to {stored}")
         trained = [o["stage"] for o in out if not o["skipped"]]
         train_time = sum(o.get("train_time_s", 0.0) for o in out)
         for o in out:
             if not o["skipped"]:
                 log.info("trained the %s: %d steps in %.0f s", o["stage"], o["step"], o.get("train_time_s", 0.0))
-        atomic_write_json(marker, {"key": key, "task": scfg.task, "dataset": dataset,
-                                   "configs": [to_dict(c) for c in shared], "trained_at": time.strftime("%F %T"),
-                                   "train_time_s": train_time, "fit_time_s": out[-1]["fit_time_s"]})
-    return {**_shared_info(folder, key, paths), "trained": trained, "train_time_s": train_time}
+        record = {"key": key, "task": scfg.task, "dataset": dataset, "configs": [to_dict(c) for c in shared],
+                  "trained_at": time.strftime("%F %T"), "train_time_s": train_time, "fit_time_s": out[-1]["fit_time_s"]}
+        storage.write_bytes(stored_marker, json.dumps(record, indent=2, sort_keys=True).encode())  # last: complete
+        atomic_write_json(marker, record)
+    return {**_shared_info(folder, key, paths), **info, "trained": trained, "train_time_s": train_time}
 
 
 def _shared_info(folder: Path, key: str, paths: dict) -> dict:
@@ -365,11 +391,33 @@ class TrialPlan:
     student: dict  # TrainConfig of the student without run_dir and weights
     out_dir: str
     train_storage: str  # Ray Train's storage_path of the trials (one run per trial, named by the trial id)
+    data: object  # ObjectRef of the dataset (every node trains on the driver's copy)
+    inputs: dict  # {teacher_ckpt, reward_ckpt: ObjectRef of the file's bytes} (the shared models, from the driver)
     workers: int
     cpus_per_worker: int
     use_gpu: bool | str
     max_failures: int
     env: dict
+
+
+SCORE_FLOOR = -1e6
+"""What Tune sees in place of a non-finite select_score (a diverged student): ASHA multiplies the score, so a NaN
+would poison its rungs, and Tune refuses a report without its metric; the floor ranks the trial last, so ASHA
+stops it at its next rung and TPE learns the point is bad. trials.parquet keeps the library's own record."""
+
+
+def finite_score(metrics: dict) -> dict:
+    """The report with a non-finite (or missing, None) select_score replaced by SCORE_FLOOR."""
+    v = metrics.get(METRIC)
+    if isinstance(v, (int, float)) and math.isfinite(v):
+        return metrics
+    return {**metrics, METRIC: SCORE_FLOOR}
+
+
+def startup_trials(num_samples: int, n_points: int) -> int:
+    """TPE's random start-up trials: the grid points, or a quarter of the budget, at most Optuna's default 10
+    (Optuna's own default of 10 made 10 of a 12-trial search random)."""
+    return max(1, n_points, min(10, math.ceil(num_samples / 4)))
 
 
 def _report_callback():
@@ -379,13 +427,23 @@ def _report_callback():
     class CheckpointReports(TuneReportCallback):
         def after_report(self, run_context, metrics, checkpoint):
             if metrics and metrics[0].get("at_checkpoint"):
-                super().after_report(run_context, metrics, checkpoint)
+                super().after_report(run_context, [finite_score(m) for m in metrics], checkpoint)
 
     return CheckpointReports()
 
 
+def trial_record(train_storage: str, trial_id: str, name: str) -> str:
+    """Storage location of a trial's file `name` (student/best.pt, student/metrics.jsonl, summary.json)."""
+    from ractd_ray.train import artifacts_location
+
+    return storage.join(artifacts_location(train_storage, trial_id), name)
+
+
 def run_trial(config: dict, plan: TrialPlan) -> None:
-    """Tune function trainable: distill one student with weights `config` via Ray Train (ractd_ray.train)."""
+    """Tune function trainable: distill one student with weights `config` via Ray Train (ractd_ray.train).
+
+    Runs on any node: its run folder (trials/<trial_id>/ under the run folder's path) is this node's scratch;
+    what the driver reads (best.pt, metrics.jsonl, summary.json) goes to storage."""
     from ray import tune
 
     from ractd.io import atomic_write_json
@@ -393,20 +451,29 @@ def run_trial(config: dict, plan: TrialPlan) -> None:
 
     os.environ.update(plan.env)
     trial_id = tune.get_context().get_trial_id()
+    summary_loc = trial_record(plan.train_storage, trial_id, "summary.json")
+    if storage.exists(summary_loc):  # it finished under an earlier driver (killed before Tune saved that)
+        last = json.loads(storage.read_text(summary_loc)).get("last_report")
+        if last:
+            tune.report(finite_score(last))
+            return
     trial_dir = Path(plan.out_dir) / "trials" / trial_id
     trial_dir.mkdir(parents=True, exist_ok=True)
-    with open(trial_dir / "driver.log", "a") as f:  # one line per start of this trial's driver
+    with open(trial_dir / "driver.log", "a") as f:  # one line per start of this trial's driver (on this node)
         f.write(f"{time.strftime('%F %T')} start {json.dumps(config, sort_keys=True)}\n")
     base = from_dict(TrainConfig, plan.student)
     weights = {k: float(config[k]) for k in ("alpha", "beta", "sigma")}
     cfg = dataclasses.replace(base, run_dir=str(trial_dir), distill=dataclasses.replace(base.distill, **weights))
     out = fit_stage(cfg, num_workers=plan.workers, use_gpu=plan.use_gpu, max_failures=plan.max_failures,
-                    storage_path=plan.train_storage, name=trial_id,
+                    storage_path=plan.train_storage, name=trial_id, data=plan.data, inputs=plan.inputs, fetch=False,
                     callbacks=[_report_callback()], cpus_per_worker=plan.cpus_per_worker, progress=True,
                     stage_lines=False)
-    atomic_write_json(trial_dir / "summary.json", {
-        "trial_id": trial_id, **weights, "step": out["step"], "best": out["best"], "train_time_s": out["train_time_s"],
-        "fit_time_s": out["fit_time_s"], "ray_checkpoint": out["ray_checkpoint"]})
+    summary = {"trial_id": trial_id, **weights, "step": out["step"], "best": out["stored_best"],
+               "train_time_s": out["train_time_s"], "fit_time_s": out["fit_time_s"],
+               "ray_checkpoint": out["ray_checkpoint"], "uploaded_bytes": out.get("uploaded_bytes", 0),
+               "last_report": {**out["metrics"], "checkpoint_path": out["ray_checkpoint"], "done": True}}
+    storage.write_bytes(summary_loc, json.dumps(summary, indent=2, sort_keys=True).encode())
+    atomic_write_json(trial_dir / "summary.json", summary)
 
 
 # ------------------------------------------------------------------------------------------------ the search
@@ -417,18 +484,24 @@ def _trainable(plan: TrialPlan):
     return tune.with_resources(tune.with_parameters(run_trial, plan=plan), {"cpu": 0.5})
 
 
-def _check_resources(scfg: SearchConfig) -> None:
-    """A trial that can never fit is an error; CPUs held by something else are a warning (trials would wait)."""
+def _check_resources(scfg: SearchConfig, use_gpu: bool) -> None:
+    """A trial that can never fit what the cluster can scale to (its node types, ractd_ray.resources) is an error;
+    CPUs not free now are a warning (trials wait, or the autoscaler adds nodes)."""
     import ray
 
+    from ractd_ray.resources import check_fits
+
+    per_worker = {"CPU": float(scfg.cpus_per_worker), **({"GPU": 1.0} if use_gpu else {})}
+    cap = check_fits(f"a trial's {scfg.workers} Ray Train workers", per_worker, scfg.workers)
     need = scfg.workers * scfg.cpus_per_worker + 0.5
-    have, free = ray.cluster_resources().get("CPU", 0), ray.available_resources().get("CPU", 0)
-    if need > have:
+    if need > cap.cpus:
         raise RactdError(f"a trial needs {need:g} CPUs ({scfg.workers} workers x {scfg.cpus_per_worker} + 0.5 for its "
-                         f"driver) but the Ray cluster has {have:g}; lower --workers")
+                         f"driver) but the Ray cluster {'can scale to' if cap.autoscaling else 'has'} {cap.cpus:g}; "
+                         f"lower --workers")
+    free = ray.available_resources().get("CPU", 0)
     if need > free:
-        log.warning("only %g of the cluster's %g CPUs are free (a trial needs %g): trials wait until they are",
-                    free, have, need)
+        log.warning("only %g CPUs are free now (a trial needs %g; the cluster %s %g): trials wait until they are",
+                    free, need, "can scale to" if cap.autoscaling else "has", cap.cpus)
 
 
 def run_search(scfg: SearchConfig, resume: bool = False) -> dict:
@@ -437,13 +510,14 @@ def run_search(scfg: SearchConfig, resume: bool = False) -> dict:
     from ray import tune
 
     from ractd.io import atomic_write_json
-    from ractd_ray.train import ensure_ray, forwarded_env
+    from ractd_ray.train import ensure_ray, file_ref, forwarded_env
 
     t_start = time.perf_counter()
     scfg = scfg.validate()
     out_dir = scfg.out_dir()
-    tune_storage = ray_storage(f"sweeps/{out_dir.name}", out_dir / "ray")
-    tune_path = f"{tune_storage}/tune"
+    tune_storage = sweep_storage(out_dir)
+    tune_path = storage.join(tune_storage, "tune")
+    train_storage = storage.join(tune_storage, "train")
     saved = out_dir / "search.json"
     if resume:
         if not (saved.is_file() and tune.Tuner.can_restore(tune_path)):
@@ -455,18 +529,27 @@ def run_search(scfg: SearchConfig, resume: bool = False) -> dict:
         raise RactdError(f"{out_dir} already holds a search; pass --resume to continue it, or --run-dir to start "
                          f"another")
     task = get_task(scfg.task)
-    dataset = ensure_dataset(task, scfg.scale, scfg.source, scfg.seed)  # before Ray: bad data fails fast
+    # before Ray: bad data fails fast
+    dataset, data = ensure_dataset(task, scfg.scale, scfg.source, scfg.seed, with_data=True)
 
     started = ensure_ray(scfg.address or None)
     try:
-        _check_resources(scfg)
+        import ray
+
+        from ractd_ray.resources import decide_gpu
+
+        use_gpu = decide_gpu(scfg.gpu, "the trials' Ray Train workers")  # once, for the whole search
+        _check_resources(scfg, use_gpu)
         startup = time.perf_counter() - t_start
-        shared = ensure_shared_models(scfg, dataset)
+        data_ref = ray.put(data)  # every node trains on this copy (object store), none reads its own disk
+        del data
+        shared = ensure_shared_models(scfg, dataset, data_ref, use_gpu=use_gpu)
         student = scfg.stage_config("student", source=dataset["source"], teacher_ckpt=shared["teacher"],
                                     reward_ckpt=shared["reward"])
-        plan = TrialPlan(student=to_dict(student), out_dir=str(out_dir), train_storage=f"{tune_storage}/train",
-                         workers=scfg.workers,
-                         cpus_per_worker=scfg.cpus_per_worker, use_gpu=scfg.use_gpu, max_failures=scfg.max_failures,
+        inputs = {f"{k}_ckpt": file_ref(shared[k]) for k in ("teacher", "reward") if shared[k]}
+        plan = TrialPlan(student=to_dict(student), out_dir=str(out_dir), train_storage=train_storage,
+                         data=data_ref, inputs=inputs, workers=scfg.workers,
+                         cpus_per_worker=scfg.cpus_per_worker, use_gpu=use_gpu, max_failures=scfg.max_failures,
                          env=forwarded_env())
         if not resume:
             atomic_write_json(saved, {"config": to_dict(scfg), "dataset": dataset, "shared": shared})
@@ -490,7 +573,7 @@ def run_search(scfg: SearchConfig, resume: bool = False) -> dict:
             import ray
 
             ray.shutdown()
-    rows = collect_trials(grid, out_dir, student.steps)
+    rows = collect_trials(grid, out_dir, student.steps, train_storage)
     complete = len(rows) == scfg.num_samples and all(r["status"] in ("completed", "stopped", "error") for r in rows)
     best = write_results(rows, out_dir, scfg, dataset, shared)
     _print_summary(rows, best, out_dir, complete, scfg)
@@ -514,8 +597,9 @@ def _tune_config(scfg: SearchConfig, task: Task, student: TrainConfig):
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
-    searcher = OptunaSearch(points_to_evaluate=grid_points(task, scfg.sigmas),
-                            sampler=optuna.samplers.TPESampler(seed=scfg.seed))
+    points = grid_points(task, scfg.sigmas)
+    searcher = OptunaSearch(points_to_evaluate=points, sampler=optuna.samplers.TPESampler(
+        seed=scfg.seed, n_startup_trials=startup_trials(scfg.num_samples, len(points))))
     # rungs at checkpoints; max_t beyond the last step, so a trial that runs to the end finishes by itself
     scheduler = ASHAScheduler(time_attr="step", max_t=student.steps + 1,
                               grace_period=min(scfg.grace_period * student.ckpt_every, student.steps + 1),
@@ -528,40 +612,46 @@ def _tune_config(scfg: SearchConfig, task: Task, student: TrainConfig):
 LOSS_TERMS = ("loss", "ctm", "dsm", "reward")
 
 
-def _checkpoint_metrics(trial_dir: Path) -> list[dict]:
-    """The student's metrics at each of its checkpoints (the library's metrics.jsonl), [] if absent."""
-    path = trial_dir / "student" / "metrics.jsonl"
-    if not path.is_file():
+def _checkpoint_metrics(train_storage: str, trial_id: str) -> list[dict]:
+    """The student's metrics at each of its checkpoints (the library's metrics.jsonl, as persisted to storage;
+    one record per step, the last written wins: a run resumed on another node repeats the steps after its
+    last persisted checkpoint), [] if absent."""
+    loc = trial_record(train_storage, trial_id, "student/metrics.jsonl")
+    if not storage.exists(loc):
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    by_step = {}
+    for line in storage.read_text(loc).splitlines():
+        if line.strip():
+            rec = json.loads(line)
+            by_step[rec.get("step")] = rec
+    return [by_step[k] for k in sorted(by_step, key=lambda k: (k is None, k or 0))]
 
 
 def _number(v) -> float:
     return float(v) if v is not None else math.nan
 
 
-def collect_trials(grid, out_dir: Path, steps: int) -> list[dict]:
-    """One row per trial from Tune's results and each trial's run folder.
+def collect_trials(grid, out_dir: Path, steps: int, train_storage: str) -> list[dict]:
+    """One row per trial from Tune's results and each trial's records in storage (whichever node ran it).
 
     select_score: the best checkpoint's score, i.e. the score of the trial's student/best.pt (from the library's
-    metrics.jsonl; Tune's reports where that file is not visible); last_score, step and the loss terms: the
+    metrics.jsonl; Tune's reports where that file is not stored); last_score, step and the loss terms: the
     trial's last checkpoint; best_step and the diagnostics (ractd.train.DIAG_TERMS): its best checkpoint, the
-    student its best.pt holds. status: completed (ran all steps), stopped (by ASHA), error, unfinished (the search
-    was interrupted before the trial ended)."""
+    student its best.pt holds. checkpoint: the storage location of that best.pt. status: completed (ran all
+    steps), stopped (by ASHA), error, unfinished (the search was interrupted before the trial ended)."""
     rows = []
     for result in grid:
         trial_id = Path(result.path).name
-        trial_dir = out_dir / "trials" / trial_id
         reported = result.metrics or {}
-        history = _checkpoint_metrics(trial_dir)
+        history = _checkpoint_metrics(train_storage, trial_id)
         if not history and result.metrics_dataframe is not None:
             history = result.metrics_dataframe.to_dict("records")
         scores = [float(h[METRIC]) for h in history if h.get(METRIC) is not None and math.isfinite(h[METRIC])]
         last = history[-1] if history else {}
         scored = [h for h in history if h.get(METRIC) is not None and math.isfinite(h[METRIC])]
         at_best = max(scored, key=lambda h: float(h[METRIC])) if scored else {}
-        summary = trial_dir / "summary.json"
-        summary = json.loads(summary.read_text()) if summary.is_file() else {}
+        summary_loc = trial_record(train_storage, trial_id, "summary.json")
+        summary = json.loads(storage.read_text(summary_loc)) if storage.exists(summary_loc) else {}
         if result.error is not None:
             status = "error"
         elif int(reported.get("step") or 0) >= steps:
@@ -570,28 +660,29 @@ def collect_trials(grid, out_dir: Path, steps: int) -> list[dict]:
             status = "stopped"
         else:
             status = "unfinished"
-        best_pt = trial_dir / "student" / "best.pt"
+        best_pt = trial_record(train_storage, trial_id, "student/best.pt")
         rows.append({
             "trial_id": trial_id, **{k: float(result.config.get(k, math.nan)) for k in ("alpha", "beta", "sigma")},
             METRIC: max(scores) if scores else math.nan, "last_score": scores[-1] if scores else math.nan,
             "step": int(last.get("step") or 0), **{k: _number(last.get(k)) for k in LOSS_TERMS},
             "best_step": int(at_best.get("step") or 0), **{k: _number(at_best.get(k)) for k in DIAG_TERMS},
-            "status": status, "checkpoint": str(best_pt) if best_pt.is_file() else "",
+            "status": status, "checkpoint": best_pt if storage.exists(best_pt) else "",
             "ray_checkpoint": reported.get("checkpoint_path") or "",
             "train_time_s": _number(summary.get("train_time_s")), "fit_time_s": _number(summary.get("fit_time_s")),
             "trial_time_s": _number(reported.get("time_total_s")),
+            "stored_bytes": int(storage.total_bytes(storage.join(train_storage, trial_id))),
             "error": "" if result.error is None else str(result.error).strip().splitlines()[-1][:500]})
     return sorted(rows, key=lambda r: r["trial_id"])
 
 
 def write_results(rows: list[dict], out_dir: Path, scfg: SearchConfig, dataset: dict, shared: dict) -> dict | None:
-    """trials.parquet, and for the trial with the highest score best_config.json and best/checkpoint.pt.
-    Returns best_config.json's content (None when no trial has a score)."""
+    """trials.parquet, and for the trial with the highest score best_config.json and best/checkpoint.pt (fetched
+    from storage). Returns best_config.json's content (None when no trial has a score)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from ractd.checkpoint import copy_checkpoint
     from ractd.io import atomic_write, atomic_write_json
+    from ractd.study import fetch_final_checkpoint
 
     table = pa.Table.from_pylist(rows)
     atomic_write(out_dir / "trials.parquet", lambda f: pq.write_table(table, f))
@@ -599,10 +690,15 @@ def write_results(rows: list[dict], out_dir: Path, scfg: SearchConfig, dataset: 
     if not scored:
         return None
     top = max(scored, key=lambda r: r[METRIC])
-    ckpt = copy_checkpoint(Path(top["checkpoint"]), out_dir / "best" / "checkpoint.pt")
+    ckpt = storage.download(top["checkpoint"], out_dir / "best" / "checkpoint.pt")
+    # the winning trial's best.pt and final checkpoint on this machine, in its run folder's layout (ractd-final of
+    # the study reads <trial>/student/latest/checkpoint.pt), fetched from storage whichever node trained it
+    trial_best = storage.download(top["checkpoint"], out_dir / "trials" / top["trial_id"] / "student" / "best.pt")
+    fetch_final_checkpoint(top["checkpoint"], trial_best.parent / "latest" / "checkpoint.pt")
     best = {"task": scfg.task, "alpha": top["alpha"], "beta": top["beta"], "sigma": top["sigma"],
             "score": top[METRIC], "metric": METRIC, "trial_id": top["trial_id"], "checkpoint": str(ckpt),
-            "trial_checkpoint": top["checkpoint"], "teacher": shared["teacher"], "reward": shared["reward"],
+            "trial_checkpoint": str(trial_best), "trial_checkpoint_stored": top["checkpoint"],
+            "teacher": shared["teacher"], "reward": shared["reward"],
             "dataset": dataset, "scale": scfg.scale, "budget": scfg.budget, "trials": len(rows)}
     atomic_write_json(out_dir / "best_config.json", best)
     return best

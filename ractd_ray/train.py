@@ -10,6 +10,11 @@ What each worker injects into the library loop (ractd.train.RunContext):
 - report: every library report becomes a `ray.train.report` on every rank (the same number of calls on each,
   as Ray Train requires); at checkpoints rank 0 attaches the folder holding only the latest checkpoint.pt,
   persisted by Ray under `<storage_path>/<name>/<stage>-<step>`.
+- storage: the driver ships the dataset and the upstream checkpoints (teacher, reward model) through the object
+  store, so no worker reads its own disk for them; at every checkpoint rank 0 persists the stage's best.pt (when
+  it changed) and metrics.jsonl to `<storage_path>/<name>/ractd/<stage>/` (StageUploader) before reporting, a
+  worker restarted on another node fetches them back, and the driver copies them to its own disk (`fetch`). The
+  storage is ractd.storage's decision ($RACTD_STORAGE_PATH on a cluster, else a local folder).
 - resume_from: after Ray Train restarts a failed worker group (`FailureConfig(max_failures)`), or when a run of
   the same (storage_path, name) is started again, `ray.train.get_checkpoint()` hands back the latest persisted
   checkpoint, and the stage it belongs to resumes from it.
@@ -31,7 +36,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ractd import RactdError
+from ractd import RactdError, storage
 from ractd.config import from_dict, to_dict
 import ractd.train as library
 from ractd.train import RunContext, TrainConfig
@@ -171,9 +176,51 @@ def _stage_of(checkpoint_path: str) -> str:
     return Path(checkpoint_path).name.split("-", 1)[0]
 
 
-def make_reporter(stage: str, line_total: int = 0) -> Callable[[dict, Path | None], None]:
-    """report for RunContext: ray.train.report on every rank; rank 0 attaches the checkpoint folder. line_total > 0:
-    also print one console line per checkpoint (console.checkpoint_line, out of line_total steps)."""
+def artifacts_location(storage_path: str, name: str) -> str:
+    """Where a Ray Train run's own files go in storage, beside Ray's: <storage_path>/<name>/ractd/<stage>/
+    best.pt and metrics.jsonl (persisted by rank 0 at every checkpoint), and what the caller adds."""
+    return storage.join(storage_path, name, "ractd")
+
+
+class StageUploader:
+    """Rank 0 of a stage: at every checkpoint, copy the stage's best.pt (when it changed) and metrics.jsonl to
+    storage, before the checkpoint is reported, so the best student outlives the node that trained it and the
+    driver reads the records from storage. `uploaded` counts the bytes written (the measurement of the note)."""
+
+    FILES = ("best.pt", "metrics.jsonl")
+
+    def __init__(self, stage_dir: Path, location: str):
+        self.stage_dir, self.location = Path(stage_dir), location
+        self._seen: dict[str, tuple] = {}
+        self.uploaded = 0
+
+    def __call__(self) -> None:
+        for name in self.FILES:
+            path = self.stage_dir / name
+            if not path.is_file():
+                continue
+            st = path.stat()
+            stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
+            if self._seen.get(name) == stamp:
+                continue
+            storage.upload(path, storage.join(self.location, name))
+            self._seen[name] = stamp
+            self.uploaded += st.st_size
+
+    def restore(self) -> None:
+        """On a node that lacks them (a restart elsewhere), fetch the stage's stored files into the stage folder,
+        so the resumed run appends to its whole record and keeps its best.pt."""
+        for name in self.FILES:
+            path, loc = self.stage_dir / name, storage.join(self.location, name)
+            if not path.is_file() and storage.exists(loc):
+                storage.download(loc, path)
+
+
+def make_reporter(stage: str, line_total: int = 0, uploader: StageUploader | None = None
+                  ) -> Callable[[dict, Path | None], None]:
+    """report for RunContext: ray.train.report on every rank; rank 0 persists the stage's files (uploader) and
+    attaches the checkpoint folder. line_total > 0: also print one console line per checkpoint
+    (console.checkpoint_line, out of line_total steps)."""
     import ray.train
 
     def report(metrics: dict, checkpoint_dir: Path | None) -> None:
@@ -183,6 +230,8 @@ def make_reporter(stage: str, line_total: int = 0) -> Callable[[dict, Path | Non
         if checkpoint_dir is None:
             ray.train.report(m)
             return
+        if uploader is not None:
+            uploader()
         ray.train.report(m, checkpoint=ray.train.Checkpoint.from_directory(str(checkpoint_dir)),
                          checkpoint_dir_name=checkpoint_name(stage, int(metrics["step"])),
                          delete_local_checkpoint_after_upload=False)
@@ -191,7 +240,8 @@ def make_reporter(stage: str, line_total: int = 0) -> Callable[[dict, Path | Non
 
 
 def worker_context(cfg: TrainConfig, resume_from: Path | None = None, on_step: Callable[[int], None] | None = None,
-                   bucket_mb: float = DEFAULT_BUCKET_MB, progress: bool = True, lines: bool = False) -> RunContext:
+                   bucket_mb: float = DEFAULT_BUCKET_MB, progress: bool = True, lines: bool = False,
+                   uploader: StageUploader | None = None) -> RunContext:
     """The RunContext of this Ray Train worker for `cfg`'s stage (call inside a TorchTrainer loop)."""
     import ray.train
     import ray.train.torch
@@ -204,45 +254,80 @@ def worker_context(cfg: TrainConfig, resume_from: Path | None = None, on_step: C
     if world > 1 and not distributed:
         raise RactdError(f"{world} Ray Train workers but no torch.distributed process group")
     return RunContext(device=str(device), rank=rank, world_size=world,
-                      report=make_reporter(cfg.stage, cfg.steps if lines and rank == 0 else 0),
+                      report=make_reporter(cfg.stage, cfg.steps if lines and rank == 0 else 0,
+                                           uploader if rank == 0 else None),
                       sync_grads=GradAllReduce(world, bucket_mb) if distributed else None,
                       all_reduce_sum=all_reduce_sum(device) if distributed else None,
                       resume_from=resume_from, on_step=on_step, progress=progress and rank == 0)
+
+
+def _materialize(blobs: dict) -> dict:
+    """Input files the driver shipped through the object store ({field: [ref]}) written to this node's disk
+    (a temp folder, keyed by content) -> {field: local path}."""
+    import hashlib
+    import tempfile
+
+    import ray
+
+    from ractd.io import atomic_write
+
+    out = {}
+    for field, box in blobs.items():
+        blob = ray.get(box[0])
+        path = Path(tempfile.gettempdir()) / "ractd-inputs" / f"{hashlib.sha256(blob).hexdigest()[:20]}.pt"
+        if not path.is_file():
+            atomic_write(path, blob)
+        out[field] = str(path)
+    return out
 
 
 def worker_loop(config: dict) -> list[dict]:
     """TorchTrainer's train_loop_per_worker: train config["stages"] (TrainConfig dicts) one after the other.
 
     config: stages, env (FORWARDED_ENV values), on_step (hook or None), bucket_mb, progress, verbose (Ray Train's
-    report lines, the library's INFO logs and its step bar; without it, with stage_lines, one line per checkpoint).
+    report lines, the library's INFO logs and its step bar; without it, with stage_lines, one line per checkpoint),
+    artifacts (storage location of the run's own files, or None), data ([ref] of the dataset dict, or None: read
+    from this node's disk), inputs (per stage {field: [ref]}: upstream checkpoints shipped by the driver).
     Returns (rank 0's is Result.return_value) one dict per stage: stage, step, checkpoint, best, metrics,
-    train_time_s (wall time of ractd.train.train), resumed_from, skipped.
+    train_time_s (wall time of ractd.train.train), resumed_from, skipped, uploaded_bytes.
     """
+    import dataclasses
+
+    import ray
     import ray.train
 
     os.environ.update(config.get("env", {}))
     verbose = config.get("verbose", True)
     console.quiet_worker(verbose)
     cfgs = [from_dict(TrainConfig, d) for d in config["stages"]]
+    inputs = config.get("inputs") or [{} for _ in cfgs]
+    data = ray.get(config["data"][0]) if config.get("data") else None
     stages = [c.stage for c in cfgs]
     restored = ray.train.get_checkpoint()
     restored_stage = _stage_of(restored.path) if restored else None
-    # stages before the restored one finished in an earlier attempt (rank 0 wrote their files)
+    # stages before the restored one finished in an earlier attempt (their files are in storage)
     first = stages.index(restored_stage) if restored_stage in stages else 0
     out = [{"stage": c.stage, "skipped": True, "best": str(c.resolved().stage_dir / "best.pt")} for c in cfgs[:first]]
+    rank = ray.train.get_context().get_world_rank()
     with restored.as_directory() if restored else contextlib.nullcontext() as restored_dir:
-        for cfg in cfgs[first:]:
+        for cfg, shipped in zip(cfgs[first:], inputs[first:]):
+            cfg = dataclasses.replace(cfg, **_materialize(shipped)) if shipped else cfg
             resume = Path(restored_dir) / "checkpoint.pt" if restored_dir and cfg.stage == restored_stage else None
+            uploader = None
+            if config.get("artifacts") and rank == 0:
+                uploader = StageUploader(cfg.resolved().stage_dir, storage.join(config["artifacts"], cfg.stage))
+                if resume is not None:
+                    uploader.restore()
             ctx = worker_context(cfg, resume_from=resume, on_step=config.get("on_step"),
                                  bucket_mb=config.get("bucket_mb", DEFAULT_BUCKET_MB),
                                  progress=config.get("progress", True) and verbose,
-                                 lines=config.get("stage_lines", False) and not verbose)
+                                 lines=config.get("stage_lines", False) and not verbose, uploader=uploader)
             t0 = time.perf_counter()
-            result = library.train(cfg, ctx)
+            result = library.train(cfg, ctx, data=data)
             out.append({"stage": cfg.stage, "step": result["step"], "checkpoint": str(result["checkpoint"]),
                         "best": str(result["best"]), "metrics": _ray_metrics(result["metrics"], cfg.stage),
                         "train_time_s": time.perf_counter() - t0, "resumed_from": str(resume) if resume else None,
-                        "skipped": False})
+                        "skipped": False, "uploaded_bytes": uploader.uploaded if uploader else 0})
     return out
 
 
@@ -280,22 +365,57 @@ class StepHook:
 
 # ------------------------------------------------------------------------------------------- driver side
 
+def _gcs_reachable(address: str, timeout: float = 5.0) -> bool:
+    """Whether something accepts TCP connections at host:port (a Ray GCS would)."""
+    import socket
+
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]") or "127.0.0.1", int(port)), timeout=timeout):
+            return True
+    except (OSError, ValueError):
+        return False
+
+
+def resolve_address(address: str | None) -> str:
+    """The address ensure_ray connects to: `address`, else $RAY_ADDRESS, else "local" (a new local instance, never
+    a cluster some earlier `ray start` left on the machine); "auto" becomes the running cluster Ray's record names.
+    An address nothing answers is a RactdError (one line) after a few seconds, not a wait on a dead GCS."""
+    address = (address or os.environ.get("RAY_ADDRESS") or "").strip() or "local"
+    if address == "local" or "://" in address:  # ray://host:10001 (Ray Client) is checked by ray.init itself
+        return address
+    if address == "auto":
+        from ray._private.services import canonicalize_bootstrap_address
+
+        found = canonicalize_bootstrap_address("auto")
+        if not found:
+            raise RactdError("--address auto: no running Ray cluster on this machine (start one with `ray start "
+                             "--head`, or leave --address out for a local Ray)")
+        address = found
+    if not _gcs_reachable(address):
+        raise RactdError(f"no Ray cluster answers at {address} (is `ray start --head` running there?)")
+    return address
+
+
 def ensure_ray(address: str | None = None, **init_kwargs) -> bool:
-    """Connect to Ray: `address` (or $RAY_ADDRESS) = an existing cluster ("auto" = the local node's), else start
-    a local instance. Returns True if this call started or connected (the caller shuts it down).
+    """The one way the project connects to Ray: `address` (or $RAY_ADDRESS; "auto" = the running cluster of this
+    machine) names an existing cluster, else a new local instance is started (address="local"). Returns True
+    if this call started or connected (the caller shuts it down). An unreachable address: RactdError.
 
     A local instance gets its dashboard on a free port, and every Ray process of the job learns that address
     ($RAY_API_SERVER_ADDRESS): Ray Train's PlacementGroupCleaner finds the controller through the state API,
     which otherwise refuses to guess when several Ray instances run on one machine, and the workers of a Tune
-    trial stopped early by ASHA would keep their CPUs (the next trial then waits forever).
+    trial stopped early by ASHA would keep their CPUs (the next trial then waits forever). Attached to a
+    running cluster, the job uses that cluster's own dashboard (nothing is pointed at a port of ours).
     """
     import ray
 
     if ray.is_initialized():
         return False
-    address = address or os.environ.get("RAY_ADDRESS") or None
+    address = resolve_address(address)
     env = {}
-    if address is None:
+    port = None
+    if address == "local":
         import socket
 
         with socket.socket() as s:
@@ -304,44 +424,110 @@ def ensure_ray(address: str | None = None, **init_kwargs) -> bool:
         env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
         env.update(console.local_env())
         init_kwargs.update(dashboard_host="127.0.0.1", dashboard_port=port)
-    elif address != "auto" and "://" not in address:  # the job's processes find the same cluster
+    elif "://" not in address:  # the job's processes find the same cluster
         env["RAY_ADDRESS"] = address
+    if address != "local":  # resources are the cluster's; ray.init refuses them when it connects
+        for key in ("num_cpus", "num_gpus", "resources", "object_store_memory"):
+            init_kwargs.pop(key, None)
     if env:
         runtime_env = dict(init_kwargs.pop("runtime_env", None) or {})
         runtime_env["env_vars"] = {**runtime_env.get("env_vars", {}), **env}
         init_kwargs["runtime_env"] = runtime_env
-    ctx = ray.init(address=address, logging_level=logging.WARNING, **init_kwargs)
-    if address is None and getattr(ctx, "dashboard_url", None) and not ctx.dashboard_url.endswith(f":{port}"):
+    init_kwargs.setdefault("logging_level", logging.WARNING)
+    try:
+        ctx = ray.init(address=address, **init_kwargs)
+    except (ConnectionError, TimeoutError) as e:
+        raise RactdError(f"cannot connect to the Ray cluster at {address}: {_first_line(e)}") from None
+    if port is not None and getattr(ctx, "dashboard_url", None) and not ctx.dashboard_url.endswith(f":{port}"):
         log.warning("Ray's dashboard is at %s, not port %d: trials stopped early may not release their workers",
                     ctx.dashboard_url, port)
     return True
 
 
 def resolve_use_gpu(use_gpu: bool | str, num_workers: int) -> bool:
-    """use_gpu="auto": True when the Ray cluster has a GPU for each worker."""
-    if use_gpu != "auto":
-        return bool(use_gpu)
+    """use_gpu "auto" | "yes" | "no" | bool -> bool: ractd_ray.resources.decide_gpu (auto: when a node type of the
+    cluster has a GPU, which the request then brings up; yes where none can: RactdError)."""
+    from ractd_ray.resources import decide_gpu
+
+    if isinstance(use_gpu, bool):
+        return use_gpu
+    return decide_gpu({True: "yes", False: "no"}.get(use_gpu, use_gpu), f"Ray Train ({num_workers} workers)")
+
+
+_SHIPPED: dict = {}  # (what, key) -> ObjectRef: each dataset / input file is put into the object store once per job
+
+
+def _put_once(key: tuple, make: Callable[[], object]):
     import ray
 
-    return ray.cluster_resources().get("GPU", 0) >= max(1, num_workers)
+    key = (ray.get_runtime_context().get_job_id(), *key)
+    if key not in _SHIPPED:
+        _SHIPPED[key] = ray.put(make())
+    return _SHIPPED[key]
+
+
+def dataset_ref(cfg: TrainConfig):
+    """The stage's dataset, loaded on the driver (which validates it) and put into the object store once: the
+    workers, on any node, train on it without a copy on their own disk."""
+    from ractd.data.d4rl import load_dataset
+    from ractd.tasks import get_task
+
+    return _put_once(("data", cfg.task, cfg.source, cfg.scale),
+                     lambda: load_dataset(get_task(cfg.task), source=cfg.source, scale=cfg.scale))
+
+
+def file_ref(path: str | os.PathLike):
+    """A file of the driver's disk (an upstream checkpoint) in the object store, once per (path, version)."""
+    path = Path(path).resolve()
+    st = path.stat()
+    return _put_once(("file", str(path), st.st_mtime_ns, st.st_size), path.read_bytes)
+
+
+def upstream_files(cfg: TrainConfig) -> dict[str, Path]:
+    """The upstream checkpoints a stage reads ({teacher_ckpt, reward_ckpt: path on this disk}), where they exist:
+    the driver ships them to the workers (file_ref) instead of letting a worker look on its own disk."""
+    cfg = cfg.resolved()
+    run = Path(cfg.run_dir)
+    out = {}
+    if cfg.stage == "student":
+        out["teacher_ckpt"] = Path(cfg.teacher_ckpt or run / "teacher" / "best.pt")
+    if cfg.stage == "student" or (cfg.stage == "teacher" and cfg.reward_aware_teacher > 0):
+        out["reward_ckpt"] = Path(cfg.reward_ckpt or run / "reward" / "best.pt")
+    return {k: p for k, p in out.items() if p.is_file()}
+
+
+def default_train_storage(run_dir: str | os.PathLike) -> str:
+    """Ray Train's storage for a run folder that names none: <storage>/runs/<folder>-<id of its path> on a
+    cluster, else <run_dir>/ray (ractd.storage.location)."""
+    import hashlib
+
+    run_dir = Path(run_dir).expanduser().resolve()
+    digest = hashlib.sha256(str(run_dir).encode()).hexdigest()[:8]
+    return storage.location(f"runs/{run_dir.name}-{digest}", run_dir / "ray")
 
 
 def fit_stages(cfgs: list[TrainConfig], num_workers: int = 1, use_gpu: bool | str = "auto", max_failures: int = 2,
                storage_path: str | None = None, name: str | None = None, callbacks: list | None = None,
                on_step: Callable[[int], None] | None = None, cpus_per_worker: float = 1,
                bucket_mb: float = DEFAULT_BUCKET_MB, progress: bool = True, keep_checkpoints: int = 1,
-               log_level: str = "WARNING", controller_failure_limit: int = 30, stage_lines: bool = True) -> list[dict]:
+               log_level: str = "WARNING", controller_failure_limit: int = 30, stage_lines: bool = True,
+               data=None, inputs: dict | None = None, fetch: bool = True) -> list[dict]:
     """Train the stages `cfgs` in order in one Ray Train worker group of `num_workers` workers.
 
-    storage_path / name: where Ray persists the run (default <run_dir of the first stage>/ray, "-".join(stages));
-    a later call with the same pair resumes from the latest persisted checkpoint. keep_checkpoints: persisted
-    checkpoints kept (the latest ones; best.pt lives in the stage folder). callbacks: Ray Train UserCallbacks
-    (a Tune trial passes its report callback). log_level: Ray Train's own console logs (INFO logs every
-    report). stage_lines: without --verbose, one console line per checkpoint (a Tune trial prints its own from the
+    storage_path / name: where Ray persists the run (default: default_train_storage(run_dir of the first stage),
+    "-".join(stages)); a later call with the same pair resumes from the latest persisted checkpoint. Each
+    stage's best.pt and metrics.jsonl are persisted beside it (artifacts_location). keep_checkpoints:
+    persisted checkpoints kept (the latest ones). data: an ObjectRef of the dataset (default: dataset_ref).
+    inputs: {field: ObjectRef of the file's bytes} for teacher_ckpt / reward_ckpt of every stage (default: the
+    files upstream_files finds on this disk). fetch: copy each stage's stored best.pt and metrics.jsonl into
+    its stage folder on this machine (the driver's), from storage. callbacks: Ray Train UserCallbacks (a Tune
+    trial passes its report callback). log_level: Ray Train's own console logs (INFO logs every report).
+    stage_lines: without --verbose, one console line per checkpoint (a Tune trial prints its own from the
     driver). controller_failure_limit: worker-group start-ups that may time out (60 s each, e.g. waiting for
-    CPUs) before the run fails instead of waiting forever (Ray's default is to wait forever). Returns worker_loop's per-stage dicts (rank 0's), each with
-    "ray_checkpoint" (the run's latest persisted checkpoint), "ray_path" and "fit_time_s" added. A failed run
-    (after max_failures restarts) raises RactdError naming the error.
+    CPUs) before the run fails instead of waiting forever (Ray's default is to wait forever). Returns
+    worker_loop's per-stage dicts (rank 0's), each with "ray_checkpoint" (the run's latest persisted checkpoint),
+    "ray_path", "fit_time_s", "stored_best" (the storage location of its best.pt) and "stored" (of its folder)
+    added. A failed run (after max_failures restarts) raises RactdError naming the error.
     """
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -354,14 +540,18 @@ def fit_stages(cfgs: list[TrainConfig], num_workers: int = 1, use_gpu: bool | st
     ensure_ray()
     gpu = resolve_use_gpu(use_gpu, num_workers)
     name = name or "-".join(c.stage for c in cfgs)
-    storage_path = str(storage_path or Path(cfgs[0].run_dir) / "ray")
-    if "://" not in storage_path:  # a local folder (else a URI such as s3://..., for a cluster)
+    storage_path = str(storage_path or default_train_storage(cfgs[0].run_dir))
+    if not storage.is_uri(storage_path):  # a local folder (else a URI such as s3://..., for a cluster)
         storage_path = str(Path(storage_path).resolve())
+    artifacts = artifacts_location(storage_path, name)
+    data = data if data is not None else dataset_ref(cfgs[0])
+    shipped = [{f: [file_ref(p)] for f, p in upstream_files(c).items() if f not in (inputs or {})} for c in cfgs]
+    shipped = [{**s, **{f: [ref] for f, ref in (inputs or {}).items()}} for s in shipped]
     trainer = TorchTrainer(
         worker_loop,
         train_loop_config={"stages": [to_dict(c) for c in cfgs], "env": forwarded_env(), "on_step": on_step,
                            "bucket_mb": bucket_mb, "progress": progress, "verbose": console.verbose(),
-                           "stage_lines": stage_lines},
+                           "stage_lines": stage_lines, "artifacts": artifacts, "data": [data], "inputs": shipped},
         scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=gpu,
                                                resources_per_worker={"CPU": cpus_per_worker}),
         run_config=ray.train.RunConfig(
@@ -378,16 +568,21 @@ def fit_stages(cfgs: list[TrainConfig], num_workers: int = 1, use_gpu: bool | st
     out = result.return_value
     if not out:
         raise RactdError(f"Ray Train run {name} returned nothing (was it stopped?)")
-    for item in out:
+    for cfg, item in zip(cfgs, out):
+        stored = storage.join(artifacts, cfg.stage)
         item.update(ray_checkpoint=result.checkpoint.path if result.checkpoint else None, ray_path=result.path,
-                    fit_time_s=fit_time)
+                    fit_time_s=fit_time, stored=stored, stored_best=storage.join(stored, "best.pt"))
+        if fetch:
+            for file in StageUploader.FILES:
+                if storage.exists(storage.join(stored, file)):
+                    storage.download(storage.join(stored, file), cfg.stage_dir / file)
     return out
 
 
 def fit_stage(cfg: TrainConfig, num_workers: int = 1, use_gpu: bool | str = "auto", max_failures: int = 2,
               storage_path: str | None = None, name: str | None = None, **kwargs) -> dict:
     """One stage with Ray Train (see fit_stages): {"stage", "step", "checkpoint", "best", "metrics",
-    "train_time_s", "fit_time_s", "ray_checkpoint", "ray_path", ...}."""
+    "train_time_s", "fit_time_s", "ray_checkpoint", "ray_path", "stored_best", ...}."""
     return fit_stages([cfg], num_workers=num_workers, use_gpu=use_gpu, max_failures=max_failures,
                       storage_path=storage_path, name=name, **kwargs)[-1]
 
@@ -397,5 +592,6 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[-1] if text else type(e).__name__
 
 
-__all__ = ["GradAllReduce", "PerParameterAllReduce", "StepHook", "all_reduce_sum", "ensure_ray", "fit_stage",
-           "fit_stages", "forwarded_env", "worker_context", "worker_loop"]
+__all__ = ["GradAllReduce", "PerParameterAllReduce", "StageUploader", "StepHook", "all_reduce_sum",
+           "artifacts_location", "dataset_ref", "default_train_storage", "ensure_ray", "file_ref", "fit_stage",
+           "fit_stages", "forwarded_env", "upstream_files", "worker_context", "worker_loop"]

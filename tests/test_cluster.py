@@ -38,11 +38,13 @@ def test_repository_cluster_files_validate(path):
 def test_provider_defaults_are_filled_in(tmp_path):
     """Keys a file leaves out come from the provider's defaults.yaml in the wheel, as `ray up` fills them."""
     aws = cluster.validate_cluster_config(
-        _write(tmp_path, {"cluster_name": "x", "provider": {"type": "aws", "region": "us-west-2"}}, "aws.yaml"))
+        _write(tmp_path, {"cluster_name": "x", "provider": {"type": "aws", "region": "us-west-2"}}, "aws.yaml"),
+        project_rules=False)
     assert aws["head_node_type"] in aws["available_node_types"]
     assert aws["max_workers"] >= 0 and aws["worker_start_ray_commands"]
     local = cluster.validate_cluster_config(_write(
-        tmp_path, {"cluster_name": "x", "provider": {"type": "local", "head_ip": "h", "worker_ips": []}}, "l.yaml"))
+        tmp_path, {"cluster_name": "x", "provider": {"type": "local", "head_ip": "h", "worker_ips": []}}, "l.yaml"),
+        project_rules=False)
     assert any("ray start --head" in c for c in local["head_start_ray_commands"])
 
 
@@ -70,7 +72,7 @@ def test_cloud_file_shape():
         assert t["node_config"]["InstanceType"] in {"p3.2xlarge", "g5.xlarge"}, name
     assert sum(t["max_workers"] for t in workers.values()) <= cfg["max_workers"]
     assert cfg["docker"]["image"] == "rayproject/ray:2.60.0-py311-gpu"
-    assert any("pip install" in c and ".[ray]" in c for c in cfg["setup_commands"])
+    assert any("pip install" in c and ".[ray,locomotion]" in c for c in cfg["setup_commands"])
     assert any(f"--env {cluster.STORAGE_ENV}=s3://" in o for o in cfg["docker"]["run_options"])
 
 
@@ -151,3 +153,26 @@ def test_default_storage_path(monkeypatch, tmp_path):
     assert cluster.default_storage_path(tmp_path) == str(tmp_path)
     monkeypatch.setenv(cluster.STORAGE_ENV, "s3://bucket/prefix")
     assert cluster.default_storage_path(tmp_path) == "s3://bucket/prefix"
+
+
+def test_project_rules_shared_storage_and_extras(tmp_path):
+    """This project's own rules: a multi-node file sets RACTD_STORAGE_PATH; the nodes install .[ray,locomotion]."""
+    cfg = _raw(CLOUD)
+    no_storage = copy.deepcopy(cfg)
+    no_storage["docker"]["run_options"] = [o for o in cfg["docker"]["run_options"] if "RACTD_STORAGE_PATH" not in o]
+    with pytest.raises(RactdError, match=r"multi-node cluster needs shared storage: set RACTD_STORAGE_PATH"):
+        cluster.validate_cluster_config(_write(tmp_path, no_storage, "nostore.yaml"))
+    single = copy.deepcopy(no_storage)  # a head-only cluster needs no shared storage
+    for name, t in single["available_node_types"].items():
+        if name != single["head_node_type"]:
+            t["max_workers"] = 0
+    cluster.validate_cluster_config(_write(tmp_path, single, "single.yaml"))
+    ray_only = copy.deepcopy(cfg)
+    ray_only["setup_commands"] = ["cd ~/ractd && pip install --quiet -e '.[ray]'"]
+    with pytest.raises(RactdError, match=r"install \.\[ray\] without locomotion \(stable-baselines3"):
+        cluster.validate_cluster_config(_write(tmp_path, ray_only, "rayonly.yaml"))
+    local = _raw(LOCAL)
+    local["setup_commands"] = ["echo nothing"]
+    with pytest.raises(RactdError, match=r"setup_commands: no `pip install -e"):
+        cluster.validate_cluster_config(_write(tmp_path, local, "noinstall.yaml"))
+    assert cluster.installed_extras(cluster.validate_cluster_config(LOCAL)) == {"ray", "locomotion"}

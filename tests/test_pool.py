@@ -17,6 +17,7 @@ from ractd.results import ResultsStore  # noqa: E402
 from ractd.rollout import rollout_locomotion, rollout_maze  # noqa: E402
 from ractd.study import get_study, make_job, study_root  # noqa: E402
 from ractd_ray.pool import PoolConfig, RolloutPool  # noqa: E402
+from ractd_ray.train import ensure_ray  # noqa: E402
 
 pytestmark = pytest.mark.ray
 SEEDS = list(range(10))
@@ -51,7 +52,7 @@ def tiny(tmp_path_factory):
         roll = rollout_locomotion if task.kind == "locomotion" else rollout_maze
         for s in SEEDS:
             direct[(job.method, s)] = roll(task, policy, [s], progress=False)[0]
-    ray.init(num_cpus=2, log_to_driver=False, configure_logging=False, include_dashboard=False)
+    ensure_ray("local", num_cpus=2, log_to_driver=False, configure_logging=False)
     yield {"jobs": jobs, "direct": direct, "maze_teacher": Path(maze)}
     ray.shutdown()
 

@@ -17,7 +17,8 @@ import ray.cloudpickle  # noqa: E402
 
 from ractd.config import from_dict, to_dict  # noqa: E402
 from ractd.train import RunContext, TrainConfig, train  # noqa: E402
-from ractd_ray.train import GradAllReduce, StepHook, fit_stage, forwarded_env, worker_context  # noqa: E402
+from ractd_ray.train import (GradAllReduce, StepHook, ensure_ray, fit_stage, forwarded_env,  # noqa: E402
+                             worker_context)
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_pipeline import random_hopper_dataset  # noqa: E402
@@ -28,7 +29,7 @@ ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the test's wo
 
 @pytest.fixture(scope="module", autouse=True)
 def local_ray():
-    ray.init(num_cpus=2, logging_level="WARNING")
+    ensure_ray("local", num_cpus=2)  # never a cluster left running on the machine
     yield
     ray.shutdown()
 

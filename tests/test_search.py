@@ -19,9 +19,10 @@ pytest.importorskip("ray")
 
 import ray  # noqa: E402
 
+from ractd import RactdError  # noqa: E402
 from ractd.data.d4rl import local_dataset_path, write_d4rl_hdf5  # noqa: E402
 from ractd.tasks import get_task  # noqa: E402
-from ractd_ray.search import SIGMA_CHOICES, main  # noqa: E402
+from ractd_ray.search import SCORE_FLOOR, SIGMA_CHOICES, finite_score, main, startup_trials  # noqa: E402
 from ractd_ray.train import ensure_ray  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -71,9 +72,34 @@ def test_dataset_that_fails_validation_is_one_line_exit_2_before_ray_starts(caps
 
 # ------------------------------------------------------------------------------------------ sweeps
 
+def test_unreachable_address_is_one_line_within_seconds(capsys):
+    t0 = time.monotonic()
+    assert main(["--task", "maze2d-umaze", "--quick", "--address", "127.0.0.1:1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()  # the dataset is generated (and says so) before Ray
+    assert err[-1] == "error: no Ray cluster answers at 127.0.0.1:1 (is `ray start --head` running there?)"
+    assert time.monotonic() - t0 < 30 and not ray.is_initialized()
+
+
+def test_no_address_starts_a_local_ray_not_the_machine_cluster(monkeypatch):
+    from ractd_ray.train import resolve_address
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert resolve_address(None) == "local"
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")
+    with pytest.raises(RactdError, match="no Ray cluster answers at 127.0.0.1:1"):
+        resolve_address(None)
+
+
+def test_non_finite_score_never_reaches_asha_and_tpe_starts_follow_the_budget():
+    assert finite_score({"select_score": float("nan"), "step": 4}) == {"select_score": SCORE_FLOOR, "step": 4}
+    assert finite_score({"select_score": None})["select_score"] == SCORE_FLOOR
+    assert finite_score({"select_score": 2.5}) == {"select_score": 2.5}
+    assert startup_trials(12, 1) == 3 and startup_trials(100, 2) == 10 and startup_trials(12, 5) == 5
+
+
 @pytest.fixture(scope="module")
 def local_ray():
-    ensure_ray(num_cpus=2)
+    ensure_ray("local", num_cpus=2)
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
 

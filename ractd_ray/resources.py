@@ -1,0 +1,100 @@
+"""What the Ray cluster can give a search or a pool: decided once, in the driver, from the cluster's node types.
+
+An autoscaling cluster (cluster.yaml: GPU node types with min_workers 0) has no GPU and few CPUs when a command
+starts; what it *can* scale to is in the cluster config its autoscaler reports to the GCS (the node types with
+their resources and max_workers: `ray._private.state.state.get_max_resources_from_cluster_config()`, what Ray
+Train itself reads). `capacity()` is the larger of that and what the cluster has now; a cluster without an
+autoscaler (one machine, `ray start` nodes) is what it has now.
+
+- `decide_gpu(gpu, need)`: --gpu auto asks for GPU workers/actors when the cluster can provide them (a node type
+  with a GPU), so the request itself is what makes the autoscaler start the GPU nodes; --gpu yes where nothing can
+  ever provide a GPU is a RactdError (one line) instead of a request that waits forever.
+- `check_fits(...)`: a trial or an actor that no node type can ever hold is a RactdError before anything starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+from ractd import RactdError
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Capacity:
+    """cpus / gpus: the most the cluster can have (its node types' maxima, or what it has now); node_cpus /
+    node_gpus: the largest single node's; autoscaling: whether the numbers come from the autoscaler's config."""
+
+    cpus: float
+    gpus: float
+    node_cpus: float
+    node_gpus: float
+    autoscaling: bool
+
+
+def capacity() -> Capacity:
+    import ray
+
+    now = ray.cluster_resources()
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    node_cpus = max((r.get("CPU", 0.0) for r in nodes), default=0.0)
+    node_gpus = max((r.get("GPU", 0.0) for r in nodes), default=0.0)
+    cpus, gpus, autoscaling = now.get("CPU", 0.0), now.get("GPU", 0.0), False
+    try:
+        from ray._private.state import state
+
+        config = state.get_cluster_config()
+    except Exception as e:  # an older or a client-mode connection: what the cluster has now
+        log.debug("no cluster config from the GCS (%s)", e)
+        config = None
+    if config is not None and config.node_group_configs:
+        autoscaling = True
+        total = {"CPU": 0.0, "GPU": 0.0}
+        for group in config.node_group_configs:
+            count = group.max_count if group.max_count >= 0 else 10**6
+            for key in total:
+                total[key] += count * float(group.resources.get(key, 0))
+            if group.max_count != 0:
+                node_cpus = max(node_cpus, float(group.resources.get("CPU", 0)))
+                node_gpus = max(node_gpus, float(group.resources.get("GPU", 0)))
+        for key in total:
+            limit = config.max_resources.get(key, 0)
+            if limit:
+                total[key] = min(total[key], float(limit))
+        cpus, gpus = max(cpus, total["CPU"]), max(gpus, total["GPU"])
+    return Capacity(cpus, gpus, node_cpus, node_gpus, autoscaling)
+
+
+def decide_gpu(gpu: str | bool, what: str, cap: Capacity | None = None) -> bool:
+    """--gpu auto|yes|no (or a bool) -> whether `what` (e.g. "the trials' workers") ask for GPUs."""
+    if isinstance(gpu, bool):
+        return gpu
+    if gpu not in ("auto", "yes", "no"):
+        raise RactdError(f"gpu={gpu!r}: expected auto, yes or no")
+    if gpu == "no":
+        return False
+    cap = cap or capacity()
+    if gpu == "yes" and cap.node_gpus < 1:
+        raise RactdError(f"--gpu yes: no node of the Ray cluster has a GPU, and no node type it can start has one "
+                         f"({'autoscaler config read' if cap.autoscaling else 'no autoscaler'}); use --gpu auto or no")
+    use = cap.node_gpus >= 1
+    log.debug("%s: %s (the cluster %s GPUs: %g)", what, "GPU" if use else "CPU",
+             "can scale to" if cap.autoscaling else "has", cap.gpus)
+    return use
+
+
+def check_fits(what: str, per_unit: dict[str, float], units: int, cap: Capacity | None = None) -> Capacity:
+    """RactdError unless `units` of `per_unit` resources ({"CPU": c, "GPU": g}, each on one node) fit what the
+    cluster can scale to. Returns the capacity."""
+    cap = cap or capacity()
+    for key, each in per_unit.items():
+        total, node = (cap.cpus, cap.node_cpus) if key == "CPU" else (cap.gpus, cap.node_gpus)
+        if each > node:
+            raise RactdError(f"{what} needs {each:g} {key} on one node but the largest node"
+                             f"{' type' if cap.autoscaling else ''} of the Ray cluster has {node:g}")
+        if each * units > total:
+            raise RactdError(f"{what} needs {each * units:g} {key} ({units} x {each:g}) but the Ray cluster "
+                             f"{'can scale to' if cap.autoscaling else 'has'} {total:g}")
+    return cap

@@ -1,0 +1,61 @@
+"""--gpu and the resource checks against what the cluster can scale to (ractd_ray.resources), on a real local Ray
+whose GCS holds the cluster config an autoscaler started from cluster.yaml reports (its node types: GPU types
+with min_workers 0), without any GPU on this machine."""
+
+import pytest
+import yaml
+
+pytest.importorskip("ray")
+
+import ray  # noqa: E402
+from ray.experimental import internal_kv  # noqa: E402
+
+from ractd import RactdError  # noqa: E402
+from ractd_ray import resources  # noqa: E402
+from ractd_ray.search import SearchConfig, _check_resources  # noqa: E402
+from ractd_ray.train import ensure_ray  # noqa: E402
+from test_cluster import CLOUD  # noqa: E402
+
+pytestmark = pytest.mark.ray
+
+
+def _report_cluster_config(path) -> None:
+    """What Ray's autoscaler reports to the GCS for a cluster file: one node group per node type."""
+    from ray.core.generated import autoscaler_pb2
+
+    cfg = yaml.safe_load(path.read_text())
+    proto = autoscaler_pb2.ClusterConfig()
+    for name, t in cfg["available_node_types"].items():
+        group = proto.node_group_configs.add(name=name, min_count=t.get("min_workers", 0),
+                                             max_count=1 if name == cfg["head_node_type"] else t["max_workers"])
+        for k, v in t["resources"].items():
+            group.resources[k] = int(v)
+    internal_kv._internal_kv_put(ray._raylet.GCS_AUTOSCALER_CLUSTER_CONFIG_KEY, proto.SerializeToString(),
+                                 overwrite=True, namespace=ray._raylet.GCS_AUTOSCALER_STATE_NAMESPACE)
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ensure_ray("local", num_cpus=2)
+    yield
+    ray.shutdown()
+
+
+def test_gpu_decisions_follow_the_node_types(local_ray):
+    readme = SearchConfig(task="maze2d-umaze", workers=4, max_concurrent=2)  # the README's cluster command
+    # no autoscaler: what the cluster has now (2 CPUs, no GPU)
+    cap = resources.capacity()
+    assert (cap.cpus, cap.gpus, cap.autoscaling) == (2.0, 0.0, False)
+    assert resources.decide_gpu("auto", "test") is False
+    with pytest.raises(RactdError, match=r"^--gpu yes: no node of the Ray cluster has a GPU"):
+        resources.decide_gpu("yes", "test")
+    with pytest.raises(RactdError, match=r"needs 4 CPU \(4 x 1\) but the Ray cluster has 2"):
+        _check_resources(readme, use_gpu=False)
+    # cluster.yaml's node types: GPU workers can be started, though none runs now
+    _report_cluster_config(CLOUD)
+    cap = resources.capacity()
+    assert cap.autoscaling and cap.gpus == 8.0 and cap.cpus == 4 + 4 * 8 + 4 * 4 and cap.node_gpus == 1.0
+    assert resources.decide_gpu("auto", "test") is True and resources.decide_gpu("yes", "test") is True
+    _check_resources(readme, use_gpu=True)  # fits what the cluster can scale to: no error
+    with pytest.raises(RactdError, match=r"needs 2 GPU on one node but the largest node type"):
+        resources.check_fits("a worker", {"CPU": 1.0, "GPU": 2.0}, 1)
