@@ -133,7 +133,7 @@ def test_script_twice_runs_no_episode_twice(tiny, tmp_path, capsys):
     assert "episodes run: 4" in first and len(_raw_keys(store)) == 4
     assert "missing maze2d-umaze ctd" in first and "python -m ractd distill --task maze2d-umaze --quick" in first
     table11 = (tmp_path / "out" / "table11.md").read_text()
-    assert "EDM 80" in table11 and "· n=4 · quick" in table11 and "missing" in table11
+    assert "EDM Heun-80 (158 network calls)" in table11 and "· n=4 · quick" in table11 and "missing" in table11
     parts = sorted(p.name for p in store.episodes_dir.glob("part-*.parquet"))
     assert script.main(argv) == 0
     assert "episodes run: 0" in capsys.readouterr().out
