@@ -844,10 +844,9 @@ def headline_lines(rows: list[dict], tasks: list[str]) -> list[str]:
                        + (f"   paper: {fmt_paper(paper)}" if paper else ""))
         student, teacher = cells["ractd"], cells["teacher-heun-80"]
         if student and teacher:
-            maze = _kind(task) == "maze"  # maze2d plans once per episode: the plan's time
-            ts, tt = (float(np.mean([r["time_per_action"] * (r["length"] if maze else 1) for r in eps]))
-                      for eps in (student, teacher))
-            what = "per plan" if maze else "per action"
+            kind = _kind(task)  # maze2d plans once per episode: _time_cell gives the plan's time
+            ts, tt = (_time_cell(eps, kind)[1]["time_s"] for eps in (student, teacher))
+            what = "per plan" if kind == "maze" else "per action"
             out.append(f"  speed: {ts * 1e3:.3g} ms {what} for the student, {tt * 1e3:.3g} ms for the teacher: "
                        f"{tt / ts:.0f}x faster")
     return out

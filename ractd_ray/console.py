@@ -34,7 +34,6 @@ def set_verbose(verbose: bool) -> None:
     VERBOSE["value"] = bool(verbose)
     if not verbose:
         os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
-        logging.getLogger("optuna").setLevel(logging.WARNING)
         try:
             import optuna
 

@@ -17,6 +17,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_LINES = 150  # issue 18: the whole first command in at most 150 lines
+THRESHOLD = 40.0  # RACTD's mean on 20 seeds; measured 97.1 at this reduced budget, a broken pipeline about -17
 
 
 def _run(argv: list[str], timeout: int = 1500) -> subprocess.CompletedProcess:
@@ -75,5 +76,3 @@ def test_first_command_ray_path_scores_and_console_is_short(tmp_path):
     score = float(np.mean([e["normalized_score"] for e in ractd]))
     assert score >= THRESHOLD, f"RACTD scored {score:.1f} on 20 seeds"
 
-
-THRESHOLD = 40.0
