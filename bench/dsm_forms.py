@@ -15,7 +15,9 @@ students are maze2d-umaze's (sigma = 0: CTD, no reward term), so the comparison 
     python bench/dsm_forms.py --report --out docs/results/dsm/maze2d-umaze-small    # the committed measurement
 
 Writes <out>/results.parquet (one row per form and training seed: the terms' mean over the second half of
-training, their ratio, the selected and final checkpoints' scores on --eval-seeds seeds) and prints a table.
+training, their ratio, the selected and final checkpoints' scores on --eval-seeds seeds, and the selected one's
+with the plan's first state inpainted (ractd.policy.StartPinned); one "teacher" row per training seed: Heun-80
+without and with inpainting) and prints a table.
 Resumable: a finished student is not retrained, a stored row is not redone.
 """
 
@@ -53,6 +55,14 @@ def term_means(metrics_file: Path) -> dict:
     out = {k: float(np.mean([r[k] for r in half])) for k in ("ctm", "dsm")}
     out["dsm_over_ctm"] = out["dsm"] / max(out["ctm"], 1e-12)
     return out
+
+
+def _save(rows: list[dict], store: Path) -> None:
+    import pandas as pd
+
+    tmp = store.with_suffix(".tmp")
+    pd.DataFrame(rows).to_parquet(tmp)
+    tmp.replace(store)
 
 
 def ensure_teacher(args, seed: int, out: Path) -> Path:
@@ -95,6 +105,17 @@ def run(args) -> int:
     for seed in [] if args.report else args.train_seeds:
         out.mkdir(parents=True, exist_ok=True)
         teacher = ensure_teacher(args, seed, out)
+        if ("teacher", seed) not in done:
+            row = {"form": "teacher", "train_seed": seed}
+            for inpaint, col in (("none", "best"), ("start", "best_pinned")):
+                s = evaluate_checkpoint(args.task, run_dir=str(out), sampler="heun", checkpoint=str(teacher),
+                                        seeds=list(range(args.eval_seeds)), inpaint=inpaint, progress=False,
+                                        out=str(out / f"teacher-seed{seed}-{inpaint}.parquet"))
+                row.update({f"{col}_mean": s["score_mean"], f"{col}_sem": s["score_sem"], "n": s["n"]})
+            rows.append(row)
+            _save(rows, store)
+            print(f"teacher seed {seed}: Heun-80 {row['best_mean']:.1f}, inpainted {row['best_pinned_mean']:.1f}",
+                  flush=True)
         for form in args.forms:
             if (form, seed) in done:
                 continue
@@ -111,24 +132,25 @@ def run(args) -> int:
             train_s = time.perf_counter() - t0
             row = {"form": form, "dsm_form": dsm_form, "dsm_weighting": weighting, "train_seed": seed,
                    "steps": res["step"], "train_s": train_s, **term_means(cfg.stage_dir / "metrics.jsonl")}
-            for which, ckpt in (("best", res["best"]), ("final", res["checkpoint"])):
+            for which, ckpt, inpaint in (("best", res["best"], "none"), ("final", res["checkpoint"], "none"),
+                                         ("best_pinned", res["best"], "start")):
                 s = evaluate_checkpoint(args.task, run_dir=str(run_dir), sampler="student", checkpoint=str(ckpt),
-                                        seeds=list(range(args.eval_seeds)),
+                                        seeds=list(range(args.eval_seeds)), inpaint=inpaint,
                                         out=str(run_dir / f"eval-{which}.parquet"), progress=False)
                 row.update({f"{which}_mean": s["score_mean"], f"{which}_sem": s["score_sem"], "n": s["n"]})
             rows.append(row)
-            tmp = store.with_suffix(".tmp")
-            pd.DataFrame(rows).to_parquet(tmp)
-            tmp.replace(store)
+            _save(rows, store)
             print(f"{form} seed {seed}: " + ", ".join(f"{k}={v:.4g}" for k, v in row.items()
                                                       if isinstance(v, float)), flush=True)
     df = pd.DataFrame(rows).sort_values(["form", "train_seed"])
-    cols = ["form", "train_seed", "ctm", "dsm", "dsm_over_ctm", "best_mean", "best_sem", "final_mean", "final_sem"]
+    cols = [c for c in ("form", "train_seed", "ctm", "dsm", "dsm_over_ctm", "best_mean", "best_sem", "final_mean",
+                        "final_sem", "best_pinned_mean", "best_pinned_sem") if c in df]
     print("\nper training seed (terms: mean over the second half of training; scores: normalized, mean +- SE):")
     print(df[cols].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     agg = df.groupby("form").agg(ctm=("ctm", "mean"), dsm=("dsm", "mean"), best=("best_mean", "mean"),
                                  best_sd=("best_mean", "std"), final=("final_mean", "mean"),
-                                 final_sd=("final_mean", "std"), seeds=("train_seed", "count"))
+                                 final_sd=("final_mean", "std"), pinned=("best_pinned_mean", "mean"),
+                                 pinned_sd=("best_pinned_mean", "std"), seeds=("train_seed", "count"))
     print("\nacross training seeds (mean, and SD across training seeds):")
     print(agg.to_string(float_format=lambda v: f"{v:.4g}"))
     print(f"\nstore: {store}")
