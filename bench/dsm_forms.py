@@ -13,6 +13,11 @@ students are maze2d-umaze's (sigma = 0: CTD, no reward term), so the comparison 
 
     python bench/dsm_forms.py [--train-seeds 0 1 2] [--eval-seeds 100] [--forms paper lambda_denoiser]
     python bench/dsm_forms.py --report --out docs/results/dsm/maze2d-umaze-small    # the committed measurement
+    python bench/dsm_forms.py --toy [--train-seeds 0 1 2]    # the two-mode bandit of ractd.toy instead
+
+--toy: the mode-coverage check behind the earlier choice of "denoiser" (ractd.toy: a 30% / 70% two-mode bandit;
+a CTD student should keep the teacher's share of the 30% mode): one teacher per training seed, one CTD student per
+form, the share of one-step samples on the 30% mode (2000 states). Rows go to <out>/toy.parquet.
 
 Writes <out>/results.parquet (one row per form and training seed: the terms' mean over the second half of
 training, their ratio, the selected and final checkpoints' scores on --eval-seeds seeds, and the selected one's
@@ -85,12 +90,57 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-seeds", type=int, default=100, help="one-step rollouts per checkpoint")
     ap.add_argument("--out", default="", help="default <cache>/bench/dsm/<task>-<scale>")
     ap.add_argument("--report", action="store_true", help="only print the table of the store in --out")
+    ap.add_argument("--toy", action="store_true", help="the two-mode bandit (ractd.toy) instead of the task")
     args = ap.parse_args(argv)
     try:
-        return run(args)
+        return run_toy(args) if args.toy else run(args)
     except RactdError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+
+
+def run_toy(args) -> int:
+    """Share of the CTD student's one-step samples on the bandit's 30% mode, per DSM form and training seed."""
+    import pandas as pd
+    import torch
+
+    from ractd import ctm, edm, toy
+
+    out = Path(args.out) if args.out else cache_dir() / "bench" / "dsm" / "toy"
+    store = out / "toy.parquet"
+    rows = pd.read_parquet(store).to_dict("records") if store.is_file() else []
+    if args.report and not rows:
+        raise RactdError(f"no results in {store}")
+    done = {(r["form"], r["train_seed"]) for r in rows}
+    for seed in [] if args.report else args.train_seeds:
+        out.mkdir(parents=True, exist_ok=True)
+        cfg = toy.ToyConfig(seed=seed)
+        g = torch.Generator().manual_seed(seed)
+        torch.manual_seed(seed)
+        state, action, high, _ = toy.make_bandit(cfg, cfg.n_data, g)
+        teacher = toy.train_teacher(cfg, state, action)
+        s_eval = torch.rand(2000, 2, generator=g) * 2 - 1
+
+        def prior(n):
+            return edm.prior_sample((n, 1, 2), generator=g)
+
+        share_teacher = toy.high_mode_share(
+            lambda s: edm.sample_heun(teacher.bind(s), prior(len(s)), edm.karras_sigmas()), s_eval)
+        for form in args.forms:
+            if (form, seed) in done:
+                continue
+            dsm_form, weighting = DSM_FORMS[form]
+            dcfg = ctm.DistillConfig(sigma=0.0, dsm_form=dsm_form, dsm_weighting=weighting)
+            student = toy.distill(cfg, teacher, None, state, action, dcfg)
+            share = toy.high_mode_share(lambda s: ctm.sample_student(student, prior(len(s)), s), s_eval)
+            rows.append({"form": form, "train_seed": seed, "data": high.float().mean().item(),
+                         "teacher": share_teacher, "ctd": share})
+            _save(rows, store)
+            print(f"toy {form} seed {seed}: 30%-mode share {share:.3f} (teacher {share_teacher:.3f})", flush=True)
+    df = pd.DataFrame(rows).sort_values(["form", "train_seed"])
+    print(df.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    print(f"\nstore: {store}")
+    return 0
 
 
 def run(args) -> int:

@@ -1,6 +1,6 @@
 """The README's library-only first command, end to end at its real (quick) budget: the one-step student must
 plan to the goal. A broken pipeline — a random or untrained teacher, a student collapsed onto the mean (the
-old `dsm_form="jump"` default), an EMA still holding the initialisation — scores near D4RL's random reference
+old `dsm_form="jump"` under lambda(sigma)), an EMA still holding the initialisation — scores near D4RL's random reference
 (0; measured -11 and -17 here), far below the threshold. About 5 minutes on a quiet 2-CPU machine: slow marker.
 """
 
