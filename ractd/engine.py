@@ -17,8 +17,8 @@ computed once per action (`FoldedUnet.prepare`). What is left per network call i
 
     eager      net.body in torch (the FiLM and time MLP work above already removed)
     jit        the body traced, frozen and optimized for inference by TorchScript
-    openvino   the body exported to ONNX in memory and compiled by OpenVINO (dynamic batch), LATENCY hint, fp32
-               precision hint
+    openvino   the body exported to ONNX in memory and compiled by OpenVINO, LATENCY hint, fp32 precision hint;
+               a dynamic-batch model, plus a static-shape one for a batch size that keeps coming back (_OpenVINO)
     openvino-2s  the same compiled for 2 streams (THROUGHPUT hint; threads >= 2): the batch split in two halves
                run concurrently (rows are independent: GroupNorm normalizes each sample)
     *-bf16     with EngineConfig.precision "bf16" only: torch autocast / OpenVINO's bf16 precision hint (not exact:
@@ -212,44 +212,71 @@ def _jit(body: _Body, example: tuple):
     return run
 
 
-def _openvino(body: _Body, example: tuple, threads: int, precision: str, streams: int = 1):
-    """The body exported to ONNX (in memory) and compiled by OpenVINO with a dynamic batch; streams 2: two
-    requests, each half of the batch. The ONNX route, not openvino.convert_model of the torch module: measured
-    0.67x eager at batch 100 (small U-Net, 1 thread) where convert_model's graph took 1.14x."""
-    import io
-    import warnings
+STATIC_AFTER = 16         # calls at one batch size after which OpenVINO gets a static-shape model for it
+STATIC_MAX_BYTES = 2**30  # ... while the U-Net's weights times the static models kept stay under this
+STATIC_MAX = 8            # ... and at most this many
 
-    ov = _ov()
-    if ov is None:
-        raise RactdError("engine openvino is not installed: pip install -e '.[deploy]'")
-    buf = io.BytesIO()
-    batch = {0: "batch"}
-    with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(body.eval(), example, buf, dynamo=False, opset_version=18, input_names=["x", "films"],
-                          output_names=["out"], dynamic_axes={"x": batch, "films": batch, "out": batch})
-    model = ov.Core().read_model(buf.getvalue())
-    config = {"INFERENCE_PRECISION_HINT": {"fp32": "f32", "bf16": "bf16"}[precision],
-              "INFERENCE_NUM_THREADS": int(threads)}
-    if streams == 1:
-        config["PERFORMANCE_HINT"] = "LATENCY"
-    else:
-        config.update({"PERFORMANCE_HINT": "THROUGHPUT", "NUM_STREAMS": int(streams)})
-    compiled = ov.Core().compile_model(model, "CPU", config)
-    requests = [compiled.create_infer_request() for _ in range(streams)]
 
-    def run(x, films):
+class _OpenVINO:
+    """The body exported to ONNX (in memory) and compiled by OpenVINO for CPU, called run(x, films).
+
+    The ONNX route, not openvino.convert_model of the torch module: measured 0.67x eager at batch 100 (small
+    U-Net, 1 thread) where convert_model's graph took 1.14x. Batch shapes: a dynamic-batch model serves every
+    batch; a batch size met STATIC_AFTER times (Heun's 158 calls of one action, a rollout whose live batch holds)
+    gets its own static-shape model, measured 0.55x eager vs the dynamic model's 0.67x at batch 100 (a few of
+    them, while their weights stay under STATIC_MAX_BYTES). streams 2: THROUGHPUT hint, two requests each
+    running half of the batch concurrently.
+    """
+
+    def __init__(self, body: _Body, example: tuple, threads: int, precision: str, streams: int = 1):
+        import io
+        import warnings
+
+        ov = _ov()
+        if ov is None:
+            raise RactdError("engine openvino is not installed: pip install -e '.[deploy]'")
+        buf = io.BytesIO()
+        batch = {0: "batch"}
+        with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(body.eval(), example, buf, dynamo=False, opset_version=18, input_names=["x", "films"],
+                              output_names=["out"], dynamic_axes={"x": batch, "films": batch, "out": batch})
+        self.onnx, self.core, self.streams = buf.getvalue(), ov.Core(), int(streams)
+        self.config = {"INFERENCE_PRECISION_HINT": {"fp32": "f32", "bf16": "bf16"}[precision],
+                       "INFERENCE_NUM_THREADS": int(threads)}
+        if streams == 1:
+            self.config["PERFORMANCE_HINT"] = "LATENCY"
+        else:
+            self.config.update({"PERFORMANCE_HINT": "THROUGHPUT", "NUM_STREAMS": int(streams)})
+        compiled = self.core.compile_model(self.core.read_model(self.onnx), "CPU", self.config)
+        self.requests = [compiled.create_infer_request() for _ in range(streams)]
+        weight_bytes = sum(p.numel() * p.element_size() for p in body.parameters())
+        self.max_static = 0 if streams > 1 else min(STATIC_MAX, int(STATIC_MAX_BYTES // max(weight_bytes, 1)) - 1)
+        self.static: dict[int, object] = {}   # batch -> infer request of its static-shape model
+        self.seen: dict[int, int] = {}
+
+    def _static_request(self, n: int):
+        req = self.static.get(n)
+        if req is None and len(self.static) < self.max_static:
+            self.seen[n] = self.seen.get(n, 0) + 1
+            if self.seen[n] >= STATIC_AFTER:
+                model = self.core.read_model(self.onnx)
+                model.reshape({model.inputs[0]: [n, *model.inputs[0].get_partial_shape()[1:].to_shape()],
+                               model.inputs[1]: [n, model.inputs[1].get_partial_shape()[1].get_length()]})
+                req = self.static[n] = self.core.compile_model(model, "CPU", self.config).create_infer_request()
+        return req
+
+    def __call__(self, x: torch.Tensor, films: torch.Tensor) -> torch.Tensor:
         x, films = x.detach().float().contiguous().numpy(), films.detach().float().contiguous().numpy()
-        if streams == 1 or len(x) < 2:
-            return torch.from_numpy(requests[0].infer([x, films])[0].copy())
-        cuts = [round(i * len(x) / streams) for i in range(streams + 1)]
-        for r, a, b in zip(requests, cuts[:-1], cuts[1:]):
+        if self.streams == 1 or len(x) < 2:
+            req = self._static_request(len(x)) or self.requests[0]
+            return torch.from_numpy(req.infer([x, films])[0].copy())
+        cuts = [round(i * len(x) / self.streams) for i in range(self.streams + 1)]
+        for r, a, b in zip(self.requests, cuts[:-1], cuts[1:]):
             r.start_async([x[a:b], films[a:b]])
-        for r in requests:
+        for r in self.requests:
             r.wait()
-        return torch.from_numpy(np.concatenate([r.get_output_tensor(0).data for r in requests]))
-
-    return run
+        return torch.from_numpy(np.concatenate([r.get_output_tensor(0).data for r in self.requests]))
 
 
 def candidates(cfg: EngineConfig, threads: int) -> list[str]:
@@ -346,7 +373,7 @@ class EngineSelector:
             elif base == "jit":
                 self._built[name] = _jit(body, example)
             elif base in ("openvino", "openvino-2s"):
-                self._built[name] = _openvino(body, example, self.threads, precision,
+                self._built[name] = _OpenVINO(body, example, self.threads, precision,
                                               streams=2 if base == "openvino-2s" else 1)
             else:
                 raise RactdError(f"unknown engine {name!r}; expected one of {', '.join(ENGINES)}")

@@ -59,6 +59,19 @@ def test_folded_unet_on_each_engine_computes_the_eager_net(name, batch):
     assert folded.selector.choice(batch) == name
 
 
+@pytest.mark.skipif(engine._ov() is None, reason="OpenVINO not installed")
+def test_openvino_static_batch_shape_computes_the_same_numbers():
+    net = _net(n_times=2)
+    folded = FoldedUnet(net, H, _fixed("openvino"))
+    x, cond = torch.randn(3, H, D), torch.randn(3, G)
+    ref = net(x, (torch.full((3,), 50.0), torch.full((3,), -900.0)), cond)
+    call = folded.prepare(cond, 3)
+    outs = [call(x, (50.0, -900.0)) for _ in range(engine.STATIC_AFTER + 2)]
+    assert list(folded.selector.build("openvino").static) == [3]  # the repeated batch got its static model
+    for out in (outs[0], outs[-1]):  # dynamic-batch model, then the static one
+        np.testing.assert_allclose(out.numpy(), ref.numpy(), **TOL)
+
+
 @pytest.mark.parametrize("name", ["auto", *_engines()])
 def test_heun_sampler_through_an_engine_matches_the_library_sampler(name):
     teacher = edm.Denoiser(_net()).eval()
