@@ -255,11 +255,11 @@ class _OpenVINO:
         self.static: dict[int, object] = {}   # batch -> infer request of its static-shape model
         self.seen: dict[int, int] = {}
 
-    def _static_request(self, n: int):
+    def _static_request(self, n: int, now: bool = False):
         req = self.static.get(n)
         if req is None and len(self.static) < self.max_static:
             self.seen[n] = self.seen.get(n, 0) + 1
-            if self.seen[n] >= STATIC_AFTER:
+            if self.seen[n] >= STATIC_AFTER or now:
                 model = self.core.read_model(self.onnx)
                 model.reshape({model.inputs[0]: [n, *model.inputs[0].get_partial_shape()[1:].to_shape()],
                                model.inputs[1]: [n, model.inputs[1].get_partial_shape()[1].get_length()]})
@@ -420,6 +420,8 @@ class EngineSelector:
         for name in candidates(self.cfg, self.threads):
             try:
                 run = self.build(name)
+                if isinstance(run, _OpenVINO) and run.streams == 1:
+                    run._static_request(n, now=True)  # timed as it runs once the batch repeats
                 diffs[name] = float((run(x, films) - ref).abs().max())   # also its warm-up call
             except Exception as e:  # an engine that cannot build or run this net is not a candidate
                 log.warning("engine %s unavailable for %s: %s", name, self.shape_key,
