@@ -173,7 +173,7 @@ def test_calibration_cache_is_written_atomically_and_reused(monkeypatch, tmp_pat
     assert set(data["entries"][key]["ms"]) == set(engine.candidates(cfg, first.selector.threads))
     assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary file left behind
 
-    def no_calibration(self, b):
+    def no_calibration(self, b, batch=None):
         raise AssertionError("measured again although the cache holds the bucket")
 
     monkeypatch.setattr(EngineSelector, "calibrate", no_calibration)
