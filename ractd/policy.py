@@ -83,15 +83,18 @@ def _check_rows(cond: torch.Tensor, generators: Sequence[torch.Generator]) -> No
 
 def _fast(model: torch.nn.Module, engine) -> bool:
     """Whether a builder runs `model` through ractd.engine: an EngineConfig other than "none" was given and the
-    model is the plain float32 CPU U-Net the engines take (an accelerated, bf16-cast or GPU model keeps the
-    library path)."""
+    model is a library Denoiser / Student / EpsModel around a plain float32 CPU ConditionalUnet1D (an accelerated,
+    bf16-cast, wrapped or GPU model keeps the library path)."""
     if engine is None or engine.engine == "none":
         return False
     from ractd.nets.unet1d import ConditionalUnet1D
 
     net = getattr(model, "net", None)
     p = next(model.parameters(), None)
-    ok = isinstance(net, ConditionalUnet1D) and p is not None and p.device.type == "cpu" and p.dtype == torch.float32
+    # exactly the library's models: a wrapper (e.g. one that edits their outputs) must keep being called
+    plain = type(model) in (edm.Denoiser, ctm.Student, ddpm.EpsModel)
+    ok = plain and isinstance(net, ConditionalUnet1D) and p is not None and p.device.type == "cpu" \
+        and p.dtype == torch.float32
     if not ok:
         log.info("engine %s: %s is not a float32 CPU ConditionalUnet1D; running it as it is", engine.engine,
                  type(net).__name__)
