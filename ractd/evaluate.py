@@ -46,6 +46,8 @@ class EvalConfig:
         inverse_dynamics_plan (open loop: consecutive planned states, paper Sec. 4.2); train the model with
         python -m ractd.inverse_dynamics TASK.
     inverse_dynamics: the inverse dynamics model file ("" = its default path for the task and scale).
+    inpaint: maze2d: none | start (the plan's first state pinned to the given start on every clean estimate of
+        the model, ractd.policy.StartPinned: Diffuser's conditioning; DDPM/DDIM and bc take none).
     """
 
     task: str = "hopper-medium-replay"
@@ -64,6 +66,7 @@ class EvalConfig:
     overlap: bool = False
     tracker: Literal["pd", "inverse_dynamics", "inverse_dynamics_plan"] = "pd"
     inverse_dynamics: str = ""
+    inpaint: Literal["none", "start"] = "none"
 
     def validate(self) -> "EvalConfig":
         get_task(self.task)
@@ -87,7 +90,7 @@ class EvalConfig:
             nfe=self.nfe or None, seeds=list(range(self.first_seed, self.first_seed + self.seeds)),
             max_steps=self.max_steps or None, init_scaled=self.init_scaled, out=self.out, progress=progress,
             accelerate=self.accelerate, precision=self.precision, overlap=self.overlap, tracker=self.tracker,
-            inverse_dynamics=self.inverse_dynamics, engine=self.engine)
+            inverse_dynamics=self.inverse_dynamics, inpaint=self.inpaint, engine=self.engine)
 
 
 SAMPLER_STAGE = {"student": "student", "heun": "teacher", "euler": "teacher", "ddpm": "ddpm", "ddim": "ddpm",
@@ -120,7 +123,7 @@ def _sampler_opts(sampler: str, nfe: int, init_scaled: bool) -> dict:
 def policy_from_checkpoint(checkpoint: str | Path, sampler: str = "student", nfe: int | None = None,
                            init_scaled: bool = True, accelerate: str = "none", precision: str = "fp32",
                            tracker: str = "pd", inverse_dynamics: str = "", device: str = "cpu",
-                           engine: str = "auto"):
+                           inpaint: str = "none", engine: str = "auto"):
     """(policy or planner, task, its TrainConfig) for a checkpoint of the stage the sampler needs.
 
     accelerate: "none" or "jit" (ractd.nets.unet1d.accelerate: same numbers up to float rounding;
@@ -128,15 +131,20 @@ def policy_from_checkpoint(checkpoint: str | Path, sampler: str = "student", nfe
     the U-Net's weights and arithmetic only). device: where the network runs (the samplers draw noise on CPU
     per seed and move it to the model's device). tracker (maze2d): "pd" or "inverse_dynamics", the latter with the
     model file `inverse_dynamics` ("" = ractd.inverse_dynamics.default_path of the checkpoint's task and scale).
+    inpaint (maze2d): "none" or "start" (ractd.policy.StartPinned around the teacher or the student).
     engine: auto | eager | jit | openvino | none, see EvalConfig and ractd.engine (CPU only; a GPU model keeps the
     library path)."""
     from ractd.data.windows import Normalizer
-    from ractd.policy import LocomotionPolicy, MazePlanner, make_sampler
+    from ractd.policy import LocomotionPolicy, MazePlanner, StartPinned, make_sampler
     from ractd.train import load_stage_model
 
     if sampler not in SAMPLER_STAGE:
         raise RactdError(f"unknown sampler {sampler!r}; expected one of {', '.join(SAMPLER_STAGE)}")
     engine_cfg = _engine_config(engine, accelerate, precision) if sampler != "bc" else None
+    if inpaint not in ("none", "start"):
+        raise RactdError(f"inpaint={inpaint!r}: expected none or start")
+    if inpaint == "start":
+        engine_cfg = None  # the pinning wrapper edits every model output: the library path runs it as it is
     model, cfg, ck = load_stage_model(Path(checkpoint))
     model = model.to(device)
     if cfg.stage != SAMPLER_STAGE[sampler]:
@@ -158,6 +166,11 @@ def policy_from_checkpoint(checkpoint: str | Path, sampler: str = "student", nfe
 
         model.net = accelerate_net(model.net, accelerate, horizon=ck["shapes"]["x"][0])
     shape_tail = tuple(ck["shapes"]["x"])
+    if inpaint == "start":
+        if task.kind != "maze" or sampler not in ("heun", "euler", "student"):
+            raise RactdError(f"inpaint=start: maze2d plans of the heun, euler or student sampler only (got {task.name}, "
+                             f"{sampler})")
+        model = StartPinned(model, obs_dim=shape_tail[1])
     opts = _sampler_opts(sampler, nfe or DEFAULT_NFE[sampler], init_scaled)
     fn = make_sampler(sampler, model, shape_tail, **opts, engine=engine_cfg)
     if task.kind == "locomotion":
@@ -174,7 +187,8 @@ def evaluate_checkpoint(task: str, run_dir: str = "", sampler: str = "student", 
                         nfe: int | None = None, seeds: list[int] | None = None, max_steps: int | None = None,
                         init_scaled: bool = True, out: str = "", progress: bool = True,
                         accelerate: str = "none", precision: str = "fp32", overlap: bool = False,
-                        tracker: str = "pd", inverse_dynamics: str = "", engine: str = "auto") -> dict:
+                        tracker: str = "pd", inverse_dynamics: str = "", inpaint: str = "none",
+                        engine: str = "auto") -> dict:
     """Roll out `seeds` (default 0..9) with the checkpoint's policy; write records to Parquet; return a summary.
     The options are EvalConfig's (see there)."""
     from ractd.paths import runs_dir
@@ -187,7 +201,7 @@ def evaluate_checkpoint(task: str, run_dir: str = "", sampler: str = "student", 
     ckpt = Path(checkpoint) if checkpoint else run / SAMPLER_STAGE[sampler] / "best.pt"
     nfe = nfe or DEFAULT_NFE[sampler]
     policy, t2, cfg = policy_from_checkpoint(ckpt, sampler, nfe, init_scaled, accelerate, precision, tracker,
-                                             inverse_dynamics, engine=engine)
+                                             inverse_dynamics, inpaint=inpaint, engine=engine)
     if t2.name != t.name:
         raise RactdError(f"{ckpt} was trained on {t2.name}, not {t.name}")
     seeds = list(range(10)) if seeds is None else seeds
@@ -198,7 +212,8 @@ def evaluate_checkpoint(task: str, run_dir: str = "", sampler: str = "student", 
         records = rollout_maze(t, policy, seeds, max_steps=max_steps, progress=progress)
     extra = {"sampler": sampler, "nfe": nfe, "init_scaled": init_scaled, "accelerate": accelerate, "engine": engine,
              "precision": precision, "tracker": ("bc" if sampler == "bc" else tracker) if t.kind == "maze" else "", "checkpoint": str(ckpt),
-             "sigma": cfg.distill.sigma if cfg.stage == "student" else 0.0, "train_seed": cfg.seed}
+             "sigma": cfg.distill.sigma if cfg.stage == "student" else 0.0, "train_seed": cfg.seed,
+             **({"inpaint": inpaint} if t.kind == "maze" else {})}
     records = [{**r, **extra} for r in records]
     path = Path(out) if out else run / "eval" / f"{sampler}-{nfe}.parquet"
     save_records(records, path)
