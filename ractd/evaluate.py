@@ -31,9 +31,15 @@ class EvalConfig:
     max_steps: cap on the episode length (0 = the task's).
     init_scaled: start noise x_T ~ N(0, sigma_max^2 I) (True) or N(0, I) (False, the released code).
     out: Parquet file ("" = <run_dir>/eval/<sampler>-<nfe>.parquet).
-    accelerate: none | jit (TorchScript-frozen networks: same numbers up to float rounding, faster on CPU).
-    precision: fp32 | bf16 (the U-Net's weights and arithmetic in bfloat16; bench/bench_inference.py measures
-        it; fp32 stays the default until a score on 100 seeds shows bf16 unchanged).
+    engine: auto | eager | jit | openvino | none -- how the sampler runs its U-Net (ractd.engine): auto = the
+        sampler's fixed noise levels folded in and, per live batch, the engine measured fastest on this machine
+        (never one measured slower than eager; same numbers up to float rounding); eager / jit / openvino = that
+        engine for every batch; none = the library models as they are (with accelerate / precision below).
+    accelerate: none | jit (the library path: TorchScript-frozen networks called per step, the earlier fast path;
+        jit implies engine none, and an explicit other engine with it is an error).
+    precision: fp32 | bf16 (bfloat16 U-Net arithmetic: with engine none its weights (to_precision), with an
+        engine the bf16 engines; bench/bench_inference.py measures it; fp32 stays the default until a score on
+        100 seeds shows bf16 unchanged).
     overlap: locomotion: step one half of the seeds' envs while the network acts for the other half (same
         records; measured no faster on a loaded 2-CPU machine, so off by default; bench/bench_inference.py).
     tracker: maze2d: pd (Diffuser's PD rule) | inverse_dynamics (closed loop: observed state -> next waypoint) |
@@ -54,6 +60,7 @@ class EvalConfig:
     max_steps: int = 0
     init_scaled: bool = True
     out: str = ""
+    engine: Literal["auto", "eager", "jit", "openvino", "none"] = "auto"
     accelerate: Literal["none", "jit"] = "none"
     precision: Literal["fp32", "bf16"] = "fp32"
     overlap: bool = False
@@ -73,6 +80,7 @@ class EvalConfig:
                 raise RactdError(f"{name}={getattr(self, name)}: must be >= 0")
         if self.sampler == "student" and self.nfe > 4:
             raise RactdError(f"nfe={self.nfe}: the student samples with 1 to 4 steps")
+        _engine_config(self.engine, self.accelerate, self.precision)
         return self
 
     def run(self, progress: bool = True) -> dict:
@@ -82,12 +90,26 @@ class EvalConfig:
             nfe=self.nfe or None, seeds=list(range(self.first_seed, self.first_seed + self.seeds)),
             max_steps=self.max_steps or None, init_scaled=self.init_scaled, out=self.out, progress=progress,
             accelerate=self.accelerate, precision=self.precision, overlap=self.overlap, tracker=self.tracker,
-            inverse_dynamics=self.inverse_dynamics, inpaint=self.inpaint)
+            inverse_dynamics=self.inverse_dynamics, inpaint=self.inpaint, engine=self.engine)
 
 
 SAMPLER_STAGE = {"student": "student", "heun": "teacher", "euler": "teacher", "ddpm": "ddpm", "ddim": "ddpm",
                  "bc": "bc"}
 DEFAULT_NFE = {"student": 1, "heun": 80, "euler": 80, "ddpm": 100, "ddim": 10, "bc": 1}
+
+
+def _engine_config(engine: str, accelerate: str, precision: str):
+    """The ractd.engine.EngineConfig of the evaluation options, or None for the library path (engine "none")."""
+    from ractd.engine import ENGINE_CHOICES, EngineConfig
+
+    if engine not in ENGINE_CHOICES:
+        raise RactdError(f"engine={engine!r}: expected one of {', '.join(ENGINE_CHOICES)}")
+    if accelerate != "none" and engine not in ("auto", "none"):
+        raise RactdError(f"accelerate={accelerate!r} acts on the library path only; it cannot be combined with "
+                         f"engine {engine} (use engine jit alone)")
+    if engine == "none" or accelerate != "none":  # an explicit accelerate asks for the library path
+        return None
+    return EngineConfig(engine=engine, precision=precision).validate()
 
 
 def _sampler_opts(sampler: str, nfe: int, init_scaled: bool) -> dict:
@@ -101,7 +123,7 @@ def _sampler_opts(sampler: str, nfe: int, init_scaled: bool) -> dict:
 def policy_from_checkpoint(checkpoint: str | Path, sampler: str = "student", nfe: int | None = None,
                            init_scaled: bool = True, accelerate: str = "none", precision: str = "fp32",
                            tracker: str = "pd", inverse_dynamics: str = "", device: str = "cpu",
-                           inpaint: str = "none"):
+                           inpaint: str = "none", engine: str = "auto"):
     """(policy or planner, task, its TrainConfig) for a checkpoint of the stage the sampler needs.
 
     accelerate: "none" or "jit" (ractd.nets.unet1d.accelerate: same numbers up to float rounding;
@@ -109,15 +131,20 @@ def policy_from_checkpoint(checkpoint: str | Path, sampler: str = "student", nfe
     the U-Net's weights and arithmetic only). device: where the network runs (the samplers draw noise on CPU
     per seed and move it to the model's device). tracker (maze2d): "pd" or "inverse_dynamics", the latter with the
     model file `inverse_dynamics` ("" = ractd.inverse_dynamics.default_path of the checkpoint's task and scale).
-    inpaint (maze2d): "none" or "start" (ractd.policy.StartPinned around the teacher or the student)."""
+    inpaint (maze2d): "none" or "start" (ractd.policy.StartPinned around the teacher or the student).
+    engine: auto | eager | jit | openvino | none, see EvalConfig and ractd.engine (CPU only; a GPU model keeps the
+    library path)."""
     from ractd.data.windows import Normalizer
     from ractd.policy import LocomotionPolicy, MazePlanner, StartPinned, make_sampler
     from ractd.train import load_stage_model
 
     if sampler not in SAMPLER_STAGE:
         raise RactdError(f"unknown sampler {sampler!r}; expected one of {', '.join(SAMPLER_STAGE)}")
+    engine_cfg = _engine_config(engine, accelerate, precision) if sampler != "bc" else None
     if inpaint not in ("none", "start"):
         raise RactdError(f"inpaint={inpaint!r}: expected none or start")
+    if inpaint == "start":
+        engine_cfg = None  # the pinning wrapper edits every model output: the library path runs it as it is
     model, cfg, ck = load_stage_model(Path(checkpoint))
     model = model.to(device)
     if cfg.stage != SAMPLER_STAGE[sampler]:
@@ -130,7 +157,7 @@ def policy_from_checkpoint(checkpoint: str | Path, sampler: str = "student", nfe
         if tracker != "pd" or accelerate != "none" or precision != "fp32":
             raise RactdError("the bc policy takes no tracker, accelerate or precision option")
         return (BCPolicy if task.kind == "locomotion" else BCGoalPolicy)(model, norms["obs"], norms["action"]), task, cfg
-    if precision != "fp32":
+    if precision != "fp32" and engine_cfg is None:
         from ractd.nets.unet1d import to_precision
 
         to_precision(model, precision)
@@ -144,7 +171,8 @@ def policy_from_checkpoint(checkpoint: str | Path, sampler: str = "student", nfe
             raise RactdError(f"inpaint=start: maze2d plans of the heun, euler or student sampler only (got {task.name}, "
                              f"{sampler})")
         model = StartPinned(model, obs_dim=shape_tail[1])
-    fn = make_sampler(sampler, model, shape_tail, **_sampler_opts(sampler, nfe or DEFAULT_NFE[sampler], init_scaled))
+    opts = _sampler_opts(sampler, nfe or DEFAULT_NFE[sampler], init_scaled)
+    fn = make_sampler(sampler, model, shape_tail, **opts, engine=engine_cfg)
     if task.kind == "locomotion":
         return LocomotionPolicy(fn, norms["obs"], norms["action"], obs_history=cfg.obs_history), task, cfg
     inv = None
@@ -159,7 +187,8 @@ def evaluate_checkpoint(task: str, run_dir: str = "", sampler: str = "student", 
                         nfe: int | None = None, seeds: list[int] | None = None, max_steps: int | None = None,
                         init_scaled: bool = True, out: str = "", progress: bool = True,
                         accelerate: str = "none", precision: str = "fp32", overlap: bool = False,
-                        tracker: str = "pd", inverse_dynamics: str = "", inpaint: str = "none") -> dict:
+                        tracker: str = "pd", inverse_dynamics: str = "", inpaint: str = "none",
+                        engine: str = "auto") -> dict:
     """Roll out `seeds` (default 0..9) with the checkpoint's policy; write records to Parquet; return a summary.
     The options are EvalConfig's (see there)."""
     from ractd.paths import runs_dir
@@ -172,7 +201,7 @@ def evaluate_checkpoint(task: str, run_dir: str = "", sampler: str = "student", 
     ckpt = Path(checkpoint) if checkpoint else run / SAMPLER_STAGE[sampler] / "best.pt"
     nfe = nfe or DEFAULT_NFE[sampler]
     policy, t2, cfg = policy_from_checkpoint(ckpt, sampler, nfe, init_scaled, accelerate, precision, tracker,
-                                             inverse_dynamics, inpaint=inpaint)
+                                             inverse_dynamics, inpaint=inpaint, engine=engine)
     if t2.name != t.name:
         raise RactdError(f"{ckpt} was trained on {t2.name}, not {t.name}")
     seeds = list(range(10)) if seeds is None else seeds
@@ -181,7 +210,7 @@ def evaluate_checkpoint(task: str, run_dir: str = "", sampler: str = "student", 
         records = rollout_locomotion(t, policy, seeds, max_steps=max_steps, progress=progress, overlap=overlap)
     else:
         records = rollout_maze(t, policy, seeds, max_steps=max_steps, progress=progress)
-    extra = {"sampler": sampler, "nfe": nfe, "init_scaled": init_scaled, "accelerate": accelerate,
+    extra = {"sampler": sampler, "nfe": nfe, "init_scaled": init_scaled, "accelerate": accelerate, "engine": engine,
              "precision": precision, "tracker": ("bc" if sampler == "bc" else tracker) if t.kind == "maze" else "", "checkpoint": str(ckpt),
              "sigma": cfg.distill.sigma if cfg.stage == "student" else 0.0, "train_seed": cfg.seed,
              **({"inpaint": inpaint} if t.kind == "maze" else {})}

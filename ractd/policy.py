@@ -81,86 +81,133 @@ def _check_rows(cond: torch.Tensor, generators: Sequence[torch.Generator]) -> No
 
 # ---------------------------------------------------------------------------------------------- builders
 
+def _fast(model: torch.nn.Module, engine) -> bool:
+    """Whether a builder runs `model` through ractd.engine: an EngineConfig other than "none" was given and the
+    model is a library Denoiser / Student / EpsModel around a plain float32 CPU ConditionalUnet1D (an accelerated,
+    bf16-cast, wrapped or GPU model keeps the library path)."""
+    if engine is None or engine.engine == "none":
+        return False
+    from ractd.nets.unet1d import ConditionalUnet1D
+
+    net = getattr(model, "net", None)
+    p = next(model.parameters(), None)
+    # exactly the library's models: a wrapper (e.g. one that edits their outputs) must keep being called
+    plain = type(model) in (edm.Denoiser, ctm.Student, ddpm.EpsModel)
+    ok = plain and isinstance(net, ConditionalUnet1D) and p is not None and p.device.type == "cpu" \
+        and p.dtype == torch.float32
+    if not ok:
+        log.info("engine %s: %s is not a float32 CPU ConditionalUnet1D; running it as it is", engine.engine,
+                 type(net).__name__)
+    return ok
+
+
 def heun_sampler(teacher: edm.Denoiser, shape_tail: tuple[int, int], n_bins: int = edm.N_BINS,
-                 init_scaled: bool = True) -> Sampler:
+                 init_scaled: bool = True, engine=None) -> Sampler:
     """Teacher Heun over `n_bins` Karras bins (n_bins - 1 steps, 2 (n_bins - 1) network calls), clamped.
 
     shape_tail = (horizon, dim). x_T ~ N(0, sigma_max^2 I) (init_scaled) or N(0, I), per row.
+    engine: None (the Denoiser as it is) or a ractd.engine.EngineConfig: the same solver (edm.sample_heun)
+    with the denoiser's noise levels folded in and its U-Net on the engine chosen for the live batch.
     """
-    return _edm_ode_sampler(teacher, shape_tail, n_bins, init_scaled, edm.sample_heun)
+    return _edm_ode_sampler(teacher, shape_tail, n_bins, init_scaled, edm.sample_heun, engine)
 
 
 def euler_sampler(teacher: edm.Denoiser, shape_tail: tuple[int, int], n_bins: int = edm.N_BINS,
-                  init_scaled: bool = True) -> Sampler:
+                  init_scaled: bool = True, engine=None) -> Sampler:
     """Teacher Euler over `n_bins` Karras bins (n_bins - 1 network calls), clamped; see heun_sampler."""
-    return _edm_ode_sampler(teacher, shape_tail, n_bins, init_scaled, edm.sample_euler)
+    return _edm_ode_sampler(teacher, shape_tail, n_bins, init_scaled, edm.sample_euler, engine)
 
 
-def _edm_ode_sampler(teacher, shape_tail, n_bins, init_scaled, solver) -> Sampler:
+def _edm_ode_sampler(teacher, shape_tail, n_bins, init_scaled, solver, engine=None) -> Sampler:
     shape_tail = tuple(int(v) for v in shape_tail)
     device, dtype = _model_device_dtype(teacher)
     sigmas = edm.karras_sigmas(n_bins, dtype=dtype, device=device)
+    bind, folded = teacher.bind, None
+    if _fast(teacher, engine):
+        from ractd.engine import FastDenoiser
+
+        fast = FastDenoiser(teacher, shape_tail[0], sigmas, engine)
+        bind, folded = fast.bind, fast.folded
 
     def sample(cond: torch.Tensor, generators: Sequence[torch.Generator]) -> torch.Tensor:
         _check_rows(cond, generators)
         with torch.inference_mode():
             x_T = rowwise_randn(generators, shape_tail, device, dtype)
             x_T = x_T * edm.SIGMA_MAX if init_scaled else x_T
-            return solver(teacher.bind(cond.to(device, dtype)), x_T, sigmas, clamp=True)
+            return solver(bind(cond.to(device, dtype)), x_T, sigmas, clamp=True)
 
+    sample.folded = folded  # the ractd.engine.FoldedUnet (its selector's choices), None on the library path
     return sample
 
 
-def ddpm_sampler(model: ddpm.EpsModel, shape_tail: tuple[int, int], n_steps: int | None = None) -> Sampler:
+def ddpm_sampler(model: ddpm.EpsModel, shape_tail: tuple[int, int], n_steps: int | None = None,
+                 engine=None) -> Sampler:
     """Ancestral DDPM (ddpm.sample_ddpm) over `ddpm.timesteps(T, n_steps)` (default every step), x_0
-    clamped to [-1, 1]; each row's x_T and step noise come from its own generator."""
+    clamped to [-1, 1]; each row's x_T and step noise come from its own generator. engine: see heun_sampler."""
     return _vp_sampler(model, shape_tail, lambda eps_fn, x_T, noise: ddpm.sample_ddpm(
-        eps_fn, x_T, model.alphas_cumprod, n_steps, clamp=True, noise=noise))
+        eps_fn, x_T, model.alphas_cumprod, n_steps, clamp=True, noise=noise), engine)
 
 
-def ddim_sampler(model: ddpm.EpsModel, shape_tail: tuple[int, int], n_steps: int = 10) -> Sampler:
+def ddim_sampler(model: ddpm.EpsModel, shape_tail: tuple[int, int], n_steps: int = 10, engine=None) -> Sampler:
     """Deterministic DDIM (eta = 0, ddpm.sample_ddim) in `n_steps` steps from per-row x_T ~ N(0, I)."""
     return _vp_sampler(model, shape_tail, lambda eps_fn, x_T, noise: ddpm.sample_ddim(
-        eps_fn, x_T, model.alphas_cumprod, n_steps, clamp=True, eta=0.0))
+        eps_fn, x_T, model.alphas_cumprod, n_steps, clamp=True, eta=0.0), engine)
 
 
-def _vp_sampler(model: ddpm.EpsModel, shape_tail, solve) -> Sampler:
+def _vp_sampler(model: ddpm.EpsModel, shape_tail, solve, engine=None) -> Sampler:
     """Per-row x_T ~ N(0, I) and per-row step noise around a DDPM-family solver solve(eps_fn, x_T, noise)."""
     shape_tail = tuple(int(v) for v in shape_tail)
     device, dtype = _model_device_dtype(model)
+    bind, folded = model.bind, None
+    if _fast(model, engine):
+        from ractd.engine import FastEpsModel
+
+        fast = FastEpsModel(model, shape_tail[0], engine)
+        bind, folded = fast.bind, fast.folded
 
     def sample(cond: torch.Tensor, generators: Sequence[torch.Generator]) -> torch.Tensor:
         _check_rows(cond, generators)
         with torch.inference_mode():
             x_T = rowwise_randn(generators, shape_tail, device, dtype)
-            x = solve(model.bind(cond.to(device, dtype)), x_T,
+            x = solve(bind(cond.to(device, dtype)), x_T,
                       lambda: rowwise_randn(generators, shape_tail, device, dtype))
             return x.clamp(-1.0, 1.0)
 
+    sample.folded = folded
     return sample
 
 
 def student_sampler(student: ctm.Student, shape_tail: tuple[int, int], n_steps: int = 1,
-                    init_scaled: bool = True, t_mids: list[float] | None = None) -> Sampler:
+                    init_scaled: bool = True, t_mids: list[float] | None = None, engine=None) -> Sampler:
     """CTM student: one jump G(x_T, sigma_max, sigma_min) (n_steps = 1, 1 network call), or multi-step
     (paper Table 5): jump to sigma_min, re-noise to t_i with the row's own noise, jump again, ...
 
     ctm.sample_student with the rows' own noise; t_mids default `ctm.default_t_mids(n_steps)`.
+    engine: see heun_sampler (the student's jumps (sigma_max, sigma_min), (t_i, sigma_min) folded in).
     """
     shape_tail = tuple(int(v) for v in shape_tail)
     device, dtype = _model_device_dtype(student)
     t_mids = ctm.default_t_mids(n_steps) if t_mids is None else list(t_mids)
     if len(t_mids) != n_steps - 1:
         raise ValueError(f"{n_steps}-step sampling needs {n_steps - 1} intermediate noise levels, got {len(t_mids)}")
+    bind, folded = None, None
+    if _fast(student, engine):
+        from ractd.engine import FastStudent
+
+        pairs = [(edm.SIGMA_MAX, student.sigma_min)] + [(t, student.sigma_min) for t in t_mids]
+        fast = FastStudent(student, shape_tail[0], pairs, engine)
+        bind, folded = fast.bind, fast.folded
 
     def sample(cond: torch.Tensor, generators: Sequence[torch.Generator]) -> torch.Tensor:
         _check_rows(cond, generators)
         with torch.inference_mode():
             x_T = rowwise_randn(generators, shape_tail, device, dtype)
             x_T = x_T * edm.SIGMA_MAX if init_scaled else x_T
-            return ctm.sample_student(student, x_T, cond.to(device, dtype), n_steps=n_steps, clamp=True,
+            model = student if bind is None else bind(cond.to(device, dtype))
+            return ctm.sample_student(model, x_T, cond.to(device, dtype), n_steps=n_steps, clamp=True,
                                       t_mids=t_mids, noise=lambda: rowwise_randn(generators, shape_tail, device, dtype))
 
+    sample.folded = folded
     return sample
 
 

@@ -52,9 +52,11 @@ def tiny(tmp_path_factory):
         roll = rollout_locomotion if task.kind == "locomotion" else rollout_maze
         for s in SEEDS:
             direct[(job.method, s)] = roll(task, policy, [s], progress=False)[0]
-    ensure_ray("local", num_cpus=2, log_to_driver=False, configure_logging=False)
-    yield {"jobs": jobs, "direct": direct, "maze_teacher": Path(maze)}
-    ray.shutdown()
+    with pytest.MonkeyPatch.context() as mp:  # the actors inherit it: their engine calibration cache stays in tmp
+        mp.setenv("RACTD_CACHE_DIR", str(root / "cache"))
+        ensure_ray("local", num_cpus=2, log_to_driver=False, configure_logging=False)
+        yield {"jobs": jobs, "direct": direct, "maze_teacher": Path(maze)}
+        ray.shutdown()
 
 
 def _raw_keys(store: ResultsStore) -> list[tuple]:

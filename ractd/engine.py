@@ -1,0 +1,574 @@
+"""Batch-aware inference for the evaluation samplers: one U-Net, its sampler's fixed noise levels folded in,
+run on the engine measured fastest on this machine for the live batch.
+
+Why. A policy call is a U-Net evaluated at noise levels fixed in advance: the one-step student at (sigma_max,
+sigma_min), the teacher's Heun-80 at the 80 Karras bins (158 calls per action), DDPM/DDIM at their timesteps.
+Which engine runs the U-Net fastest depends on its size and on the live batch (bench/bench_inference.py, issue 17:
+OpenVINO 0.3x eager at batch 1 but 2x slower at paper size and batch 100), and on the machine, so the engine is
+chosen by measurement, not by a fixed rule.
+
+Folding (exact up to float rounding). ConditionalUnet1D computes every FiLM block's (scale, bias) as
+W Mish(concat(emb(t_1), .., emb(t_n), cond)) + b. Mish is elementwise, so this is
+(b + W_t Mish(emb(times))) + W_c Mish(cond): the first term depends only on the network's time inputs, which a
+sampler takes from a fixed table, so it is computed once per table entry (`FoldedUnet.bias_for`); the second
+depends only on the conditioning, which is the same for all of a sampler call's network calls, so it is
+computed once per action (`FoldedUnet.prepare`). What is left per network call is the convolutional body
+(ConditionalUnet1D.body) given the FiLM outputs, and that is what the engines run:
+
+    eager      net.body in torch (the FiLM and time MLP work above already removed)
+    jit        the body traced, frozen and optimized for inference by TorchScript
+    openvino   the body exported to ONNX in memory and compiled by OpenVINO, LATENCY hint, fp32 precision hint;
+               a dynamic-batch model, plus a static-shape one for a batch size that keeps coming back (_OpenVINO)
+    openvino-2s  the same compiled for 2 streams (THROUGHPUT hint; threads >= 2): the batch split in two halves
+               run concurrently (rows are independent: GroupNorm normalizes each sample)
+    *-bf16     with EngineConfig.precision "bf16" only: torch autocast / OpenVINO's bf16 precision hint (not exact:
+               a behavioural cost, off by default; see README "Inference engines")
+
+Choice (`EngineSelector`). The live batch B is rounded up to a power of two (its bucket); the first time a
+bucket is met, every candidate runs on random inputs of the batch that met it, taking turns for a few rounds (the best
+round kept, as bench/bench_inference.py times), its output checked against eager's; the fastest one whose time
+is at most `margin` x eager's is chosen, otherwise eager -- so an engine is never chosen over eager unless it
+was measured faster. The result is cached per (network shape, bucket, threads, precision, CPU, library
+versions) in <cache_dir>/engines/calibration.json (written atomically; an unreadable file is ignored with a
+warning and rewritten), so a machine measures each shape once.
+
+The library samplers (edm.sample_heun / sample_euler, ddpm.sample_ddpm / sample_ddim, ctm.sample_student) run
+unchanged: `FastDenoiser`, `FastEpsModel` and `FastStudent` are drop-in replacements for the models' `bind(cond)`
+(the student's: an object called like the Student) that look up each call's noise level in their table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import platform
+import time
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from ractd import RactdError, edm
+
+log = logging.getLogger(__name__)
+
+ENGINES = ("eager", "jit", "openvino", "openvino-2s")
+ENGINE_CHOICES = ("auto", "none", "eager", "jit", "openvino")
+PRECISIONS = ("fp32", "bf16")
+CACHE_VERSION = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    """How an evaluation sampler runs its U-Net.
+
+    engine: auto (the fastest measured for each live batch bucket; see the module doc) | eager | jit | openvino
+        (that engine for every batch, folded) | none (the library models called as they are: no folding).
+    precision: fp32 | bf16 (bf16 engines only: torch autocast / OpenVINO bf16; a behavioural cost, not a rounding
+        difference, so fp32 is the default).
+    threads: intra-op threads of the engines (0 = torch.get_num_threads(), what the caller owns).
+    calibrate_s: seconds each candidate runs per calibration round (at least one call).
+    rounds: calibration rounds (the candidates take turns; each keeps its best round).
+    margin: a candidate replaces eager only if its time is <= margin x eager's.
+    cache: read and write the calibration cache (<cache_dir>/engines/calibration.json).
+    """
+
+    engine: str = "auto"
+    precision: str = "fp32"
+    threads: int = 0
+    calibrate_s: float = 0.15
+    rounds: int = 3
+    margin: float = 0.95
+    cache: bool = True
+
+    def validate(self) -> "EngineConfig":
+        if self.engine not in ENGINE_CHOICES:
+            raise RactdError(f"engine={self.engine!r}: expected one of {', '.join(ENGINE_CHOICES)}")
+        if self.precision not in PRECISIONS:
+            raise RactdError(f"precision={self.precision!r}: expected one of {', '.join(PRECISIONS)}")
+        if self.threads < 0 or self.calibrate_s <= 0 or self.rounds < 1 or not 0 < self.margin <= 1:
+            raise RactdError("engine threads must be >= 0, calibrate_s > 0, rounds >= 1 and 0 < margin <= 1")
+        return self
+
+    def n_threads(self) -> int:
+        return int(self.threads) or torch.get_num_threads()
+
+
+def bucket(batch: int) -> int:
+    """The calibration bucket of a live batch: the smallest power of two >= batch."""
+    return 1 << max(0, int(batch) - 1).bit_length()
+
+
+def _ov():
+    try:
+        import openvino
+    except ImportError:
+        return None
+    return openvino
+
+
+# ---------------------------------------------------------------------------------------------- folding
+
+class _Body(nn.Module):
+    """(x (B, H, D), films (B, F)) -> net.body(x, films split per FiLM block): what the engines run."""
+
+    def __init__(self, net, sizes: list[int]):
+        super().__init__()
+        self.net, self.sizes = net, list(sizes)
+
+    def forward(self, x: torch.Tensor, films: torch.Tensor) -> torch.Tensor:
+        return self.net.body(x, list(films.split(self.sizes, dim=1)))
+
+
+class FoldedUnet:
+    """A ConditionalUnet1D with its FiLM time terms folded per time table entry (see the module doc) and its body
+    run by the engine chosen for the live batch.
+
+    net: a float32 ConditionalUnet1D (not an accelerated copy). horizon: the sampler's horizon.
+    Weights are copied (FiLM only) here: build a new one after changing the net's weights.
+    """
+
+    def __init__(self, net: nn.Module, horizon: int, cfg: EngineConfig = EngineConfig()):
+        from ractd.nets.unet1d import ConditionalUnet1D
+
+        if not isinstance(net, ConditionalUnet1D):
+            raise RactdError(f"engine {cfg.engine!r} needs a ConditionalUnet1D, got {type(net).__name__}")
+        if net.final[1].weight.dtype != torch.float32:
+            raise RactdError("the engines take a float32 U-Net; set EngineConfig.precision for bf16")
+        self.net, self.horizon, self.cfg = net.eval(), int(horizon), cfg.validate()
+        blocks = net.film_blocks()
+        weight = torch.cat([b.film[1].weight.detach() for b in blocks])
+        self._bias0 = torch.cat([b.film[1].bias.detach() for b in blocks])
+        self.sizes = [b.film[1].out_features for b in blocks]
+        self.E = net.n_times * net.cfg.time_embed_dim
+        self._w_time = weight[:, :self.E].contiguous()
+        self._w_cond = weight[:, self.E:].contiguous()
+        self._biases: dict[tuple[float, ...], torch.Tensor] = {}
+        self.selector = EngineSelector(self, cfg)
+
+    @property
+    def width(self) -> int:
+        """F: the total FiLM output width (all blocks' 2 * channels)."""
+        return sum(self.sizes)
+
+    def bias_for(self, times: tuple[float, ...]) -> torch.Tensor:
+        """(F,) b + W_t Mish(concat(emb(t_1), .., emb(t_n))) for network time inputs `times` (cached)."""
+        key = tuple(float(t) for t in times)
+        b = self._biases.get(key)
+        if b is None:
+            if len(key) != self.net.n_times:
+                raise ValueError(f"U-Net has {self.net.n_times} time input(s), got {len(key)}")
+            with torch.inference_mode():
+                emb = self.net.time_embed(torch.tensor(key, dtype=torch.float32)).reshape(1, self.E)
+                b = self._bias0 + self.net.cond_act(emb)[0] @ self._w_time.T
+            self._biases[key] = b
+        return b
+
+    def cond_films(self, cond: torch.Tensor | None, batch: int) -> torch.Tensor:
+        """(B, F) W_c Mish(cond): the conditioning's share of every FiLM output (zeros without conditioning)."""
+        if self.net.global_cond_dim == 0:
+            return torch.zeros(batch, self.width)
+        if cond is None or cond.shape != (batch, self.net.global_cond_dim):
+            raise ValueError(f"U-Net conditioning must be (batch, {self.net.global_cond_dim}) = "
+                             f"({batch}, {self.net.global_cond_dim}); got {None if cond is None else tuple(cond.shape)}")
+        with torch.inference_mode():
+            return nn.functional.linear(self.net.cond_act(cond.float()), self._w_cond)
+
+    def prepare(self, cond: torch.Tensor | None, batch: int) -> Callable[[torch.Tensor, tuple], torch.Tensor]:
+        """call(x, times) -> F(x, times, cond) for a batch of `batch` rows sharing this conditioning: the
+        conditioning's FiLM share is computed here once and the engine is picked for this batch."""
+        cf = self.cond_films(cond, batch)
+        run = self.selector.engine_for(batch)
+
+        def call(x: torch.Tensor, times: tuple) -> torch.Tensor:
+            return run(x, cf + self.bias_for(times))
+
+        return call
+
+
+# ---------------------------------------------------------------------------------------------- engines
+
+def _eager(body: _Body, autocast: bool = False):
+    def run(x, films):
+        with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+            return body(x, films).float()
+    return run
+
+
+def _jit(body: _Body, example: tuple):
+    import warnings
+
+    with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
+        warnings.simplefilter("ignore")
+        graph = torch.jit.optimize_for_inference(torch.jit.freeze(torch.jit.trace(body.eval(), example)))
+
+    def run(x, films):
+        with torch.inference_mode():
+            return graph(x, films)
+    return run
+
+
+STATIC_AFTER = 16         # calls at one batch size after which OpenVINO gets a static-shape model for it
+STATIC_MAX_BYTES = 2**30  # ... while the U-Net's weights times the static models kept stay under this
+STATIC_MAX = 8            # ... and at most this many
+
+
+class _OpenVINO:
+    """The body exported to ONNX (in memory) and compiled by OpenVINO for CPU, called run(x, films).
+
+    The ONNX route, not openvino.convert_model of the torch module: measured 0.67x eager at batch 100 (small
+    U-Net, 1 thread) where convert_model's graph took 1.14x. Batch shapes: a dynamic-batch model serves every
+    batch; a batch size met STATIC_AFTER times (Heun's 158 calls of one action, a rollout whose live batch holds)
+    gets its own static-shape model, measured 0.55x eager vs the dynamic model's 0.67x at batch 100 (a few of
+    them, while their weights stay under STATIC_MAX_BYTES). streams 2: THROUGHPUT hint, two requests each
+    running half of the batch concurrently.
+    """
+
+    def __init__(self, body: _Body, example: tuple, threads: int, precision: str, streams: int = 1):
+        import io
+        import warnings
+
+        ov = _ov()
+        if ov is None:
+            raise RactdError("engine openvino is not installed: pip install -e '.[deploy]'")
+        buf = io.BytesIO()
+        batch = {0: "batch"}
+        with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(body.eval(), example, buf, dynamo=False, opset_version=18, input_names=["x", "films"],
+                              output_names=["out"], dynamic_axes={"x": batch, "films": batch, "out": batch})
+        self.onnx, self.core, self.streams = buf.getvalue(), ov.Core(), int(streams)
+        self.config = {"INFERENCE_PRECISION_HINT": {"fp32": "f32", "bf16": "bf16"}[precision],
+                       "INFERENCE_NUM_THREADS": int(threads)}
+        if streams == 1:
+            self.config["PERFORMANCE_HINT"] = "LATENCY"
+        else:
+            self.config.update({"PERFORMANCE_HINT": "THROUGHPUT", "NUM_STREAMS": int(streams)})
+        compiled = self.core.compile_model(self.core.read_model(self.onnx), "CPU", self.config)
+        self.requests = [compiled.create_infer_request() for _ in range(streams)]
+        weight_bytes = sum(p.numel() * p.element_size() for p in body.parameters())
+        self.max_static = 0 if streams > 1 else min(STATIC_MAX, int(STATIC_MAX_BYTES // max(weight_bytes, 1)) - 1)
+        self.static: dict[int, object] = {}   # batch -> infer request of its static-shape model
+        self.seen: dict[int, int] = {}
+
+    def _static_request(self, n: int, now: bool = False):
+        req = self.static.get(n)
+        if req is None and len(self.static) < self.max_static:
+            self.seen[n] = self.seen.get(n, 0) + 1
+            if self.seen[n] >= STATIC_AFTER or now:
+                model = self.core.read_model(self.onnx)
+                model.reshape({model.inputs[0]: [n, *model.inputs[0].get_partial_shape()[1:].to_shape()],
+                               model.inputs[1]: [n, model.inputs[1].get_partial_shape()[1].get_length()]})
+                req = self.static[n] = self.core.compile_model(model, "CPU", self.config).create_infer_request()
+        return req
+
+    def __call__(self, x: torch.Tensor, films: torch.Tensor) -> torch.Tensor:
+        x, films = x.detach().float().contiguous().numpy(), films.detach().float().contiguous().numpy()
+        if self.streams == 1 or len(x) < 2:
+            req = self._static_request(len(x)) or self.requests[0]
+            return torch.from_numpy(req.infer([x, films])[0].copy())
+        cuts = [round(i * len(x) / self.streams) for i in range(self.streams + 1)]
+        for r, a, b in zip(self.requests, cuts[:-1], cuts[1:]):
+            r.start_async([x[a:b], films[a:b]])
+        for r in self.requests:
+            r.wait()
+        return torch.from_numpy(np.concatenate([r.get_output_tensor(0).data for r in self.requests]))
+
+
+def candidates(cfg: EngineConfig, threads: int) -> list[str]:
+    """The engines `auto` measures: eager always; jit; openvino when installed (2 streams with >= 2 threads);
+    with precision bf16 the bf16 variants instead of the fp32 ones (eager-bf16 = torch autocast)."""
+    names = ["eager", "jit"]
+    if _ov() is not None:
+        names.append("openvino")
+        if threads >= 2:
+            names.append("openvino-2s")
+    if cfg.precision == "bf16":
+        names = ["eager"] + [f"{n}-bf16" for n in names if n != "jit"]
+    return names
+
+
+# ---------------------------------------------------------------------------------------------- choice
+
+def calibration_path():
+    from ractd.paths import cache_dir
+
+    return cache_dir() / "engines" / "calibration.json"
+
+
+def read_calibration(path) -> dict:
+    """The cache's entries {key: record}; a missing file is empty, an unreadable one is ignored with a warning."""
+    try:
+        data = json.loads(path.read_text())
+        if data.get("version") != CACHE_VERSION or not isinstance(data.get("entries"), dict):
+            raise ValueError(f"not a version-{CACHE_VERSION} engine calibration")
+        return data["entries"]
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError, AttributeError) as e:
+        log.warning("ignoring the engine calibration cache %s (%s); measuring again", path,
+                    str(e).splitlines()[0] if str(e) else type(e).__name__)
+        return {}
+
+
+def write_calibration(path, key: str, record: dict) -> None:
+    """Add one record to the cache, atomically (read, merge, replace: a concurrent writer's record may be lost,
+    to be measured again, but the file is never partial)."""
+    from ractd.io import atomic_write_json
+
+    entries = read_calibration(path)
+    entries[key] = record
+    atomic_write_json(path, {"version": CACHE_VERSION, "entries": entries})
+
+
+def _machine() -> str:
+    ov = _ov()
+    return (f"{platform.machine()}:{_cpu_name()}:torch{torch.__version__}:"
+            f"ov{getattr(ov, '__version__', 'none')}")
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+class EngineSelector:
+    """The engine of each live-batch bucket for one FoldedUnet (see the module doc)."""
+
+    def __init__(self, folded: FoldedUnet, cfg: EngineConfig):
+        self.folded, self.cfg = folded, cfg
+        self.threads = cfg.n_threads()
+        self._built: dict[str, Callable] = {}
+        self._by_bucket: dict[int, str] = {}
+        self.measured: dict[int, dict] = {}   # bucket -> the calibration record used (tests and the bench read it)
+        net = folded.net
+        self.shape_key = (f"in{net.input_dim}-h{folded.horizon}-c{net.global_cond_dim}-t{net.n_times}"
+                          f"-E{net.cfg.time_embed_dim}-d{'x'.join(map(str, net.cfg.down_dims))}"
+                          f"-k{net.cfg.kernel_size}-g{net.cfg.n_groups}")
+
+    def key(self, b: int) -> str:
+        return f"{self.shape_key}|b{b}|th{self.threads}|{self.cfg.precision}|{_machine()}"
+
+    def build(self, name: str) -> Callable:
+        """The engine `name`'s run(x, films) (built once)."""
+        if name not in self._built:
+            f = self.folded
+            body = _Body(f.net, f.sizes).eval()
+            example = (torch.zeros(2, f.horizon, f.net.input_dim), torch.zeros(2, f.width))
+            base, bf16 = name.removesuffix("-bf16"), name.endswith("-bf16")
+            precision = "bf16" if bf16 else "fp32"
+            t0 = time.perf_counter()
+            if base == "eager":
+                self._built[name] = _eager(body, autocast=bf16)
+            elif base == "jit":
+                self._built[name] = _jit(body, example)
+            elif base in ("openvino", "openvino-2s"):
+                self._built[name] = _OpenVINO(body, example, self.threads, precision,
+                                              streams=2 if base == "openvino-2s" else 1)
+            else:
+                raise RactdError(f"unknown engine {name!r}; expected one of {', '.join(ENGINES)}")
+            log.info("engine %s built for %s in %.2f s", name, self.shape_key, time.perf_counter() - t0)
+        return self._built[name]
+
+    def engine_for(self, batch: int) -> Callable:
+        return self.build(self.choice(batch))
+
+    def choice(self, batch: int) -> str:
+        """The engine's name for a live batch: fixed by cfg.engine, else the bucket's calibrated choice."""
+        if self.cfg.engine not in ("auto", "none"):
+            name = self.cfg.engine
+            return f"{name}-bf16" if self.cfg.precision == "bf16" and name != "jit" else name
+        b = bucket(batch)
+        if b not in self._by_bucket:
+            record = self._cached(b) or self.calibrate(b, batch)
+            self._by_bucket[b], self.measured[b] = record["choice"], record
+        return self._by_bucket[b]
+
+    def _cached(self, b: int) -> dict | None:
+        if not self.cfg.cache:
+            return None
+        record = read_calibration(calibration_path()).get(self.key(b))
+        names = set(candidates(self.cfg, self.threads))
+        if not isinstance(record, dict) or record.get("choice") not in names:
+            return None  # absent, or made with an engine not installed here
+        return record
+
+    def calibrate(self, b: int, batch: int | None = None) -> dict:
+        """Time every candidate for bucket b at `batch` rows (default b; the selector passes the live batch that
+        first met the bucket), interleaved rounds, best kept, and choose (see the module doc)."""
+        f = self.folded
+        n = int(batch or b)
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(n, f.horizon, f.net.input_dim, generator=gen)
+        films = f.bias_for((0.0,) * f.net.n_times) + 0.1 * torch.randn(n, f.width, generator=gen)
+        t0 = time.perf_counter()
+        ref = self.build("eager")(x, films)
+        # a call of a second or more (paper size, large batch) dwarfs timing noise: one round then
+        rounds = self.cfg.rounds if time.perf_counter() - t0 < 1.0 else 1
+        tol = (2e-1 if self.cfg.precision == "bf16" else 1e-3) * (1.0 + float(ref.abs().max()))
+        runs, diffs = {}, {}
+        for name in candidates(self.cfg, self.threads):
+            try:
+                run = self.build(name)
+                if isinstance(run, _OpenVINO) and run.streams == 1:
+                    run._static_request(n, now=True)  # timed as it runs once the batch repeats
+                diffs[name] = float((run(x, films) - ref).abs().max())   # also its warm-up call
+            except Exception as e:  # an engine that cannot build or run this net is not a candidate
+                log.warning("engine %s unavailable for %s: %s", name, self.shape_key,
+                            str(e).splitlines()[0] if str(e) else type(e).__name__)
+                continue
+            if not diffs[name] <= tol:
+                log.warning("engine %s differs from eager by %.2e (> %.1e) for %s; not used", name, diffs[name],
+                            tol, self.shape_key)
+                continue
+            runs[name] = run
+        best = {name: math.inf for name in runs}
+        for _ in range(rounds):
+            for name, run in runs.items():
+                calls, t0 = 0, time.perf_counter()
+                while True:
+                    run(x, films)
+                    calls += 1
+                    if time.perf_counter() - t0 >= self.cfg.calibrate_s:
+                        break
+                best[name] = min(best[name], (time.perf_counter() - t0) / calls)
+        choice = choose(best, self.cfg.margin)
+        record = {"choice": choice, "ms": {k: round(v * 1e3, 4) for k, v in best.items()},
+                  "max_abs_diff": diffs, "bucket": b, "batch": n, "threads": self.threads,
+                  "load": round(os.getloadavg()[0], 2), "measured": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        log.info("engine for %s at batch %d (bucket %d), %d threads: %s (ms per call: %s)", self.shape_key, n, b,
+                 self.threads, choice, record["ms"])
+        if self.cfg.cache:
+            try:
+                write_calibration(calibration_path(), self.key(b), record)
+            except OSError as e:
+                log.warning("cannot write the engine calibration cache: %s", e)
+        return record
+
+
+def choose(seconds: dict[str, float], margin: float) -> str:
+    """The fastest engine whose measured time is <= margin x eager's; eager when none is (or eager alone ran)."""
+    eager = seconds["eager"]
+    fast = {k: v for k, v in seconds.items() if k != "eager" and v <= margin * eager}
+    return min(fast, key=fast.get) if fast else "eager"
+
+
+# ---------------------------------------------------------------------------------------------- samplers' models
+
+class FastDenoiser:
+    """teacher.bind(cond) for edm.sample_heun / sample_euler with the engines: D(x, sigma) = c_skip x +
+    c_out F(c_in x, c_noise(sigma), cond), the scalings and the FiLM time term cached per sigma.
+
+    sigmas: the sampler's schedule (its levels are precomputed; any other sigma is computed on first use)."""
+
+    def __init__(self, teacher: edm.Denoiser, horizon: int, sigmas: torch.Tensor | None = None,
+                 cfg: EngineConfig = EngineConfig()):
+        self.teacher, self.folded = teacher, FoldedUnet(teacher.net, horizon, cfg)
+        self._consts: dict[float, tuple] = {}
+        for s in ([] if sigmas is None else sigmas.tolist()):
+            self._levels(s)
+
+    def _levels(self, sigma: float) -> tuple:
+        c = self._consts.get(sigma)
+        if c is None:
+            t = self.teacher
+            sig = torch.tensor([sigma], dtype=torch.float32)
+            c_skip, c_out, c_in = (v.reshape(()) for v in edm.scalings(sig, t.scalings, t.sigma_data, t.sigma_min))
+            c = self._consts[sigma] = (c_skip, c_out, c_in, (float(edm.c_noise(sig)),))
+            self.folded.bias_for(c[3])
+        return c
+
+    def bind(self, cond: torch.Tensor | None):
+        """denoise(x, sigma) with sigma a scalar or a (batch,) tensor of one value (as the samplers pass it)."""
+        calls: dict[int, Callable] = {}
+
+        def denoise(x: torch.Tensor, sigma) -> torch.Tensor:
+            s = torch.as_tensor(sigma).reshape(-1)
+            if len(s) > 1 and not bool((s == s[0]).all()):
+                return self.teacher(x, s, cond)   # per-row levels (not the samplers' case): the library path
+            c_skip, c_out, c_in, times = self._levels(float(s[0]))
+            call = calls.get(x.shape[0])
+            if call is None:
+                call = calls[x.shape[0]] = self.folded.prepare(cond, x.shape[0])
+            return c_skip * x + c_out * call(c_in * x, times)
+
+        return denoise
+
+
+class FastEpsModel:
+    """model.bind(cond) for ddpm.sample_ddpm / sample_ddim with the engines (eps = net(x, (t,), cond))."""
+
+    def __init__(self, model, horizon: int, cfg: EngineConfig = EngineConfig()):
+        self.model, self.folded = model, FoldedUnet(model.net, horizon, cfg)
+        for t in range(model.T):
+            self.folded.bias_for((float(t),))
+        self.alphas_cumprod = model.alphas_cumprod
+
+    def bind(self, cond: torch.Tensor | None):
+        calls: dict[int, Callable] = {}
+
+        def eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            if len(t) > 1 and not bool((t == t[0]).all()):
+                return self.model(x, t, cond)
+            call = calls.get(x.shape[0])
+            if call is None:
+                call = calls[x.shape[0]] = self.folded.prepare(cond, x.shape[0])
+            return call(x, (float(t[0]),))
+
+        return eps
+
+
+class FastStudent:
+    """The CTM student for ctm.sample_student with the engines: `bind(cond)` gives an object called like the
+    Student, G(x, t, s) = (s/t) x + (1 - s/t) (c_skip(t) x + c_out(t) F(c_in(t) x, c_noise(t), c_noise(s), cond)),
+    its constants and FiLM time term cached per (t, s)."""
+
+    def __init__(self, student, horizon: int, pairs: Sequence[tuple[float, float]] = (),
+                 cfg: EngineConfig = EngineConfig()):
+        self.student, self.folded = student, FoldedUnet(student.net, horizon, cfg)
+        self.sigma_min = student.sigma_min
+        self._consts: dict[tuple[float, float], tuple] = {}
+        for t, s in pairs:
+            self._levels(t, s)
+
+    def _levels(self, t: float, s: float) -> tuple:
+        key = (float(t), float(s))
+        c = self._consts.get(key)
+        if c is None:
+            st = self.student
+            tt, ss = torch.tensor([t], dtype=torch.float32), torch.tensor([s], dtype=torch.float32)
+            c_skip, c_out, c_in = (v.reshape(()) for v in edm.scalings(tt, st.scalings, st.sigma_data, st.sigma_min))
+            ratio = (ss / tt).reshape(())
+            c = self._consts[key] = (ratio, c_skip, c_out, c_in,
+                                     (float(edm.c_noise(tt)), float(edm.c_noise(ss))))
+            self.folded.bias_for(c[4])
+        return c
+
+    def bind(self, cond: torch.Tensor | None):
+        return _BoundStudent(self, cond)
+
+
+class _BoundStudent:
+    def __init__(self, fast: FastStudent, cond):
+        self.fast, self.cond, self.sigma_min = fast, cond, fast.sigma_min
+        self._calls: dict[int, Callable] = {}
+
+    def __call__(self, x: torch.Tensor, t, s, cond=None) -> torch.Tensor:
+        if not (isinstance(t, (int, float)) and isinstance(s, (int, float))):
+            return self.fast.student(x, t, s, self.cond)  # tensor times (not sample_student's case)
+        ratio, c_skip, c_out, c_in, times = self.fast._levels(t, s)
+        call = self._calls.get(x.shape[0])
+        if call is None:
+            call = self._calls[x.shape[0]] = self.fast.folded.prepare(self.cond, x.shape[0])
+        g = c_skip * x + c_out * call(c_in * x, times)
+        return ratio * x + (1 - ratio) * g

@@ -1,0 +1,223 @@
+"""Batch-aware inference engines (ractd.engine): the folded U-Net on every engine computes the eager numbers; the
+samplers run through the engines match the library samplers (and an analytic flow); the calibration cache is
+written atomically, reused, and rebuilt when unreadable; the choice never takes an engine measured slower than
+eager. No timing assertions: speed is measured in bench/bench_inference.py."""
+
+import json
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from ractd import RactdError, ctm, ddpm, edm, engine
+from ractd.config import UNetConfig
+from ractd.engine import EngineConfig, EngineSelector, FoldedUnet, bucket, choose
+from ractd.nets.unet1d import ConditionalUnet1D
+from ractd.policy import ddim_sampler, ddpm_sampler, heun_sampler, student_sampler
+
+H, D, G = 8, 3, 5
+TINY = UNetConfig(down_dims=(16, 32), time_embed_dim=16, n_groups=4)
+TOL = dict(rtol=1e-4, atol=1e-5)  # fp32: a different summation order of the same products
+
+
+def _net(n_times=1, seed=0, cond=G):
+    torch.manual_seed(seed)
+    net = ConditionalUnet1D(D, cond, TINY, n_times=n_times).eval().requires_grad_(False)
+    with torch.no_grad():  # non-zero FiLM time columns and biases, so that folding them matters
+        for b in net.film_blocks():
+            b.film[1].bias.normal_(0, 0.3)
+            b.film[1].weight.normal_(0, 0.3)
+    return net
+
+
+def _fixed(name):
+    return EngineConfig(engine=name, cache=False)
+
+
+def _gens(n, offset=0):
+    return [torch.Generator().manual_seed(offset + i) for i in range(n)]
+
+
+def _engines():
+    names = ["eager", "jit"]
+    if engine._ov() is not None:
+        names.append("openvino")
+    return names
+
+
+@pytest.mark.parametrize("name", _engines())
+@pytest.mark.parametrize("batch", [1, 3])
+def test_folded_unet_on_each_engine_computes_the_eager_net(name, batch):
+    net = _net(n_times=2)
+    folded = FoldedUnet(net, H, _fixed(name))
+    x, cond = torch.randn(batch, H, D), torch.randn(batch, G)
+    for times in [(1000.0, -900.0), (12.5, -3.0)]:
+        ref = net(x, tuple(torch.full((batch,), t) for t in times), cond)
+        out = folded.prepare(cond, batch)(x, times)
+        np.testing.assert_allclose(out.numpy(), ref.numpy(), **TOL)
+    assert folded.selector.choice(batch) == name
+
+
+@pytest.mark.skipif(engine._ov() is None, reason="OpenVINO not installed")
+def test_openvino_static_batch_shape_computes_the_same_numbers():
+    net = _net(n_times=2)
+    folded = FoldedUnet(net, H, _fixed("openvino"))
+    x, cond = torch.randn(3, H, D), torch.randn(3, G)
+    ref = net(x, (torch.full((3,), 50.0), torch.full((3,), -900.0)), cond)
+    call = folded.prepare(cond, 3)
+    outs = [call(x, (50.0, -900.0)) for _ in range(engine.STATIC_AFTER + 2)]
+    assert list(folded.selector.build("openvino").static) == [3]  # the repeated batch got its static model
+    for out in (outs[0], outs[-1]):  # dynamic-batch model, then the static one
+        np.testing.assert_allclose(out.numpy(), ref.numpy(), **TOL)
+
+
+@pytest.mark.parametrize("name", ["auto", *_engines()])
+def test_heun_sampler_through_an_engine_matches_the_library_sampler(name):
+    teacher = edm.Denoiser(_net()).eval()
+    cond, gens = torch.randn(4, G), _gens(4)
+    ref = heun_sampler(teacher, (H, D), n_bins=12)(cond, gens)
+    out = heun_sampler(teacher, (H, D), n_bins=12, engine=EngineConfig(engine=name, calibrate_s=0.01, rounds=1))(
+        cond, _gens(4))
+    np.testing.assert_allclose(out.numpy(), ref.numpy(), rtol=1e-4, atol=1e-4)
+    assert not torch.equal(out[0], out[1])  # rows differ (their own noise and conditioning)
+
+
+def test_heun_through_the_engines_follows_the_exact_gaussian_flow():
+    """Analytic oracle: with F = 0 and EDM scalings, D(x, sigma) = sd^2 / (sd^2 + sigma^2) x is the Bayes denoiser
+    of N(0, sd^2 I) data, whose probability-flow ODE maps x_T to x_T sqrt((sd^2 + s^2) / (sd^2 + T^2))."""
+    net = _net()
+    with torch.no_grad():
+        net.final[1].weight.zero_()
+        net.final[1].bias.zero_()
+    teacher = edm.Denoiser(net, scalings="edm")
+    sigmas = edm.karras_sigmas(80)
+    x_T = 80.0 * torch.randn(6, H, D, generator=torch.Generator().manual_seed(1))
+    fast = engine.FastDenoiser(teacher, H, sigmas, _fixed("eager"))
+    out = edm.sample_heun(fast.bind(torch.randn(6, G)), x_T, sigmas, clamp=False)
+    sd, s, T = edm.SIGMA_DATA, float(sigmas[-1]), float(sigmas[0])
+    np.testing.assert_allclose(out.numpy(), (x_T * np.sqrt((sd**2 + s**2) / (sd**2 + T**2))).numpy(), rtol=2e-3,
+                               atol=1e-5)
+
+
+@pytest.mark.parametrize("n_steps", [1, 2])
+def test_student_sampler_through_an_engine_matches_the_library_sampler(n_steps):
+    student = ctm.Student(_net(n_times=2)).eval()
+    cond = torch.randn(3, G)
+    ref = student_sampler(student, (H, D), n_steps=n_steps)(cond, _gens(3))
+    for name in _engines():
+        out = student_sampler(student, (H, D), n_steps=n_steps, engine=_fixed(name))(cond, _gens(3))
+        np.testing.assert_allclose(out.numpy(), ref.numpy(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("build", [lambda m, e: ddpm_sampler(m, (H, D), n_steps=10, engine=e),
+                                   lambda m, e: ddim_sampler(m, (H, D), n_steps=5, engine=e)])
+def test_ddpm_and_ddim_through_an_engine_match_the_library_samplers(build):
+    model = ddpm.EpsModel(_net(), T=20).eval()
+    cond = torch.randn(3, G)
+    ref = build(model, None)(cond, _gens(3))
+    out = build(model, _fixed("eager"))(cond, _gens(3))
+    np.testing.assert_allclose(out.numpy(), ref.numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_bucket_rounds_up_to_a_power_of_two():
+    assert [bucket(b) for b in (1, 2, 3, 4, 5, 64, 65, 100)] == [1, 2, 4, 4, 8, 64, 128, 128]
+
+
+def test_choose_never_takes_an_engine_slower_than_eager():
+    assert choose({"eager": 1.0, "jit": 1.2, "openvino": 3.0}, 0.95) == "eager"
+    assert choose({"eager": 1.0, "jit": 0.97}, 0.95) == "eager"          # inside the margin: not worth it
+    assert choose({"eager": 1.0, "jit": 0.5, "openvino": 0.3}, 0.95) == "openvino"
+    assert choose({"eager": 1.0}, 0.95) == "eager"
+
+
+def _slow_engine(monkeypatch, calls):
+    """Make "jit" a candidate that is eager plus a 30 ms sleep per call (the selector must measure it slower)."""
+    import time as _time
+
+    build = EngineSelector.build
+
+    def fake_build(self, name):
+        run = build(self, name)
+        if name != "jit":
+            return run
+
+        def slow(x, films):
+            calls.append(len(x))
+            _time.sleep(0.03)
+            return run(x, films)
+        return slow
+
+    monkeypatch.setattr(EngineSelector, "build", fake_build)
+    monkeypatch.setattr(engine, "candidates", lambda cfg, threads: ["eager", "jit"])
+
+
+def test_calibration_never_chooses_an_engine_measured_slower_than_eager(monkeypatch):
+    calls = []
+    _slow_engine(monkeypatch, calls)
+    folded = FoldedUnet(_net(), H, EngineConfig(calibrate_s=0.01, rounds=2, cache=False))
+    assert folded.selector.choice(5) == "eager"
+    record = folded.selector.measured[8]
+    assert calls and record["ms"]["jit"] > record["ms"]["eager"] and (record["bucket"], record["batch"]) == (8, 5)
+
+
+def test_calibration_cache_is_written_atomically_and_reused(monkeypatch, tmp_path):
+    path = engine.calibration_path()
+    assert str(path).startswith(str(tmp_path))  # the tests' cache dir, never the user's
+    cfg = EngineConfig(calibrate_s=0.01, rounds=1)
+    first = FoldedUnet(_net(), H, cfg)
+    choice = first.selector.choice(3)
+    data = json.loads(path.read_text())
+    key = first.selector.key(4)
+    assert data["version"] == engine.CACHE_VERSION and data["entries"][key]["choice"] == choice
+    assert set(data["entries"][key]["ms"]) == set(engine.candidates(cfg, first.selector.threads))
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary file left behind
+
+    def no_calibration(self, b, batch=None):
+        raise AssertionError("measured again although the cache holds the bucket")
+
+    monkeypatch.setattr(EngineSelector, "calibrate", no_calibration)
+    second = FoldedUnet(_net(seed=1), H, cfg)  # same shapes, other weights: the same record
+    assert second.selector.choice(4) == choice
+    with pytest.raises(AssertionError, match="measured again"):
+        second.selector.choice(9)  # a new bucket is measured
+
+    # atomic: a write that fails before its rename leaves the old file whole and no temporary file
+    before = path.read_bytes()
+    monkeypatch.setattr("os.replace", lambda *a: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError):
+        engine.write_calibration(path, "other", {"choice": "eager"})
+    assert path.read_bytes() == before and [p.name for p in path.parent.iterdir()] == [path.name]
+
+
+@pytest.mark.parametrize("content", [b"{not json", b'{"version": 99, "entries": {}}', b"\x00\xff"])
+def test_a_corrupt_cache_is_ignored_with_a_warning_and_rebuilt(content, caplog):
+    path = engine.calibration_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(content)
+    folded = FoldedUnet(_net(), H, EngineConfig(calibrate_s=0.01, rounds=1))
+    with caplog.at_level(logging.WARNING, logger="ractd.engine"):
+        choice = folded.selector.choice(2)
+    assert any("ignoring the engine calibration cache" in r.getMessage() for r in caplog.records)
+    data = json.loads(path.read_text())
+    assert data["entries"][folded.selector.key(2)]["choice"] == choice
+
+
+def test_a_cached_choice_of_an_engine_not_installed_is_measured_again(monkeypatch):
+    cfg = EngineConfig(calibrate_s=0.01, rounds=1)
+    folded = FoldedUnet(_net(), H, cfg)
+    engine.write_calibration(engine.calibration_path(), folded.selector.key(1), {"choice": "no-such-engine"})
+    assert folded.selector.choice(1) in engine.candidates(cfg, folded.selector.threads)
+
+
+def test_bad_engine_options_are_one_line_errors():
+    from ractd.evaluate import EvalConfig
+
+    with pytest.raises(RactdError, match="engine='fast'"):
+        EngineConfig(engine="fast").validate()
+    with pytest.raises(RactdError, match="precision"):
+        EngineConfig(precision="fp8").validate()
+    with pytest.raises(RactdError, match="accelerate='jit'.*openvino"):
+        EvalConfig(task="hopper-medium", engine="openvino", accelerate="jit").validate()
+    with pytest.raises(RactdError, match="ConditionalUnet1D"):
+        FoldedUnet(torch.nn.Linear(2, 2), H)
