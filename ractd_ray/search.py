@@ -420,14 +420,19 @@ def startup_trials(num_samples: int, n_points: int) -> int:
     return max(1, n_points, min(10, math.ceil(num_samples / 4)))
 
 
-def _report_callback():
-    """Ray Train -> Tune: forward only checkpoint reports (they carry select_score and the checkpoint)."""
+def _report_callback(fit_started: float):
+    """Ray Train -> Tune: forward only checkpoint reports (they carry select_score and the checkpoint), each with
+    fit_time_s, the wall time since the trial called fit() (`fit_started`, time.time()): with the worker's
+    train_time_s and start-up stamps (ractd_ray.train.Timeline) in every report, a trial stopped by ASHA has them
+    in its last result."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
     class CheckpointReports(TuneReportCallback):
         def after_report(self, run_context, metrics, checkpoint):
             if metrics and metrics[0].get("at_checkpoint"):
-                super().after_report(run_context, [finite_score(m) for m in metrics], checkpoint)
+                now = time.time()
+                super().after_report(run_context, [{**finite_score(m), "fit_time_s": now - fit_started}
+                                                   for m in metrics], checkpoint)
 
     return CheckpointReports()
 
@@ -449,6 +454,7 @@ def run_trial(config: dict, plan: TrialPlan) -> None:
     from ractd.io import atomic_write_json
     from ractd_ray.train import fit_stage
 
+    started = time.time()
     os.environ.update(plan.env)
     trial_id = tune.get_context().get_trial_id()
     summary_loc = trial_record(plan.train_storage, trial_id, "summary.json")
@@ -464,12 +470,22 @@ def run_trial(config: dict, plan: TrialPlan) -> None:
     base = from_dict(TrainConfig, plan.student)
     weights = {k: float(config[k]) for k in ("alpha", "beta", "sigma")}
     cfg = dataclasses.replace(base, run_dir=str(trial_dir), distill=dataclasses.replace(base.distill, **weights))
-    out = fit_stage(cfg, num_workers=plan.workers, use_gpu=plan.use_gpu, max_failures=plan.max_failures,
-                    storage_path=plan.train_storage, name=trial_id, data=plan.data, inputs=plan.inputs, fetch=False,
-                    callbacks=[_report_callback()], cpus_per_worker=plan.cpus_per_worker, progress=True,
-                    stage_lines=False)
+    fit_started = time.time()
+    try:
+        out = fit_stage(cfg, num_workers=plan.workers, use_gpu=plan.use_gpu, max_failures=plan.max_failures,
+                        storage_path=plan.train_storage, name=trial_id, data=plan.data, inputs=plan.inputs,
+                        fetch=False, callbacks=[_report_callback(fit_started)], cpus_per_worker=plan.cpus_per_worker,
+                        progress=True, stage_lines=False, started=started)
+    except Exception as e:  # the failed trial's times: its fit, and the training its worker recorded
+        timing_loc = trial_record(plan.train_storage, trial_id, "timing.json")
+        timing = json.loads(storage.read_text(timing_loc)) if storage.exists(timing_loc) else {}
+        failed = {"trial_id": trial_id, **weights, "fit_time_s": time.time() - fit_started,
+                  "train_time_s": timing.get("train_time_s", 0.0), "error": str(e).strip()[-500:],
+                  **{k: v for k, v in timing.items() if k.startswith("startup_")}}
+        storage.write_bytes(summary_loc, json.dumps(failed, indent=2, sort_keys=True).encode())
+        raise
     summary = {"trial_id": trial_id, **weights, "step": out["step"], "best": out["stored_best"],
-               "train_time_s": out["train_time_s"], "fit_time_s": out["fit_time_s"],
+               "train_time_s": out["train_time_s"], "fit_time_s": out["fit_time_s"], **out.get("startup", {}),
                "ray_checkpoint": out["ray_checkpoint"], "uploaded_bytes": out.get("uploaded_bytes", 0),
                "last_report": {**out["metrics"], "checkpoint_path": out["ray_checkpoint"], "done": True}}
     storage.write_bytes(summary_loc, json.dumps(summary, indent=2, sort_keys=True).encode())
@@ -638,7 +654,14 @@ def collect_trials(grid, out_dir: Path, steps: int, train_storage: str) -> list[
     metrics.jsonl; Tune's reports where that file is not stored); last_score, step and the loss terms: the
     trial's last checkpoint; best_step and the diagnostics (ractd.train.DIAG_TERMS): its best checkpoint, the
     student its best.pt holds. checkpoint: the storage location of that best.pt. status: completed (ran all
-    steps), stopped (by ASHA), error, unfinished (the search was interrupted before the trial ended)."""
+    steps), stopped (by ASHA), error, unfinished (the search was interrupted before the trial ended).
+    train_time_s: wall time of the library's train() in the trial's worker (to its last report when the trial
+    was stopped); fit_time_s: of its TorchTrainer.fit() (to its last report when stopped); trial_time_s: Tune's
+    time of the whole trial; startup_<stamp>_s: when each step of the trial's start-up was done, in seconds from
+    the start of the trial (ractd_ray.train.STARTUP_STAMPS: fit() called, worker process started, train loop
+    entered, dataset fetched, teacher written, train() entered, first step done)."""
+    from ractd_ray.train import STARTUP_STAMPS
+
     rows = []
     for result in grid:
         trial_id = Path(result.path).name
@@ -668,7 +691,10 @@ def collect_trials(grid, out_dir: Path, steps: int, train_storage: str) -> list[
             "best_step": int(at_best.get("step") or 0), **{k: _number(at_best.get(k)) for k in DIAG_TERMS},
             "status": status, "checkpoint": best_pt if storage.exists(best_pt) else "",
             "ray_checkpoint": reported.get("checkpoint_path") or "",
-            "train_time_s": _number(summary.get("train_time_s")), "fit_time_s": _number(summary.get("fit_time_s")),
+            # a trial that ran to its end has them in its summary; one stopped by ASHA in its last report
+            **{k: _number(summary.get(k, reported.get(k))) for k in ("train_time_s", "fit_time_s")},
+            **{f"startup_{k}_s": _number(summary.get(f"startup_{k}_s", reported.get(f"startup_{k}_s")))
+               for k in STARTUP_STAMPS},
             "trial_time_s": _number(reported.get("time_total_s")),
             "stored_bytes": int(storage.total_bytes(storage.join(train_storage, trial_id))),
             "error": "" if result.error is None else str(result.error).strip().splitlines()[-1][:500]})
