@@ -78,6 +78,8 @@ class DistillConfig:
         measurement (ractd.toy, 1500 distillation steps, CPU): with "jump" the DSM term regresses the one-step
         jump from high noise onto the posterior mean, and the CTD student put 0.7% of its samples on the 30%
         mode (teacher 22%); with "denoiser" it put 22%, matching the teacher.
+    dsm_weighting: the weight of Eq. (7) per sample (edm.loss_weight): "lambda" (EDM's lambda(sigma), the released
+        code) | "sqrt_lambda" | "none" (Eq. (7) as printed: "the same as ... Equation 4", which has no weight).
     """
 
     alpha: float = 1.0
@@ -90,6 +92,7 @@ class DistillConfig:
     init_scaled: bool = True
     dsm_top_fraction: float = 0.7
     dsm_form: Literal["jump", "denoiser"] = "denoiser"
+    dsm_weighting: edm.Weighting = "lambda"
 
 
 def sample_ctm_indices(n: int, n_bins: int, device=None, generator=None):
@@ -135,7 +138,7 @@ def ctm_loss(student: Student, teacher: edm.Denoiser, x0: torch.Tensor, cond: to
 
 def dsm_loss(student: Student, x0: torch.Tensor, cond: torch.Tensor | None,
              cfg: DistillConfig = DistillConfig()) -> torch.Tensor:
-    """Eq. (7): lambda(sigma) d(x_0, G_theta(x_0 + sigma eps, sigma, sigma_min)); (batch,).
+    """Eq. (7): w(sigma) d(x_0, G_theta(x_0 + sigma eps, sigma, sigma_min)); (batch,). w = cfg.dsm_weighting.
 
     Half the batch draws sigma uniformly from the top `dsm_top_fraction` bins of the schedule
     (sigma in [~0.79, 80] for 0.7), the other half ln sigma ~ N(-1.2, 1.2^2) (released code).
@@ -154,7 +157,8 @@ def dsm_loss(student: Student, x0: torch.Tensor, cond: torch.Tensor | None,
         out = student.g(x_sigma, sigma, sigma, cond)
     else:
         raise ValueError(f"unknown DSM form {cfg.dsm_form!r}; expected 'jump' or 'denoiser'")
-    return edm.edm_weight(sigma, student.sigma_data) * edm.pseudo_huber(out, x0, form=cfg.distance)  # Eq. (7)
+    weight = edm.loss_weight(sigma, cfg.dsm_weighting, student.sigma_data)
+    return weight * edm.pseudo_huber(out, x0, form=cfg.distance)  # Eq. (7)
 
 
 def one_step(student: Student, x_T: torch.Tensor, cond: torch.Tensor | None, sigma_max: float = edm.SIGMA_MAX) -> torch.Tensor:

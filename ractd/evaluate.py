@@ -40,6 +40,8 @@ class EvalConfig:
         inverse_dynamics_plan (open loop: consecutive planned states, paper Sec. 4.2); train the model with
         python -m ractd.inverse_dynamics TASK.
     inverse_dynamics: the inverse dynamics model file ("" = its default path for the task and scale).
+    inpaint: maze2d: none | start (the plan's first state pinned to the given start on every clean estimate of
+        the model, ractd.policy.StartPinned: Diffuser's conditioning; DDPM/DDIM and bc take none).
     """
 
     task: str = "hopper-medium-replay"
@@ -57,6 +59,7 @@ class EvalConfig:
     overlap: bool = False
     tracker: Literal["pd", "inverse_dynamics", "inverse_dynamics_plan"] = "pd"
     inverse_dynamics: str = ""
+    inpaint: Literal["none", "start"] = "none"
 
     def validate(self) -> "EvalConfig":
         get_task(self.task)
@@ -79,7 +82,7 @@ class EvalConfig:
             nfe=self.nfe or None, seeds=list(range(self.first_seed, self.first_seed + self.seeds)),
             max_steps=self.max_steps or None, init_scaled=self.init_scaled, out=self.out, progress=progress,
             accelerate=self.accelerate, precision=self.precision, overlap=self.overlap, tracker=self.tracker,
-            inverse_dynamics=self.inverse_dynamics)
+            inverse_dynamics=self.inverse_dynamics, inpaint=self.inpaint)
 
 
 SAMPLER_STAGE = {"student": "student", "heun": "teacher", "euler": "teacher", "ddpm": "ddpm", "ddim": "ddpm",
@@ -97,20 +100,24 @@ def _sampler_opts(sampler: str, nfe: int, init_scaled: bool) -> dict:
 
 def policy_from_checkpoint(checkpoint: str | Path, sampler: str = "student", nfe: int | None = None,
                            init_scaled: bool = True, accelerate: str = "none", precision: str = "fp32",
-                           tracker: str = "pd", inverse_dynamics: str = "", device: str = "cpu"):
+                           tracker: str = "pd", inverse_dynamics: str = "", device: str = "cpu",
+                           inpaint: str = "none"):
     """(policy or planner, task, its TrainConfig) for a checkpoint of the stage the sampler needs.
 
     accelerate: "none" or "jit" (ractd.nets.unet1d.accelerate: same numbers up to float rounding;
     bench/bench_core.py measures the speed-up). precision: "fp32" or "bf16" (ractd.nets.unet1d.to_precision:
     the U-Net's weights and arithmetic only). device: where the network runs (the samplers draw noise on CPU
     per seed and move it to the model's device). tracker (maze2d): "pd" or "inverse_dynamics", the latter with the
-    model file `inverse_dynamics` ("" = ractd.inverse_dynamics.default_path of the checkpoint's task and scale)."""
+    model file `inverse_dynamics` ("" = ractd.inverse_dynamics.default_path of the checkpoint's task and scale).
+    inpaint (maze2d): "none" or "start" (ractd.policy.StartPinned around the teacher or the student)."""
     from ractd.data.windows import Normalizer
-    from ractd.policy import LocomotionPolicy, MazePlanner, make_sampler
+    from ractd.policy import LocomotionPolicy, MazePlanner, StartPinned, make_sampler
     from ractd.train import load_stage_model
 
     if sampler not in SAMPLER_STAGE:
         raise RactdError(f"unknown sampler {sampler!r}; expected one of {', '.join(SAMPLER_STAGE)}")
+    if inpaint not in ("none", "start"):
+        raise RactdError(f"inpaint={inpaint!r}: expected none or start")
     model, cfg, ck = load_stage_model(Path(checkpoint))
     model = model.to(device)
     if cfg.stage != SAMPLER_STAGE[sampler]:
@@ -132,6 +139,11 @@ def policy_from_checkpoint(checkpoint: str | Path, sampler: str = "student", nfe
 
         model.net = accelerate_net(model.net, accelerate, horizon=ck["shapes"]["x"][0])
     shape_tail = tuple(ck["shapes"]["x"])
+    if inpaint == "start":
+        if task.kind != "maze" or sampler not in ("heun", "euler", "student"):
+            raise RactdError(f"inpaint=start: maze2d plans of the heun, euler or student sampler only (got {task.name}, "
+                             f"{sampler})")
+        model = StartPinned(model, obs_dim=shape_tail[1])
     fn = make_sampler(sampler, model, shape_tail, **_sampler_opts(sampler, nfe or DEFAULT_NFE[sampler], init_scaled))
     if task.kind == "locomotion":
         return LocomotionPolicy(fn, norms["obs"], norms["action"], obs_history=cfg.obs_history), task, cfg
@@ -147,7 +159,7 @@ def evaluate_checkpoint(task: str, run_dir: str = "", sampler: str = "student", 
                         nfe: int | None = None, seeds: list[int] | None = None, max_steps: int | None = None,
                         init_scaled: bool = True, out: str = "", progress: bool = True,
                         accelerate: str = "none", precision: str = "fp32", overlap: bool = False,
-                        tracker: str = "pd", inverse_dynamics: str = "") -> dict:
+                        tracker: str = "pd", inverse_dynamics: str = "", inpaint: str = "none") -> dict:
     """Roll out `seeds` (default 0..9) with the checkpoint's policy; write records to Parquet; return a summary.
     The options are EvalConfig's (see there)."""
     from ractd.paths import runs_dir
@@ -160,7 +172,7 @@ def evaluate_checkpoint(task: str, run_dir: str = "", sampler: str = "student", 
     ckpt = Path(checkpoint) if checkpoint else run / SAMPLER_STAGE[sampler] / "best.pt"
     nfe = nfe or DEFAULT_NFE[sampler]
     policy, t2, cfg = policy_from_checkpoint(ckpt, sampler, nfe, init_scaled, accelerate, precision, tracker,
-                                             inverse_dynamics)
+                                             inverse_dynamics, inpaint=inpaint)
     if t2.name != t.name:
         raise RactdError(f"{ckpt} was trained on {t2.name}, not {t.name}")
     seeds = list(range(10)) if seeds is None else seeds
@@ -171,7 +183,8 @@ def evaluate_checkpoint(task: str, run_dir: str = "", sampler: str = "student", 
         records = rollout_maze(t, policy, seeds, max_steps=max_steps, progress=progress)
     extra = {"sampler": sampler, "nfe": nfe, "init_scaled": init_scaled, "accelerate": accelerate,
              "precision": precision, "tracker": ("bc" if sampler == "bc" else tracker) if t.kind == "maze" else "", "checkpoint": str(ckpt),
-             "sigma": cfg.distill.sigma if cfg.stage == "student" else 0.0, "train_seed": cfg.seed}
+             "sigma": cfg.distill.sigma if cfg.stage == "student" else 0.0, "train_seed": cfg.seed,
+             **({"inpaint": inpaint} if t.kind == "maze" else {})}
     records = [{**r, **extra} for r in records]
     path = Path(out) if out else run / "eval" / f"{sampler}-{nfe}.parquet"
     save_records(records, path)

@@ -297,6 +297,40 @@ class MazePlanner:
         return np.clip(a, -1.0, 1.0)
 
 
+class StartPinned(torch.nn.Module):
+    """Inpainting of a maze2d plan's first state (Diffuser's apply_conditioning) on the model's clean estimate.
+
+    Wraps a teacher Denoiser D(x, sigma, cond) or a Student G(x, t, s, cond) whose output is a normalized state
+    sequence (B, H, obs_dim) and cond = concat(normalize(start), normalize(goal)): every output has its first
+    state replaced by the given start, cond[:, :obs_dim]. The teacher's ODE then carries x[:, 0] to the start
+    (with D pinned, x - start shrinks by u / t per step, to sigma_min / sigma_max of x_T - start) while the network sees the
+    pinned state at every later call, so the rest of the plan adapts to it; a one-step student gets the start
+    as its first state and nothing else changes; a multi-step student adapts at its later jumps. Diffuser pins x
+    itself, having trained on pinned inputs; these models are trained with the start in cond instead, so the
+    clean estimate is what is pinned. Attributes (sigma_min, sigma_data, ...) are the wrapped model's.
+    """
+
+    def __init__(self, model: torch.nn.Module, obs_dim: int):
+        super().__init__()
+        self.model, self.obs_dim = model, int(obs_dim)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("model"), name)
+
+    def forward(self, x: torch.Tensor, *times_and_cond) -> torch.Tensor:
+        cond = times_and_cond[-1]
+        out = self.model(x, *times_and_cond).clone()
+        out[:, 0, :] = cond[:, :self.obs_dim].to(out.dtype)
+        return out
+
+    def bind(self, cond: torch.Tensor | None):
+        """The Denoiser's bind: (x, sigma) -> D(x, sigma, cond), pinned."""
+        return lambda x, sigma: self(x, sigma, cond)
+
+
 # ---------------------------------------------------------------------------------------------- behavior cloning
 
 class BCPolicy:

@@ -179,7 +179,8 @@ class TrainConfig:
         if d.n_bins < 2:
             bad("n_bins", d.n_bins, "must be >= 2")
         for name, allowed in (("reward_variant", ("one_step", "ctm")), ("dsm_form", ("jump", "denoiser")),
-                              ("distance", ("per_sample", "elementwise"))):
+                              ("distance", ("per_sample", "elementwise")),
+                              ("dsm_weighting", ("lambda", "sqrt_lambda", "none"))):
             if getattr(d, name) not in allowed:
                 bad(name, getattr(d, name), f"expected one of {', '.join(allowed)}")
         return self

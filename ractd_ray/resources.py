@@ -10,12 +10,15 @@ autoscaler (one machine, `ray start` nodes) is what it has now.
   with a GPU), so the request itself is what makes the autoscaler start the GPU nodes; --gpu yes where nothing can
   ever provide a GPU is a RactdError (one line) instead of a request that waits forever.
 - `check_fits(...)`: a trial or an actor that no node type can ever hold is a RactdError before anything starts.
+- `worker_cpus(...)`: --cpus-per-worker 0 (auto): a CPU worker takes its share of the largest node's CPUs, so a
+  search on one machine trains with every core (a worker reserving 1 CPU runs torch on one thread).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 
 from ractd import RactdError
 
@@ -98,3 +101,18 @@ def check_fits(what: str, per_unit: dict[str, float], units: int, cap: Capacity 
             raise RactdError(f"{what} needs {each * units:g} {key} ({units} x {each:g}) but the Ray cluster "
                              f"{'can scale to' if cap.autoscaling else 'has'} {total:g}")
     return cap
+
+
+def worker_cpus(requested: float, workers: int, use_gpu: bool, concurrent: int = 1, driver_cpus: float = 0.0,
+                cap: Capacity | None = None) -> float:
+    """CPUs each Ray Train worker reserves (and its torch threads, rounded up): `requested` when positive; else 1
+    for GPU workers (the GPU does the work); else the largest node's CPUs, less `driver_cpus` for each of the
+    `concurrent` runs, shared among the `concurrent` x `workers` workers, in steps of 0.5, at least 1.
+    One node of 2 CPUs: the shared stages' worker takes 2; a trial's (its driver holds 0.5) takes 1.5."""
+    if requested:
+        return float(requested)
+    if use_gpu:
+        return 1.0
+    cap = cap or capacity()
+    share = (cap.node_cpus - driver_cpus * concurrent) / max(1, concurrent * workers)
+    return max(1.0, math.floor(share * 2) / 2)

@@ -115,7 +115,9 @@ class SearchConfig:
         TPE proposes points: a like-for-like sigma study; num_samples must cover them.
     max_concurrent: trials running at the same time.
     workers: Ray Train workers per trial (and for training the shared teacher and reward model).
-    cpus_per_worker: CPUs reserved per worker (whole CPUs; a trial's driver takes 0.5 CPU more).
+    cpus_per_worker: CPUs reserved per worker, also its torch threads (rounded up); a trial's driver takes 0.5 CPU
+        more. 0 = auto (ractd_ray.resources.worker_cpus): 1 per GPU worker; a CPU worker takes its share of the
+        largest node's CPUs, so on one machine the shared stages and each trial train on every core.
     gpu: GPUs for the workers: auto (when a node type of the cluster has one: ractd_ray.resources) | yes | no.
     steps: distillation steps per trial (0 = the budget's).
     batch: global distillation batch (0 = the budget's).
@@ -143,7 +145,7 @@ class SearchConfig:
     sigmas: tuple[float, ...] = ()
     max_concurrent: int = 1
     workers: int = 1
-    cpus_per_worker: int = 1
+    cpus_per_worker: float = 0
     gpu: Literal["auto", "yes", "no"] = "auto"
     steps: int = 0
     batch: int = 0
@@ -168,7 +170,7 @@ class SearchConfig:
             raise RactdError(f"unknown scale {self.scale!r}; expected one of {', '.join(SCALES)}")
         if self.source not in ("auto", "d4rl", "minari", "local"):
             raise RactdError(f"source={self.source!r}: expected one of auto, d4rl, minari, local")
-        for name in ("num_samples", "max_concurrent", "workers", "cpus_per_worker", "select_seeds",
+        for name in ("num_samples", "max_concurrent", "workers", "select_seeds",
                      "grace_period"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
@@ -178,6 +180,8 @@ class SearchConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or v < 0:
                 raise RactdError(f"{name}={v!r}: must be a non-negative integer")
+        if not isinstance(self.cpus_per_worker, (int, float)) or not 0 <= self.cpus_per_worker < math.inf:
+            raise RactdError(f"cpus_per_worker={self.cpus_per_worker!r}: must be a non-negative number (0 = auto)")
         if self.reduction_factor < 2:
             raise RactdError(f"reduction_factor={self.reduction_factor!r}: must be at least 2")
         if self.gpu not in ("auto", "yes", "no"):
@@ -225,12 +229,14 @@ class SearchConfig:
 # steps at batch 64, students 150 steps) with the 32-64-128 U-Net (preset "small-maze", about a quarter of the
 # CPU preset's compute), 2 objective rollouts per checkpoint. maze2d-umaze runs on the small generated dataset
 # (100k steps, generated in seconds), where this budget gives a working policy (README: the first command's
-# scores), with 2 trials: the Table 9 point (alpha = beta = 1, sigma = 0: CTD) and one TPE point. Locomotion
-# stays a smoke run on tiny data (3 trials): its small datasets take an hour or more to generate.
+# scores), with 2 trials: the Table 9 point (alpha = beta = 1, sigma = 0: CTD) and one TPE point, each distilled
+# for 75 steps (measured: select_score 139 at step 38 of 150 already; with 150 steps the whole command took
+# 11 min 15 s on a quiet 2-CPU machine). Locomotion stays a smoke run on tiny data (3 trials): its small datasets
+# take an hour or more to generate.
 # select_max_steps 300: a maze2d-umaze episode's full length; locomotion's quick objective rolls out 300 steps (the
 # default, full-length episodes on 10 seeds, is SearchConfig's, from TrainConfig).
 QUICK = dict(budget="quick", scale="tiny", preset="small-maze", num_samples=3, select_seeds=2, select_max_steps=300)
-QUICK_MAZE = dict(scale="small", num_samples=2)
+QUICK_MAZE = dict(scale="small", num_samples=2, steps=75)
 
 
 def quick_settings(task: str) -> dict:
@@ -358,11 +364,16 @@ def ensure_shared_models(scfg: SearchConfig, dataset: dict, data=None, use_gpu: 
             storage.download(stored_marker, marker)
             log.info("fetched the shared %s from %s", " and ".join(paths), stored)
             return {**_shared_info(folder, key, paths), "stored": stored, "trained": [], "train_time_s": 0.0}
-        log.info("training the shared %s into %s", " and ".join(paths), stored)
-        out = fit_stages(shared, num_workers=scfg.workers, use_gpu=scfg.use_gpu if use_gpu is None else use_gpu,
-                         max_failures=scfg.max_failures,
-                         storage_path=train_storage, name="shared", cpus_per_worker=scfg.cpus_per_worker, data=data,
-                         fetch=True)
+        from ractd_ray.resources import decide_gpu, worker_cpus
+        from ractd_ray.train import ensure_ray
+
+        ensure_ray()
+        gpu = decide_gpu(scfg.gpu if use_gpu is None else use_gpu, "the shared stages' Ray Train workers")
+        cpus = worker_cpus(scfg.cpus_per_worker, scfg.workers, gpu)
+        log.info("training the shared %s into %s (%d worker%s x %g CPU%s)", " and ".join(paths), stored,
+                 scfg.workers, "s" * (scfg.workers > 1), cpus, "" if gpu is False else " + 1 GPU")
+        out = fit_stages(shared, num_workers=scfg.workers, use_gpu=gpu, max_failures=scfg.max_failures,
+                         storage_path=train_storage, name="shared", cpus_per_worker=cpus, data=data, fetch=True)
         missing = [str(p) for p in paths.values() if not p.is_file()]
         if missing:
             raise RactdError(f"training the shared models wrote no {', '.join(missing)} to {stored}")
@@ -394,7 +405,7 @@ class TrialPlan:
     data: object  # ObjectRef of the dataset (every node trains on the driver's copy)
     inputs: dict  # {teacher_ckpt, reward_ckpt: ObjectRef of the file's bytes} (the shared models, from the driver)
     workers: int
-    cpus_per_worker: int
+    cpus_per_worker: float
     use_gpu: bool | str
     max_failures: int
     env: dict
@@ -497,27 +508,36 @@ def run_trial(config: dict, plan: TrialPlan) -> None:
 def _trainable(plan: TrialPlan):
     from ray import tune
 
-    return tune.with_resources(tune.with_parameters(run_trial, plan=plan), {"cpu": 0.5})
+    return tune.with_resources(tune.with_parameters(run_trial, plan=plan), {"cpu": TRIAL_DRIVER_CPUS})
 
 
-def _check_resources(scfg: SearchConfig, use_gpu: bool) -> None:
+TRIAL_DRIVER_CPUS = 0.5
+"""CPUs each trial's Tune driver reserves (it waits on its Ray Train run)."""
+
+
+def _check_resources(scfg: SearchConfig, use_gpu: bool) -> float:
     """A trial that can never fit what the cluster can scale to (its node types, ractd_ray.resources) is an error;
-    CPUs not free now are a warning (trials wait, or the autoscaler adds nodes)."""
+    CPUs not free now are a warning (trials wait, or the autoscaler adds nodes). Returns the CPUs each trial worker
+    reserves (ractd_ray.resources.worker_cpus)."""
     import ray
 
-    from ractd_ray.resources import check_fits
+    from ractd_ray.resources import capacity, check_fits, worker_cpus
 
-    per_worker = {"CPU": float(scfg.cpus_per_worker), **({"GPU": 1.0} if use_gpu else {})}
-    cap = check_fits(f"a trial's {scfg.workers} Ray Train workers", per_worker, scfg.workers)
-    need = scfg.workers * scfg.cpus_per_worker + 0.5
+    cap = capacity()
+    cpus = worker_cpus(scfg.cpus_per_worker, scfg.workers, use_gpu, concurrent=scfg.max_concurrent,
+                       driver_cpus=TRIAL_DRIVER_CPUS, cap=cap)
+    per_worker = {"CPU": cpus, **({"GPU": 1.0} if use_gpu else {})}
+    check_fits(f"a trial's {scfg.workers} Ray Train workers", per_worker, scfg.workers, cap)
+    need = scfg.workers * cpus + TRIAL_DRIVER_CPUS
     if need > cap.cpus:
-        raise RactdError(f"a trial needs {need:g} CPUs ({scfg.workers} workers x {scfg.cpus_per_worker} + 0.5 for its "
-                         f"driver) but the Ray cluster {'can scale to' if cap.autoscaling else 'has'} {cap.cpus:g}; "
-                         f"lower --workers")
+        raise RactdError(f"a trial needs {need:g} CPUs ({scfg.workers} workers x {cpus:g} + {TRIAL_DRIVER_CPUS:g} "
+                         f"for its driver) but the Ray cluster {'can scale to' if cap.autoscaling else 'has'} "
+                         f"{cap.cpus:g}; lower --workers")
     free = ray.available_resources().get("CPU", 0)
     if need > free:
         log.warning("only %g CPUs are free now (a trial needs %g; the cluster %s %g): trials wait until they are",
                     free, need, "can scale to" if cap.autoscaling else "has", cap.cpus)
+    return cpus
 
 
 def run_search(scfg: SearchConfig, resume: bool = False) -> dict:
@@ -555,7 +575,7 @@ def run_search(scfg: SearchConfig, resume: bool = False) -> dict:
         from ractd_ray.resources import decide_gpu
 
         use_gpu = decide_gpu(scfg.gpu, "the trials' Ray Train workers")  # once, for the whole search
-        _check_resources(scfg, use_gpu)
+        trial_cpus = _check_resources(scfg, use_gpu)
         startup = time.perf_counter() - t_start
         data_ref = ray.put(data)  # every node trains on this copy (object store), none reads its own disk
         del data
@@ -565,7 +585,7 @@ def run_search(scfg: SearchConfig, resume: bool = False) -> dict:
         inputs = {f"{k}_ckpt": file_ref(shared[k]) for k in ("teacher", "reward") if shared[k]}
         plan = TrialPlan(student=to_dict(student), out_dir=str(out_dir), train_storage=train_storage,
                          data=data_ref, inputs=inputs, workers=scfg.workers,
-                         cpus_per_worker=scfg.cpus_per_worker, use_gpu=use_gpu, max_failures=scfg.max_failures,
+                         cpus_per_worker=trial_cpus, use_gpu=use_gpu, max_failures=scfg.max_failures,
                          env=forwarded_env())
         if not resume:
             atomic_write_json(saved, {"config": to_dict(scfg), "dataset": dataset, "shared": shared})

@@ -344,7 +344,7 @@ def _materialize(blobs: dict) -> dict:
 def worker_loop(config: dict) -> list[dict]:
     """TorchTrainer's train_loop_per_worker: train config["stages"] (TrainConfig dicts) one after the other.
 
-    config: stages, env (FORWARDED_ENV values), on_step (hook or None), bucket_mb, progress, verbose (Ray Train's
+    config: stages, env (FORWARDED_ENV values), threads (torch's intra-op threads: the CPUs each worker reserves), on_step (hook or None), bucket_mb, progress, verbose (Ray Train's
     report lines, the library's INFO logs and its step bar; without it, with stage_lines, one line per checkpoint),
     artifacts (storage location of the run's own files, or None), data ([ref] of the dataset dict, or None: read
     from this node's disk), inputs (per stage {field: [ref]}: upstream checkpoints shipped by the driver),
@@ -374,6 +374,8 @@ def _worker_loop(config: dict, timeline: Timeline) -> list[dict]:
     import ray.train
 
     os.environ.update(config.get("env", {}))
+    if config.get("threads"):  # torch's intra-op threads = the CPUs reserved (Ray sets OMP_NUM_THREADS to 1 for <2)
+        torch.set_num_threads(int(config["threads"]))
     verbose = config.get("verbose", True)
     console.quiet_worker(verbose)
     cfgs = [from_dict(TrainConfig, d) for d in config["stages"]]
@@ -609,8 +611,9 @@ def fit_stages(cfgs: list[TrainConfig], num_workers: int = 1, use_gpu: bool | st
     stage_lines: without --verbose, one console line per checkpoint (a Tune trial prints its own from the
     driver). started: time.time() at the start of the caller's run (a Tune trial's), the origin of the start-up
     stamps every report carries (Timeline; default: when fit() is called). controller_failure_limit: worker-group
-    start-ups that may time out (60 s each, e.g. waiting for
-    CPUs) before the run fails instead of waiting forever (Ray's default is to wait forever). Returns
+    start-ups that may time out (60 s each, e.g. waiting for CPUs) before the run fails instead of waiting forever
+    (Ray's default is to wait forever). cpus_per_worker: CPUs each worker reserves, and its torch threads (rounded
+    up). Returns
     worker_loop's per-stage dicts (rank 0's), each with "ray_checkpoint" (the run's latest persisted checkpoint),
     "ray_path", "fit_time_s", "stored_best" (the storage location of its best.pt) and "stored" (of its folder)
     added. A failed run (after max_failures restarts) raises RactdError naming the error.
@@ -638,7 +641,8 @@ def fit_stages(cfgs: list[TrainConfig], num_workers: int = 1, use_gpu: bool | st
         train_loop_config={"stages": [to_dict(c) for c in cfgs], "env": forwarded_env(), "on_step": on_step,
                            "bucket_mb": bucket_mb, "progress": progress, "verbose": console.verbose(),
                            "stage_lines": stage_lines, "artifacts": artifacts, "data": [data], "inputs": shipped,
-                           "fit_started": time.time(), "started": started},
+                           "threads": max(1, math.ceil(cpus_per_worker - 1e-9)), "fit_started": time.time(),
+                           "started": started},
         scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=gpu,
                                                resources_per_worker={"CPU": cpus_per_worker}),
         run_config=ray.train.RunConfig(

@@ -177,3 +177,40 @@ def test_maze_track_pd_rule():
     np.testing.assert_allclose(a, [[0.6, -0.1], [1.0, 1.0]], atol=1e-12)
     a_end = MazePlanner.track(plan, obs, 5)  # past the plan: last state, zero velocity
     np.testing.assert_allclose(a_end, [[0.3, -0.1], [1.0, 1.0]], atol=1e-12)
+
+
+def _maze_models():
+    torch.manual_seed(0)
+    teacher = edm.Denoiser(ConditionalUnet1D(4, 8, UNET_PRESETS["tiny"], n_times=1).eval())
+    student = ctm.Student(ConditionalUnet1D(4, 8, UNET_PRESETS["tiny"], n_times=2).eval())
+    return teacher, student
+
+
+def test_start_pinned_teacher_plan_begins_at_the_start_and_the_rest_adapts():
+    """StartPinned (maze2d inpainting): the Heun plan's first state is the given start (the ODE carries x[:, 0]
+    to it), and the later states differ from the unpinned plan's (the network saw the pinned state)."""
+    from ractd.policy import StartPinned
+
+    teacher, _ = _maze_models()
+    cond = torch.rand(3, 8, generator=torch.Generator().manual_seed(0)) * 1.6 - 0.8
+    free = make_sampler("heun", teacher, (8, 4), n_bins=12)(cond, _gens([1, 2, 3]))
+    pinned = make_sampler("heun", StartPinned(teacher, 4), (8, 4), n_bins=12)(cond, _gens([1, 2, 3]))
+    # with D[:, 0] pinned the first state's ODE is linear: x - start shrinks by u / t at every Heun step, exactly
+    x_T = rowwise_randn(_gens([1, 2, 3]), (8, 4)) * edm.SIGMA_MAX
+    expect = cond[:, :4] + (x_T[:, 0] - cond[:, :4]) * edm.SIGMA_MIN / edm.SIGMA_MAX
+    np.testing.assert_allclose(pinned[:, 0].numpy(), expect.numpy(), rtol=1e-4, atol=1e-5)
+    assert np.abs(free[:, 0].numpy() - cond[:, :4].numpy()).max() > 0.05  # an untrained net does not plan from it
+    assert np.abs(pinned[:, 1:].numpy() - free[:, 1:].numpy()).max() > 1e-3
+
+
+def test_start_pinned_one_step_student_changes_only_the_first_state():
+    from ractd.policy import StartPinned
+
+    _, student = _maze_models()
+    wrapped = StartPinned(student, 4)
+    assert wrapped.sigma_min == student.sigma_min and wrapped.sigma_data == student.sigma_data
+    cond = torch.rand(2, 8) * 1.6 - 0.8
+    free = make_sampler("student", student, (8, 4), n_steps=1)(cond, _gens([5, 6]))
+    pinned = make_sampler("student", wrapped, (8, 4), n_steps=1)(cond, _gens([5, 6]))
+    np.testing.assert_allclose(pinned[:, 0].numpy(), cond[:, :4].numpy(), rtol=0, atol=1e-7)
+    np.testing.assert_allclose(pinned[:, 1:].numpy(), free[:, 1:].numpy(), rtol=0, atol=1e-7)

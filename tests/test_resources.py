@@ -59,3 +59,16 @@ def test_gpu_decisions_follow_the_node_types(local_ray):
     _check_resources(readme, use_gpu=True)  # fits what the cluster can scale to: no error
     with pytest.raises(RactdError, match=r"needs 2 GPU on one node but the largest node type"):
         resources.check_fits("a worker", {"CPU": 1.0, "GPU": 2.0}, 1)
+
+
+def test_auto_worker_cpus_use_the_node():
+    """--cpus-per-worker 0: a CPU worker takes its share of the largest node (one 2-CPU machine: the shared stages'
+    worker 2, a trial's 1.5 beside its 0.5-CPU driver); GPU workers 1; an explicit value is kept."""
+    one = resources.Capacity(cpus=2.0, gpus=0.0, node_cpus=2.0, node_gpus=0.0, autoscaling=False)
+    assert resources.worker_cpus(0, 1, False, cap=one) == 2.0
+    assert resources.worker_cpus(0, 1, False, concurrent=1, driver_cpus=0.5, cap=one) == 1.5
+    assert resources.worker_cpus(0, 2, False, concurrent=2, driver_cpus=0.5, cap=one) == 1.0  # never below 1
+    assert resources.worker_cpus(3, 1, False, cap=one) == 3.0
+    big = resources.Capacity(cpus=48.0, gpus=8.0, node_cpus=16.0, node_gpus=1.0, autoscaling=True)
+    assert resources.worker_cpus(0, 1, True, cap=big) == 1.0
+    assert resources.worker_cpus(0, 4, False, concurrent=2, driver_cpus=0.5, cap=big) == 1.5  # (16 - 1) / 8
