@@ -511,21 +511,35 @@ def _trainable(plan: TrialPlan):
     return tune.with_resources(tune.with_parameters(run_trial, plan=plan), {"cpu": TRIAL_DRIVER_CPUS})
 
 
-TRIAL_DRIVER_CPUS = 0.5
-"""CPUs each trial's Tune driver reserves (it waits on its Ray Train run)."""
+TRIAL_DRIVER_CPUS = 0.25
+"""CPUs each trial's Tune driver reserves (it waits on its Ray Train run): small, so that on one machine the next
+trial's driver fits beside a training trial (prestart)."""
+
+# A prestarted trial waits for the workers of a trial that trains: as long as that trial runs. Ray Train's worker
+# group start-up would time out after 60 s (and count a controller failure each time); the resource check has
+# made sure the trial fits once a running trial ends, so it waits (7 days: a bound, not a wait anyone meets).
+PRESTART_ENV = {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": str(7 * 24 * 3600)}
 
 
-def _check_resources(scfg: SearchConfig, use_gpu: bool) -> float:
+def _check_resources(scfg: SearchConfig, use_gpu: bool) -> tuple[float, bool]:
     """A trial that can never fit what the cluster can scale to (its node types, ractd_ray.resources) is an error;
     CPUs not free now are a warning (trials wait, or the autoscaler adds nodes). Returns the CPUs each trial worker
-    reserves (ractd_ray.resources.worker_cpus)."""
+    reserves (ractd_ray.resources.worker_cpus) and whether the search prestarts a trial.
+
+    Prestart: Tune runs max_concurrent + 1 trials where the cluster (a fixed one) can hold the extra trial's driver
+    but not its workers: the extra trial starts its Tune driver and its Ray Train controller while the others
+    train, and its workers start the moment a training trial's end frees theirs. So max_concurrent trials train at
+    a time and the next one's start-up (the trial's process, its imports, the controller: bench/sweep_overhead.py)
+    overlaps their training instead of following it."""
     import ray
 
     from ractd_ray.resources import capacity, check_fits, worker_cpus
 
     cap = capacity()
-    cpus = worker_cpus(scfg.cpus_per_worker, scfg.workers, use_gpu, concurrent=scfg.max_concurrent,
-                       driver_cpus=TRIAL_DRIVER_CPUS, cap=cap)
+    n = scfg.max_concurrent
+    # the drivers of the n training trials and of the prestarted one share the node with the workers
+    cpus = worker_cpus(scfg.cpus_per_worker, scfg.workers, use_gpu, concurrent=n,
+                       driver_cpus=TRIAL_DRIVER_CPUS * (n + 1) / n, cap=cap)
     per_worker = {"CPU": cpus, **({"GPU": 1.0} if use_gpu else {})}
     check_fits(f"a trial's {scfg.workers} Ray Train workers", per_worker, scfg.workers, cap)
     need = scfg.workers * cpus + TRIAL_DRIVER_CPUS
@@ -537,7 +551,11 @@ def _check_resources(scfg: SearchConfig, use_gpu: bool) -> float:
     if need > free:
         log.warning("only %g CPUs are free now (a trial needs %g; the cluster %s %g): trials wait until they are",
                     free, need, "can scale to" if cap.autoscaling else "has", cap.cpus)
-    return cpus
+    eps = 1e-9
+    extra_driver_fits = n * need + TRIAL_DRIVER_CPUS <= cap.cpus + eps
+    extra_workers_fit = (n + 1) * need <= cap.cpus + eps and (not use_gpu or (n + 1) * scfg.workers <= cap.gpus)
+    prestart = not cap.autoscaling and extra_driver_fits and not extra_workers_fit
+    return cpus, prestart
 
 
 def run_search(scfg: SearchConfig, resume: bool = False) -> dict:
@@ -575,7 +593,7 @@ def run_search(scfg: SearchConfig, resume: bool = False) -> dict:
         from ractd_ray.resources import decide_gpu
 
         use_gpu = decide_gpu(scfg.gpu, "the trials' Ray Train workers")  # once, for the whole search
-        trial_cpus = _check_resources(scfg, use_gpu)
+        trial_cpus, prestart = _check_resources(scfg, use_gpu)
         startup = time.perf_counter() - t_start
         data_ref = ray.put(data)  # every node trains on this copy (object store), none reads its own disk
         del data
@@ -586,18 +604,19 @@ def run_search(scfg: SearchConfig, resume: bool = False) -> dict:
         plan = TrialPlan(student=to_dict(student), out_dir=str(out_dir), train_storage=train_storage,
                          data=data_ref, inputs=inputs, workers=scfg.workers,
                          cpus_per_worker=trial_cpus, use_gpu=use_gpu, max_failures=scfg.max_failures,
-                         env=forwarded_env())
+                         env={**forwarded_env(), **(PRESTART_ENV if prestart else {})})
         if not resume:
             atomic_write_json(saved, {"config": to_dict(scfg), "dataset": dataset, "shared": shared})
         t_tune = time.perf_counter()
-        log.info("searching alpha, beta%s: %d trials of %d distillation steps, select_score at every %d steps",
+        log.info("searching alpha, beta%s: %d trials of %d distillation steps, select_score at every %d steps%s",
                  ", sigma" if task.kind == "locomotion" else " (maze2d: sigma = 0, no reward model)",
-                 scfg.num_samples, student.steps, student.ckpt_every)
+                 scfg.num_samples, student.steps, student.ckpt_every,
+                 "; the next trial starts up while one trains" if prestart else "")
         if resume:
             tuner = tune.Tuner.restore(tune_path, trainable=_trainable(plan), resume_errored=True)
         else:
             tuner = tune.Tuner(_trainable(plan), param_space=search_space(task),
-                               tune_config=_tune_config(scfg, task, student),
+                               tune_config=_tune_config(scfg, task, student, prestart),
                                run_config=tune.RunConfig(name="tune", storage_path=tune_storage,
                                                          failure_config=tune.FailureConfig(
                                                              max_failures=scfg.trial_failures),
@@ -627,7 +646,7 @@ def _console_options(steps: int) -> dict:
     return {"verbose": 0, "callbacks": [console.trial_lines(steps)]}
 
 
-def _tune_config(scfg: SearchConfig, task: Task, student: TrainConfig):
+def _tune_config(scfg: SearchConfig, task: Task, student: TrainConfig, prestart: bool = False):
     import optuna
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
@@ -641,7 +660,7 @@ def _tune_config(scfg: SearchConfig, task: Task, student: TrainConfig):
                               grace_period=min(scfg.grace_period * student.ckpt_every, student.steps + 1),
                               reduction_factor=scfg.reduction_factor)
     return tune.TuneConfig(metric=METRIC, mode=MODE, search_alg=searcher, scheduler=scheduler,
-                           num_samples=scfg.num_samples, max_concurrent_trials=scfg.max_concurrent,
+                           num_samples=scfg.num_samples, max_concurrent_trials=scfg.max_concurrent + prestart,
                            trial_dirname_creator=lambda trial: trial.trial_id)
 
 

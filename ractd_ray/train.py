@@ -48,6 +48,10 @@ log = logging.getLogger(__name__)
 # Environment the library reads for its paths; the driver's values travel to the workers (a Ray instance
 # started earlier, or another node, does not inherit the driver's environment).
 FORWARDED_ENV = ("RACTD_CACHE_DIR", "XDG_CACHE_HOME", "D4RL_DATASET_DIR", "MINARI_DATASETS_PATH")
+# Ray Train's controller polls its workers every 2 s (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S): it saw a run's end up to
+# 2 s late, and a worker's report waits until the controller has taken the previous one. Every run of the project
+# polls every 0.25 s instead (bench/sweep_overhead.py); a value set in the environment wins.
+RAY_TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25"}
 DEFAULT_BUCKET_MB = 64.0  # bench/bench_ray.py: the fastest of 16-1024 MiB for the small and the paper-size student
 
 
@@ -344,15 +348,17 @@ def _materialize(blobs: dict) -> dict:
 def worker_loop(config: dict) -> list[dict]:
     """TorchTrainer's train_loop_per_worker: train config["stages"] (TrainConfig dicts) one after the other.
 
-    config: stages, env (FORWARDED_ENV values), threads (torch's intra-op threads: the CPUs each worker reserves), on_step (hook or None), bucket_mb, progress, verbose (Ray Train's
-    report lines, the library's INFO logs and its step bar; without it, with stage_lines, one line per checkpoint),
+    config: stages, env (FORWARDED_ENV values), threads (torch's intra-op threads: the CPUs each worker
+    reserves), on_step (hook or None), bucket_mb, progress, verbose (Ray Train's report lines, the library's INFO
+    logs and its step bar; without it, with stage_lines, one line per checkpoint),
     artifacts (storage location of the run's own files, or None), data ([ref] of the dataset dict, or None: read
     from this node's disk), inputs (per stage {field: [ref]}: upstream checkpoints shipped by the driver),
     started, fit_started (the driver's time.time() at the start of the run and when it called fit(): see
     Timeline).
     Returns (rank 0's is Result.return_value) one dict per stage: stage, step, checkpoint, best, metrics,
     train_time_s (wall time of ractd.train.train), startup (the Timeline's start-up stamps), resumed_from,
-    skipped, uploaded_bytes, max_memory_allocated (the worker's peak GPU memory in bytes so far; None on CPU). Rank 0 of a run that fails writes its Timeline.fields() to <artifacts>/timing.json.
+    skipped, uploaded_bytes, max_memory_allocated (the worker's peak GPU memory in bytes so far; None on CPU).
+    Rank 0 of a run that fails writes its Timeline.fields() to <artifacts>/timing.json.
     """
     import ray.train
 
@@ -636,6 +642,8 @@ def fit_stages(cfgs: list[TrainConfig], num_workers: int = 1, use_gpu: bool | st
     data = data if data is not None else dataset_ref(cfgs[0])
     shipped = [{f: [file_ref(p)] for f, p in upstream_files(c).items() if f not in (inputs or {})} for c in cfgs]
     shipped = [{**s, **{f: [ref] for f, ref in (inputs or {}).items()}} for s in shipped]
+    for key, value in RAY_TRAIN_ENV.items():  # read by TorchTrainer here and passed on to its controller
+        os.environ.setdefault(key, value)
     trainer = TorchTrainer(
         worker_loop,
         train_loop_config={"stages": [to_dict(c) for c in cfgs], "env": forwarded_env(), "on_step": on_step,
