@@ -182,9 +182,10 @@ def _stage_of(checkpoint_path: str) -> str:
 
 
 def artifacts_location(storage_path: str, name: str) -> str:
-    """Where a Ray Train run's own files go in storage, beside Ray's: <storage_path>/<name>/ractd/<stage>/
-    best.pt and metrics.jsonl (persisted by rank 0 at every checkpoint), and what the caller adds."""
-    return storage.join(storage_path, name, "ractd")
+    """Where a Ray Train run's own files go in storage, beside Ray's (ractd.storage.run_files):
+    <storage_path>/<name>/ractd/<stage>/best.pt and metrics.jsonl (persisted by rank 0 at every checkpoint), and
+    what the caller adds."""
+    return storage.run_files(storage_path, name)
 
 
 class StageUploader:
