@@ -47,13 +47,15 @@ def run_sweep(root: Path, trials: int, trial_steps: int, batch: int, preset: str
 
 def overhead(res: dict) -> dict:
     """The figures of the module doc from run_search's result."""
-    rows = sorted(res["trials"], key=lambda r: r["trial_id"])  # in the order Tune created them
+    rows = sorted(res["trials"], key=lambda r: r["trial_id"])
     wall, tune_wall = res["measured_wall_s"], res["tune_wall_s"]
     train = [r["train_time_s"] for r in rows]
     outside = wall - tune_wall  # Ray, dataset, shared models, results
     # trials train one at a time: what of Tune's wall time is not training is start-up on the critical path
     per_trial = (tune_wall - sum(train)) / len(rows)
-    first = rows[0]["startup_train_s"]  # the first trial's start-up: from its start to train() in its worker
+    # the first trial's start-up, from its start to train() in its worker: the shortest (a prestarted trial's
+    # includes its wait for the trial that trains before it)
+    first = min(r["startup_train_s"] for r in rows)
     fixed = outside + first
     stamps = ("fit", "process", "loop", "data", "inputs", "train", "first_step")
     return {"trials": len(rows), "wall_s": wall, "tune_wall_s": tune_wall, "outside_tune_s": outside,
