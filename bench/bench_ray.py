@@ -5,9 +5,8 @@
 2. Gradient all-reduce time per step across 2 workers (gloo, CPU) for the small and the paper-size student
    (ractd.config.UNET_PRESETS["mujoco"]): one flattened (bucketed) all-reduce (ractd_ray.train.GradAllReduce)
    against one all-reduce per parameter.
-3. Ray's overhead in a sweep (ractd_ray.search.run_search): wall time against the sum of the trials' training
-   time (ractd.train.train inside the workers), the fixed start-up (Ray, dataset, shared models) and the
-   per-trial start-up (Tune trial + Ray Train worker group).
+3. Ray's overhead in a sweep: bench/sweep_overhead.py (the overhead ratio, the per-trial start-up and where it
+   goes), with --trials and --trial-steps.
 
     python bench/bench_ray.py [--steps 40] [--batch 128] [--trial-steps 400] [--trials 3] [--skip-paper]
 
@@ -117,23 +116,6 @@ def bench_allreduce(root: Path, preset: str, repeats: int, bucket_mb: list[float
     return result.return_value
 
 
-def bench_sweep(root: Path, trials: int, trial_steps: int) -> dict:
-    from ractd_ray.search import SearchConfig, run_search
-
-    cfg = SearchConfig(task="hopper-medium-replay", budget="quick", scale="tiny", source="local", preset="tiny",
-                       run_dir=str(root / "sweep"), num_samples=trials, steps=trial_steps, batch=64,
-                       teacher_steps=50, reward_steps=50, select_seeds=1, select_max_steps=50,
-                       grace_period=100)  # no early stopping: every trial runs all its steps
-    t0 = time.perf_counter()
-    res = run_search(cfg)
-    wall = time.perf_counter() - t0
-    train_s = sum(r["train_time_s"] for r in res["trials"])
-    fit_s = sum(r["fit_time_s"] for r in res["trials"])
-    return {"wall_s": wall, "startup_s": res["startup_s"], "tune_wall_s": res["tune_wall_s"],
-            "trials_train_s": train_s, "trials_fit_s": fit_s, "trials": len(res["trials"]),
-            "shared_train_s": res["shared"]["train_time_s"]}
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=40, help="distillation steps per speed measurement")
@@ -175,17 +157,11 @@ def main() -> None:
                 print(f"all-reduce per step, 2 workers (gloo), {preset} student ({a['params'] / 1e6:.1f} M parameters,"
                       f" {a['tensors']} tensors): {timings} (x = speed-up over per-parameter)")
         ray.shutdown()
-        if "sweep" in parts:
-            s = bench_sweep(root, args.trials, args.trial_steps)
-            per_trial = (s["tune_wall_s"] - s["trials_train_s"]) / s["trials"]
-            shared = s["wall_s"] - s["startup_s"] - s["tune_wall_s"]
-            print(f"sweep of {s['trials']} trials x {args.trial_steps} steps: wall {s['wall_s']:.1f} s = fixed start-up "
-                  f"{s['startup_s']:.1f} s (Ray, dataset) + shared models {shared:.1f} s (training "
-                  f"{s['shared_train_s']:.1f} s) + Tune {s['tune_wall_s']:.1f} s")
-            print(f"  Tune wall vs sum of the trials' training time: {s['tune_wall_s']:.1f} s vs "
-                  f"{s['trials_train_s']:.1f} s = {s['tune_wall_s'] / s['trials_train_s']:.2f}x; start-up per trial "
-                  f"{per_trial:.1f} s (trial fit {s['trials_fit_s'] / s['trials']:.1f} s vs training "
-                  f"{s['trials_train_s'] / s['trials']:.1f} s)")
+        if "sweep" in parts:  # bench/sweep_overhead.py's measurement (it can run alone)
+            import sweep_overhead
+
+            sweep_overhead.report(sweep_overhead.overhead(sweep_overhead.run_sweep(
+                root, args.trials, args.trial_steps, batch=64, preset="tiny")))
     finally:
         if ray.is_initialized():
             ray.shutdown()

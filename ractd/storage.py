@@ -173,3 +173,10 @@ def list_dir(loc: str) -> list[str]:
     fs, path = _fs(loc)
     infos = fs.get_file_info(pafs.FileSelector(path, recursive=False, allow_not_found=True))
     return sorted(i.base_name for i in infos)
+
+
+def run_files(storage_path: str, name: str) -> str:
+    """Where a training run's own files go in storage, beside Ray Train's: <storage_path>/<name>/ractd/ (each
+    stage's best.pt and metrics.jsonl under <stage>/, a sweep trial's summary.json; ractd_ray.train writes them,
+    ractd.sweep reads a sweep's)."""
+    return join(storage_path, name, "ractd")

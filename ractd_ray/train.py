@@ -26,6 +26,7 @@ one group start-up instead of two). Everything here runs where Ray runs; the lib
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
@@ -47,6 +48,10 @@ log = logging.getLogger(__name__)
 # Environment the library reads for its paths; the driver's values travel to the workers (a Ray instance
 # started earlier, or another node, does not inherit the driver's environment).
 FORWARDED_ENV = ("RACTD_CACHE_DIR", "XDG_CACHE_HOME", "D4RL_DATASET_DIR", "MINARI_DATASETS_PATH")
+# Ray Train's controller polls its workers every 2 s (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S): it saw a run's end up to
+# 2 s late, and a worker's report waits until the controller has taken the previous one. Every run of the project
+# polls every 0.25 s instead (bench/sweep_overhead.py); a value set in the environment wins.
+RAY_TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25"}
 DEFAULT_BUCKET_MB = 64.0  # bench/bench_ray.py: the fastest of 16-1024 MiB for the small and the paper-size student
 
 
@@ -177,9 +182,10 @@ def _stage_of(checkpoint_path: str) -> str:
 
 
 def artifacts_location(storage_path: str, name: str) -> str:
-    """Where a Ray Train run's own files go in storage, beside Ray's: <storage_path>/<name>/ractd/<stage>/
-    best.pt and metrics.jsonl (persisted by rank 0 at every checkpoint), and what the caller adds."""
-    return storage.join(storage_path, name, "ractd")
+    """Where a Ray Train run's own files go in storage, beside Ray's (ractd.storage.run_files):
+    <storage_path>/<name>/ractd/<stage>/best.pt and metrics.jsonl (persisted by rank 0 at every checkpoint), and
+    what the caller adds."""
+    return storage.run_files(storage_path, name)
 
 
 class StageUploader:
@@ -216,15 +222,74 @@ class StageUploader:
                 storage.download(loc, path)
 
 
-def make_reporter(stage: str, line_total: int = 0, uploader: StageUploader | None = None
-                  ) -> Callable[[dict, Path | None], None]:
+def process_started() -> float | None:
+    """Wall-clock time (time.time()) this process was started (Linux /proc; None elsewhere)."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime "))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
+# Start-up stamps of a Ray Train run, in the order they happen (Timeline): the driver called fit(), the worker's
+# process started, the train loop entered (Ray has imported the loop and set up torch.distributed), the dataset
+# fetched from the object store, the upstream checkpoints written to this node's disk, the library's train()
+# entered, its first optimizer step done (data prepared, models built, teacher loaded).
+STARTUP_STAMPS = ("fit", "process", "loop", "data", "inputs", "train", "first_step")
+
+
+class Timeline:
+    """Where a Ray Train worker's time goes, from the start of the run (`started`: a Tune trial's start, else the
+    driver's fit()) to its first training step, and the training time so far: every report carries it
+    (fields()), so a run stopped early (ASHA), or one that fails later, still has its start-up and training time
+    recorded. Stamps are wall-clock times (time.time()); `started` and `fit_started` are the driver's (on another
+    node the offsets include the clocks' difference)."""
+
+    def __init__(self, started: float | None, fit_started: float | None = None):
+        self.started = started if started is not None else time.time()
+        self.stamps: dict[str, float] = {"fit": fit_started if fit_started is not None else self.started}
+        process = process_started()
+        if process is not None and process >= self.stamps["fit"] - 1.0:  # a process Ray started for this run
+            self.stamps["process"] = process
+        self.mark("loop")
+
+    def mark(self, name: str) -> None:
+        """Record `name` (the first time only)."""
+        self.stamps.setdefault(name, time.time())
+
+    def start_stage(self) -> None:
+        """A stage's train() begins: its training time counts from here (the start-up stamps are the first's)."""
+        self.stamps["train"] = time.time()
+
+    def on_step(self, hook: Callable[[int], None] | None) -> Callable[[int], None]:
+        """The stage's on_step hook, marking the end of its first step."""
+        def on_step(step: int) -> None:
+            self.mark("first_step")
+            if hook is not None:
+                hook(step)
+        return on_step
+
+    def fields(self) -> dict:
+        """{"train_time_s": seconds in the library's train() so far, "startup_<stamp>_s": each stamp's offset from
+        the start of the run} (what every report carries)."""
+        now = time.time()
+        out = {"train_time_s": now - self.stamps["train"] if "train" in self.stamps else 0.0}
+        out.update({f"startup_{k}_s": self.stamps[k] - self.started for k in STARTUP_STAMPS if k in self.stamps})
+        return out
+
+
+def make_reporter(stage: str, line_total: int = 0, uploader: StageUploader | None = None,
+                  timeline: Timeline | None = None) -> Callable[[dict, Path | None], None]:
     """report for RunContext: ray.train.report on every rank; rank 0 persists the stage's files (uploader) and
     attaches the checkpoint folder. line_total > 0: also print one console line per checkpoint
-    (console.checkpoint_line, out of line_total steps)."""
+    (console.checkpoint_line, out of line_total steps). timeline: its fields (training time so far, start-up
+    stamps) ride along in every report."""
     import ray.train
 
     def report(metrics: dict, checkpoint_dir: Path | None) -> None:
-        m = _ray_metrics(metrics, stage)
+        m = _ray_metrics({**metrics, **(timeline.fields() if timeline else {})}, stage)
         if checkpoint_dir is not None and line_total:
             print(console.checkpoint_line(stage, m, line_total), flush=True)
         if checkpoint_dir is None:
@@ -241,7 +306,7 @@ def make_reporter(stage: str, line_total: int = 0, uploader: StageUploader | Non
 
 def worker_context(cfg: TrainConfig, resume_from: Path | None = None, on_step: Callable[[int], None] | None = None,
                    bucket_mb: float = DEFAULT_BUCKET_MB, progress: bool = True, lines: bool = False,
-                   uploader: StageUploader | None = None) -> RunContext:
+                   uploader: StageUploader | None = None, timeline: Timeline | None = None) -> RunContext:
     """The RunContext of this Ray Train worker for `cfg`'s stage (call inside a TorchTrainer loop)."""
     import ray.train
     import ray.train.torch
@@ -255,7 +320,7 @@ def worker_context(cfg: TrainConfig, resume_from: Path | None = None, on_step: C
         raise RactdError(f"{world} Ray Train workers but no torch.distributed process group")
     return RunContext(device=str(device), rank=rank, world_size=world,
                       report=make_reporter(cfg.stage, cfg.steps if lines and rank == 0 else 0,
-                                           uploader if rank == 0 else None),
+                                           uploader if rank == 0 else None, timeline),
                       sync_grads=GradAllReduce(world, bucket_mb) if distributed else None,
                       all_reduce_sum=all_reduce_sum(device) if distributed else None,
                       resume_from=resume_from, on_step=on_step, progress=progress and rank == 0)
@@ -284,13 +349,32 @@ def _materialize(blobs: dict) -> dict:
 def worker_loop(config: dict) -> list[dict]:
     """TorchTrainer's train_loop_per_worker: train config["stages"] (TrainConfig dicts) one after the other.
 
-    config: stages, env (FORWARDED_ENV values), threads (torch's intra-op threads: the CPUs each worker reserves), on_step (hook or None), bucket_mb, progress, verbose (Ray Train's
-    report lines, the library's INFO logs and its step bar; without it, with stage_lines, one line per checkpoint),
+    config: stages, env (FORWARDED_ENV values), threads (torch's intra-op threads: the CPUs each worker
+    reserves), on_step (hook or None), bucket_mb, progress, verbose (Ray Train's report lines, the library's INFO
+    logs and its step bar; without it, with stage_lines, one line per checkpoint),
     artifacts (storage location of the run's own files, or None), data ([ref] of the dataset dict, or None: read
-    from this node's disk), inputs (per stage {field: [ref]}: upstream checkpoints shipped by the driver).
+    from this node's disk), inputs (per stage {field: [ref]}: upstream checkpoints shipped by the driver),
+    started, fit_started (the driver's time.time() at the start of the run and when it called fit(): see
+    Timeline).
     Returns (rank 0's is Result.return_value) one dict per stage: stage, step, checkpoint, best, metrics,
-    train_time_s (wall time of ractd.train.train), resumed_from, skipped, uploaded_bytes.
+    train_time_s (wall time of ractd.train.train), startup (the Timeline's start-up stamps), resumed_from,
+    skipped, uploaded_bytes, max_memory_allocated (the worker's peak GPU memory in bytes so far; None on CPU).
+    Rank 0 of a run that fails writes its Timeline.fields() to <artifacts>/timing.json.
     """
+    import ray.train
+
+    timeline = Timeline(config.get("started"), config.get("fit_started"))
+    try:
+        return _worker_loop(config, timeline)
+    except Exception:
+        if config.get("artifacts") and ray.train.get_context().get_world_rank() == 0:
+            with contextlib.suppress(Exception):  # the record of a failure must not hide the failure
+                storage.write_bytes(storage.join(config["artifacts"], "timing.json"),
+                                    json.dumps(timeline.fields()).encode())
+        raise
+
+
+def _worker_loop(config: dict, timeline: Timeline) -> list[dict]:
     import dataclasses
 
     import ray
@@ -304,6 +388,7 @@ def worker_loop(config: dict) -> list[dict]:
     cfgs = [from_dict(TrainConfig, d) for d in config["stages"]]
     inputs = config.get("inputs") or [{} for _ in cfgs]
     data = ray.get(config["data"][0]) if config.get("data") else None
+    timeline.mark("data")
     stages = [c.stage for c in cfgs]
     restored = ray.train.get_checkpoint()
     restored_stage = _stage_of(restored.path) if restored else None
@@ -314,22 +399,28 @@ def worker_loop(config: dict) -> list[dict]:
     with restored.as_directory() if restored else contextlib.nullcontext() as restored_dir:
         for cfg, shipped in zip(cfgs[first:], inputs[first:]):
             cfg = dataclasses.replace(cfg, **_materialize(shipped)) if shipped else cfg
+            timeline.mark("inputs")
             resume = Path(restored_dir) / "checkpoint.pt" if restored_dir and cfg.stage == restored_stage else None
             uploader = None
             if config.get("artifacts") and rank == 0:
                 uploader = StageUploader(cfg.resolved().stage_dir, storage.join(config["artifacts"], cfg.stage))
                 if resume is not None:
                     uploader.restore()
-            ctx = worker_context(cfg, resume_from=resume, on_step=config.get("on_step"),
+            ctx = worker_context(cfg, resume_from=resume, on_step=timeline.on_step(config.get("on_step")),
                                  bucket_mb=config.get("bucket_mb", DEFAULT_BUCKET_MB),
                                  progress=config.get("progress", True) and verbose,
-                                 lines=config.get("stage_lines", False) and not verbose, uploader=uploader)
+                                 lines=config.get("stage_lines", False) and not verbose, uploader=uploader,
+                                 timeline=timeline)
+            timeline.start_stage()
             t0 = time.perf_counter()
             result = library.train(cfg, ctx, data=data)
             out.append({"stage": cfg.stage, "step": result["step"], "checkpoint": str(result["checkpoint"]),
                         "best": str(result["best"]), "metrics": _ray_metrics(result["metrics"], cfg.stage),
                         "train_time_s": time.perf_counter() - t0, "resumed_from": str(resume) if resume else None,
-                        "skipped": False, "uploaded_bytes": uploader.uploaded if uploader else 0})
+                        "skipped": False, "uploaded_bytes": uploader.uploaded if uploader else 0,
+                        "startup": {k: v for k, v in timeline.fields().items() if k.startswith("startup_")},
+                        "max_memory_allocated": torch.cuda.max_memory_allocated(ctx.device)
+                        if torch.device(ctx.device).type == "cuda" else None})
     return out
 
 
@@ -513,7 +604,7 @@ def fit_stages(cfgs: list[TrainConfig], num_workers: int = 1, use_gpu: bool | st
                on_step: Callable[[int], None] | None = None, cpus_per_worker: float = 1,
                bucket_mb: float = DEFAULT_BUCKET_MB, progress: bool = True, keep_checkpoints: int = 1,
                log_level: str = "WARNING", controller_failure_limit: int = 30, stage_lines: bool = True,
-               data=None, inputs: dict | None = None, fetch: bool = True) -> list[dict]:
+               data=None, inputs: dict | None = None, fetch: bool = True, started: float | None = None) -> list[dict]:
     """Train the stages `cfgs` in order in one Ray Train worker group of `num_workers` workers.
 
     storage_path / name: where Ray persists the run (default: default_train_storage(run_dir of the first stage),
@@ -525,9 +616,11 @@ def fit_stages(cfgs: list[TrainConfig], num_workers: int = 1, use_gpu: bool | st
     its stage folder on this machine (the driver's), from storage. callbacks: Ray Train UserCallbacks (a Tune
     trial passes its report callback). log_level: Ray Train's own console logs (INFO logs every report).
     stage_lines: without --verbose, one console line per checkpoint (a Tune trial prints its own from the
-    driver). controller_failure_limit: worker-group start-ups that may time out (60 s each, e.g. waiting for
-    CPUs) before the run fails instead of waiting forever (Ray's default is to wait forever). cpus_per_worker: CPUs
-    each worker reserves, and its torch threads (rounded up). Returns
+    driver). started: time.time() at the start of the caller's run (a Tune trial's), the origin of the start-up
+    stamps every report carries (Timeline; default: when fit() is called). controller_failure_limit: worker-group
+    start-ups that may time out (60 s each, e.g. waiting for CPUs) before the run fails instead of waiting forever
+    (Ray's default is to wait forever). cpus_per_worker: CPUs each worker reserves, and its torch threads (rounded
+    up). Returns
     worker_loop's per-stage dicts (rank 0's), each with "ray_checkpoint" (the run's latest persisted checkpoint),
     "ray_path", "fit_time_s", "stored_best" (the storage location of its best.pt) and "stored" (of its folder)
     added. A failed run (after max_failures restarts) raises RactdError naming the error.
@@ -550,12 +643,15 @@ def fit_stages(cfgs: list[TrainConfig], num_workers: int = 1, use_gpu: bool | st
     data = data if data is not None else dataset_ref(cfgs[0])
     shipped = [{f: [file_ref(p)] for f, p in upstream_files(c).items() if f not in (inputs or {})} for c in cfgs]
     shipped = [{**s, **{f: [ref] for f, ref in (inputs or {}).items()}} for s in shipped]
+    for key, value in RAY_TRAIN_ENV.items():  # read by TorchTrainer here and passed on to its controller
+        os.environ.setdefault(key, value)
     trainer = TorchTrainer(
         worker_loop,
         train_loop_config={"stages": [to_dict(c) for c in cfgs], "env": forwarded_env(), "on_step": on_step,
                            "bucket_mb": bucket_mb, "progress": progress, "verbose": console.verbose(),
                            "stage_lines": stage_lines, "artifacts": artifacts, "data": [data], "inputs": shipped,
-                           "threads": max(1, math.ceil(cpus_per_worker - 1e-9))},
+                           "threads": max(1, math.ceil(cpus_per_worker - 1e-9)), "fit_started": time.time(),
+                           "started": started},
         scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=gpu,
                                                resources_per_worker={"CPU": cpus_per_worker}),
         run_config=ray.train.RunConfig(

@@ -1,0 +1,442 @@
+"""The sweep over the Eq. (9) weights, everything of it that needs no Ray: the search space and its grid points,
+the sweep's configuration (SearchConfig, --quick), the dataset it trains on, the key of the shared teacher and
+reward model, where its state is stored, the trial table (trials.parquet, best_config.json) and what the command
+prints at the end. ractd_ray.search runs it with Ray Tune and Ray Train; this module imports neither."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Literal
+
+from ractd import RactdError, storage
+from ractd.config import to_dict
+from ractd.results import PAPER_FIG4_SIGMAS
+from ractd.tasks import SCALES, Task, get_task
+from ractd.train import BUDGETS, DIAG_TERMS, TrainConfig
+
+log = logging.getLogger(__name__)
+
+METRIC, MODE = "select_score", "max"
+
+# The search space of the Eq. (9) weights, the one place it is defined. sigma is a choice so that sigma = 0
+# (CTD, no reward term) is a point of the space, and every Table 9 value is on the grid; maze2d tasks have no
+# reward model, so their sigma is fixed at 0.
+ALPHA_RANGE = (0.25, 4.0)  # log-uniform
+BETA_RANGE = (0.25, 4.0)  # log-uniform
+# the grid holds every Table 9 sigma and every sigma of the paper's Fig. 4 (ractd.results.PAPER_FIG4_SIGMAS), so
+# a --sigmas study of Fig. 4 is a set of points of the space
+SIGMA_CHOICES = tuple(sorted({0.0, 0.05, 0.1, 0.2, 0.4, 0.5, 1.0, 2.0, 3.0} | set(PAPER_FIG4_SIGMAS)))
+
+
+def table9_point(task: Task) -> dict:
+    """The task's paper weights (Table 9) as a point of the space (only the searched keys)."""
+    w = task.weights
+    point = {"alpha": w.alpha, "beta": w.beta}
+    if task.kind == "locomotion":
+        if w.sigma not in SIGMA_CHOICES:
+            raise RactdError(f"{task.name}: Table 9 sigma {w.sigma} is not on the search grid {SIGMA_CHOICES}")
+        point["sigma"] = w.sigma
+    return point
+
+
+def grid_points(task: Task, sigmas: tuple[float, ...]) -> list[dict]:
+    """The points a search evaluates before TPE proposes any: the Table 9 point, then one per sigma in `sigmas`
+    (locomotion) at the Table 9 alpha and beta -- except sigma = 0, which is CTD's point alpha = beta = 1 (the
+    baseline ractd.study takes from the sweep) -- without repeats. Together they are a like-for-like sigma study
+    (Fig. 4): one teacher, one reward model, one budget and model selection for every student."""
+    points = [table9_point(task)]
+    for s in sigmas:
+        if task.kind != "locomotion":
+            raise RactdError(f"{task.name}: --sigmas needs a locomotion task (maze2d has no reward model)")
+        if float(s) not in SIGMA_CHOICES:
+            raise RactdError(f"sigma {s:g} is not on the search grid {', '.join(f'{c:g}' for c in SIGMA_CHOICES)}")
+        p = {"alpha": 1.0, "beta": 1.0, "sigma": 0.0} if s == 0 else {**table9_point(task), "sigma": float(s)}
+        if p not in points:
+            points.append(p)
+    return points
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchConfig:
+    """A sweep over the Eq. (9) weights of one task. tune/search.py's flags are generated from these fields.
+
+    task: registry name, e.g. walker2d-medium or maze2d-umaze.
+    budget: training budget of every stage: cpu | quick | paper (ractd.train.BUDGETS).
+    scale: scale of a locally generated dataset: tiny | small | full.
+    source: dataset: auto (D4RL cache, else Minari's local store, else the local file at scale, else generate
+        it) | d4rl | minari | local.
+    preset: U-Net preset of teacher and student: cpu (the task's CPU preset), paper, or a preset name ("" = the
+        budget's: paper for the paper budget, else cpu).
+    run_dir: output folder ("" = ractd.paths.sweep_dir(task, scale)).
+    num_samples: trials (weight settings); the first is the task's Table 9 setting, then the --sigmas points.
+    sigmas: locomotion: sigmas evaluated (each at the Table 9 alpha, beta; 0 = CTD at alpha = beta = 1) before
+        TPE proposes points: a like-for-like sigma study; num_samples must cover them.
+    max_concurrent: trials training at the same time (on a fixed cluster that cannot hold one more trial's
+        workers, the next trial starts up meanwhile: ractd_ray.search._check_resources).
+    workers: Ray Train workers per trial (and for training the shared teacher and reward model).
+    cpus_per_worker: CPUs reserved per worker, also its torch threads (rounded up); a trial's driver takes 0.5 CPU
+        more. 0 = auto (ractd_ray.resources.worker_cpus): 1 per GPU worker; a CPU worker takes its share of the
+        largest node's CPUs, so on one machine the shared stages and each trial train on every core.
+    gpu: GPUs for the workers: auto (when a node type of the cluster has one: ractd_ray.resources) | yes | no.
+    steps: distillation steps per trial (0 = the budget's).
+    batch: global distillation batch (0 = the budget's).
+    teacher_steps: steps of the shared teacher (0 = the budget's).
+    reward_steps: steps of the shared reward model (0 = the budget's).
+    ckpt_every: student checkpoint interval, where the objective is measured and ASHA decides (0 = steps / 4).
+    select_seeds: objective rollouts at each checkpoint (seeds 10000, ...); default TrainConfig's (10).
+    select_max_steps: env steps of each objective rollout; 0 = the task's full episode length (TrainConfig's
+        default).
+    grace_period: checkpoints every trial runs before ASHA may stop it.
+    reduction_factor: ASHA's reduction factor.
+    max_failures: Ray Train restarts of a worker group after a worker failure (from its last checkpoint).
+    trial_failures: Tune retries of a failed trial.
+    seed: training seed of every stage and trial, and the TPE sampler's seed.
+    address: Ray cluster to connect to ("" = $RAY_ADDRESS if set, else a local Ray; auto = the running cluster).
+    """
+
+    task: str = "walker2d-medium"
+    budget: Literal["cpu", "quick", "paper"] = "cpu"
+    scale: str = "small"
+    source: Literal["auto", "d4rl", "minari", "local"] = "auto"
+    preset: str = ""
+    run_dir: str = ""
+    num_samples: int = 12
+    sigmas: tuple[float, ...] = ()
+    max_concurrent: int = 1
+    workers: int = 1
+    cpus_per_worker: float = 0
+    gpu: Literal["auto", "yes", "no"] = "auto"
+    steps: int = 0
+    batch: int = 0
+    teacher_steps: int = 0
+    reward_steps: int = 0
+    ckpt_every: int = 0
+    select_seeds: int = TrainConfig.select_seeds          # one source of truth: the training config's defaults
+    select_max_steps: int = TrainConfig.select_max_steps
+    grace_period: int = 2
+    reduction_factor: int = 2
+    max_failures: int = 2
+    trial_failures: int = 1
+    seed: int = 0
+    address: str = ""
+
+    def validate(self) -> "SearchConfig":
+        """Check every field; a bad value raises RactdError with one line naming it."""
+        get_task(self.task)
+        if self.budget not in BUDGETS:
+            raise RactdError(f"budget={self.budget!r}: expected one of {', '.join(BUDGETS)}")
+        if self.scale not in SCALES:
+            raise RactdError(f"unknown scale {self.scale!r}; expected one of {', '.join(SCALES)}")
+        if self.source not in ("auto", "d4rl", "minari", "local"):
+            raise RactdError(f"source={self.source!r}: expected one of auto, d4rl, minari, local")
+        for name in ("num_samples", "max_concurrent", "workers", "select_seeds",
+                     "grace_period"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise RactdError(f"{name}={v!r}: must be a positive integer")
+        for name in ("steps", "batch", "teacher_steps", "reward_steps", "ckpt_every", "max_failures",
+                     "trial_failures", "seed", "select_max_steps"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 0:
+                raise RactdError(f"{name}={v!r}: must be a non-negative integer")
+        if not isinstance(self.cpus_per_worker, (int, float)) or not 0 <= self.cpus_per_worker < math.inf:
+            raise RactdError(f"cpus_per_worker={self.cpus_per_worker!r}: must be a non-negative number (0 = auto)")
+        if self.reduction_factor < 2:
+            raise RactdError(f"reduction_factor={self.reduction_factor!r}: must be at least 2")
+        if self.gpu not in ("auto", "yes", "no"):
+            raise RactdError(f"gpu={self.gpu!r}: expected one of auto, yes, no")
+        n_points = len(grid_points(get_task(self.task), self.sigmas))
+        if self.num_samples < n_points:
+            raise RactdError(f"num_samples={self.num_samples}: fewer than the {n_points} points the search evaluates "
+                             "first (Table 9 and --sigmas)")
+        for cfg in self.stage_configs():
+            cfg.validate().unet(get_task(self.task))
+        return self
+
+    @property
+    def use_gpu(self) -> bool | str:
+        return {"auto": "auto", "yes": True, "no": False}[self.gpu]
+
+    def stage_config(self, stage: str, **overrides) -> TrainConfig:
+        """A stage's TrainConfig: the budget's, then this search's sizes, then `overrides`."""
+        kw = dict(task=self.task, scale=self.scale, seed=self.seed)
+        if self.preset:
+            kw["preset"] = self.preset
+        steps = {"student": self.steps, "teacher": self.teacher_steps, "reward": self.reward_steps}[stage]
+        if steps:
+            kw["steps"] = steps
+        if stage == "student":
+            if self.batch:
+                kw["batch"] = self.batch
+            n = steps or BUDGETS[self.budget]["student"].get("steps", TrainConfig.steps)
+            kw.update(ckpt_every=self.ckpt_every or max(1, math.ceil(n / 4)), select_seeds=self.select_seeds,
+                      select_max_steps=self.select_max_steps)
+        return TrainConfig.for_stage(stage, self.budget, **{**kw, **overrides})
+
+    def stage_configs(self, **student_overrides) -> list[TrainConfig]:
+        """The shared stages (reward for locomotion, teacher) and the student template."""
+        stages = (["reward"] if get_task(self.task).kind == "locomotion" else []) + ["teacher"]
+        return [self.stage_config(s) for s in stages] + [self.stage_config("student", **student_overrides)]
+
+    def out_dir(self) -> Path:
+        from ractd.paths import sweep_dir
+
+        return Path(self.run_dir).expanduser().resolve() if self.run_dir else sweep_dir(self.task, self.scale)
+
+
+# `--quick`: the README's first command, within 10 minutes on 2 CPUs: the quick training budget (teacher 1200
+# steps at batch 64, students 150 steps) with the 32-64-128 U-Net (preset "small-maze", about a quarter of the
+# CPU preset's compute), 2 objective rollouts per checkpoint. maze2d-umaze runs on the small generated dataset
+# (100k steps, generated in seconds), where this budget gives a working policy (README: the first command's
+# scores), with 2 trials: the Table 9 point (alpha = beta = 1, sigma = 0: CTD) and one TPE point, each distilled
+# for 75 steps (measured: select_score 139 at step 38 of 150 already; with 150 steps the whole command took
+# 11 min 15 s on a quiet 2-CPU machine). Locomotion stays a smoke run on tiny data (3 trials): its small datasets
+# take an hour or more to generate.
+# select_max_steps 300: a maze2d-umaze episode's full length; locomotion's quick objective rolls out 300 steps (the
+# default, full-length episodes on 10 seeds, is SearchConfig's, from TrainConfig).
+QUICK = dict(budget="quick", scale="tiny", preset="small-maze", num_samples=3, select_seeds=2, select_max_steps=300)
+QUICK_MAZE = dict(scale="small", num_samples=2, steps=75)
+
+
+def quick_settings(task: str) -> dict:
+    """The SearchConfig fields `--quick` sets for a task."""
+    return {**QUICK, **(QUICK_MAZE if get_task(task).kind == "maze" else {})}
+
+
+def _minari_has(dataset_id: str | None) -> bool:
+    if dataset_id is None:
+        return False
+    try:
+        import minari
+    except ImportError:
+        return False
+    try:
+        return dataset_id in minari.list_local_datasets()
+    except Exception as e:  # an unreadable local store is not a reason to fail; the next source is tried
+        log.warning("cannot list Minari's local store (%s); skipping Minari", e)
+        return False
+
+
+def _generate(task: Task, scale: str, seed: int) -> Path:
+    log.info("generating the %s dataset at scale %s (seed %d) ...", task.name, scale, seed)
+    if task.kind == "maze":
+        from ractd.data.generate_maze import generate_maze
+
+        return generate_maze(task, scale=scale, seed=seed)
+    try:
+        from ractd.data.generate_locomotion import generate_locomotion
+    except ImportError as e:
+        raise RactdError(f"cannot generate {task.name} locally ({e}); install the locomotion extra or put the "
+                         f"D4RL file into the d4rl cache") from None
+    return generate_locomotion(task, scale=scale, seed=seed)
+
+
+def ensure_dataset(task: Task, scale: str, source: str = "auto", seed: int = 0, with_data: bool = False):
+    """Make sure the task's dataset exists, load it (validating it) and fingerprint it.
+
+    Returns {"source": d4rl | minari | local, "path", "fingerprint", "transitions", "generated"} (with_data:
+    (that, the dataset dict), which the search ships to every node through the object store); the sources are
+    tried in the order of SearchConfig.source's doc. A dataset that fails validation raises RactdError."""
+    from ractd.data.d4rl import d4rl_cache_path, load_dataset, local_dataset_path
+    from ractd.train import dataset_fingerprint
+
+    local = local_dataset_path(task, scale)
+    generated = False
+    if source == "auto":
+        if d4rl_cache_path(task).is_file():
+            source = "d4rl"
+        elif _minari_has(task.minari_id):
+            source = "minari"
+        else:
+            source = "local"
+    if source == "local" and not local.is_file():
+        _generate(task, scale, seed)
+        generated = True
+    data = load_dataset(task, source=source, scale=scale)
+    path = {"d4rl": str(d4rl_cache_path(task)), "local": str(local), "minari": task.minari_id}[source]
+    info = {"source": source, "path": path, "fingerprint": dataset_fingerprint(data),
+            "transitions": int(len(data["rewards"])), "generated": generated}
+    log.info("dataset: %s (%s%s), %d transitions, fingerprint %s", path, source,
+             ", generated now" if generated else "", info["transitions"], info["fingerprint"])
+    return (info, data) if with_data else info
+
+
+# Fields that do not change what a teacher / reward model is (the dataset is identified by its fingerprint).
+_KEY_EXCLUDE = frozenset({"run_dir", "report_every", "source", "scale", "teacher_ckpt", "reward_ckpt",
+                          "select_seeds", "select_max_steps"})
+
+
+def shared_key(cfgs: list[TrainConfig], fingerprint: str) -> str:
+    """12 hex digits identifying (the shared stages' configs, the dataset fingerprint)."""
+    body = {"fingerprint": fingerprint,
+            "stages": [{k: v for k, v in to_dict(c).items() if k not in _KEY_EXCLUDE} for c in cfgs]}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def sweep_storage(out_dir: Path) -> str:
+    """Where a sweep's Tune and Train state live (ractd.storage.location): $RACTD_STORAGE_PATH/sweeps/<folder>-<id>
+    on a cluster, the id a digest of the run folder's absolute path (two sweeps whose folders share a name do
+    not share state), else <run folder>/ray."""
+    out_dir = Path(out_dir).expanduser().resolve()
+    digest = hashlib.sha256(str(out_dir).encode()).hexdigest()[:8]
+    return storage.location(f"sweeps/{out_dir.name}-{digest}", out_dir / "ray")
+
+
+SCORE_FLOOR = -1e6
+"""What Tune sees in place of a non-finite select_score (a diverged student): ASHA multiplies the score, so a NaN
+would poison its rungs, and Tune refuses a report without its metric; the floor ranks the trial last, so ASHA
+stops it at its next rung and TPE learns the point is bad. trials.parquet keeps the library's own record."""
+
+
+def finite_score(metrics: dict) -> dict:
+    """The report with a non-finite (or missing, None) select_score replaced by SCORE_FLOOR."""
+    v = metrics.get(METRIC)
+    if isinstance(v, (int, float)) and math.isfinite(v):
+        return metrics
+    return {**metrics, METRIC: SCORE_FLOOR}
+
+
+def startup_trials(num_samples: int, n_points: int) -> int:
+    """TPE's random start-up trials: the grid points, or a quarter of the budget, at most Optuna's default 10
+    (Optuna's own default of 10 made 10 of a 12-trial search random)."""
+    return max(1, n_points, min(10, math.ceil(num_samples / 4)))
+
+
+def trial_record(train_storage: str, trial_id: str, name: str) -> str:
+    """Storage location of a trial's file `name` (student/best.pt, student/metrics.jsonl, summary.json)."""
+    return storage.join(storage.run_files(train_storage, trial_id), name)
+
+
+LOSS_TERMS = ("loss", "ctm", "dsm", "reward")
+
+
+def _checkpoint_metrics(train_storage: str, trial_id: str) -> list[dict]:
+    """The student's metrics at each of its checkpoints (the library's metrics.jsonl, as persisted to storage;
+    one record per step, the last written wins: a run resumed on another node repeats the steps after its
+    last persisted checkpoint), [] if absent."""
+    loc = trial_record(train_storage, trial_id, "student/metrics.jsonl")
+    if not storage.exists(loc):
+        return []
+    by_step = {}
+    for line in storage.read_text(loc).splitlines():
+        if line.strip():
+            rec = json.loads(line)
+            by_step[rec.get("step")] = rec
+    return [by_step[k] for k in sorted(by_step, key=lambda k: (k is None, k or 0))]
+
+
+def _number(v) -> float:
+    return float(v) if v is not None else math.nan
+
+
+def trial_rows(results, steps: int, train_storage: str, stamps: tuple[str, ...] = ()) -> list[dict]:
+    """One row per trial from Tune's results (each with .path, .config, .metrics, .metrics_dataframe, .error: a
+    ray.tune ResultGrid's items) and each trial's records in storage (whichever node ran it).
+
+    select_score: the best checkpoint's score, i.e. the score of the trial's student/best.pt (from the library's
+    metrics.jsonl; Tune's reports where that file is not stored); last_score, step and the loss terms: the
+    trial's last checkpoint; best_step and the diagnostics (ractd.train.DIAG_TERMS): its best checkpoint, the
+    student its best.pt holds. checkpoint: the storage location of that best.pt. status: completed (ran all
+    steps), stopped (by ASHA), error, unfinished (the search was interrupted before the trial ended).
+    train_time_s: wall time of the library's train() in the trial's worker (to its last report when the trial
+    was stopped); fit_time_s: of its TorchTrainer.fit() (to its last report when stopped); trial_time_s: Tune's
+    time of the whole trial; startup_<stamp>_s for each of `stamps`: when that step of the trial's start-up was
+    done, in seconds from the start of the trial (ractd_ray.train.STARTUP_STAMPS: fit() called, worker process
+    started, train loop entered, dataset fetched, teacher written, train() entered, first step done)."""
+    rows = []
+    for result in results:
+        trial_id = Path(result.path).name
+        reported = result.metrics or {}
+        history = _checkpoint_metrics(train_storage, trial_id)
+        if not history and result.metrics_dataframe is not None:
+            history = result.metrics_dataframe.to_dict("records")
+        scores = [float(h[METRIC]) for h in history if h.get(METRIC) is not None and math.isfinite(h[METRIC])]
+        last = history[-1] if history else {}
+        scored = [h for h in history if h.get(METRIC) is not None and math.isfinite(h[METRIC])]
+        at_best = max(scored, key=lambda h: float(h[METRIC])) if scored else {}
+        summary_loc = trial_record(train_storage, trial_id, "summary.json")
+        summary = json.loads(storage.read_text(summary_loc)) if storage.exists(summary_loc) else {}
+        if result.error is not None:
+            status = "error"
+        elif int(reported.get("step") or 0) >= steps:
+            status = "completed"
+        elif reported.get("done"):
+            status = "stopped"
+        else:
+            status = "unfinished"
+        best_pt = trial_record(train_storage, trial_id, "student/best.pt")
+        rows.append({
+            "trial_id": trial_id, **{k: float(result.config.get(k, math.nan)) for k in ("alpha", "beta", "sigma")},
+            METRIC: max(scores) if scores else math.nan, "last_score": scores[-1] if scores else math.nan,
+            "step": int(last.get("step") or 0), **{k: _number(last.get(k)) for k in LOSS_TERMS},
+            "best_step": int(at_best.get("step") or 0), **{k: _number(at_best.get(k)) for k in DIAG_TERMS},
+            "status": status, "checkpoint": best_pt if storage.exists(best_pt) else "",
+            "ray_checkpoint": reported.get("checkpoint_path") or "",
+            # a trial that ran to its end has them in its summary; one stopped by ASHA in its last report
+            **{k: _number(summary.get(k, reported.get(k))) for k in ("train_time_s", "fit_time_s")},
+            **{f"startup_{k}_s": _number(summary.get(f"startup_{k}_s", reported.get(f"startup_{k}_s")))
+               for k in stamps},
+            "trial_time_s": _number(reported.get("time_total_s")),
+            "stored_bytes": int(storage.total_bytes(storage.join(train_storage, trial_id))),
+            "error": "" if result.error is None else str(result.error).strip().splitlines()[-1][:500]})
+    return sorted(rows, key=lambda r: r["trial_id"])
+
+
+def write_results(rows: list[dict], out_dir: Path, scfg: SearchConfig, dataset: dict, shared: dict) -> dict | None:
+    """trials.parquet, and for the trial with the highest score best_config.json and best/checkpoint.pt (fetched
+    from storage). Returns best_config.json's content (None when no trial has a score)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from ractd.io import atomic_write, atomic_write_json
+    from ractd.study import fetch_final_checkpoint
+
+    table = pa.Table.from_pylist(rows)
+    atomic_write(out_dir / "trials.parquet", lambda f: pq.write_table(table, f))
+    scored = [r for r in rows if math.isfinite(r[METRIC]) and r["checkpoint"]]
+    if not scored:
+        return None
+    top = max(scored, key=lambda r: r[METRIC])
+    ckpt = storage.download(top["checkpoint"], out_dir / "best" / "checkpoint.pt")
+    # the winning trial's best.pt and final checkpoint on this machine, in its run folder's layout (ractd-final of
+    # the study reads <trial>/student/latest/checkpoint.pt), fetched from storage whichever node trained it
+    trial_best = storage.download(top["checkpoint"], out_dir / "trials" / top["trial_id"] / "student" / "best.pt")
+    fetch_final_checkpoint(top["checkpoint"], trial_best.parent / "latest" / "checkpoint.pt")
+    best = {"task": scfg.task, "alpha": top["alpha"], "beta": top["beta"], "sigma": top["sigma"],
+            "score": top[METRIC], "metric": METRIC, "trial_id": top["trial_id"], "checkpoint": str(ckpt),
+            "trial_checkpoint": str(trial_best), "trial_checkpoint_stored": top["checkpoint"],
+            "teacher": shared["teacher"], "reward": shared["reward"],
+            "dataset": dataset, "scale": scfg.scale, "budget": scfg.budget, "trials": len(rows)}
+    atomic_write_json(out_dir / "best_config.json", best)
+    return best
+
+
+def evaluation_command(scfg: SearchConfig) -> str:
+    """The command that evaluates this sweep's students (eval/reproduce_tables.py reads the sweep)."""
+    if scfg.budget == "quick":
+        return "python eval/reproduce_tables.py --quick" + ("" if scfg.task == "maze2d-umaze" else
+                                                              f" --tasks {scfg.task}")
+    return f"python eval/reproduce_tables.py --study claims --tasks {scfg.task}"
+
+
+def print_summary(rows: list[dict], best: dict | None, out_dir: Path, complete: bool,
+                   scfg: SearchConfig | None = None) -> None:
+    from tabulate import tabulate
+
+    cols = ["trial_id", "alpha", "beta", "sigma", METRIC, "step", "ctm", "dsm", "reward", "status"]
+    ordered = sorted(rows, key=lambda r: -r[METRIC] if math.isfinite(r[METRIC]) else math.inf)
+    print(tabulate([[r[c] for c in cols] for r in ordered], headers=cols, floatfmt=".4g"))
+    if best:
+        print(f"best: alpha={best['alpha']:.4g} beta={best['beta']:.4g} sigma={best['sigma']:.4g} "
+              f"{METRIC}={best['score']:.4g} -> {best['checkpoint']}")
+    print(f"results: {out_dir / 'trials.parquet'}")
+    if complete and best and scfg is not None:
+        print(f"next: evaluate it on 100 seeds and rebuild the tables: {evaluation_command(scfg)}")
+    if not complete:
+        print(f"the search did not finish ({sum(r['status'] in ('completed', 'stopped', 'error') for r in rows)} "
+              f"trials done); continue it with --resume --run-dir {out_dir}")
