@@ -79,7 +79,7 @@ class SearchConfig:
     max_concurrent: trials training at the same time (on a fixed cluster that cannot hold one more trial's
         workers, the next trial starts up meanwhile: ractd_ray.search._check_resources).
     workers: Ray Train workers per trial (and for training the shared teacher and reward model).
-    cpus_per_worker: CPUs reserved per worker, also its torch threads (rounded up); a trial's driver takes 0.5 CPU
+    cpus_per_worker: CPUs reserved per worker, also its torch threads (rounded up); a trial's driver takes 0.25 CPU
         more. 0 = auto (ractd_ray.resources.worker_cpus): 1 per GPU worker; a CPU worker takes its share of the
         largest node's CPUs, so on one machine the shared stages and each trial train on every core.
     gpu: GPUs for the workers: auto (when a node type of the cluster has one: ractd_ray.resources) | yes | no.

@@ -13,7 +13,7 @@ What a search does, in order (everything before Ray starts fails with one line a
    training: one teacher, one reward model, many students;
 3. a Tune search over search_space() (ALPHA_RANGE, BETA_RANGE, SIGMA_CHOICES) with Optuna's TPE (OptunaSearch), seeded with the task's Table 9 weights
    (points_to_evaluate), ASHA on "select_score" (mode max) reported at every student checkpoint; each trial is
-   a Tune function trainable (0.5 CPU) that runs a TorchTrainer (ractd_ray.train) distilling one student;
+   a Tune function trainable (0.25 CPU, TRIAL_DRIVER_CPUS) that runs a TorchTrainer (ractd_ray.train) distilling one student;
 4. the results under the run folder (default ractd.paths.sweep_dir(task, scale)): trials.parquet (one row per
    trial, read from storage), best_config.json, best/checkpoint.pt (the best student, fetched from storage),
    search.json (the search's config, for --resume), trials/<trial_id>/ (each trial's run folder, on the node that

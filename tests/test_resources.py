@@ -69,7 +69,7 @@ def test_gpu_decisions_follow_the_node_types(local_ray):
 
 def test_auto_worker_cpus_use_the_node():
     """--cpus-per-worker 0: a CPU worker takes its share of the largest node (one 2-CPU machine: the shared stages'
-    worker 2, a trial's 1.5 beside its 0.5-CPU driver); GPU workers 1; an explicit value is kept."""
+    worker 2, a trial's 1.5 beside its driver); GPU workers 1; an explicit value is kept."""
     one = resources.Capacity(cpus=2.0, gpus=0.0, node_cpus=2.0, node_gpus=0.0, autoscaling=False)
     assert resources.worker_cpus(0, 1, False, cap=one) == 2.0
     assert resources.worker_cpus(0, 1, False, concurrent=1, driver_cpus=0.5, cap=one) == 1.5
