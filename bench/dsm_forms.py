@@ -62,6 +62,16 @@ def term_means(metrics_file: Path) -> dict:
     return out
 
 
+def _load(store: Path, report: bool) -> tuple[list[dict], set]:
+    """(rows of the store, their (form, training seed) keys); --report on an empty store is an error."""
+    import pandas as pd
+
+    rows = pd.read_parquet(store).to_dict("records") if store.is_file() else []
+    if report and not rows:
+        raise RactdError(f"no results in {store}")
+    return rows, {(r["form"], r["train_seed"]) for r in rows}
+
+
 def _save(rows: list[dict], store: Path) -> None:
     import pandas as pd
 
@@ -108,10 +118,7 @@ def run_toy(args) -> int:
 
     out = Path(args.out) if args.out else cache_dir() / "bench" / "dsm" / "toy"
     store = out / "toy.parquet"
-    rows = pd.read_parquet(store).to_dict("records") if store.is_file() else []
-    if args.report and not rows:
-        raise RactdError(f"no results in {store}")
-    done = {(r["form"], r["train_seed"]) for r in rows}
+    rows, done = _load(store, args.report)
     for seed in [] if args.report else args.train_seeds:
         out.mkdir(parents=True, exist_ok=True)
         cfg = toy.ToyConfig(seed=seed)
@@ -148,10 +155,7 @@ def run(args) -> int:
 
     out = Path(args.out) if args.out else cache_dir() / "bench" / "dsm" / f"{args.task}-{args.scale}"
     store = out / "results.parquet"
-    rows = pd.read_parquet(store).to_dict("records") if store.is_file() else []
-    if args.report and not rows:
-        raise RactdError(f"no results in {store}")
-    done = {(r["form"], r["train_seed"]) for r in rows}
+    rows, done = _load(store, args.report)
     for seed in [] if args.report else args.train_seeds:
         out.mkdir(parents=True, exist_ok=True)
         teacher = ensure_teacher(args, seed, out)
