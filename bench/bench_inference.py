@@ -102,17 +102,9 @@ def interleaved(modes: dict, obs, noise, rounds: int, round_s: float) -> dict:
     """Seconds per call of each mode: the best over `rounds` rounds of the mean per call within a round
     (>= round_s s or 1 call), the modes taking turns round by round, so that load from other processes
     drifting over time hits every mode alike and the minimum approaches the unloaded time."""
-    best = {m: float("inf") for m in modes}
-    for _ in range(rounds):
-        for mode, fn in modes.items():
-            n, t0 = 0, time.perf_counter()
-            while True:
-                fn(obs, noise)
-                n += 1
-                if time.perf_counter() - t0 >= round_s:
-                    break
-            best[mode] = min(best[mode], (time.perf_counter() - t0) / n)
-    return best
+    from ractd.engine import best_seconds_per_call
+
+    return best_seconds_per_call({m: (lambda fn=fn: fn(obs, noise)) for m, fn in modes.items()}, rounds, round_s)
 
 
 def normalizers():

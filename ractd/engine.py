@@ -432,16 +432,8 @@ class EngineSelector:
                             tol, self.shape_key)
                 continue
             runs[name] = run
-        best = {name: math.inf for name in runs}
-        for _ in range(rounds):
-            for name, run in runs.items():
-                calls, t0 = 0, time.perf_counter()
-                while True:
-                    run(x, films)
-                    calls += 1
-                    if time.perf_counter() - t0 >= self.cfg.calibrate_s:
-                        break
-                best[name] = min(best[name], (time.perf_counter() - t0) / calls)
+        best = best_seconds_per_call({name: (lambda run=run: run(x, films)) for name, run in runs.items()}, rounds,
+                                     self.cfg.calibrate_s)
         choice = choose(best, self.cfg.margin)
         record = {"choice": choice, "ms": {k: round(v * 1e3, 4) for k, v in best.items()},
                   "max_abs_diff": diffs, "bucket": b, "batch": n, "threads": self.threads,
@@ -454,6 +446,22 @@ class EngineSelector:
             except OSError as e:
                 log.warning("cannot write the engine calibration cache: %s", e)
         return record
+
+
+def best_seconds_per_call(fns: dict[str, Callable[[], object]], rounds: int, round_s: float) -> dict[str, float]:
+    """Seconds per call of each fn: the best over `rounds` rounds of the mean per call within a round (>= round_s
+    s or 1 call), the fns taking turns round by round, so load drifting over time hits every fn alike."""
+    best = {name: math.inf for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            calls, t0 = 0, time.perf_counter()
+            while True:
+                fn()
+                calls += 1
+                if time.perf_counter() - t0 >= round_s:
+                    break
+            best[name] = min(best[name], (time.perf_counter() - t0) / calls)
+    return best
 
 
 def choose(seconds: dict[str, float], margin: float) -> str:
