@@ -143,8 +143,6 @@ def policy_from_checkpoint(checkpoint: str | Path, sampler: str = "student", nfe
     engine_cfg = _engine_config(engine, accelerate, precision) if sampler != "bc" else None
     if inpaint not in ("none", "start"):
         raise RactdError(f"inpaint={inpaint!r}: expected none or start")
-    if inpaint == "start":
-        engine_cfg = None  # the pinning wrapper edits every model output: the library path runs it as it is
     model, cfg, ck = load_stage_model(Path(checkpoint))
     model = model.to(device)
     if cfg.stage != SAMPLER_STAGE[sampler]:

@@ -96,8 +96,8 @@ def _fast(model: torch.nn.Module, engine) -> bool:
     ok = plain and isinstance(net, ConditionalUnet1D) and p is not None and p.device.type == "cpu" \
         and p.dtype == torch.float32
     if not ok:
-        log.info("engine %s: %s is not a float32 CPU ConditionalUnet1D; running it as it is", engine.engine,
-                 type(net).__name__)
+        log.info("engine %s: %s around %s is not a library model over a float32 CPU ConditionalUnet1D; running it "
+                 "as it is", engine.engine, type(model).__name__, type(net).__name__)
     return ok
 
 
