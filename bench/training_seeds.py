@@ -1,0 +1,201 @@
+"""RACTD against CTD (and behavior cloning, and the data's own level) on several training seeds.
+
+The claims study (eval/reproduce_tables.py --study claims) trains one student per method, so its verdicts rule on
+the spread across evaluation episodes only. This script adds the other spread: one shared teacher and reward
+model (training seed 0, the study's budget), then for each training seed a CTD student (alpha = beta = 1,
+sigma = 0), a RACTD student (the task's Table 9 alpha, beta at the reward weight --sigma) and a BC MLP (CORL's
+recipe, TrainConfig stage "bc"), each evaluated on the same --eval-seeds evaluation seeds at its selected and its
+final checkpoint.
+
+    python bench/training_seeds.py --task hopper-medium-replay [--sigma 0.3] [--train-seeds 0 1 2]
+    python bench/training_seeds.py --report --out docs/results/seeds/hopper-medium-replay-small   # committed
+
+The default budget is the claims study's hopper sweep (ractd.study.CLAIMS_SWEEPS): 2000 teacher steps, students
+400 steps at batch 128 with a checkpoint (and model selection on 10 full-length episodes) every 100; --sigma 0.3
+is that sweep's pick.
+
+Writes <out>/results.parquet: one row per (method, training seed) with the selected ("best") and final
+checkpoints' mean normalized score and its SE over the evaluation seeds, and one "data" row (the dataset's
+complete episodes, ractd.data.level). The episodes of each evaluation are kept beside it
+(<out>/<method>-seed<k>/eval-<best|final>.parquet). Prints the table and the verdict: RACTD beats CTD on a
+training seed when the difference exceeds 2 SE of the difference (SE over episodes); the claim holds on the seeds
+when it does on every training seed, and the spread across training seeds is reported beside the mean.
+Resumable: a trained model is not retrained (train() resumes its run), a stored row is not redone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ractd import RactdError
+from ractd.evaluate import evaluate_checkpoint
+from ractd.paths import cache_dir
+from ractd.tasks import get_task
+from ractd.train import TrainConfig, train
+
+METHODS = ("ctd", "ractd", "bc")
+
+
+def _load(store: Path, report: bool) -> list[dict]:
+    import pandas as pd
+
+    rows = pd.read_parquet(store).to_dict("records") if store.is_file() else []
+    if report and not rows:
+        raise RactdError(f"no results in {store}")
+    return rows
+
+
+def _save(rows: list[dict], store: Path) -> None:
+    import pandas as pd
+
+    tmp = store.with_suffix(".tmp")
+    pd.DataFrame(rows).to_parquet(tmp)
+    tmp.replace(store)
+
+
+def shared_models(args, out: Path) -> tuple[str, str]:
+    """(teacher best.pt, reward best.pt) of the shared run (training seed 0), trained when missing."""
+    common = dict(task=args.task, scale=args.scale, seed=0, run_dir=str(out / "shared"))
+    steps = {"steps": args.reward_steps} if args.reward_steps else {}
+    reward = TrainConfig.for_stage("reward", "cpu", **common, **steps)
+    teacher = TrainConfig.for_stage("teacher", "cpu", steps=args.teacher_steps, **common)
+    reward_best = str(train(reward)["best"])  # train() resumes: a finished run returns at once
+    return str(train(teacher)["best"]), reward_best
+
+
+def method_config(args, method: str, seed: int, out: Path, teacher: str, reward: str) -> TrainConfig:
+    run_dir = str(out / f"{method}-seed{seed}")
+    if method == "bc":
+        return TrainConfig.for_stage("bc", "cpu", task=args.task, scale=args.scale, seed=seed, run_dir=run_dir,
+                                     **({"steps": args.bc_steps} if args.bc_steps else {})).resolved()
+    base = TrainConfig.for_stage("student", "cpu", task=args.task, scale=args.scale, seed=seed, run_dir=run_dir,
+                                 steps=args.steps, batch=args.batch, ckpt_every=args.ckpt_every,
+                                 teacher_ckpt=teacher, reward_ckpt=reward)
+    w = get_task(args.task).weights
+    a, b, s = (1.0, 1.0, 0.0) if method == "ctd" else (w.alpha, w.beta, args.sigma)
+    return dataclasses.replace(base, distill=dataclasses.replace(base.distill, alpha=a, beta=b, sigma=s)).resolved()
+
+
+def data_row(args) -> dict:
+    from ractd.data.d4rl import load_dataset
+    from ractd.data.level import behavior_evals, data_level
+
+    t = get_task(args.task)
+    data = load_dataset(t, scale=args.scale)
+    lvl = data_level(t, data)
+    x = lvl["scores"]
+    beh = behavior_evals(t, data)
+    return {"method": "data", "train_seed": -1, "best_mean": float(x.mean()),
+            "best_sem": float(x.std(ddof=1) / math.sqrt(len(x))) if len(x) > 1 else float("nan"),
+            "n": len(x), "behavior": float(beh[-1]["normalized"]) if beh else float("nan")}
+
+
+def run(args) -> int:
+    out = Path(args.out) if args.out else cache_dir() / "bench" / "seeds" / f"{args.task}-{args.scale}"
+    store = out / "results.parquet"
+    rows = _load(store, args.report)
+    done = {(r["method"], r["train_seed"]) for r in rows}
+    if not args.report:
+        out.mkdir(parents=True, exist_ok=True)
+        if ("data", -1) not in done:
+            rows.append(data_row(args))
+            _save(rows, store)
+        teacher, reward = shared_models(args, out)
+        for seed in args.train_seeds:
+            for method in args.methods:
+                if (method, seed) in done:
+                    continue
+                cfg = method_config(args, method, seed, out, teacher, reward)
+                t0 = time.perf_counter()
+                res = train(cfg)
+                row = {"method": method, "train_seed": seed, "sigma": cfg.distill.sigma if method != "bc" else 0.0,
+                       "steps": int(res["step"]), "train_s": time.perf_counter() - t0}
+                sampler = "bc" if method == "bc" else "student"
+                for which, ckpt in (("best", res["best"]), ("final", res["checkpoint"])):
+                    s = evaluate_checkpoint(args.task, run_dir=cfg.run_dir, sampler=sampler, checkpoint=str(ckpt),
+                                            seeds=list(range(args.eval_seeds)), progress=False,
+                                            out=str(Path(cfg.run_dir) / f"eval-{which}.parquet"))
+                    row.update({f"{which}_mean": s["score_mean"], f"{which}_sem": s["score_sem"], "n": s["n"]})
+                rows.append(row)
+                _save(rows, store)
+                print(f"{method} seed {seed}: selected {row['best_mean']:.1f} ± {row['best_sem']:.1f}, "
+                      f"final {row['final_mean']:.1f} ± {row['final_sem']:.1f} (n={row['n']}, "
+                      f"{row['train_s'] / 60:.1f} min)", flush=True)
+    print(report(rows, args.task))
+    print(f"\nstore: {store}")
+    return 0
+
+
+def report(rows: list[dict], task: str) -> str:
+    """The table (one line per method and training seed, and each method's mean and spread over seeds) and the
+    verdict on RACTD vs CTD and RACTD vs BC, per training seed and over seeds."""
+    by = {(r["method"], r["train_seed"]): r for r in rows}
+    lines = [f"{task}: normalized score, mean ± SE over evaluation seeds",
+             f"{'method':<8} {'seed':>4} {'selected':>14} {'final':>14}"]
+    for m in METHODS:
+        seeds = sorted(s for (mm, s) in by if mm == m)
+        for s in seeds:
+            r = by[(m, s)]
+            lines.append(f"{m:<8} {s:>4} {r['best_mean']:>8.1f} ± {r['best_sem']:<4.1f}"
+                         f"{r['final_mean']:>8.1f} ± {r['final_sem']:<4.1f}")
+        if len(seeds) > 1:
+            for which in ("best", "final"):
+                v = np.array([by[(m, s)][f"{which}_mean"] for s in seeds])
+                lines.append(f"{m:<8} {'all':>4} {which:>8}: mean over {len(seeds)} training seeds {v.mean():.1f}, "
+                             f"sd {v.std(ddof=1):.1f}, range [{v.min():.1f}, {v.max():.1f}]")
+    if ("data", -1) in by:
+        d = by[("data", -1)]
+        lines.append(f"data: the dataset's {d['n']} complete episodes {d['best_mean']:.1f} ± {d['best_sem']:.1f}; "
+                     f"behavior policy (generator's record) {d['behavior']:.1f}")
+    for a, b in (("ractd", "ctd"), ("ractd", "bc")):
+        for which in ("best", "final"):
+            seeds = sorted(s for (m, s) in by if m == a and (b, s) in by)
+            if not seeds:
+                continue
+            verdicts = []
+            for s in seeds:
+                ra, rb = by[(a, s)], by[(b, s)]
+                diff = ra[f"{which}_mean"] - rb[f"{which}_mean"]
+                se = math.hypot(ra[f"{which}_sem"], rb[f"{which}_sem"])
+                verdicts.append((s, diff, se, "beats" if diff > 2 * se else "below" if diff < -2 * se else "ties"))
+            held = all(v[3] == "beats" for v in verdicts)
+            lines.append(f"{a} vs {b} ({'selected' if which == 'best' else 'final'} checkpoints): "
+                         + "; ".join(f"seed {s}: {d:+.1f} ± {e:.1f} ({v})" for s, d, e, v in verdicts)
+                         + f" -> {'holds' if held else 'does not hold'} on {len(seeds)} training seed(s)")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--task", default="hopper-medium-replay")
+    ap.add_argument("--scale", default="small")
+    ap.add_argument("--sigma", type=float, default=0.3, help="RACTD's reward weight (the claims sweep's pick)")
+    ap.add_argument("--teacher-steps", type=int, default=2000)
+    ap.add_argument("--steps", type=int, default=400, help="student steps")
+    ap.add_argument("--batch", type=int, default=128, help="student batch")
+    ap.add_argument("--ckpt-every", type=int, default=100, help="student checkpoint / model selection interval")
+    ap.add_argument("--reward-steps", type=int, default=0, help="0 = the cpu budget's")
+    ap.add_argument("--bc-steps", type=int, default=0, help="0 = the cpu budget's")
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    ap.add_argument("--train-seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--eval-seeds", type=int, default=100)
+    ap.add_argument("--out", default="", help="default <cache>/bench/seeds/<task>-<scale>")
+    ap.add_argument("--report", action="store_true", help="only print the table of the store in --out")
+    args = ap.parse_args(argv)
+    try:
+        get_task(args.task)
+        return run(args)
+    except RactdError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
