@@ -21,14 +21,9 @@ import sys
 from pathlib import Path
 
 from ractd import RactdError
+from ractd.errors import Parser, run_command
 
 log = logging.getLogger("reproduce_tables")
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2
-        print(f"error: {message}", file=sys.stderr)
-        raise SystemExit(2)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     from ractd_ray.pool import PoolConfig
 
     pc = PoolConfig()
-    p = _Parser(prog="python eval/reproduce_tables.py", description=__doc__,
+    p = Parser(prog="python eval/reproduce_tables.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_mutually_exclusive_group()
     g.add_argument("--study", choices=list(STUDIES), default="default",
@@ -168,16 +163,13 @@ def run(args) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
+
+    def body() -> None:
         run(args)
-    except RactdError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted; rerun the same command to continue (stored episodes are kept)", file=sys.stderr)
-        return 130
-    return 0
+
+    return run_command(body,
+                       interrupted="interrupted; rerun the same command to continue (stored episodes are kept)")
 
 
 if __name__ == "__main__":

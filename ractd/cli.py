@@ -16,6 +16,7 @@ import logging
 import sys
 
 from ractd import RactdError
+from ractd.errors import Parser, run_command
 
 log = logging.getLogger("ractd")
 
@@ -30,12 +31,6 @@ STAGE_ONLY = {"distill": {"student"}, "teacher_ckpt": {"student"}, "reward_ckpt"
               "bc_hidden": {"bc"}}
 ALIASES = {"reward_aware_teacher": ["--reward-aware"]}
 PIPELINE_FIELDS = ("task", "run_dir", "source", "scale", "seed", "preset")
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2
-        print(f"error: {message}", file=sys.stderr)
-        raise SystemExit(2)
 
 
 def _budget_flags(p: argparse.ArgumentParser) -> None:
@@ -60,8 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     from ractd.evaluate import EvalConfig
     from ractd.train import TrainConfig
 
-    parser = _Parser(prog="python -m ractd", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    parser = Parser(prog="python -m ractd", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     for name, (stage, text) in TRAIN_COMMANDS.items():
         p = sub.add_parser(name, help=text, description=text)
         dests = _add_train_args(p, stage)
@@ -222,20 +217,13 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    try:
-        if args.command == "evaluate":
-            cmd_evaluate(args)
-        elif args.command == "pipeline":
-            cmd_pipeline(args)
-        else:
-            cmd_train(args)
-    except RactdError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted; rerun the same command to resume from the last checkpoint", file=sys.stderr)
-        return 130
-    return 0
+    command = {"evaluate": cmd_evaluate, "pipeline": cmd_pipeline}.get(args.command, cmd_train)
+
+    def body() -> None:
+        command(args)
+
+    return run_command(body,
+                       interrupted="interrupted; rerun the same command to resume from the last checkpoint")
 
 
 if __name__ == "__main__":

@@ -51,6 +51,7 @@ from typing import Sequence
 import numpy as np
 
 from ractd import RactdError
+from ractd.errors import Parser, run_command
 
 log = logging.getLogger(__name__)
 
@@ -446,16 +447,9 @@ class _Dim:
 
 # ---------------------------------------------------------------------------------------------- CLI
 
-class _Parser(argparse.ArgumentParser):
-    """argparse with a one-line error (no usage dump) and exit status 2."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
     d = ExportConfig()
-    ap = _Parser(prog="python -m ractd.export", description=__doc__,
+    ap = Parser(prog="python -m ractd.export", description=__doc__,
                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", required=True, help="a one-step student checkpoint (stage student)")
     ap.add_argument("--format", default=d.format, choices=FORMATS, help=f"file format (default {d.format})")
@@ -472,17 +466,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
-    try:
-        path = export_checkpoint(args.checkpoint, args.out, args.format, args.precision,
-                                 init_scaled=False if args.unscaled_init else None)
-    except RactdError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:  # e.g. an unwritable --out
-        print(f"error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else e!r}", file=sys.stderr)
-        return 2
-    print(path)
-    return 0
+
+    def body() -> None:
+        print(export_checkpoint(args.checkpoint, args.out, args.format, args.precision,
+                                init_scaled=False if args.unscaled_init else None))
+
+    return run_command(body)
 
 
 if __name__ == "__main__":

@@ -249,14 +249,9 @@ def default_path(task: str, scale: str) -> Path:
 
 def build_parser():
     """python -m ractd.inverse_dynamics TASK: options generated from InverseDynamicsConfig's fields."""
-    import argparse
-
     from ractd.data.d4rl import SOURCES
+    from ractd.errors import Parser
     from ractd.tasks import SCALES
-
-    class Parser(argparse.ArgumentParser):
-        def error(self, message):
-            self.exit(2, f"{self.prog}: error: {message}\n")
 
     p = Parser(prog="python -m ractd.inverse_dynamics",
                description="Train the maze2d inverse dynamics model a = f(s_t, s_{t+1}) on a task's dataset and "
@@ -278,11 +273,12 @@ def build_parser():
 
 
 def main(argv=None) -> int:
-    import sys
+    from ractd.errors import run_command
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    try:
+
+    def body() -> None:
         from ractd.data.d4rl import load_dataset
         from ractd.tasks import get_task
 
@@ -294,11 +290,10 @@ def main(argv=None) -> int:
         out = args.out or default_path(task.name, args.scale)
         model = train_inverse_dynamics(load_dataset(task, source=args.source, scale=args.scale), cfg, out=out,
                                        progress=True)
-    except RactdError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"{out}  validation MAE {model.metrics['val_mae']:.4f} (zero predictor {model.metrics['val_mae_zero']:.4f})")
-    return 0
+        print(f"{out}  validation MAE {model.metrics['val_mae']:.4f} "
+              f"(zero predictor {model.metrics['val_mae_zero']:.4f})")
+
+    return run_command(body)
 
 
 if __name__ == "__main__":

@@ -47,6 +47,17 @@ def location(sub: str, local: str | os.PathLike) -> str:
     return str(Path(local).expanduser().resolve())
 
 
+def folder_location(kind: str, folder: str | os.PathLike) -> str:
+    """The storage of a run folder (location): $RACTD_STORAGE_PATH/<kind>/<folder's name>-<id> on a cluster, the
+    id a digest of the folder's absolute path (two folders that share a name do not share state), else
+    <folder>/ray. kind: "sweeps" (a sweep's Tune and Train state), "runs" (a Ray Train run's)."""
+    import hashlib
+
+    folder = Path(folder).expanduser().resolve()
+    digest = hashlib.sha256(str(folder).encode()).hexdigest()[:8]
+    return location(f"{kind}/{folder.name}-{digest}", folder / "ray")
+
+
 def join(base: str, *parts: str) -> str:
     base = str(base)
     if is_uri(base):

@@ -279,12 +279,9 @@ def shared_key(cfgs: list[TrainConfig], fingerprint: str) -> str:
 
 
 def sweep_storage(out_dir: Path) -> str:
-    """Where a sweep's Tune and Train state live (ractd.storage.location): $RACTD_STORAGE_PATH/sweeps/<folder>-<id>
-    on a cluster, the id a digest of the run folder's absolute path (two sweeps whose folders share a name do
-    not share state), else <run folder>/ray."""
-    out_dir = Path(out_dir).expanduser().resolve()
-    digest = hashlib.sha256(str(out_dir).encode()).hexdigest()[:8]
-    return storage.location(f"sweeps/{out_dir.name}-{digest}", out_dir / "ray")
+    """Where a sweep's Tune and Train state live: $RACTD_STORAGE_PATH/sweeps/<folder>-<id> on a cluster, else
+    <run folder>/ray (ractd.storage.folder_location)."""
+    return storage.folder_location("sweeps", out_dir)
 
 
 SCORE_FLOOR = -1e6

@@ -11,7 +11,6 @@ outside the schema. No network access, no AWS credentials, no Ray instance.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -25,6 +24,7 @@ import ray.autoscaler
 from ray.autoscaler.sdk import fillout_defaults
 
 from ractd import RactdError, storage
+from ractd.errors import Parser, fail
 
 STORAGE_ENV = storage.STORAGE_ENV
 """Environment variable naming the shared storage for Tune and Train results (s3://bucket/prefix or a path on
@@ -38,13 +38,6 @@ REQUIRED_EXTRAS = {
 
 PLACEHOLDER = "CHANGE-ME"
 """Marker of the values a user must edit in the cluster files before `ray up`."""
-
-
-def default_storage_path(fallback: str | os.PathLike | None = None) -> str | None:
-    """The storage_path for ray.tune/ray.train RunConfig: $RACTD_STORAGE_PATH if set (on a cluster started from
-    cluster.yaml or cluster-local.yaml), else `fallback` (a local directory is right on a single machine).
-    ractd.storage.location is the helper the sweep, Train and the evaluation use; this is its root."""
-    return storage.configured() or (None if fallback is None else str(fallback))
 
 
 def schema_path() -> Path:
@@ -187,10 +180,10 @@ def summary(cfg: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="python -m ractd_ray.cluster",
         description="Offline checks of Ray cluster files (no cloud account or Ray instance needed).")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     p = sub.add_parser("validate", help="fill in Ray's defaults and validate against the autoscaler schema "
                                         "shipped in the installed Ray wheel; exit 2 on the first invalid file")
     p.add_argument("paths", nargs="+", metavar="CLUSTER_YAML", help="e.g. cluster.yaml cluster-local.yaml")
@@ -199,8 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             cfg = validate_cluster_config(path)
         except RactdError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+            return fail(str(e))
         print(f"{path}: valid ({cfg['provider']['type']} provider, schema {schema_path()})")
         print(summary(cfg))
         todo = placeholders(path)

@@ -75,7 +75,7 @@ def ensure_shared_models(scfg: SearchConfig, dataset: dict, data=None, use_gpu: 
     searches of the same task and key on this machine."""
     from ractd.io import atomic_write_json
     from ractd.paths import shared_models_dir
-    from ractd_ray.train import artifacts_location, fit_stages
+    from ractd_ray.train import fit_stages
 
     *shared, _ = scfg.stage_configs()
     shared = [dataclasses.replace(c, source=dataset["source"]) for c in shared]
@@ -84,7 +84,7 @@ def ensure_shared_models(scfg: SearchConfig, dataset: dict, data=None, use_gpu: 
     folder.mkdir(parents=True, exist_ok=True)
     shared = [dataclasses.replace(c, run_dir=str(folder)) for c in shared]
     train_storage = storage.location(f"shared/{folder.name}", folder / "ray")
-    stored = artifacts_location(train_storage, "shared")
+    stored = storage.run_files(train_storage, "shared")
     stored_marker = storage.join(stored, "models.json")
     marker = folder / "models.json"
     paths = {c.stage: folder / c.stage / "best.pt" for c in shared}
@@ -385,15 +385,10 @@ def _tune_config(scfg: SearchConfig, task: Task, student: TrainConfig, prestart:
 
 def build_parser():
     import argparse
-    import sys
 
     from ractd.config import add_config_args
+    from ractd.errors import Parser
     from ractd.tasks import TASKS
-
-    class Parser(argparse.ArgumentParser):
-        def error(self, message):  # one line, exit 2
-            print(f"error: {message}", file=sys.stderr)
-            raise SystemExit(2)
 
     p = Parser(prog="python tune/search.py", formatter_class=argparse.RawDescriptionHelpFormatter,
                description="Search the Eq. (9) weights alpha, beta, sigma of one task with Ray Tune (Optuna TPE + "
@@ -423,19 +418,11 @@ def config_from_args(args) -> SearchConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import sys
-
+    from ractd.errors import run_command
     from ractd_ray import console
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = build_parser().parse_args(argv)
     console.set_verbose(args.verbose)
-    try:
-        result = run_search(config_from_args(args), resume=args.resume)
-    except RactdError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted; continue with --resume", file=sys.stderr)
-        return 130
-    return 0 if result["complete"] else 1
+    return run_command(lambda: 0 if run_search(config_from_args(args), resume=args.resume)["complete"] else 1,
+                       interrupted="interrupted; continue with --resume")

@@ -39,6 +39,7 @@ from torch import nn
 
 from ractd import RactdError, storage
 from ractd.config import from_dict, to_dict
+from ractd.errors import one_line
 import ractd.train as library
 from ractd.train import RunContext, TrainConfig
 from ractd_ray import console
@@ -179,13 +180,6 @@ def checkpoint_name(stage: str, step: int) -> str:
 
 def _stage_of(checkpoint_path: str) -> str:
     return Path(checkpoint_path).name.split("-", 1)[0]
-
-
-def artifacts_location(storage_path: str, name: str) -> str:
-    """Where a Ray Train run's own files go in storage, beside Ray's (ractd.storage.run_files):
-    <storage_path>/<name>/ractd/<stage>/best.pt and metrics.jsonl (persisted by rank 0 at every checkpoint), and
-    what the caller adds."""
-    return storage.run_files(storage_path, name)
 
 
 class StageUploader:
@@ -530,7 +524,7 @@ def ensure_ray(address: str | None = None, **init_kwargs) -> bool:
     try:
         ctx = ray.init(address=address, **init_kwargs)
     except (ConnectionError, TimeoutError) as e:
-        raise RactdError(f"cannot connect to the Ray cluster at {address}: {_first_line(e)}") from None
+        raise RactdError(f"cannot connect to the Ray cluster at {address}: {one_line(e, last=True)}") from None
     if port is not None and getattr(ctx, "dashboard_url", None) and not ctx.dashboard_url.endswith(f":{port}"):
         log.warning("Ray's dashboard is at %s, not port %d: trials stopped early may not release their workers",
                     ctx.dashboard_url, port)
@@ -589,16 +583,6 @@ def upstream_files(cfg: TrainConfig) -> dict[str, Path]:
     return {k: p for k, p in out.items() if p.is_file()}
 
 
-def default_train_storage(run_dir: str | os.PathLike) -> str:
-    """Ray Train's storage for a run folder that names none: <storage>/runs/<folder>-<id of its path> on a
-    cluster, else <run_dir>/ray (ractd.storage.location)."""
-    import hashlib
-
-    run_dir = Path(run_dir).expanduser().resolve()
-    digest = hashlib.sha256(str(run_dir).encode()).hexdigest()[:8]
-    return storage.location(f"runs/{run_dir.name}-{digest}", run_dir / "ray")
-
-
 def fit_stages(cfgs: list[TrainConfig], num_workers: int = 1, use_gpu: bool | str = "auto", max_failures: int = 2,
                storage_path: str | None = None, name: str | None = None, callbacks: list | None = None,
                on_step: Callable[[int], None] | None = None, cpus_per_worker: float = 1,
@@ -607,9 +591,9 @@ def fit_stages(cfgs: list[TrainConfig], num_workers: int = 1, use_gpu: bool | st
                data=None, inputs: dict | None = None, fetch: bool = True, started: float | None = None) -> list[dict]:
     """Train the stages `cfgs` in order in one Ray Train worker group of `num_workers` workers.
 
-    storage_path / name: where Ray persists the run (default: default_train_storage(run_dir of the first stage),
+    storage_path / name: where Ray persists the run (default: ractd.storage.folder_location("runs", run_dir of the first stage),
     "-".join(stages)); a later call with the same pair resumes from the latest persisted checkpoint. Each
-    stage's best.pt and metrics.jsonl are persisted beside it (artifacts_location). keep_checkpoints:
+    stage's best.pt and metrics.jsonl are persisted beside it (ractd.storage.run_files). keep_checkpoints:
     persisted checkpoints kept (the latest ones). data: an ObjectRef of the dataset (default: dataset_ref).
     inputs: {field: ObjectRef of the file's bytes} for teacher_ckpt / reward_ckpt of every stage (default: the
     files upstream_files finds on this disk). fetch: copy each stage's stored best.pt and metrics.jsonl into
@@ -636,10 +620,10 @@ def fit_stages(cfgs: list[TrainConfig], num_workers: int = 1, use_gpu: bool | st
     ensure_ray()
     gpu = resolve_use_gpu(use_gpu, num_workers)
     name = name or "-".join(c.stage for c in cfgs)
-    storage_path = str(storage_path or default_train_storage(cfgs[0].run_dir))
+    storage_path = str(storage_path or storage.folder_location("runs", cfgs[0].run_dir))
     if not storage.is_uri(storage_path):  # a local folder (else a URI such as s3://..., for a cluster)
         storage_path = str(Path(storage_path).resolve())
-    artifacts = artifacts_location(storage_path, name)
+    artifacts = storage.run_files(storage_path, name)
     data = data if data is not None else dataset_ref(cfgs[0])
     shipped = [{f: [file_ref(p)] for f, p in upstream_files(c).items() if f not in (inputs or {})} for c in cfgs]
     shipped = [{**s, **{f: [ref] for f, ref in (inputs or {}).items()}} for s in shipped]
@@ -664,7 +648,7 @@ def fit_stages(cfgs: list[TrainConfig], num_workers: int = 1, use_gpu: bool | st
     result = trainer.fit()
     fit_time = time.perf_counter() - t0
     if result.error is not None:
-        raise RactdError(f"Ray Train run {name} failed: {_first_line(result.error)}")
+        raise RactdError(f"Ray Train run {name} failed: {one_line(result.error, last=True)}")
     out = result.return_value
     if not out:
         raise RactdError(f"Ray Train run {name} returned nothing (was it stopped?)")
@@ -687,11 +671,6 @@ def fit_stage(cfg: TrainConfig, num_workers: int = 1, use_gpu: bool | str = "aut
                       storage_path=storage_path, name=name, **kwargs)[-1]
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[-1] if text else type(e).__name__
-
-
 __all__ = ["GradAllReduce", "PerParameterAllReduce", "StageUploader", "StepHook", "all_reduce_sum",
-           "artifacts_location", "dataset_ref", "default_train_storage", "ensure_ray", "file_ref", "fit_stage",
+           "dataset_ref", "ensure_ray", "file_ref", "fit_stage",
            "fit_stages", "forwarded_env", "upstream_files", "worker_context", "worker_loop"]

@@ -147,12 +147,18 @@ def test_bad_input_is_one_line_exit_2(tmp_path, capsys):
         cluster.validate_cluster_config(tmp_path / "missing.yaml")
 
 
-def test_default_storage_path(monkeypatch, tmp_path):
+def test_storage_location_is_the_cluster_storage_when_set_else_the_local_folder(monkeypatch, tmp_path):
+    from ractd import storage
+
     monkeypatch.delenv(cluster.STORAGE_ENV, raising=False)
-    assert cluster.default_storage_path() is None
-    assert cluster.default_storage_path(tmp_path) == str(tmp_path)
-    monkeypatch.setenv(cluster.STORAGE_ENV, "s3://bucket/prefix")
-    assert cluster.default_storage_path(tmp_path) == "s3://bucket/prefix"
+    assert storage.configured() is None
+    assert storage.location("sweeps/x", tmp_path) == str(tmp_path)
+    assert storage.folder_location("runs", tmp_path / "a") == str(tmp_path / "a" / "ray")
+    monkeypatch.setenv(cluster.STORAGE_ENV, "s3://bucket/prefix/")
+    assert storage.location("sweeps/x", tmp_path) == "s3://bucket/prefix/sweeps/x"
+    # two run folders of one name (different parents) get different storage
+    one, two = storage.folder_location("runs", tmp_path / "p" / "a"), storage.folder_location("runs", tmp_path / "a")
+    assert one.startswith("s3://bucket/prefix/runs/a-") and two.startswith("s3://bucket/prefix/runs/a-") and one != two
 
 
 def test_project_rules_shared_storage_and_extras(tmp_path):

@@ -19,15 +19,9 @@ import numpy as np
 
 from ractd import RactdError
 from ractd.data.d4rl import SOURCES
+from ractd.errors import Parser, run_command
 from ractd.maze import REWARD_RADIUS
 from ractd.tasks import SCALES
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse with a one-line error (no usage dump) and exit status 2."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def _generate(args) -> int:
@@ -168,9 +162,9 @@ def _export(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m ractd.data", description="Datasets for RACTD: generate, inspect, download, export.")
+    p = Parser(prog="python -m ractd.data", description="Datasets for RACTD: generate, inspect, download, export.")
     p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
-    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     g = sub.add_parser("generate", help="generate a local dataset (D4RL HDF5) for a task",
                        description="Generate a dataset: maze2d with D4RL's waypoint-controller recipe in "
@@ -216,19 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
-    try:
-        return args.func(args)
-    except RactdError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except BrokenPipeError:  # output piped into head & co.
-        return 0
-    except OSError as e:  # e.g. an unwritable --out
-        print(f"error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else e!r}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    return run_command(lambda: args.func(args))
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from ractd import RactdError
+from ractd.errors import one_line
 from ractd.io import atomic_write
 from ractd.paths import d4rl_dir, datasets_dir
 
@@ -85,13 +86,8 @@ def _open(path: Path):
     try:
         return h5py.File(path, "r")
     except OSError as e:
-        raise RactdError(f"{path} is not a readable HDF5 file (truncated or corrupt? {_first_line(e)}); "
+        raise RactdError(f"{path} is not a readable HDF5 file (truncated or corrupt? {one_line(e)}); "
                          f"delete it and download or generate it again") from None
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
 
 
 def read_metadata(path) -> dict:
@@ -103,7 +99,7 @@ def read_metadata(path) -> dict:
         try:
             return {k: _metadata_value(v[()]) for k, v in f["metadata"].items() if hasattr(v, "shape")}
         except OSError as e:
-            raise RactdError(f"{path}: cannot read metadata (truncated or corrupt? {_first_line(e)})") from None
+            raise RactdError(f"{path}: cannot read metadata (truncated or corrupt? {one_line(e)})") from None
 
 
 def load_d4rl_hdf5(path, kind: str = "auto") -> dict[str, np.ndarray]:
@@ -128,7 +124,7 @@ def load_d4rl_hdf5(path, kind: str = "auto") -> dict[str, np.ndarray]:
             for name in names:
                 out[name] = f[name][()]
         except (OSError, KeyError) as e:
-            raise RactdError(f"{path}: cannot read {name!r} (truncated or corrupt file? {_first_line(e)})") from None
+            raise RactdError(f"{path}: cannot read {name!r} (truncated or corrupt file? {one_line(e)})") from None
     for key in REQUIRED_KEYS + KIND_KEYS[kind]:
         if key not in out:
             raise RactdError(f"{path} lacks the key {key!r} required for a D4RL {kind} dataset")
@@ -220,7 +216,7 @@ def download_d4rl(task, force: bool = False, timeout: float = 30.0) -> Path:
     try:
         atomic_write(path, fetch)
     except (urllib.error.URLError, OSError, TimeoutError) as e:
-        reason = getattr(e, "reason", None) or _first_line(e)
+        reason = getattr(e, "reason", None) or one_line(e)
         raise RactdError(f"cannot download {task.name} ({reason}); {hint}") from None
     log.info("downloaded %s", path)
     return path
