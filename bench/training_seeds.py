@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from ractd import RactdError
+from ractd.claims import seed_report
 from ractd.evaluate import evaluate_checkpoint
 from ractd.paths import cache_dir
 from ractd.tasks import get_task
@@ -128,48 +129,9 @@ def run(args) -> int:
                 print(f"{method} seed {seed}: selected {row['best_mean']:.1f} ± {row['best_sem']:.1f}, "
                       f"final {row['final_mean']:.1f} ± {row['final_sem']:.1f} (n={row['n']}, "
                       f"{row['train_s'] / 60:.1f} min)", flush=True)
-    print(report(rows, args.task))
+    print("\n".join(seed_report(rows, args.task)))
     print(f"\nstore: {store}")
     return 0
-
-
-def report(rows: list[dict], task: str) -> str:
-    """The table (one line per method and training seed, and each method's mean and spread over seeds) and the
-    verdict on RACTD vs CTD and RACTD vs BC, per training seed and over seeds."""
-    by = {(r["method"], r["train_seed"]): r for r in rows}
-    lines = [f"{task}: normalized score, mean ± SE over evaluation seeds",
-             f"{'method':<8} {'seed':>4} {'selected':>14} {'final':>14}"]
-    for m in METHODS:
-        seeds = sorted(s for (mm, s) in by if mm == m)
-        for s in seeds:
-            r = by[(m, s)]
-            lines.append(f"{m:<8} {s:>4} {r['best_mean']:>8.1f} ± {r['best_sem']:<4.1f}"
-                         f"{r['final_mean']:>8.1f} ± {r['final_sem']:<4.1f}")
-        if len(seeds) > 1:
-            for which in ("best", "final"):
-                v = np.array([by[(m, s)][f"{which}_mean"] for s in seeds])
-                lines.append(f"{m:<8} {'all':>4} {which:>8}: mean over {len(seeds)} training seeds {v.mean():.1f}, "
-                             f"sd {v.std(ddof=1):.1f}, range [{v.min():.1f}, {v.max():.1f}]")
-    if ("data", -1) in by:
-        d = by[("data", -1)]
-        lines.append(f"data: the dataset's {d['n']} complete episodes {d['best_mean']:.1f} ± {d['best_sem']:.1f}; "
-                     f"behavior policy (generator's record) {d['behavior']:.1f}")
-    for a, b in (("ractd", "ctd"), ("ractd", "bc")):
-        for which in ("best", "final"):
-            seeds = sorted(s for (m, s) in by if m == a and (b, s) in by)
-            if not seeds:
-                continue
-            verdicts = []
-            for s in seeds:
-                ra, rb = by[(a, s)], by[(b, s)]
-                diff = ra[f"{which}_mean"] - rb[f"{which}_mean"]
-                se = math.hypot(ra[f"{which}_sem"], rb[f"{which}_sem"])
-                verdicts.append((s, diff, se, "beats" if diff > 2 * se else "below" if diff < -2 * se else "ties"))
-            held = all(v[3] == "beats" for v in verdicts)
-            lines.append(f"{a} vs {b} ({'selected' if which == 'best' else 'final'} checkpoints): "
-                         + "; ".join(f"seed {s}: {d:+.1f} ± {e:.1f} ({v})" for s, d, e, v in verdicts)
-                         + f" -> {'holds' if held else 'does not hold'} on {len(seeds)} training seed(s)")
-    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -506,6 +506,7 @@ def render(data: Path, write: bool = True) -> str:
     lines += ["", "Not measured in this study: the reward-aware teacher (Tables 4, 10) and the DDPM/DDIM "
               "baselines (Tables 3, 11) need a second diffusion model per task, which did not fit the budget; "
               "`python eval/reproduce_tables.py --study default` plans them.", ""]
+    lines += studies_section(data)
     lines += ["## How it was produced", ""] + commands + [""]
     lines += ["## Compute", ""] + compute + _train_compute(sweeps) + _eval_compute(rows) + [""]
     lines += ["## Tables", ""]
@@ -566,3 +567,150 @@ def _eval_compute(rows: list[dict]) -> list[str]:
         out.append(f"- evaluation of {task}: {n} episodes, {wall / 60:.1f} min of rollout wall time summed over "
                    "blocks (one CPU thread per actor)")
     return out
+
+
+# ---------------------------------------------------------------------------------------------- later studies
+
+SEED_METHODS = ("ctd", "ractd", "bc")
+
+
+def seed_verdicts(rows: list[dict]) -> list[dict]:
+    """RACTD vs CTD and RACTD vs BC per training seed (bench/training_seeds.py's rows: one per method and training
+    seed, "best_*" = selected checkpoint, "final_*" = final one): the difference and its SE over evaluation
+    episodes, "beats" / "below" / "ties" at Z SE; the claim holds on the seeds when RACTD beats on every one."""
+    by = {(r["method"], int(r["train_seed"])): r for r in rows}
+    out = []
+    for a, b in (("ractd", "ctd"), ("ractd", "bc")):
+        for which in ("best", "final"):
+            seeds = sorted(s for (m, s) in by if m == a and (b, s) in by)
+            if not seeds:
+                continue
+            per = []
+            for s in seeds:
+                ra, rb = by[(a, s)], by[(b, s)]
+                d = float(ra[f"{which}_mean"] - rb[f"{which}_mean"])
+                se = math.hypot(float(ra[f"{which}_sem"]), float(rb[f"{which}_sem"]))
+                per.append({"seed": s, "diff": d, "se": se,
+                            "outcome": "beats" if d > Z * se else "below" if d < -Z * se else "ties"})
+            held = all(p["outcome"] == "beats" for p in per)
+            worse = all(p["outcome"] == "below" for p in per)
+            out.append({"a": a, "b": b, "checkpoint": "selected" if which == "best" else "final", "per_seed": per,
+                        "verdict": "holds" if held else "does not hold" if worse else "inconclusive"})
+    return out
+
+
+def seed_report(rows: list[dict], task: str) -> list[str]:
+    """Markdown lines: the table of one task's training-seed study and its verdicts (seed_verdicts)."""
+    from tabulate import tabulate
+
+    by = {(r["method"], int(r["train_seed"])): r for r in rows}
+    table = []
+    for m in SEED_METHODS:
+        seeds = sorted(s for (mm, s) in by if mm == m)
+        for s in seeds:
+            r = by[(m, s)]
+            table.append([m, s, f"{r['best_mean']:.1f} ± {r['best_sem']:.1f}",
+                          f"{r['final_mean']:.1f} ± {r['final_sem']:.1f}", int(r["n"])])
+        if len(seeds) > 1:
+            cells = []
+            for which in ("best", "final"):
+                v = np.array([by[(m, s)][f"{which}_mean"] for s in seeds], float)
+                cells.append(f"{v.mean():.1f} (sd {v.std(ddof=1):.1f}, {v.min():.1f} to {v.max():.1f})")
+            table.append([f"{m}: over {len(seeds)} training seeds", "", *cells, ""])
+    lines = [tabulate(table, headers=["method", "training seed", "selected checkpoint", "final checkpoint", "n"],
+                      tablefmt="github", disable_numparse=True), ""]
+    if ("data", -1) in by:
+        d = by[("data", -1)]
+        lines.append(f"The data's own level: {d['best_mean']:.1f} ± {d['best_sem']:.1f} over the dataset's "
+                     f"{int(d['n'])} complete episodes; the behavior policy (the generator's record): "
+                     f"{d['behavior']:.1f}.")
+        lines.append("")
+    for v in seed_verdicts(rows):
+        per = "; ".join(f"seed {p['seed']}: {p['diff']:+.1f} ± {p['se']:.1f} ({p['outcome']})" for p in v["per_seed"])
+        lines.append(f"- {v['a'].upper()} vs {v['b'].upper()}, {v['checkpoint']} checkpoints: **{v['verdict']}** "
+                     f"on {len(v['per_seed'])} training seed(s): {per}.")
+    return lines
+
+
+def _eq4_lines(folder: Path) -> list[str]:
+    import pandas as pd
+    from tabulate import tabulate
+
+    lines = []
+    f = folder / "results.parquet"
+    if f.is_file():
+        df = pd.read_parquet(f)
+        bands = [c for c in df.columns if c.startswith("mse[")]
+        table = []
+        for form, g in df.groupby("form", sort=False):
+            heun = g[g["measure"] == "heun80"].sort_values("train_seed")
+            held = g[g["measure"] == "heldout"]
+            table.append([form, "; ".join(f"{m:.1f} ± {s:.1f}" for m, s in zip(heun["score_mean"], heun["score_sem"])),
+                          *[f"{held[c].mean():.5f}" for c in bands]])
+        lines += [tabulate(table, headers=["Eq. (4) form", "Heun-80 per training seed", *bands], tablefmt="github",
+                           disable_numparse=True)]
+    for p in sorted(folder.glob("*.parquet")):
+        if p.name == "results.parquet":
+            continue
+        ep = pd.read_parquet(p)
+        x = ep["normalized_score"].to_numpy(float)
+        sampler = str(ep["sampler"].iloc[0]) if "sampler" in ep else ""
+        name = "BC" if sampler == "bc" else sampler_name(sampler, int(ep["nfe"].iloc[0])) if sampler else p.stem
+        seed = f", training seed {int(ep['train_seed'].iloc[0])}" if "train_seed" in ep else ""
+        lines.append(f"- {name}{seed}: {x.mean():.1f} ± {x.std(ddof=1) / math.sqrt(len(x)):.1f} (n={len(x)}, "
+                     f"`{p.name}`)")
+    return lines
+
+
+def _dsm_lines(folder: Path) -> list[str]:
+    import pandas as pd
+    from tabulate import tabulate
+
+    lines = []
+    if (folder / "results.parquet").is_file():
+        df = pd.read_parquet(folder / "results.parquet")
+        table = []
+        for form, g in df.groupby("form", sort=False):
+            g = g.sort_values("train_seed")
+            ratio = f"{g['dsm_over_ctm'].mean():.0f}x" if "dsm_over_ctm" in g and g["dsm_over_ctm"].notna().any() else ""
+            table.append([form, "; ".join(f"{m:.1f} ± {s:.1f}" for m, s in zip(g["best_mean"], g["best_sem"])), ratio])
+        lines += [tabulate(table, headers=["form", "score per training seed (100 seeds each)", "DSM / CTM"],
+                           tablefmt="github", disable_numparse=True)]
+    if (folder / "toy.parquet").is_file():
+        df = pd.read_parquet(folder / "toy.parquet")
+        lines.append("Share of one-step samples on the toy bandit's 30% mode (teacher "
+                     f"{df['teacher'].mean():.3f}, data {df['data'].mean():.3f}): "
+                     + ", ".join(f"{r.form} {r.ctd:.3f}" for r in df.itertuples()) + ".")
+    return lines
+
+
+def studies_section(data: Path) -> list[str]:
+    """Markdown of the studies run after the claims snapshot, from their stores under <data>: eq4/<task>-<scale>/
+    (bench/eq4_forms.py: the teacher's Eq. (4) form), dsm/<task>-<scale>/ (bench/dsm_forms.py: the student's Eq. (7)
+    form), seeds/<task>-<scale>/ (bench/training_seeds.py: RACTD vs CTD vs BC on several training seeds). Their
+    datasets were generated again on this machine (same recipe and scale, not the snapshot's files)."""
+    data = Path(data)
+    parts = []
+    for kind, title, fn in (("eq4", "Eq. (4): the teacher's loss form (bench/eq4_forms.py)", _eq4_lines),
+                            ("dsm", "Eq. (7): the DSM term's form (bench/dsm_forms.py)", _dsm_lines)):
+        for folder in sorted(p for p in (data / kind).glob("*") if p.is_dir()):
+            body = fn(folder)
+            if body:
+                parts += [f"### {title}: {folder.name}", "", *body, ""]
+    for f in sorted((data / "seeds").glob("*/results.parquet")):
+        import pandas as pd
+
+        rows = pd.read_parquet(f).to_dict("records")
+        task = f.parent.name.rsplit("-", 1)[0]
+        parts += [f"### RACTD, CTD and BC on several training seeds (bench/training_seeds.py): {f.parent.name}", "",
+                  "One shared teacher and reward model; per training seed a CTD student (σ = 0), a RACTD student and "
+                  "a BC MLP, each on the same 100 evaluation seeds at its selected and its final checkpoint. "
+                  f"Verdict rule: RACTD beats on a training seed when the difference exceeds {Z:g} SE; the claim "
+                  "holds when it does on every training seed.", "", *seed_report(rows, task), ""]
+    if not parts:
+        return []
+    return ["## Studies after the snapshot: loss forms and training seeds", "",
+            "Each from its own store under `docs/results/` (the bench script named in its title rebuilds it; "
+            "`--report --out <folder>` prints it). These runs use datasets generated again on this machine with the "
+            "same recipe and scale, and the library's defaults of their time (stated in each README section).", "",
+            *parts]

@@ -249,3 +249,41 @@ def test_matching_below_the_data_and_a_sigma_zero_ractd_are_named_in_verdicts_ta
     # Fig. 3 from the episodes; a task without them gets a panel saying so (the image is still written)
     p = results.fig_return_dist(store.episodes(), tmp_path / "f.png", tasks=[t, "hopper-medium-replay"])
     assert p.stat().st_size > 5000
+
+
+def _seed_row(method, seed, best, final=None, sem=1.0):
+    final = best if final is None else final
+    return {"method": method, "train_seed": seed, "best_mean": best, "best_sem": sem, "final_mean": final,
+            "final_sem": sem, "n": 100}
+
+
+def test_training_seed_verdict_holds_only_when_ractd_beats_on_every_training_seed():
+    """RACTD beats CTD by > 2 SE on seeds 0 and 1 but ties on seed 2 (selected) -> inconclusive; at the final
+    checkpoints it beats on all three -> holds; below BC on every seed -> does not hold."""
+    rows = [_seed_row("ctd", s, 10.0) for s in range(3)] + [_seed_row("bc", s, 50.0) for s in range(3)]
+    rows += [_seed_row("ractd", 0, 20.0), _seed_row("ractd", 1, 20.0), _seed_row("ractd", 2, 12.0, final=20.0)]
+    got = {(v["b"], v["checkpoint"]): v for v in claims.seed_verdicts(rows)}
+    assert got[("ctd", "selected")]["verdict"] == "inconclusive"
+    assert [p["outcome"] for p in got[("ctd", "selected")]["per_seed"]] == ["beats", "beats", "ties"]
+    assert got[("ctd", "final")]["verdict"] == "holds"
+    assert got[("ctd", "final")]["per_seed"][0]["diff"] == pytest.approx(10.0)
+    assert got[("ctd", "final")]["per_seed"][0]["se"] == pytest.approx(math.sqrt(2.0))
+    assert got[("bc", "selected")]["verdict"] == "does not hold"
+    text = "\n".join(claims.seed_report(rows + [{"method": "data", "train_seed": -1, "best_mean": 30.0,
+                                                 "best_sem": 2.0, "n": 40, "behavior": 31.5}], "hopper-medium-replay"))
+    assert "ractd: over 3 training seeds" in text and "17.3 (sd 4.6, 12.0 to 20.0)" in text
+    assert "The data's own level: 30.0 ± 2.0 over the dataset's 40 complete episodes" in text
+    assert "RACTD vs CTD, final checkpoints: **holds** on 3 training seed(s)" in text
+
+
+def test_studies_section_renders_each_store_under_the_snapshot(tmp_path):
+    import pandas as pd
+
+    (tmp_path / "seeds" / "hopper-medium-replay-small").mkdir(parents=True)
+    rows = [_seed_row(m, s, v) for s in range(2) for m, v in (("ctd", 10.0), ("ractd", 30.0), ("bc", 20.0))]
+    pd.DataFrame(rows).to_parquet(tmp_path / "seeds" / "hopper-medium-replay-small" / "results.parquet")
+    text = "\n".join(claims.studies_section(tmp_path))
+    assert "### RACTD, CTD and BC on several training seeds (bench/training_seeds.py): hopper-medium-replay-small" in text
+    assert "RACTD vs CTD, selected checkpoints: **holds** on 2 training seed(s)" in text
+    assert "RACTD vs BC, selected checkpoints: **holds**" in text
+    assert claims.studies_section(tmp_path / "empty") == []
