@@ -107,12 +107,20 @@ def worker_cpus(requested: float, workers: int, use_gpu: bool, concurrent: int =
                 cap: Capacity | None = None) -> float:
     """CPUs each Ray Train worker reserves (and its torch threads, rounded up): `requested` when positive; else 1
     for GPU workers (the GPU does the work); else the largest node's CPUs, less `driver_cpus` for each of the
-    `concurrent` runs, shared among the `concurrent` x `workers` workers, in steps of 0.5, at least 1.
+    `concurrent` runs, shared among the `concurrent` x `workers` workers, in steps of 0.5, at least 1 -- and
+    never more than a node keeps beside every driver (node CPUs - driver_cpus x concurrent), since Ray may place
+    the drivers on any node: on nodes of 1 CPU a worker of 1 CPU would wait forever beside a driver of 0.25 on
+    each node (measured: bench/multinode.py with two 1-CPU workers hung with 0.5 of 2 CPUs used), so it
+    reserves what is left (0.5 there) and runs torch on one thread.
     One node of 2 CPUs: the shared stages' worker takes 2; a trial's (its driver holds 0.5) takes 1.5."""
     if requested:
         return float(requested)
     if use_gpu:
         return 1.0
     cap = cap or capacity()
-    share = (cap.node_cpus - driver_cpus * concurrent) / max(1, concurrent * workers)
-    return max(1.0, math.floor(share * 2) / 2)
+    beside_drivers = cap.node_cpus - driver_cpus * concurrent
+    share = beside_drivers / max(1, concurrent * workers)
+    cpus = max(1.0, math.floor(share * 2) / 2)
+    if cpus > beside_drivers > 0:
+        cpus = math.floor(beside_drivers * 4) / 4 or beside_drivers
+    return cpus

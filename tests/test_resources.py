@@ -78,3 +78,15 @@ def test_auto_worker_cpus_use_the_node():
     big = resources.Capacity(cpus=48.0, gpus=8.0, node_cpus=16.0, node_gpus=1.0, autoscaling=True)
     assert resources.worker_cpus(0, 1, True, cap=big) == 1.0
     assert resources.worker_cpus(0, 4, False, concurrent=2, driver_cpus=0.5, cap=big) == 1.5  # (16 - 1) / 8
+
+
+def test_auto_worker_cpus_fit_beside_every_driver_on_small_nodes():
+    """Two worker nodes of 1 CPU (bench/multinode.py's cluster): the two trial drivers (0.25 each) may land on
+    different nodes, so a 1-CPU worker would fit on neither and the sweep would hang; the worker reserves what a
+    node keeps beside every driver, and one worker plus all drivers fits on one node."""
+    small = resources.Capacity(cpus=2.0, gpus=0.0, node_cpus=1.0, node_gpus=0.0, autoscaling=False)
+    for concurrent, driver in ((1, 0.5), (2, 0.375)):  # the search's driver share for n trials + the prestarted one
+        cpus = resources.worker_cpus(0, 1, False, concurrent=concurrent, driver_cpus=driver, cap=small)
+        assert 0 < cpus and cpus + driver * concurrent <= small.node_cpus, (concurrent, cpus)
+    assert resources.worker_cpus(0, 1, False, concurrent=1, driver_cpus=0.5, cap=small) == 0.5
+    assert resources.worker_cpus(0, 1, False, cap=small) == 1.0  # no driver beside it: the whole node
