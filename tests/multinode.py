@@ -6,7 +6,9 @@
   AWS_SECRET_ACCESS_KEY / AWS_DEFAULT_REGION variables;
 - a head started with --num-cpus=0 (it runs only the drivers, as on cluster.yaml), on this machine's disk;
 - worker nodes (`ray start --address`), each in its own mount namespace (`unshare -m`) with a private tmpfs
-  over the cache directory: the same path as on the head, a different disk, as on separate machines.
+  over the cache directory: the same path as on the head, a different disk, as on separate machines, and a Ray
+  temp dir of its own (/tmp of separate machines: with one shared, every node's log monitor streamed every
+  worker's lines, so the driver printed each line once per node).
 
 Needs root (mount namespaces) and moto[server]; `skip_reason()` says why not where it is impossible. Every
 process of a node carries RACTD_TEST_NODE=<cluster id>/<node name> in its environment, so `kill_node` ends
@@ -116,13 +118,19 @@ class MultiNodeCluster:
     def start_worker(self, name: str) -> None:
         """A worker node in its own mount namespace: a private tmpfs over the cache directory, then ray start."""
         ray = str(Path(sys.executable).parent / "ray")
+        temp = self.node_temp_dir(name)
+        temp.mkdir(parents=True, exist_ok=True)
         script = (f'mount -t tmpfs -o size=4g tmpfs "{self.cache}" && exec {ray} start --address={self.address} '
                   f'--num-cpus={self.cpus_per_worker} --num-gpus=0 --node-ip-address=127.0.0.1 '
                   f'--object-store-memory=400000000 '
-                  f'--temp-dir={self.temp_dir} --disable-usage-stats --block')
+                  f'--temp-dir={temp} --disable-usage-stats --block')
         n = self.alive_nodes()
         self._spawn(name, ["unshare", "-m", "--propagation", "private", "sh", "-c", script])
         self.wait_nodes(n + 1, timeout=120)  # one at a time
+
+    def node_temp_dir(self, name: str) -> Path:
+        """Ray's temp dir of a worker node (short: Ray's socket paths must stay under 107 bytes)."""
+        return Path(f"{self.temp_dir}-{name}")
 
     def alive_nodes(self) -> int:
         """Alive nodes, as the GCS sees them (asked from a fresh process, not this one)."""
@@ -185,7 +193,8 @@ class MultiNodeCluster:
             self.kill_node(name)
         if self._moto is not None:
             self._moto.stop()
-        shutil.rmtree(self.temp_dir, ignore_errors=True)
+        for d in [self.temp_dir, *(self.node_temp_dir(n) for n in self.workers)]:
+            shutil.rmtree(d, ignore_errors=True)
 
     # ------------------------------------------------------------------------------------------- helpers
     def run(self, argv: list[str], timeout: float, **kw) -> subprocess.CompletedProcess:
