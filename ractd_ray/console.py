@@ -59,6 +59,23 @@ def quiet_worker(verbose: bool) -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
+def quiet_teardown() -> None:
+    """In a Tune trial's process: Ray ends a finished trial's actor with SIGTERM, whose handler raises SystemExit;
+    when that lands inside a garbage-collection callback, Python prints "Exception ignored in ..." with a
+    traceback (seen on the multi-node cluster, three per finished trial). Those -- SystemExit only -- are dropped;
+    every other unraisable exception is printed as before."""
+    import sys
+
+    default = sys.unraisablehook
+
+    def hook(unraisable):
+        if isinstance(unraisable.exc_value, SystemExit):
+            return
+        default(unraisable)
+
+    sys.unraisablehook = hook
+
+
 def checkpoint_line(stage: str, metrics: dict, total: int) -> str:
     """One line per checkpoint of a Ray Train run outside Tune (the shared teacher and reward model)."""
     terms = " ".join(f"{k}={_fmt(float(metrics[k]))}" for k in ("loss", "select_score") if metrics.get(k) is not None)

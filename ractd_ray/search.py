@@ -173,9 +173,11 @@ def run_trial(config: dict, plan: TrialPlan) -> None:
     from ray import tune
 
     from ractd.io import atomic_write_json
+    from ractd_ray import console
     from ractd_ray.train import fit_stage
 
     started = time.time()
+    console.quiet_teardown()
     os.environ.update(plan.env)
     trial_id = tune.get_context().get_trial_id()
     summary_loc = trial_record(plan.train_storage, trial_id, "summary.json")
