@@ -80,7 +80,8 @@ class TrainConfig:
         action added to Eq. (4) while training the teacher.
     select_seeds: online model selection of the student, as the paper does: at every checkpoint roll the one-step
         student out on this many seeds (10000, 10001, ...: disjoint from the evaluation seeds); best.pt keeps the
-        highest mean normalized score. 0 = select by training loss (reward model: by validation loss). 10 by
+        highest mean normalized score. 0 = select by training loss (reward model: by validation loss; BC
+        keeps its final checkpoint, CORL's convention). 10 by
         default: fewer seeds rank checkpoints by noise (a one-step student's episode scores spread by tens of
         points), so best.pt would not be the checkpoint the 100-seed table ranks first.
     select_max_steps: env steps of each model-selection rollout; 0 = the task's full episode length, the
@@ -672,6 +673,8 @@ def train(cfg: TrainConfig, ctx: RunContext | None = None, data: dict | None = N
             if cfg.stage == "student" and cfg.select_seeds > 0:
                 last_select = _quick_eval(cfg, model, prep, ctx)
                 score = -last_select
+            elif cfg.stage == "bc":  # CORL reports BC's final policy: best.pt follows the latest checkpoint
+                score = -float(step)  # (selecting by the training loss picked a policy at 1.1 beside 10.8 final)
             else:
                 score = metrics.get("val_loss", metrics.get("loss", math.inf))
             if ctx.rank == 0:

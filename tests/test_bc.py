@@ -66,6 +66,23 @@ def test_bc_uses_corls_recipe_and_resumes(tmp_path):
     assert len(lines) == 2
 
 
+def test_bc_best_is_the_final_checkpoint_even_when_the_training_loss_rose(tmp_path):
+    """CORL reports BC's final policy; selecting by the training loss picked a hopper BC checkpoint scoring 1.1
+    beside 10.8 for the final one (bench/training_seeds.py). An absurd learning rate makes the loss rise after the
+    first checkpoint, so the loss rule would keep step 10; best.pt must be step 20."""
+    import json
+
+    from ractd.checkpoint import load_checkpoint
+
+    data, _ = _linear_data(n=512)
+    cfg = TrainConfig.for_stage("bc", "quick", task="hopper-medium-replay", run_dir=str(tmp_path), steps=20,
+                                ckpt_every=10, report_every=10, lr=3.0)
+    out = train(cfg, RunContext(progress=False), data=data)
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "bc" / "metrics.jsonl").read_text().splitlines()]
+    assert losses[1] > losses[0], losses  # the premise: by the loss, step 10 was better
+    assert load_checkpoint(out["best"])["step"] == 20
+
+
 def test_train_bc_and_evaluate_bc_parse_to_the_dataclasses():
     p = build_parser()
     for budget, flag in (("cpu", []), ("quick", ["--quick"]), ("paper", ["--paper"])):
