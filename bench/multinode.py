@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         result["trial_stored_bytes"] = trial_bytes(c.cache, args.task)
         by_folder: dict[str, int] = {}
         for key, o in c.objects().items():
-            top = key.removeprefix(f"{c.prefix}/").split("/")[0]
+            top = key.removeprefix(f"{c.prefix}/").split("/")[0] or "(prefix itself)"
             by_folder[top] = by_folder.get(top, 0) + o["Size"]
         result["s3_bytes_by_folder"] = by_folder
     finally:
