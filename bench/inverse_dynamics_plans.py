@@ -26,13 +26,13 @@ Writes <out>/tracking.parquet (one row per source, tracker, window or seed).
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 
 import numpy as np
 
 from ractd import RactdError
+from ractd.claims import tracking_report
 from ractd.paths import cache_dir
 
 TRACKERS = ("pd", "id_closed", "id_open")
@@ -157,7 +157,7 @@ def run(args) -> int:
     tmp = out / "tracking.tmp"
     df.to_parquet(tmp)
     tmp.replace(out / "tracking.parquet")
-    print(report(df))
+    print("\n".join(tracking_report(df)))
     print(f"\nstore: {out / 'tracking.parquet'}")
     return 0
 
@@ -169,19 +169,6 @@ def _episodes(evaluate_checkpoint, args, sampler, ckpt, tracker, id_path, seeds)
     evaluate_checkpoint(args.task, sampler=sampler, checkpoint=str(ckpt), seeds=seeds, tracker=tracker,
                         inverse_dynamics=str(id_path), out=str(path), progress=False)
     return pq.read_table(path).to_pylist()
-
-
-def report(df) -> str:
-    lines = [f"{'source':<16} {'tracker':<10} {'mean position error':>22} {'error at the last step':>24} "
-             f"{'score':>14}"]
-    for (source, tracker), g in df.groupby(["source", "tracker"], sort=False):
-        def ms(x):
-            x = np.asarray(x, float)
-            return f"{x.mean():.3f} ± {x.std(ddof=1) / math.sqrt(len(x)):.3f}"
-        sc = g["score"].dropna()
-        score = f"{sc.mean():.1f} ± {sc.std(ddof=1) / math.sqrt(len(sc)):.1f}" if len(sc) > 1 else ""
-        lines.append(f"{source:<16} {tracker:<10} {ms(g['mean_error']):>22} {ms(g['last_error']):>24} {score:>14}")
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":

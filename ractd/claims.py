@@ -684,6 +684,21 @@ def _dsm_lines(folder: Path) -> list[str]:
     return lines
 
 
+def tracking_report(df) -> list[str]:
+    """Markdown table of bench/inverse_dynamics_plans.py's rows: per plan source and tracker, the mean position
+    error to the planned state over the plan and at its last step, and the episode score (mean ± SE)."""
+    from tabulate import tabulate
+
+    def ms(x, digits):
+        x = np.asarray(x, float)
+        return f"{x.mean():.{digits}f} ± {x.std(ddof=1) / math.sqrt(len(x)):.{digits}f}" if len(x) > 1 else ""
+
+    table = [[source, tracker, ms(g["mean_error"], 3), ms(g["last_error"], 3), ms(g["score"].dropna(), 1), len(g)]
+             for (source, tracker), g in df.groupby(["source", "tracker"], sort=False)]
+    return [tabulate(table, headers=["plan", "tracker", "mean position error", "error at the last step", "score",
+                                     "n"], tablefmt="github", disable_numparse=True)]
+
+
 def studies_section(data: Path) -> list[str]:
     """Markdown of the studies run after the claims snapshot, from their stores under <data>: eq4/<task>-<scale>/
     (bench/eq4_forms.py: the teacher's Eq. (4) form), dsm/<task>-<scale>/ (bench/dsm_forms.py: the student's Eq. (7)
@@ -697,6 +712,16 @@ def studies_section(data: Path) -> list[str]:
             body = fn(folder)
             if body:
                 parts += [f"### {title}: {folder.name}", "", *body, ""]
+    for f in sorted((data / "inverse_dynamics").glob("*/tracking.parquet")):
+        import pandas as pd
+
+        parts += [f"### maze2d trackers on feasible and on planned paths (bench/inverse_dynamics_plans.py): "
+                  f"{f.parent.name}", "",
+                  "pd: Diffuser's PD rule; id_closed: the inverse dynamics model from the observed state to the next "
+                  "waypoint; id_open: from consecutive planned states (the paper's reading); data: the dataset's own "
+                  "actions. Dataset windows are feasible paths (the env set to each window's first state); the "
+                  "teacher's and the student's plans are followed from the evaluation's start states. Position "
+                  "error in maze units (one cell = 1).", "", *tracking_report(pd.read_parquet(f)), ""]
     for f in sorted((data / "seeds").glob("*/results.parquet")):
         import pandas as pd
 
