@@ -8,11 +8,16 @@ recipe, TrainConfig stage "bc"), each evaluated on the same --eval-seeds evaluat
 final checkpoint.
 
     python bench/training_seeds.py --task hopper-medium-replay [--sigma 0.3] [--train-seeds 0 1 2]
+    python bench/training_seeds.py --methods ractd ractd_ctm --train-seeds 0 --nfe 2 4   # Table 5's question
     python bench/training_seeds.py --report --out docs/results/seeds/hopper-medium-replay-small   # committed
 
 The default budget is the claims study's hopper sweep (ractd.study.CLAIMS_SWEEPS): 2000 teacher steps, students
 400 steps at batch 128 with a checkpoint (and model selection on 10 full-length episodes) every 100; --sigma 0.3
 is that sweep's pick.
+
+--methods ractd_ctm adds a RACTD student whose reward term is applied at a random t (DistillConfig.reward_variant
+"ctm", the released code's multi-step variant); --nfe K ... also evaluates each student's selected checkpoint with
+K steps (Table 5).
 
 Writes <out>/results.parquet: one row per (method, training seed) with the selected ("best") and final
 checkpoints' mean normalized score and its SE over the evaluation seeds, and one "data" row (the dataset's
@@ -41,7 +46,7 @@ from ractd.paths import cache_dir
 from ractd.tasks import get_task
 from ractd.train import TrainConfig, train
 
-METHODS = ("ctd", "ractd", "bc")
+METHODS = ("ctd", "ractd", "bc", "ractd_ctm")  # ractd_ctm: RACTD with reward_variant "ctm" (not by default)
 
 
 def _load(store: Path, report: bool) -> list[dict]:
@@ -81,7 +86,33 @@ def method_config(args, method: str, seed: int, out: Path, teacher: str, reward:
                                  teacher_ckpt=teacher, reward_ckpt=reward)
     w = get_task(args.task).weights
     a, b, s = (1.0, 1.0, 0.0) if method == "ctd" else (w.alpha, w.beta, args.sigma)
-    return dataclasses.replace(base, distill=dataclasses.replace(base.distill, alpha=a, beta=b, sigma=s)).resolved()
+    variant = "ctm" if method == "ractd_ctm" else base.distill.reward_variant
+    return dataclasses.replace(base, distill=dataclasses.replace(base.distill, alpha=a, beta=b, sigma=s,
+                                                                  reward_variant=variant)).resolved()
+
+
+def multi_step(args, rows: list[dict], out: Path, store: Path) -> None:
+    """Table 5: each student row of --methods and --train-seeds also evaluated at its selected checkpoint with
+    each of --nfe steps (ctm.sample_student: jump to sigma_min, re-noise, jump again); stored as nfe<k>_mean/_sem
+    (a stored value is not redone)."""
+    for row in rows:
+        if row["method"] in ("bc", "data") or row["method"] not in args.methods:
+            continue
+        if int(row["train_seed"]) not in args.train_seeds:
+            continue
+        run_dir = out / f"{row['method']}-seed{int(row['train_seed'])}"
+        for k in args.nfe:
+            key = f"nfe{k}_mean"
+            if k == 1 or (key in row and row[key] == row[key]):  # present and not NaN
+                continue
+            s = evaluate_checkpoint(args.task, run_dir=str(run_dir), sampler="student", nfe=k,
+                                    checkpoint=str(run_dir / "student" / "best.pt"),
+                                    seeds=list(range(args.eval_seeds)), progress=False,
+                                    out=str(run_dir / f"eval-best-nfe{k}.parquet"))
+            row.update({key: s["score_mean"], f"nfe{k}_sem": s["score_sem"]})
+            _save(rows, store)
+            print(f"{row['method']} seed {int(row['train_seed'])}: {k} steps {s['score_mean']:.1f} ± "
+                  f"{s['score_sem']:.1f}", flush=True)
 
 
 def data_row(args) -> dict:
@@ -129,6 +160,7 @@ def run(args) -> int:
                 print(f"{method} seed {seed}: selected {row['best_mean']:.1f} ± {row['best_sem']:.1f}, "
                       f"final {row['final_mean']:.1f} ± {row['final_sem']:.1f} (n={row['n']}, "
                       f"{row['train_s'] / 60:.1f} min)", flush=True)
+        multi_step(args, rows, out, store)
     print("\n".join(seed_report(rows, args.task)))
     print(f"\nstore: {store}")
     return 0
@@ -145,9 +177,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ckpt-every", type=int, default=100, help="student checkpoint / model selection interval")
     ap.add_argument("--reward-steps", type=int, default=0, help="0 = the cpu budget's")
     ap.add_argument("--bc-steps", type=int, default=0, help="0 = the cpu budget's")
-    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    ap.add_argument("--methods", nargs="+", default=list(METHODS[:3]), choices=list(METHODS))
     ap.add_argument("--train-seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--eval-seeds", type=int, default=100)
+    ap.add_argument("--nfe", nargs="+", type=int, default=[], help="also evaluate each student's selected "
+                    "checkpoint with these step counts (Table 5), e.g. --nfe 2 4")
     ap.add_argument("--out", default="", help="default <cache>/bench/seeds/<task>-<scale>")
     ap.add_argument("--report", action="store_true", help="only print the table of the store in --out")
     args = ap.parse_args(argv)

@@ -571,7 +571,7 @@ def _eval_compute(rows: list[dict]) -> list[str]:
 
 # ---------------------------------------------------------------------------------------------- later studies
 
-SEED_METHODS = ("ctd", "ractd", "bc")
+SEED_METHODS = ("ctd", "ractd", "bc", "ractd_ctm")
 
 
 def seed_verdicts(rows: list[dict]) -> list[dict]:
@@ -629,6 +629,15 @@ def seed_report(rows: list[dict], task: str) -> list[str]:
         per = "; ".join(f"seed {p['seed']}: {p['diff']:+.1f} ± {p['se']:.1f} ({p['outcome']})" for p in v["per_seed"])
         lines.append(f"- {v['a'].upper()} vs {v['b'].upper()}, {v['checkpoint']} checkpoints: **{v['verdict']}** "
                      f"on {len(v['per_seed'])} training seed(s): {per}.")
+    multi = []
+    for (m, s), r in sorted(by.items()):
+        steps = sorted(int(k[3:-5]) for k in r if k.startswith("nfe") and k.endswith("_mean") and r[k] == r[k])
+        if steps:
+            multi.append(f"{m} seed {s}: 1 step {r['best_mean']:.1f} ± {r['best_sem']:.1f}, " + ", ".join(
+                f"{k} steps {r[f'nfe{k}_mean']:.1f} ± {r[f'nfe{k}_sem']:.1f}" for k in steps))
+    if multi:
+        lines.append("- Multi-step sampling (Table 5), selected checkpoints (ractd_ctm: the reward applied at a "
+                     "random t, `reward_variant=\"ctm\"`): " + "; ".join(multi) + ".")
     return lines
 
 

@@ -274,6 +274,10 @@ def test_training_seed_verdict_holds_only_when_ractd_beats_on_every_training_see
     assert "ractd: over 3 training seeds" in text and "17.3 (sd 4.6, 12.0 to 20.0)" in text
     assert "The data's own level: 30.0 ± 2.0 over the dataset's 40 complete episodes" in text
     assert "RACTD vs CTD, final checkpoints: **holds** on 3 training seed(s)" in text
+    assert "Multi-step" not in text  # no row was evaluated with more steps
+    rows[-1].update(nfe2_mean=15.0, nfe2_sem=0.5, nfe4_mean=float("nan"), nfe4_sem=float("nan"))
+    text = "\n".join(claims.seed_report(rows, "hopper-medium-replay"))
+    assert "ractd seed 2: 1 step 12.0 ± 1.0, 2 steps 15.0 ± 0.5." in text  # the NaN 4-step value is left out
 
 
 def test_studies_section_renders_each_store_under_the_snapshot(tmp_path):
