@@ -3,10 +3,10 @@ node: wall times and their ratio, and what each trial writes to the run's storag
 
 The cluster is the multi-node test suite's (tests/multinode.py: a head with no CPUs, worker nodes in their own
 mount namespaces with a private tmpfs over the cache directory, storage on a local S3 endpoint, moto's server);
-it needs root, as those tests do. One node: a local Ray started by the commands themselves, with this machine's CPUs (give the
-workers as many together, --workers x --cpus-per-worker, for a like-for-like ratio), its run storage a local
-folder. Each side
-starts from an empty cache directory of its own, so both generate the dataset and train the shared teacher.
+it needs root, as those tests do. One node: a local Ray started by the commands themselves, with this
+machine's CPUs (give the workers as many together, --workers x --cpus-per-worker, for a like-for-like ratio),
+its run storage a local folder. Each side starts from an empty cache directory of its own, so both generate
+the dataset and train the shared teacher.
 
     python bench/multinode.py [--task maze2d-umaze] [--workers 2] [--cpus-per-worker 1] [--out DIR]
 

@@ -681,7 +681,8 @@ def _dsm_lines(folder: Path) -> list[str]:
         table = []
         for form, g in df.groupby("form", sort=False):
             g = g.sort_values("train_seed")
-            ratio = f"{g['dsm_over_ctm'].mean():.0f}x" if "dsm_over_ctm" in g and g["dsm_over_ctm"].notna().any() else ""
+            has_ratio = "dsm_over_ctm" in g and g["dsm_over_ctm"].notna().any()
+            ratio = f"{g['dsm_over_ctm'].mean():.0f}x" if has_ratio else ""
             table.append([form, "; ".join(f"{m:.1f} ± {s:.1f}" for m, s in zip(g["best_mean"], g["best_sem"])), ratio])
         lines += [tabulate(table, headers=["form", "score per training seed (100 seeds each)", "DSM / CTM"],
                            tablefmt="github", disable_numparse=True)]
