@@ -39,6 +39,7 @@ import numpy as np
 
 from ractd import RactdError
 from ractd.evaluate import evaluate_checkpoint
+from ractd.io import atomic_parquet, read_rows
 from ractd.paths import cache_dir
 from ractd.train import TrainConfig, train
 
@@ -64,20 +65,8 @@ def term_means(metrics_file: Path) -> dict:
 
 def _load(store: Path, report: bool) -> tuple[list[dict], set]:
     """(rows of the store, their (form, training seed) keys); --report on an empty store is an error."""
-    import pandas as pd
-
-    rows = pd.read_parquet(store).to_dict("records") if store.is_file() else []
-    if report and not rows:
-        raise RactdError(f"no results in {store}")
+    rows = read_rows(store, required=report)
     return rows, {(r["form"], r["train_seed"]) for r in rows}
-
-
-def _save(rows: list[dict], store: Path) -> None:
-    import pandas as pd
-
-    tmp = store.with_suffix(".tmp")
-    pd.DataFrame(rows).to_parquet(tmp)
-    tmp.replace(store)
 
 
 def ensure_teacher(args, seed: int, out: Path) -> Path:
@@ -142,7 +131,7 @@ def run_toy(args) -> int:
             share = toy.high_mode_share(lambda s: ctm.sample_student(student, prior(len(s)), s), s_eval)
             rows.append({"form": form, "train_seed": seed, "data": high.float().mean().item(),
                          "teacher": share_teacher, "ctd": share})
-            _save(rows, store)
+            atomic_parquet(store, rows)
             print(f"toy {form} seed {seed}: 30%-mode share {share:.3f} (teacher {share_teacher:.3f})", flush=True)
     df = pd.DataFrame(rows).sort_values(["form", "train_seed"])
     print(df.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
@@ -167,7 +156,7 @@ def run(args) -> int:
                                         out=str(out / f"teacher-seed{seed}-{inpaint}.parquet"))
                 row.update({f"{col}_mean": s["score_mean"], f"{col}_sem": s["score_sem"], "n": s["n"]})
             rows.append(row)
-            _save(rows, store)
+            atomic_parquet(store, rows)
             print(f"teacher seed {seed}: Heun-80 {row['best_mean']:.1f}, inpainted {row['best_pinned_mean']:.1f}",
                   flush=True)
         for form in args.forms:
@@ -193,7 +182,7 @@ def run(args) -> int:
                                         out=str(run_dir / f"eval-{which}.parquet"), progress=False)
                 row.update({f"{which}_mean": s["score_mean"], f"{which}_sem": s["score_sem"], "n": s["n"]})
             rows.append(row)
-            _save(rows, store)
+            atomic_parquet(store, rows)
             print(f"{form} seed {seed}: " + ", ".join(f"{k}={v:.4g}" for k, v in row.items()
                                                       if isinstance(v, float)), flush=True)
     df = pd.DataFrame(rows).sort_values(["form", "train_seed"])

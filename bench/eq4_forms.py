@@ -17,7 +17,6 @@ resumable: a finished teacher is not retrained, a stored measurement is not redo
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import math
 import sys
 import time
@@ -29,6 +28,7 @@ import torch
 from ractd import RactdError, edm
 from ractd.data.d4rl import load_d4rl_hdf5
 from ractd.evaluate import evaluate_checkpoint
+from ractd.io import atomic_parquet, read_rows
 from ractd.paths import cache_dir
 from ractd.tasks import get_task
 from ractd.train import TrainConfig, _shape_only, load_stage_model, prepare, train
@@ -96,10 +96,8 @@ def run(args) -> int:
     if not args.report:
         out.mkdir(parents=True, exist_ok=True)
     store = out / "results.parquet"
-    rows = pd.read_parquet(store).to_dict("records") if store.is_file() else []
+    rows = read_rows(store, required=args.report)
     done = {(r["form"], r["train_seed"], r["measure"]) for r in rows}
-    if args.report and not rows:
-        raise RactdError(f"no results in {store}")
     heldout = None if args.report else load_d4rl_hdf5(ensure_heldout(args.task, args.scale, args.heldout_seed))
     for seed in [] if args.report else args.train_seeds:
         for form in args.forms:
@@ -125,9 +123,7 @@ def run(args) -> int:
                             "score_mean": s["score_mean"], "score_sem": s["score_sem"], "n": s["n"]})
             rows += new
             if new:
-                tmp = store.with_suffix(".tmp")
-                pd.DataFrame(rows).to_parquet(tmp)
-                tmp.replace(store)
+                atomic_parquet(store, rows)
             print(f"{form} seed {seed}: " + ", ".join(f"{k}={v:.4g}" for r in new for k, v in r.items()
                                                       if isinstance(v, float)), flush=True)
     df = pd.DataFrame(rows)

@@ -33,6 +33,7 @@ import numpy as np
 
 from ractd import RactdError
 from ractd.claims import tracking_report
+from ractd.io import atomic_parquet
 from ractd.paths import cache_dir
 
 TRACKERS = ("pd", "id_closed", "id_open")
@@ -152,11 +153,8 @@ def run(args) -> int:
         print(f"{source} done", flush=True)
 
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     df = pd.DataFrame(rows)
-    tmp = out / "tracking.tmp"
-    df.to_parquet(tmp)
-    tmp.replace(out / "tracking.parquet")
+    atomic_parquet(out / "tracking.parquet", df)
     print("\n".join(tracking_report(df)))
     print(f"\nstore: {out / 'tracking.parquet'}")
     return 0

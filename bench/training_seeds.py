@@ -37,33 +37,15 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 from ractd import RactdError
 from ractd.claims import seed_report
 from ractd.evaluate import evaluate_checkpoint
+from ractd.io import atomic_parquet, read_rows
 from ractd.paths import cache_dir
 from ractd.tasks import get_task
 from ractd.train import TrainConfig, train
 
 METHODS = ("ctd", "ractd", "bc", "ractd_ctm")  # ractd_ctm: RACTD with reward_variant "ctm" (not by default)
-
-
-def _load(store: Path, report: bool) -> list[dict]:
-    import pandas as pd
-
-    rows = pd.read_parquet(store).to_dict("records") if store.is_file() else []
-    if report and not rows:
-        raise RactdError(f"no results in {store}")
-    return rows
-
-
-def _save(rows: list[dict], store: Path) -> None:
-    import pandas as pd
-
-    tmp = store.with_suffix(".tmp")
-    pd.DataFrame(rows).to_parquet(tmp)
-    tmp.replace(store)
 
 
 def shared_models(args, out: Path) -> tuple[str, str]:
@@ -110,7 +92,7 @@ def multi_step(args, rows: list[dict], out: Path, store: Path) -> None:
                                     seeds=list(range(args.eval_seeds)), progress=False,
                                     out=str(run_dir / f"eval-best-nfe{k}.parquet"))
             row.update({key: s["score_mean"], f"nfe{k}_sem": s["score_sem"]})
-            _save(rows, store)
+            atomic_parquet(store, rows)
             print(f"{row['method']} seed {int(row['train_seed'])}: {k} steps {s['score_mean']:.1f} ± "
                   f"{s['score_sem']:.1f}", flush=True)
 
@@ -132,13 +114,13 @@ def data_row(args) -> dict:
 def run(args) -> int:
     out = Path(args.out) if args.out else cache_dir() / "bench" / "seeds" / f"{args.task}-{args.scale}"
     store = out / "results.parquet"
-    rows = _load(store, args.report)
+    rows = read_rows(store, required=args.report)
     done = {(r["method"], r["train_seed"]) for r in rows}
     if not args.report:
         out.mkdir(parents=True, exist_ok=True)
         if ("data", -1) not in done:
             rows.append(data_row(args))
-            _save(rows, store)
+            atomic_parquet(store, rows)
         teacher, reward = shared_models(args, out)
         for seed in args.train_seeds:
             for method in args.methods:
@@ -156,7 +138,7 @@ def run(args) -> int:
                                             out=str(Path(cfg.run_dir) / f"eval-{which}.parquet"))
                     row.update({f"{which}_mean": s["score_mean"], f"{which}_sem": s["score_sem"], "n": s["n"]})
                 rows.append(row)
-                _save(rows, store)
+                atomic_parquet(store, rows)
                 print(f"{method} seed {seed}: selected {row['best_mean']:.1f} ± {row['best_sem']:.1f}, "
                       f"final {row['final_mean']:.1f} ± {row['final_sem']:.1f} (n={row['n']}, "
                       f"{row['train_s'] / 60:.1f} min)", flush=True)

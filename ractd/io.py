@@ -93,3 +93,27 @@ def atomic_npz(path, arrays: dict) -> Path:
     import numpy as np
 
     return atomic_write(path, lambda f: np.savez(f, **arrays))
+
+
+def atomic_parquet(path, rows) -> Path:
+    """A table (a pandas DataFrame, or a list of row dicts) written atomically to `path` as Parquet: the results
+    stores of the bench studies, rewritten after each new row."""
+    import pandas as pd
+
+    df = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(rows)
+    return atomic_write(path, lambda f: df.to_parquet(f))
+
+
+def read_rows(path, required: bool = False) -> list[dict]:
+    """The rows of a Parquet table (atomic_parquet's) as dicts; [] when the file is missing, unless `required`
+    (then a RactdError naming it: e.g. a --report of a study that has not run)."""
+    path = Path(path)
+    if not path.is_file():
+        if required:
+            from ractd import RactdError
+
+            raise RactdError(f"no results in {path}")
+        return []
+    import pandas as pd
+
+    return pd.read_parquet(path).to_dict("records")

@@ -140,3 +140,19 @@ def test_checkpoint_functions_go_through_atomic_write(d, monkeypatch):
     assert json.loads((d / "run" / "config.json").read_text()) == {"lr": 0.1}
     assert torch.equal(load_checkpoint(d / "run" / "best.pt")["w"], torch.ones(2))
     assert sorted(os.listdir(d / "run")) == ["best.pt", "config.json", "latest.pt"]
+
+
+def test_atomic_parquet_round_trips_rows_and_read_rows_names_a_missing_required_store(tmp_path):
+    import pytest
+
+    from ractd import RactdError
+    from ractd.io import atomic_parquet, read_rows
+
+    store = tmp_path / "sub" / "results.parquet"
+    assert read_rows(store) == []
+    with pytest.raises(RactdError, match=r"no results in .*results.parquet"):
+        read_rows(store, required=True)
+    rows = [{"method": "ctd", "train_seed": 0, "best_mean": 10.5}, {"method": "bc", "train_seed": 1, "best_mean": 2.0}]
+    atomic_parquet(store, rows)
+    assert read_rows(store, required=True) == rows
+    assert [p.name for p in store.parent.iterdir()] == ["results.parquet"]  # no temporary file left
