@@ -17,18 +17,25 @@ computed once per action (`FoldedUnet.prepare`). What is left per network call i
 
     eager      net.body in torch (the FiLM and time MLP work above already removed)
     jit        the body traced, frozen and optimized for inference by TorchScript
+    gemm       the body with every convolution as one matrix product (ractd.nets.gemm: im2col), weights stored
+               once; 0.70x eager at paper size and batch 100 (fp32, exact up to summation order)
     openvino   the body exported to ONNX in memory and compiled by OpenVINO, LATENCY hint, fp32 precision hint;
                a dynamic-batch model, plus a static-shape one for a batch size that keeps coming back (_OpenVINO)
     openvino-2s  the same compiled for 2 streams (THROUGHPUT hint; threads >= 2): the batch split in two halves
                run concurrently (rows are independent: GroupNorm normalizes each sample)
-    *-bf16     with EngineConfig.precision "bf16" only: torch autocast / OpenVINO's bf16 precision hint (not exact:
-               a behavioural cost, off by default; see README "Inference engines")
+    *-bf16     with EngineConfig.precision "bf16" only: gemm with bf16 weights and products (AMX on CPUs that
+               have it: 0.30x eager at paper size, batch 100) / OpenVINO's bf16 precision hint / torch autocast
+               (eager-bf16: only when asked for by name, it was the slowest everywhere measured). Not exact: a
+               behavioural cost, measured on 100-seed scores (see README "Inference engines")
 
 Choice (`EngineSelector`). The live batch B is rounded up to a power of two (its bucket); the first time a
-bucket is met, every candidate runs on random inputs of the batch that met it, taking turns for a few rounds (the best
-round kept, as bench/bench_inference.py times), its output checked against eager's; the fastest one whose time
-is at most `margin` x eager's is chosen, otherwise eager -- so an engine is never chosen over eager unless it
-was measured faster. The result is cached per (network shape, bucket, threads, precision, CPU, library
+bucket is met, every candidate runs on random inputs of the batch that met it (after warm-up calls: TorchScript
+re-specializes on its first calls at a new shape), taking turns for at least two rounds (each keeps its best and
+its worst round), its output checked against eager's; a candidate more than 1.25x eager's time after the first
+round is out of the later rounds (at paper size a call takes seconds). The fastest candidate whose *slowest*
+round took at most `margin` x eager's *fastest* is chosen, otherwise eager: an engine is never chosen over eager
+unless it was measured faster by more than the rounds' own spread (a single round of a multi-second call once
+chose TorchScript at 0.94x eager that then ran at 1.33x). The result is cached per (network shape, bucket, threads, precision, CPU, library
 versions) in <cache_dir>/engines/calibration.json (written atomically; an unreadable file is ignored with a
 warning and rewritten), so a machine measures each shape once.
 
@@ -56,24 +63,25 @@ from ractd import RactdError, edm
 
 log = logging.getLogger(__name__)
 
-ENGINES = ("eager", "jit", "openvino", "openvino-2s")
-ENGINE_CHOICES = ("auto", "none", "eager", "jit", "openvino")
+ENGINES = ("eager", "jit", "gemm", "openvino", "openvino-2s")
+ENGINE_CHOICES = ("auto", "none", "eager", "jit", "gemm", "openvino")
 PRECISIONS = ("fp32", "bf16")
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
     """How an evaluation sampler runs its U-Net.
 
-    engine: auto (the fastest measured for each live batch bucket; see the module doc) | eager | jit | openvino
-        (that engine for every batch, folded) | none (the library models called as they are: no folding).
+    engine: auto (the fastest measured for each live batch bucket; see the module doc) | eager | jit | gemm |
+        openvino (that engine for every batch, folded) | none (the library models called as they are: no folding).
     precision: fp32 | bf16 (bf16 engines only: torch autocast / OpenVINO bf16; a behavioural cost, not a rounding
         difference, so fp32 is the default).
     threads: intra-op threads of the engines (0 = torch.get_num_threads(), what the caller owns).
     calibrate_s: seconds each candidate runs per calibration round (at least one call).
-    rounds: calibration rounds (the candidates take turns; each keeps its best round).
-    margin: a candidate replaces eager only if its time is <= margin x eager's.
+    rounds: calibration rounds (the candidates take turns; each keeps its best and worst round); at least 2 run,
+        exactly 2 when one eager call takes a second or more.
+    margin: a candidate replaces eager only if its slowest round is <= margin x eager's fastest.
     cache: read and write the calibration cache (<cache_dir>/engines/calibration.json).
     """
 
@@ -199,6 +207,17 @@ def _eager(body: _Body, autocast: bool = False):
     return run
 
 
+def _gemm(body: _Body, dtype: torch.dtype):
+    from ractd.nets.gemm import gemm_copy
+
+    module = gemm_copy(body, dtype)
+
+    def run(x, films):
+        with torch.inference_mode():
+            return module(x, films)
+    return run
+
+
 def _jit(body: _Body, example: tuple):
     import warnings
 
@@ -280,15 +299,16 @@ class _OpenVINO:
 
 
 def candidates(cfg: EngineConfig, threads: int) -> list[str]:
-    """The engines `auto` measures: eager always; jit; openvino when installed (2 streams with >= 2 threads);
-    with precision bf16 the bf16 variants instead of the fp32 ones (eager-bf16 = torch autocast)."""
-    names = ["eager", "jit"]
+    """The engines `auto` measures: eager (fp32: the reference) always; jit; gemm; openvino when installed (2
+    streams with >= 2 threads); with precision bf16 the bf16 variants of gemm and openvino instead of the fp32
+    engines (not eager-bf16, torch autocast: the slowest everywhere bench/bench_engine.py measured)."""
+    names = ["eager", "jit", "gemm"]
     if _ov() is not None:
         names.append("openvino")
         if threads >= 2:
             names.append("openvino-2s")
     if cfg.precision == "bf16":
-        names = ["eager"] + [f"{n}-bf16" for n in names if n != "jit"]
+        names = ["eager"] + [f"{n}-bf16" for n in names if n not in ("eager", "jit")]
     return names
 
 
@@ -372,6 +392,8 @@ class EngineSelector:
                 self._built[name] = _eager(body, autocast=bf16)
             elif base == "jit":
                 self._built[name] = _jit(body, example)
+            elif base == "gemm":
+                self._built[name] = _gemm(body, torch.bfloat16 if bf16 else torch.float32)
             elif base in ("openvino", "openvino-2s"):
                 self._built[name] = _OpenVINO(body, example, self.threads, precision,
                                               streams=2 if base == "openvino-2s" else 1)
@@ -413,8 +435,8 @@ class EngineSelector:
         films = f.bias_for((0.0,) * f.net.n_times) + 0.1 * torch.randn(n, f.width, generator=gen)
         t0 = time.perf_counter()
         ref = self.build("eager")(x, films)
-        # a call of a second or more (paper size, large batch) dwarfs timing noise: one round then
-        rounds = self.cfg.rounds if time.perf_counter() - t0 < 1.0 else 1
+        # a call of a second or more (paper size, large batch): two rounds of one call (the spread still measured)
+        rounds = max(2, self.cfg.rounds) if time.perf_counter() - t0 < 1.0 else 2
         tol = (2e-1 if self.cfg.precision == "bf16" else 1e-3) * (1.0 + float(ref.abs().max()))
         runs, diffs = {}, {}
         for name in candidates(self.cfg, self.threads):
@@ -423,6 +445,8 @@ class EngineSelector:
                 if isinstance(run, _OpenVINO) and run.streams == 1:
                     run._static_request(n, now=True)  # timed as it runs once the batch repeats
                 diffs[name] = float((run(x, films) - ref).abs().max())   # also its warm-up call
+                if name.startswith("jit"):
+                    run(x, films)   # TorchScript's profiling executor optimizes on its second call
             except Exception as e:  # an engine that cannot build or run this net is not a candidate
                 log.warning("engine %s unavailable for %s: %s", name, self.shape_key,
                             str(e).splitlines()[0] if str(e) else type(e).__name__)
@@ -432,10 +456,11 @@ class EngineSelector:
                             tol, self.shape_key)
                 continue
             runs[name] = run
-        best = best_seconds_per_call({name: (lambda run=run: run(x, films)) for name, run in runs.items()}, rounds,
-                                     self.cfg.calibrate_s)
-        choice = choose(best, self.cfg.margin)
+        best, worst = seconds_per_call({name: (lambda run=run: run(x, films)) for name, run in runs.items()},
+                                       rounds, self.cfg.calibrate_s, drop_above=PRUNE_ABOVE)
+        choice = choose(best, self.cfg.margin, worst)
         record = {"choice": choice, "ms": {k: round(v * 1e3, 4) for k, v in best.items()},
+                  "worst_ms": {k: round(v * 1e3, 4) for k, v in worst.items()}, "rounds": rounds,
                   "max_abs_diff": diffs, "bucket": b, "batch": n, "threads": self.threads,
                   "load": round(os.getloadavg()[0], 2), "measured": time.strftime("%Y-%m-%dT%H:%M:%S")}
         log.info("engine for %s at batch %d (bucket %d), %d threads: %s (ms per call: %s)", self.shape_key, n, b,
@@ -448,26 +473,44 @@ class EngineSelector:
         return record
 
 
-def best_seconds_per_call(fns: dict[str, Callable[[], object]], rounds: int, round_s: float) -> dict[str, float]:
-    """Seconds per call of each fn: the best over `rounds` rounds of the mean per call within a round (>= round_s
-    s or 1 call), the fns taking turns round by round, so load drifting over time hits every fn alike."""
+PRUNE_ABOVE = 1.25   # a candidate this much slower than eager after the first round runs no further rounds
+
+
+def seconds_per_call(fns: dict[str, Callable[[], object]], rounds: int, round_s: float,
+                     drop_above: float = math.inf) -> tuple[dict[str, float], dict[str, float]]:
+    """(best, worst) seconds per call of each fn over `rounds` rounds of the mean per call within a round (>=
+    round_s s or 1 call), the fns taking turns round by round, so load drifting over time hits every fn alike.
+    After the first round a fn slower than drop_above x the first fn's (the reference's) runs no more rounds."""
     best = {name: math.inf for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
+    worst = {name: 0.0 for name in fns}
+    live = list(fns)
+    for r in range(rounds):
+        for name in live:
             calls, t0 = 0, time.perf_counter()
             while True:
-                fn()
+                fns[name]()
                 calls += 1
                 if time.perf_counter() - t0 >= round_s:
                     break
-            best[name] = min(best[name], (time.perf_counter() - t0) / calls)
-    return best
+            per = (time.perf_counter() - t0) / calls
+            best[name], worst[name] = min(best[name], per), max(worst[name], per)
+        if r == 0 and live:
+            ref = best[live[0]]
+            live = [n for i, n in enumerate(live) if i == 0 or best[n] <= drop_above * ref]
+    return best, worst
 
 
-def choose(seconds: dict[str, float], margin: float) -> str:
-    """The fastest engine whose measured time is <= margin x eager's; eager when none is (or eager alone ran)."""
+def best_seconds_per_call(fns: dict[str, Callable[[], object]], rounds: int, round_s: float) -> dict[str, float]:
+    """Seconds per call of each fn: the best of seconds_per_call's rounds (the benches' timing)."""
+    return seconds_per_call(fns, rounds, round_s)[0]
+
+
+def choose(seconds: dict[str, float], margin: float, worst: dict[str, float] | None = None) -> str:
+    """The fastest engine whose slowest measured round (its only time when `worst` is not given) is <= margin x
+    eager's fastest; eager when none is (or eager alone ran)."""
     eager = seconds["eager"]
-    fast = {k: v for k, v in seconds.items() if k != "eager" and v <= margin * eager}
+    worst = worst or seconds
+    fast = {k: v for k, v in seconds.items() if k != "eager" and worst.get(k, v) <= margin * eager}
     return min(fast, key=fast.get) if fast else "eager"
 
 

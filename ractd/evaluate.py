@@ -31,7 +31,7 @@ class EvalConfig:
     max_steps: cap on the episode length (0 = the task's).
     init_scaled: start noise x_T ~ N(0, sigma_max^2 I) (True) or N(0, I) (False, the released code).
     out: Parquet file ("" = <run_dir>/eval/<sampler>-<nfe>.parquet).
-    engine: auto | eager | jit | openvino | none -- how the sampler runs its U-Net (ractd.engine): auto = the
+    engine: auto | eager | jit | gemm | openvino | none -- how the sampler runs its U-Net (ractd.engine): auto = the
         sampler's fixed noise levels folded in and, per live batch, the engine measured fastest on this machine
         (never one measured slower than eager; same numbers up to float rounding); eager / jit / openvino = that
         engine for every batch; none = the library models as they are (with accelerate / precision below).
@@ -132,7 +132,7 @@ def policy_from_checkpoint(checkpoint: str | Path, sampler: str = "student", nfe
     per seed and move it to the model's device). tracker (maze2d): "pd" or "inverse_dynamics", the latter with the
     model file `inverse_dynamics` ("" = ractd.inverse_dynamics.default_path of the checkpoint's task and scale).
     inpaint (maze2d): "none" or "start" (ractd.policy.StartPinned around the teacher or the student).
-    engine: auto | eager | jit | openvino | none, see EvalConfig and ractd.engine (CPU only; a GPU model keeps the
+    engine: auto | eager | jit | gemm | openvino | none, see EvalConfig and ractd.engine (CPU only; a GPU model keeps the
     library path)."""
     from ractd.data.windows import Normalizer
     from ractd.policy import LocomotionPolicy, MazePlanner, StartPinned, make_sampler

@@ -40,7 +40,7 @@ def _gens(n, offset=0):
 
 
 def _engines():
-    names = ["eager", "jit"]
+    names = ["eager", "jit", "gemm"]
     if engine._ov() is not None:
         names.append("openvino")
     return names
@@ -129,6 +129,29 @@ def test_choose_never_takes_an_engine_slower_than_eager():
     assert choose({"eager": 1.0, "jit": 0.97}, 0.95) == "eager"          # inside the margin: not worth it
     assert choose({"eager": 1.0, "jit": 0.5, "openvino": 0.3}, 0.95) == "openvino"
     assert choose({"eager": 1.0}, 0.95) == "eager"
+
+
+def test_choose_takes_an_engine_only_if_its_slowest_round_beats_eager():
+    # the defect this guards: one round of a multi-second call chose jit at 0.94x eager; it then ran at 1.33x
+    assert choose({"eager": 1.0, "jit": 0.94}, 0.95, {"eager": 1.05, "jit": 1.1}) == "eager"
+    assert choose({"eager": 1.0, "jit": 0.90, "gemm": 0.80}, 0.95, {"eager": 1.0, "jit": 0.93, "gemm": 0.99}) == "jit"
+
+
+def test_seconds_per_call_drops_a_clearly_slower_candidate_after_the_first_round():
+    import time as _time
+
+    calls = {"eager": 0, "slow": 0, "near": 0}
+
+    def fn(name, s):
+        def run():
+            calls[name] += 1
+            _time.sleep(s)
+        return run
+
+    best, worst = engine.seconds_per_call({"eager": fn("eager", 0.01), "slow": fn("slow", 0.03),
+                                           "near": fn("near", 0.01)}, rounds=3, round_s=0.0, drop_above=1.25)
+    assert calls == {"eager": 3, "slow": 1, "near": 3}
+    assert best["slow"] > 2 * best["eager"] and all(worst[k] >= best[k] for k in best)
 
 
 def _slow_engine(monkeypatch, calls):
