@@ -11,15 +11,18 @@
                 weights; the issue measured our eager at 0.93-1.03x the released code itself)
      eager      ractd's library path: ctm.sample_student on the ConditionalUnet1D (engine none)
      exported   the exported ONNX policy on OpenVINO fp32 (ractd.export; what issue 17's table measured)
-     default    the new default: ractd.policy.student_sampler(engine=EngineConfig()) -- folded times, the engine
+     fp32       ractd.policy.student_sampler(engine=EngineConfig(precision="fp32")) -- folded times, the engine
                 chosen by the calibration for the bucket (printed), calibration done before timing (cached)
-   Printed: ms per call, each mode / released and / eager, and max |default - eager| (fp32: rounding).
+     bf16       the same with precision bf16 (gemm-bf16 / OpenVINO bf16 among the candidates)
+   The default path is the one EngineConfig()'s precision resolves to on this CPU (auto: bf16 with AMX-BF16;
+   marked "<- default"). Printed: ms per call, each mode / released, and max |mode - eager| (fp32: rounding;
+   bf16: its rounding, whose effect on scores bench/bf16_scores.py measures).
 2. The teacher's evaluation per env step: Heun-80 (158 U-Net calls), DDIM-10 and DDPM-100 policies on the small
-   U-Net at the given live batches: the library path (engine none: today's) vs the default engine path, seconds
-   per env step (one sampler call for the whole batch) and after / before.
+   U-Net at the given live batches: the library path (engine none: today's) vs the engine path at fp32 and at
+   bf16, seconds per env step (one sampler call for the whole batch) and after / before.
 
 Timing: modes take turns for --rounds rounds, each keeps its best round (bench_inference.interleaved), so load
-drifting over the run hits all modes alike; paper size at batch 100 takes seconds per call and uses 1 round of
+drifting over the run hits all modes alike; paper size at batch 100 takes seconds per call and uses 2 rounds of
 1 call per mode (stated in the output). The default run takes about 10 minutes on the 2-CPU machine.
 """
 
@@ -43,7 +46,7 @@ from bench_inference import ACT, H, OBS, PRESET, RELEASED_MS, interleaved, norma
 
 from ractd import ctm, ddpm, edm  # noqa: E402
 from ractd.config import UNET_PRESETS  # noqa: E402
-from ractd.engine import EngineConfig, bucket  # noqa: E402
+from ractd.engine import EngineConfig, bucket, resolve_precision  # noqa: E402
 from ractd.export import ExportedPolicy, build_policy_graph, export_graph  # noqa: E402
 from ractd.nets.unet1d import ConditionalUnet1D  # noqa: E402
 from ractd.policy import ddim_sampler, ddpm_sampler, heun_sampler, student_sampler  # noqa: E402
@@ -86,9 +89,11 @@ def default_fn(student, on, an, engine_cfg):
 
 def student_table(sizes, threads_list, rounds, tmp: Path) -> None:
     print("\n1. one-step student policy call (hopper shapes), ms per call and ratios; calibration before timing")
-    print(f"{'size':6} {'batch':>5} {'thr':>3} {'released':>9} {'eager':>9} {'exported':>9} {'default':>9} "
-          f"{'engine':12} {'eager/rel':>9} {'expo/rel':>9} {'dflt/rel':>9} {'dflt/eager':>10} {'max|diff|':>9} "
-          f"{'rel quoted':>10}")
+    default = resolve_precision(EngineConfig().precision)
+    print(f"default precision on this CPU: {default} (EngineConfig().precision = {EngineConfig().precision!r})")
+    print(f"{'size':6} {'batch':>5} {'thr':>3} {'released':>9} {'eager':>9} {'exported':>9} {'fp32':>9} {'bf16':>9} "
+          f"{'fp32 engine':14} {'bf16 engine':14} {'eager/rel':>9} {'expo/rel':>9} {'fp32/rel':>9} {'bf16/rel':>9} "
+          f"{'|fp32-eager|':>12} {'|bf16-eager|':>12}")
     meta = {"task": "hopper-medium", "kind": "locomotion", "k": 1, "obs_dim": OBS, "horizon": H, "dim": ACT}
     for size in sizes:
         on, an = normalizers()
@@ -98,44 +103,52 @@ def student_table(sizes, threads_list, rounds, tmp: Path) -> None:
         for threads in threads_list:
             torch.set_num_threads(threads)
             t0 = time.perf_counter()
-            fast, default = default_fn(student, on, an, EngineConfig(threads=threads))
+            fast32, path32 = default_fn(student, on, an, EngineConfig(threads=threads, precision="fp32"))
+            fast16, path16 = default_fn(student, on, an, EngineConfig(threads=threads, precision="bf16"))
             modes = {"released": policy_fn(lambda x, c: ctm.sample_student(released, x, c), on, an),
                      "eager": policy_fn(lambda x, c: ctm.sample_student(student, x, c), on, an),
                      "exported": ExportedPolicy(onnx_path, "openvino", threads=threads).act,
-                     "default": default}
+                     "fp32": path32, "bf16": path16}
             for batch in (1, 100):
                 rng = np.random.default_rng(0)
                 obs = rng.uniform(-3, 3, (batch, 1, OBS)).astype(np.float32)
                 noise = rng.standard_normal((batch, H, ACT)).astype(np.float32)
                 t1 = time.perf_counter()
-                chosen = fast.folded.selector.choice(batch)  # calibrates (or reads the cache) outside the timing
+                chosen32 = fast32.folded.selector.choice(batch)  # calibrates (or reads the cache) outside the timing
+                chosen16 = fast16.folded.selector.choice(batch)
                 calib_s = time.perf_counter() - t1
                 ref = modes["eager"](obs, noise)
-                diff = float(np.abs(modes["default"](obs, noise) - ref).max())
+                d32 = float(np.abs(modes["fp32"](obs, noise) - ref).max())
+                d16 = float(np.abs(modes["bf16"](obs, noise) - ref).max())
                 for fn in modes.values():
                     fn(obs, noise)  # warm-up
                 slow = size == "paper" and batch > 1
-                best = interleaved(modes, obs, noise, 1 if slow else rounds,
+                best = interleaved(modes, obs, noise, 2 if slow else rounds,
                                    round_s=0.0 if slow else (0.3 if size == "small" else 1.0))
                 r = best["released"]
-                quoted = f"{best['default'] * 1e3 / RELEASED_MS[size]:10.2f}" if batch == 1 and threads == 2 else ""
+                mark = {"fp32": "", "bf16": ""}
+                mark[default] = "*"
                 print(f"{size:6} {batch:5d} {threads:3d} " + " ".join(f"{best[m] * 1e3:9.2f}" for m in modes)
-                      + f" {chosen:12} {best['eager'] / r:9.2f} {best['exported'] / r:9.2f} {best['default'] / r:9.2f}"
-                      f" {best['default'] / best['eager']:10.2f} {diff:9.1e} {quoted:>10}"
-                      + ("   (1 round of 1 call)" if slow else "")
+                      + f" {chosen32:14} {chosen16:14} {best['eager'] / r:9.2f} {best['exported'] / r:9.2f}"
+                      f" {best['fp32'] / r:8.2f}{mark['fp32'] or ' '} {best['bf16'] / r:8.2f}{mark['bf16'] or ' '}"
+                      f" {d32:12.1e} {d16:12.1e}"
+                      + ("   (2 rounds of 1 call)" if slow else "")
                       + (f"   (calibrated in {calib_s:.1f} s)" if calib_s > 0.5 else ""), flush=True)
-            print(f"# {size}, {threads} threads: engine set up in {time.perf_counter() - t0:.1f} s including "
-                  f"calibration; measured ms per bucket: "
-                  + "; ".join(f"b{b}: {rec['ms']}" for b, rec in sorted(fast.folded.selector.measured.items())),
-                  flush=True)
-            del modes, fast, default
+            for label, fast in (("fp32", fast32), ("bf16", fast16)):
+                print(f"# {size}, {threads} threads, {label}: calibration ms per bucket (best; worst): "
+                      + "; ".join(f"b{b}: {rec['ms']}; {rec.get('worst_ms')}"
+                                  for b, rec in sorted(fast.folded.selector.measured.items())), flush=True)
+            print(f"# {size}, {threads} threads: set up in {time.perf_counter() - t0:.1f} s including calibration "
+                  f"(* = the default path)", flush=True)
+            del modes, fast32, fast16, path32, path16
 
 
 def teacher_table(batches, threads_list, rounds, samplers) -> None:
     print("\n2. the teacher's evaluation per env step (one sampler call for the live batch), small U-Net, hopper "
           "shapes: today's library path (engine none) vs the default engine path")
-    print(f"{'sampler':9} {'calls':>5} {'batch':>5} {'thr':>3} {'before s':>9} {'after s':>9} {'after/before':>12} "
-          f"{'engine':12} {'max|diff|':>9}")
+    print(f"{'sampler':9} {'calls':>5} {'batch':>5} {'thr':>3} {'before s':>9} {'fp32 s':>9} {'bf16 s':>9} "
+          f"{'fp32/before':>11} {'bf16/before':>11} {'fp32 engine':14} {'bf16 engine':14} {'|fp32-before|':>13} "
+          f"{'|bf16-before|':>13}")
     torch.manual_seed(0)
     net = ConditionalUnet1D(ACT, OBS, UNET_PRESETS["small"], n_times=1).eval().requires_grad_(False)
     teacher, eps_model = edm.Denoiser(net).eval(), ddpm.EpsModel(net).eval()
@@ -146,17 +159,21 @@ def teacher_table(batches, threads_list, rounds, samplers) -> None:
         build, calls = builders[name]
         for threads in threads_list:
             torch.set_num_threads(threads)
-            cfg = EngineConfig(threads=threads)
-            before, after = build(None), build(cfg)
+            before = build(None)
+            after = {p: build(EngineConfig(threads=threads, precision=p)) for p in ("fp32", "bf16")}
             for batch in batches:
                 cond = torch.randn(batch, OBS, generator=torch.Generator().manual_seed(batch))
                 gens = lambda: [torch.Generator().manual_seed(i) for i in range(batch)]  # noqa: E731
-                diff = float((after(cond, gens()) - before(cond, gens())).abs().max())  # also calibrates + warms
-                modes = {"before": lambda o, n: before(cond, gens()), "after": lambda o, n: after(cond, gens())}
+                ref = before(cond, gens())
+                diff = {p: float((a(cond, gens()) - ref).abs().max()) for p, a in after.items()}  # also calibrates
+                modes = {"before": lambda o, n: before(cond, gens()),
+                         **{p: (lambda o, n, a=a: a(cond, gens())) for p, a in after.items()}}
                 best = interleaved(modes, None, None, rounds, round_s=0.0 if batch > 10 else 0.5)
-                chosen = after.folded.selector.choice(batch)
-                print(f"{name:9} {calls:5d} {batch:5d} {threads:3d} {best['before']:9.3f} {best['after']:9.3f} "
-                      f"{best['after'] / best['before']:12.2f} {chosen:12} {diff:9.1e}", flush=True)
+                chosen = {p: a.folded.selector.choice(batch) for p, a in after.items()}
+                print(f"{name:9} {calls:5d} {batch:5d} {threads:3d} {best['before']:9.3f} {best['fp32']:9.3f} "
+                      f"{best['bf16']:9.3f} {best['fp32'] / best['before']:11.2f} {best['bf16'] / best['before']:11.2f}"
+                      f" {chosen['fp32']:14} {chosen['bf16']:14} {diff['fp32']:13.1e} {diff['bf16']:13.1e}",
+                      flush=True)
 
 
 def main() -> None:

@@ -65,7 +65,7 @@ log = logging.getLogger(__name__)
 
 ENGINES = ("eager", "jit", "gemm", "openvino", "openvino-2s")
 ENGINE_CHOICES = ("auto", "none", "eager", "jit", "gemm", "openvino")
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("fp32", "bf16", "auto")
 CACHE_VERSION = 2
 
 
@@ -75,8 +75,9 @@ class EngineConfig:
 
     engine: auto (the fastest measured for each live batch bucket; see the module doc) | eager | jit | gemm |
         openvino (that engine for every batch, folded) | none (the library models called as they are: no folding).
-    precision: fp32 | bf16 (bf16 engines only: torch autocast / OpenVINO bf16; a behavioural cost, not a rounding
-        difference, so fp32 is the default).
+    precision: fp32 | bf16 | auto (bf16 where the CPU multiplies bf16 matrices in hardware -- AMX-BF16 --, else
+        fp32; `resolve_precision`). bf16 engines: gemm-bf16 / OpenVINO bf16; a behavioural cost, not a rounding
+        difference, measured on 100-seed scores by bench/bf16_scores.py.
     threads: intra-op threads of the engines (0 = torch.get_num_threads(), what the caller owns).
     calibrate_s: seconds each candidate runs per calibration round (at least one call).
     rounds: calibration rounds (the candidates take turns; each keeps its best and worst round); at least 2 run,
@@ -93,6 +94,10 @@ class EngineConfig:
     margin: float = 0.95
     cache: bool = True
 
+    def resolved(self) -> "EngineConfig":
+        """This config with precision auto replaced by what it means on this CPU."""
+        return dataclasses.replace(self, precision=resolve_precision(self.precision))
+
     def validate(self) -> "EngineConfig":
         if self.engine not in ENGINE_CHOICES:
             raise RactdError(f"engine={self.engine!r}: expected one of {', '.join(ENGINE_CHOICES)}")
@@ -104,6 +109,27 @@ class EngineConfig:
 
     def n_threads(self) -> int:
         return int(self.threads) or torch.get_num_threads()
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (/proc/cpuinfo; empty where it cannot be read)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def resolve_precision(precision: str) -> str:
+    """fp32 / bf16 as given; auto: bf16 on a CPU with AMX-BF16 (bf16 matrix products in hardware: the gemm-bf16
+    and OpenVINO bf16 engines run 2-4x faster than fp32 there), fp32 elsewhere (without AMX, bf16 is emulated or
+    converted and gains little)."""
+    if precision != "auto":
+        return precision
+    return "bf16" if "amx_bf16" in cpu_flags() else "fp32"
 
 
 def bucket(batch: int) -> int:
@@ -147,7 +173,7 @@ class FoldedUnet:
             raise RactdError(f"engine {cfg.engine!r} needs a ConditionalUnet1D, got {type(net).__name__}")
         if net.final[1].weight.dtype != torch.float32:
             raise RactdError("the engines take a float32 U-Net; set EngineConfig.precision for bf16")
-        self.net, self.horizon, self.cfg = net.eval(), int(horizon), cfg.validate()
+        self.net, self.horizon, self.cfg = net.eval(), int(horizon), cfg.validate().resolved()
         blocks = net.film_blocks()
         weight = torch.cat([b.film[1].weight.detach() for b in blocks])
         self._bias0 = torch.cat([b.film[1].bias.detach() for b in blocks])
@@ -156,7 +182,7 @@ class FoldedUnet:
         self._w_time = weight[:, :self.E].contiguous()
         self._w_cond = weight[:, self.E:].contiguous()
         self._biases: dict[tuple[float, ...], torch.Tensor] = {}
-        self.selector = EngineSelector(self, cfg)
+        self.selector = EngineSelector(self, self.cfg)
 
     @property
     def width(self) -> int:

@@ -60,9 +60,9 @@ class EvalConfig:
     max_steps: int = 0
     init_scaled: bool = True
     out: str = ""
-    engine: Literal["auto", "eager", "jit", "openvino", "none"] = "auto"
+    engine: Literal["auto", "eager", "jit", "gemm", "openvino", "none"] = "auto"
     accelerate: Literal["none", "jit"] = "none"
-    precision: Literal["fp32", "bf16"] = "fp32"
+    precision: Literal["fp32", "bf16", "auto"] = "fp32"
     overlap: bool = False
     tracker: Literal["pd", "inverse_dynamics", "inverse_dynamics_plan"] = "pd"
     inverse_dynamics: str = ""
@@ -112,6 +112,19 @@ def _engine_config(engine: str, accelerate: str, precision: str):
     return EngineConfig(engine=engine, precision=precision).validate()
 
 
+def effective_precision(sampler: str, engine: str, accelerate: str, precision: str) -> str:
+    """fp32 or bf16: what a policy built with these options computes in (what the records store). auto means
+    ractd.engine.resolve_precision's choice on the engines, fp32 on the library path (engine none / accelerate)
+    and for BC (an MLP, no U-Net)."""
+    if precision != "auto":
+        return precision
+    if sampler == "bc" or _engine_config(engine, accelerate, "fp32") is None:
+        return "fp32"
+    from ractd.engine import resolve_precision
+
+    return resolve_precision(precision)
+
+
 def _sampler_opts(sampler: str, nfe: int, init_scaled: bool) -> dict:
     if sampler == "student":
         return {"n_steps": nfe, "init_scaled": init_scaled}
@@ -140,6 +153,7 @@ def policy_from_checkpoint(checkpoint: str | Path, sampler: str = "student", nfe
 
     if sampler not in SAMPLER_STAGE:
         raise RactdError(f"unknown sampler {sampler!r}; expected one of {', '.join(SAMPLER_STAGE)}")
+    precision = effective_precision(sampler, engine, accelerate, precision)
     engine_cfg = _engine_config(engine, accelerate, precision) if sampler != "bc" else None
     if inpaint not in ("none", "start"):
         raise RactdError(f"inpaint={inpaint!r}: expected none or start")
@@ -209,7 +223,7 @@ def evaluate_checkpoint(task: str, run_dir: str = "", sampler: str = "student", 
     else:
         records = rollout_maze(t, policy, seeds, max_steps=max_steps, progress=progress)
     extra = {"sampler": sampler, "nfe": nfe, "init_scaled": init_scaled, "accelerate": accelerate, "engine": engine,
-             "precision": precision, "tracker": ("bc" if sampler == "bc" else tracker) if t.kind == "maze" else "", "checkpoint": str(ckpt),
+             "precision": effective_precision(sampler, engine, accelerate, precision), "tracker": ("bc" if sampler == "bc" else tracker) if t.kind == "maze" else "", "checkpoint": str(ckpt),
              "sigma": cfg.distill.sigma if cfg.stage == "student" else 0.0, "train_seed": cfg.seed,
              **({"inpaint": inpaint} if t.kind == "maze" else {})}
     records = [{**r, **extra} for r in records]

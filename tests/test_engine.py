@@ -244,3 +244,22 @@ def test_bad_engine_options_are_one_line_errors():
         EvalConfig(task="hopper-medium", engine="openvino", accelerate="jit").validate()
     with pytest.raises(RactdError, match="ConditionalUnet1D"):
         FoldedUnet(torch.nn.Linear(2, 2), H)
+
+
+def test_precision_auto_is_bf16_only_on_a_cpu_with_amx(monkeypatch):
+    from ractd.evaluate import effective_precision
+
+    monkeypatch.setattr(engine, "cpu_flags", lambda: {"avx512f", "avx512_bf16"})
+    assert engine.resolve_precision("auto") == "fp32"   # bf16 conversions without AMX: little to gain
+    assert FoldedUnet(_net(), H, EngineConfig(precision="auto", cache=False)).selector.cfg.precision == "fp32"
+    monkeypatch.setattr(engine, "cpu_flags", lambda: {"avx512f", "amx_bf16", "amx_tile"})
+    assert engine.resolve_precision("auto") == "bf16" and engine.resolve_precision("fp32") == "fp32"
+    folded = FoldedUnet(_net(), H, EngineConfig(precision="auto", cache=False))
+    assert folded.selector.cfg.precision == "bf16"
+    assert set(engine.candidates(folded.selector.cfg, 1)) >= {"eager", "gemm-bf16"}
+    # what the records store: the precision computed in; the library path and BC stay fp32 under auto
+    assert effective_precision("student", "auto", "none", "auto") == "bf16"
+    assert effective_precision("heun", "none", "none", "auto") == "fp32"
+    assert effective_precision("student", "auto", "jit", "auto") == "fp32"
+    assert effective_precision("bc", "auto", "none", "auto") == "fp32"
+    assert effective_precision("student", "none", "none", "bf16") == "bf16"
