@@ -15,6 +15,16 @@ The default budget is the claims study's hopper sweep (ractd.study.CLAIMS_SWEEPS
 400 steps at batch 128 with a checkpoint (and model selection on 10 full-length episodes) every 100; --sigma 0.3
 is that sweep's pick.
 
+--methods teacher trains a teacher per training seed (TrainConfig "teacher", --teacher-steps, the library's
+default Eq. (4) form) and evaluates its Heun-80 (158 network calls) on --teacher-eval-seeds seeds, in pieces of
+--chunk seeds (each piece stored as it finishes: a run cut short resumes at the next piece); --teacher-run
+names where each seed's teacher run lives ("{seed}" is replaced; default <out>/teacher-seed{seed}), and episodes
+already stored under that run's eval/heun-*.parquet (python -m ractd evaluate's default place) are reused, never
+rolled out twice. The report then rules on the teacher against the behavior policy's level and against BC.
+
+    python bench/training_seeds.py --task walker2d-medium --methods teacher bc --teacher-steps 3000 \
+        --teacher-run ~/.cache/ractd/science/walker2d-medium-s{seed} --teacher-eval-seeds 30
+
 --methods ractd_ctm adds a RACTD student whose reward term is applied at a random t (DistillConfig.reward_variant
 "ctm", the released code's multi-step variant); --nfe K ... also evaluates each student's selected checkpoint with
 K steps (Table 5).
@@ -45,7 +55,8 @@ from ractd.paths import cache_dir
 from ractd.tasks import get_task
 from ractd.train import TrainConfig, train
 
-METHODS = ("ctd", "ractd", "bc", "ractd_ctm")  # ractd_ctm: RACTD with reward_variant "ctm" (not by default)
+METHODS = ("ctd", "ractd", "bc", "ractd_ctm", "teacher")  # ractd_ctm: RACTD with reward_variant "ctm"; teacher: a
+# teacher per training seed (neither by default)
 
 
 def shared_models(args, out: Path) -> tuple[str, str]:
@@ -78,7 +89,7 @@ def multi_step(args, rows: list[dict], out: Path, store: Path) -> None:
     each of --nfe steps (ctm.sample_student: jump to sigma_min, re-noise, jump again); stored as nfe<k>_mean/_sem
     (a stored value is not redone)."""
     for row in rows:
-        if row["method"] in ("bc", "data") or row["method"] not in args.methods:
+        if row["method"] in ("bc", "data", "teacher") or row["method"] not in args.methods:
             continue
         if int(row["train_seed"]) not in args.train_seeds:
             continue
@@ -95,6 +106,47 @@ def multi_step(args, rows: list[dict], out: Path, store: Path) -> None:
             atomic_parquet(store, rows)
             print(f"{row['method']} seed {int(row['train_seed'])}: {k} steps {s['score_mean']:.1f} ± "
                   f"{s['score_sem']:.1f}", flush=True)
+
+
+def teacher_row(args, seed: int, out: Path) -> dict:
+    """Train (or resume) the training seed's teacher and evaluate its Heun-80 on seeds 0 .. teacher_eval_seeds - 1,
+    reusing stored episodes and storing new ones a piece (--chunk seeds) at a time."""
+    import numpy as np
+    import pandas as pd
+
+    run_dir = Path(str(args.teacher_run).replace("{seed}", str(seed))).expanduser() if args.teacher_run else \
+        out / f"teacher-seed{seed}"
+    cfg = TrainConfig.for_stage("teacher", "cpu", task=args.task, scale=args.scale, seed=seed,
+                                steps=args.teacher_steps, run_dir=str(run_dir)).resolved()
+    t0 = time.perf_counter()
+    res = train(cfg)   # a finished run returns at once
+    train_s = time.perf_counter() - t0
+    ckpt = Path(res["best"])
+
+    def stored() -> pd.DataFrame:
+        files = sorted((run_dir / "eval").glob("heun-*.parquet"))
+        eps = pd.concat([pd.read_parquet(f) for f in files]) if files else pd.DataFrame(columns=["seed"])
+        if len(eps) and "nfe" in eps:
+            eps = eps[eps["nfe"] == 80]
+        return eps.drop_duplicates("seed")
+
+    want = list(range(args.teacher_eval_seeds))
+    while True:
+        have = set(int(s) for s in stored()["seed"])
+        missing = [s for s in want if s not in have]
+        if not missing:
+            break
+        piece = missing[:args.chunk]
+        print(f"teacher seed {seed}: Heun-80 on evaluation seeds {piece[0]}..{piece[-1]}", flush=True)
+        evaluate_checkpoint(args.task, run_dir=str(run_dir), sampler="heun", checkpoint=str(ckpt), seeds=piece,
+                            precision="fp32", progress=True,
+                            out=str(run_dir / "eval" / f"heun-{piece[0]}-{len(piece)}.parquet"))
+    eps = stored()
+    x = eps[eps["seed"].isin(want)]["normalized_score"].to_numpy(float)
+    sem = float(x.std(ddof=1) / math.sqrt(len(x))) if len(x) > 1 else float("nan")
+    return {"method": "teacher", "train_seed": seed, "sigma": 0.0, "steps": int(res["step"]), "train_s": train_s,
+            "best_mean": float(np.mean(x)), "best_sem": sem, "final_mean": float(np.mean(x)), "final_sem": sem,
+            "n": len(x), "run_dir": str(run_dir)}
 
 
 def data_row(args) -> dict:
@@ -125,6 +177,13 @@ def run(args) -> int:
         for seed in args.train_seeds:
             for method in args.methods:
                 if (method, seed) in done:
+                    continue
+                if method == "teacher":
+                    rows.append(teacher_row(args, seed, out))
+                    atomic_parquet(store, rows)
+                    r = rows[-1]
+                    print(f"teacher seed {seed}: Heun-80 {r['best_mean']:.1f} ± {r['best_sem']:.1f} (n={r['n']})",
+                          flush=True)
                     continue
                 cfg = method_config(args, method, seed, out, teacher, reward)
                 t0 = time.perf_counter()
@@ -162,6 +221,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--methods", nargs="+", default=list(METHODS[:3]), choices=list(METHODS))
     ap.add_argument("--train-seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--eval-seeds", type=int, default=100)
+    ap.add_argument("--teacher-eval-seeds", type=int, default=30, help="Heun-80 rollouts per teacher (method teacher)")
+    ap.add_argument("--chunk", type=int, default=10, help="teacher evaluation seeds per stored piece")
+    ap.add_argument("--teacher-run", default="", help="where training seed {seed}'s teacher run lives (method "
+                    "teacher; default <out>/teacher-seed{seed})")
     ap.add_argument("--nfe", nargs="+", type=int, default=[], help="also evaluate each student's selected "
                     "checkpoint with these step counts (Table 5), e.g. --nfe 2 4")
     ap.add_argument("--out", default="", help="default <cache>/bench/seeds/<task>-<scale>")

@@ -571,17 +571,18 @@ def _eval_compute(rows: list[dict]) -> list[str]:
 
 # ---------------------------------------------------------------------------------------------- later studies
 
-SEED_METHODS = ("ctd", "ractd", "bc", "ractd_ctm")
+SEED_METHODS = ("teacher", "ctd", "ractd", "bc", "ractd_ctm")
 
 
 def seed_verdicts(rows: list[dict]) -> list[dict]:
     """RACTD vs CTD and RACTD vs BC per training seed (bench/training_seeds.py's rows: one per method and training
     seed, "best_*" = selected checkpoint, "final_*" = final one): the difference and its SE over evaluation
-    episodes, "beats" / "below" / "ties" at Z SE; the claim holds on the seeds when RACTD beats on every one."""
+    episodes, "beats" / "below" / "ties" at Z SE; the claim holds on the seeds when RACTD beats on every one.
+    The teacher (one checkpoint per training seed: its final EMA weights) against BC: final checkpoints only."""
     by = {(r["method"], int(r["train_seed"])): r for r in rows}
     out = []
-    for a, b in (("ractd", "ctd"), ("ractd", "bc")):
-        for which in ("best", "final"):
+    for a, b in (("ractd", "ctd"), ("ractd", "bc"), ("teacher", "bc")):
+        for which in ("final",) if a == "teacher" else ("best", "final"):
             seeds = sorted(s for (m, s) in by if m == a and (b, s) in by)
             if not seeds:
                 continue
@@ -597,6 +598,24 @@ def seed_verdicts(rows: list[dict]) -> list[dict]:
             out.append({"a": a, "b": b, "checkpoint": "selected" if which == "best" else "final", "per_seed": per,
                         "verdict": "holds" if held else "does not hold" if worse else "inconclusive"})
     return out
+
+
+def teacher_vs_behavior(by: dict, seeds: list[int], level: float) -> str:
+    """One line: the teachers' Heun-80 per training seed against the behavior policy's level (a number without an
+    SE: its own evaluation), "at or above" / "below" at Z SE, and the verdict on all training seeds."""
+    per, means = [], []
+    for s in seeds:
+        r = by[("teacher", s)]
+        m, se = float(r["final_mean"]), float(r["final_sem"])
+        means.append(m)
+        outcome = "above" if m - level > Z * se else "below" if level - m > Z * se else "level (within 2 SE)"
+        per.append(f"seed {s}: {m:.1f} ± {se:.1f}, n={int(r['n'])} ({outcome})")
+    below = all("below" in p for p in per)
+    reached = all("below" not in p for p in per)
+    verdict = "holds" if reached else "does not hold" if below else "inconclusive"
+    return (f"- TEACHER (Heun-80, 158 network calls) at least the behavior policy's level ({level:.1f}): **{verdict}** "
+            f"on {len(seeds)} training seed(s): " + "; ".join(per) + f"; mean over training seeds "
+            f"{np.mean(means):.1f}.")
 
 
 def seed_report(rows: list[dict], task: str) -> list[str]:
@@ -625,6 +644,10 @@ def seed_report(rows: list[dict], task: str) -> list[str]:
                      f"{int(d['n'])} complete episodes; the behavior policy (the generator's record): "
                      f"{d['behavior']:.1f}.")
         lines.append("")
+        teachers = sorted(s for (m, s) in by if m == "teacher")
+        if teachers and d["behavior"] == d["behavior"]:
+            lines.append(teacher_vs_behavior(by, teachers, float(d["behavior"])))
+            lines.append("")
     for v in seed_verdicts(rows):
         per = "; ".join(f"seed {p['seed']}: {p['diff']:+.1f} ± {p['se']:.1f} ({p['outcome']})" for p in v["per_seed"])
         lines.append(f"- {v['a'].upper()} vs {v['b'].upper()}, {v['checkpoint']} checkpoints: **{v['verdict']}** "
@@ -737,11 +760,19 @@ def studies_section(data: Path) -> list[str]:
 
         rows = pd.read_parquet(f).to_dict("records")
         task = f.parent.name.rsplit("-", 1)[0]
-        parts += [f"### RACTD, CTD and BC on several training seeds (bench/training_seeds.py): {f.parent.name}", "",
-                  "One shared teacher and reward model; per training seed a CTD student (σ = 0), a RACTD student and "
-                  "a BC MLP, each on the same 100 evaluation seeds at its selected and its final checkpoint. "
-                  f"Verdict rule: RACTD beats on a training seed when the difference exceeds {Z:g} SE; the claim "
-                  "holds when it does on every training seed.", "", *seed_report(rows, task), ""]
+        methods = {r["method"] for r in rows}
+        about = []
+        if methods & {"ctd", "ractd"}:
+            about.append("One shared teacher and reward model; per training seed a CTD student (σ = 0), a RACTD "
+                         "student and a BC MLP, each on the same 100 evaluation seeds at its selected and its final "
+                         f"checkpoint. Verdict rule: RACTD beats on a training seed when the difference exceeds {Z:g} "
+                         "SE; the claim holds when it does on every training seed.")
+        if "teacher" in methods:
+            about.append("A teacher per training seed (its final EMA weights), Heun-80 on the first n evaluation "
+                         "seeds, against the behavior policy's level and BC (100 seeds, final checkpoint); the "
+                         f"teacher is below on a seed when it is more than {Z:g} SE under.")
+        parts += [f"### Teachers, students and BC on several training seeds (bench/training_seeds.py): "
+                  f"{f.parent.name}", "", " ".join(about), "", *seed_report(rows, task), ""]
     if not parts:
         return []
     return ["## Studies after the snapshot: loss forms and training seeds", "",

@@ -87,7 +87,7 @@ class EngineConfig:
     """
 
     engine: str = "auto"
-    precision: str = "fp32"
+    precision: str = "auto"
     threads: int = 0
     calibrate_s: float = 0.15
     rounds: int = 3
@@ -333,7 +333,7 @@ def candidates(cfg: EngineConfig, threads: int) -> list[str]:
         names.append("openvino")
         if threads >= 2:
             names.append("openvino-2s")
-    if cfg.precision == "bf16":
+    if resolve_precision(cfg.precision) == "bf16":
         names = ["eager"] + [f"{n}-bf16" for n in names if n not in ("eager", "jit")]
     return names
 

@@ -62,7 +62,7 @@ class EvalConfig:
     out: str = ""
     engine: Literal["auto", "eager", "jit", "gemm", "openvino", "none"] = "auto"
     accelerate: Literal["none", "jit"] = "none"
-    precision: Literal["fp32", "bf16", "auto"] = "fp32"
+    precision: Literal["fp32", "bf16", "auto"] = "auto"
     overlap: bool = False
     tracker: Literal["pd", "inverse_dynamics", "inverse_dynamics_plan"] = "pd"
     inverse_dynamics: str = ""
@@ -134,7 +134,7 @@ def _sampler_opts(sampler: str, nfe: int, init_scaled: bool) -> dict:
 
 
 def policy_from_checkpoint(checkpoint: str | Path, sampler: str = "student", nfe: int | None = None,
-                           init_scaled: bool = True, accelerate: str = "none", precision: str = "fp32",
+                           init_scaled: bool = True, accelerate: str = "none", precision: str = EvalConfig.precision,
                            tracker: str = "pd", inverse_dynamics: str = "", device: str = "cpu",
                            inpaint: str = "none", engine: str = "auto"):
     """(policy or planner, task, its TrainConfig) for a checkpoint of the stage the sampler needs.
@@ -198,7 +198,7 @@ def policy_from_checkpoint(checkpoint: str | Path, sampler: str = "student", nfe
 def evaluate_checkpoint(task: str, run_dir: str = "", sampler: str = "student", checkpoint: str = "",
                         nfe: int | None = None, seeds: list[int] | None = None, max_steps: int | None = None,
                         init_scaled: bool = True, out: str = "", progress: bool = True,
-                        accelerate: str = "none", precision: str = "fp32", overlap: bool = False,
+                        accelerate: str = "none", precision: str = EvalConfig.precision, overlap: bool = False,
                         tracker: str = "pd", inverse_dynamics: str = "", inpaint: str = "none",
                         engine: str = "auto") -> dict:
     """Roll out `seeds` (default 0..9) with the checkpoint's policy; write records to Parquet; return a summary.

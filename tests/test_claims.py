@@ -280,6 +280,25 @@ def test_training_seed_verdict_holds_only_when_ractd_beats_on_every_training_see
     assert "ractd seed 2: 1 step 12.0 ± 1.0, 2 steps 15.0 ± 0.5." in text  # the NaN 4-step value is left out
 
 
+def test_teacher_rows_rule_against_the_behavior_policy_and_bc():
+    """Teachers at 41 +- 1 and 37 +- 2 against a behavior policy at 38: above, then level (within 2 SE) -> holds;
+    a third at 30 +- 1 is below -> inconclusive; every teacher below -> does not hold. Against BC at 41.6: per
+    seed, final checkpoints only."""
+    data = {"method": "data", "train_seed": -1, "best_mean": 36.0, "best_sem": 0.5, "n": 80, "behavior": 38.0}
+    rows = [data, _seed_row("teacher", 0, 41.0), _seed_row("teacher", 1, 37.0, sem=2.0)]
+    rows += [_seed_row("bc", s, 41.6, sem=0.5) for s in range(3)]
+    text = "\n".join(claims.seed_report(rows, "walker2d-medium"))
+    assert "behavior policy's level (38.0): **holds** on 2 training seed(s)" in text
+    assert "seed 0: 41.0 ± 1.0, n=100 (above)" in text and "seed 1: 37.0 ± 2.0, n=100 (level (within 2 SE))" in text
+    assert "TEACHER vs BC, final checkpoints" in text and "selected checkpoints" not in text.split("TEACHER vs BC")[1]
+    got = {v["a"]: v for v in claims.seed_verdicts(rows)}
+    assert [p["outcome"] for p in got["teacher"]["per_seed"]] == ["ties", "below"]  # -0.6 +- 1.1, -4.6 +- 2.1
+    text = "\n".join(claims.seed_report(rows + [_seed_row("teacher", 2, 30.0)], "walker2d-medium"))
+    assert "(38.0): **inconclusive** on 3 training seed(s)" in text and "mean over training seeds 36.0" in text
+    low = [data] + [_seed_row("teacher", s, 30.0) for s in range(2)]
+    assert "(38.0): **does not hold**" in "\n".join(claims.seed_report(low, "walker2d-medium"))
+
+
 def test_studies_section_renders_each_store_under_the_snapshot(tmp_path):
     import pandas as pd
 
@@ -287,7 +306,7 @@ def test_studies_section_renders_each_store_under_the_snapshot(tmp_path):
     rows = [_seed_row(m, s, v) for s in range(2) for m, v in (("ctd", 10.0), ("ractd", 30.0), ("bc", 20.0))]
     pd.DataFrame(rows).to_parquet(tmp_path / "seeds" / "hopper-medium-replay-small" / "results.parquet")
     text = "\n".join(claims.studies_section(tmp_path))
-    assert "### RACTD, CTD and BC on several training seeds (bench/training_seeds.py): hopper-medium-replay-small" in text
+    assert "### Teachers, students and BC on several training seeds (bench/training_seeds.py): hopper-medium-replay-small" in text
     assert "RACTD vs CTD, selected checkpoints: **holds** on 2 training seed(s)" in text
     assert "RACTD vs BC, selected checkpoints: **holds**" in text
     assert claims.studies_section(tmp_path / "empty") == []

@@ -32,7 +32,7 @@ def _net(n_times=1, seed=0, cond=G):
 
 
 def _fixed(name):
-    return EngineConfig(engine=name, cache=False)
+    return EngineConfig(engine=name, precision="fp32", cache=False)
 
 
 def _gens(n, offset=0):
@@ -77,10 +77,23 @@ def test_heun_sampler_through_an_engine_matches_the_library_sampler(name):
     teacher = edm.Denoiser(_net()).eval()
     cond, gens = torch.randn(4, G), _gens(4)
     ref = heun_sampler(teacher, (H, D), n_bins=12)(cond, gens)
-    out = heun_sampler(teacher, (H, D), n_bins=12, engine=EngineConfig(engine=name, calibrate_s=0.01, rounds=1))(
-        cond, _gens(4))
+    cfg = EngineConfig(engine=name, precision="fp32", calibrate_s=0.01, rounds=1)
+    out = heun_sampler(teacher, (H, D), n_bins=12, engine=cfg)(cond, _gens(4))
     np.testing.assert_allclose(out.numpy(), ref.numpy(), rtol=1e-4, atol=1e-4)
     assert not torch.equal(out[0], out[1])  # rows differ (their own noise and conditioning)
+
+
+def test_bf16_engines_are_close_to_the_fp32_sampler_but_not_equal():
+    """precision bf16 (what auto means on an AMX CPU): Heun-12 through gemm-bf16 (and OpenVINO bf16 when installed)
+    stays within bf16 rounding of the fp32 library sampler -- and is not it (the bf16 path really ran)."""
+    teacher = edm.Denoiser(_net()).eval()
+    cond = torch.randn(4, G)
+    ref = heun_sampler(teacher, (H, D), n_bins=12)(cond, _gens(4))
+    for name in ["gemm"] + (["openvino"] if engine._ov() is not None else []):
+        out = heun_sampler(teacher, (H, D), n_bins=12, engine=EngineConfig(engine=name, precision="bf16",
+                                                                           cache=False))(cond, _gens(4))
+        err = float((out - ref).abs().max() / ref.abs().max())
+        assert 1e-5 < err < 5e-2, (name, err)
 
 
 def test_heun_through_the_engines_follows_the_exact_gaussian_flow():

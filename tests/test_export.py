@@ -52,7 +52,8 @@ def _torch_policy(ckpt):
     from ractd.train import load_stage_model
 
     _, cfg, _ = load_stage_model(ckpt)
-    policy, task, _ = policy_from_checkpoint(ckpt, "student", 1, init_scaled=cfg.distill.init_scaled)
+    policy, task, _ = policy_from_checkpoint(ckpt, "student", 1, init_scaled=cfg.distill.init_scaled,
+                                           precision="fp32")  # the export is fp32
     return policy, task
 
 
