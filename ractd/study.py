@@ -661,6 +661,8 @@ class EvalJob:
     max_steps: int = 0       # 0 = the task's episode length
     tracker: str = "pd"      # maze2d: pd | inverse_dynamics
     seed_cap: int = 0        # evaluate only the first seed_cap of the study's seeds (0 = all)
+    precision: str = "fp32"  # the store's episodes are fp32: the same numbers whatever the block size or node
+    # (bf16 engines change a batched call's rows by ~1e-2 with the batch's composition; bench/bf16_scores.py)
 
     def seeds(self, seeds: list[int]) -> list[int]:
         return list(seeds[:self.seed_cap]) if self.seed_cap else list(seeds)
@@ -757,7 +759,7 @@ def blocks(jobs: list[EvalJob], seeds: list[int], done: set[tuple], block_size: 
 def policy_key(job: EvalJob) -> tuple:
     """What identifies a job's policy object: jobs with equal keys may share one loaded policy (evaluate_serial,
     the pool's actors); everything load_policy reads from the job besides the file is in it."""
-    return (job.checkpoint, job.sampler, job.nfe, job.init_scaled, job.tracker)
+    return (job.checkpoint, job.sampler, job.nfe, job.init_scaled, job.tracker, job.precision)
 
 
 def load_policy(job: EvalJob, checkpoint_file=None, device: str = "cpu", inverse_dynamics_file=None):
@@ -778,7 +780,7 @@ def load_policy(job: EvalJob, checkpoint_file=None, device: str = "cpu", inverse
         if inverse_dynamics_file:
             kw["inverse_dynamics"] = str(inverse_dynamics_file)
     policy, task, _ = policy_from_checkpoint(checkpoint_file or job.checkpoint_path, job.sampler, job.nfe,
-                                             job.init_scaled, **kw)
+                                             job.init_scaled, precision=job.precision, **kw)
     if task.name != job.task:
         raise RactdError(f"{job.checkpoint_path} was trained on {task.name}, not {job.task}")
     return policy

@@ -48,7 +48,7 @@ def tiny(tmp_path_factory):
             make_job("maze2d-umaze", "teacher-heun-80", maze, "test")]
     direct = {}
     for job in jobs:
-        policy, task, _ = policy_from_checkpoint(job.checkpoint_path, job.sampler, job.nfe)
+        policy, task, _ = policy_from_checkpoint(job.checkpoint_path, job.sampler, job.nfe, precision=job.precision)
         roll = rollout_locomotion if task.kind == "locomotion" else rollout_maze
         for s in SEEDS:
             direct[(job.method, s)] = roll(task, policy, [s], progress=False)[0]
