@@ -115,10 +115,11 @@ def _engine_config(engine: str, accelerate: str, precision: str):
 def effective_precision(sampler: str, engine: str, accelerate: str, precision: str) -> str:
     """fp32 or bf16: what a policy built with these options computes in (what the records store). auto means
     ractd.engine.resolve_precision's choice on the engines, fp32 on the library path (engine none / accelerate)
-    and for BC (an MLP, no U-Net)."""
+    and for BC (an MLP, no U-Net) and DDPM / DDIM (not measured at bf16; DDIM's x_0 = (x - sqrt(1 - abar) eps) /
+    sqrt(abar) turns bf16's rounding into changes of up to 1.3 in an action chunk at abar ~ 0: bench_engine.py)."""
     if precision != "auto":
         return precision
-    if sampler == "bc" or _engine_config(engine, accelerate, "fp32") is None:
+    if sampler in ("bc", "ddpm", "ddim") or _engine_config(engine, accelerate, "fp32") is None:
         return "fp32"
     from ractd.engine import resolve_precision
 

@@ -276,3 +276,42 @@ def test_precision_auto_is_bf16_only_on_a_cpu_with_amx(monkeypatch):
     assert effective_precision("student", "auto", "jit", "auto") == "fp32"
     assert effective_precision("bc", "auto", "none", "auto") == "fp32"
     assert effective_precision("student", "none", "none", "bf16") == "bf16"
+    assert effective_precision("ddim", "auto", "none", "auto") == "fp32"   # not measured at bf16 (x_0 amplifies)
+    assert effective_precision("heun", "auto", "none", "auto") == "bf16"
+
+
+def test_a_record_measured_on_a_busy_machine_is_measured_again_when_it_is_quiet(monkeypatch):
+    cfg = EngineConfig(precision="fp32", calibrate_s=0.01, rounds=1)
+    folded = FoldedUnet(_net(), H, cfg)
+    cpus = __import__("os").cpu_count()
+    engine.write_calibration(engine.calibration_path(), folded.selector.key(2),
+                             {"choice": "eager", "load": float(cpus) + 1.0})
+    monkeypatch.setattr("os.getloadavg", lambda: (cpus + 2.0, 0.0, 0.0))
+    assert folded.selector._cached(2)["choice"] == "eager"     # still busy: the record stands
+    monkeypatch.setattr("os.getloadavg", lambda: (0.1, 0.0, 0.0))
+    assert folded.selector._cached(2) is None                  # quieter now: measured again
+    engine.write_calibration(engine.calibration_path(), folded.selector.key(2), {"choice": "eager", "load": 0.5})
+    assert folded.selector._cached(2)["choice"] == "eager"     # a record from a quiet machine is kept
+
+
+def test_two_streams_are_not_a_candidate_for_a_single_row(monkeypatch):
+    monkeypatch.setattr(engine, "candidates", lambda cfg, threads: ["eager", "openvino-2s"])
+    built = []
+    build = EngineSelector.build
+
+    def spy(self, name):
+        built.append(name)
+        return build(self, name) if name == "eager" else (lambda x, films: build(self, "eager")(x, films))
+
+    monkeypatch.setattr(EngineSelector, "build", spy)
+    folded = FoldedUnet(_net(), H, EngineConfig(precision="fp32", calibrate_s=0.01, rounds=1, cache=False))
+    assert folded.selector.choice(1) == "eager" and "openvino-2s" not in built
+    folded.selector.choice(3)
+    assert "openvino-2s" in built
+
+
+def test_the_engines_that_lost_the_calibration_are_released():
+    folded = FoldedUnet(_net(), H, EngineConfig(precision="fp32", calibrate_s=0.01, rounds=1, cache=False))
+    chosen = folded.selector.choice(4)
+    assert set(folded.selector._built) == {"eager", chosen}
+    assert set(folded.selector.measured[4]["ms"]) >= {"eager", "jit", "gemm"}  # they did run
