@@ -26,7 +26,6 @@ redone) and prints the table.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import tempfile
 from pathlib import Path
@@ -34,6 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from ractd.claims import bf16_report  # noqa: E402
 from ractd.errors import Parser, run_command  # noqa: E402
 from ractd.paths import cache_dir  # noqa: E402
 
@@ -69,28 +69,6 @@ def measure(case: str, precision: str, seeds: int, threads: int) -> list[dict]:
             for r in df.itertuples()]
 
 
-def report(rows: list[dict]) -> str:
-    import numpy as np
-    from tabulate import tabulate
-
-    table = []
-    for case in dict.fromkeys(r["case"] for r in rows):
-        by = {p: {r["seed"]: r["normalized"] for r in rows if r["case"] == case and r["precision"] == p}
-              for p in PRECISIONS}
-        if not all(by.values()):
-            continue
-        common = sorted(set(by["fp32"]) & set(by["bf16"]))
-        a, b = np.array([by["fp32"][s] for s in common]), np.array([by["bf16"][s] for s in common])
-        d = b - a
-        se = lambda v: float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else float("nan")  # noqa: E731
-        unchanged = abs(d.mean()) <= max(0.5 * se(a), 2 * se(d))
-        table.append([case, len(common), f"{a.mean():.1f} ± {se(a):.1f}", f"{b.mean():.1f} ± {se(b):.1f}",
-                      f"{d.mean():+.2f} ± {se(d):.2f}", f"{float(np.mean(a == b)):.2f}",
-                      "unchanged" if unchanged else "CHANGED"])
-    return tabulate(table, headers=["case", "seeds", "fp32", "bf16", "bf16 - fp32 (paired)", "share of equal scores",
-                                    "verdict"], tablefmt="github")
-
-
 def main(argv=None) -> int:
     from ractd.io import atomic_parquet, read_rows
 
@@ -112,7 +90,7 @@ def main(argv=None) -> int:
                 print(f"== {case} {precision}", flush=True)
                 rows += measure(case, precision, args.seeds, args.threads)
                 atomic_parquet(store, rows)
-    print(report(rows))
+    print("\n".join(bf16_report(rows)))
     return 0
 
 

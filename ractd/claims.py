@@ -732,6 +732,30 @@ def tracking_report(df) -> list[str]:
                                      "n"], tablefmt="github", disable_numparse=True)]
 
 
+def bf16_report(rows: list[dict]) -> list[str]:
+    """Markdown table of bench/bf16_scores.py's store: per case, the fp32 and bf16 scores on the same seeds, the
+    paired shift and the verdict: "unchanged" when the shift is at most half the fp32 score's SE over the seeds
+    (what the evaluation resolves) or within Z paired SE of zero."""
+    from tabulate import tabulate
+
+    table = []
+    for case in dict.fromkeys(r["case"] for r in rows):
+        by = {p: {int(r["seed"]): float(r["normalized"]) for r in rows if r["case"] == case and r["precision"] == p}
+              for p in ("fp32", "bf16")}
+        common = sorted(set(by["fp32"]) & set(by["bf16"]))
+        if len(common) < 2:
+            continue
+        a, b = np.array([by["fp32"][s] for s in common]), np.array([by["bf16"][s] for s in common])
+        d = b - a
+        se = lambda v: float(v.std(ddof=1) / math.sqrt(len(v)))  # noqa: E731
+        unchanged = abs(d.mean()) <= max(0.5 * se(a), Z * se(d))
+        table.append([case, len(common), f"{a.mean():.1f} ± {se(a):.1f}", f"{b.mean():.1f} ± {se(b):.1f}",
+                      f"{d.mean():+.2f} ± {se(d):.2f}", f"{float(np.mean(a == b)):.2f}",
+                      "unchanged" if unchanged else "CHANGED"])
+    return [tabulate(table, headers=["case", "seeds", "fp32", "bf16", "bf16 - fp32 (paired)", "share of equal scores",
+                                     "verdict"], tablefmt="github", disable_numparse=True)]
+
+
 def studies_section(data: Path) -> list[str]:
     """Markdown of the studies run after the claims snapshot, from their stores under <data>: eq4/<task>-<scale>/
     (bench/eq4_forms.py: the teacher's Eq. (4) form), dsm/<task>-<scale>/ (bench/dsm_forms.py: the student's Eq. (7)
@@ -773,6 +797,14 @@ def studies_section(data: Path) -> list[str]:
                          f"teacher is below on a seed when it is more than {Z:g} SE under.")
         parts += [f"### Teachers, students and BC on several training seeds (bench/training_seeds.py): "
                   f"{f.parent.name}", "", " ".join(about), "", *seed_report(rows, task), ""]
+    for f in sorted((data / "bf16").glob("scores.parquet")):
+        import pandas as pd
+
+        parts += ["### bf16 inference on 100 paired seeds (bench/bf16_scores.py)", "",
+                  "Each checkpoint rolled out on the same seeds at fp32 and at bf16 (engine auto: the calibrated "
+                  "fastest engine per live batch). Cases: hopper-medium-replay students of training seed 0 "
+                  "(docs/results/seeds/), maze2d-umaze student (DSM form paper) and teacher (Heun-80) of "
+                  "docs/results/dsm/.", "", *bf16_report(pd.read_parquet(f).to_dict("records")), ""]
     if not parts:
         return []
     return ["## Studies after the snapshot: loss forms and training seeds", "",

@@ -310,3 +310,17 @@ def test_studies_section_renders_each_store_under_the_snapshot(tmp_path):
     assert "RACTD vs CTD, selected checkpoints: **holds** on 2 training seed(s)" in text
     assert "RACTD vs BC, selected checkpoints: **holds**" in text
     assert claims.studies_section(tmp_path / "empty") == []
+
+
+def test_bf16_report_calls_a_shift_below_the_evaluations_resolution_unchanged():
+    rng = np.random.default_rng(0)
+    base = rng.normal(50.0, 10.0, 100)  # score SE ~1.0
+    rows = []
+    for case, shift in (("small", 0.3), ("big", 3.0)):
+        for s, v in enumerate(base):
+            rows.append({"case": case, "precision": "fp32", "seed": s, "normalized": float(v)})
+            rows.append({"case": case, "precision": "bf16", "seed": s, "normalized": float(v + shift
+                                                                                         + rng.normal(0, 0.1))})
+    lines = {line.split("|")[1].strip(): line for line in claims.bf16_report(rows)[0].splitlines()[2:]}
+    assert lines["small"].rstrip(" |").endswith("unchanged") and "+0.29 ± 0.01" in lines["small"]  # 29 paired SE, yet a third of the score SE
+    assert lines["big"].rstrip(" |").endswith("CHANGED") and "+2.99" in lines["big"]  # 3 score SEs
