@@ -173,7 +173,8 @@ def run(args) -> int:
         if ("data", -1) not in done:
             rows.append(data_row(args))
             atomic_parquet(store, rows)
-        teacher, reward = shared_models(args, out)
+        students = set(args.methods) & {"ctd", "ractd", "ractd_ctm"}
+        teacher, reward = shared_models(args, out) if students else ("", "")  # BC and teacher rows need neither
         for seed in args.train_seeds:
             for method in args.methods:
                 if (method, seed) in done:

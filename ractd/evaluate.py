@@ -33,13 +33,14 @@ class EvalConfig:
     out: Parquet file ("" = <run_dir>/eval/<sampler>-<nfe>.parquet).
     engine: auto | eager | jit | gemm | openvino | none -- how the sampler runs its U-Net (ractd.engine): auto = the
         sampler's fixed noise levels folded in and, per live batch, the engine measured fastest on this machine
-        (never one measured slower than eager; same numbers up to float rounding); eager / jit / openvino = that
-        engine for every batch; none = the library models as they are (with accelerate / precision below).
+        (never one measured slower than eager; at fp32 the same numbers up to float rounding); eager / jit / gemm /
+        openvino = that engine for every batch; none = the library models as they are (with accelerate / precision below).
     accelerate: none | jit (the library path: TorchScript-frozen networks called per step, the earlier fast path;
         jit implies engine none, and an explicit other engine with it is an error).
-    precision: fp32 | bf16 (bfloat16 U-Net arithmetic: with engine none its weights (to_precision), with an
-        engine the bf16 engines; bench/bench_inference.py measures it; fp32 stays the default until a score on
-        100 seeds shows bf16 unchanged).
+    precision: auto | fp32 | bf16. auto (default): bf16 engines on a CPU with AMX-BF16 for the student and
+        Heun/Euler (bench/bf16_scores.py: 100-seed scores moved by 0.04-0.24 points, under half their SE), fp32
+        elsewhere and for DDPM/DDIM, BC and the library path; the records store what ran. bf16 with engine none:
+        the U-Net's weights in bf16 (to_precision).
     overlap: locomotion: step one half of the seeds' envs while the network acts for the other half (same
         records; measured no faster on a loaded 2-CPU machine, so off by default; bench/bench_inference.py).
     tracker: maze2d: pd (Diffuser's PD rule) | inverse_dynamics (closed loop: observed state -> next waypoint) |
@@ -141,13 +142,13 @@ def policy_from_checkpoint(checkpoint: str | Path, sampler: str = "student", nfe
     """(policy or planner, task, its TrainConfig) for a checkpoint of the stage the sampler needs.
 
     accelerate: "none" or "jit" (ractd.nets.unet1d.accelerate: same numbers up to float rounding;
-    bench/bench_core.py measures the speed-up). precision: "fp32" or "bf16" (ractd.nets.unet1d.to_precision:
-    the U-Net's weights and arithmetic only). device: where the network runs (the samplers draw noise on CPU
+    bench/bench_core.py measures the speed-up). precision: "auto", "fp32" or "bf16" (EvalConfig.precision; with
+    engine none ractd.nets.unet1d.to_precision: the U-Net's weights and arithmetic only). device: where the network runs (the samplers draw noise on CPU
     per seed and move it to the model's device). tracker (maze2d): "pd" or "inverse_dynamics", the latter with the
     model file `inverse_dynamics` ("" = ractd.inverse_dynamics.default_path of the checkpoint's task and scale).
     inpaint (maze2d): "none" or "start" (ractd.policy.StartPinned around the teacher or the student).
-    engine: auto | eager | jit | gemm | openvino | none, see EvalConfig and ractd.engine (CPU only; a GPU model keeps the
-    library path)."""
+    engine: auto | eager | jit | gemm | openvino | none, see EvalConfig and ractd.engine (CPU only; a GPU model
+    keeps the library path)."""
     from ractd.data.windows import Normalizer
     from ractd.policy import LocomotionPolicy, MazePlanner, StartPinned, make_sampler
     from ractd.train import load_stage_model

@@ -93,7 +93,9 @@ def test_bf16_engines_are_close_to_the_fp32_sampler_but_not_equal():
         out = heun_sampler(teacher, (H, D), n_bins=12, engine=EngineConfig(engine=name, precision="bf16",
                                                                            cache=False))(cond, _gens(4))
         err = float((out - ref).abs().max() / ref.abs().max())
-        assert 1e-5 < err < 5e-2, (name, err)
+        assert err < 5e-2, (name, err)
+        if name == "gemm" or engine.cpu_flags() & {"avx512_bf16", "amx_bf16"}:  # OpenVINO runs f32 without them
+            assert err > 1e-5, (name, err)
 
 
 def test_heun_through_the_engines_follows_the_exact_gaussian_flow():
