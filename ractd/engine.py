@@ -36,8 +36,9 @@ round is out of the later rounds (at paper size a call takes seconds). The faste
 round took at most `margin` x eager's *fastest* is chosen, otherwise eager: an engine is never chosen over eager
 unless it was measured faster by more than the rounds' own spread (a single round of a multi-second call once
 chose TorchScript at 0.94x eager that then ran at 1.33x). A record measured while the machine was busy (load
-average >= its CPUs) is measured again the first time the bucket is met on a quieter machine. The result is cached per (network shape, bucket, threads, precision, CPU, library
-versions) in <cache_dir>/engines/calibration.json (written atomically; an unreadable file is ignored with a
+average >= its CPUs) is measured again the first time the bucket is met on a quieter machine. The result is
+cached per (network shape, bucket, threads, precision, CPU, library versions) in
+<cache_dir>/engines/calibration.json (written atomically; an unreadable file is ignored with a
 warning and rewritten), so a machine measures each shape once.
 
 The library samplers (edm.sample_heun / sample_euler, ddpm.sample_ddpm / sample_ddim, ctm.sample_student) run
@@ -596,6 +597,8 @@ class FastEpsModel:
     """model.bind(cond) for ddpm.sample_ddpm / sample_ddim with the engines (eps = net(x, (t,), cond))."""
 
     def __init__(self, model, horizon: int, cfg: EngineConfig = EngineConfig()):
+        if cfg.precision == "auto":  # DDPM / DDIM were not measured at bf16 (DDIM's x_0 amplifies its rounding)
+            cfg = dataclasses.replace(cfg, precision="fp32")
         self.model, self.folded = model, FoldedUnet(model.net, horizon, cfg)
         for t in range(model.T):
             self.folded.bias_for((float(t),))

@@ -34,7 +34,8 @@ class EvalConfig:
     engine: auto | eager | jit | gemm | openvino | none -- how the sampler runs its U-Net (ractd.engine): auto = the
         sampler's fixed noise levels folded in and, per live batch, the engine measured fastest on this machine
         (never one measured slower than eager; at fp32 the same numbers up to float rounding); eager / jit / gemm /
-        openvino = that engine for every batch; none = the library models as they are (with accelerate / precision below).
+        openvino = that engine for every batch; none = the library models as they are (with accelerate /
+        precision below).
     accelerate: none | jit (the library path: TorchScript-frozen networks called per step, the earlier fast path;
         jit implies engine none, and an explicit other engine with it is an error).
     precision: auto | fp32 | bf16. auto (default): bf16 engines on a CPU with AMX-BF16 for the student and
@@ -143,7 +144,8 @@ def policy_from_checkpoint(checkpoint: str | Path, sampler: str = "student", nfe
 
     accelerate: "none" or "jit" (ractd.nets.unet1d.accelerate: same numbers up to float rounding;
     bench/bench_core.py measures the speed-up). precision: "auto", "fp32" or "bf16" (EvalConfig.precision; with
-    engine none ractd.nets.unet1d.to_precision: the U-Net's weights and arithmetic only). device: where the network runs (the samplers draw noise on CPU
+    engine none ractd.nets.unet1d.to_precision: the U-Net's weights and arithmetic only). device: where the
+    network runs (the samplers draw noise on CPU
     per seed and move it to the model's device). tracker (maze2d): "pd" or "inverse_dynamics", the latter with the
     model file `inverse_dynamics` ("" = ractd.inverse_dynamics.default_path of the checkpoint's task and scale).
     inpaint (maze2d): "none" or "start" (ractd.policy.StartPinned around the teacher or the student).
@@ -225,7 +227,8 @@ def evaluate_checkpoint(task: str, run_dir: str = "", sampler: str = "student", 
     else:
         records = rollout_maze(t, policy, seeds, max_steps=max_steps, progress=progress)
     extra = {"sampler": sampler, "nfe": nfe, "init_scaled": init_scaled, "accelerate": accelerate, "engine": engine,
-             "precision": effective_precision(sampler, engine, accelerate, precision), "tracker": ("bc" if sampler == "bc" else tracker) if t.kind == "maze" else "", "checkpoint": str(ckpt),
+             "precision": effective_precision(sampler, engine, accelerate, precision),
+             "tracker": ("bc" if sampler == "bc" else tracker) if t.kind == "maze" else "", "checkpoint": str(ckpt),
              "sigma": cfg.distill.sigma if cfg.stage == "student" else 0.0, "train_seed": cfg.seed,
              **({"inpaint": inpaint} if t.kind == "maze" else {})}
     records = [{**r, **extra} for r in records]

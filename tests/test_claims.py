@@ -306,7 +306,8 @@ def test_studies_section_renders_each_store_under_the_snapshot(tmp_path):
     rows = [_seed_row(m, s, v) for s in range(2) for m, v in (("ctd", 10.0), ("ractd", 30.0), ("bc", 20.0))]
     pd.DataFrame(rows).to_parquet(tmp_path / "seeds" / "hopper-medium-replay-small" / "results.parquet")
     text = "\n".join(claims.studies_section(tmp_path))
-    assert "### Teachers, students and BC on several training seeds (bench/training_seeds.py): hopper-medium-replay-small" in text
+    assert ("### Teachers, students and BC on several training seeds (bench/training_seeds.py): "
+            "hopper-medium-replay-small") in text
     assert "RACTD vs CTD, selected checkpoints: **holds** on 2 training seed(s)" in text
     assert "RACTD vs BC, selected checkpoints: **holds**" in text
     assert claims.studies_section(tmp_path / "empty") == []
@@ -322,5 +323,6 @@ def test_bf16_report_calls_a_shift_below_the_evaluations_resolution_unchanged():
             rows.append({"case": case, "precision": "bf16", "seed": s, "normalized": float(v + shift
                                                                                          + rng.normal(0, 0.1))})
     lines = {line.split("|")[1].strip(): line for line in claims.bf16_report(rows)[0].splitlines()[2:]}
-    assert lines["small"].rstrip(" |").endswith("unchanged") and "+0.29 ± 0.01" in lines["small"]  # 29 paired SE, yet a third of the score SE
+    # 29 paired SE, yet a third of the score's SE: unchanged
+    assert lines["small"].rstrip(" |").endswith("unchanged") and "+0.29 ± 0.01" in lines["small"]
     assert lines["big"].rstrip(" |").endswith("CHANGED") and "+2.99" in lines["big"]  # 3 score SEs
