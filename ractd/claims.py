@@ -602,17 +602,19 @@ def seed_verdicts(rows: list[dict]) -> list[dict]:
 
 def teacher_vs_behavior(by: dict, seeds: list[int], level: float) -> str:
     """One line: the teachers' Heun-80 per training seed against the behavior policy's level (a number without an
-    SE: its own evaluation), "at or above" / "below" at Z SE, and the verdict on all training seeds."""
-    per, means = [], []
+    SE: its own evaluation): "at or above" (mean >= level), "below, within Z SE" or "below" (by more than Z SE);
+    the goal holds when every training seed is at or above, does not hold when every one is clearly below, and
+    is inconclusive otherwise."""
+    per, means, outcomes = [], [], []
     for s in seeds:
         r = by[("teacher", s)]
         m, se = float(r["final_mean"]), float(r["final_sem"])
         means.append(m)
-        outcome = "above" if m - level > Z * se else "below" if level - m > Z * se else "level (within 2 SE)"
+        outcome = "at or above" if m >= level else "below" if level - m > Z * se else f"below, within {Z:g} SE"
+        outcomes.append(outcome)
         per.append(f"seed {s}: {m:.1f} ± {se:.1f}, n={int(r['n'])} ({outcome})")
-    below = all("below" in p for p in per)
-    reached = all("below" not in p for p in per)
-    verdict = "holds" if reached else "does not hold" if below else "inconclusive"
+    verdict = ("holds" if all(o == "at or above" for o in outcomes) else
+               "does not hold" if all(o == "below" for o in outcomes) else "inconclusive")
     return (f"- TEACHER (Heun-80, 158 network calls) at least the behavior policy's level ({level:.1f}): **{verdict}** "
             f"on {len(seeds)} training seed(s): " + "; ".join(per) + f"; mean over training seeds "
             f"{np.mean(means):.1f}.")
