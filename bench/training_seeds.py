@@ -18,7 +18,8 @@ is that sweep's pick.
 --methods teacher trains a teacher per training seed (TrainConfig "teacher", --teacher-steps, the library's
 default Eq. (4) form) and evaluates its Heun-80 (158 network calls) on --teacher-eval-seeds seeds, in pieces of
 --chunk seeds (each piece stored as it finishes: a run cut short resumes at the next piece); --teacher-run
-names where each seed's teacher run lives ("{seed}" is replaced; default <out>/teacher-seed{seed}), and episodes
+names where each seed's teacher run lives ("{seed}" is replaced; default <out>/teacher-seed{seed}; the students
+then distil training seed 0's teacher there instead of a shared one of their own), and episodes
 already stored under that run's eval/heun-*.parquet (python -m ractd evaluate's default place) are reused, never
 rolled out twice. The report then rules on the teacher against the behavior policy's level and against BC.
 
@@ -59,12 +60,24 @@ METHODS = ("ctd", "ractd", "bc", "ractd_ctm", "teacher")  # ractd_ctm: RACTD wit
 # teacher per training seed (neither by default)
 
 
+def teacher_run_dir(args, seed: int, out: Path) -> Path:
+    """Where training seed `seed`'s teacher run lives: --teacher-run with {seed} replaced, else
+    <out>/teacher-seed<seed>."""
+    if args.teacher_run:
+        return Path(str(args.teacher_run).replace("{seed}", str(seed))).expanduser()
+    return out / f"teacher-seed{seed}"
+
+
 def shared_models(args, out: Path) -> tuple[str, str]:
-    """(teacher best.pt, reward best.pt) of the shared run (training seed 0), trained when missing."""
+    """(teacher best.pt, reward best.pt) of the shared run (training seed 0), trained when missing. With
+    --teacher-run the shared teacher is training seed 0's teacher there (the students distil the teacher the
+    teacher rows evaluate)."""
     common = dict(task=args.task, scale=args.scale, seed=0, run_dir=str(out / "shared"))
     steps = {"steps": args.reward_steps} if args.reward_steps else {}
     reward = TrainConfig.for_stage("reward", "cpu", **common, **steps)
     teacher = TrainConfig.for_stage("teacher", "cpu", steps=args.teacher_steps, **common)
+    if args.teacher_run:
+        teacher = dataclasses.replace(teacher, run_dir=str(teacher_run_dir(args, 0, out))).resolved()
     reward_best = str(train(reward)["best"])  # train() resumes: a finished run returns at once
     return str(train(teacher)["best"]), reward_best
 
@@ -114,8 +127,7 @@ def teacher_row(args, seed: int, out: Path) -> dict:
     import numpy as np
     import pandas as pd
 
-    run_dir = Path(str(args.teacher_run).replace("{seed}", str(seed))).expanduser() if args.teacher_run else \
-        out / f"teacher-seed{seed}"
+    run_dir = teacher_run_dir(args, seed, out)
     cfg = TrainConfig.for_stage("teacher", "cpu", task=args.task, scale=args.scale, seed=seed,
                                 steps=args.teacher_steps, run_dir=str(run_dir)).resolved()
     t0 = time.perf_counter()

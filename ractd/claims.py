@@ -650,6 +650,14 @@ def seed_report(rows: list[dict], task: str) -> list[str]:
         if teachers and d["behavior"] == d["behavior"]:
             lines.append(teacher_vs_behavior(by, teachers, float(d["behavior"])))
             lines.append("")
+    if ("teacher", 0) in by and any(m == "ctd" for m, _ in by):
+        # with teacher rows the students distil training seed 0's teacher (bench/training_seeds.py --teacher-run)
+        t = by[("teacher", 0)]
+        per = [f"seed {s}: {by[('ctd', s)]['best_mean'] - t['final_mean']:+.1f} ± "
+               f"{math.hypot(by[('ctd', s)]['best_sem'], t['final_sem']):.1f}"
+               for s in sorted(s for m, s in by if m == "ctd")]
+        lines += [f"- CTD (selected checkpoint) minus the teacher it distils (training seed 0's, Heun-80 "
+                  f"{t['final_mean']:.1f} ± {t['final_sem']:.1f}): " + "; ".join(per) + ".", ""]
     for v in seed_verdicts(rows):
         per = "; ".join(f"seed {p['seed']}: {p['diff']:+.1f} ± {p['se']:.1f} ({p['outcome']})" for p in v["per_seed"])
         lines.append(f"- {v['a'].upper()} vs {v['b'].upper()}, {v['checkpoint']} checkpoints: **{v['verdict']}** "
@@ -788,7 +796,7 @@ def studies_section(data: Path) -> list[str]:
         task = f.parent.name.rsplit("-", 1)[0]
         methods = {r["method"] for r in rows}
         about = []
-        if methods & {"ctd", "ractd"}:
+        if "ractd" in methods:
             about.append("One shared teacher and reward model; per training seed a CTD student (σ = 0), a RACTD "
                          "student and a BC MLP, each on the same 100 evaluation seeds at its selected and its final "
                          f"checkpoint. Verdict rule: RACTD beats on a training seed when the difference exceeds {Z:g} "
@@ -796,7 +804,9 @@ def studies_section(data: Path) -> list[str]:
         if "teacher" in methods:
             about.append("A teacher per training seed (its final EMA weights), Heun-80 on the first n evaluation "
                          "seeds, against the behavior policy's level and BC (100 seeds, final checkpoint); the "
-                         f"teacher is below on a seed when it is more than {Z:g} SE under.")
+                         f"teacher is below on a seed when it is more than {Z:g} SE under."
+                         + (" The CTD student (σ = 0, 100 seeds) distils training seed 0's teacher."
+                            if "ctd" in methods and "ractd" not in methods else ""))
         parts += [f"### Teachers, students and BC on several training seeds (bench/training_seeds.py): "
                   f"{f.parent.name}", "", " ".join(about), "", *seed_report(rows, task), ""]
     for f in sorted((data / "bf16").glob("scores.parquet")):

@@ -296,6 +296,9 @@ def test_teacher_rows_rule_against_the_behavior_policy_and_bc():
     text = "\n".join(claims.seed_report(rows + [_seed_row("teacher", 2, 37.0, sem=2.0)], "walker2d-medium"))
     assert "(38.0): **inconclusive** on 3 training seed(s)" in text and "mean over training seeds 38.8" in text
     assert "seed 2: 37.0 ± 2.0, n=100 (below, within 2 SE)" in text
+    text = "\n".join(claims.seed_report(rows + [_seed_row("ctd", 0, 46.0)], "walker2d-medium"))
+    assert "CTD (selected checkpoint) minus the teacher it distils (training seed 0's, Heun-80 41.0 ± 1.0): " \
+           "seed 0: +5.0 ± 1.4." in text
     low = [data] + [_seed_row("teacher", s, 30.0) for s in range(2)]
     assert "(38.0): **does not hold**" in "\n".join(claims.seed_report(low, "walker2d-medium"))
 
