@@ -138,8 +138,10 @@ def teacher_row(args, seed: int, out: Path) -> dict:
     def stored() -> pd.DataFrame:
         files = sorted((run_dir / "eval").glob("heun-*.parquet"))
         eps = pd.concat([pd.read_parquet(f) for f in files]) if files else pd.DataFrame(columns=["seed"])
-        if len(eps) and "nfe" in eps:
-            eps = eps[eps["nfe"] == 80]
+        if len(eps):  # Heun-80 at fp32 of this very checkpoint only (the folder may hold other evaluations)
+            keep = (eps["nfe"] == 80) & (eps["precision"] == "fp32") if "precision" in eps else eps["nfe"] == 80
+            keep &= eps["checkpoint"].map(lambda c: Path(c).resolve() == ckpt.resolve())
+            eps = eps[keep]
         return eps.drop_duplicates("seed")
 
     want = list(range(args.teacher_eval_seeds))
