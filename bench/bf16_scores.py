@@ -25,7 +25,6 @@ redone) and prints the table.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 from pathlib import Path

@@ -125,13 +125,18 @@ def cpu_flags() -> set[str]:
     return set()
 
 
-def resolve_precision(precision: str) -> str:
+BF16_SAMPLERS = ("student", "heun", "euler")   # measured unchanged at bf16 on 100 seeds (bench/bf16_scores.py)
+
+
+def resolve_precision(precision: str, sampler: str = "student") -> str:
     """fp32 / bf16 as given; auto: bf16 on a CPU with AMX-BF16 (bf16 matrix products in hardware: the gemm-bf16
-    and OpenVINO bf16 engines run 2-4x faster than fp32 there), fp32 elsewhere (without AMX, bf16 is emulated or
-    converted and gains little)."""
+    and OpenVINO bf16 engines run 2-4x faster than fp32 there) for the samplers measured at bf16 (BF16_SAMPLERS),
+    fp32 elsewhere (without AMX, bf16 is emulated or converted and gains little) and for DDPM / DDIM (not measured
+    at bf16; DDIM's x_0 = (x - sqrt(1 - abar) eps) / sqrt(abar) turns bf16's rounding into changes of up to 1.3 in
+    an action chunk at abar ~ 0: bench/bench_engine.py)."""
     if precision != "auto":
         return precision
-    return "bf16" if "amx_bf16" in cpu_flags() else "fp32"
+    return "bf16" if sampler in BF16_SAMPLERS and "amx_bf16" in cpu_flags() else "fp32"
 
 
 def bucket(batch: int) -> int:
@@ -597,8 +602,7 @@ class FastEpsModel:
     """model.bind(cond) for ddpm.sample_ddpm / sample_ddim with the engines (eps = net(x, (t,), cond))."""
 
     def __init__(self, model, horizon: int, cfg: EngineConfig = EngineConfig()):
-        if cfg.precision == "auto":  # DDPM / DDIM were not measured at bf16 (DDIM's x_0 amplifies its rounding)
-            cfg = dataclasses.replace(cfg, precision="fp32")
+        cfg = dataclasses.replace(cfg, precision=resolve_precision(cfg.precision, "ddpm"))
         self.model, self.folded = model, FoldedUnet(model.net, horizon, cfg)
         for t in range(model.T):
             self.folded.bias_for((float(t),))

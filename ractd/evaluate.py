@@ -116,16 +116,15 @@ def _engine_config(engine: str, accelerate: str, precision: str):
 
 def effective_precision(sampler: str, engine: str, accelerate: str, precision: str) -> str:
     """fp32 or bf16: what a policy built with these options computes in (what the records store). auto means
-    ractd.engine.resolve_precision's choice on the engines, fp32 on the library path (engine none / accelerate)
-    and for BC (an MLP, no U-Net) and DDPM / DDIM (not measured at bf16; DDIM's x_0 = (x - sqrt(1 - abar) eps) /
-    sqrt(abar) turns bf16's rounding into changes of up to 1.3 in an action chunk at abar ~ 0: bench_engine.py)."""
+    ractd.engine.resolve_precision's choice for the sampler on the engines, fp32 on the library path (engine
+    none / accelerate) and for BC (an MLP, no U-Net)."""
     if precision != "auto":
         return precision
-    if sampler in ("bc", "ddpm", "ddim") or _engine_config(engine, accelerate, "fp32") is None:
+    if sampler == "bc" or _engine_config(engine, accelerate, "fp32") is None:
         return "fp32"
     from ractd.engine import resolve_precision
 
-    return resolve_precision(precision)
+    return resolve_precision(precision, sampler)
 
 
 def _sampler_opts(sampler: str, nfe: int, init_scaled: bool) -> dict:
@@ -145,9 +144,9 @@ def policy_from_checkpoint(checkpoint: str | Path, sampler: str = "student", nfe
     accelerate: "none" or "jit" (ractd.nets.unet1d.accelerate: same numbers up to float rounding;
     bench/bench_core.py measures the speed-up). precision: "auto", "fp32" or "bf16" (EvalConfig.precision; with
     engine none ractd.nets.unet1d.to_precision: the U-Net's weights and arithmetic only). device: where the
-    network runs (the samplers draw noise on CPU
-    per seed and move it to the model's device). tracker (maze2d): "pd" or "inverse_dynamics", the latter with the
-    model file `inverse_dynamics` ("" = ractd.inverse_dynamics.default_path of the checkpoint's task and scale).
+    network runs (the samplers draw noise on CPU per seed and move it to the model's device). tracker (maze2d):
+    "pd" or "inverse_dynamics", the latter with the model file `inverse_dynamics` ("" =
+    ractd.inverse_dynamics.default_path of the checkpoint's task and scale).
     inpaint (maze2d): "none" or "start" (ractd.policy.StartPinned around the teacher or the student).
     engine: auto | eager | jit | gemm | openvino | none, see EvalConfig and ractd.engine (CPU only; a GPU model
     keeps the library path)."""
