@@ -742,6 +742,51 @@ def tracking_report(df) -> list[str]:
                                      "n"], tablefmt="github", disable_numparse=True)]
 
 
+def balance_report(rows: list[dict]) -> list[str]:
+    """bench/term_balance.py's store as Markdown: one line per (term scale, sigma) with its score per training
+    seed (selected checkpoint ± SE, final in brackets) and its terms' mean magnitudes and shares of the weighted
+    loss; then each balanced point against raw RACTD on the training seeds both have (a difference counts at Z
+    SE of the difference; "above"/"below" only when it does on every such seed)."""
+    from tabulate import tabulate
+
+    if not rows:
+        return ["(no rows)"]
+    by = {}
+    for r in rows:
+        by.setdefault((r["term_scale"], float(r["sigma"])), []).append(r)
+    table = []
+    for (scale, sigma), rs in sorted(by.items()):
+        rs = sorted(rs, key=lambda r: r["train_seed"])
+        scores = "; ".join(f"{int(r['train_seed'])}: {r['best_mean']:.1f} ± {r['best_sem']:.1f} "
+                           f"({r['final_mean']:.1f})" for r in rs)
+        m = {k: sum(r[k] for r in rs) / len(rs) for k in ("ctm", "dsm", "reward", "share_ctm", "share_dsm",
+                                                           "share_reward", "at_bound")}
+        table.append([scale, f"{sigma:g}", scores, f"{m['ctm']:.3f}", f"{m['dsm']:.1f}",
+                      "" if sigma == 0 else f"{m['reward']:.2f}",
+                      f"{m['share_ctm']:.2f} / {m['share_dsm']:.2f} / {m['share_reward']:.2f}", f"{m['at_bound']:.3f}"])
+    lines = [tabulate(table, headers=["terms", "σ", "selected ± SE (final) per training seed", "L_CTM", "L_DSM",
+                                      "L_Reward", "share CTM / DSM / reward", "at bound"], tablefmt="github"), ""]
+    raw_ractd = {(int(r["train_seed"])): r for r in rows if r["term_scale"] == "raw" and r["sigma"] > 0}
+    for (scale, sigma), rs in sorted(by.items()):
+        if scale != "balanced":
+            continue
+        diffs = []
+        for r in rs:
+            ref = raw_ractd.get(int(r["train_seed"]))
+            if ref is None:
+                continue
+            d = r["best_mean"] - ref["best_mean"]
+            se = math.hypot(r["best_sem"], ref["best_sem"])
+            diffs.append((int(r["train_seed"]), d, se))
+        if diffs:
+            word = ("above" if all(d > Z * se for _, d, se in diffs) else
+                    "below" if all(d < -Z * se for _, d, se in diffs) else "mixed or level")
+            parts = ", ".join(f"seed {s}: {d:+.1f} ± {se:.1f}" for s, d, se in diffs)
+            lines.append(f"- balanced σ = {sigma:g} minus raw RACTD (σ = {raw_ractd[diffs[0][0]]['sigma']:g}), "
+                         f"selected checkpoints: {parts} → {word} on {len(diffs)} training seed(s)")
+    return lines
+
+
 def bf16_report(rows: list[dict]) -> list[str]:
     """Markdown table of bench/bf16_scores.py's store: per case, the fp32 and bf16 scores on the same seeds, the
     paired shift and the verdict: "unchanged" when the shift is at most half the fp32 score's SE over the seeds
@@ -809,6 +854,16 @@ def studies_section(data: Path) -> list[str]:
                             if "ctd" in methods and "ractd" not in methods else ""))
         parts += [f"### Teachers, students and BC on several training seeds (bench/training_seeds.py): "
                   f"{f.parent.name}", "", " ".join(about), "", *seed_report(rows, task), ""]
+    for f in sorted((data / "balance").glob("*/results.parquet")):
+        import pandas as pd
+
+        parts += [f"### Eq. (9)'s term balance (bench/term_balance.py): {f.parent.name}", "",
+                  "Students of one teacher and reward model (those of the training-seed study), 400 steps at batch "
+                  "128, selected on 10 full episodes every 100 steps, 100 evaluation seeds. raw: Eq. (9) adds the "
+                  "terms as they come (the paper); balanced: L_CTM and L_DSM each divided by a running mean of its "
+                  "own value (DistillConfig.term_scale). L_* are the logged raw terms (mean over checkpoints); the "
+                  "shares are each weighted term's part of the loss.", "",
+                  *balance_report(pd.read_parquet(f).to_dict("records")), ""]
     for f in sorted((data / "bf16").glob("scores.parquet")):
         import pandas as pd
 

@@ -85,6 +85,14 @@ class DistillConfig:
         weight). Under lambda the DSM term logs ~200x the CTM term, without it ~18x; on maze2d-umaze (3 training
         seeds, 100 seeds each) the one-step student scored 127.2 (SD 9.5 over seeds) with lambda, 122.5 (SD 9.6)
         without: the weights' balance changed, the score did not, so the default stays the released code's.
+    term_decay: the decay per step of TermBalance's running means (0.99: about the last 100 steps).
+    term_scale: "raw" (default, the paper and the released code: Eq. (9) adds the terms as they come) or
+        "balanced": L_CTM and L_DSM each divided by a running mean of its own value (TermBalance, decay
+        `term_decay`), so both enter at magnitude ~1 and alpha, beta are their relative weights -- App. B.3's "keep
+        the individual loss terms within the same order of magnitude" made exact. The reward term is left as
+        it is: -R_psi is not a distance (a constant added to R_psi changes its value, not its gradient) and
+        R_psi already predicts the return-to-go normalized to [-1, 1], so sigma weighs a unit-scale term either
+        way. Under "raw" the default DSM form logs ~200-400x the CTM term (README "Eq. (9)'s term balance").
     """
 
     alpha: float = 1.0
@@ -98,6 +106,39 @@ class DistillConfig:
     dsm_top_fraction: float = 0.7
     dsm_form: Literal["jump", "denoiser"] = "denoiser"
     dsm_weighting: edm.Weighting = "lambda"
+    term_scale: Literal["raw", "balanced"] = "raw"
+    term_decay: float = 0.99
+
+
+class TermBalance:
+    """Running magnitudes of Eq. (9)'s distance terms for DistillConfig.term_scale "balanced".
+
+    balance(name, value) returns value / m, where m is an exponential moving average (decay `decay`, started
+    at the first value) of the term's detached batch means, this one included: the returned term has
+    magnitude ~1 and the gradient of value scaled by 1 / m. Kept in the student's checkpoint (state_dict) so a
+    resumed run continues the same scales. Each Ray Train rank keeps its own (their batches differ by noise
+    only).
+    """
+
+    def __init__(self, decay: float = 0.99):
+        if not 0 <= decay < 1:
+            raise ValueError(f"term balance decay must be in [0, 1), got {decay}")
+        self.decay = decay
+        self.magnitude: dict[str, float] = {}
+
+    def __call__(self, name: str, value: torch.Tensor) -> torch.Tensor:
+        v = abs(float(value.detach()))
+        m = self.magnitude.get(name)
+        m = v if m is None else self.decay * m + (1.0 - self.decay) * v
+        self.magnitude[name] = m
+        return value / max(m, 1e-12)
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "magnitude": dict(self.magnitude)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.decay = float(state["decay"])
+        self.magnitude = {k: float(v) for k, v in state["magnitude"].items()}
 
 
 def sample_ctm_indices(n: int, n_bins: int, device=None, generator=None):
@@ -179,17 +220,27 @@ def reward_loss(reward_model: nn.Module, state: torch.Tensor, a_hat: torch.Tenso
 
 
 def ractd_loss(student: Student, teacher: edm.Denoiser, reward_model: nn.Module | None, x0: torch.Tensor,
-               cond: torch.Tensor | None, state: torch.Tensor | None, cfg: DistillConfig = DistillConfig()) -> dict:
+               cond: torch.Tensor | None, state: torch.Tensor | None, cfg: DistillConfig = DistillConfig(),
+               balance: TermBalance | None = None) -> dict:
     """Eq. (9): L = alpha L_CTM + beta L_DSM + sigma L_Reward.
 
     x0: (batch, horizon, act_dim) normalized action chunks; cond: the student's conditioning vector;
     state: (batch, obs_dim) the current normalized state fed to R_psi (needed when sigma > 0).
     Returns {"loss": scalar to backpropagate, "ctm", "dsm", "reward": detached scalars for logging}.
     The teacher and the reward model must be frozen (requires_grad False); no gradient reaches them.
+    cfg.term_scale "balanced" divides L_CTM and L_DSM by their running magnitudes in `balance` (required then);
+    the logged "ctm" and "dsm" stay the unscaled terms.
     """
     l_ctm, pred = ctm_loss(student, teacher, x0, cond, cfg)
     l_dsm = dsm_loss(student, x0, cond, cfg)
-    total = cfg.alpha * l_ctm.mean() + cfg.beta * l_dsm.mean()
+    if cfg.term_scale == "balanced":
+        if balance is None:
+            raise ValueError("term_scale 'balanced' needs a TermBalance (the running term magnitudes)")
+        total = cfg.alpha * balance("ctm", l_ctm.mean()) + cfg.beta * balance("dsm", l_dsm.mean())
+    elif cfg.term_scale == "raw":
+        total = cfg.alpha * l_ctm.mean() + cfg.beta * l_dsm.mean()
+    else:
+        raise ValueError(f"unknown term scale {cfg.term_scale!r}; expected 'raw' or 'balanced'")
     out = {"ctm": l_ctm.mean().detach(), "dsm": l_dsm.mean().detach()}
     if cfg.sigma > 0:
         if reward_model is None or state is None:

@@ -175,13 +175,16 @@ class TrainConfig:
             v = getattr(d, name)
             if not math.isfinite(v):
                 bad(name, v, "must be finite")
+        if not 0 <= d.term_decay < 1:
+            bad("term_decay", d.term_decay, "must be in [0, 1)")
         if not 0 < d.dsm_top_fraction <= 1:
             bad("dsm_top_fraction", d.dsm_top_fraction, "must be in (0, 1]")
         if d.n_bins < 2:
             bad("n_bins", d.n_bins, "must be >= 2")
         for name, allowed in (("reward_variant", ("one_step", "ctm")), ("dsm_form", ("jump", "denoiser")),
                               ("distance", ("per_sample", "elementwise")),
-                              ("dsm_weighting", ("lambda", "sqrt_lambda", "none"))):
+                              ("dsm_weighting", ("lambda", "sqrt_lambda", "none")),
+                              ("term_scale", ("raw", "balanced"))):
             if getattr(d, name) not in allowed:
                 bad(name, getattr(d, name), f"expected one of {', '.join(allowed)}")
         return self
@@ -510,7 +513,12 @@ def load_upstream(path: Path, stage: str, cfg: TrainConfig, prep: Prepared):
 
 
 def _stable_config(d: dict) -> dict:
-    return {k: v for k, v in d.items() if k not in RESUMABLE_FIELDS}
+    """The config fields a resumed run must share. A distill field a checkpoint predates reads as its default
+    (each was added with the default being the behavior before it: term_scale "raw")."""
+    out = {k: v for k, v in d.items() if k not in RESUMABLE_FIELDS}
+    if isinstance(out.get("distill"), dict):
+        out["distill"] = {**dataclasses.asdict(ctm.DistillConfig()), **out["distill"]}
+    return out
 
 
 def _finite_json(metrics: dict) -> str:
@@ -556,6 +564,7 @@ def train(cfg: TrainConfig, ctx: RunContext | None = None, data: dict | None = N
     if teacher is not None:
         load_teacher_into_student(model.net, teacher.net)  # new s pathway zero-initialised
     ema = copy.deepcopy(model).requires_grad_(False) if cfg.stage in ("teacher", "ddpm") else None
+    balance = ctm.TermBalance(cfg.distill.term_decay) if cfg.stage == "student" else None  # term_scale "balanced"
     if cfg.stage == "bc":  # CORL's BC: Adam (default betas), constant learning rate
         opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, _constant_lr)
@@ -579,8 +588,8 @@ def train(cfg: TrainConfig, ctx: RunContext | None = None, data: dict | None = N
     if resume.is_file():
         ck = load_checkpoint(resume)
         if _stable_config(ck["config"]) != _stable_config(to_dict(cfg)):
-            diff = sorted(k for k in set(ck["config"]) | set(to_dict(cfg)) if k not in RESUMABLE_FIELDS
-                          and ck["config"].get(k) != to_dict(cfg).get(k))
+            old, new = _stable_config(ck["config"]), _stable_config(to_dict(cfg))
+            diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
             raise RactdError(f"{resume} was written with a different config ({', '.join(diff)}); "
                              f"use another --run-dir to start anew")
         fp = ck.get("meta", {}).get("dataset_fingerprint")
@@ -593,6 +602,8 @@ def train(cfg: TrainConfig, ctx: RunContext | None = None, data: dict | None = N
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])  # keeps this run's lambda: more steps stretch the cosine
         step, best, last_select = ck["step"], ck["best"], ck.get("select_score")
+        if balance is not None and ck.get("term_balance"):
+            balance.load_state_dict(ck["term_balance"])
         if ctx.rank == 0:  # rank 0's streams were saved; other ranks start fresh streams keyed by the step
             gen.set_state(ck["rng"]["data"])
             torch.set_rng_state(ck["rng"]["torch"])
@@ -609,7 +620,7 @@ def train(cfg: TrainConfig, ctx: RunContext | None = None, data: dict | None = N
     def checkpoint_payload():
         return {"config": to_dict(cfg), "model": model.state_dict(), "ema": None if ema is None else ema.state_dict(),
                 "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step, "best": best,
-                "select_score": last_select,
+                "select_score": last_select, "term_balance": None if balance is None else balance.state_dict(),
                 "normalizers": {k: v.state_dict() for k, v in prep.normalizers.items()}, "shapes": shapes,
                 "rng": {"data": gen.get_state(), "torch": torch.get_rng_state()}, "meta": meta}
 
@@ -628,7 +639,7 @@ def train(cfg: TrainConfig, ctx: RunContext | None = None, data: dict | None = N
     t0 = time.perf_counter()
     while step < cfg.steps and (ctx.stop_at is None or step < ctx.stop_at):
         idx = train_idx[torch.randint(0, len(train_idx), (per_rank_batch,), generator=gen).numpy()]
-        terms = _loss_terms(cfg, model, teacher, reward_model, prep, idx, device)
+        terms = _loss_terms(cfg, model, teacher, reward_model, prep, idx, device, balance)
         opt.zero_grad(set_to_none=True)
         terms["loss"].backward()
         if ctx.sync_grads:
@@ -697,7 +708,8 @@ def train(cfg: TrainConfig, ctx: RunContext | None = None, data: dict | None = N
     return {"checkpoint": ckpt_path, "best": best_path, "metrics": metrics, "step": step}
 
 
-def _loss_terms(cfg: TrainConfig, model, teacher, reward_model, prep: Prepared, idx, device) -> dict:
+def _loss_terms(cfg: TrainConfig, model, teacher, reward_model, prep: Prepared, idx, device,
+                balance: ctm.TermBalance | None = None) -> dict:
     if cfg.stage == "reward":
         pred = model(_to_torch(prep.state, idx, device), _to_torch(prep.action, idx, device))
         return {"loss": (pred - _to_torch(prep.rtg, idx, device)).pow(2).mean()}
@@ -721,7 +733,7 @@ def _loss_terms(cfg: TrainConfig, model, teacher, reward_model, prep: Prepared, 
         loss = ddpm.ddpm_loss(model, x0, cond).mean()
         return {"loss": loss, "eps": loss.detach()}
     state = None if prep.state is None else _to_torch(prep.state, idx, device)
-    return ctm.ractd_loss(model, teacher, reward_model, x0, cond, state, cfg.distill)  # Eq. (9)
+    return ctm.ractd_loss(model, teacher, reward_model, x0, cond, state, cfg.distill, balance)  # Eq. (9)
 
 
 # the keys distill_diagnostics reports (besides the loss terms); sweeps and docs/results.md read these

@@ -158,3 +158,41 @@ def test_multistep_sampling_renoises_and_clamps():
     assert (one - three).abs().max() > 0
     with pytest.raises(ValueError, match="2 intermediate"):
         ctm.sample_student(student, x_T, cond, n_steps=3, t_mids=[1.0])
+
+
+def test_term_balance_is_a_running_mean_of_magnitudes():
+    """value / m with m the EMA of |value| started at the first one: decay 0.5 over 2, 4 gives m = 2, then 3."""
+    bal = ctm.TermBalance(decay=0.5)
+    assert float(bal("ctm", torch.tensor(2.0))) == 1.0
+    np.testing.assert_allclose(float(bal("ctm", torch.tensor(4.0))), 4.0 / 3.0)
+    np.testing.assert_allclose(float(bal("dsm", torch.tensor(-8.0))), -1.0)  # its own magnitude, sign kept
+    again = ctm.TermBalance()
+    again.load_state_dict(bal.state_dict())
+    assert again.decay == 0.5 and again.magnitude == {"ctm": 3.0, "dsm": 8.0}
+
+
+def test_balanced_terms_enter_at_unit_magnitude_with_their_own_gradients():
+    """Eq. (9) "balanced": on the first step each distance term is divided by its own value, so the loss is
+    alpha + beta whatever the terms' sizes (raw here: DSM ~100x CTM), and the gradient equals the raw path's with
+    alpha / L_CTM and beta / L_DSM as weights (same noise draws)."""
+    teacher, student, _, _ = _models()
+    x0, cond = torch.rand(16, 4, 2) * 2 - 1, torch.randn(16, 3)
+
+    def run(cfg, balance=None):
+        student.zero_grad()
+        torch.manual_seed(3)
+        out = ctm.ractd_loss(student, teacher, None, x0, cond, None, cfg, balance)
+        out["loss"].backward()
+        return out, [p.grad.clone() for p in student.parameters()]
+
+    bal_cfg = ctm.DistillConfig(alpha=2.0, beta=0.5, term_scale="balanced")
+    out, grads = run(bal_cfg, ctm.TermBalance())
+    np.testing.assert_allclose(float(out["loss"].detach()), 2.5, rtol=1e-6)
+    assert float(out["dsm"]) > 10 * float(out["ctm"])  # the raw terms are far apart; logged unscaled
+    raw_cfg = ctm.DistillConfig(alpha=2.0 / float(out["ctm"]), beta=0.5 / float(out["dsm"]))
+    raw_out, raw_grads = run(raw_cfg)
+    np.testing.assert_allclose(float(raw_out["loss"].detach()), 2.5, rtol=1e-5)
+    for g, r in zip(grads, raw_grads):
+        np.testing.assert_allclose(g.numpy(), r.numpy(), rtol=1e-4, atol=1e-7)
+    with pytest.raises(ValueError, match="TermBalance"):
+        ctm.ractd_loss(student, teacher, None, x0, cond, None, bal_cfg)

@@ -222,3 +222,31 @@ def test_distill_diagnostics_measure_bound_range_and_reward_gap():
     idx = torch.randint(0, 64, (64,), generator=g).numpy()
     np.testing.assert_allclose(d["r_data"], action[idx].sum(-1).mean(), rtol=1e-5)
     np.testing.assert_allclose(d["r_gap"], 3.0 - action[idx].sum(-1).mean(), rtol=1e-5)
+
+
+def test_balanced_student_keeps_its_term_magnitudes_and_older_checkpoints_resume(maze_tiny, tmp_path):
+    """term_scale "balanced": the running magnitudes travel in the checkpoint and come back on resume; a
+    checkpoint written before the field existed (its distill config lacks it) resumes as "raw", its default,
+    and is refused as "balanced"."""
+    run = tmp_path / "r"
+    train(TrainConfig(**TINY, stage="teacher", run_dir=str(run), steps=2), RunContext(progress=False))
+    bal = TrainConfig(**TINY, stage="student", run_dir=str(run), steps=2, ckpt_every=2,
+                      distill=ctm.DistillConfig(term_scale="balanced"))
+    out = train(bal, RunContext(progress=False))
+    mags = torch.load(out["checkpoint"], weights_only=False)["term_balance"]["magnitude"]
+    assert set(mags) == {"ctm", "dsm"} and all(v > 0 for v in mags.values())
+    train(dataclasses.replace(bal, steps=4), RunContext(progress=False))  # resumes with them
+    mags4 = torch.load(out["checkpoint"], weights_only=False)["term_balance"]["magnitude"]
+    assert mags4 != mags
+
+    raw = TrainConfig(**TINY, stage="student", run_dir=str(tmp_path / "old"), steps=2, ckpt_every=2,
+                      teacher_ckpt=str(run / "teacher" / "best.pt"))
+    old = train(raw, RunContext(progress=False))["checkpoint"]
+    ck = torch.load(old, weights_only=False)
+    for k in ("term_scale", "term_decay"):
+        del ck["config"]["distill"][k]
+    torch.save(ck, old)
+    assert train(dataclasses.replace(raw, steps=4), RunContext(progress=False))["step"] == 4
+    with pytest.raises(RactdError, match=r"different config \(distill\)"):
+        train(dataclasses.replace(raw, steps=6, distill=ctm.DistillConfig(term_scale="balanced")),
+              RunContext(progress=False))

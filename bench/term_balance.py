@@ -1,0 +1,184 @@
+"""Eq. (9)'s term balance, measured: each term's magnitude as training logs it, and the students' scores when
+the terms are added as they come (DistillConfig.term_scale "raw", the paper and its code) or with L_CTM and L_DSM
+each divided by a running mean of its own value ("balanced": App. B.3's "keep the individual loss terms within
+the same order of magnitude" made exact), over a grid of reward weights sigma.
+
+    python bench/term_balance.py --task hopper-medium-replay --scales balanced --sigmas 0 0.03 0.1 0.3 1
+    python bench/term_balance.py --scales balanced --sigmas 0 0.1 --train-seeds 1 2   # a point on more seeds
+    python bench/term_balance.py --report --out docs/results/balance/hopper-medium-replay-small   # committed
+
+Every student distils the same teacher with the same reward model: those of bench/training_seeds.py's shared run
+(--shared, default <cache>/bench/seeds/<task>-<scale>/shared; trained there when missing), at that study's budget
+(400 steps at batch 128, model selection on 10 full episodes every 100 steps), evaluated on the same 100 seeds at
+its selected and its final checkpoint. A "raw" point that study already trained (CTD: sigma 0, RACTD: its
+--sigma) is taken from its store (--seeds-store) instead of being trained twice.
+
+Each finished (scale, sigma, training seed) is one file <out>/rows/*.parquet (two processes can share an --out:
+run one per core); <out>/results.parquet gathers them. A row carries the scores and the run's term magnitudes:
+ctm, dsm, reward = the mean over the logged checkpoints of each term's raw batch mean, and the share of the
+weighted loss each term makes (under "balanced" the distance terms weigh alpha and beta each).
+Resumable: a stored row is not redone, train() resumes a cut run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+from ractd import RactdError
+from ractd.claims import balance_report
+from ractd.evaluate import evaluate_checkpoint
+from ractd.io import atomic_parquet
+from ractd.paths import cache_dir
+from ractd.tasks import get_task
+from ractd.train import TrainConfig, train
+
+
+def _shared(args) -> tuple[str, str]:
+    """(teacher best.pt, reward best.pt) of the shared run, trained there when missing (train() resumes)."""
+    common = dict(task=args.task, scale=args.scale, seed=0, run_dir=str(args.shared))
+    reward = TrainConfig.for_stage("reward", "cpu", **common)
+    teacher = TrainConfig.for_stage("teacher", "cpu", steps=args.teacher_steps, **common)
+    return str(train(teacher)["best"]), str(train(reward)["best"])
+
+
+def _terms(run_dir: Path) -> dict:
+    """Mean over the run's logged checkpoints of each term and of its diagnostics at the last one."""
+    lines = [json.loads(x) for x in (run_dir / "student" / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    out = {}
+    for k in ("ctm", "dsm", "reward"):
+        vals = [m[k] for m in lines if m.get(k) is not None]
+        out[k] = sum(vals) / len(vals) if vals else float("nan")
+    for k in ("at_bound", "r_gap"):
+        out[k] = lines[-1].get(k, float("nan")) if lines else float("nan")
+    return out
+
+
+def _shares(row: dict) -> dict:
+    """The share of the weighted loss each term makes (|weight x term| over their sum)."""
+    if row["term_scale"] == "balanced":
+        parts = {"ctm": row["alpha"], "dsm": row["beta"]}
+    else:
+        parts = {"ctm": row["alpha"] * row["ctm"], "dsm": row["beta"] * row["dsm"]}
+    parts["reward"] = row["sigma"] * abs(row["reward"]) if row["sigma"] > 0 else 0.0
+    total = sum(parts.values())
+    return {f"share_{k}": v / total for k, v in parts.items()}
+
+
+def _from_seeds_store(args, scale: str, sigma: float, seed: int) -> dict | None:
+    """A raw row bench/training_seeds.py already made with this teacher and budget (CTD or its RACTD sigma)."""
+    import pandas as pd
+
+    if scale != "raw" or not args.seeds_store.is_file():
+        return None
+    method = "ctd" if sigma == 0 else "ractd"
+    rows = pd.read_parquet(args.seeds_store)
+    hit = rows[(rows["method"] == method) & (rows["train_seed"] == seed) & (rows["sigma"].round(6) == round(sigma, 6))]
+    if hit.empty:
+        return None
+    r = hit.iloc[0].to_dict()
+    run_dir = args.seeds_store.parent / f"{method}-seed{seed}"
+    return {**{k: r[k] for k in ("best_mean", "best_sem", "final_mean", "final_sem", "n", "train_s", "steps")},
+            **_terms(run_dir), "run_dir": str(run_dir), "source": "bench/training_seeds.py"}
+
+
+def _train_row(args, scale: str, sigma: float, seed: int, teacher: str, reward: str) -> dict:
+    run_dir = args.out / "runs" / f"{scale}-sigma{sigma:g}-seed{seed}"
+    base = TrainConfig.for_stage("student", "cpu", task=args.task, scale=args.scale, seed=seed, run_dir=str(run_dir),
+                                 steps=args.steps, batch=args.batch, ckpt_every=args.ckpt_every,
+                                 teacher_ckpt=teacher, reward_ckpt=reward)
+    w = get_task(args.task).weights
+    a, b = (1.0, 1.0) if sigma == 0 else (w.alpha, w.beta)
+    cfg = dataclasses.replace(base, distill=dataclasses.replace(base.distill, alpha=a, beta=b, sigma=sigma,
+                                                                 term_scale=scale)).resolved()
+    t0 = time.perf_counter()
+    res = train(cfg)
+    row = {"steps": int(res["step"]), "train_s": time.perf_counter() - t0}
+    for which, ckpt in (("best", res["best"]), ("final", res["checkpoint"])):
+        s = evaluate_checkpoint(args.task, run_dir=str(run_dir), sampler="student", checkpoint=str(ckpt),
+                                seeds=list(range(args.eval_seeds)), precision="fp32", progress=False,
+                                out=str(run_dir / f"eval-{which}.parquet"))
+        row.update({f"{which}_mean": s["score_mean"], f"{which}_sem": s["score_sem"], "n": s["n"]})
+    return {**row, **_terms(run_dir), "run_dir": str(run_dir), "source": "bench/term_balance.py"}
+
+
+def _rows(out: Path) -> list[dict]:
+    import pandas as pd
+
+    files = sorted((out / "rows").glob("*.parquet"))
+    return [r for f in files for r in pd.read_parquet(f).to_dict("records")]
+
+
+def run(args) -> int:
+    args.out = Path(args.out) if args.out else cache_dir() / "bench" / "balance" / f"{args.task}-{args.scale}"
+    seeds_dir = cache_dir() / "bench" / "seeds" / f"{args.task}-{args.scale}"
+    args.shared = Path(args.shared).expanduser() if args.shared else seeds_dir / "shared"
+    args.seeds_store = Path(args.seeds_store).expanduser() if args.seeds_store else seeds_dir / "results.parquet"
+    if not args.report:
+        if get_task(args.task).kind == "maze":
+            raise RactdError(f"{args.task}: maze2d students have no reward term; use a locomotion task")
+        (args.out / "rows").mkdir(parents=True, exist_ok=True)
+        teacher = reward = ""
+        for seed in args.train_seeds:
+            for scale in args.scales:
+                for sigma in args.sigmas:
+                    f = args.out / "rows" / f"{scale}-sigma{sigma:g}-seed{seed}.parquet"
+                    if f.is_file():
+                        continue
+                    row = _from_seeds_store(args, scale, sigma, seed)
+                    if row is None:
+                        if not teacher:
+                            teacher, reward = _shared(args)
+                        row = _train_row(args, scale, sigma, seed, teacher, reward)
+                    w = get_task(args.task).weights
+                    a, b = (1.0, 1.0) if sigma == 0 else (w.alpha, w.beta)
+                    row = {"task": args.task, "term_scale": scale, "sigma": sigma, "train_seed": seed, "alpha": a,
+                           "beta": b, **row}
+                    row.update(_shares(row))
+                    atomic_parquet(f, [row])
+                    print(f"{scale} σ={sigma:g} seed {seed}: selected {row['best_mean']:.1f} ± "
+                          f"{row['best_sem']:.1f}, final {row['final_mean']:.1f} (ctm {row['ctm']:.3f}, dsm {row['dsm']:.1f}, reward "
+                          f"{row['reward']:.2f})", flush=True)
+    rows = _rows(args.out)
+    if not rows:
+        raise RactdError(f"no rows under {args.out / 'rows'}")
+    atomic_parquet(args.out / "results.parquet", rows)
+    print("\n".join(balance_report(rows)))
+    print(f"\nstore: {args.out / 'results.parquet'}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--task", default="hopper-medium-replay")
+    ap.add_argument("--scale", default="small")
+    ap.add_argument("--scales", nargs="+", default=["raw", "balanced"], choices=["raw", "balanced"],
+                    help="DistillConfig.term_scale values to run")
+    ap.add_argument("--sigmas", nargs="+", type=float, default=[0.0, 0.3], help="reward weights (0 = CTD)")
+    ap.add_argument("--train-seeds", nargs="+", type=int, default=[0])
+    ap.add_argument("--teacher-steps", type=int, default=2000, help="the shared teacher's (when trained here)")
+    ap.add_argument("--steps", type=int, default=400, help="student steps")
+    ap.add_argument("--batch", type=int, default=128, help="student batch")
+    ap.add_argument("--ckpt-every", type=int, default=100, help="student checkpoint / model selection interval")
+    ap.add_argument("--eval-seeds", type=int, default=100)
+    ap.add_argument("--shared", default="", help="the teacher and reward run (default: bench/training_seeds.py's)")
+    ap.add_argument("--seeds-store", default="", help="bench/training_seeds.py's results.parquet to take raw rows "
+                    "from (default: its cache folder's)")
+    ap.add_argument("--out", default="", help="default <cache>/bench/balance/<task>-<scale>")
+    ap.add_argument("--report", action="store_true", help="only gather <out>/rows and print the table")
+    args = ap.parse_args(argv)
+    try:
+        get_task(args.task)
+        return run(args)
+    except RactdError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
