@@ -142,8 +142,8 @@ def run(args) -> int:
                     row.update(_shares(row))
                     atomic_parquet(f, [row])
                     print(f"{scale} σ={sigma:g} seed {seed}: selected {row['best_mean']:.1f} ± "
-                          f"{row['best_sem']:.1f}, final {row['final_mean']:.1f} (ctm {row['ctm']:.3f}, dsm {row['dsm']:.1f}, reward "
-                          f"{row['reward']:.2f})", flush=True)
+                          f"{row['best_sem']:.1f}, final {row['final_mean']:.1f} (ctm {row['ctm']:.3f}, "
+                          f"dsm {row['dsm']:.1f}, reward {row['reward']:.2f})", flush=True)
     rows = _rows(args.out)
     if not rows:
         raise RactdError(f"no rows under {args.out / 'rows'}")
