@@ -16,7 +16,9 @@ its selected and its final checkpoint. A "raw" point that study already trained 
 Each finished (scale, sigma, training seed) is one file <out>/rows/*.parquet (two processes can share an --out:
 run one per core); <out>/results.parquet gathers them. A row carries the scores and the run's term magnitudes:
 ctm, dsm, reward = the mean over the logged checkpoints of each term's raw batch mean, and the share of the
-weighted loss each term makes (under "balanced" the distance terms weigh alpha and beta each).
+weighted loss each term makes (under "balanced" the distance terms weigh alpha and beta each); with --grad-norms
+also g_ctm, g_dsm, g_reward: the norm of each weighted term's gradient on the student at its final checkpoint
+(ractd.train.term_gradient_norms), which is what a term's weight acts through.
 Resumable: a stored row is not redone, train() resumes a cut run.
 """
 
@@ -61,11 +63,12 @@ def _terms(run_dir: Path) -> dict:
 
 def _shares(row: dict) -> dict:
     """The share of the weighted loss each term makes (|weight x term| over their sum)."""
-    if row["term_scale"] == "balanced":
-        parts = {"ctm": row["alpha"], "dsm": row["beta"]}
-    else:
+    if row["term_scale"] == "raw":
         parts = {"ctm": row["alpha"] * row["ctm"], "dsm": row["beta"] * row["dsm"]}
-    parts["reward"] = row["sigma"] * abs(row["reward"]) if row["sigma"] > 0 else 0.0
+    else:  # balanced: the distance terms enter at ~1; gradient: every term does (its value over its pull)
+        parts = {"ctm": row["alpha"], "dsm": row["beta"]}
+    parts["reward"] = 0.0 if row["sigma"] <= 0 else row["sigma"] * (
+        1.0 if row["term_scale"] == "gradient" else abs(row["reward"]))
     total = sum(parts.values())
     return {f"share_{k}": v / total for k, v in parts.items()}
 
@@ -107,6 +110,38 @@ def _train_row(args, scale: str, sigma: float, seed: int, teacher: str, reward: 
     return {**row, **_terms(run_dir), "run_dir": str(run_dir), "source": "bench/term_balance.py"}
 
 
+def _grad_norms(run_dir: Path) -> dict:
+    """ractd.train.term_gradient_norms at the run's final checkpoint, with its own teacher and reward model."""
+    import torch
+
+    from ractd import ctm
+    from ractd.train import load_stage_model, load_upstream, prepare, term_gradient_norms
+
+    student, cfg, ck = load_stage_model(run_dir / "student" / "latest" / "checkpoint.pt", use_ema=False)
+    prep = prepare(cfg)
+    teacher, _ = load_upstream(Path(cfg.teacher_ckpt), "teacher", cfg, prep)
+    reward, _ = load_upstream(Path(cfg.reward_ckpt), "reward", cfg, prep) if cfg.reward_ckpt else (None, None)
+    balance = None
+    if ck.get("term_balance"):
+        balance = ctm.TermBalance()
+        balance.load_state_dict(ck["term_balance"])
+    return term_gradient_norms(cfg, student, teacher, reward, prep, torch.device("cpu"), balance)
+
+
+def _fill_grad_norms(out: Path) -> None:
+    """Add the gradient norms to every stored row without them (one process: it rewrites the row files)."""
+    import pandas as pd
+
+    for f in sorted((out / "rows").glob("*.parquet")):
+        row = pd.read_parquet(f).to_dict("records")[0]
+        if row.get("g_ctm") == row.get("g_ctm") and "g_ctm" in row:  # present and not NaN
+            continue
+        row.update(_grad_norms(Path(row["run_dir"])))
+        atomic_parquet(f, [row])
+        print(f"{f.stem}: |grad| ctm {row['g_ctm']:.3g}, dsm {row['g_dsm']:.3g}, reward "
+              f"{row.get('g_reward', float('nan')):.3g}", flush=True)
+
+
 def _rows(out: Path) -> list[dict]:
     import pandas as pd
 
@@ -144,6 +179,8 @@ def run(args) -> int:
                     print(f"{scale} σ={sigma:g} seed {seed}: selected {row['best_mean']:.1f} ± "
                           f"{row['best_sem']:.1f}, final {row['final_mean']:.1f} (ctm {row['ctm']:.3f}, "
                           f"dsm {row['dsm']:.1f}, reward {row['reward']:.2f})", flush=True)
+    if args.grad_norms:
+        _fill_grad_norms(args.out)
     rows = _rows(args.out)
     if not rows:
         raise RactdError(f"no rows under {args.out / 'rows'}")
@@ -157,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--task", default="hopper-medium-replay")
     ap.add_argument("--scale", default="small")
-    ap.add_argument("--scales", nargs="+", default=["raw", "balanced"], choices=["raw", "balanced"],
+    ap.add_argument("--scales", nargs="+", default=["raw", "balanced"], choices=["raw", "balanced", "gradient"],
                     help="DistillConfig.term_scale values to run")
     ap.add_argument("--sigmas", nargs="+", type=float, default=[0.0, 0.3], help="reward weights (0 = CTD)")
     ap.add_argument("--train-seeds", nargs="+", type=int, default=[0])
@@ -171,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
                     "from (default: its cache folder's)")
     ap.add_argument("--out", default="", help="default <cache>/bench/balance/<task>-<scale>")
     ap.add_argument("--report", action="store_true", help="only gather <out>/rows and print the table")
+    ap.add_argument("--grad-norms", action="store_true", help="add each term's gradient norm at the final "
+                    "checkpoint to the rows without one (ractd.train.term_gradient_norms; run it in one process)")
     args = ap.parse_args(argv)
     try:
         get_task(args.task)

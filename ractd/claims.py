@@ -745,8 +745,10 @@ def tracking_report(df) -> list[str]:
 def balance_report(rows: list[dict]) -> list[str]:
     """bench/term_balance.py's store as Markdown: one line per (term scale, sigma) with its score per training
     seed (selected checkpoint ± SE, final in brackets) and its terms' mean magnitudes and shares of the weighted
-    loss; then each balanced point against raw RACTD on the training seeds both have (a difference counts at Z
-    SE of the difference; "above"/"below" only when it does on every such seed)."""
+    loss and, where measured, the norms of their weighted gradients at the final checkpoint (mean over seeds); then
+    each balanced point against raw RACTD on the training seeds both have (a difference counts at Z SE of the
+    difference; "above"/"below" only when it does on every such seed). Also "gradient" points (each term over the
+    norm of its gradient)."""
     from tabulate import tabulate
 
     if not rows:
@@ -761,14 +763,19 @@ def balance_report(rows: list[dict]) -> list[str]:
                            f"({r['final_mean']:.1f})" for r in rs)
         m = {k: sum(r[k] for r in rs) / len(rs) for k in ("ctm", "dsm", "reward", "share_ctm", "share_dsm",
                                                            "share_reward", "at_bound")}
+        grads = [r for r in rs if r.get("g_ctm") == r.get("g_ctm") and r.get("g_ctm") is not None]
+        g = "" if not grads else " / ".join(
+            f"{sum(r[k] for r in grads) / len(grads):.3g}" for k in ("g_ctm", "g_dsm", "g_reward"))
         table.append([scale, f"{sigma:g}", scores, f"{m['ctm']:.3f}", f"{m['dsm']:.1f}",
                       "" if sigma == 0 else f"{m['reward']:.2f}",
-                      f"{m['share_ctm']:.2f} / {m['share_dsm']:.2f} / {m['share_reward']:.2f}", f"{m['at_bound']:.3f}"])
+                      f"{m['share_ctm']:.2f} / {m['share_dsm']:.2f} / {m['share_reward']:.2f}", g,
+                      f"{m['at_bound']:.3f}"])
     lines = [tabulate(table, headers=["terms", "σ", "selected ± SE (final) per training seed", "L_CTM", "L_DSM",
-                                      "L_Reward", "share CTM / DSM / reward", "at bound"], tablefmt="github"), ""]
+                                      "L_Reward", "loss share CTM / DSM / reward", "‖∇‖ CTM / DSM / reward",
+                                      "at bound"], tablefmt="github"), ""]
     raw_ractd = {(int(r["train_seed"])): r for r in rows if r["term_scale"] == "raw" and r["sigma"] > 0}
     for (scale, sigma), rs in sorted(by.items()):
-        if scale != "balanced":
+        if scale == "raw":
             continue
         diffs = []
         for r in rs:
@@ -782,7 +789,7 @@ def balance_report(rows: list[dict]) -> list[str]:
             word = ("above" if all(d > Z * se for _, d, se in diffs) else
                     "below" if all(d < -Z * se for _, d, se in diffs) else "mixed or level")
             parts = ", ".join(f"seed {s}: {d:+.1f} ± {se:.1f}" for s, d, se in diffs)
-            lines.append(f"- balanced σ = {sigma:g} minus raw RACTD (σ = {raw_ractd[diffs[0][0]]['sigma']:g}), "
+            lines.append(f"- {scale} σ = {sigma:g} minus raw RACTD (σ = {raw_ractd[diffs[0][0]]['sigma']:g}), "
                          f"selected checkpoints: {parts} → {word} on {len(diffs)} training seed(s)")
     return lines
 
@@ -862,7 +869,8 @@ def studies_section(data: Path) -> list[str]:
                   "128, selected on 10 full episodes every 100 steps, 100 evaluation seeds. raw: Eq. (9) adds the "
                   "terms as they come (the paper); balanced: L_CTM and L_DSM each divided by a running mean of its "
                   "own value (DistillConfig.term_scale). L_* are the logged raw terms (mean over checkpoints); the "
-                  "shares are each weighted term's part of the loss.", "",
+                  "loss shares are each weighted term's part of the loss; ‖∇‖ is the norm of each weighted term's "
+                  "gradient on the student at its final checkpoint (ractd.train.term_gradient_norms, 4 batches).", "",
                   *balance_report(pd.read_parquet(f).to_dict("records")), ""]
     for f in sorted((data / "bf16").glob("scores.parquet")):
         import pandas as pd

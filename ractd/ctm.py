@@ -93,6 +93,9 @@ class DistillConfig:
         it is: -R_psi is not a distance (a constant added to R_psi changes its value, not its gradient) and
         R_psi already predicts the return-to-go normalized to [-1, 1], so sigma weighs a unit-scale term either
         way. Under "raw" the default DSM form logs ~200-400x the CTM term (README "Eq. (9)'s term balance").
+        "gradient": every term, the reward's included, divided by a running mean of the norm of its own gradient
+        on the student (measured every `term_every` steps), so alpha, beta and sigma are the terms' relative pulls.
+    term_every: steps between gradient measurements under "gradient" (each costs one more backward pass).
     """
 
     alpha: float = 1.0
@@ -106,38 +109,59 @@ class DistillConfig:
     dsm_top_fraction: float = 0.7
     dsm_form: Literal["jump", "denoiser"] = "denoiser"
     dsm_weighting: edm.Weighting = "lambda"
-    term_scale: Literal["raw", "balanced"] = "raw"
+    term_scale: Literal["raw", "balanced", "gradient"] = "raw"
     term_decay: float = 0.99
+    term_every: int = 10
 
 
 class TermBalance:
-    """Running magnitudes of Eq. (9)'s distance terms for DistillConfig.term_scale "balanced".
+    """Running magnitudes of Eq. (9)'s terms for DistillConfig.term_scale "balanced" and "gradient".
 
-    balance(name, value) returns value / m, where m is an exponential moving average (decay `decay`, started
-    at the first value) of the term's detached batch means, this one included: the returned term has
-    magnitude ~1 and the gradient of value scaled by 1 / m. Kept in the student's checkpoint (state_dict) so a
-    resumed run continues the same scales. Each Ray Train rank keeps its own (their batches differ by noise
-    only).
+    "balanced": balance(name, value) returns value / m, m an exponential moving average (decay `decay` per step,
+    started at the first value) of the term's detached batch means, this one included, so the returned term
+    has magnitude ~1.
+    "gradient": update(name, norm) feeds the norm of a term's gradient on the student, measured every `every`
+    steps (due()); the average decays by decay ** every per measurement (the same ~1 / (1 - decay) steps).
+    Kept in the student's checkpoint (state_dict) so a resumed run continues the same scales. Each Ray Train
+    rank keeps its own (their batches differ by noise only).
     """
 
-    def __init__(self, decay: float = 0.99):
+    def __init__(self, decay: float = 0.99, every: int = 1):
         if not 0 <= decay < 1:
             raise ValueError(f"term balance decay must be in [0, 1), got {decay}")
-        self.decay = decay
+        if every < 1:
+            raise ValueError(f"term balance interval must be >= 1, got {every}")
+        self.decay, self.every, self.calls = decay, every, 0
         self.magnitude: dict[str, float] = {}
 
-    def __call__(self, name: str, value: torch.Tensor) -> torch.Tensor:
-        v = abs(float(value.detach()))
+    def update(self, name: str, v: float, decay: float | None = None) -> float:
         m = self.magnitude.get(name)
-        m = v if m is None else self.decay * m + (1.0 - self.decay) * v
+        d = self.decay if decay is None else decay
+        m = v if m is None else d * m + (1.0 - d) * v
         self.magnitude[name] = m
-        return value / max(m, 1e-12)
+        return m
+
+    def __call__(self, name: str, value: torch.Tensor) -> torch.Tensor:
+        return value / max(self.update(name, abs(float(value.detach()))), 1e-12)
+
+    def due(self, names) -> bool:
+        """Whether this step measures the gradients (every `every` steps, and whenever a term has none yet)."""
+        return self.calls % self.every == 0 or any(n not in self.magnitude for n in names)
+
+    def measure(self, student: nn.Module, terms: dict) -> None:
+        """The norm of each term's gradient on the student's trainable parameters (graphs kept for the step)."""
+        params = [p for p in student.parameters() if p.requires_grad]
+        for name, value in terms.items():
+            grads = torch.autograd.grad(value, params, retain_graph=True, allow_unused=True)
+            norm = float(torch.sqrt(sum(g.pow(2).sum() for g in grads if g is not None)))
+            self.update(name, norm, self.decay ** self.every)
 
     def state_dict(self) -> dict:
-        return {"decay": self.decay, "magnitude": dict(self.magnitude)}
+        return {"decay": self.decay, "every": self.every, "calls": self.calls, "magnitude": dict(self.magnitude)}
 
     def load_state_dict(self, state: dict) -> None:
-        self.decay = float(state["decay"])
+        self.decay, self.every = float(state["decay"]), int(state.get("every", 1))
+        self.calls = int(state.get("calls", 0))
         self.magnitude = {k: float(v) for k, v in state["magnitude"].items()}
 
 
@@ -228,20 +252,13 @@ def ractd_loss(student: Student, teacher: edm.Denoiser, reward_model: nn.Module 
     state: (batch, obs_dim) the current normalized state fed to R_psi (needed when sigma > 0).
     Returns {"loss": scalar to backpropagate, "ctm", "dsm", "reward": detached scalars for logging}.
     The teacher and the reward model must be frozen (requires_grad False); no gradient reaches them.
-    cfg.term_scale "balanced" divides L_CTM and L_DSM by their running magnitudes in `balance` (required then);
-    the logged "ctm" and "dsm" stay the unscaled terms.
+    cfg.term_scale "balanced" divides L_CTM and L_DSM by their running values in `balance`, "gradient" every
+    term by the running norm of its gradient (`balance` required for both); the logged terms stay unscaled.
     """
     l_ctm, pred = ctm_loss(student, teacher, x0, cond, cfg)
     l_dsm = dsm_loss(student, x0, cond, cfg)
-    if cfg.term_scale == "balanced":
-        if balance is None:
-            raise ValueError("term_scale 'balanced' needs a TermBalance (the running term magnitudes)")
-        total = cfg.alpha * balance("ctm", l_ctm.mean()) + cfg.beta * balance("dsm", l_dsm.mean())
-    elif cfg.term_scale == "raw":
-        total = cfg.alpha * l_ctm.mean() + cfg.beta * l_dsm.mean()
-    else:
-        raise ValueError(f"unknown term scale {cfg.term_scale!r}; expected 'raw' or 'balanced'")
-    out = {"ctm": l_ctm.mean().detach(), "dsm": l_dsm.mean().detach()}
+    terms = {"ctm": l_ctm.mean(), "dsm": l_dsm.mean()}
+    weights = {"ctm": cfg.alpha, "dsm": cfg.beta}
     if cfg.sigma > 0:
         if reward_model is None or state is None:
             raise ValueError("reward weight sigma > 0 needs a reward model and the current state")
@@ -252,11 +269,22 @@ def ractd_loss(student: Student, teacher: edm.Denoiser, reward_model: nn.Module 
             a_hat = pred[:, 0]
         else:
             raise ValueError(f"unknown reward variant {cfg.reward_variant!r}; expected 'one_step' or 'ctm'")
-        l_rew = reward_loss(reward_model, state, a_hat, clamp=cfg.reward_clamp)
-        total = total + cfg.sigma * l_rew.mean()  # Eq. (9)
-        out["reward"] = l_rew.mean().detach()
-    out["loss"] = total
-    return out
+        terms["reward"] = reward_loss(reward_model, state, a_hat, clamp=cfg.reward_clamp).mean()
+        weights["reward"] = cfg.sigma
+    logged = {k: v.detach() for k, v in terms.items()}  # the unscaled terms
+    if cfg.term_scale != "raw":
+        if balance is None:
+            raise ValueError(f"term_scale {cfg.term_scale!r} needs a TermBalance (the running term magnitudes)")
+        if cfg.term_scale == "balanced":    # the distance terms by their values; -R_psi as it is
+            terms.update({k: balance(k, terms[k]) for k in ("ctm", "dsm")})
+        elif cfg.term_scale == "gradient":  # every term by the norm of its gradient
+            if balance.due(terms):
+                balance.measure(student, terms)
+            balance.calls += 1
+            terms = {k: v / max(balance.magnitude[k], 1e-12) for k, v in terms.items()}
+        else:
+            raise ValueError(f"unknown term scale {cfg.term_scale!r}; expected 'raw', 'balanced' or 'gradient'")
+    return {**logged, "loss": sum(weights[k] * terms[k] for k in terms)}  # Eq. (9)
 
 
 def default_t_mids(n_steps: int, dtype=torch.float32) -> list[float]:

@@ -177,6 +177,8 @@ class TrainConfig:
                 bad(name, v, "must be finite")
         if not 0 <= d.term_decay < 1:
             bad("term_decay", d.term_decay, "must be in [0, 1)")
+        if not (isinstance(d.term_every, int) and d.term_every >= 1):
+            bad("term_every", d.term_every, "must be a positive integer")
         if not 0 < d.dsm_top_fraction <= 1:
             bad("dsm_top_fraction", d.dsm_top_fraction, "must be in (0, 1]")
         if d.n_bins < 2:
@@ -184,7 +186,7 @@ class TrainConfig:
         for name, allowed in (("reward_variant", ("one_step", "ctm")), ("dsm_form", ("jump", "denoiser")),
                               ("distance", ("per_sample", "elementwise")),
                               ("dsm_weighting", ("lambda", "sqrt_lambda", "none")),
-                              ("term_scale", ("raw", "balanced"))):
+                              ("term_scale", ("raw", "balanced", "gradient"))):
             if getattr(d, name) not in allowed:
                 bad(name, getattr(d, name), f"expected one of {', '.join(allowed)}")
         return self
@@ -564,7 +566,7 @@ def train(cfg: TrainConfig, ctx: RunContext | None = None, data: dict | None = N
     if teacher is not None:
         load_teacher_into_student(model.net, teacher.net)  # new s pathway zero-initialised
     ema = copy.deepcopy(model).requires_grad_(False) if cfg.stage in ("teacher", "ddpm") else None
-    balance = ctm.TermBalance(cfg.distill.term_decay) if cfg.stage == "student" else None  # term_scale "balanced"
+    balance = ctm.TermBalance(cfg.distill.term_decay, cfg.distill.term_every) if cfg.stage == "student" else None
     if cfg.stage == "bc":  # CORL's BC: Adam (default betas), constant learning rate
         opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, _constant_lr)
@@ -770,6 +772,61 @@ def distill_diagnostics(cfg: TrainConfig, student: ctm.Student, reward_model, pr
         r_student = float(reward_model(state, x[:, 0].clamp(-1, 1)).mean())
         r_data = float(reward_model(state, _to_torch(prep.action, idx, device)).mean())
         out.update(r_student=r_student, r_data=r_data, r_gap=r_student - r_data)
+    return out
+
+
+def term_gradient_norms(cfg: TrainConfig, student: ctm.Student, teacher, reward_model, prep: Prepared, device,
+                        balance: ctm.TermBalance | None = None, batches: int = 4) -> dict:
+    """Eq. (9)'s terms measured where they act: the norm of each weighted term's gradient on the student's
+    parameters, averaged over `batches` seeded batches of cfg.batch windows (the same batches for every call).
+
+    g_ctm, g_dsm, g_reward: ||grad(w * L_term)|| with the weights training applies (alpha, beta, sigma; under
+    term_scale "balanced" alpha / m_ctm, beta / m_dsm, under "gradient" each weight over its term's running
+    gradient norm, from `balance`); g_reward is 0 for sigma = 0, and g_reward_unit is the reward term's
+    unweighted (locomotion with a reward model only).
+    A term's logged value says little about its pull: the CTM term compares two student jumps that agree
+    closely, so a small value can carry a large gradient.
+    """
+    d = cfg.distill
+    w_ctm, w_dsm = d.alpha, d.beta
+    w_rew = d.sigma
+    if d.term_scale != "raw":
+        need = {"ctm", "dsm"} | ({"reward"} if d.term_scale == "gradient" and d.sigma > 0 else set())
+        if balance is None or not need <= set(balance.magnitude):
+            raise ValueError(f"term_scale {d.term_scale!r} needs the run's TermBalance magnitudes")
+        w_ctm, w_dsm = w_ctm / balance.magnitude["ctm"], w_dsm / balance.magnitude["dsm"]
+        if d.term_scale == "gradient" and d.sigma > 0:
+            w_rew = d.sigma / balance.magnitude["reward"]
+    params = [p for p in student.parameters()]
+    flags = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(True)
+    rng = torch.get_rng_state()
+    sums: dict[str, float] = {}
+    try:
+        g = torch.Generator().manual_seed(2024)
+        torch.manual_seed(2024)
+        for _ in range(batches):
+            idx = torch.randint(0, len(prep.cond), (cfg.batch,), generator=g).numpy()
+            cond, x0 = _to_torch(prep.cond, idx, device), _to_torch(prep.x, idx, device)
+            terms = {"ctm": w_ctm * ctm.ctm_loss(student, teacher, x0, cond, d)[0].mean(),
+                     "dsm": w_dsm * ctm.dsm_loss(student, x0, cond, d).mean()}
+            if reward_model is not None and prep.state is not None:
+                x_T = edm.prior_sample(x0.shape, scaled=d.init_scaled, device=device, dtype=x0.dtype)
+                a_hat = ctm.one_step(student, x_T, cond)[:, 0]
+                terms["reward_unit"] = ctm.reward_loss(reward_model, _to_torch(prep.state, idx, device), a_hat,
+                                                       clamp=d.reward_clamp).mean()
+            for name, value in terms.items():
+                grads = torch.autograd.grad(value, params, allow_unused=True)
+                norm = math.sqrt(sum(float(gr.pow(2).sum()) for gr in grads if gr is not None))
+                sums[name] = sums.get(name, 0.0) + norm / batches
+    finally:
+        for p, f in zip(params, flags):
+            p.requires_grad_(f)
+        torch.set_rng_state(rng)
+    out = {"g_ctm": sums["ctm"], "g_dsm": sums["dsm"]}
+    if "reward_unit" in sums:
+        out.update(g_reward_unit=sums["reward_unit"], g_reward=w_rew * sums["reward_unit"])
     return out
 
 

@@ -196,3 +196,40 @@ def test_balanced_terms_enter_at_unit_magnitude_with_their_own_gradients():
         np.testing.assert_allclose(g.numpy(), r.numpy(), rtol=1e-4, atol=1e-7)
     with pytest.raises(ValueError, match="TermBalance"):
         ctm.ractd_loss(student, teacher, None, x0, cond, None, bal_cfg)
+
+
+def test_gradient_balance_divides_each_term_by_its_gradient_norm():
+    """Eq. (9) "gradient": the measured magnitude of each term is the norm of its own gradient on the student (a
+    raw run with the same noise draws, one term weighted, gives it), the step's gradient is sum_k w_k grad L_k /
+    ||grad L_k||, and with every = 3 only steps 0, 3, ... re-measure."""
+    teacher, student, reward, _ = _models()
+    x0, cond, state = torch.rand(16, 4, 2) * 2 - 1, torch.randn(16, 3), torch.randn(16, 3)
+
+    def run(cfg, balance=None, scale=1.0):
+        student.zero_grad()
+        torch.manual_seed(5)
+        out = ctm.ractd_loss(student, teacher, reward, x0 * scale, cond, state * scale, cfg, balance)
+        out["loss"].backward()
+        return out, [p.grad.clone() for p in student.parameters()]
+
+    norms = {}
+    for k, w in (("ctm", (1.0, 0.0, 0.0)), ("dsm", (0.0, 1.0, 0.0)), ("reward", (0.0, 0.0, 1.0))):
+        # sigma > 0 keeps the reward term's noise draw in every run; a zero weight removes its gradient only
+        cfg = ctm.DistillConfig(alpha=w[0], beta=w[1], sigma=w[2] if k == "reward" else 1e-30)
+        _, g = run(cfg)
+        norms[k] = float(torch.sqrt(sum(x.pow(2).sum() for x in g)))
+    bal = ctm.TermBalance(every=3)
+    cfg = ctm.DistillConfig(alpha=2.0, beta=0.5, sigma=0.3, term_scale="gradient")
+    out, grads = run(cfg, bal)
+    for k in norms:
+        np.testing.assert_allclose(bal.magnitude[k], norms[k], rtol=1e-4)
+    assert max(norms.values()) > 3 * min(norms.values())  # unequal pulls to begin with
+    raw_cfg = ctm.DistillConfig(alpha=2.0 / norms["ctm"], beta=0.5 / norms["dsm"], sigma=0.3 / norms["reward"])
+    _, raw_grads = run(raw_cfg)
+    for g, r in zip(grads, raw_grads):
+        np.testing.assert_allclose(g.numpy(), r.numpy(), rtol=1e-3, atol=1e-7)
+    first = dict(bal.magnitude)
+    run(cfg, bal, 0.5), run(cfg, bal, 0.5)
+    assert bal.magnitude == first and bal.calls == 3  # steps 1, 2 reuse the measurement
+    run(cfg, bal, 0.5)
+    assert all(bal.magnitude[k] != first[k] for k in first)
