@@ -746,9 +746,9 @@ def balance_report(rows: list[dict]) -> list[str]:
     """bench/term_balance.py's store as Markdown: one line per (term scale, sigma) with its score per training
     seed (selected checkpoint ± SE, final in brackets) and its terms' mean magnitudes and shares of the weighted
     loss and, where measured, the norms of their weighted gradients at the final checkpoint (mean over seeds); then
-    each balanced point against raw RACTD on the training seeds both have (a difference counts at Z SE of the
-    difference; "above"/"below" only when it does on every such seed). Also "gradient" points (each term over the
-    norm of its gradient)."""
+    each "balanced" or "gradient" point against the raw point of the same role (CTD for sigma = 0, RACTD for
+    sigma > 0) on the training seeds both have (a difference counts at Z SE of the difference; "above"/"below"
+    only when it does on every such seed)."""
     from tabulate import tabulate
 
     if not rows:
@@ -773,24 +773,24 @@ def balance_report(rows: list[dict]) -> list[str]:
     lines = [tabulate(table, headers=["terms", "σ", "selected ± SE (final) per training seed", "L_CTM", "L_DSM",
                                       "L_Reward", "loss share CTM / DSM / reward", "‖∇‖ CTM / DSM / reward",
                                       "at bound"], tablefmt="github"), ""]
-    raw_ractd = {(int(r["train_seed"])): r for r in rows if r["term_scale"] == "raw" and r["sigma"] > 0}
+    raw = {(int(r["train_seed"]), r["sigma"] > 0): r for r in rows if r["term_scale"] == "raw"}
     for (scale, sigma), rs in sorted(by.items()):
         if scale == "raw":
             continue
         diffs = []
-        for r in rs:
-            ref = raw_ractd.get(int(r["train_seed"]))
+        for r in rs:  # against the raw point of the same role: CTD for sigma = 0, RACTD for sigma > 0
+            ref = raw.get((int(r["train_seed"]), sigma > 0))
             if ref is None:
                 continue
             d = r["best_mean"] - ref["best_mean"]
-            se = math.hypot(r["best_sem"], ref["best_sem"])
-            diffs.append((int(r["train_seed"]), d, se))
+            diffs.append((int(r["train_seed"]), d, math.hypot(r["best_sem"], ref["best_sem"]), ref["sigma"]))
         if diffs:
-            word = ("above" if all(d > Z * se for _, d, se in diffs) else
-                    "below" if all(d < -Z * se for _, d, se in diffs) else "mixed or level")
-            parts = ", ".join(f"seed {s}: {d:+.1f} ± {se:.1f}" for s, d, se in diffs)
-            lines.append(f"- {scale} σ = {sigma:g} minus raw RACTD (σ = {raw_ractd[diffs[0][0]]['sigma']:g}), "
-                         f"selected checkpoints: {parts} → {word} on {len(diffs)} training seed(s)")
+            word = ("above" if all(d > Z * se for _, d, se, _ in diffs) else
+                    "below" if all(d < -Z * se for _, d, se, _ in diffs) else "mixed or level")
+            parts = ", ".join(f"seed {s}: {d:+.1f} ± {se:.1f}" for s, d, se, _ in diffs)
+            ref_name = "CTD" if sigma == 0 else f"RACTD (σ = {diffs[0][3]:g})"
+            lines.append(f"- {scale} σ = {sigma:g} minus raw {ref_name}, selected checkpoints: {parts} → {word} on "
+                         f"{len(diffs)} training seed(s)")
     return lines
 
 

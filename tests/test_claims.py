@@ -330,3 +330,22 @@ def test_bf16_report_calls_a_shift_below_the_evaluations_resolution_unchanged():
     # 29 paired SE, yet a third of the score's SE: unchanged
     assert lines["small"].rstrip(" |").endswith("unchanged") and "+0.29 ± 0.01" in lines["small"]
     assert lines["big"].rstrip(" |").endswith("CHANGED") and "+2.99" in lines["big"]  # 3 score SEs
+
+
+def test_balance_report_compares_each_point_with_the_raw_point_of_its_role():
+    from ractd.claims import balance_report
+
+    def row(scale, sigma, seed, mean, sem):
+        return {"term_scale": scale, "sigma": sigma, "train_seed": seed, "best_mean": mean, "best_sem": sem,
+                "final_mean": mean - 1, "final_sem": sem, "ctm": 0.06, "dsm": 30.0, "reward": 0.5,
+                "share_ctm": 0.0, "share_dsm": 1.0, "share_reward": 0.0, "at_bound": 0.01}
+
+    rows = [row("raw", 0.0, 0, 10.0, 0.2), row("raw", 0.3, 0, 27.0, 0.4), row("raw", 0.3, 1, 30.0, 0.5),
+            row("gradient", 0.0, 0, 10.3, 0.2), row("gradient", 0.03, 0, 22.0, 0.3),
+            row("gradient", 0.03, 1, 32.0, 0.5), row("balanced", 1.0, 1, 40.0, 0.5)]
+    text = "\n".join(balance_report(rows))
+    assert "gradient σ = 0 minus raw CTD, selected checkpoints: seed 0: +0.3 ± 0.3 → mixed or level" in text
+    assert "gradient σ = 0.03 minus raw RACTD (σ = 0.3), selected checkpoints: seed 0: -5.0 ± 0.5, seed 1: " \
+           "+2.0 ± 0.7 → mixed or level on 2 training seed(s)" in text
+    assert "balanced σ = 1 minus raw RACTD (σ = 0.3), selected checkpoints: seed 1: +10.0 ± 0.7 → above" in text
+    assert "0: 22.0 ± 0.3 (21.0); 1: 32.0 ± 0.5 (31.0)" in text
