@@ -34,6 +34,7 @@ from pathlib import Path
 
 from ractd import RactdError
 from ractd.claims import balance_report
+from ractd.errors import Parser, run_command
 from ractd.evaluate import evaluate_checkpoint
 from ractd.io import atomic_parquet
 from ractd.paths import cache_dir
@@ -150,6 +151,7 @@ def _rows(out: Path) -> list[dict]:
 
 
 def run(args) -> int:
+    get_task(args.task)  # an unknown task: one line
     args.out = Path(args.out) if args.out else cache_dir() / "bench" / "balance" / f"{args.task}-{args.scale}"
     seeds_dir = cache_dir() / "bench" / "seeds" / f"{args.task}-{args.scale}"
     args.shared = Path(args.shared).expanduser() if args.shared else seeds_dir / "shared"
@@ -191,7 +193,7 @@ def run(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--task", default="hopper-medium-replay")
     ap.add_argument("--scale", default="small")
     ap.add_argument("--scales", nargs="+", default=["raw", "balanced"], choices=["raw", "balanced", "gradient"],
@@ -211,12 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--grad-norms", action="store_true", help="add each term's gradient norm at the final "
                     "checkpoint to the rows without one (ractd.train.term_gradient_norms; run it in one process)")
     args = ap.parse_args(argv)
-    try:
-        get_task(args.task)
-        return run(args)
-    except RactdError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_command(lambda: run(args))
 
 
 if __name__ == "__main__":
