@@ -869,8 +869,9 @@ def studies_section(data: Path) -> list[str]:
                   "128, selected on 10 full episodes every 100 steps, 100 evaluation seeds. raw: Eq. (9) adds the "
                   "terms as they come (the paper); balanced: L_CTM and L_DSM each divided by a running mean of its "
                   "own value (DistillConfig.term_scale). L_* are the logged raw terms (mean over checkpoints); the "
-                  "loss shares are each weighted term's part of the loss; ‖∇‖ is the norm of each weighted term's "
-                  "gradient on the student at its final checkpoint (ractd.train.term_gradient_norms, 4 batches).", "",
+                  "loss shares are each weighted term's part of the loss; ‖∇‖ is the norm of each weighted "
+                  "term's gradient on the student at its final checkpoint (ractd.train.term_gradient_norms, 4 "
+                  "batches).", "",
                   *balance_report(pd.read_parquet(f).to_dict("records")), ""]
     for f in sorted((data / "bf16").glob("scores.parquet")):
         import pandas as pd

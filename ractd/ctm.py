@@ -92,7 +92,7 @@ class DistillConfig:
         the individual loss terms within the same order of magnitude" made exact. The reward term is left as
         it is: -R_psi is not a distance (a constant added to R_psi changes its value, not its gradient) and
         R_psi already predicts the return-to-go normalized to [-1, 1], so sigma weighs a unit-scale term either
-        way. Under "raw" the default DSM form logs ~200-400x the CTM term (README "Eq. (9)'s term balance").
+        way. Under "raw" the default DSM form logs ~200-500x the CTM term.
         "gradient": every term, the reward's included, divided by a running mean of the norm of its own gradient
         on the student (measured every `term_every` steps), so alpha, beta and sigma are the terms' relative pulls.
         Default "raw" by measurement (bench/term_balance.py, hopper-medium-replay, README "Eq. (9): weighing the

@@ -783,7 +783,8 @@ def term_gradient_norms(cfg: TrainConfig, student: ctm.Student, teacher, reward_
     g_ctm, g_dsm, g_reward: ||grad(w * L_term)|| with the weights training applies (alpha, beta, sigma; under
     term_scale "balanced" alpha / m_ctm, beta / m_dsm, under "gradient" each weight over its term's running
     gradient norm, from `balance`); g_reward is 0 for sigma = 0, and g_reward_unit is the reward term's
-    unweighted (locomotion with a reward model only).
+    unweighted (locomotion with a reward model only; a_hat from one student step, the paper's variant).
+    The student's requires_grad flags and the global torch RNG are restored.
     A term's logged value says little about its pull: the CTM term compares two student jumps that agree
     closely, so a small value can carry a large gradient.
     """

@@ -250,3 +250,36 @@ def test_balanced_student_keeps_its_term_magnitudes_and_older_checkpoints_resume
     with pytest.raises(RactdError, match=r"different config \(distill\)"):
         train(dataclasses.replace(raw, steps=6, distill=ctm.DistillConfig(term_scale="balanced")),
               RunContext(progress=False))
+
+
+def test_term_gradient_norms_follow_the_weights_training_applies(maze_tiny, tmp_path):
+    """Same seeded batches every call: the norms scale exactly with alpha and beta, "balanced" divides them by the
+    running magnitudes, and the frozen student comes back frozen."""
+    from ractd.train import load_stage_model, load_upstream, prepare, term_gradient_norms
+
+    run = tmp_path / "r"
+    train(TrainConfig(**TINY, stage="teacher", run_dir=str(run), steps=2), RunContext(progress=False))
+    out = train(TrainConfig(**TINY, stage="student", run_dir=str(run), steps=2, ckpt_every=2),
+                RunContext(progress=False))
+    student, cfg, _ = load_stage_model(out["checkpoint"], use_ema=False)
+    prep = prepare(cfg)
+    teacher, _ = load_upstream(run / "teacher" / "best.pt", "teacher", cfg, prep)
+    dev = torch.device("cpu")
+
+    def norms(**distill):
+        c = dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, **distill))
+        bal = ctm.TermBalance()
+        bal.magnitude = {"ctm": 2.0, "dsm": 4.0}
+        return term_gradient_norms(c, student, teacher, None, prep, dev, bal)
+
+    base = norms(alpha=1.0, beta=1.0)
+    assert base["g_ctm"] > 0 and base["g_dsm"] > 0 and "g_reward" not in base  # maze2d: no reward model
+    scaled = norms(alpha=3.0, beta=0.5)
+    np.testing.assert_allclose([scaled["g_ctm"], scaled["g_dsm"]], [3 * base["g_ctm"], 0.5 * base["g_dsm"]],
+                               rtol=1e-5)
+    bal = norms(alpha=1.0, beta=1.0, term_scale="balanced")
+    np.testing.assert_allclose([bal["g_ctm"], bal["g_dsm"]], [base["g_ctm"] / 2, base["g_dsm"] / 4], rtol=1e-5)
+    assert not any(p.requires_grad for p in student.parameters())
+    with pytest.raises(ValueError, match="TermBalance"):
+        term_gradient_norms(dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, term_scale="gradient")),
+                            student, teacher, None, prep, dev, None)
