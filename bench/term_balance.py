@@ -91,13 +91,18 @@ def _from_seeds_store(args, scale: str, sigma: float, seed: int) -> dict | None:
             **_terms(run_dir), "run_dir": str(run_dir), "source": "bench/training_seeds.py"}
 
 
+def _weights(task: str, sigma: float) -> tuple[float, float]:
+    """Eq. (9)'s alpha, beta of a point: CTD (sigma 0) at 1, 1, RACTD at the task's Table 9 values."""
+    w = get_task(task).weights
+    return (1.0, 1.0) if sigma == 0 else (w.alpha, w.beta)
+
+
 def _train_row(args, scale: str, sigma: float, seed: int, teacher: str, reward: str) -> dict:
     run_dir = args.out / "runs" / f"{scale}-sigma{sigma:g}-seed{seed}"
     base = TrainConfig.for_stage("student", "cpu", task=args.task, scale=args.scale, seed=seed, run_dir=str(run_dir),
                                  steps=args.steps, batch=args.batch, ckpt_every=args.ckpt_every,
                                  teacher_ckpt=teacher, reward_ckpt=reward)
-    w = get_task(args.task).weights
-    a, b = (1.0, 1.0) if sigma == 0 else (w.alpha, w.beta)
+    a, b = _weights(args.task, sigma)
     cfg = dataclasses.replace(base, distill=dataclasses.replace(base.distill, alpha=a, beta=b, sigma=sigma,
                                                                  term_scale=scale)).resolved()
     t0 = time.perf_counter()
@@ -135,7 +140,7 @@ def _fill_grad_norms(out: Path) -> None:
 
     for f in sorted((out / "rows").glob("*.parquet")):
         row = pd.read_parquet(f).to_dict("records")[0]
-        if row.get("g_ctm") == row.get("g_ctm") and "g_ctm" in row:  # present and not NaN
+        if row.get("g_ctm") is not None and not math.isnan(row["g_ctm"]):
             continue
         row.update(_grad_norms(Path(row["run_dir"])))
         atomic_parquet(f, [row])
@@ -172,8 +177,7 @@ def run(args) -> int:
                         if not teacher:
                             teacher, reward = _shared(args)
                         row = _train_row(args, scale, sigma, seed, teacher, reward)
-                    w = get_task(args.task).weights
-                    a, b = (1.0, 1.0) if sigma == 0 else (w.alpha, w.beta)
+                    a, b = _weights(args.task, sigma)
                     row = {"task": args.task, "term_scale": scale, "sigma": sigma, "train_seed": seed, "alpha": a,
                            "beta": b, **row}
                     row.update(_shares(row))

@@ -763,7 +763,7 @@ def balance_report(rows: list[dict]) -> list[str]:
                            f"({r['final_mean']:.1f})" for r in rs)
         m = {k: sum(r[k] for r in rs) / len(rs) for k in ("ctm", "dsm", "reward", "share_ctm", "share_dsm",
                                                            "share_reward", "at_bound")}
-        grads = [r for r in rs if r.get("g_ctm") == r.get("g_ctm") and r.get("g_ctm") is not None]
+        grads = [r for r in rs if r.get("g_ctm") is not None and not math.isnan(r["g_ctm"])]
         g = "" if not grads else " / ".join(
             f"{sum(r[k] for r in grads) / len(grads):.3g}" for k in ("g_ctm", "g_dsm", "g_reward"))
         table.append([scale, f"{sigma:g}", scores, f"{m['ctm']:.3f}", f"{m['dsm']:.1f}",

@@ -14,6 +14,7 @@ Data tensors are (batch, horizon, dim), noise levels (batch,).
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Literal
 
 import torch
@@ -97,7 +98,7 @@ class DistillConfig:
         on the student (measured every `term_every` steps), so alpha, beta and sigma are the terms' relative pulls.
         Default "raw" by measurement (bench/term_balance.py, hopper-medium-replay, README "Eq. (9): weighing the
         terms"): a term's value is not its pull -- under "raw" the DSM gradient is ~7x the CTM one, under
-        "balanced" the CTM one ~65x the DSM one and no sigma recovered the reward's effect (best 14.5 vs 27.0);
+        "balanced" the CTM one ~60x the DSM one and no sigma recovered the reward's effect (best 14.5 vs 27.0);
         "gradient" at its best sigma (0.03) scored below "raw" RACTD on each of 3 training seeds.
     term_every: steps between gradient measurements under "gradient" (each costs one more backward pass).
     """
@@ -118,14 +119,20 @@ class DistillConfig:
     term_every: int = 10
 
 
+def grad_norm(value: torch.Tensor, params, retain_graph: bool = False) -> float:
+    """||d value / d params||, over the parameters value depends on (the others count as zero)."""
+    grads = torch.autograd.grad(value, params, retain_graph=retain_graph, allow_unused=True)
+    return math.sqrt(sum(float(g.pow(2).sum()) for g in grads if g is not None))
+
+
 class TermBalance:
     """Running magnitudes of Eq. (9)'s terms for DistillConfig.term_scale "balanced" and "gradient".
 
     "balanced": balance(name, value) returns value / m, m an exponential moving average (decay `decay` per step,
     started at the first value) of the term's detached batch means, this one included, so the returned term
     has magnitude ~1.
-    "gradient": update(name, norm) feeds the norm of a term's gradient on the student, measured every `every`
-    steps (due()); the average decays by decay ** every per measurement (the same ~1 / (1 - decay) steps).
+    "gradient": by_gradient(student, terms) feeds the norm of each term's gradient on the student, measured every
+    `every` steps; the average decays by decay ** every per measurement (the same ~1 / (1 - decay) steps).
     Kept in the student's checkpoint (state_dict) so a resumed run continues the same scales. Each Ray Train
     rank keeps its own (their batches differ by noise only).
     """
@@ -148,17 +155,16 @@ class TermBalance:
     def __call__(self, name: str, value: torch.Tensor) -> torch.Tensor:
         return value / max(self.update(name, abs(float(value.detach()))), 1e-12)
 
-    def due(self, names) -> bool:
-        """Whether this step measures the gradients (every `every` steps, and whenever a term has none yet)."""
-        return self.calls % self.every == 0 or any(n not in self.magnitude for n in names)
-
-    def measure(self, student: nn.Module, terms: dict) -> None:
-        """The norm of each term's gradient on the student's trainable parameters (graphs kept for the step)."""
-        params = [p for p in student.parameters() if p.requires_grad]
-        for name, value in terms.items():
-            grads = torch.autograd.grad(value, params, retain_graph=True, allow_unused=True)
-            norm = float(torch.sqrt(sum(g.pow(2).sum() for g in grads if g is not None)))
-            self.update(name, norm, self.decay ** self.every)
+    def by_gradient(self, student: nn.Module, terms: dict) -> dict:
+        """One step of "gradient": every `every` steps (and whenever a term has no magnitude yet) measure each
+        term's gradient norm on the student's trainable parameters (graphs kept for the step's backward); return
+        each term over its running norm."""
+        if self.calls % self.every == 0 or any(n not in self.magnitude for n in terms):
+            params = [p for p in student.parameters() if p.requires_grad]
+            for name, value in terms.items():
+                self.update(name, grad_norm(value, params, retain_graph=True), self.decay ** self.every)
+        self.calls += 1
+        return {k: v / max(self.magnitude[k], 1e-12) for k, v in terms.items()}
 
     def state_dict(self) -> dict:
         return {"decay": self.decay, "every": self.every, "calls": self.calls, "magnitude": dict(self.magnitude)}
@@ -282,10 +288,7 @@ def ractd_loss(student: Student, teacher: edm.Denoiser, reward_model: nn.Module 
         if cfg.term_scale == "balanced":    # the distance terms by their values; -R_psi as it is
             terms.update({k: balance(k, terms[k]) for k in ("ctm", "dsm")})
         elif cfg.term_scale == "gradient":  # every term by the norm of its gradient
-            if balance.due(terms):
-                balance.measure(student, terms)
-            balance.calls += 1
-            terms = {k: v / max(balance.magnitude[k], 1e-12) for k, v in terms.items()}
+            terms = balance.by_gradient(student, terms)
         else:
             raise ValueError(f"unknown term scale {cfg.term_scale!r}; expected 'raw', 'balanced' or 'gradient'")
     return {**logged, "loss": sum(weights[k] * terms[k] for k in terms)}  # Eq. (9)

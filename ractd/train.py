@@ -798,7 +798,7 @@ def term_gradient_norms(cfg: TrainConfig, student: ctm.Student, teacher, reward_
         w_ctm, w_dsm = w_ctm / balance.magnitude["ctm"], w_dsm / balance.magnitude["dsm"]
         if d.term_scale == "gradient" and d.sigma > 0:
             w_rew = d.sigma / balance.magnitude["reward"]
-    params = [p for p in student.parameters()]
+    params = list(student.parameters())
     flags = [p.requires_grad for p in params]
     for p in params:
         p.requires_grad_(True)
@@ -818,9 +818,7 @@ def term_gradient_norms(cfg: TrainConfig, student: ctm.Student, teacher, reward_
                 terms["reward_unit"] = ctm.reward_loss(reward_model, _to_torch(prep.state, idx, device), a_hat,
                                                        clamp=d.reward_clamp).mean()
             for name, value in terms.items():
-                grads = torch.autograd.grad(value, params, allow_unused=True)
-                norm = math.sqrt(sum(float(gr.pow(2).sum()) for gr in grads if gr is not None))
-                sums[name] = sums.get(name, 0.0) + norm / batches
+                sums[name] = sums.get(name, 0.0) + ctm.grad_norm(value, params) / batches
     finally:
         for p, f in zip(params, flags):
             p.requires_grad_(f)
