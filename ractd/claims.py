@@ -233,9 +233,14 @@ def claims(rows: list[dict], rewards: list[dict], sweeps: dict[str, dict]) -> li
                 f"mean R_psi(s, a_RACTD) - R_psi(s, a_CTD) = {m:+.4f} ± {se:.4f} over {len(keys)} dataset states"
                 + (f"; {diag}" if diag else ""))
         # Fig. 4: the effect of sigma on the final score
-        pts = sorted((_sigma_of(rows, task, m), c[m]) for m in c
-                     if m in ("ctd", "ractd") or m.startswith("ractd-sigma-"))
-        pts = [(s, x) for s, x in pts if not math.isnan(s)]
+        # one point per sigma: a RACTD cell at sigma = 0 (the sweep's pick) is CTD's point, and CTD's cell speaks for it
+        by_sigma: dict[float, dict] = {}
+        for m in sorted((m for m in c if m in ("ctd", "ractd") or m.startswith("ractd-sigma-")),
+                        key=lambda m: (m != "ctd", m != "ractd", m)):
+            s = _sigma_of(rows, task, m)
+            if not math.isnan(s):
+                by_sigma.setdefault(s, c[m])
+        pts = sorted(by_sigma.items(), key=lambda p: p[0])
         if len({s for s, _ in pts}) >= 3:
             zero = next((x for s, x in pts if s == 0), None)
             best_s, best = max(((s, x) for s, x in pts if s > 0), key=lambda p: p[1]["mean"])
@@ -883,7 +888,7 @@ def studies_section(data: Path) -> list[str]:
                   "docs/results/dsm/.", "", *bf16_report(pd.read_parquet(f).to_dict("records")), ""]
     if not parts:
         return []
-    return ["## Studies after the snapshot: loss forms and training seeds", "",
+    return ["## Studies beside the claims study: loss forms and training seeds", "",
             "Each from its own store under `docs/results/` (the bench script named in its title rebuilds it; "
             "`--report --out <folder>` prints it). These runs use datasets generated again on this machine with the "
             "same recipe and scale, and the library's defaults of their time (stated in each README section).", "",

@@ -162,6 +162,13 @@ def test_a_sigma_zero_ractd_is_not_claimed_to_beat_ctd(tmp_path):
              "reward_checkpoint": "rw", "scale": "test"} for m in ("ractd", "ctd") for k in range(4)]
     (v,) = [x for x in claims.claims(store.episodes(), same, {}) if x["claim"].startswith("3.")]
     assert v["verdict"] == "not measured" and "compares CTD with itself" in v["evidence"]
+    # Fig. 4 with that pick: RACTD and CTD are both the sigma = 0 point (their episodes differ, as two evaluations
+    # of one checkpoint can); sigma 0 is listed once, from CTD's cell
+    store.write_episodes(_eps("hopper-medium-replay", "ractd", [11.0, 13.0], "h2", sigma=0.0))
+    for s, sc in ((0.4, [20.0, 22.0]), (1.0, [5.0, 7.0])):
+        store.write_episodes(_eps("hopper-medium-replay", f"ractd-sigma-{s:g}", sc, f"s{s}", sigma=s))
+    v = {x["claim"][:2]: x for x in claims.claims(store.episodes(), [], {}) if x["task"] == "hopper-medium-replay"}
+    assert v["4a"]["evidence"] == "best sigma 0.4; sigma 0: 11.0 ± 1.0, sigma 0.4: 21.0 ± 1.0, sigma 1: 6.0 ± 1.0"
 
 
 def test_committed_document_is_rebuilt_exactly_from_its_committed_snapshot():
