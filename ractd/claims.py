@@ -241,7 +241,7 @@ def claims(rows: list[dict], rewards: list[dict], sweeps: dict[str, dict]) -> li
             if not math.isnan(s):
                 by_sigma.setdefault(s, c[m])
         pts = sorted(by_sigma.items(), key=lambda p: p[0])
-        if len({s for s, _ in pts}) >= 3:
+        if len(pts) >= 3:
             zero = next((x for s, x in pts if s == 0), None)
             best_s, best = max(((s, x) for s, x in pts if s > 0), key=lambda p: p[1]["mean"])
             top_s, top = max(pts, key=lambda p: p[0])
