@@ -15,25 +15,13 @@ Heun at batch 100, about 2-3 minutes on 2 CPUs; otherwise that cell is extrapola
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
 from ractd import edm
 from ractd.config import UNET_PRESETS
 from ractd.nets.unet1d import ConditionalUnet1D, accelerate, count_parameters
-
-
-def timeit(fn, min_time: float = 1.0, max_iter: int = 200, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    n, start = 0, time.perf_counter()
-    while True:
-        fn()
-        n += 1
-        elapsed = time.perf_counter() - start
-        if elapsed >= min_time or n >= max_iter:
-            return elapsed / n
+from ractd.timing import time_call
 
 
 def main() -> None:
@@ -68,11 +56,11 @@ def main() -> None:
                 with ctx():
                     out = fn(x, (t,), cond)
                     diff = (out - ref).abs().max().item()
-                    fwd = timeit(lambda: fn(x, (t,), cond), min_time=1.0 if size == "small" else 2.0)
+                    fwd = time_call(lambda: fn(x, (t,), cond), min_time=1.0 if size == "small" else 2.0)
                     x_T = edm.prior_sample((batch, 16, 3))
-                    sample = lambda: edm.sample_heun(den.bind(cond), x_T, sigmas)  # noqa: E731
+                    sample = lambda: edm.sample_heun(den.bind(cond), x_T, sigmas)
                     exact = size == "small" or batch == 1 or args.full
-                    heun = timeit(sample, min_time=0.0, max_iter=3 if size == "small" else 1, warmup=1) if exact \
+                    heun = time_call(sample, min_time=0.0, max_calls=3 if size == "small" else 1, warmup=1) if exact \
                         else 158 * fwd * 1.02
                 den.net = net
                 ratio = heun / fwd

@@ -25,9 +25,6 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
 
 def synthetic_hopper(n: int, seed: int = 0) -> dict:
     """Hopper-shaped D4RL arrays: episodes of 20..1000 steps, a third of them ended by terminals."""

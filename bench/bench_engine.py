@@ -8,7 +8,7 @@
    threads. Modes, each from the same noise:
      released   a released-code-style call: Chi et al.'s U-Net applies Mish + Linear of the conditioning in every
                 FiLM block and embeds the times on every call (our reconstruction of its per-call work on our
-                weights; the issue measured our eager at 0.93-1.03x the released code itself)
+                weights)
      eager      ractd's library path: ctm.sample_student on the ConditionalUnet1D (engine none)
      exported   the exported ONNX policy on OpenVINO fp32 (ractd.export; what issue 17's table measured)
      fp32       ractd.policy.student_sampler(engine=EngineConfig(precision="fp32")) -- folded times, the engine
@@ -30,26 +30,28 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from bench_inference import (
+    ACT,
+    OBS,
+    PRESET,
+    H,
+    interleaved,
+    normalizers,
+    student_for,
+)
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from bench_inference import ACT, H, OBS, PRESET, RELEASED_MS, interleaved, normalizers, student_for  # noqa: E402
-
-from ractd import ctm, ddpm, edm  # noqa: E402
-from ractd.config import UNET_PRESETS  # noqa: E402
-from ractd.engine import EngineConfig, bucket, resolve_precision  # noqa: E402
-from ractd.export import ExportedPolicy, build_policy_graph, export_graph  # noqa: E402
-from ractd.nets.unet1d import ConditionalUnet1D  # noqa: E402
-from ractd.policy import ddim_sampler, ddpm_sampler, heun_sampler, student_sampler  # noqa: E402
+from ractd import ctm, ddpm, edm
+from ractd.config import UNET_PRESETS
+from ractd.engine import EngineConfig, resolve_precision
+from ractd.export import ExportedPolicy, build_policy_graph, export_graph
+from ractd.nets.unet1d import ConditionalUnet1D
+from ractd.policy import ddim_sampler, ddpm_sampler, heun_sampler
 
 
 def released_style(student: ctm.Student):
@@ -163,7 +165,7 @@ def teacher_table(batches, threads_list, rounds, samplers) -> None:
             after = {p: build(EngineConfig(threads=threads, precision=p)) for p in ("fp32", "bf16")}
             for batch in batches:
                 cond = torch.randn(batch, OBS, generator=torch.Generator().manual_seed(batch))
-                gens = lambda: [torch.Generator().manual_seed(i) for i in range(batch)]  # noqa: E731
+                gens = lambda: [torch.Generator().manual_seed(i) for i in range(batch)]
                 ref = before(cond, gens())
                 diff = {p: float((a(cond, gens()) - ref).abs().max()) for p, a in after.items()}  # also calibrates
                 modes = {"before": lambda o, n: before(cond, gens()),

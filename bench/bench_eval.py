@@ -25,16 +25,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 
 def never_unhealthy() -> None:
@@ -78,10 +74,10 @@ def main() -> None:
 
     import ray
 
-    from ractd.results import ResultsStore
     from ractd.rollout import rollout_locomotion
-    from ractd.study import load_policy, make_job
     from ractd_ray.pool import PoolConfig, RolloutPool
+    from ractd_repro.jobs import load_policy, make_job
+    from ractd_repro.store import ResultsStore
 
     never_unhealthy()
     tmp = Path(tempfile.mkdtemp(prefix="bench_eval-"))

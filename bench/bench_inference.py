@@ -16,9 +16,8 @@ with env stepping overlapped with inference. Everything is measured in one run a
      ov / ort     the exported ONNX file on OpenVINO / ONNX Runtime, fp32
      *-bf16       the same in bf16 (torch: to_precision; OpenVINO: INFERENCE_PRECISION_HINT bf16)
    Timing: the modes take turns for --rounds rounds and each keeps its best round (see interleaved()).
-   Printed: ms per call, ms per action (batch 100), the ratio to the released code's batch-1 figures
-   (small 3.3 ms, paper 66.5 ms, 2 threads; issue 11's goal: <= 0.5 in a mode whose behaviour is unchanged),
-   and max |action - eager action| on the same noise (fp32 modes ~1e-6: unchanged; bf16: the behavioural cost).
+   Printed: ms per call, ms per action (batch 100), each mode / eager, and max |action - eager action| on the
+   same noise (fp32 modes: rounding only; bf16: the behavioural cost).
 0. Profile (torch profiler) of one batch-1 U-Net call: op time by kind vs Python/dispatch.
 2. Rollouts: --seeds seeds x --steps steps of hopper-medium with the small student (random weights; envs made
    with terminate_when_unhealthy=False so the batch stays full, as in bench_rollout.py): env-steps/s and wall
@@ -28,52 +27,14 @@ with env stepping overlapped with inference. Everything is measured in one run a
    first actions on dataset states for the same noise, and the normalized score on --behaviour-seeds seeds
    with its standard error (issue 11: bf16 may become a default only if the score is unchanged within one SEM).
 
-Measured 2026-11-26 on the 2-CPU development machine (Xeon, AVX-512 but no AVX512-BF16/AMX in its flags;
-memory bandwidth 14.9 GB/s on one thread, 29 GB/s on two), torch 2.13, OpenVINO 2026.4, ONNX Runtime 1.32,
-one thread, while other agents' jobs kept the load average at 6-15 on 2 cores: absolute times are about 2x
-a quiet machine's (eager small batch 1: 7.5 ms here vs 3.3-3.9 ms quiet), so the ratios within one run
-("vs eager") are the reliable part. Latency, best of 5 interleaved rounds (paper batch 100: 2):
-
-    ms per call         small b1  small b100  paper b1  paper b100    max|diff| vs eager
-    eager                  7.52      103.9      212.5      7779        0
-    eager-fused            5.90      101.5      268.5      6900        4e-7
-    jit                    5.38      143.4      268.0      6770        4e-7
-    ts (TorchScript)       4.21      127.4      251.4      6059        4e-7
-    ov  (OpenVINO fp32)    2.76       64.3      147.8     19146        3e-7 .. 1.4e-6
-    ort (ONNX Runtime)     3.52      263.2      176.0         -        4e-7
-    eager-bf16            23.46      246.1      719.6     18194        4e-3 .. 8e-3
-    ts-bf16               16.14      221.0      643.8     17914        4e-3 .. 7e-3
-    ov-bf16                3.23      195.1      120.5     19581        3e-3 .. 7e-3
-    ov / eager             0.37       0.62       0.70       2.46
-    vs released (b1)       0.84 (small, 3.3 ms)   2.22 (paper, 66.5 ms; both measured quiet, 2 threads)
-
-An earlier quiet moment of the same day (load < 1, one thread): small batch 1 eager 3.86 ms, OpenVINO 1.59 ms
-(0.48x the released 3.3 ms), ONNX Runtime 2.17 ms; small batch 100 eager 60.9, OpenVINO 37.8, ONNX Runtime
-151 ms; paper batch 1 eager 131 ms, OpenVINO 131 ms, ONNX Runtime 112 ms, OpenVINO bf16 85 ms.
-Paper size at batch 1 is memory-bound: 977 MB of fp32 weights per call need >= 34 ms at 29 GB/s (two
-threads), 0.51x the released 66.5 ms with no compute at all, so <= 0.5x is out of reach in fp32 here;
-bf16 halves the bytes (OpenVINO bf16 0.57x eager at paper batch 1) but without native bf16 it is slower
-wherever compute dominates (small batch 100: 1.9x eager) and moves actions by ~5e-3.
-
-Profile (section 0, two runs at load 6-9) of one small U-Net call at batch 1, eager, share of the wall time:
-convolutions 50-60% (the native im2col path: at batch 1 it beats oneDNN, 30 vs 127 us for 64 channels),
-GroupNorm + Mish 7-13%, the 12 FiLM Linears + time MLP ~9% (FusedUnet: one product, < 1%), other
-elementwise/cat/copy ops 15-19%, Python between ops 6-12%. Paper size: convolutions > 95% (memory-bound). Fused away: the FiLM Linears (one matrix product; with the one-step student's
-fixed times also the whole time MLP, folded into the FiLM bias): eager 7.52 -> 5.90 ms (0.78x). GroupNorm and
-Mish are too small a share to pay for a custom kernel; OpenVINO fuses them itself (0.37x eager).
-
-Rollouts, 100 seeds x 1000 steps, same load: raw random-action stepping 3445 env-steps/s at the start, 4459
-at the end (load drift); sequential on OpenVINO 1044 env-steps/s = 0.30 of raw (whole evaluation 96 s wall),
-overlapped thread 879 (0.26), process 931 (0.27); TorchScript jit sequential 768 (0.22), thread 686 (0.20),
-process 637 (0.18). This process got about half a core on average (CPU time / wall 0.55 sequential), so
-there was no idle core for the overlap to use; rollout_locomotion's default stays overlap=False.
+Numbers: none are kept here; run it. The released code's per-call work is measured beside the engines by
+bench/bench_engine.py (its "released" mode), in the same run.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -81,19 +42,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from ractd import ctm, edm
+from ractd.config import UNET_PRESETS
+from ractd.data.windows import Normalizer
+from ractd.export import ExportedPolicy, build_policy_graph, export_graph
+from ractd.nets.unet1d import (
+    ConditionalUnet1D,
+    accelerate,
+    count_parameters,
+    to_precision,
+)
+from ractd.timing import time_call
 
-from ractd import ctm, edm  # noqa: E402
-from ractd.config import UNET_PRESETS  # noqa: E402
-from ractd.data.windows import Normalizer  # noqa: E402
-from ractd.export import ExportedPolicy, build_policy_graph, export_graph  # noqa: E402
-from ractd.nets.unet1d import ConditionalUnet1D, accelerate, count_parameters, to_precision  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_core import timeit  # noqa: E402  (one timer for every benchmark)
-
-RELEASED_MS = {"small": 3.3, "paper": 66.5}  # released code, batch 1, 2 threads (issue 11)
 PRESET = {"small": "small", "paper": "mujoco"}
 OBS, ACT, H = 11, 3, 16
 
@@ -102,7 +62,7 @@ def interleaved(modes: dict, obs, noise, rounds: int, round_s: float) -> dict:
     """Seconds per call of each mode: the best over `rounds` rounds of the mean per call within a round
     (>= round_s s or 1 call), the modes taking turns round by round, so that load from other processes
     drifting over time hits every mode alike and the minimum approaches the unloaded time."""
-    from ractd.engine import best_seconds_per_call
+    from ractd.timing import best_seconds_per_call
 
     return best_seconds_per_call({m: (lambda fn=fn: fn(obs, noise)) for m, fn in modes.items()}, rounds, round_s)
 
@@ -138,7 +98,7 @@ def latency(sizes, threads, tmp: Path, ort_max_batch: int, rounds: int) -> None:
     meta = {"task": "hopper-medium", "kind": "locomotion", "k": 1, "obs_dim": OBS, "horizon": H, "dim": ACT}
     print(f"\n1. one-step student policy call, {threads} threads (torch / OpenVINO / ONNX Runtime)")
     print(f"{'size':6} {'params':>7} {'mode':12} {'batch':>5} {'ms/call':>9} {'ms/action':>10} "
-          f"{'vs released':>11} {'vs eager':>9} {'max|diff|':>9}")
+          f"{'vs eager':>9} {'max|diff|':>9}")
     for size in sizes:
         on, an = normalizers()
         student = student_for(PRESET[size])
@@ -175,9 +135,8 @@ def latency(sizes, threads, tmp: Path, ort_max_batch: int, rounds: int) -> None:
             slow = size == "paper" and batch > 1  # seconds per call: fewer rounds
             best = interleaved(live, obs, noise, 2 if slow else rounds, round_s=0.5 if size == "small" else 1.5)
             for mode, s in best.items():
-                vs_rel = f"{s * 1e3 / RELEASED_MS[size]:11.2f}" if batch == 1 else f"{'':11}"
                 print(f"{size:6} {count_parameters(student) / 1e6:6.1f}M {mode:12} {batch:5d} {s * 1e3:9.2f} "
-                      f"{s * 1e3 / batch:10.3f} {vs_rel} {s / best['eager']:9.2f} {diffs[mode]:9.1e}", flush=True)
+                      f"{s * 1e3 / batch:10.3f} {s / best['eager']:9.2f} {diffs[mode]:9.1e}", flush=True)
         del modes, graph, jit_student, bf16_student, student
 
 
@@ -211,7 +170,7 @@ def profile_batch1(size: str, reps: int = 30) -> None:
         with torch.inference_mode():
             for _ in range(5):
                 fn()
-            wall = timeit(fn, min_time=1.0)
+            wall = time_call(fn, min_time=1.0)
             with profile(activities=[ProfilerActivity.CPU]) as prof:
                 for _ in range(reps):
                     fn()

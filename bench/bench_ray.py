@@ -3,7 +3,7 @@
 1. Distillation steps/s of the student (the task's CPU preset, tiny hopper data) with 1 and 2 Ray Train workers
    at the same global batch, and in one plain process (no Ray) for reference.
 2. Gradient all-reduce time per step across 2 workers (gloo, CPU) for the small and the paper-size student
-   (ractd.config.UNET_PRESETS["mujoco"]): one flattened (bucketed) all-reduce (ractd_ray.train.GradAllReduce)
+   (ractd.config.UNET_PRESETS["mujoco"]): one flattened (bucketed) all-reduce (ractd_ray.collectives.GradAllReduce)
    against one all-reduce per parameter.
 3. Ray's overhead in a sweep: bench/sweep_overhead.py (the overhead ratio, the per-trial start-up and where it
    goes), with --trials and --trial-steps.
@@ -43,7 +43,7 @@ def _steps_per_s(stage_dir: Path) -> float:
 
 def bench_distill(root: Path, steps: int, batch: int) -> dict:
     from ractd.train import RunContext, TrainConfig, train
-    from ractd_ray.train import fit_stage
+    from ractd_ray.train import RayTrainConfig, fit_stage
 
     task = "hopper-medium-replay"
     teacher = TrainConfig.for_stage("teacher", task=task, scale="tiny", source="local", steps=2, batch=16,
@@ -62,8 +62,8 @@ def bench_distill(root: Path, steps: int, batch: int) -> dict:
     for n in (1, 2):
         cfg = replace(student, run_dir=str(root / f"ray{n}"))
         t0 = time.perf_counter()
-        res = fit_stage(cfg, num_workers=n, use_gpu=False, storage_path=str(root / "ray"), name=f"distill{n}",
-                        progress=False)
+        res = fit_stage(cfg, RayTrainConfig(num_workers=n, use_gpu=False, storage_path=str(root / "ray"),
+                                            name=f"distill{n}", progress=False))
         out[f"workers{n}"] = _steps_per_s(root / f"ray{n}" / "student")
         out[f"workers{n}_fit_s"] = time.perf_counter() - t0
         out[f"workers{n}_train_s"] = res["train_time_s"]
@@ -77,7 +77,7 @@ def _allreduce_loop(config):
     from ractd import ctm
     from ractd.config import unet_preset
     from ractd.nets.unet1d import ConditionalUnet1D
-    from ractd_ray.train import GradAllReduce, PerParameterAllReduce
+    from ractd_ray.collectives import GradAllReduce, PerParameterAllReduce
 
     torch.set_num_threads(1)
     rank, world = ray.train.get_context().get_world_rank(), ray.train.get_context().get_world_size()

@@ -21,22 +21,17 @@
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from ractd import ctm, edm, rollout  # noqa: E402
-from ractd.config import unet_preset  # noqa: E402
-from ractd.data.windows import Normalizer  # noqa: E402
-from ractd.nets.unet1d import ConditionalUnet1D, accelerate  # noqa: E402
-from ractd.policy import LocomotionPolicy, heun_sampler, student_sampler  # noqa: E402
-from ractd.tasks import get_task  # noqa: E402
+from ractd import ctm, edm, rollout
+from ractd.config import unet_preset
+from ractd.data.windows import Normalizer
+from ractd.nets.unet1d import ConditionalUnet1D, accelerate
+from ractd.policy import LocomotionPolicy, heun_sampler, student_sampler
+from ractd.tasks import get_task
 
 
 def _make_env(task, steps, **kw):

@@ -125,12 +125,13 @@ def in_process_speed(root: Path, cfg, device: str, steps: int) -> float:
 def ray_distill(cfg, use_gpu: bool) -> dict:
     import ray
 
-    from ractd_ray.train import ensure_ray, fit_stage
+    from ractd_ray.train import RayTrainConfig, ensure_ray, fit_stage
 
     ensure_ray(num_cpus=max(2, os.cpu_count() or 2), **({"num_gpus": 1} if use_gpu else {}))
     try:
-        out = fit_stage(cfg, num_workers=1, use_gpu=use_gpu, cpus_per_worker=1, progress=False, stage_lines=False,
-                        storage_path=str(Path(cfg.run_dir) / "ray"), name="gpu-bench")
+        out = fit_stage(cfg, RayTrainConfig(num_workers=1, use_gpu=use_gpu, cpus_per_worker=1, progress=False,
+                                            stage_lines=False, storage_path=str(Path(cfg.run_dir) / "ray"),
+                                            name="gpu-bench"))
     finally:
         ray.shutdown()
     return {"steps": out["step"], "steps_per_s": out["metrics"]["steps_per_s"], "train_time_s": out["train_time_s"],

@@ -1,7 +1,7 @@
 """The README's two quick commands on a 3-node cluster whose nodes share no disk, against the same commands on one
 node: wall times and their ratio, and what each trial writes to the run's storage.
 
-The cluster is the multi-node test suite's (tests/multinode.py: a head with no CPUs, worker nodes in their own
+The cluster is the multi-node test suite's (ractd_ray/testcluster.py: a head with no CPUs, worker nodes in their own
 mount namespaces with a private tmpfs over the cache directory, storage on a local S3 endpoint, moto's server);
 it needs root, as those tests do. One node: a local Ray started by the commands themselves, with this
 machine's CPUs (give the workers as many together, --workers x --cpus-per-worker, for a like-for-like ratio),
@@ -27,7 +27,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
 
 
 def commands(task: str) -> list[tuple[str, list[str]]]:
@@ -59,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cpus-per-worker", type=int, default=1)
     ap.add_argument("--out", default="", help="default: a new temporary folder")
     args = ap.parse_args(argv)
-    from multinode import MultiNodeCluster, skip_reason
+    from ractd_ray.testcluster import MultiNodeCluster, skip_reason
 
     reason = skip_reason()
     if reason:

@@ -1,15 +1,16 @@
 """Rebuild the paper's tables and figures: evaluate a study's cells with a Ray actor pool into one results store.
 
     python eval/reproduce_tables.py --quick                  # the README's first command (after tune/search.py --quick)
-    python eval/reproduce_tables.py                          # CPU-scale default study (maze2d-umaze, hopper-medium-replay)
+    python eval/reproduce_tables.py                          # CPU-scale default study (maze2d-umaze,
+    hopper-medium-replay)
     python eval/reproduce_tables.py --paper --address auto   # every task at the paper's scale, on a Ray cluster
 
-Steps: (1) the study (ractd.study) lists its cells and the checkpoint each needs; missing checkpoints are
+Steps: (1) the study (ractd_repro.spec) lists its cells and the checkpoint each needs; missing checkpoints are
 trained (--train-missing; Ray Train when --address names a cluster, else in this process) or their
 `python -m ractd ...` commands are printed and the cells marked missing; (2) the actor pool (ractd_ray.pool)
 rolls out every (cell, seed) not yet in the store, block by block; (3) Fig. 3's reward samples and the data-level
-rows (ractd.study.baseline_rows); (4) tables
-(Markdown + CSV) and figures (PNG) from the store (ractd.results), printed and written under --out.
+rows (ractd_repro.baselines.baseline_rows); (4) tables
+(Markdown + CSV) and figures (PNG) from the store (ractd_repro.store), printed and written under --out.
 Rerunning resumes: stored episodes are never rerun. Bad input: one line on stderr, exit status 2.
 """
 
@@ -27,15 +28,15 @@ log = logging.getLogger("reproduce_tables")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ractd.study import STUDIES
     from ractd_ray.pool import PoolConfig
+    from ractd_repro.spec import STUDIES
 
     pc = PoolConfig()
     p = Parser(prog="python eval/reproduce_tables.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_mutually_exclusive_group()
     g.add_argument("--study", choices=list(STUDIES), default="default",
-                   help="which study (ractd.study.STUDIES; default: default, the CPU-scale study)")
+                   help="which study (ractd_repro.spec.STUDIES; default: default, the CPU-scale study)")
     g.add_argument("--quick", dest="study", action="store_const", const="quick", help="same as --study quick")
     g.add_argument("--paper", dest="study", action="store_const", const="paper", help="same as --study paper")
     p.add_argument("--tasks", nargs="+", default=None, help="only these tasks (default: the study's)")
@@ -88,18 +89,22 @@ def _trainer(args):
         return local
 
     def fit(cfg):
-        from ractd_ray.train import fit_stage
+        from ractd_ray.train import RayTrainConfig, fit_stage
 
-        fit_stage(cfg, num_workers=args.train_workers, progress=not args.quiet)
+        fit_stage(cfg, RayTrainConfig(num_workers=args.train_workers, progress=not args.quiet))
 
     return fit
 
 
 def run(args) -> dict:
     from ractd.paths import cache_dir
-    from ractd.results import ResultsStore, build_figures, build_tables
-    from ractd.study import (baseline_rows, ensure_models, evaluate_serial, get_study, reward_rows, study_jobs,
-                             summary_lines, sweep_usage_lines)
+    from ractd_repro.baselines import baseline_rows, reward_rows
+    from ractd_repro.figures import build_figures
+    from ractd_repro.jobs import evaluate_serial, study_jobs, summary_lines
+    from ractd_repro.models import ensure_models, sweep_usage_lines
+    from ractd_repro.spec import get_study
+    from ractd_repro.store import ResultsStore
+    from ractd_repro.tables import build_tables
 
     study = get_study(args.study, tasks=args.tasks, seeds=args.seeds, train_missing=args.train_missing)
     if args.threads is not None:
@@ -143,7 +148,7 @@ def run(args) -> dict:
     figures = build_figures(store, out / "figures")
     for t in tables:
         print(f"\n### {t.title}\n\n{t.markdown}")
-    from ractd.results import headline_lines
+    from ractd_repro.tables import headline_lines
 
     lines = headline_lines(store.episodes(), [p.task for p in study.plans])
     if lines:
@@ -157,7 +162,7 @@ def run(args) -> dict:
     print("figures: " + (", ".join(str(f) for f in figures) if figures else "(none: no data for them yet)"))
     if study.name == "quick":
         print("next:    the CPU-scale study (hours): python eval/reproduce_tables.py; on a Ray cluster: ray up "
-              "cluster.yaml, then the same commands on its head (README: Sweep, Tables)")
+              "cluster.yaml, then the same commands on its head (docs/sweep.md, docs/evaluation.md)")
     return {"summary": summary, "tables": tables, "figures": figures, "missing": missing, "store": store}
 
 

@@ -3,13 +3,13 @@
     python eval/results_doc.py                   # snapshot the claims study's store and sweeps, then write the doc
     python eval/results_doc.py --no-snapshot     # rebuild the doc from the committed snapshot in docs/results/
 
-The study it reads is run by (CPU, in this order; the tune/search.py flags are ractd.study.CLAIMS_SWEEPS):
+The study it reads is run by (CPU, in this order; the tune/search.py flags are ractd_repro.spec.CLAIMS_SWEEPS):
 
     python tune/search.py --task T <CLAIMS_SWEEPS[T]>     # T: hopper-medium-replay, walker2d-medium, maze2d-umaze
     python eval/reproduce_tables.py --study claims --block-size 10 --actors 2 --train-missing
 
 The snapshot (docs/results/: the compacted results store, each sweep's trials and checkpoint curves) is what the
-document is computed from (ractd.claims); a test rebuilds the committed document from it. Bad input: one line on
+document is computed from (ractd_repro.claims); a test rebuilds the committed document from it. Bad input: one line on
 stderr, exit status 2.
 """
 
@@ -24,14 +24,13 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 from ractd import RactdError  # noqa: E402
 
 
 def commands() -> list[str]:
     """The exact commands that produce the study (datasets, sweeps, evaluation, this document)."""
-    from ractd.study import CLAIMS_SWEEPS, STUDIES
+    from ractd_repro.spec import CLAIMS_SWEEPS, STUDIES
 
     study = STUDIES["claims"]
     lines = [f"python -m ractd.data generate {t} --scale {study.data_scale}" for t in study.tasks]
@@ -80,11 +79,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     try:
-        from ractd.claims import render, snapshot
         from ractd.io import atomic_write
         from ractd.paths import cache_dir, sweep_dir
-        from ractd.results import ResultsStore
-        from ractd.study import STUDIES
+        from ractd_repro.document import render, snapshot
+        from ractd_repro.spec import STUDIES
+        from ractd_repro.store import ResultsStore
 
         data = Path(args.data)
         if not args.no_snapshot:

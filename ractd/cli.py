@@ -121,9 +121,7 @@ def _add_train_args(p: argparse.ArgumentParser, stage: str) -> list[str]:
 def train_config(args, stage: str):
     """The TrainConfig a command line asks for: the budget's config of the stage, then the flags given."""
     from ractd.config import replace_from_args
-    from ractd.train import TrainConfig
-
-    from ractd.train import BUDGETS
+    from ractd.train import BUDGETS, TrainConfig
 
     budget = "paper" if getattr(args, "paper", False) else "quick" if getattr(args, "quick", False) else "cpu"
     cfg = TrainConfig.for_stage(stage, budget, task=args.task)
@@ -198,7 +196,7 @@ def cmd_pipeline(args) -> dict:
                      f"{1000 * s['time_per_action_mean']:.2f}", f"{time.perf_counter() - t0:.0f}", s["records"]])
     print(tabulate(rows, headers=["policy", "NFE", f"normalized score ({args.seeds} seeds, mean ± SE)",
                                   "ms / action", "eval s", "records"], tablefmt="github"))
-    print(f"training time: " + ", ".join(f"{k} {v:.0f} s" for k, v in times.items()) + f"; run folder: {run_dir}")
+    print("training time: " + ", ".join(f"{k} {v:.0f} s" for k, v in times.items()) + f"; run folder: {run_dir}")
     return {"rows": rows, "train_s": times, "run_dir": run_dir}
 
 

@@ -163,8 +163,8 @@ def edm_weight(sigma: torch.Tensor, sigma_data: float = SIGMA_DATA) -> torch.Ten
 Distance = Literal["per_sample", "elementwise"]
 Weighting = Literal["lambda", "sqrt_lambda", "none"]
 
-# The Eq. (4) variants compared by bench/eq4_forms.py, by name: (weighting, distance). The paper writes Eq. (4)
-# without a weight; the released code multiplies lambda(sigma) by its elementwise pseudo-Huber (REFERENCE.md).
+# The Eq. (4) variants compared by ractd_repro.studies.eq4_forms, by name: (weighting, distance). The paper writes
+# Eq. (4) without a weight; the released code multiplies lambda(sigma) by its elementwise pseudo-Huber (REFERENCE.md).
 EQ4_FORMS: dict[str, tuple[str, str]] = {
     "released": ("lambda", "elementwise"),         # lambda x elementwise: ~ lambda ||D - x0||^2, uniform on F
     "lambda_per_sample": ("lambda", "per_sample"),  # lambda x per-sample: gradient on F ~ lambda c_out ~ 1/sigma
@@ -191,12 +191,12 @@ def edm_loss(denoiser: Denoiser, x0: torch.Tensor, cond: torch.Tensor | None = N
     to [sigma_min, sigma_max] (below sigma_min the boundary scalings' c_out is negative).
 
     Default: Eq. (4) as the paper prints it, d(x0, D) with the per-sample pseudo-Huber and no weight (EQ4_FORMS
-    "paper"). Chosen by measurement (bench/eq4_forms.py; README "Eq. (4)"; maze2d-umaze small data, quick budget,
-    2 training seeds, Heun-80 on 50 seeds each): "paper" 130.3 / 124.3 and "sqrt_lambda_per_sample" 130.8 / 126.1
-    (a tie) against the released code's lambda x elementwise 118.2 / 117.8 and lambda x per-sample 110.5 / 118.8;
-    "paper" has the lowest held-out denoising error at sigma >= 2, where sampling starts. Under lambda the
-    per-sample form puts a gradient ~ 1/sigma on F (most of it at sigma < 0.1); the elementwise form is quartic
-    for errors below sqrt(c) and so hardly trains the small-sigma denoiser. The others stay options.
+    "paper"). Chosen by measurement (ractd_repro.studies.eq4_forms: one teacher per form at equal compute, scored
+    by Heun-80 and by held-out denoising error per sigma band; the numbers are in docs/results.md, the reasons in
+    docs/design.md): "paper" ties the best form on the score and has the lowest held-out error at large sigma,
+    where sampling starts. Under lambda the per-sample form puts a gradient ~ 1/sigma on F (most of it at small
+    sigma); the elementwise form is quartic for errors below sqrt(c) and so hardly trains the small-sigma
+    denoiser. The others stay options.
     x0: (batch, horizon, dim) clean normalized data. Returns the per-sample loss, (batch,).
     """
     sigma = sample_sigma_lognormal(x0.shape[0], p_mean, p_std, device=x0.device).to(x0.dtype)

@@ -3,9 +3,9 @@ run on the engine measured fastest on this machine for the live batch.
 
 Why. A policy call is a U-Net evaluated at noise levels fixed in advance: the one-step student at (sigma_max,
 sigma_min), the teacher's Heun-80 at the 80 Karras bins (158 calls per action), DDPM/DDIM at their timesteps.
-Which engine runs the U-Net fastest depends on its size and on the live batch (bench/bench_inference.py, issue 17:
-OpenVINO 0.3x eager at batch 1 but 2x slower at paper size and batch 100), and on the machine, so the engine is
-chosen by measurement, not by a fixed rule.
+Which engine runs the U-Net fastest depends on its size and on the live batch (bench/bench_inference.py and
+bench/bench_engine.py measure it: an engine far ahead at batch 1 can fall behind eager at paper size and batch
+100), and on the machine, so the engine is chosen by measurement, not by a fixed rule.
 
 Folding (exact up to float rounding). ConditionalUnet1D computes every FiLM block's (scale, bias) as
 W Mish(concat(emb(t_1), .., emb(t_n), cond)) + b. Mish is elementwise, so this is
@@ -18,15 +18,15 @@ computed once per action (`FoldedUnet.prepare`). What is left per network call i
     eager      net.body in torch (the FiLM and time MLP work above already removed)
     jit        the body traced, frozen and optimized for inference by TorchScript
     gemm       the body with every convolution as one matrix product (ractd.nets.gemm: im2col), weights stored
-               once; 0.70x eager at paper size and batch 100 (fp32, exact up to summation order)
+               once (fp32, exact up to summation order)
     openvino   the body exported to ONNX in memory and compiled by OpenVINO, LATENCY hint, fp32 precision hint;
                a dynamic-batch model, plus a static-shape one for a batch size that keeps coming back (_OpenVINO)
     openvino-2s  the same compiled for 2 streams (THROUGHPUT hint; threads >= 2): the batch split in two halves
                run concurrently (rows are independent: GroupNorm normalizes each sample)
-    *-bf16     with EngineConfig.precision "bf16" only: gemm with bf16 weights and products (AMX on CPUs that
-               have it: 0.30x eager at paper size, batch 100) / OpenVINO's bf16 precision hint / torch autocast
-               (eager-bf16: only when asked for by name, it was the slowest everywhere measured). Not exact: a
-               behavioural cost, measured on 100-seed scores (see README "Inference engines")
+    *-bf16     with EngineConfig.precision "bf16" only: gemm with bf16 weights and products (fast on CPUs with
+               AMX) / OpenVINO's bf16 precision hint / torch autocast (eager-bf16: only when asked for by name,
+               it was the slowest wherever bench/bench_engine.py ran). Not exact: a behavioural cost, measured on
+               100-seed scores (ractd_repro.studies.bf16_scores; docs/engines.md)
 
 Choice (`EngineSelector`). The live batch B is rounded up to a power of two (its bucket); the first time a
 bucket is met, every candidate runs on random inputs of the batch that met it (after warm-up calls: TorchScript
@@ -35,11 +35,11 @@ its worst round), its output checked against eager's; a candidate more than 1.25
 round is out of the later rounds (at paper size a call takes seconds). The fastest candidate whose *slowest*
 round took at most `margin` x eager's *fastest* is chosen, otherwise eager: an engine is never chosen over eager
 unless it was measured faster by more than the rounds' own spread (a single round of a multi-second call once
-chose TorchScript at 0.94x eager that then ran at 1.33x). A record measured while the machine was busy (load
+chose TorchScript as faster than eager, and it then ran slower). A record measured while the machine was busy (load
 average >= its CPUs) is measured again the first time the bucket is met on a quieter machine. The result is
 cached per (network shape, bucket, threads, precision, CPU, library versions) in
-<cache_dir>/engines/calibration.json (written atomically; an unreadable file is ignored with a
-warning and rewritten), so a machine measures each shape once.
+<cache_dir>/engines/calibration.json (ractd.engine_records: written atomically; an unreadable file is ignored with
+a warning and rewritten), so a machine measures each shape once; the rounds are ractd.timing.seconds_per_call's.
 
 The library samplers (edm.sample_heun / sample_euler, ddpm.sample_ddpm / sample_ddim, ctm.sample_student) run
 unchanged: `FastDenoiser`, `FastEpsModel` and `FastStudent` are drop-in replacements for the models' `bind(cond)`
@@ -49,11 +49,8 @@ unchanged: `FastDenoiser`, `FastEpsModel` and `FastStudent` are drop-in replacem
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import math
 import os
-import platform
 import time
 from typing import Callable, Sequence
 
@@ -62,13 +59,19 @@ import torch
 from torch import nn
 
 from ractd import RactdError, edm
+from ractd.engine_records import (
+    calibration_path,
+    machine,
+    read_calibration,
+    write_calibration,
+)
+from ractd.timing import seconds_per_call
 
 log = logging.getLogger(__name__)
 
 ENGINES = ("eager", "jit", "gemm", "openvino", "openvino-2s")
 ENGINE_CHOICES = ("auto", "none", "eager", "jit", "gemm", "openvino")
 PRECISIONS = ("fp32", "bf16", "auto")
-CACHE_VERSION = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,7 +82,7 @@ class EngineConfig:
         openvino (that engine for every batch, folded) | none (the library models called as they are: no folding).
     precision: fp32 | bf16 | auto (bf16 where the CPU multiplies bf16 matrices in hardware -- AMX-BF16 --, else
         fp32; `resolve_precision`). bf16 engines: gemm-bf16 / OpenVINO bf16; a behavioural cost, not a rounding
-        difference, measured on 100-seed scores by bench/bf16_scores.py.
+        difference, measured on 100-seed scores by ractd_repro.studies.bf16_scores (docs/results.md).
     threads: intra-op threads of the engines (0 = torch.get_num_threads(), what the caller owns).
     calibrate_s: seconds each candidate runs per calibration round (at least one call).
     rounds: calibration rounds (the candidates take turns; each keeps its best and worst round); at least 2 run,
@@ -125,7 +128,7 @@ def cpu_flags() -> set[str]:
     return set()
 
 
-BF16_SAMPLERS = ("student", "heun", "euler")   # measured unchanged at bf16 on 100 seeds (bench/bf16_scores.py)
+BF16_SAMPLERS = ("student", "heun", "euler")   # unchanged at bf16 on 100 seeds (ractd_repro.studies.bf16_scores)
 
 
 def resolve_precision(precision: str, sampler: str = "student") -> str:
@@ -272,11 +275,11 @@ STATIC_MAX = 8            # ... and at most this many
 class _OpenVINO:
     """The body exported to ONNX (in memory) and compiled by OpenVINO for CPU, called run(x, films).
 
-    The ONNX route, not openvino.convert_model of the torch module: measured 0.67x eager at batch 100 (small
-    U-Net, 1 thread) where convert_model's graph took 1.14x. Batch shapes: a dynamic-batch model serves every
+    The ONNX route, not openvino.convert_model of the torch module: its graph measured slower than eager where the
+    ONNX route was faster (small U-Net, batch 100, 1 thread). Batch shapes: a dynamic-batch model serves every
     batch; a batch size met STATIC_AFTER times (Heun's 158 calls of one action, a rollout whose live batch holds)
-    gets its own static-shape model, measured 0.55x eager vs the dynamic model's 0.67x at batch 100 (a few of
-    them, while their weights stay under STATIC_MAX_BYTES). streams 2: THROUGHPUT hint, two requests each
+    gets its own static-shape model, which measured faster than the dynamic one (a few of them, while their
+    weights stay under STATIC_MAX_BYTES). streams 2: THROUGHPUT hint, two requests each
     running half of the batch concurrently.
     """
 
@@ -347,53 +350,6 @@ def candidates(cfg: EngineConfig, threads: int) -> list[str]:
 
 # ---------------------------------------------------------------------------------------------- choice
 
-def calibration_path():
-    from ractd.paths import cache_dir
-
-    return cache_dir() / "engines" / "calibration.json"
-
-
-def read_calibration(path) -> dict:
-    """The cache's entries {key: record}; a missing file is empty, an unreadable one is ignored with a warning."""
-    try:
-        data = json.loads(path.read_text())
-        if data.get("version") != CACHE_VERSION or not isinstance(data.get("entries"), dict):
-            raise ValueError(f"not a version-{CACHE_VERSION} engine calibration")
-        return data["entries"]
-    except FileNotFoundError:
-        return {}
-    except (OSError, ValueError, AttributeError) as e:
-        log.warning("ignoring the engine calibration cache %s (%s); measuring again", path,
-                    str(e).splitlines()[0] if str(e) else type(e).__name__)
-        return {}
-
-
-def write_calibration(path, key: str, record: dict) -> None:
-    """Add one record to the cache, atomically (read, merge, replace: a concurrent writer's record may be lost,
-    to be measured again, but the file is never partial)."""
-    from ractd.io import atomic_write_json
-
-    entries = read_calibration(path)
-    entries[key] = record
-    atomic_write_json(path, {"version": CACHE_VERSION, "entries": entries})
-
-
-def _machine() -> str:
-    ov = _ov()
-    return (f"{platform.machine()}:{_cpu_name()}:torch{torch.__version__}:"
-            f"ov{getattr(ov, '__version__', 'none')}")
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
-
 
 class EngineSelector:
     """The engine of each live-batch bucket for one FoldedUnet (see the module doc)."""
@@ -410,7 +366,7 @@ class EngineSelector:
                           f"-k{net.cfg.kernel_size}-g{net.cfg.n_groups}")
 
     def key(self, b: int) -> str:
-        return f"{self.shape_key}|b{b}|th{self.threads}|{self.cfg.precision}|{_machine()}"
+        return f"{self.shape_key}|b{b}|th{self.threads}|{self.cfg.precision}|{machine(_ov())}"
 
     def build(self, name: str) -> Callable:
         """The engine `name`'s run(x, films) (built once)."""
@@ -517,34 +473,6 @@ class EngineSelector:
 
 PRUNE_ABOVE = 1.25   # a candidate this much slower than eager after the first round runs no further rounds
 
-
-def seconds_per_call(fns: dict[str, Callable[[], object]], rounds: int, round_s: float,
-                     drop_above: float = math.inf) -> tuple[dict[str, float], dict[str, float]]:
-    """(best, worst) seconds per call of each fn over `rounds` rounds of the mean per call within a round (>=
-    round_s s or 1 call), the fns taking turns round by round, so load drifting over time hits every fn alike.
-    After the first round a fn slower than drop_above x the first fn's (the reference's) runs no more rounds."""
-    best = {name: math.inf for name in fns}
-    worst = {name: 0.0 for name in fns}
-    live = list(fns)
-    for r in range(rounds):
-        for name in live:
-            calls, t0 = 0, time.perf_counter()
-            while True:
-                fns[name]()
-                calls += 1
-                if time.perf_counter() - t0 >= round_s:
-                    break
-            per = (time.perf_counter() - t0) / calls
-            best[name], worst[name] = min(best[name], per), max(worst[name], per)
-        if r == 0 and live:
-            ref = best[live[0]]
-            live = [n for i, n in enumerate(live) if i == 0 or best[n] <= drop_above * ref]
-    return best, worst
-
-
-def best_seconds_per_call(fns: dict[str, Callable[[], object]], rounds: int, round_s: float) -> dict[str, float]:
-    """Seconds per call of each fn: the best of seconds_per_call's rounds (the benches' timing)."""
-    return seconds_per_call(fns, rounds, round_s)[0]
 
 
 def choose(seconds: dict[str, float], margin: float, worst: dict[str, float] | None = None) -> str:

@@ -1,7 +1,7 @@
 """Evaluate a trained checkpoint: build its sampler and policy, roll out seeds batched, store records.
 
-`evaluate_checkpoint` is what `python -m ractd evaluate` runs; `policy_from_checkpoint` is what a Ray actor
-calls once to hold a policy (no global state).
+`evaluate_checkpoint(EvalConfig(...))` is what `python -m ractd evaluate` runs; `policy_from_checkpoint` is what a
+Ray actor calls once to hold a policy (no global state).
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import dataclasses
 import logging
 import time
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Sequence
 
 from ractd import RactdError
 from ractd.tasks import get_task
@@ -39,11 +39,11 @@ class EvalConfig:
     accelerate: none | jit (the library path: TorchScript-frozen networks called per step, the earlier fast path;
         jit implies engine none, and an explicit other engine with it is an error).
     precision: auto | fp32 | bf16. auto (default): bf16 engines on a CPU with AMX-BF16 for the student and
-        Heun/Euler (bench/bf16_scores.py: 100-seed scores moved by 0.04-0.24 points, under half their SE), fp32
+        Heun/Euler (ractd_repro.studies.bf16_scores: 100-seed scores moved by under half their SE), fp32
         elsewhere and for DDPM/DDIM, BC and the library path; the records store what ran. bf16 with engine none:
         the U-Net's weights in bf16 (to_precision).
     overlap: locomotion: step one half of the seeds' envs while the network acts for the other half (same
-        records; measured no faster on a loaded 2-CPU machine, so off by default; bench/bench_inference.py).
+        records; off by default: bench/bench_inference.py measures whether it pays on a machine).
     tracker: maze2d: pd (Diffuser's PD rule) | inverse_dynamics (closed loop: observed state -> next waypoint) |
         inverse_dynamics_plan (open loop: consecutive planned states, paper Sec. 4.2); train the model with
         python -m ractd.inverse_dynamics TASK.
@@ -86,13 +86,8 @@ class EvalConfig:
         return self
 
     def run(self, progress: bool = True) -> dict:
-        self.validate()
-        return evaluate_checkpoint(
-            task=self.task, run_dir=self.run_dir, sampler=self.sampler, checkpoint=self.checkpoint,
-            nfe=self.nfe or None, seeds=list(range(self.first_seed, self.first_seed + self.seeds)),
-            max_steps=self.max_steps or None, init_scaled=self.init_scaled, out=self.out, progress=progress,
-            accelerate=self.accelerate, precision=self.precision, overlap=self.overlap, tracker=self.tracker,
-            inverse_dynamics=self.inverse_dynamics, inpaint=self.inpaint, engine=self.engine)
+        """Evaluate the checkpoint on seeds first_seed, ..., first_seed + seeds - 1 (evaluate_checkpoint)."""
+        return evaluate_checkpoint(self, progress=progress)
 
 
 SAMPLER_STAGE = {"student": "student", "heun": "teacher", "euler": "teacher", "ddpm": "ddpm", "ddim": "ddpm",
@@ -198,40 +193,38 @@ def policy_from_checkpoint(checkpoint: str | Path, sampler: str = "student", nfe
     return MazePlanner(fn, norms["obs"], horizon=shape_tail[0], tracker=tracker, inverse_dynamics=inv), task, cfg
 
 
-def evaluate_checkpoint(task: str, run_dir: str = "", sampler: str = "student", checkpoint: str = "",
-                        nfe: int | None = None, seeds: list[int] | None = None, max_steps: int | None = None,
-                        init_scaled: bool = True, out: str = "", progress: bool = True,
-                        accelerate: str = "none", precision: str = EvalConfig.precision, overlap: bool = False,
-                        tracker: str = "pd", inverse_dynamics: str = "", inpaint: str = "none",
-                        engine: str = "auto") -> dict:
-    """Roll out `seeds` (default 0..9) with the checkpoint's policy; write records to Parquet; return a summary.
-    The options are EvalConfig's (see there)."""
+def evaluate_checkpoint(cfg: EvalConfig, seeds: Sequence[int] | None = None, progress: bool = True) -> dict:
+    """Roll out the checkpoint's policy on `seeds` (default: cfg.seeds seeds from cfg.first_seed; a list gives any
+    others, e.g. the ones a store lacks); write records to Parquet; return a summary. The options are cfg's
+    (EvalConfig, validated here)."""
     from ractd.paths import runs_dir
     from ractd.rollout import rollout_locomotion, rollout_maze, save_records, summarize
 
-    t = get_task(task)
-    run = Path(run_dir) if run_dir else runs_dir() / t.name
-    if sampler not in SAMPLER_STAGE:
-        raise RactdError(f"unknown sampler {sampler!r}; expected one of {', '.join(SAMPLER_STAGE)}")
-    ckpt = Path(checkpoint) if checkpoint else run / SAMPLER_STAGE[sampler] / "best.pt"
-    nfe = nfe or DEFAULT_NFE[sampler]
-    policy, t2, cfg = policy_from_checkpoint(ckpt, sampler, nfe, init_scaled, accelerate, precision, tracker,
-                                             inverse_dynamics, inpaint=inpaint, engine=engine)
+    cfg.validate()
+    t = get_task(cfg.task)
+    run = Path(cfg.run_dir) if cfg.run_dir else runs_dir() / t.name
+    sampler = cfg.sampler
+    ckpt = Path(cfg.checkpoint) if cfg.checkpoint else run / SAMPLER_STAGE[sampler] / "best.pt"
+    nfe = cfg.nfe or DEFAULT_NFE[sampler]
+    policy, t2, train_cfg = policy_from_checkpoint(ckpt, sampler, nfe, cfg.init_scaled, cfg.accelerate, cfg.precision,
+                                                   cfg.tracker, cfg.inverse_dynamics, inpaint=cfg.inpaint,
+                                                   engine=cfg.engine)
     if t2.name != t.name:
         raise RactdError(f"{ckpt} was trained on {t2.name}, not {t.name}")
-    seeds = list(range(10)) if seeds is None else seeds
+    seeds = list(range(cfg.first_seed, cfg.first_seed + cfg.seeds)) if seeds is None else list(seeds)
+    max_steps = cfg.max_steps or None
     start = time.perf_counter()
     if t.kind == "locomotion":
-        records = rollout_locomotion(t, policy, seeds, max_steps=max_steps, progress=progress, overlap=overlap)
+        records = rollout_locomotion(t, policy, seeds, max_steps=max_steps, progress=progress, overlap=cfg.overlap)
     else:
         records = rollout_maze(t, policy, seeds, max_steps=max_steps, progress=progress)
-    extra = {"sampler": sampler, "nfe": nfe, "init_scaled": init_scaled, "accelerate": accelerate, "engine": engine,
-             "precision": effective_precision(sampler, engine, accelerate, precision),
-             "tracker": ("bc" if sampler == "bc" else tracker) if t.kind == "maze" else "", "checkpoint": str(ckpt),
-             "sigma": cfg.distill.sigma if cfg.stage == "student" else 0.0, "train_seed": cfg.seed,
-             **({"inpaint": inpaint} if t.kind == "maze" else {})}
+    extra = {"sampler": sampler, "nfe": nfe, "init_scaled": cfg.init_scaled, "accelerate": cfg.accelerate,
+             "engine": cfg.engine, "precision": effective_precision(sampler, cfg.engine, cfg.accelerate, cfg.precision),
+             "tracker": ("bc" if sampler == "bc" else cfg.tracker) if t.kind == "maze" else "", "checkpoint": str(ckpt),
+             "sigma": train_cfg.distill.sigma if train_cfg.stage == "student" else 0.0, "train_seed": train_cfg.seed,
+             **({"inpaint": cfg.inpaint} if t.kind == "maze" else {})}
     records = [{**r, **extra} for r in records]
-    path = Path(out) if out else run / "eval" / f"{sampler}-{nfe}.parquet"
+    path = Path(cfg.out) if cfg.out else run / "eval" / f"{sampler}-{nfe}.parquet"
     save_records(records, path)
     summary = {**summarize(records), "task": t.name, "sampler": sampler, "nfe": nfe, "records": str(path),
                "wall_s": round(time.perf_counter() - start, 2)}

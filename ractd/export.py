@@ -26,10 +26,9 @@ part of the FiLM bias, and all FiLM Linears are one matrix product. Same numbers
 float rounding (tests/test_export.py: within 1e-4 on the same noise).
 
 Engines (ExportedPolicy). ONNX runs on OpenVINO or ONNX Runtime (`engine`, default "auto" = OpenVINO when
-installed); TorchScript runs on torch. bench/bench_inference.py measures them (one thread, 2-CPU machine):
-OpenVINO is the fastest for the small U-Net (batch 1: 0.37x eager torch, ONNX Runtime 0.47x; batch 100:
-0.62x, ONNX Runtime 2.5x) and at paper size batch 1 (0.70x, ONNX Runtime 0.83x), but at paper size batch 100
-it was 2.5x slower than eager torch, where the TorchScript file was best (0.78x): both formats are kept.
+installed); TorchScript runs on torch. bench/bench_inference.py measures them: where it ran, OpenVINO was the
+fastest for the small U-Net and at paper size batch 1, but at paper size batch 100 it was slower than eager
+torch and the TorchScript file was best, so both formats are kept.
 Precision. "fp32" (default) or "bf16": OpenVINO runs an ONNX file in bf16 with INFERENCE_PRECISION_HINT (ONNX
 Runtime has no bf16 CPU kernels for these ops: an error); a TorchScript file is bf16 when exported with
 --precision bf16 (U-Net weights in bf16, inputs and outputs float32). `--precision` at export is stored as

@@ -413,7 +413,7 @@ class BCGoalPolicy:
     rollout_maze calls plan() once per episode batch and track(plan, obs, t) at every step. Here plan() only
     fixes the conditioning goal [gx, gy, 0, 0] (the evaluation goal, in the layout the planner's goal takes), and
     track() feeds the current observed state: a = pi(normalize(s_t), normalize(goal)), clipped to [-1, 1] --
-    a reactive policy, trained on (state, goal of the data's controller, action) triples (ractd.train.prepare_bc).
+    a reactive policy, trained on (state, goal of the data's controller, action) triples (ractd.bc.prepare_bc).
     """
 
     tracker = "bc"

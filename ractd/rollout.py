@@ -60,7 +60,13 @@ import numpy as np
 import torch
 
 from ractd.io import atomic_write
-from ractd.maze import REWARD_RADIUS, d4rl_to_pointmaze, eval_goal, maze_map, pointmaze_to_d4rl
+from ractd.maze import (
+    REWARD_RADIUS,
+    d4rl_to_pointmaze,
+    eval_goal,
+    maze_map,
+    pointmaze_to_d4rl,
+)
 from ractd.tasks import Task, get_task
 
 log = logging.getLogger(__name__)

@@ -189,5 +189,5 @@ def list_dir(loc: str) -> list[str]:
 def run_files(storage_path: str, name: str) -> str:
     """Where a training run's own files go in storage, beside Ray Train's: <storage_path>/<name>/ractd/ (each
     stage's best.pt and metrics.jsonl under <stage>/, a sweep trial's summary.json; ractd_ray.train writes them,
-    ractd.sweep reads a sweep's)."""
+    ractd_repro.sweep reads a sweep's)."""
     return join(storage_path, name, "ractd")

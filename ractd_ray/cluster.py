@@ -18,9 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import jsonschema
-import yaml
-
 import ray.autoscaler
+import yaml
 from ray.autoscaler.sdk import fillout_defaults
 
 from ractd import RactdError, storage

@@ -1,7 +1,7 @@
-"""The rollout actor pool that fills the results store (ractd.results.ResultsStore).
+"""The rollout actor pool that fills the results store (ractd_repro.store.ResultsStore).
 
 A `ray.util.ActorPool` of `RolloutActor`s. Each actor holds one policy per (checkpoint, sampler, NFE) and runs the
-library's batched rollouts (ractd.study.run_block -> ractd.rollout) on a block of seeds: one network call per env
+library's batched rollouts (ractd_repro.jobs.run_block -> ractd.rollout) on a block of seeds: one network call per env
 step for the whole block, one record per episode. The driver:
 
   * puts each checkpoint's weights into the object store once (`ray.put` of the model / EMA weights, config,
@@ -12,8 +12,9 @@ step for the whole block, one record per episode. The driver:
     actors), submits them all, and writes each returned block to the store as one atomic part file;
   * on an actor's death (ray.exceptions.ActorDiedError: a killed actor, a lost node) starts a fresh actor in
     its place (a transient error, ActorUnavailableError, keeps the actor); when the queue is drained, whatever
-    the store still lacks (exactly the blocks of dead actors) is dispatched again, up to `max_retries` rounds. The store is the source of truth, so every seed ends up stored
-    exactly once: a lost block was never written, and a finished one is never rerun (`done_keys`).
+    the store still lacks (exactly the blocks of dead actors) is dispatched again, up to `max_retries` rounds. The store
+    is the source of truth, so every seed ends up stored exactly once: a lost block was never written, and a finished
+    one is never rerun (`done_keys`).
 
 Resources (actor_layout, decided once in the driver): actor count from --actors, else from the cluster's free
 resources (GPUs x actors_per_gpu when a node type has GPUs, each actor with num_gpus = 1 / actors_per_gpu so
@@ -37,8 +38,8 @@ import ray
 from ray.util import ActorPool
 
 from ractd import RactdError
-from ractd.results import ResultsStore
-from ractd.study import EvalJob, blocks, load_policy, policy_key, run_block
+from ractd_repro.jobs import EvalJob, blocks, load_policy, policy_key, run_block
+from ractd_repro.store import ResultsStore
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +87,7 @@ class RolloutActor:
     def run(self, job: EvalJob, seeds: list[int], weights_box: list) -> list[dict]:
         """weights_box: [ref of (checkpoint bytes, inverse-dynamics bytes or None)], all from the driver: the
         actor reads nothing from its node's disk."""
-        from ractd.results import library_versions
+        from ractd_repro.store import library_versions
 
         key = policy_key(job)
         if key not in self.policies:

@@ -11,9 +11,11 @@ What a search does, in order (everything before Ray starts fails with one line a
    under shared/<task>-<key>/ and found there by key by every later search of the task, whichever node trained
    them (a copy in ractd.paths.shared_models_dir(task, key) on the driver's machine); the paper's decoupled
    training: one teacher, one reward model, many students;
-3. a Tune search over search_space() (ALPHA_RANGE, BETA_RANGE, SIGMA_CHOICES) with Optuna's TPE (OptunaSearch), seeded with the task's Table 9 weights
+3. a Tune search over search_space() (ALPHA_RANGE, BETA_RANGE, SIGMA_CHOICES) with Optuna's TPE (OptunaSearch), seeded
+with the task's Table 9 weights
    (points_to_evaluate), ASHA on "select_score" (mode max) reported at every student checkpoint; each trial is
-   a Tune function trainable (0.25 CPU, TRIAL_DRIVER_CPUS) that runs a TorchTrainer (ractd_ray.train) distilling one student;
+   a Tune function trainable (0.25 CPU, TRIAL_DRIVER_CPUS) that runs a TorchTrainer (ractd_ray.train) distilling one
+   student;
 4. the results under the run folder (default ractd.paths.sweep_dir(task, scale)): trials.parquet (one row per
    trial, read from storage), best_config.json, best/checkpoint.pt (the best student, fetched from storage),
    search.json (the search's config, for --resume), trials/<trial_id>/ (each trial's run folder, on the node that
@@ -34,23 +36,49 @@ import dataclasses
 import fcntl
 import json
 import logging
+import math
 import os
 import time
 from pathlib import Path
 
 from ractd import RactdError, storage
 from ractd.config import from_dict, to_dict
-from ractd.sweep import (ALPHA_RANGE, BETA_RANGE, METRIC, MODE, QUICK, QUICK_MAZE, SCORE_FLOOR,  # noqa: F401
-                         SIGMA_CHOICES, SearchConfig, ensure_dataset, evaluation_command, finite_score, grid_points,
-                         print_summary, quick_settings, shared_key, startup_trials, sweep_storage, table9_point,
-                         trial_record, trial_rows, write_results)
 from ractd.tasks import Task, get_task
 from ractd.train import TrainConfig
+from ractd_repro.records import (
+    METRIC,
+    SweepFolder,
+    TrialRecord,
+    checkpoint_metrics,
+    trial_record,
+    write_results,
+)
+from ractd_repro.sweep import (  # noqa: F401
+    ALPHA_RANGE,
+    BETA_RANGE,
+    MODE,
+    QUICK,
+    QUICK_MAZE,
+    SCORE_FLOOR,
+    SIGMA_CHOICES,
+    SearchConfig,
+    ensure_dataset,
+    evaluation_command,
+    finite_score,
+    grid_points,
+    print_summary,
+    quick_settings,
+    shared_key,
+    startup_trials,
+    sweep_storage,
+    table9_point,
+)
 
 log = logging.getLogger(__name__)
 
 # What does not call Ray (the space's bounds and grid points, SearchConfig and --quick, the dataset, the shared
-# models' key, the trial table and the summary) is ractd.sweep's, re-exported here for the command's users.
+# models' key and the summary) is ractd_repro.sweep's, re-exported here for the command's users; the records the
+# search writes (trials.parquet, best_config.json) are ractd_repro.records'.
 
 
 def search_space(task: Task) -> dict:
@@ -75,7 +103,7 @@ def ensure_shared_models(scfg: SearchConfig, dataset: dict, data=None, use_gpu: 
     searches of the same task and key on this machine."""
     from ractd.io import atomic_write_json
     from ractd.paths import shared_models_dir
-    from ractd_ray.train import fit_stages
+    from ractd_ray.train import RayTrainConfig, fit_stages
 
     *shared, _ = scfg.stage_configs()
     shared = [dataclasses.replace(c, source=dataset["source"]) for c in shared]
@@ -109,8 +137,9 @@ def ensure_shared_models(scfg: SearchConfig, dataset: dict, data=None, use_gpu: 
         cpus = worker_cpus(scfg.cpus_per_worker, scfg.workers, gpu)
         log.info("training the shared %s into %s (%d worker%s x %g CPU%s)", " and ".join(paths), stored,
                  scfg.workers, "s" * (scfg.workers > 1), cpus, "" if gpu is False else " + 1 GPU")
-        out = fit_stages(shared, num_workers=scfg.workers, use_gpu=gpu, max_failures=scfg.max_failures,
-                         storage_path=train_storage, name="shared", cpus_per_worker=cpus, data=data, fetch=True)
+        out = fit_stages(shared, RayTrainConfig(num_workers=scfg.workers, use_gpu=gpu, max_failures=scfg.max_failures,
+                                                storage_path=train_storage, name="shared", cpus_per_worker=cpus,
+                                                fetch=True), data=data)
         missing = [str(p) for p in paths.values() if not p.is_file()]
         if missing:
             raise RactdError(f"training the shared models wrote no {', '.join(missing)} to {stored}")
@@ -174,7 +203,7 @@ def run_trial(config: dict, plan: TrialPlan) -> None:
 
     from ractd.io import atomic_write_json
     from ractd_ray import console
-    from ractd_ray.train import fit_stage
+    from ractd_ray.train import RayTrainConfig, fit_stage
 
     started = time.time()
     console.quiet_teardown()
@@ -195,10 +224,11 @@ def run_trial(config: dict, plan: TrialPlan) -> None:
     cfg = dataclasses.replace(base, run_dir=str(trial_dir), distill=dataclasses.replace(base.distill, **weights))
     fit_started = time.time()
     try:
-        out = fit_stage(cfg, num_workers=plan.workers, use_gpu=plan.use_gpu, max_failures=plan.max_failures,
-                        storage_path=plan.train_storage, name=trial_id, data=plan.data, inputs=plan.inputs,
-                        fetch=False, callbacks=[_report_callback(fit_started)], cpus_per_worker=plan.cpus_per_worker,
-                        progress=True, stage_lines=False, started=started)
+        ray_cfg = RayTrainConfig(num_workers=plan.workers, use_gpu=plan.use_gpu, max_failures=plan.max_failures,
+                                 storage_path=plan.train_storage, name=trial_id, fetch=False,
+                                 cpus_per_worker=plan.cpus_per_worker, progress=True, stage_lines=False)
+        out = fit_stage(cfg, ray_cfg, data=plan.data, inputs=plan.inputs, callbacks=[_report_callback(fit_started)],
+                        started=started)
     except Exception as e:  # the failed trial's times: its fit, and the training its worker recorded
         timing_loc = trial_record(plan.train_storage, trial_id, "timing.json")
         timing = json.loads(storage.read_text(timing_loc)) if storage.exists(timing_loc) else {}
@@ -340,20 +370,70 @@ def run_search(scfg: SearchConfig, resume: bool = False) -> dict:
             import ray
 
             ray.shutdown()
-    rows = collect_trials(grid, student.steps, train_storage)
-    complete = len(rows) == scfg.num_samples and all(r["status"] in ("completed", "stopped", "error") for r in rows)
-    best = write_results(rows, out_dir, scfg, dataset, shared)
-    print_summary(rows, best, out_dir, complete, scfg)
-    return {"out_dir": str(out_dir), "trials": rows, "best": best, "shared": shared, "dataset": dataset,
+    records = collect_trials(grid, student.steps, train_storage)
+    complete = len(records) == scfg.num_samples and all(r.status in ("completed", "stopped", "error")
+                                                        for r in records)
+    best = write_results(records, SweepFolder(out_dir), task=scfg.task, scale=scfg.scale, budget=scfg.budget,
+                         dataset=dataset, shared=shared)
+    print_summary(records, best, out_dir, complete, scfg)
+    return {"out_dir": str(out_dir), "trials": [r.row() for r in records],
+            "best": best.to_json() if best else None, "shared": shared, "dataset": dataset,
             "complete": complete, "wall_s": time.perf_counter() - t_start, "startup_s": startup,
             "tune_wall_s": tune_wall}
 
 
-def collect_trials(grid, steps: int, train_storage: str) -> list[dict]:
-    """ractd.sweep.trial_rows over Tune's ResultGrid, with the start-up stamps of ractd_ray.train's workers."""
+def collect_trials(grid, steps: int, train_storage: str) -> list[TrialRecord]:
+    """One TrialRecord per trial of Tune's ResultGrid (each result with .path, .config, .metrics,
+    .metrics_dataframe, .error) and the trial's records in storage, whichever node ran it: the scores and
+    diagnostics from the library's metrics.jsonl (Tune's reports where that file is not stored), the times from its
+    summary.json (from its last report when ASHA stopped it), the start-up stamps of ractd_ray.train's workers."""
     from ractd_ray.train import STARTUP_STAMPS
 
-    return trial_rows(grid, steps, train_storage, STARTUP_STAMPS)
+    return sorted((_trial_record(result, steps, train_storage, STARTUP_STAMPS) for result in grid),
+                  key=lambda r: r.trial_id)
+
+
+def _trial_status(result, steps: int) -> str:
+    reported = result.metrics or {}
+    if result.error is not None:
+        return "error"
+    if int(reported.get("step") or 0) >= steps:
+        return "completed"
+    return "stopped" if reported.get("done") else "unfinished"
+
+
+def _trial_record(result, steps: int, train_storage: str, stamps: tuple[str, ...]) -> TrialRecord:
+    from ractd.train import DIAG_TERMS
+    from ractd_repro.records import LOSS_TERMS
+
+    trial_id = Path(result.path).name
+    reported = result.metrics or {}
+    history = checkpoint_metrics(train_storage, trial_id)
+    if not history and result.metrics_dataframe is not None:
+        history = result.metrics_dataframe.to_dict("records")
+    scored = [h for h in history if h.get(METRIC) is not None and math.isfinite(h[METRIC])]
+    last = history[-1] if history else {}
+    at_best = max(scored, key=lambda h: float(h[METRIC])) if scored else {}
+    summary_loc = trial_record(train_storage, trial_id, "summary.json")
+    summary = json.loads(storage.read_text(summary_loc)) if storage.exists(summary_loc) else {}
+    best_pt = trial_record(train_storage, trial_id, "student/best.pt")
+
+    def timed(k):  # a trial that ran to its end has them in its summary; one stopped by ASHA in its last report
+        v = summary.get(k, reported.get(k))
+        return float(v) if v is not None else math.nan
+
+    return TrialRecord(
+        trial_id=trial_id, **{k: float(result.config.get(k, math.nan)) for k in ("alpha", "beta", "sigma")},
+        select_score=max(float(h[METRIC]) for h in scored) if scored else math.nan,
+        last_score=float(scored[-1][METRIC]) if scored else math.nan, step=int(last.get("step") or 0),
+        losses={k: last.get(k) for k in LOSS_TERMS}, best_step=int(at_best.get("step") or 0),
+        diagnostics={k: at_best.get(k) for k in DIAG_TERMS}, status=_trial_status(result, steps),
+        checkpoint=best_pt if storage.exists(best_pt) else "", ray_checkpoint=reported.get("checkpoint_path") or "",
+        train_time_s=timed("train_time_s"), fit_time_s=timed("fit_time_s"),
+        startup={k: timed(f"startup_{k}_s") for k in stamps},
+        trial_time_s=float(reported.get("time_total_s") or math.nan),
+        stored_bytes=int(storage.total_bytes(storage.join(train_storage, trial_id))),
+        error="" if result.error is None else str(result.error).strip().splitlines()[-1][:500])
 
 
 def _console_options(steps: int) -> dict:

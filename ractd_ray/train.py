@@ -2,10 +2,11 @@
 
 What each worker injects into the library loop (ractd.train.RunContext):
 - device: `ray.train.torch.get_device()`; rank and world size from `ray.train.get_context()`.
-- sync_grads: `GradAllReduce`, the gradients of all parameters copied into one flat buffer, averaged with one
-  all-reduce per bucket (one bucket unless the model is larger than `bucket_mb`), copied back. Chosen over DDP
-  because the student's loss calls the network several times per step and reads Student.g / sigma_min, which a
-  DDP wrapper hides; bench/bench_ray.py measures it against one all-reduce per parameter.
+- sync_grads: `GradAllReduce` (ractd_ray.collectives), the gradients of all parameters copied into one flat
+  buffer, averaged with one all-reduce per bucket (one bucket unless the model is larger than `bucket_mb`),
+  copied back. Chosen over DDP because the student's loss calls the network several times per step and reads
+  Student.g / sigma_min, which a DDP wrapper hides; bench/bench_ray.py measures it against one all-reduce per
+  parameter.
 - all_reduce_sum: a sum over workers (torch.distributed: gloo on CPU, nccl on GPU, set up by TorchTrainer).
 - report: every library report becomes a `ray.train.report` on every rank (the same number of calls on each,
   as Ray Train requires); at checkpoints rank 0 attaches the folder holding only the latest checkpoint.pt,
@@ -20,12 +21,14 @@ What each worker injects into the library loop (ractd.train.RunContext):
   checkpoint, and the stage it belongs to resumes from it.
 
 One worker group can train several stages in a row (`fit_stages`: the shared reward model then the teacher,
-one group start-up instead of two). Everything here runs where Ray runs; the library never imports Ray.
+one group start-up instead of two), set up as a `RayTrainConfig` says; it connects through ractd_ray.connect.
+Everything here runs where Ray runs; the library never imports Ray.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -35,14 +38,16 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from torch import nn
 
+import ractd.train as library
 from ractd import RactdError, storage
 from ractd.config import from_dict, to_dict
 from ractd.errors import one_line
-import ractd.train as library
 from ractd.train import RunContext, TrainConfig
 from ractd_ray import console
+from ractd_ray.collectives import DEFAULT_BUCKET_MB, GradAllReduce, all_reduce_sum
+from ractd_ray.connect import ensure_ray, resolve_use_gpu
+from ractd_repro.records import checkpoint_name, stage_of
 
 log = logging.getLogger(__name__)
 
@@ -53,110 +58,11 @@ FORWARDED_ENV = ("RACTD_CACHE_DIR", "XDG_CACHE_HOME", "D4RL_DATASET_DIR", "MINAR
 # 2 s late, and a worker's report waits until the controller has taken the previous one. Every run of the project
 # polls every 0.25 s instead (bench/sweep_overhead.py); a value set in the environment wins.
 RAY_TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25"}
-DEFAULT_BUCKET_MB = 64.0  # bench/bench_ray.py: the fastest of 16-1024 MiB for the small and the paper-size student
 
 
 def forwarded_env() -> dict[str, str]:
     """The driver's values of FORWARDED_ENV that are set."""
     return {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
-
-
-# ------------------------------------------------------------------------------------------- collectives
-
-class GradAllReduce:
-    """sync_grads for RunContext: average the gradients of every trainable parameter across workers.
-
-    The gradients are copied into one persistent flat buffer per dtype, summed across workers with one
-    all-reduce per bucket of whole parameters of at most `bucket_mb` MiB (one all-reduce for a model smaller than
-    that), divided by the world size and copied back. The all-reduces are issued asynchronously as each bucket is
-    filled, so copying the next bucket in (and the previous one out) overlaps the communication. A parameter
-    without a gradient on this rank contributes zeros, so every rank issues the same collectives. Needs an
-    initialized torch.distributed process group (TorchTrainer sets one up).
-    """
-
-    def __init__(self, world_size: int, bucket_mb: float = DEFAULT_BUCKET_MB):
-        self.world_size = world_size
-        self.bucket_bytes = max(1, int(bucket_mb * 2**20))
-        self._key = None
-        self._buckets: list[tuple[torch.Tensor, list[tuple[nn.Parameter, int, int]]]] = []
-        self.calls = 0  # all-reduce calls issued (bench / tests)
-
-    def _layout(self, params: list[nn.Parameter]) -> None:
-        key = tuple((id(p), p.numel(), p.dtype, p.device) for p in params)
-        if key == self._key:
-            return
-        self._buckets = []
-        for dtype in dict.fromkeys(p.dtype for p in params):
-            group = [p for p in params if p.dtype == dtype]
-            flat = torch.zeros(sum(p.numel() for p in group), dtype=dtype, device=group[0].device)
-            per_bucket = max(1, self.bucket_bytes // flat.element_size())
-            start, members = 0, []
-            for p in group:
-                offset = members[-1][1] + members[-1][2] if members else start
-                if members and offset + p.numel() - start > per_bucket:
-                    self._buckets.append((flat[start:offset], [(q, o - start, n) for q, o, n in members]))
-                    start, members = offset, []
-                members.append((p, offset, p.numel()))
-            end = members[-1][1] + members[-1][2]
-            self._buckets.append((flat[start:end], [(q, o - start, n) for q, o, n in members]))
-        self._key = key
-
-    def __call__(self, model: nn.Module) -> None:
-        import torch.distributed as dist
-
-        params = [p for p in model.parameters() if p.requires_grad]
-        if not params or self.world_size == 1:
-            return
-        self._layout(params)
-        works = []
-        for segment, members in self._buckets:  # gather a bucket, start its all-reduce, go on with the next
-            for p, o, n in members:
-                if p.grad is None:
-                    segment[o:o + n].zero_()
-                else:
-                    segment[o:o + n].copy_(p.grad.reshape(-1))
-            works.append(dist.all_reduce(segment, async_op=True))
-            self.calls += 1
-        for (segment, members), work in zip(self._buckets, works):  # scatter each bucket as it completes
-            work.wait()
-            segment.div_(self.world_size)
-            for p, o, n in members:
-                if p.grad is None:
-                    p.grad = segment[o:o + n].view_as(p).clone()
-                else:
-                    p.grad.copy_(segment[o:o + n].view_as(p.grad))
-
-
-class PerParameterAllReduce:
-    """The naive alternative to GradAllReduce: one all-reduce per parameter (bench/bench_ray.py compares)."""
-
-    def __init__(self, world_size: int):
-        self.world_size = world_size
-        self.calls = 0
-
-    def __call__(self, model: nn.Module) -> None:
-        import torch.distributed as dist
-
-        for p in model.parameters():
-            if not p.requires_grad:
-                continue
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            dist.all_reduce(p.grad)
-            p.grad.div_(self.world_size)
-            self.calls += 1
-
-
-def all_reduce_sum(device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
-    """all_reduce_sum for RunContext: the sum over workers of a (small) tensor, returned on its own device."""
-    import torch.distributed as dist
-
-    def reduce(t: torch.Tensor) -> torch.Tensor:
-        x = t.detach().to(device, copy=True)
-        dist.all_reduce(x)
-        return x.to(t.device)
-
-    return reduce
 
 
 # ------------------------------------------------------------------------------------------- worker side
@@ -171,15 +77,6 @@ def _ray_metrics(metrics: dict, stage: str) -> dict:
             v = float(v) if not isinstance(v, int) else v
             out[k] = v if not isinstance(v, float) or math.isfinite(v) else None
     return out
-
-
-def checkpoint_name(stage: str, step: int) -> str:
-    """Name of a persisted Ray checkpoint folder: the stage it belongs to and its step."""
-    return f"{stage}-{step:09d}"
-
-
-def _stage_of(checkpoint_path: str) -> str:
-    return Path(checkpoint_path).name.split("-", 1)[0]
 
 
 class StageUploader:
@@ -369,8 +266,6 @@ def worker_loop(config: dict) -> list[dict]:
 
 
 def _worker_loop(config: dict, timeline: Timeline) -> list[dict]:
-    import dataclasses
-
     import ray
     import ray.train
 
@@ -385,7 +280,7 @@ def _worker_loop(config: dict, timeline: Timeline) -> list[dict]:
     timeline.mark("data")
     stages = [c.stage for c in cfgs]
     restored = ray.train.get_checkpoint()
-    restored_stage = _stage_of(restored.path) if restored else None
+    restored_stage = stage_of(restored.path) if restored else None
     # stages before the restored one finished in an earlier attempt (their files are in storage)
     first = stages.index(restored_stage) if restored_stage in stages else 0
     out = [{"stage": c.stage, "skipped": True, "best": str(c.resolved().stage_dir / "best.pt")} for c in cfgs[:first]]
@@ -452,95 +347,6 @@ class StepHook:
 
 # ------------------------------------------------------------------------------------------- driver side
 
-def _gcs_reachable(address: str, timeout: float = 5.0) -> bool:
-    """Whether something accepts TCP connections at host:port (a Ray GCS would)."""
-    import socket
-
-    host, _, port = address.rpartition(":")
-    try:
-        with socket.create_connection((host.strip("[]") or "127.0.0.1", int(port)), timeout=timeout):
-            return True
-    except (OSError, ValueError):
-        return False
-
-
-def resolve_address(address: str | None) -> str:
-    """The address ensure_ray connects to: `address`, else $RAY_ADDRESS, else "local" (a new local instance, never
-    a cluster some earlier `ray start` left on the machine); "auto" becomes the running cluster Ray's record names.
-    An address nothing answers is a RactdError (one line) after a few seconds, not a wait on a dead GCS."""
-    address = (address or os.environ.get("RAY_ADDRESS") or "").strip() or "local"
-    if address == "local" or "://" in address:  # ray://host:10001 (Ray Client) is checked by ray.init itself
-        return address
-    if address == "auto":
-        from ray._private.services import canonicalize_bootstrap_address
-
-        found = canonicalize_bootstrap_address("auto")
-        if not found:
-            raise RactdError("--address auto: no running Ray cluster on this machine (start one with `ray start "
-                             "--head`, or leave --address out for a local Ray)")
-        address = found
-    if not _gcs_reachable(address):
-        raise RactdError(f"no Ray cluster answers at {address} (is `ray start --head` running there?)")
-    return address
-
-
-def ensure_ray(address: str | None = None, **init_kwargs) -> bool:
-    """The one way the project connects to Ray: `address` (or $RAY_ADDRESS; "auto" = the running cluster of this
-    machine) names an existing cluster, else a new local instance is started (address="local"). Returns True
-    if this call started or connected (the caller shuts it down). An unreachable address: RactdError.
-
-    A local instance gets its dashboard on a free port, and every Ray process of the job learns that address
-    ($RAY_API_SERVER_ADDRESS): Ray Train's PlacementGroupCleaner finds the controller through the state API,
-    which otherwise refuses to guess when several Ray instances run on one machine, and the workers of a Tune
-    trial stopped early by ASHA would keep their CPUs (the next trial then waits forever). Attached to a
-    running cluster, the job uses that cluster's own dashboard (nothing is pointed at a port of ours).
-    """
-    import ray
-
-    if ray.is_initialized():
-        return False
-    address = resolve_address(address)
-    env = {}
-    port = None
-    if address == "local":
-        import socket
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
-        env.update(console.local_env())
-        init_kwargs.update(dashboard_host="127.0.0.1", dashboard_port=port)
-    elif "://" not in address:  # the job's processes find the same cluster
-        env["RAY_ADDRESS"] = address
-    if address != "local":  # resources are the cluster's; ray.init refuses them when it connects
-        for key in ("num_cpus", "num_gpus", "resources", "object_store_memory"):
-            init_kwargs.pop(key, None)
-    if env:
-        runtime_env = dict(init_kwargs.pop("runtime_env", None) or {})
-        runtime_env["env_vars"] = {**runtime_env.get("env_vars", {}), **env}
-        init_kwargs["runtime_env"] = runtime_env
-    init_kwargs.setdefault("logging_level", logging.WARNING)
-    try:
-        ctx = ray.init(address=address, **init_kwargs)
-    except (ConnectionError, TimeoutError) as e:
-        raise RactdError(f"cannot connect to the Ray cluster at {address}: {one_line(e, last=True)}") from None
-    if port is not None and getattr(ctx, "dashboard_url", None) and not ctx.dashboard_url.endswith(f":{port}"):
-        log.warning("Ray's dashboard is at %s, not port %d: trials stopped early may not release their workers",
-                    ctx.dashboard_url, port)
-    return True
-
-
-def resolve_use_gpu(use_gpu: bool | str, num_workers: int) -> bool:
-    """use_gpu "auto" | "yes" | "no" | bool -> bool: ractd_ray.resources.decide_gpu (auto: when a node type of the
-    cluster has a GPU, which the request then brings up; yes where none can: RactdError)."""
-    from ractd_ray.resources import decide_gpu
-
-    if isinstance(use_gpu, bool):
-        return use_gpu
-    return decide_gpu({True: "yes", False: "no"}.get(use_gpu, use_gpu), f"Ray Train ({num_workers} workers)")
-
-
 _SHIPPED: dict = {}  # (what, key) -> ObjectRef: each dataset / input file is put into the object store once per job
 
 
@@ -583,67 +389,79 @@ def upstream_files(cfg: TrainConfig) -> dict[str, Path]:
     return {k: p for k, p in out.items() if p.is_file()}
 
 
-def fit_stages(cfgs: list[TrainConfig], num_workers: int = 1, use_gpu: bool | str = "auto", max_failures: int = 2,
-               storage_path: str | None = None, name: str | None = None, callbacks: list | None = None,
-               on_step: Callable[[int], None] | None = None, cpus_per_worker: float = 1,
-               bucket_mb: float = DEFAULT_BUCKET_MB, progress: bool = True, keep_checkpoints: int = 1,
-               log_level: str = "WARNING", controller_failure_limit: int = 30, stage_lines: bool = True,
-               data=None, inputs: dict | None = None, fetch: bool = True, started: float | None = None) -> list[dict]:
-    """Train the stages `cfgs` in order in one Ray Train worker group of `num_workers` workers.
+@dataclasses.dataclass(frozen=True)
+class RayTrainConfig:
+    """How Ray Train runs a group of stages (fit_stages): the Ray-side settings, beside the stages' TrainConfigs.
 
-    storage_path / name: where Ray persists the run (default: ractd.storage.folder_location("runs", run_dir of the first stage),
-    "-".join(stages)); a later call with the same pair resumes from the latest persisted checkpoint. Each
-    stage's best.pt and metrics.jsonl are persisted beside it (ractd.storage.run_files). keep_checkpoints:
-    persisted checkpoints kept (the latest ones). data: an ObjectRef of the dataset (default: dataset_ref).
-    inputs: {field: ObjectRef of the file's bytes} for teacher_ckpt / reward_ckpt of every stage (default: the
-    files upstream_files finds on this disk). fetch: copy each stage's stored best.pt and metrics.jsonl into
-    its stage folder on this machine (the driver's), from storage. callbacks: Ray Train UserCallbacks (a Tune
-    trial passes its report callback). log_level: Ray Train's own console logs (INFO logs every report).
-    stage_lines: without --verbose, one console line per checkpoint (a Tune trial prints its own from the
-    driver). started: time.time() at the start of the caller's run (a Tune trial's), the origin of the start-up
-    stamps every report carries (Timeline; default: when fit() is called). controller_failure_limit: worker-group
-    start-ups that may time out (60 s each, e.g. waiting for CPUs) before the run fails instead of waiting forever
-    (Ray's default is to wait forever). cpus_per_worker: CPUs each worker reserves, and its torch threads (rounded
-    up). Returns
-    worker_loop's per-stage dicts (rank 0's), each with "ray_checkpoint" (the run's latest persisted checkpoint),
-    "ray_path", "fit_time_s", "stored_best" (the storage location of its best.pt) and "stored" (of its folder)
-    added. A failed run (after max_failures restarts) raises RactdError naming the error.
+    num_workers: Ray Train workers in the group (each draws batch / num_workers windows a step).
+    use_gpu: auto | yes | no, or a bool (resolve_use_gpu: auto = when a node type of the cluster has a GPU).
+    cpus_per_worker: CPUs each worker reserves, and its torch threads (rounded up).
+    max_failures: restarts of the worker group after a failure before the run fails.
+    controller_failure_limit: worker-group start-ups that may time out (60 s each, e.g. waiting for CPUs) before
+        the run fails instead of waiting forever (Ray's default is to wait forever).
+    storage_path / name: where Ray persists the run (None: ractd.storage.folder_location("runs", run_dir of the
+        first stage) / "-".join(stages)); a later call with the same pair resumes from the latest persisted
+        checkpoint. Each stage's best.pt and metrics.jsonl are persisted beside it (ractd.storage.run_files).
+    keep_checkpoints: persisted checkpoints kept (the latest ones).
+    bucket_mb: the gradient all-reduce's bucket size (GradAllReduce).
+    fetch: copy each stage's stored best.pt and metrics.jsonl into its stage folder on this machine (the
+        driver's), from storage.
+    progress: the library's step bar in rank 0's worker (with --verbose).
+    stage_lines: without --verbose, one console line per checkpoint (a Tune trial prints its own from the driver).
+    log_level: Ray Train's own console logs (INFO logs every report).
     """
-    import ray.train
-    from ray.train.torch import TorchTrainer
 
+    num_workers: int = 1
+    use_gpu: bool | str = "auto"
+    cpus_per_worker: float = 1
+    max_failures: int = 2
+    controller_failure_limit: int = 30
+    storage_path: str | None = None
+    name: str | None = None
+    keep_checkpoints: int = 1
+    bucket_mb: float = DEFAULT_BUCKET_MB
+    fetch: bool = True
+    progress: bool = True
+    stage_lines: bool = True
+    log_level: str = "WARNING"
+
+
+def fit_stages(cfgs: list[TrainConfig], ray_cfg: RayTrainConfig = RayTrainConfig(), *, data=None,
+               inputs: dict | None = None, callbacks: list | None = None, on_step: Callable[[int], None] | None = None,
+               started: float | None = None) -> list[dict]:
+    """Train the stages `cfgs` in order in one Ray Train worker group set up as `ray_cfg` says.
+
+    What is not a setting: data: an ObjectRef of the dataset (default: dataset_ref). inputs: {field: ObjectRef of
+    the file's bytes} for teacher_ckpt / reward_ckpt of every stage (default: the files upstream_files finds on
+    this disk). callbacks: Ray Train UserCallbacks (a Tune trial passes its report callback). on_step: a
+    RunContext.on_step hook run in the workers (e.g. StepHook). started: time.time() at the start of the
+    caller's run (a Tune trial's), the origin of the start-up stamps every report carries (Timeline; default:
+    when fit() is called).
+    Returns worker_loop's per-stage dicts (rank 0's), each with "ray_checkpoint" (the run's latest persisted
+    checkpoint), "ray_path", "fit_time_s", "stored_best" (the storage location of its best.pt) and "stored" (of
+    its folder) added. A failed run (after max_failures restarts) raises RactdError naming the error.
+    """
     if not cfgs:
         raise RactdError("fit_stages: no stage to train")
-    if num_workers < 1:
-        raise RactdError(f"num_workers={num_workers}: must be at least 1")
+    if ray_cfg.num_workers < 1:
+        raise RactdError(f"num_workers={ray_cfg.num_workers}: must be at least 1")
     cfgs = [c.resolved() for c in cfgs]
     ensure_ray()
-    gpu = resolve_use_gpu(use_gpu, num_workers)
-    name = name or "-".join(c.stage for c in cfgs)
-    storage_path = str(storage_path or storage.folder_location("runs", cfgs[0].run_dir))
+    gpu = resolve_use_gpu(ray_cfg.use_gpu, ray_cfg.num_workers)
+    name = ray_cfg.name or "-".join(c.stage for c in cfgs)
+    storage_path = str(ray_cfg.storage_path or storage.folder_location("runs", cfgs[0].run_dir))
     if not storage.is_uri(storage_path):  # a local folder (else a URI such as s3://..., for a cluster)
         storage_path = str(Path(storage_path).resolve())
     artifacts = storage.run_files(storage_path, name)
     data = data if data is not None else dataset_ref(cfgs[0])
     shipped = [{f: [file_ref(p)] for f, p in upstream_files(c).items() if f not in (inputs or {})} for c in cfgs]
     shipped = [{**s, **{f: [ref] for f, ref in (inputs or {}).items()}} for s in shipped]
-    for key, value in RAY_TRAIN_ENV.items():  # read by TorchTrainer here and passed on to its controller
-        os.environ.setdefault(key, value)
-    trainer = TorchTrainer(
-        worker_loop,
-        train_loop_config={"stages": [to_dict(c) for c in cfgs], "env": forwarded_env(), "on_step": on_step,
-                           "bucket_mb": bucket_mb, "progress": progress, "verbose": console.verbose(),
-                           "stage_lines": stage_lines, "artifacts": artifacts, "data": [data], "inputs": shipped,
-                           "threads": max(1, math.ceil(cpus_per_worker - 1e-9)), "fit_started": time.time(),
-                           "started": started},
-        scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=gpu,
-                                               resources_per_worker={"CPU": cpus_per_worker}),
-        run_config=ray.train.RunConfig(
-            name=name, storage_path=storage_path, callbacks=callbacks,
-            failure_config=ray.train.FailureConfig(max_failures=max_failures,
-                                                   controller_failure_limit=controller_failure_limit),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=keep_checkpoints),
-            logging_config=ray.train.LoggingConfig(log_level=log_level)))
+    loop_config = {"stages": [to_dict(c) for c in cfgs], "env": forwarded_env(), "on_step": on_step,
+                   "bucket_mb": ray_cfg.bucket_mb, "progress": ray_cfg.progress, "verbose": console.verbose(),
+                   "stage_lines": ray_cfg.stage_lines, "artifacts": artifacts, "data": [data], "inputs": shipped,
+                   "threads": max(1, math.ceil(ray_cfg.cpus_per_worker - 1e-9)), "fit_started": time.time(),
+                   "started": started}
+    trainer = _trainer(ray_cfg, gpu, loop_config, name, storage_path, callbacks)
     t0 = time.perf_counter()
     result = trainer.fit()
     fit_time = time.perf_counter() - t0
@@ -656,21 +474,40 @@ def fit_stages(cfgs: list[TrainConfig], num_workers: int = 1, use_gpu: bool | st
         stored = storage.join(artifacts, cfg.stage)
         item.update(ray_checkpoint=result.checkpoint.path if result.checkpoint else None, ray_path=result.path,
                     fit_time_s=fit_time, stored=stored, stored_best=storage.join(stored, "best.pt"))
-        if fetch:
+        if ray_cfg.fetch:
             for file in StageUploader.FILES:
                 if storage.exists(storage.join(stored, file)):
                     storage.download(storage.join(stored, file), cfg.stage_dir / file)
     return out
 
 
-def fit_stage(cfg: TrainConfig, num_workers: int = 1, use_gpu: bool | str = "auto", max_failures: int = 2,
-              storage_path: str | None = None, name: str | None = None, **kwargs) -> dict:
-    """One stage with Ray Train (see fit_stages): {"stage", "step", "checkpoint", "best", "metrics",
-    "train_time_s", "fit_time_s", "ray_checkpoint", "ray_path", "stored_best", ...}."""
-    return fit_stages([cfg], num_workers=num_workers, use_gpu=use_gpu, max_failures=max_failures,
-                      storage_path=storage_path, name=name, **kwargs)[-1]
+def _trainer(ray_cfg: RayTrainConfig, gpu: bool, loop_config: dict, name: str, storage_path: str,
+             callbacks: list | None):
+    """The TorchTrainer of worker_loop(loop_config) with ray_cfg's scaling (gpu: resolved), failure, checkpoint and
+    logging settings."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    for key, value in RAY_TRAIN_ENV.items():  # read by TorchTrainer here and passed on to its controller
+        os.environ.setdefault(key, value)
+    return TorchTrainer(
+        worker_loop, train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(num_workers=ray_cfg.num_workers, use_gpu=gpu,
+                                               resources_per_worker={"CPU": ray_cfg.cpus_per_worker}),
+        run_config=ray.train.RunConfig(
+            name=name, storage_path=storage_path, callbacks=callbacks,
+            failure_config=ray.train.FailureConfig(max_failures=ray_cfg.max_failures,
+                                                   controller_failure_limit=ray_cfg.controller_failure_limit),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=ray_cfg.keep_checkpoints),
+            logging_config=ray.train.LoggingConfig(log_level=ray_cfg.log_level)))
 
 
-__all__ = ["GradAllReduce", "PerParameterAllReduce", "StageUploader", "StepHook", "all_reduce_sum",
-           "dataset_ref", "ensure_ray", "file_ref", "fit_stage",
+def fit_stage(cfg: TrainConfig, ray_cfg: RayTrainConfig = RayTrainConfig(), **kwargs) -> dict:
+    """One stage with Ray Train (see fit_stages; kwargs: its data, inputs, callbacks, on_step, started): {"stage",
+    "step", "checkpoint", "best", "metrics", "train_time_s", "fit_time_s", "ray_checkpoint", "ray_path",
+    "stored_best", ...}."""
+    return fit_stages([cfg], ray_cfg, **kwargs)[-1]
+
+
+__all__ = ["RayTrainConfig", "StageUploader", "StepHook", "dataset_ref", "ensure_ray", "file_ref", "fit_stage",
            "fit_stages", "forwarded_env", "upstream_files", "worker_context", "worker_loop"]

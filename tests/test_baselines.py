@@ -7,10 +7,10 @@ import math
 import numpy as np
 import pytest
 
-from ractd import results, study
 from ractd.data.level import behavior_evals, data_level
-from ractd.results import ResultsStore
 from ractd.tasks import get_task
+from ractd_repro import baselines, tables
+from ractd_repro.store import ResultsStore
 
 
 def _loco_data():
@@ -33,8 +33,8 @@ def test_data_level_is_the_hand_computed_mean_of_complete_episodes(tmp_path):
     assert lvl["n_episodes"] == 4 and lvl["n_excluded"] == 2 and list(lvl["index"]) == [0, 1]
     scores = 100 * (np.array([6.0, 500.0]) - task.ref_min_score) / (task.ref_max_score - task.ref_min_score)
     store = ResultsStore(tmp_path / "s")
-    store.write_episodes(study.data_rows(task.name, _loco_data(), "test"))
-    (row,) = [r for r in results.table1(store.episodes()).rows if r["task"] == task.name]
+    store.write_episodes(baselines.data_rows(task.name, _loco_data(), "test"))
+    (row,) = [r for r in tables.table1(store.episodes()).rows if r["task"] == task.name]
     np.testing.assert_allclose(row["data_mean"], scores.mean(), rtol=1e-6)
     np.testing.assert_allclose(row["data_se"], scores.std(ddof=1) / math.sqrt(2), rtol=1e-6)
     assert row["data_n"] == 2
@@ -65,9 +65,9 @@ def test_behavior_evals_come_from_the_generators_metadata():
     assert [(e["policy"], e["step"], e["episodes"]) for e in ev] == [("medium", 65000, 5), ("expert", 150000, 5)]
     np.testing.assert_allclose(ev[0]["normalized"], task.normalized_score(1100.0))
     assert behavior_evals(get_task("maze2d-umaze"), {}) == []
-    rows = study.data_rows(task.name, {**_loco_data(), **meta}, "test")
+    rows = baselines.data_rows(task.name, {**_loco_data(), **meta}, "test")
     beh = [r for r in rows if r["method"] == "behavior"]
-    text, _ = results._behavior_cell(beh)
+    text, _ = tables._behavior_cell(beh)
     assert "medium policy at step 65000: mean of 5 episodes" in text
 
 
@@ -87,7 +87,7 @@ def test_every_table_shows_bc_data_and_final_rows_or_says_not_measured(tmp_path)
         s.write_episodes(_eps(task, "ra-teacher-ctd", [1.0, 2.0], ckpt="c3"))
         s.write_episodes(_eps(task, "bc", [4.0, 6.0], ckpt="b"))
     rows = s.episodes()
-    for name, fn in results.TABLES.items():
+    for name, fn in tables.TABLES.items():
         t = fn(rows)
         if name == "table1":
             (r,) = t.rows
@@ -100,7 +100,7 @@ def test_every_table_shows_bc_data_and_final_rows_or_says_not_measured(tmp_path)
         bc = [r for r in t.rows if r["method"] == "bc"]
         assert all(r["mean"] == pytest.approx(5.0) for r in bc), name
         assert "not measured" in t.markdown, name  # the data rows
-    t2 = results.table2(rows)
+    t2 = tables.table2(rows)
     assert {"ractd-final", "ctd-final"} <= {r["method"] for r in t2.rows}
     assert "RACTD (PD tracker), selected checkpoint" in t2.markdown
 

@@ -5,11 +5,12 @@ import numpy as np
 import pytest
 import torch
 
+from ractd.bc import prepare_bc
 from ractd.cli import build_parser, eval_config, train_config
 from ractd.evaluate import EvalConfig, policy_from_checkpoint
 from ractd.policy import BCGoalPolicy, BCPolicy
-from ractd.train import RunContext, TrainConfig, prepare_bc, train
 from ractd.tasks import get_task
+from ractd.train import RunContext, TrainConfig, train
 
 
 def _linear_data(n=4096, shuffle=False, seed=0):
@@ -129,8 +130,8 @@ def test_the_pool_ships_a_bc_checkpoint_as_the_driver_slims_it(tmp_path):
     """The Ray pool's actors build their policy from the bytes the driver puts in the object store
     (ractd_ray.pool.slim_checkpoint_bytes): for BC (no EMA) those are the trained weights."""
     pytest.importorskip("ray")
-    from ractd.study import load_policy, make_job
     from ractd_ray.pool import slim_checkpoint_bytes
+    from ractd_repro.jobs import load_policy, make_job
 
     data, w = _linear_data(n=512)
     cfg = TrainConfig.for_stage("bc", "quick", task="hopper-medium-replay", run_dir=str(tmp_path), steps=30,

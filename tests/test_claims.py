@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ractd import claims, results
-from ractd.results import ResultsStore, cell_stats, episode_rows
+from ractd_repro import claims, document, figures, tables
+from ractd_repro.store import ResultsStore, cell_stats, episode_rows
+from ractd_repro.studies import bf16_scores, training_seeds
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -94,16 +95,16 @@ def test_document_from_a_synthetic_study_carries_the_stores_numbers(tmp_path):
     ctd = [30.0 + (i % 7) for i in range(100)]
     teacher = [33.0 + (i % 3) for i in range(10)]
     _study(store, ractd, ctd, teacher)
-    data = claims.snapshot(store, {"hopper-medium-replay": _sweep_dir(tmp_path)}, tmp_path / "snap")
+    data = document.snapshot(store, {"hopper-medium-replay": _sweep_dir(tmp_path)}, tmp_path / "snap")
     (data / "provenance.json").write_text(json.dumps({"commands": ["python eval/results_doc.py"], "machine": "m"}))
-    text = claims.render(data)
+    text = document.render(data)
     # every table of the document is the table rebuilt from the snapshot's store
     rows = ResultsStore(data / "store").episodes()
     assert len(rows) == 100 + 100 + 10 + 20 + 20 + 100
-    for fn in results.TABLES.values():
+    for fn in tables.TABLES.values():
         assert fn(rows).markdown in text
     v = {(x["claim"][:2], x["task"]): x for x in claims.claims(rows, ResultsStore(data / "store").rewards(),
-                                                               claims._sweep_tables(data))}
+                                                               document._sweep_tables(data))}
     t = "hopper-medium-replay"
     assert v[("2a", t)]["verdict"] == "holds"       # 63 vs 33, SE ~0.2
     assert v[("1.", t)]["verdict"] == "holds"       # CTD 33.0 vs teacher 33.9: within 10 points
@@ -174,7 +175,7 @@ def test_a_sigma_zero_ractd_is_not_claimed_to_beat_ctd(tmp_path):
 def test_committed_document_is_rebuilt_exactly_from_its_committed_snapshot():
     """Every number in docs/results.md traces to docs/results/: rebuilding it (without writing) gives the same text."""
     data = REPO / "docs" / "results"
-    text = claims.render(data, write=False)
+    text = document.render(data, write=False)
     assert text == (REPO / "docs" / "results.md").read_text()
     rows = ResultsStore(data / "store").episodes()
     assert rows and all(math.isfinite(r["normalized_score"]) for r in rows)
@@ -204,7 +205,7 @@ def test_a_model_below_bc_or_the_data_is_a_finding_the_document_states(tmp_path)
 
 def test_heun_80_is_158_network_calls_and_the_speed_rule_counts_them(tmp_path):
     """Counting the denoiser's calls in edm.sample_heun over the 80 Karras bins gives 158 (79 steps x 2), which is
-    what results.network_calls says; a 50x speed-up is then below half the ratio (79x): 'does not hold' (it held
+    what tables.network_calls says; a 50x speed-up is then below half the ratio (79x): 'does not hold' (it held
     when the teacher's cost was counted as 80 NFE)."""
     import torch
 
@@ -217,8 +218,8 @@ def test_heun_80_is_158_network_calls_and_the_speed_rule_counts_them(tmp_path):
         return torch.zeros_like(x)
 
     edm.sample_heun(denoise, torch.randn(2, 4, 3), edm.karras_sigmas(edm.N_BINS))
-    assert len(calls) == results.network_calls("heun", edm.N_BINS) == 158
-    assert results.sampler_name("heun", 80) == "Heun-80 (158 network calls)"
+    assert len(calls) == tables.network_calls("heun", edm.N_BINS) == 158
+    assert tables.sampler_name("heun", 80) == "Heun-80 (158 network calls)"
     store = ResultsStore(tmp_path / "store")
     _study(store, [60.0] * 10, [30.0] * 10, [33.0] * 10, teacher_t=0.5)
     (v,) = [x for x in claims.claims(store.episodes(), [], {}) if x["claim"].startswith("6.")]
@@ -244,17 +245,17 @@ def test_matching_below_the_data_and_a_sigma_zero_ractd_are_named_in_verdicts_ta
     v = {x["claim"][:2]: x for x in claims.claims(store.episodes(), [], sweeps)}
     assert v["1."]["verdict"] == "not meaningful" and "the data's own level 62.0" in v["1."]["evidence"]
     assert "RACTD (the sweep's pick: σ = 0, i.e. CTD) " in v["8b"]["evidence"]
-    for fn, row in ((results.table1, t), (results.table3, "RACTD (Student) 1")):
+    for fn, row in ((tables.table1, t), (tables.table3, "RACTD (Student) 1")):
         md = fn(store.episodes()).markdown
         ractd_line = next(line for line in md.splitlines() if row in line)
         assert "RACTD (σ = 0, i.e. CTD)" in ractd_line
     # a RACTD cell at sigma > 0 is not renamed
     s2 = ResultsStore(tmp_path / "s2")
     _study(s2, [60.0] * 10, [30.0] * 10, [33.0] * 10)
-    assert "i.e. CTD" not in results.table1(s2.episodes()).markdown
+    assert "i.e. CTD" not in tables.table1(s2.episodes()).markdown
     assert claims._ractd_label(s2.episodes(), "hopper-medium-replay", {}) == "RACTD"
     # Fig. 3 from the episodes; a task without them gets a panel saying so (the image is still written)
-    p = results.fig_return_dist(store.episodes(), tmp_path / "f.png", tasks=[t, "hopper-medium-replay"])
+    p = figures.fig_return_dist(store.episodes(), tmp_path / "f.png", tasks=[t, "hopper-medium-replay"])
     assert p.stat().st_size > 5000
 
 
@@ -269,21 +270,21 @@ def test_training_seed_verdict_holds_only_when_ractd_beats_on_every_training_see
     checkpoints it beats on all three -> holds; below BC on every seed -> does not hold."""
     rows = [_seed_row("ctd", s, 10.0) for s in range(3)] + [_seed_row("bc", s, 50.0) for s in range(3)]
     rows += [_seed_row("ractd", 0, 20.0), _seed_row("ractd", 1, 20.0), _seed_row("ractd", 2, 12.0, final=20.0)]
-    got = {(v["b"], v["checkpoint"]): v for v in claims.seed_verdicts(rows)}
+    got = {(v["b"], v["checkpoint"]): v for v in training_seeds.seed_verdicts(rows)}
     assert got[("ctd", "selected")]["verdict"] == "inconclusive"
     assert [p["outcome"] for p in got[("ctd", "selected")]["per_seed"]] == ["beats", "beats", "ties"]
     assert got[("ctd", "final")]["verdict"] == "holds"
     assert got[("ctd", "final")]["per_seed"][0]["diff"] == pytest.approx(10.0)
     assert got[("ctd", "final")]["per_seed"][0]["se"] == pytest.approx(math.sqrt(2.0))
     assert got[("bc", "selected")]["verdict"] == "does not hold"
-    text = "\n".join(claims.seed_report(rows + [{"method": "data", "train_seed": -1, "best_mean": 30.0,
+    text = "\n".join(training_seeds.seed_report(rows + [{"method": "data", "train_seed": -1, "best_mean": 30.0,
                                                  "best_sem": 2.0, "n": 40, "behavior": 31.5}], "hopper-medium-replay"))
     assert "ractd: over 3 training seeds" in text and "17.3 (sd 4.6, 12.0 to 20.0)" in text
     assert "The data's own level: 30.0 ± 2.0 over the dataset's 40 complete episodes" in text
     assert "RACTD vs CTD, final checkpoints: **holds** on 3 training seed(s)" in text
     assert "Multi-step" not in text  # no row was evaluated with more steps
     rows[-1].update(nfe2_mean=15.0, nfe2_sem=0.5, nfe4_mean=float("nan"), nfe4_sem=float("nan"))
-    text = "\n".join(claims.seed_report(rows, "hopper-medium-replay"))
+    text = "\n".join(training_seeds.seed_report(rows, "hopper-medium-replay"))
     assert "ractd seed 2: 1 step 12.0 ± 1.0, 2 steps 15.0 ± 0.5." in text  # the NaN 4-step value is left out
 
 
@@ -294,20 +295,20 @@ def test_teacher_rows_rule_against_the_behavior_policy_and_bc():
     data = {"method": "data", "train_seed": -1, "best_mean": 36.0, "best_sem": 0.5, "n": 80, "behavior": 38.0}
     rows = [data, _seed_row("teacher", 0, 41.0), _seed_row("teacher", 1, 38.5, sem=2.0)]
     rows += [_seed_row("bc", s, 41.6, sem=0.5) for s in range(3)]
-    text = "\n".join(claims.seed_report(rows, "walker2d-medium"))
+    text = "\n".join(training_seeds.seed_report(rows, "walker2d-medium"))
     assert "behavior policy's level (38.0): **holds** on 2 training seed(s)" in text
     assert "seed 0: 41.0 ± 1.0, n=100 (at or above)" in text and "seed 1: 38.5 ± 2.0, n=100 (at or above)" in text
     assert "TEACHER vs BC, final checkpoints" in text and "selected checkpoints" not in text.split("TEACHER vs BC")[1]
-    got = {v["a"]: v for v in claims.seed_verdicts(rows)}
+    got = {v["a"]: v for v in training_seeds.seed_verdicts(rows)}
     assert [p["outcome"] for p in got["teacher"]["per_seed"]] == ["ties", "ties"]  # -0.6 +- 1.1, -3.1 +- 2.1
-    text = "\n".join(claims.seed_report(rows + [_seed_row("teacher", 2, 37.0, sem=2.0)], "walker2d-medium"))
+    text = "\n".join(training_seeds.seed_report(rows + [_seed_row("teacher", 2, 37.0, sem=2.0)], "walker2d-medium"))
     assert "(38.0): **inconclusive** on 3 training seed(s)" in text and "mean over training seeds 38.8" in text
     assert "seed 2: 37.0 ± 2.0, n=100 (below, within 2 SE)" in text
-    text = "\n".join(claims.seed_report(rows + [_seed_row("ctd", 0, 46.0)], "walker2d-medium"))
+    text = "\n".join(training_seeds.seed_report(rows + [_seed_row("ctd", 0, 46.0)], "walker2d-medium"))
     assert "CTD (selected checkpoint) minus the teacher it distils (training seed 0's, Heun-80 41.0 ± 1.0): " \
            "seed 0: +5.0 ± 1.4." in text
     low = [data] + [_seed_row("teacher", s, 30.0) for s in range(2)]
-    assert "(38.0): **does not hold**" in "\n".join(claims.seed_report(low, "walker2d-medium"))
+    assert "(38.0): **does not hold**" in "\n".join(training_seeds.seed_report(low, "walker2d-medium"))
 
 
 def test_studies_section_renders_each_store_under_the_snapshot(tmp_path):
@@ -316,12 +317,12 @@ def test_studies_section_renders_each_store_under_the_snapshot(tmp_path):
     (tmp_path / "seeds" / "hopper-medium-replay-small").mkdir(parents=True)
     rows = [_seed_row(m, s, v) for s in range(2) for m, v in (("ctd", 10.0), ("ractd", 30.0), ("bc", 20.0))]
     pd.DataFrame(rows).to_parquet(tmp_path / "seeds" / "hopper-medium-replay-small" / "results.parquet")
-    text = "\n".join(claims.studies_section(tmp_path))
-    assert ("### Teachers, students and BC on several training seeds (bench/training_seeds.py): "
+    text = "\n".join(document.studies_section(tmp_path))
+    assert ("### Teachers, students and BC on several training seeds (ractd_repro.studies.training_seeds): "
             "hopper-medium-replay-small") in text
     assert "RACTD vs CTD, selected checkpoints: **holds** on 2 training seed(s)" in text
     assert "RACTD vs BC, selected checkpoints: **holds**" in text
-    assert claims.studies_section(tmp_path / "empty") == []
+    assert document.studies_section(tmp_path / "empty") == []
 
 
 def test_bf16_report_calls_a_shift_below_the_evaluations_resolution_unchanged():
@@ -333,14 +334,14 @@ def test_bf16_report_calls_a_shift_below_the_evaluations_resolution_unchanged():
             rows.append({"case": case, "precision": "fp32", "seed": s, "normalized": float(v)})
             rows.append({"case": case, "precision": "bf16", "seed": s, "normalized": float(v + shift
                                                                                          + rng.normal(0, 0.1))})
-    lines = {line.split("|")[1].strip(): line for line in claims.bf16_report(rows)[0].splitlines()[2:]}
+    lines = {line.split("|")[1].strip(): line for line in bf16_scores.bf16_report(rows)[0].splitlines()[2:]}
     # 29 paired SE, yet a third of the score's SE: unchanged
     assert lines["small"].rstrip(" |").endswith("unchanged") and "+0.29 ± 0.01" in lines["small"]
     assert lines["big"].rstrip(" |").endswith("CHANGED") and "+2.99" in lines["big"]  # 3 score SEs
 
 
 def test_balance_report_compares_each_point_with_the_raw_point_of_its_role():
-    from ractd.claims import balance_report
+    from ractd_repro.studies.term_balance import balance_report
 
     def row(scale, sigma, seed, mean, sem):
         return {"term_scale": scale, "sigma": sigma, "train_seed": seed, "best_mean": mean, "best_sem": sem,

@@ -51,7 +51,7 @@ def test_gymnasium_robotics_note_is_dropped_and_envs_registered():
 @pytest.mark.slow
 def test_first_command_ray_path_scores_and_console_is_short(tmp_path):
     from ractd.paths import cache_dir, sweep_dir
-    from ractd.results import ResultsStore, checkpoint_hash
+    from ractd_repro.store import ResultsStore, checkpoint_hash
 
     sweep = _run([str(REPO / "tune" / "search.py"), "--task", "maze2d-umaze",
                   "--quick", "--teacher-steps", "600", "--steps", "100", "--ckpt-every", "50"])

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from ractd import ctm, edm
+from ractd.config import UNetConfig
 from ractd.nets.mlp import MLPNet, ResidualMLP
 from ractd.nets.unet1d import ConditionalUnet1D, load_teacher_into_student
-from ractd.config import UNetConfig
 
 
 def _models(sigma=1.0, variant="one_step"):
@@ -136,8 +136,8 @@ def test_warm_started_unet_student_starts_as_teacher_denoiser(scalings):
 
 
 def test_student_built_by_distillation_takes_its_teachers_scalings():
-    from ractd.train import Prepared, build_student
     from ractd.tasks import get_task
+    from ractd.train import Prepared, build_student
 
     prep = Prepared(get_task("maze2d-umaze"), np.zeros((1, 8, 4), np.float32), np.zeros((1, 8), np.float32), {})
     from ractd.train import TrainConfig

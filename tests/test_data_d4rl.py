@@ -9,7 +9,12 @@ import pytest
 
 from ractd import RactdError
 from ractd.data.d4rl import (
-    d4rl_cache_path, download_d4rl, load_d4rl_hdf5, load_dataset, local_dataset_path, read_metadata,
+    d4rl_cache_path,
+    download_d4rl,
+    load_d4rl_hdf5,
+    load_dataset,
+    local_dataset_path,
+    read_metadata,
     write_d4rl_hdf5,
 )
 from ractd.tasks import TASKS, get_task

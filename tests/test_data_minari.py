@@ -35,7 +35,7 @@ def test_reads_dataset_made_with_minari_api():
     minari.create_dataset_from_buffers("test/hopper/tiny-v0", buffers, observation_space=_box(11),
                                        action_space=_box(3, -1, 1), algorithm_name="test")
     data = load_minari("test/hopper/tiny-v0", download=False)
-    cat = lambda i, f=lambda a: a: np.concatenate([f(e[i]) for e in expected])  # noqa: E731
+    cat = lambda i, f=lambda a: a: np.concatenate([f(e[i]) for e in expected])
     np.testing.assert_array_equal(data["observations"], cat(0, lambda o: o[:-1]))
     np.testing.assert_array_equal(data["next_observations"], cat(0, lambda o: o[1:]))
     np.testing.assert_array_equal(data["actions"], cat(1))

@@ -6,7 +6,13 @@ import torch
 
 from ractd import RactdError
 from ractd.data.windows import (
-    Normalizer, episode_bounds, locomotion_windows, maze_segments, maze_windows, return_to_go, rtg_settings,
+    Normalizer,
+    episode_bounds,
+    locomotion_windows,
+    maze_segments,
+    maze_windows,
+    return_to_go,
+    rtg_settings,
 )
 from ractd.tasks import get_task
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from ractd import RactdError, ctm, ddpm, edm, engine
+from ractd import RactdError, ctm, ddpm, edm, engine, engine_records
 from ractd.config import UNetConfig
 from ractd.engine import EngineConfig, EngineSelector, FoldedUnet, bucket, choose
 from ractd.nets.unet1d import ConditionalUnet1D
@@ -207,7 +207,7 @@ def test_calibration_cache_is_written_atomically_and_reused(monkeypatch, tmp_pat
     choice = first.selector.choice(3)
     data = json.loads(path.read_text())
     key = first.selector.key(4)
-    assert data["version"] == engine.CACHE_VERSION and data["entries"][key]["choice"] == choice
+    assert data["version"] == engine_records.CACHE_VERSION and data["entries"][key]["choice"] == choice
     assert set(data["entries"][key]["ms"]) == set(engine.candidates(cfg, first.selector.threads))
     assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary file left behind
 

@@ -13,9 +13,15 @@ import torch
 from ractd import RactdError, ctm
 from ractd.config import UNET_PRESETS
 from ractd.data.windows import Normalizer
-from ractd.export import ExportedPolicy, build_policy_graph, export_checkpoint, export_graph, main
+from ractd.export import (
+    ExportedPolicy,
+    build_policy_graph,
+    export_checkpoint,
+    export_graph,
+    main,
+)
 from ractd.nets.unet1d import ConditionalUnet1D, to_precision
-from ractd.policy import LocomotionPolicy, MazePlanner, rowwise_randn, student_sampler
+from ractd.policy import MazePlanner, rowwise_randn, student_sampler
 
 TASK = "hopper-medium-replay"
 TOL = 1e-4  # fp32: exported vs PyTorch actions on the same noise

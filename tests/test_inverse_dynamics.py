@@ -13,7 +13,12 @@ import torch
 from ractd import RactdError, rollout
 from ractd.data.d4rl import load_d4rl_hdf5
 from ractd.data.generate_maze import generate_maze
-from ractd.inverse_dynamics import InverseDynamics, InverseDynamicsConfig, train_inverse_dynamics, transition_pairs
+from ractd.inverse_dynamics import (
+    InverseDynamics,
+    InverseDynamicsConfig,
+    train_inverse_dynamics,
+    transition_pairs,
+)
 from ractd.maze import d4rl_to_pointmaze, maze_map
 from ractd.policy import MazePlanner
 from ractd.tasks import get_task
@@ -180,17 +185,13 @@ def test_cli_trains_from_the_task_dataset_and_rejects_bad_input(tmp_path, capsys
 
 
 def _plans_bench():
-    import importlib.util
+    from ractd_repro.studies import inverse_dynamics_plans
 
-    path = Path(__file__).resolve().parents[1] / "bench" / "inverse_dynamics_plans.py"
-    spec = importlib.util.spec_from_file_location("inverse_dynamics_plans", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return inverse_dynamics_plans
 
 
 def test_tracking_on_dataset_windows_replays_exactly_and_inverse_dynamics_tracks_feasible_paths(trained):
-    """bench/inverse_dynamics_plans.py's oracle: from a window's first state, the dataset's own actions reproduce
+    """ractd_repro.studies.inverse_dynamics_plans's oracle: from a window's first state, the dataset's own actions reproduce
     the window (zero error: the env and the frame conversions are the data's); the inverse dynamics model, closed
     loop, tracks the same feasible path within 0.05 and closer than the PD rule does."""
     model, test, _ = trained

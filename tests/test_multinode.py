@@ -1,4 +1,4 @@
-"""The sweep and the evaluation on a Ray cluster whose nodes share no disk (tests/multinode.py): a head with no
+"""The sweep and the evaluation on a Ray cluster whose nodes share no disk (ractd_ray/testcluster.py): a head with no
 CPUs, two worker nodes each with a private tmpfs over the cache directory, storage on S3 (moto's server).
 
 Every command runs as a user runs it on the head: `python tune/search.py ...`, `python eval/reproduce_tables.py
@@ -20,8 +20,7 @@ import torch
 
 pytest.importorskip("ray")
 
-sys.path.insert(0, str(Path(__file__).parent))
-from multinode import REPO, MultiNodeCluster, skip_reason  # noqa: E402
+from ractd_ray.testcluster import REPO, MultiNodeCluster, skip_reason
 
 pytestmark = pytest.mark.ray
 
@@ -95,7 +94,7 @@ def test_sweep_then_tables_end_to_end_on_three_nodes(cluster):
     assert search_json["shared"]["trained"] == ["teacher"]
     assert search_json["shared"]["stored"].startswith(f"s3://{c.bucket}/")
     assert any(k.endswith("/shared/ractd/teacher/best.pt") for k in c.objects("shared"))
-    assert f"python eval/reproduce_tables.py" in search.stdout  # item 4: the sweep names its evaluation
+    assert "python eval/reproduce_tables.py" in search.stdout  # item 4: the sweep names its evaluation
 
     t0 = time.monotonic()
     tables = c.run(TABLES + ["--seeds", "4"], timeout=900)
@@ -119,7 +118,7 @@ from pathlib import Path
 from ractd.tasks import get_task
 from ractd.train import TrainConfig
 from ractd_ray.search import ensure_dataset
-from ractd_ray.train import ensure_ray, fit_stage
+from ractd_ray.train import RayTrainConfig, ensure_ray, fit_stage
 
 log_path, run_dir = sys.argv[1], sys.argv[2]
 
@@ -136,7 +135,7 @@ ensure_dataset(get_task("maze2d-umaze"), "tiny")
 ensure_ray()
 cfg = TrainConfig(task="maze2d-umaze", stage="teacher", scale="tiny", source="local", preset="tiny", steps=12,
                   batch=16, ckpt_every=4, report_every=4, warmup=1, run_dir=run_dir)
-out = fit_stage(cfg, num_workers=1, max_failures=3, on_step=Hook(), progress=False)
+out = fit_stage(cfg, RayTrainConfig(num_workers=1, max_failures=3, progress=False), on_step=Hook())
 print(json.dumps({"step": out["step"], "stored_best": out["stored_best"]}))
 '''
 

@@ -6,7 +6,11 @@ import torch
 
 from ractd.config import UNET_PRESETS, UNetConfig
 from ractd.nets.mlp import MLPNet, ResidualMLP
-from ractd.nets.unet1d import ConditionalUnet1D, count_parameters, load_teacher_into_student
+from ractd.nets.unet1d import (
+    ConditionalUnet1D,
+    count_parameters,
+    load_teacher_into_student,
+)
 
 CFG = UNetConfig(down_dims=(16, 32, 64), time_embed_dim=16, n_groups=4)
 

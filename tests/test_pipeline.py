@@ -9,8 +9,8 @@ import torch
 
 from ractd import RactdError
 from ractd.cli import main
-from ractd.data.generate_random import random_locomotion_dataset
 from ractd.data.generate_maze import generate_maze
+from ractd.data.generate_random import random_locomotion_dataset
 from ractd.tasks import get_task
 from ractd.train import RunContext, TrainConfig, train
 

@@ -9,7 +9,13 @@ from ractd import ctm, ddpm, edm
 from ractd.config import UNET_PRESETS
 from ractd.data.windows import Normalizer, locomotion_windows
 from ractd.nets.unet1d import ConditionalUnet1D
-from ractd.policy import (LocomotionPolicy, MazePlanner, make_sampler, rowwise_randn, student_sampler)
+from ractd.policy import (
+    LocomotionPolicy,
+    MazePlanner,
+    make_sampler,
+    rowwise_randn,
+    student_sampler,
+)
 
 H, D, C = 4, 2, 3  # horizon, data dim, cond dim
 

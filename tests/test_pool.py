@@ -13,11 +13,12 @@ import pytest
 ray = pytest.importorskip("ray")
 
 from ractd.evaluate import policy_from_checkpoint  # noqa: E402
-from ractd.results import ResultsStore  # noqa: E402
 from ractd.rollout import rollout_locomotion, rollout_maze  # noqa: E402
-from ractd.study import get_study, make_job, study_root  # noqa: E402
 from ractd_ray.pool import PoolConfig, RolloutPool  # noqa: E402
 from ractd_ray.train import ensure_ray  # noqa: E402
+from ractd_repro.jobs import make_job
+from ractd_repro.spec import get_study, study_root
+from ractd_repro.store import ResultsStore
 
 pytestmark = pytest.mark.ray
 SEEDS = list(range(10))
@@ -27,9 +28,10 @@ SEEDS = list(range(10))
 def tiny(tmp_path_factory):
     """Two tiny checkpoints (a hopper one-step student, a maze2d teacher), their jobs, and each seed's episode
     from a direct ractd.rollout call (batch 1); a 2-CPU local Ray instance for the module."""
+    from test_pipeline import random_hopper_dataset
+
     from ractd.data.generate_maze import generate_maze
     from ractd.train import RunContext, TrainConfig, train
-    from test_pipeline import random_hopper_dataset
 
     root = tmp_path_factory.mktemp("pool")
     kw = dict(scale="tiny", preset="tiny", steps=4, batch=8, ckpt_every=4, report_every=4)

@@ -12,16 +12,21 @@ import torch
 
 pytest.importorskip("ray")  # the ray marker deselects these tests by default; with -m ray they need ray
 
-import ray  # noqa: E402
-import ray.cloudpickle  # noqa: E402
+import ray
+import ray.cloudpickle
+from test_pipeline import random_hopper_dataset
 
-from ractd.config import from_dict, to_dict  # noqa: E402
-from ractd.train import RunContext, TrainConfig, train  # noqa: E402
-from ractd_ray.train import (GradAllReduce, StepHook, ensure_ray, fit_stage, forwarded_env,  # noqa: E402
-                             worker_context)
-
-sys.path.insert(0, str(Path(__file__).parent))
-from test_pipeline import random_hopper_dataset  # noqa: E402
+from ractd.config import from_dict, to_dict
+from ractd.train import RunContext, TrainConfig, train
+from ractd_ray.train import (
+    GradAllReduce,
+    RayTrainConfig,
+    StepHook,
+    ensure_ray,
+    fit_stage,
+    forwarded_env,
+    worker_context,
+)
 
 pytestmark = pytest.mark.ray
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the test's worker loop runs in Ray workers
@@ -146,8 +151,9 @@ def test_worker_failure_restarts_from_the_last_persisted_checkpoint(tmp_path):
     # rank 1 fails after step 6; the last checkpoint was at step 4; the run folder is lost with it, so only
     # the checkpoint Ray Train persisted can resume the run
     hook = StepHook(log=str(steps_log), fail_at=6, fail_rank=1, marker=str(marker), wipe=str(run / "reward" / "latest"))
-    out = fit_stage(cfg, num_workers=2, use_gpu=False, max_failures=1, storage_path=str(tmp_path / "ray"),
-                    name="fail", on_step=hook, progress=False)
+    ray_cfg = RayTrainConfig(num_workers=2, use_gpu=False, max_failures=1, storage_path=str(tmp_path / "ray"),
+                             name="fail", progress=False)
+    out = fit_stage(cfg, ray_cfg, on_step=hook)
     assert marker.exists()
     assert out["step"] == cfg.steps
     assert out["resumed_from"] is not None and Path(out["resumed_from"]).parent.name == "reward-000000004"

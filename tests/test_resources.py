@@ -7,14 +7,14 @@ import yaml
 
 pytest.importorskip("ray")
 
-import ray  # noqa: E402
-from ray.experimental import internal_kv  # noqa: E402
+import ray
+from ray.experimental import internal_kv
+from test_cluster import CLOUD
 
-from ractd import RactdError  # noqa: E402
-from ractd_ray import resources  # noqa: E402
-from ractd_ray.search import SearchConfig, _check_resources  # noqa: E402
-from ractd_ray.train import ensure_ray  # noqa: E402
-from test_cluster import CLOUD  # noqa: E402
+from ractd import RactdError
+from ractd_ray import resources
+from ractd_ray.search import SearchConfig, _check_resources
+from ractd_ray.train import ensure_ray
 
 pytestmark = pytest.mark.ray
 

@@ -9,8 +9,12 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from ractd import results, study
-from ractd.results import PAPER, ResultsStore, cell_stats, episode_rows
+from ractd_repro import figures, spec
+from ractd_repro import jobs as rjobs
+from ractd_repro import models as rmodels
+from ractd_repro import tables as rtables
+from ractd_repro.paper import PAPER
+from ractd_repro.store import ResultsStore, cell_stats, episode_rows
 
 
 def _episodes(task, method, scores, ckpt="c0", sampler="student", nfe=1, sigma=float("nan"), first_seed=0,
@@ -62,7 +66,7 @@ def test_cell_stats_equal_hand_computed_mean_se_iqm():
 
 
 def test_table1_and_table2_cells_are_the_hand_computed_numbers(store, tmp_path):
-    tables = {t.name: t for t in results.build_tables(store, tmp_path / "out")}
+    tables = {t.name: t for t in rtables.build_tables(store, tmp_path / "out")}
     t1 = tables["table1"]
     (row,) = [r for r in t1.rows if r["task"] == "hopper-medium-replay"]
     for mid, data in (("ractd", HOPPER_RACTD), ("ctd", HOPPER_CTD)):
@@ -95,10 +99,10 @@ def test_table3_and_table5_time_and_nfe(tmp_path):
     s.write_episodes(_episodes("hopper-medium-replay", "ractd", [1.0, 2.0], time_per_action=0.004))
     s.write_episodes(_episodes("hopper-medium-replay", "ractd-nfe2", [3.0, 5.0], nfe=2, time_per_action=0.008,
                                ckpt="c0"))
-    t3 = results.table3(s.episodes())
+    t3 = rtables.table3(s.episodes())
     (r,) = [r for r in t3.rows if r["method"] == "ractd"]
     assert r["time_s"] == pytest.approx(0.004) and r["nfe"] == 1 and r["paper_time_s"] == 0.015
-    t5 = results.table5(s.episodes())
+    t5 = rtables.table5(s.episodes())
     (r2,) = [r for r in t5.rows if r["nfe"] == 2]
     assert r2["time_s"] == pytest.approx(0.008) and r2["mean"] == pytest.approx(4.0) and r2["paper_score"] == 109.8
     assert [r["mean"] if "mean" in r else None for r in t5.rows if r["nfe"] in (3, 4)] == [None, None]
@@ -126,12 +130,12 @@ def test_store_keys_dedupe_and_atomic_parts(tmp_path):
 
 
 def test_blocks_skip_stored_seeds(tmp_path):
-    job = study.EvalJob("maze2d-umaze", "ctd", "student", 1, "/x.pt", "c0", "test")
+    job = rjobs.EvalJob("maze2d-umaze", "ctd", "student", 1, "/x.pt", "c0", "test")
     done = {("maze2d-umaze", "ctd", "c0", s) for s in (0, 1, 5)}
-    out = study.blocks([job], list(range(8)), done, block_size=2)
+    out = rjobs.blocks([job], list(range(8)), done, block_size=2)
     assert [b for _, b in out] == [[2, 3], [4, 6], [7]]
-    capped = study.EvalJob("maze2d-umaze", "ctd", "student", 1, "/x.pt", "c0", "test", max_steps=50)
-    assert capped.key_method == "ctd@50" and len(study.blocks([capped], list(range(8)), done, 8)[0][1]) == 8
+    capped = rjobs.EvalJob("maze2d-umaze", "ctd", "student", 1, "/x.pt", "c0", "test", max_steps=50)
+    assert capped.key_method == "ctd@50" and len(rjobs.blocks([capped], list(range(8)), done, 8)[0][1]) == 8
 
 
 def test_figures_written_and_non_empty(store, tmp_path):
@@ -139,14 +143,14 @@ def test_figures_written_and_non_empty(store, tmp_path):
                           "reward": float(v), "reward_checkpoint": "r", "scale": "test"}
                          for m, mu in (("teacher-heun-80", 0.0), ("ctd", 0.1), ("ractd", 0.5))
                          for i, v in enumerate(np.random.default_rng(0).normal(mu, 0.1, 50))])
-    figs = results.build_figures(store, tmp_path / "fig")
+    figs = figures.build_figures(store, tmp_path / "fig")
     names = sorted(p.name for p in figs)
     assert names == ["fig3_returns.png", "fig3_reward_hist.png", "fig4_sigma.png", "score_distribution.png"]
     for p in figs:
         data = p.read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
     # Fig. 4 points: sigma 0 (CTD), 0.5 and 1 (RACTD), sorted, with the cells' means
-    pts = results.sigma_points(store.episodes())["hopper-medium-replay"]
+    pts = figures.sigma_points(store.episodes())["hopper-medium-replay"]
     assert [s for s, _ in pts] == [0.0, 0.5, 1.0]
     np.testing.assert_allclose([c["mean"] for _, c in pts], [np.mean(HOPPER_CTD), 73.0, np.mean(HOPPER_RACTD)])
 
@@ -170,9 +174,9 @@ def test_study_commands_reproduce_the_planned_configs():
 
     bad = []
     for name in ("quick", "default"):
-        s = study.get_study(name)
+        s = spec.get_study(name)
         for task in s.tasks:
-            for m in study.plan_models(s, task).values():
+            for m in rmodels.plan_models(s, task).values():
                 if m.final_of:  # a student's final checkpoint: written by that student's command
                     continue
                 argv = shlex.split(m.command(s.budget).split(" && ")[-1])[3:]
@@ -187,8 +191,8 @@ def test_study_commands_reproduce_the_planned_configs():
 
 
 def test_study_plan_and_missing_cells_are_not_invented(tmp_path):
-    s = study.get_study("default")
-    jobs, missing = study.study_jobs(s)
+    s = spec.get_study("default")
+    jobs, missing = rjobs.study_jobs(s)
     assert jobs == []  # nothing trained in this empty cache
     methods = {(m.task, m.method) for m in missing}
     assert ("hopper-medium-replay", "ractd-sigma-1.5") in methods and ("maze2d-umaze", "ddim-1") in methods
@@ -196,10 +200,10 @@ def test_study_plan_and_missing_cells_are_not_invented(tmp_path):
     ractd = next(m for m in missing if m.task == "hopper-medium-replay" and m.method == "ractd")
     assert "train-reward" in ractd.command and "train-teacher" in ractd.command and "--sigma 1.0" in ractd.command
     # maze2d RACTD with Table 9's sigma = 0 trains exactly CTD: one checkpoint serves both
-    models = study.plan_models(s, "maze2d-umaze")
+    models = rmodels.plan_models(s, "maze2d-umaze")
     assert models["ractd"].checkpoint == models["ctd"].checkpoint
     # no numbers come out of an empty store
-    assert all(r.get("mean") is None for r in results.table11(ResultsStore(tmp_path / "e").episodes()).rows)
+    assert all(r.get("mean") is None for r in rtables.table11(ResultsStore(tmp_path / "e").episodes()).rows)
 
 
 def test_study_reuses_the_sweeps_student_and_teacher_and_trains_what_is_missing(tmp_path):
@@ -226,14 +230,14 @@ def test_study_reuses_the_sweeps_student_and_teacher_and_trains_what_is_missing(
     d.mkdir(parents=True)
     (d / "best_config.json").write_text(json.dumps({"alpha": 0.5, "beta": 2.0, "sigma": 0.0, "checkpoint": str(best),
                                                     "teacher": str(teacher), "reward": ""}))
-    assert study.get_study("quick").data_scale == "small"  # the first command's study; here on tiny data
-    s = dataclasses.replace(study.get_study("quick"), data_scale="tiny")
-    assert study.ractd_weights(s, "maze2d-umaze") == (0.5, 2.0, 0.0, "sweep")
-    models = study.plan_models(s, "maze2d-umaze")
+    assert spec.get_study("quick").data_scale == "small"  # the first command's study; here on tiny data
+    s = dataclasses.replace(spec.get_study("quick"), data_scale="tiny")
+    assert rmodels.ractd_weights(s, "maze2d-umaze") == (0.5, 2.0, 0.0, "sweep")
+    models = rmodels.plan_models(s, "maze2d-umaze")
     assert models["ractd"].source == "sweep" and models["ractd"].checkpoint == best
     assert models["teacher"].source == "sweep" and models["teacher"].checkpoint == teacher
     assert models["ctd"].cfg.teacher_ckpt == str(teacher) and not models["ctd"].exists
-    jobs, missing = study.study_jobs(s)
+    jobs, missing = rjobs.study_jobs(s)
     # the sweep's student comes with its final checkpoint (<trial>/student/latest/checkpoint.pt)
     assert sorted(j.method for j in jobs) == ["ractd", "ractd-final", "teacher-heun-80"]
     assert {j.method: j.checkpoint_path for j in jobs}["ractd-final"] == str(best.parent / "latest" / "checkpoint.pt")
@@ -247,15 +251,15 @@ def test_study_reuses_the_sweeps_student_and_teacher_and_trains_what_is_missing(
         trained.append(cfg.run_dir)
         train(dataclasses.replace(cfg, preset="tiny", steps=2, batch=8, ckpt_every=2), RunContext(progress=False))
 
-    done = study.ensure_models(s, small_trainer)
+    done = rmodels.ensure_models(s, small_trainer)
     assert [m.name for m in done] == ["bc", "ctd"] and trained == [models["bc"].cfg.run_dir, models["ctd"].cfg.run_dir]
     assert load_checkpoint(models["ctd"].checkpoint)["config"]["teacher_ckpt"] == str(teacher)
-    assert study.ensure_models(s, small_trainer) == []  # nothing left to train
-    jobs, missing = study.study_jobs(s, max_steps=20)
+    assert rmodels.ensure_models(s, small_trainer) == []  # nothing left to train
+    jobs, missing = rjobs.study_jobs(s, max_steps=20)
     assert missing == [] and len(jobs) == 6
     store = ResultsStore(tmp_path / "store")
-    assert study.evaluate_serial(jobs, [0, 1, 2], store, block_size=2, progress=False)["episodes_run"] == 18
-    assert study.evaluate_serial(jobs, [0, 1, 2], store, block_size=2, progress=False)["episodes_run"] == 0
+    assert rjobs.evaluate_serial(jobs, [0, 1, 2], store, block_size=2, progress=False)["episodes_run"] == 18
+    assert rjobs.evaluate_serial(jobs, [0, 1, 2], store, block_size=2, progress=False)["episodes_run"] == 0
     rows = store.episodes()
     assert len(rows) == 18 and {r["method"] for r in rows} == {"ctd@20", "ractd@20", "teacher-heun-80@20", "bc@20",
                                                                 "ctd-final@20", "ractd-final@20"}
@@ -268,10 +272,10 @@ def test_study_reuses_the_sweeps_student_and_teacher_and_trains_what_is_missing(
     rows = [{"trial_id": "a", "alpha": 1.0, "beta": 1.0, "sigma": 0.0, "status": "stopped", "checkpoint": str(best)},
             {"trial_id": "b", "alpha": 1.0, "beta": 1.0, "sigma": 0.0, "status": "completed", "checkpoint": str(trial)}]
     pq.write_table(pa.Table.from_pylist(rows), d / "trials.parquet")
-    ctd = study.plan_models(s, "maze2d-umaze")["ctd"]
+    ctd = rmodels.plan_models(s, "maze2d-umaze")["ctd"]
     assert ctd.source == "sweep" and ctd.checkpoint == trial
     pq.write_table(pa.Table.from_pylist(rows[:1]), d / "trials.parquet")
-    assert study.plan_models(s, "maze2d-umaze")["ctd"].source == "study"
+    assert rmodels.plan_models(s, "maze2d-umaze")["ctd"].source == "study"
 
 
 def test_claims_study_takes_every_sigma_student_from_the_sweep_and_caps_only_costly_cells(tmp_path):
@@ -280,7 +284,6 @@ def test_claims_study_takes_every_sigma_student_from_the_sweep_and_caps_only_cos
     locomotion, one-step cells all of them; maze2d's inverse-dynamics cell needs its model and says how to make it."""
     import dataclasses
     import json
-
     from pathlib import Path
 
     import pyarrow as pa
@@ -310,17 +313,17 @@ def test_claims_study_takes_every_sigma_student_from_the_sweep_and_caps_only_cos
     (d / "best_config.json").write_text(json.dumps({"alpha": 1.0, "beta": 1.0, "sigma": 1.0, "checkpoint":
                                                     trials[0]["checkpoint"], "teacher": str(teacher),
                                                     "reward": str(reward)}))
-    s = dataclasses.replace(study.get_study("claims", tasks=[task, "maze2d-umaze"]), data_scale="tiny")
-    models = study.plan_models(s, task)
+    s = dataclasses.replace(spec.get_study("claims", tasks=[task, "maze2d-umaze"]), data_scale="tiny")
+    models = rmodels.plan_models(s, task)
     assert {n: str(models[n].checkpoint) for n in ("ractd", "ctd", "sigma-0.3")} == {
         "ractd": trials[0]["checkpoint"], "ctd": trials[1]["checkpoint"], "sigma-0.3": trials[2]["checkpoint"]}
     assert all(models[n].source == "sweep" for n in ("ractd", "ctd", "sigma-0.3", "teacher", "reward"))
     # ASHA stopped the sigma = 1.5 trial: the study would train that student from the sweep's teacher
     assert models["sigma-1.5"].source == "study" and models["sigma-1.5"].cfg.teacher_ckpt == str(teacher)
-    jobs, missing = study.study_jobs(s)
+    jobs, missing = rjobs.study_jobs(s)
     caps = {j.method: j.seed_cap for j in jobs if j.task == task}
     # the plan's sigma 1 is the sweep's best (RACTD) trial: the same file is evaluated once, as RACTD
-    assert study.plan_models(s, task)["sigma-1"].checkpoint == Path(trials[0]["checkpoint"])
+    assert rmodels.plan_models(s, task)["sigma-1"].checkpoint == Path(trials[0]["checkpoint"])
     assert caps == {"teacher-heun-80": 10, "ctd": 0, "ractd": 0, "ractd-nfe2": 0, "ractd-nfe3": 0, "ractd-nfe4": 0,
                     "ractd-sigma-0.3": 0, "ctd-final": 0, "ractd-final": 0}
     # BC is not a sweep model: its missing cell says how to train it, not how to rerun the sweep
@@ -329,20 +332,20 @@ def test_claims_study_takes_every_sigma_student_from_the_sweep_and_caps_only_cos
     by_method = {(m.task, m.method): m.command for m in missing}
     assert by_method[(task, "ractd-sigma-1.5")].startswith(f"python tune/search.py --task {task} ")
     # blocks: the teacher's cell only ever gets its first 10 seeds, a one-step cell all 100
-    todo = study.blocks([j for j in jobs if j.method in ("teacher-heun-80", "ctd")], list(range(100)), set(), 7)
+    todo = rjobs.blocks([j for j in jobs if j.method in ("teacher-heun-80", "ctd")], list(range(100)), set(), 7)
     seeds = {}
     for job, block in todo:
         seeds.setdefault(job.method, []).extend(block)
     assert seeds == {"teacher-heun-80": list(range(10)), "ctd": list(range(100))}
-    assert "ractd-invdyn" not in study.expand_methods(s, task)  # a planner-only method is maze2d's alone
-    assert "ractd-invdyn" in study.expand_methods(s, "maze2d-umaze")
+    assert "ractd-invdyn" not in spec.expand_methods(s, task)  # a planner-only method is maze2d's alone
+    assert "ractd-invdyn" in spec.expand_methods(s, "maze2d-umaze")
 
 
 def test_table2_reports_the_inverse_dynamics_tracker_beside_the_pd_rule(tmp_path):
     s = ResultsStore(tmp_path / "store")
     s.write_episodes(_episodes("maze2d-umaze", "ractd", MAZE_RACTD, ckpt="c3"))
     s.write_episodes(_episodes("maze2d-umaze", "ractd-invdyn", [100.0, 110.0, 90.0, 104.0], ckpt="c3"))
-    t2 = results.table2(s.episodes())
+    t2 = rtables.table2(s.episodes())
     rows = {r["method"]: r for r in t2.rows}
     assert rows["ractd-invdyn"]["mean"] == pytest.approx(101.0) and rows["ractd"]["mean"] == pytest.approx(125.5)
     assert "RACTD (inverse dynamics, closed loop)" in t2.markdown and "RACTD (PD tracker)" in t2.markdown
@@ -350,19 +353,19 @@ def test_table2_reports_the_inverse_dynamics_tracker_beside_the_pd_rule(tmp_path
     # without inverse-dynamics episodes the row is left out rather than shown as missing
     s2 = ResultsStore(tmp_path / "store2")
     s2.write_episodes(_episodes("maze2d-umaze", "ractd", MAZE_RACTD, ckpt="c3"))
-    assert "inverse dynamics" not in results.table2(s2.episodes()).markdown
+    assert "inverse dynamics" not in rtables.table2(s2.episodes()).markdown
 
 
 def test_jobs_that_differ_only_in_their_tracker_never_share_a_policy(monkeypatch, tmp_path):
-    """evaluate_serial (and the pool's actors, through the same study.policy_key) cache one policy per key: the
+    """evaluate_serial (and the pool's actors, through the same rjobs.policy_key) cache one policy per key: the
     inverse-dynamics cell of a checkpoint must not reuse the PD planner of the same checkpoint."""
-    jobs = [study.EvalJob(task="maze2d-umaze", method=m, sampler="student", nfe=1, checkpoint_path="/x.pt",
+    jobs = [rjobs.EvalJob(task="maze2d-umaze", method=m, sampler="student", nfe=1, checkpoint_path="/x.pt",
                           checkpoint="h", scale="test", tracker=tr)
             for m, tr in (("ractd", "pd"), ("ractd-invdyn", "inverse_dynamics"))]
     used = []
-    monkeypatch.setattr(study, "load_policy", lambda job, *a, **k: f"planner-{job.tracker}")
-    monkeypatch.setattr(study, "run_block", lambda job, seeds, policy, **k: used.append((job.method, policy)) or [])
-    study.evaluate_serial(jobs, [0, 1], ResultsStore(tmp_path / "s"), block_size=2, progress=False)
+    monkeypatch.setattr(rjobs, "load_policy", lambda job, *a, **k: f"planner-{job.tracker}")
+    monkeypatch.setattr(rjobs, "run_block", lambda job, seeds, policy, **k: used.append((job.method, policy)) or [])
+    rjobs.evaluate_serial(jobs, [0, 1], ResultsStore(tmp_path / "s"), block_size=2, progress=False)
     assert used == [("ractd", "planner-pd"), ("ractd-invdyn", "planner-inverse_dynamics")]
 
 

@@ -11,7 +11,13 @@ from torch import nn
 from ractd import ctm, rollout
 from ractd.config import UNET_PRESETS
 from ractd.data.windows import Normalizer
-from ractd.maze import bfs_next_cell, d4rl_to_pointmaze, eval_goal, maze_map, pointmaze_to_d4rl
+from ractd.maze import (
+    bfs_next_cell,
+    d4rl_to_pointmaze,
+    eval_goal,
+    maze_map,
+    pointmaze_to_d4rl,
+)
 from ractd.nets.unet1d import ConditionalUnet1D
 from ractd.policy import LocomotionPolicy, MazePlanner, student_sampler
 from ractd.tasks import get_task

@@ -17,16 +17,20 @@ import torch
 
 pytest.importorskip("ray")
 
-import ray  # noqa: E402
+import ray
+from test_pipeline import random_hopper_dataset
 
-from ractd import RactdError  # noqa: E402
-from ractd.data.d4rl import local_dataset_path, write_d4rl_hdf5  # noqa: E402
-from ractd.tasks import get_task  # noqa: E402
-from ractd_ray.search import SCORE_FLOOR, SIGMA_CHOICES, finite_score, main, startup_trials  # noqa: E402
-from ractd_ray.train import ensure_ray  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).parent))
-from test_pipeline import random_hopper_dataset  # noqa: E402
+from ractd import RactdError
+from ractd.data.d4rl import local_dataset_path, write_d4rl_hdf5
+from ractd.tasks import get_task
+from ractd_ray.search import (
+    SCORE_FLOOR,
+    SIGMA_CHOICES,
+    finite_score,
+    main,
+    startup_trials,
+)
+from ractd_ray.train import ensure_ray
 
 pytestmark = pytest.mark.ray
 
@@ -81,7 +85,7 @@ def test_unreachable_address_is_one_line_within_seconds(capsys):
 
 
 def test_no_address_starts_a_local_ray_not_the_machine_cluster(monkeypatch):
-    from ractd_ray.train import resolve_address
+    from ractd_ray.connect import resolve_address
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     assert resolve_address(None) == "local"

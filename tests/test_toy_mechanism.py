@@ -40,7 +40,7 @@ def test_one_step_ctd_matches_teacher_heun80_in_distribution(trained):
     x_T = edm.prior_sample((len(s), 1, 2), generator=g)
     teacher = edm.sample_heun(m["teacher"].bind(s), x_T, edm.karras_sigmas())
     student = ctm.sample_student(m["ctd"], edm.prior_sample((len(s), 1, 2), generator=g), s)
-    proj = lambda a: ((a[:, 0] - 0.2 * s).sum(1) / np.sqrt(2)).numpy()  # noqa: E731
+    proj = lambda a: ((a[:, 0] - 0.2 * s).sum(1) / np.sqrt(2)).numpy()
     z_t, z_s = proj(teacher), proj(student)
     assert stats.wasserstein_distance(z_t, z_s) < 0.25
     np.testing.assert_allclose((z_s > 0).mean(), (z_t > 0).mean(), atol=0.1)

@@ -13,7 +13,14 @@ from ractd import RactdError, ctm
 from ractd.cli import TRAIN_COMMANDS, build_parser, eval_config, main, train_config
 from ractd.data.generate_maze import generate_maze
 from ractd.evaluate import EvalConfig
-from ractd.train import BUDGETS, RunContext, TrainConfig, ema_decay_at, ema_update, train
+from ractd.train import (
+    BUDGETS,
+    RunContext,
+    TrainConfig,
+    ema_decay_at,
+    ema_update,
+    train,
+)
 
 TINY = dict(task="maze2d-umaze", scale="tiny", preset="tiny", batch=8, report_every=5)
 
@@ -213,7 +220,7 @@ def test_distill_diagnostics_measure_bound_range_and_reward_gap():
     action = rng.uniform(-1, 1, (64, 3)).astype(np.float32)
     prep = Prepared(get_task("hopper-medium"), np.zeros((64, 16, 3), np.float32), np.zeros((64, 11), np.float32), {},
                     state=np.zeros((64, 11), np.float32), action=action)
-    reward = lambda s, a: a.sum(-1)  # noqa: E731
+    reward = lambda s, a: a.sum(-1)
     d = distill_diagnostics(TrainConfig(), Constant(), reward, prep, "cpu", n=64)
     assert d["at_bound"] == 1.0
     np.testing.assert_allclose(d["out_of_range"], 1.0)
@@ -255,7 +262,12 @@ def test_balanced_student_keeps_its_term_magnitudes_and_older_checkpoints_resume
 def test_term_gradient_norms_follow_the_weights_training_applies(maze_tiny, tmp_path):
     """Same seeded batches every call: the norms scale exactly with alpha and beta, "balanced" divides them by the
     running magnitudes, and the frozen student comes back frozen."""
-    from ractd.train import load_stage_model, load_upstream, prepare, term_gradient_norms
+    from ractd.train import (
+        load_stage_model,
+        load_upstream,
+        prepare,
+        term_gradient_norms,
+    )
 
     run = tmp_path / "r"
     train(TrainConfig(**TINY, stage="teacher", run_dir=str(run), steps=2), RunContext(progress=False))

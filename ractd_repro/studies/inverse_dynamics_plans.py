@@ -16,9 +16,9 @@ tracker follows the plan for H steps. Printed per source and tracker: the mean p
 state over the H steps and at the last one (mean ± SE over windows or seeds), and for model plans the
 normalized score of the full episode (ractd.evaluate.evaluate_checkpoint, same seeds).
 
-    python bench/inverse_dynamics_plans.py [--task maze2d-umaze] [--teacher T.pt] [--student S.pt]
+    python -m ractd_repro.studies.inverse_dynamics_plans [--task maze2d-umaze] [--teacher T.pt] [--student S.pt]
 
-Defaults: the teacher and the lambda_denoiser student of training seed 0 of bench/dsm_forms.py (its cache
+Defaults: the teacher and the lambda_denoiser student of training seed 0 of ractd_repro.studies.dsm_forms (its cache
 folder), the inverse dynamics model of ractd.inverse_dynamics.default_path (trained when missing).
 Writes <out>/tracking.parquet (one row per source, tracker, window or seed).
 """
@@ -26,13 +26,13 @@ Writes <out>/tracking.parquet (one row per source, tracker, window or seed).
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
 import numpy as np
 
 from ractd import RactdError
-from ractd.claims import tracking_report
 from ractd.io import atomic_parquet
 from ractd.paths import cache_dir
 
@@ -102,10 +102,14 @@ def run(args) -> int:
 
     from ractd.data.d4rl import load_dataset
     from ractd.evaluate import evaluate_checkpoint, policy_from_checkpoint
-    from ractd.inverse_dynamics import InverseDynamics, default_path, train_inverse_dynamics
+    from ractd.inverse_dynamics import (
+        InverseDynamics,
+        default_path,
+        train_inverse_dynamics,
+    )
     from ractd.maze import eval_goal, maze_map
     from ractd.policy import MazePlanner
-    from ractd.rollout import _generators, maze_reset, make_env
+    from ractd.rollout import _generators, make_env, maze_reset
     from ractd.tasks import get_task
 
     task = get_task(args.task)
@@ -163,10 +167,47 @@ def run(args) -> int:
 def _episodes(evaluate_checkpoint, args, sampler, ckpt, tracker, id_path, seeds):
     import pyarrow.parquet as pq
 
+    from ractd.evaluate import EvalConfig
+
     path = Path(args.out) / f"eval-{sampler}-{tracker}.parquet"
-    evaluate_checkpoint(args.task, sampler=sampler, checkpoint=str(ckpt), seeds=seeds, tracker=tracker,
-                        inverse_dynamics=str(id_path), out=str(path), progress=False)
+    evaluate_checkpoint(EvalConfig(task=args.task, sampler=sampler, checkpoint=str(ckpt), tracker=tracker, inverse_dynamics=str(id_path), out=str(path)), seeds=seeds, progress=False)
     return pq.read_table(path).to_pylist()
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+STUDY = "ractd_repro.studies.inverse_dynamics_plans"
+STORE = "inverse_dynamics"
+
+
+def section(data: Path) -> list[str]:
+    """docs/results.md's part for this study: one block per <data>/inverse_dynamics/<task>-<scale>/tracking.parquet."""
+    import pandas as pd
+
+    parts = []
+    for f in sorted((Path(data) / STORE).glob("*/tracking.parquet")):
+        parts += [f"### maze2d trackers on feasible and on planned paths ({STUDY}): {f.parent.name}", "",
+                  "pd: Diffuser's PD rule; id_closed: the inverse dynamics model from the observed state to the next "
+                  "waypoint; id_open: from consecutive planned states (the paper's reading); data: the dataset's own "
+                  "actions. Dataset windows are feasible paths (the env set to each window's first state); the "
+                  "teacher's and the student's plans are followed from the evaluation's start states. Position "
+                  "error in maze units (one cell = 1).", "", *tracking_report(pd.read_parquet(f)), ""]
+    return parts
+
+
+def tracking_report(df) -> list[str]:
+    """Markdown table of this study's rows: per plan source and tracker, the mean position
+    error to the planned state over the plan and at its last step, and the episode score (mean ± SE)."""
+    from tabulate import tabulate
+
+    def ms(x, digits):
+        x = np.asarray(x, float)
+        return f"{x.mean():.{digits}f} ± {x.std(ddof=1) / math.sqrt(len(x)):.{digits}f}" if len(x) > 1 else ""
+
+    table = [[source, tracker, ms(g["mean_error"], 3), ms(g["last_error"], 3), ms(g["score"].dropna(), 1), len(g)]
+             for (source, tracker), g in df.groupby(["source", "tracker"], sort=False)]
+    return [tabulate(table, headers=["plan", "tracker", "mean position error", "error at the last step", "score",
+                                     "n"], tablefmt="github", disable_numparse=True)]
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """The sweep over the Eq. (9) weights, everything of it that needs no Ray: the search space and its grid points,
 the sweep's configuration (SearchConfig, --quick), the dataset it trains on, the key of the shared teacher and
-reward model, where its state is stored, the trial table (trials.parquet, best_config.json) and what the command
-prints at the end. ractd_ray.search runs it with Ray Tune and Ray Train; this module imports neither."""
+reward model, where its state is stored, and what the command prints at the end (the records it writes are
+ractd_repro.records'). ractd_ray.search runs it with Ray Tune and Ray Train; this module imports neither.
+"""
 
 from __future__ import annotations
 
@@ -15,20 +16,27 @@ from typing import Literal
 
 from ractd import RactdError, storage
 from ractd.config import to_dict
-from ractd.results import PAPER_FIG4_SIGMAS
 from ractd.tasks import SCALES, Task, get_task
-from ractd.train import BUDGETS, DIAG_TERMS, TrainConfig
+from ractd.train import BUDGETS, TrainConfig
+from ractd_repro.paper import PAPER_FIG4_SIGMAS
+from ractd_repro.records import METRIC, BestConfig, SweepFolder, TrialRecord
 
 log = logging.getLogger(__name__)
 
-METRIC, MODE = "select_score", "max"
+
+MODE = "max"  # of METRIC (ractd_repro.records)
+
 
 # The search space of the Eq. (9) weights, the one place it is defined. sigma is a choice so that sigma = 0
 # (CTD, no reward term) is a point of the space, and every Table 9 value is on the grid; maze2d tasks have no
 # reward model, so their sigma is fixed at 0.
 ALPHA_RANGE = (0.25, 4.0)  # log-uniform
+
+
 BETA_RANGE = (0.25, 4.0)  # log-uniform
-# the grid holds every Table 9 sigma and every sigma of the paper's Fig. 4 (ractd.results.PAPER_FIG4_SIGMAS), so
+
+
+# the grid holds every Table 9 sigma and every sigma of the paper's Fig. 4 (ractd_repro.paper.PAPER_FIG4_SIGMAS), so
 # a --sigmas study of Fig. 4 is a set of points of the space
 SIGMA_CHOICES = tuple(sorted({0.0, 0.05, 0.1, 0.2, 0.4, 0.5, 1.0, 2.0, 3.0} | set(PAPER_FIG4_SIGMAS)))
 
@@ -47,7 +55,7 @@ def table9_point(task: Task) -> dict:
 def grid_points(task: Task, sigmas: tuple[float, ...]) -> list[dict]:
     """The points a search evaluates before TPE proposes any: the Table 9 point, then one per sigma in `sigmas`
     (locomotion) at the Table 9 alpha and beta -- except sigma = 0, which is CTD's point alpha = beta = 1 (the
-    baseline ractd.study takes from the sweep) -- without repeats. Together they are a like-for-like sigma study
+    baseline ractd_repro.models takes from the sweep) -- without repeats. Together they are a like-for-like sigma study
     (Fig. 4): one teacher, one reward model, one budget and model selection for every student."""
     points = [table9_point(task)]
     for s in sigmas:
@@ -189,17 +197,18 @@ class SearchConfig:
         return Path(self.run_dir).expanduser().resolve() if self.run_dir else sweep_dir(self.task, self.scale)
 
 
-# `--quick`: the README's first command, within 10 minutes on 2 CPUs: the quick training budget (teacher 1200
+# `--quick`: the README's first command, meant to take minutes on 2 CPUs: the quick training budget (teacher 1200
 # steps at batch 64, students 150 steps) with the 32-64-128 U-Net (preset "small-maze", about a quarter of the
 # CPU preset's compute), 2 objective rollouts per checkpoint. maze2d-umaze runs on the small generated dataset
-# (100k steps, generated in seconds), where this budget gives a working policy (README: the first command's
-# scores), with 2 trials: the Table 9 point (alpha = beta = 1, sigma = 0: CTD) and one TPE point, each distilled
-# for 75 steps (measured: select_score 139 at step 38 of 150 already; with 150 steps the whole command took
-# 11 min 15 s on a quiet 2-CPU machine). Locomotion stays a smoke run on tiny data (3 trials): its small datasets
-# take an hour or more to generate.
+# (generated in seconds), where this budget gives a working policy (docs/results.md), with 2 trials: the Table 9
+# point (alpha = beta = 1, sigma = 0: CTD) and one TPE point, each distilled for 75 steps (the selection score is
+# already near its best by then). Locomotion stays a smoke run on tiny data (3 trials): its small datasets
+# take long to generate without the committed behavior policies.
 # select_max_steps 300: a maze2d-umaze episode's full length; locomotion's quick objective rolls out 300 steps (the
 # default, full-length episodes on 10 seeds, is SearchConfig's, from TrainConfig).
 QUICK = dict(budget="quick", scale="tiny", preset="small-maze", num_samples=3, select_seeds=2, select_max_steps=300)
+
+
 QUICK_MAZE = dict(scale="small", num_samples=2, steps=75)
 
 
@@ -285,6 +294,8 @@ def sweep_storage(out_dir: Path) -> str:
 
 
 SCORE_FLOOR = -1e6
+
+
 """What Tune sees in place of a non-finite select_score (a diverged student): ASHA multiplies the score, so a NaN
 would poison its rungs, and Tune refuses a report without its metric; the floor ranks the trial last, so ASHA
 stops it at its next rung and TPE learns the point is bad. trials.parquet keeps the library's own record."""
@@ -304,115 +315,6 @@ def startup_trials(num_samples: int, n_points: int) -> int:
     return max(1, n_points, min(10, math.ceil(num_samples / 4)))
 
 
-def trial_record(train_storage: str, trial_id: str, name: str) -> str:
-    """Storage location of a trial's file `name` (student/best.pt, student/metrics.jsonl, summary.json)."""
-    return storage.join(storage.run_files(train_storage, trial_id), name)
-
-
-LOSS_TERMS = ("loss", "ctm", "dsm", "reward")
-
-
-def _checkpoint_metrics(train_storage: str, trial_id: str) -> list[dict]:
-    """The student's metrics at each of its checkpoints (the library's metrics.jsonl, as persisted to storage;
-    one record per step, the last written wins: a run resumed on another node repeats the steps after its
-    last persisted checkpoint), [] if absent."""
-    loc = trial_record(train_storage, trial_id, "student/metrics.jsonl")
-    if not storage.exists(loc):
-        return []
-    by_step = {}
-    for line in storage.read_text(loc).splitlines():
-        if line.strip():
-            rec = json.loads(line)
-            by_step[rec.get("step")] = rec
-    return [by_step[k] for k in sorted(by_step, key=lambda k: (k is None, k or 0))]
-
-
-def _number(v) -> float:
-    return float(v) if v is not None else math.nan
-
-
-def trial_rows(results, steps: int, train_storage: str, stamps: tuple[str, ...] = ()) -> list[dict]:
-    """One row per trial from Tune's results (each with .path, .config, .metrics, .metrics_dataframe, .error: a
-    ray.tune ResultGrid's items) and each trial's records in storage (whichever node ran it).
-
-    select_score: the best checkpoint's score, i.e. the score of the trial's student/best.pt (from the library's
-    metrics.jsonl; Tune's reports where that file is not stored); last_score, step and the loss terms: the
-    trial's last checkpoint; best_step and the diagnostics (ractd.train.DIAG_TERMS): its best checkpoint, the
-    student its best.pt holds. checkpoint: the storage location of that best.pt. status: completed (ran all
-    steps), stopped (by ASHA), error, unfinished (the search was interrupted before the trial ended).
-    train_time_s: wall time of the library's train() in the trial's worker (to its last report when the trial
-    was stopped); fit_time_s: of its TorchTrainer.fit() (to its last report when stopped); trial_time_s: Tune's
-    time of the whole trial; startup_<stamp>_s for each of `stamps`: when that step of the trial's start-up was
-    done, in seconds from the start of the trial (ractd_ray.train.STARTUP_STAMPS: fit() called, worker process
-    started, train loop entered, dataset fetched, teacher written, train() entered, first step done)."""
-    rows = []
-    for result in results:
-        trial_id = Path(result.path).name
-        reported = result.metrics or {}
-        history = _checkpoint_metrics(train_storage, trial_id)
-        if not history and result.metrics_dataframe is not None:
-            history = result.metrics_dataframe.to_dict("records")
-        scores = [float(h[METRIC]) for h in history if h.get(METRIC) is not None and math.isfinite(h[METRIC])]
-        last = history[-1] if history else {}
-        scored = [h for h in history if h.get(METRIC) is not None and math.isfinite(h[METRIC])]
-        at_best = max(scored, key=lambda h: float(h[METRIC])) if scored else {}
-        summary_loc = trial_record(train_storage, trial_id, "summary.json")
-        summary = json.loads(storage.read_text(summary_loc)) if storage.exists(summary_loc) else {}
-        if result.error is not None:
-            status = "error"
-        elif int(reported.get("step") or 0) >= steps:
-            status = "completed"
-        elif reported.get("done"):
-            status = "stopped"
-        else:
-            status = "unfinished"
-        best_pt = trial_record(train_storage, trial_id, "student/best.pt")
-        rows.append({
-            "trial_id": trial_id, **{k: float(result.config.get(k, math.nan)) for k in ("alpha", "beta", "sigma")},
-            METRIC: max(scores) if scores else math.nan, "last_score": scores[-1] if scores else math.nan,
-            "step": int(last.get("step") or 0), **{k: _number(last.get(k)) for k in LOSS_TERMS},
-            "best_step": int(at_best.get("step") or 0), **{k: _number(at_best.get(k)) for k in DIAG_TERMS},
-            "status": status, "checkpoint": best_pt if storage.exists(best_pt) else "",
-            "ray_checkpoint": reported.get("checkpoint_path") or "",
-            # a trial that ran to its end has them in its summary; one stopped by ASHA in its last report
-            **{k: _number(summary.get(k, reported.get(k))) for k in ("train_time_s", "fit_time_s")},
-            **{f"startup_{k}_s": _number(summary.get(f"startup_{k}_s", reported.get(f"startup_{k}_s")))
-               for k in stamps},
-            "trial_time_s": _number(reported.get("time_total_s")),
-            "stored_bytes": int(storage.total_bytes(storage.join(train_storage, trial_id))),
-            "error": "" if result.error is None else str(result.error).strip().splitlines()[-1][:500]})
-    return sorted(rows, key=lambda r: r["trial_id"])
-
-
-def write_results(rows: list[dict], out_dir: Path, scfg: SearchConfig, dataset: dict, shared: dict) -> dict | None:
-    """trials.parquet, and for the trial with the highest score best_config.json and best/checkpoint.pt (fetched
-    from storage). Returns best_config.json's content (None when no trial has a score)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from ractd.io import atomic_write, atomic_write_json
-    from ractd.study import fetch_final_checkpoint
-
-    table = pa.Table.from_pylist(rows)
-    atomic_write(out_dir / "trials.parquet", lambda f: pq.write_table(table, f))
-    scored = [r for r in rows if math.isfinite(r[METRIC]) and r["checkpoint"]]
-    if not scored:
-        return None
-    top = max(scored, key=lambda r: r[METRIC])
-    ckpt = storage.download(top["checkpoint"], out_dir / "best" / "checkpoint.pt")
-    # the winning trial's best.pt and final checkpoint on this machine, in its run folder's layout (ractd-final of
-    # the study reads <trial>/student/latest/checkpoint.pt), fetched from storage whichever node trained it
-    trial_best = storage.download(top["checkpoint"], out_dir / "trials" / top["trial_id"] / "student" / "best.pt")
-    fetch_final_checkpoint(top["checkpoint"], trial_best.parent / "latest" / "checkpoint.pt")
-    best = {"task": scfg.task, "alpha": top["alpha"], "beta": top["beta"], "sigma": top["sigma"],
-            "score": top[METRIC], "metric": METRIC, "trial_id": top["trial_id"], "checkpoint": str(ckpt),
-            "trial_checkpoint": str(trial_best), "trial_checkpoint_stored": top["checkpoint"],
-            "teacher": shared["teacher"], "reward": shared["reward"],
-            "dataset": dataset, "scale": scfg.scale, "budget": scfg.budget, "trials": len(rows)}
-    atomic_write_json(out_dir / "best_config.json", best)
-    return best
-
-
 def evaluation_command(scfg: SearchConfig) -> str:
     """The command that evaluates this sweep's students (eval/reproduce_tables.py reads the sweep)."""
     if scfg.budget == "quick":
@@ -421,19 +323,20 @@ def evaluation_command(scfg: SearchConfig) -> str:
     return f"python eval/reproduce_tables.py --study claims --tasks {scfg.task}"
 
 
-def print_summary(rows: list[dict], best: dict | None, out_dir: Path, complete: bool,
-                   scfg: SearchConfig | None = None) -> None:
+def print_summary(records: list[TrialRecord], best: BestConfig | None, out_dir: Path, complete: bool,
+                  scfg: SearchConfig | None = None) -> None:
+    """The trials as a table (best score first), the best trial, where the records are and what to run next."""
     from tabulate import tabulate
 
     cols = ["trial_id", "alpha", "beta", "sigma", METRIC, "step", "ctm", "dsm", "reward", "status"]
-    ordered = sorted(rows, key=lambda r: -r[METRIC] if math.isfinite(r[METRIC]) else math.inf)
-    print(tabulate([[r[c] for c in cols] for r in ordered], headers=cols, floatfmt=".4g"))
+    rows = sorted((r.row() for r in records), key=lambda r: -r[METRIC] if math.isfinite(r[METRIC]) else math.inf)
+    print(tabulate([[r[c] for c in cols] for r in rows], headers=cols, floatfmt=".4g"))
     if best:
-        print(f"best: alpha={best['alpha']:.4g} beta={best['beta']:.4g} sigma={best['sigma']:.4g} "
-              f"{METRIC}={best['score']:.4g} -> {best['checkpoint']}")
-    print(f"results: {out_dir / 'trials.parquet'}")
+        print(f"best: alpha={best.alpha:.4g} beta={best.beta:.4g} sigma={best.sigma:.4g} "
+              f"{METRIC}={best.score:.4g} -> {best.checkpoint}")
+    print(f"results: {SweepFolder(Path(out_dir)).trials_file}")
     if complete and best and scfg is not None:
         print(f"next: evaluate it on 100 seeds and rebuild the tables: {evaluation_command(scfg)}")
     if not complete:
-        print(f"the search did not finish ({sum(r['status'] in ('completed', 'stopped', 'error') for r in rows)} "
+        print(f"the search did not finish ({sum(r.status in ('completed', 'stopped', 'error') for r in records)} "
               f"trials done); continue it with --resume --run-dir {out_dir}")

@@ -10,10 +10,10 @@ move any comparison the evaluation can make) or within 2 paired SE of zero; othe
 share the environment and the noise, so the paired SE can be far below the score's SE: a 0.1-point shift can be
 "significant" and still be a tenth of what the evaluation resolves.)
 
-    python bench/bf16_scores.py [--cases hopper-ractd hopper-ctd maze-student maze-teacher] [--seeds 100]
-    python bench/bf16_scores.py --report --out docs/results/bf16      # the committed measurement
+    python -m ractd_repro.studies.bf16_scores [--cases hopper-ractd hopper-ctd maze-student maze-teacher] [--seeds 100]
+    python -m ractd_repro.studies.bf16_scores --report --out docs/results/bf16      # the committed measurement
 
-Cases (checkpoints from the studies' caches: bench/training_seeds.py and bench/dsm_forms.py):
+Cases (checkpoints from the studies' caches: ractd_repro.studies.training_seeds and ractd_repro.studies.dsm_forms):
     hopper-ractd   hopper-medium-replay RACTD student (sigma 0.3), training seed 0, selected checkpoint
     hopper-ctd     hopper-medium-replay CTD student, training seed 0, selected checkpoint
     maze-student   maze2d-umaze student (DSM form "paper"), training seed 0
@@ -25,16 +25,16 @@ redone) and prints the table.
 
 from __future__ import annotations
 
+import math
 import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import numpy as np
 
-from ractd.claims import bf16_report  # noqa: E402
-from ractd.errors import Parser, run_command  # noqa: E402
-from ractd.paths import cache_dir  # noqa: E402
+from ractd.errors import Parser, run_command
+from ractd.paths import cache_dir
+from ractd_repro.claims import Z
 
 CASES = {
     "hopper-ractd": ("hopper-medium-replay", "student", "seeds/hopper-medium-replay-small/ractd-seed0/student/best.pt"),
@@ -49,7 +49,7 @@ def measure(case: str, precision: str, seeds: int, threads: int) -> list[dict]:
     import pandas as pd
     import torch
 
-    from ractd.evaluate import evaluate_checkpoint
+    from ractd.evaluate import EvalConfig, evaluate_checkpoint
 
     task, sampler, rel = CASES[case]
     ckpt = cache_dir() / "bench" / rel
@@ -60,8 +60,7 @@ def measure(case: str, precision: str, seeds: int, threads: int) -> list[dict]:
     torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "eval.parquet"
-        evaluate_checkpoint(task, sampler=sampler, checkpoint=str(ckpt), seeds=list(range(seeds)), out=str(out),
-                            precision=precision, engine="auto", progress=True)
+        evaluate_checkpoint(EvalConfig(task=task, sampler=sampler, checkpoint=str(ckpt), seeds=seeds, out=str(out), precision=precision, engine="auto"), progress=True)
         df = pd.read_parquet(out)
     return [{"case": case, "task": task, "sampler": sampler, "precision": precision, "seed": int(r.seed),
              "normalized": float(r.normalized_score), "length": int(r.length), "checkpoint": rel}
@@ -91,6 +90,50 @@ def main(argv=None) -> int:
                 atomic_parquet(store, rows)
     print("\n".join(bf16_report(rows)))
     return 0
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+STUDY = "ractd_repro.studies.bf16_scores"
+STORE = "bf16"
+
+
+def section(data: Path) -> list[str]:
+    """docs/results.md's part for this study: <data>/bf16/scores.parquet."""
+    import pandas as pd
+
+    parts = []
+    for f in sorted((Path(data) / STORE).glob("scores.parquet")):
+        parts += [f"### bf16 inference on 100 paired seeds ({STUDY})", "",
+                  "Each checkpoint rolled out on the same seeds at fp32 and at bf16 (engine auto: the calibrated "
+                  "fastest engine per live batch). Cases: hopper-medium-replay students of training seed 0 "
+                  "(docs/results/seeds/), maze2d-umaze student (DSM form paper) and teacher (Heun-80) of "
+                  "docs/results/dsm/.", "", *bf16_report(pd.read_parquet(f).to_dict("records")), ""]
+    return parts
+
+
+def bf16_report(rows: list[dict]) -> list[str]:
+    """Markdown table of this study's store: per case, the fp32 and bf16 scores on the same seeds, the
+    paired shift and the verdict: "unchanged" when the shift is at most half the fp32 score's SE over the seeds
+    (what the evaluation resolves) or within Z paired SE of zero."""
+    from tabulate import tabulate
+
+    table = []
+    for case in dict.fromkeys(r["case"] for r in rows):
+        by = {p: {int(r["seed"]): float(r["normalized"]) for r in rows if r["case"] == case and r["precision"] == p}
+              for p in ("fp32", "bf16")}
+        common = sorted(set(by["fp32"]) & set(by["bf16"]))
+        if len(common) < 2:
+            continue
+        a, b = np.array([by["fp32"][s] for s in common]), np.array([by["bf16"][s] for s in common])
+        d = b - a
+        se = lambda v: float(v.std(ddof=1) / math.sqrt(len(v)))
+        unchanged = abs(d.mean()) <= max(0.5 * se(a), Z * se(d))
+        table.append([case, len(common), f"{a.mean():.1f} ± {se(a):.1f}", f"{b.mean():.1f} ± {se(b):.1f}",
+                      f"{d.mean():+.2f} ± {se(d):.2f}", f"{float(np.mean(a == b)):.2f}",
+                      "unchanged" if unchanged else "CHANGED"])
+    return [tabulate(table, headers=["case", "seeds", "fp32", "bf16", "bf16 - fp32 (paired)", "share of equal scores",
+                                     "verdict"], tablefmt="github", disable_numparse=True)]
 
 
 if __name__ == "__main__":

@@ -7,11 +7,13 @@ sigma = 0), a RACTD student (the task's Table 9 alpha, beta at the reward weight
 recipe, TrainConfig stage "bc"), each evaluated on the same --eval-seeds evaluation seeds at its selected and its
 final checkpoint.
 
-    python bench/training_seeds.py --task hopper-medium-replay [--sigma 0.3] [--train-seeds 0 1 2]
-    python bench/training_seeds.py --methods ractd ractd_ctm --train-seeds 0 --nfe 2 4   # Table 5's question
-    python bench/training_seeds.py --report --out docs/results/seeds/hopper-medium-replay-small   # committed
+    python -m ractd_repro.studies.training_seeds --task hopper-medium-replay [--sigma 0.3] [--train-seeds 0 1 2]
+    python -m ractd_repro.studies.training_seeds --methods ractd ractd_ctm --train-seeds 0 --nfe 2 4   # Table 5's
+    question
+    python -m ractd_repro.studies.training_seeds --report --out docs/results/seeds/hopper-medium-replay-small   #
+    committed
 
-The default budget is the claims study's hopper sweep (ractd.study.CLAIMS_SWEEPS): 2000 teacher steps, students
+The default budget is the claims study's hopper sweep (ractd_repro.spec.CLAIMS_SWEEPS): 2000 teacher steps, students
 400 steps at batch 128 with a checkpoint (and model selection on 10 full-length episodes) every 100; --sigma 0.3
 is that sweep's pick.
 
@@ -23,7 +25,7 @@ then distil training seed 0's teacher there instead of a shared one of their own
 already stored under that run's eval/heun-*.parquet (python -m ractd evaluate's default place) are reused, never
 rolled out twice. The report then rules on the teacher against the behavior policy's level and against BC.
 
-    python bench/training_seeds.py --task walker2d-medium --methods teacher bc --teacher-steps 3000 \
+    python -m ractd_repro.studies.training_seeds --task walker2d-medium --methods teacher bc --teacher-steps 3000 \
         --teacher-run ~/.cache/ractd/science/walker2d-medium-s{seed} --teacher-eval-seeds 30
 
 --methods ractd_ctm adds a RACTD student whose reward term is applied at a random t (DistillConfig.reward_variant
@@ -48,13 +50,15 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 from ractd import RactdError
-from ractd.claims import seed_report
-from ractd.evaluate import evaluate_checkpoint
+from ractd.evaluate import EvalConfig, evaluate_checkpoint
 from ractd.io import atomic_parquet, read_rows
 from ractd.paths import cache_dir
 from ractd.tasks import get_task
 from ractd.train import TrainConfig, train
+from ractd_repro.claims import Z
 
 METHODS = ("ctd", "ractd", "bc", "ractd_ctm", "teacher")  # ractd_ctm: RACTD with reward_variant "ctm"; teacher: a
 # teacher per training seed (neither by default)
@@ -111,10 +115,7 @@ def multi_step(args, rows: list[dict], out: Path, store: Path) -> None:
             key = f"nfe{k}_mean"
             if k == 1 or (key in row and row[key] == row[key]):  # present and not NaN
                 continue
-            s = evaluate_checkpoint(args.task, run_dir=str(run_dir), sampler="student", nfe=k,
-                                    checkpoint=str(run_dir / "student" / "best.pt"),
-                                    seeds=list(range(args.eval_seeds)), progress=False,
-                                    out=str(run_dir / f"eval-best-nfe{k}.parquet"))
+            s = evaluate_checkpoint(EvalConfig(task=args.task, run_dir=str(run_dir), sampler="student", nfe=k, checkpoint=str(run_dir / "student" / "best.pt"), seeds=args.eval_seeds, out=str(run_dir / f"eval-best-nfe{k}.parquet")), progress=False)
             row.update({key: s["score_mean"], f"nfe{k}_sem": s["score_sem"]})
             atomic_parquet(store, rows)
             print(f"{row['method']} seed {int(row['train_seed'])}: {k} steps {s['score_mean']:.1f} ± "
@@ -152,9 +153,7 @@ def teacher_row(args, seed: int, out: Path) -> dict:
             break
         piece = missing[:args.chunk]
         print(f"teacher seed {seed}: Heun-80 on evaluation seeds {piece[0]}..{piece[-1]}", flush=True)
-        evaluate_checkpoint(args.task, run_dir=str(run_dir), sampler="heun", checkpoint=str(ckpt), seeds=piece,
-                            precision="fp32", progress=True,
-                            out=str(run_dir / "eval" / f"heun-{piece[0]}-{len(piece)}.parquet"))
+        evaluate_checkpoint(EvalConfig(task=args.task, run_dir=str(run_dir), sampler="heun", checkpoint=str(ckpt), precision="fp32", out=str(run_dir / "eval" / f"heun-{piece[0]}-{len(piece)}.parquet")), seeds=piece, progress=True)
     eps = stored()
     x = eps[eps["seed"].isin(want)]["normalized_score"].to_numpy(float)
     sem = float(x.std(ddof=1) / math.sqrt(len(x))) if len(x) > 1 else float("nan")
@@ -207,9 +206,7 @@ def run(args) -> int:
                        "steps": int(res["step"]), "train_s": time.perf_counter() - t0}
                 sampler = "bc" if method == "bc" else "student"
                 for which, ckpt in (("best", res["best"]), ("final", res["checkpoint"])):
-                    s = evaluate_checkpoint(args.task, run_dir=cfg.run_dir, sampler=sampler, checkpoint=str(ckpt),
-                                            seeds=list(range(args.eval_seeds)), progress=False,
-                                            out=str(Path(cfg.run_dir) / f"eval-{which}.parquet"))
+                    s = evaluate_checkpoint(EvalConfig(task=args.task, run_dir=cfg.run_dir, sampler=sampler, checkpoint=str(ckpt), seeds=args.eval_seeds, out=str(Path(cfg.run_dir) / f"eval-{which}.parquet")), progress=False)
                     row.update({f"{which}_mean": s["score_mean"], f"{which}_sem": s["score_sem"], "n": s["n"]})
                 rows.append(row)
                 atomic_parquet(store, rows)
@@ -251,6 +248,141 @@ def main(argv: list[str] | None = None) -> int:
     except RactdError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+STUDY = "ractd_repro.studies.training_seeds"
+STORE = "seeds"
+
+
+def section(data: Path) -> list[str]:
+    """docs/results.md's part for this study: one block per <data>/seeds/<task>-<scale>/results.parquet."""
+    import pandas as pd
+
+    parts = []
+    for f in sorted((Path(data) / STORE).glob("*/results.parquet")):
+        rows = pd.read_parquet(f).to_dict("records")
+        task = f.parent.name.rsplit("-", 1)[0]
+        methods = {r["method"] for r in rows}
+        about = []
+        if "ractd" in methods:
+            about.append("One shared teacher and reward model; per training seed a CTD student (σ = 0), a RACTD "
+                         "student and a BC MLP, each on the same 100 evaluation seeds at its selected and its final "
+                         f"checkpoint. Verdict rule: RACTD beats on a training seed when the difference exceeds {Z:g} "
+                         "SE; the claim holds when it does on every training seed.")
+        if "teacher" in methods:
+            about.append("A teacher per training seed (its final EMA weights), Heun-80 on the first n evaluation "
+                         "seeds, against the behavior policy's level and BC (100 seeds, final checkpoint); the "
+                         f"teacher is below on a seed when it is more than {Z:g} SE under."
+                         + (" The CTD student (σ = 0, 100 seeds) distils training seed 0's teacher."
+                            if "ctd" in methods and "ractd" not in methods else ""))
+        parts += [f"### Teachers, students and BC on several training seeds ({STUDY}): "
+                  f"{f.parent.name}", "", " ".join(about), "", *seed_report(rows, task), ""]
+    return parts
+
+
+SEED_METHODS = ("teacher", "ctd", "ractd", "bc", "ractd_ctm")
+
+
+def seed_verdicts(rows: list[dict]) -> list[dict]:
+    """RACTD vs CTD and RACTD vs BC per training seed (bench/training_seeds.py's rows: one per method and training
+    seed, "best_*" = selected checkpoint, "final_*" = final one): the difference and its SE over evaluation
+    episodes, "beats" / "below" / "ties" at Z SE; the claim holds on the seeds when RACTD beats on every one.
+    The teacher (one checkpoint per training seed: its final EMA weights) against BC: final checkpoints only."""
+    by = {(r["method"], int(r["train_seed"])): r for r in rows}
+    out = []
+    for a, b in (("ractd", "ctd"), ("ractd", "bc"), ("teacher", "bc")):
+        for which in ("final",) if a == "teacher" else ("best", "final"):
+            seeds = sorted(s for (m, s) in by if m == a and (b, s) in by)
+            if not seeds:
+                continue
+            per = []
+            for s in seeds:
+                ra, rb = by[(a, s)], by[(b, s)]
+                d = float(ra[f"{which}_mean"] - rb[f"{which}_mean"])
+                se = math.hypot(float(ra[f"{which}_sem"]), float(rb[f"{which}_sem"]))
+                per.append({"seed": s, "diff": d, "se": se,
+                            "outcome": "beats" if d > Z * se else "below" if d < -Z * se else "ties"})
+            held = all(p["outcome"] == "beats" for p in per)
+            worse = all(p["outcome"] == "below" for p in per)
+            out.append({"a": a, "b": b, "checkpoint": "selected" if which == "best" else "final", "per_seed": per,
+                        "verdict": "holds" if held else "does not hold" if worse else "inconclusive"})
+    return out
+
+
+def teacher_vs_behavior(by: dict, seeds: list[int], level: float) -> str:
+    """One line: the teachers' Heun-80 per training seed against the behavior policy's level (a number without an
+    SE: its own evaluation): "at or above" (mean >= level), "below, within Z SE" or "below" (by more than Z SE);
+    the goal holds when every training seed is at or above, does not hold when every one is clearly below, and
+    is inconclusive otherwise."""
+    per, means, outcomes = [], [], []
+    for s in seeds:
+        r = by[("teacher", s)]
+        m, se = float(r["final_mean"]), float(r["final_sem"])
+        means.append(m)
+        outcome = "at or above" if m >= level else "below" if level - m > Z * se else f"below, within {Z:g} SE"
+        outcomes.append(outcome)
+        per.append(f"seed {s}: {m:.1f} ± {se:.1f}, n={int(r['n'])} ({outcome})")
+    verdict = ("holds" if all(o == "at or above" for o in outcomes) else
+               "does not hold" if all(o == "below" for o in outcomes) else "inconclusive")
+    return (f"- TEACHER (Heun-80, 158 network calls) at least the behavior policy's level ({level:.1f}): **{verdict}** "
+            f"on {len(seeds)} training seed(s): " + "; ".join(per) + f"; mean over training seeds "
+            f"{np.mean(means):.1f}.")
+
+
+def seed_report(rows: list[dict], task: str) -> list[str]:
+    """Markdown lines: the table of one task's training-seed study and its verdicts (seed_verdicts)."""
+    from tabulate import tabulate
+
+    by = {(r["method"], int(r["train_seed"])): r for r in rows}
+    table = []
+    for m in SEED_METHODS:
+        seeds = sorted(s for (mm, s) in by if mm == m)
+        for s in seeds:
+            r = by[(m, s)]
+            table.append([m, s, f"{r['best_mean']:.1f} ± {r['best_sem']:.1f}",
+                          f"{r['final_mean']:.1f} ± {r['final_sem']:.1f}", int(r["n"])])
+        if len(seeds) > 1:
+            cells = []
+            for which in ("best", "final"):
+                v = np.array([by[(m, s)][f"{which}_mean"] for s in seeds], float)
+                cells.append(f"{v.mean():.1f} (sd {v.std(ddof=1):.1f}, {v.min():.1f} to {v.max():.1f})")
+            table.append([f"{m}: over {len(seeds)} training seeds", "", *cells, ""])
+    lines = [tabulate(table, headers=["method", "training seed", "selected checkpoint", "final checkpoint", "n"],
+                      tablefmt="github", disable_numparse=True), ""]
+    if ("data", -1) in by:
+        d = by[("data", -1)]
+        lines.append(f"The data's own level: {d['best_mean']:.1f} ± {d['best_sem']:.1f} over the dataset's "
+                     f"{int(d['n'])} complete episodes; the behavior policy (the generator's record): "
+                     f"{d['behavior']:.1f}.")
+        lines.append("")
+        teachers = sorted(s for (m, s) in by if m == "teacher")
+        if teachers and d["behavior"] == d["behavior"]:
+            lines.append(teacher_vs_behavior(by, teachers, float(d["behavior"])))
+            lines.append("")
+    if ("teacher", 0) in by and any(m == "ctd" for m, _ in by):
+        # with teacher rows the students distil training seed 0's teacher (bench/training_seeds.py --teacher-run)
+        t = by[("teacher", 0)]
+        per = [f"seed {s}: {by[('ctd', s)]['best_mean'] - t['final_mean']:+.1f} ± "
+               f"{math.hypot(by[('ctd', s)]['best_sem'], t['final_sem']):.1f}"
+               for s in sorted(s for m, s in by if m == "ctd")]
+        lines += [f"- CTD (selected checkpoint) minus the teacher it distils (training seed 0's, Heun-80 "
+                  f"{t['final_mean']:.1f} ± {t['final_sem']:.1f}): " + "; ".join(per) + ".", ""]
+    for v in seed_verdicts(rows):
+        per = "; ".join(f"seed {p['seed']}: {p['diff']:+.1f} ± {p['se']:.1f} ({p['outcome']})" for p in v["per_seed"])
+        lines.append(f"- {v['a'].upper()} vs {v['b'].upper()}, {v['checkpoint']} checkpoints: **{v['verdict']}** "
+                     f"on {len(v['per_seed'])} training seed(s): {per}.")
+    multi = []
+    for (m, s), r in sorted(by.items()):
+        steps = sorted(int(k[3:-5]) for k in r if k.startswith("nfe") and k.endswith("_mean") and r[k] == r[k])
+        if steps:
+            multi.append(f"{m} seed {s}: 1 step {r['best_mean']:.1f} ± {r['best_sem']:.1f}, " + ", ".join(
+                f"{k} steps {r[f'nfe{k}_mean']:.1f} ± {r[f'nfe{k}_sem']:.1f}" for k in steps))
+    if multi:
+        lines.append("- Multi-step sampling (Table 5), selected checkpoints (ractd_ctm: the reward applied at a "
+                     "random t, `reward_variant=\"ctm\"`): " + "; ".join(multi) + ".")
+    return lines
 
 
 if __name__ == "__main__":

@@ -3,12 +3,14 @@ the terms are added as they come (DistillConfig.term_scale "raw", the paper and 
 each divided by a running mean of its own value ("balanced": App. B.3's "keep the individual loss terms within
 the same order of magnitude" made exact), over a grid of reward weights sigma.
 
-    python bench/term_balance.py --task hopper-medium-replay --scales balanced --sigmas 0 0.03 0.1 0.3 1
-    python bench/term_balance.py --scales balanced --sigmas 0 0.1 --train-seeds 1 2   # a point on more seeds
-    python bench/term_balance.py --report --out docs/results/balance/hopper-medium-replay-small   # committed
+    python -m ractd_repro.studies.term_balance --task hopper-medium-replay --scales balanced --sigmas 0 0.03 0.1 0.3 1
+    python -m ractd_repro.studies.term_balance --scales balanced --sigmas 0 0.1 --train-seeds 1 2   # a point on more
+    seeds
+    python -m ractd_repro.studies.term_balance --report --out docs/results/balance/hopper-medium-replay-small   #
+    committed
 
-Every student distils the same teacher with the same reward model: those of bench/training_seeds.py's shared run
-(--shared, default <cache>/bench/seeds/<task>-<scale>/shared; trained there when missing), at that study's budget
+Every student distils the same teacher with the same reward model: those of ractd_repro.studies.training_seeds's shared
+run (--shared, default <cache>/bench/seeds/<task>-<scale>/shared; trained there when missing), at that study's budget
 (400 steps at batch 128, model selection on 10 full episodes every 100 steps), evaluated on the same 100 seeds at
 its selected and its final checkpoint. A "raw" point that study already trained (CTD: sigma 0, RACTD: its
 --sigma) is taken from its store (--seeds-store) instead of being trained twice.
@@ -33,13 +35,13 @@ import time
 from pathlib import Path
 
 from ractd import RactdError
-from ractd.claims import balance_report
 from ractd.errors import Parser, run_command
-from ractd.evaluate import evaluate_checkpoint
+from ractd.evaluate import EvalConfig, evaluate_checkpoint
 from ractd.io import atomic_parquet
 from ractd.paths import cache_dir
 from ractd.tasks import get_task
 from ractd.train import TrainConfig, train
+from ractd_repro.claims import Z
 
 
 def _shared(args) -> tuple[str, str]:
@@ -75,7 +77,8 @@ def _shares(row: dict) -> dict:
 
 
 def _from_seeds_store(args, scale: str, sigma: float, seed: int) -> dict | None:
-    """A raw row bench/training_seeds.py already made with this teacher and budget (CTD or its RACTD sigma)."""
+    """A raw row ractd_repro.studies.training_seeds already made with this teacher and budget (CTD or its RACTD
+    sigma)."""
     import pandas as pd
 
     if scale != "raw" or not args.seeds_store.is_file():
@@ -88,7 +91,7 @@ def _from_seeds_store(args, scale: str, sigma: float, seed: int) -> dict | None:
     r = hit.iloc[0].to_dict()
     run_dir = args.seeds_store.parent / f"{method}-seed{seed}"
     return {**{k: r[k] for k in ("best_mean", "best_sem", "final_mean", "final_sem", "n", "train_s", "steps")},
-            **_terms(run_dir), "run_dir": str(run_dir), "source": "bench/training_seeds.py"}
+            **_terms(run_dir), "run_dir": str(run_dir), "source": "ractd_repro.studies.training_seeds"}
 
 
 def _weights(task: str, sigma: float) -> tuple[float, float]:
@@ -109,11 +112,9 @@ def _train_row(args, scale: str, sigma: float, seed: int, teacher: str, reward: 
     res = train(cfg)
     row = {"steps": int(res["step"]), "train_s": time.perf_counter() - t0}
     for which, ckpt in (("best", res["best"]), ("final", res["checkpoint"])):
-        s = evaluate_checkpoint(args.task, run_dir=str(run_dir), sampler="student", checkpoint=str(ckpt),
-                                seeds=list(range(args.eval_seeds)), precision="fp32", progress=False,
-                                out=str(run_dir / f"eval-{which}.parquet"))
+        s = evaluate_checkpoint(EvalConfig(task=args.task, run_dir=str(run_dir), sampler="student", checkpoint=str(ckpt), seeds=args.eval_seeds, precision="fp32", out=str(run_dir / f"eval-{which}.parquet")), progress=False)
         row.update({f"{which}_mean": s["score_mean"], f"{which}_sem": s["score_sem"], "n": s["n"]})
-    return {**row, **_terms(run_dir), "run_dir": str(run_dir), "source": "bench/term_balance.py"}
+    return {**row, **_terms(run_dir), "run_dir": str(run_dir), "source": "ractd_repro.studies.term_balance"}
 
 
 def _grad_norms(run_dir: Path) -> dict:
@@ -121,7 +122,12 @@ def _grad_norms(run_dir: Path) -> dict:
     import torch
 
     from ractd import ctm
-    from ractd.train import load_stage_model, load_upstream, prepare, term_gradient_norms
+    from ractd.train import (
+        load_stage_model,
+        load_upstream,
+        prepare,
+        term_gradient_norms,
+    )
 
     student, cfg, ck = load_stage_model(run_dir / "student" / "latest" / "checkpoint.pt", use_ema=False)
     prep = prepare(cfg)
@@ -209,8 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=128, help="student batch")
     ap.add_argument("--ckpt-every", type=int, default=100, help="student checkpoint / model selection interval")
     ap.add_argument("--eval-seeds", type=int, default=100)
-    ap.add_argument("--shared", default="", help="the teacher and reward run (default: bench/training_seeds.py's)")
-    ap.add_argument("--seeds-store", default="", help="bench/training_seeds.py's results.parquet to take raw rows "
+    ap.add_argument("--shared", default="", help="the teacher and reward run (default: the training_seeds study's)")
+    ap.add_argument("--seeds-store", default="", help="the training_seeds study's results.parquet to take raw rows "
                     "from (default: its cache folder's)")
     ap.add_argument("--out", default="", help="default <cache>/bench/balance/<task>-<scale>")
     ap.add_argument("--report", action="store_true", help="only gather <out>/rows and print the table")
@@ -218,6 +224,82 @@ def main(argv: list[str] | None = None) -> int:
                     "checkpoint to the rows without one (ractd.train.term_gradient_norms; run it in one process)")
     args = ap.parse_args(argv)
     return run_command(lambda: run(args))
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+STUDY = "ractd_repro.studies.term_balance"
+STORE = "balance"
+
+
+def section(data: Path) -> list[str]:
+    """docs/results.md's part for this study: one block per <data>/balance/<task>-<scale>/results.parquet."""
+    import pandas as pd
+
+    parts = []
+    for f in sorted((Path(data) / STORE).glob("*/results.parquet")):
+        parts += [f"### Eq. (9)'s term balance ({STUDY}): {f.parent.name}", "",
+                  "Students of one teacher and reward model (those of the training-seed study), 400 steps at batch "
+                  "128, selected on 10 full episodes every 100 steps, 100 evaluation seeds. raw: Eq. (9) adds the "
+                  "terms as they come (the paper); balanced: L_CTM and L_DSM each divided by a running mean of its "
+                  "own value (DistillConfig.term_scale). L_* are the logged raw terms (mean over checkpoints); the "
+                  "loss shares are each weighted term's part of the loss; ‖∇‖ is the norm of each weighted "
+                  "term's gradient on the student at its final checkpoint (ractd.train.term_gradient_norms, 4 "
+                  "batches).", "",
+                  *balance_report(pd.read_parquet(f).to_dict("records")), ""]
+    return parts
+
+
+def balance_report(rows: list[dict]) -> list[str]:
+    """This study's store as Markdown: one line per (term scale, sigma) with its score per training
+    seed (selected checkpoint ± SE, final in brackets) and its terms' mean magnitudes and shares of the weighted
+    loss and, where measured, the norms of their weighted gradients at the final checkpoint (mean over seeds); then
+    each "balanced" or "gradient" point against the raw point of the same role (CTD for sigma = 0, RACTD for
+    sigma > 0) on the training seeds both have (a difference counts at Z SE of the difference; "above"/"below"
+    only when it does on every such seed)."""
+    from tabulate import tabulate
+
+    if not rows:
+        return ["(no rows)"]
+    by = {}
+    for r in rows:
+        by.setdefault((r["term_scale"], float(r["sigma"])), []).append(r)
+    table = []
+    for (scale, sigma), rs in sorted(by.items()):
+        rs = sorted(rs, key=lambda r: r["train_seed"])
+        scores = "; ".join(f"{int(r['train_seed'])}: {r['best_mean']:.1f} ± {r['best_sem']:.1f} "
+                           f"({r['final_mean']:.1f})" for r in rs)
+        m = {k: sum(r[k] for r in rs) / len(rs) for k in ("ctm", "dsm", "reward", "share_ctm", "share_dsm",
+                                                           "share_reward", "at_bound")}
+        grads = [r for r in rs if r.get("g_ctm") is not None and not math.isnan(r["g_ctm"])]
+        g = "" if not grads else " / ".join(
+            f"{sum(r[k] for r in grads) / len(grads):.3g}" for k in ("g_ctm", "g_dsm", "g_reward"))
+        table.append([scale, f"{sigma:g}", scores, f"{m['ctm']:.3f}", f"{m['dsm']:.1f}",
+                      "" if sigma == 0 else f"{m['reward']:.2f}",
+                      f"{m['share_ctm']:.2f} / {m['share_dsm']:.2f} / {m['share_reward']:.2f}", g,
+                      f"{m['at_bound']:.3f}"])
+    lines = [tabulate(table, headers=["terms", "σ", "selected ± SE (final) per training seed", "L_CTM", "L_DSM",
+                                      "L_Reward", "loss share CTM / DSM / reward", "‖∇‖ CTM / DSM / reward",
+                                      "at bound"], tablefmt="github"), ""]
+    raw = {(int(r["train_seed"]), r["sigma"] > 0): r for r in rows if r["term_scale"] == "raw"}
+    for (scale, sigma), rs in sorted(by.items()):
+        if scale == "raw":
+            continue
+        diffs = []
+        for r in rs:  # against the raw point of the same role: CTD for sigma = 0, RACTD for sigma > 0
+            ref = raw.get((int(r["train_seed"]), sigma > 0))
+            if ref is None:
+                continue
+            d = r["best_mean"] - ref["best_mean"]
+            diffs.append((int(r["train_seed"]), d, math.hypot(r["best_sem"], ref["best_sem"]), ref["sigma"]))
+        if diffs:
+            word = ("above" if all(d > Z * se for _, d, se, _ in diffs) else
+                    "below" if all(d < -Z * se for _, d, se, _ in diffs) else "mixed or level")
+            parts = ", ".join(f"seed {s}: {d:+.1f} ± {se:.1f}" for s, d, se, _ in diffs)
+            ref_name = "CTD" if sigma == 0 else f"RACTD (σ = {diffs[0][3]:g})"
+            lines.append(f"- {scale} σ = {sigma:g} minus raw {ref_name}, selected checkpoints: {parts} → {word} on "
+                         f"{len(diffs)} training seed(s)")
+    return lines
 
 
 if __name__ == "__main__":

@@ -2,20 +2,22 @@
 one-step student's score, at equal compute.
 
 The forms (DSM_FORMS below, DistillConfig fields dsm_form x dsm_weighting):
-  "lambda_denoiser"  EDM's lambda(sigma) x d(x0, g(x_sigma, sigma, sigma)) -- the library's earlier default;
+  "lambda_denoiser"  EDM's lambda(sigma) x d(x0, g(x_sigma, sigma, sigma)) -- the library's default
+                     (DistillConfig: dsm_form "denoiser", dsm_weighting "lambda"), kept by this study;
   "lambda_jump"      lambda(sigma) x d(x0, G(x_sigma, sigma, sigma_min)) -- the released code's form;
   "paper"            d(x0, G(x_sigma, sigma, 0)) with no weight -- Eq. (7) as printed ("the same as ... Equation
                      4", which the paper writes without a weight);
   "none_denoiser"    d(x0, g(x_sigma, sigma, sigma)) with no weight.
 Every form distills from the same teacher (one per training seed: the Eq. (4) default form at the quick budget,
-reused from bench/eq4_forms.py's store when present, else trained here), with the same budget and seed. The
+reused from ractd_repro.studies.eq4_forms's store when present, else trained here), with the same budget and seed. The
 students are maze2d-umaze's (sigma = 0: CTD, no reward term), so the comparison is of CTM against DSM alone.
 
-    python bench/dsm_forms.py [--train-seeds 0 1 2] [--eval-seeds 100] [--forms paper lambda_denoiser]
-    python bench/dsm_forms.py --report --out docs/results/dsm/maze2d-umaze-small    # the committed measurement
-    python bench/dsm_forms.py --toy [--train-seeds 0 1 2]    # the two-mode bandit of ractd.toy instead
+    python -m ractd_repro.studies.dsm_forms [--train-seeds 0 1 2] [--eval-seeds 100] [--forms paper lambda_denoiser]
+    python -m ractd_repro.studies.dsm_forms --report --out docs/results/dsm/maze2d-umaze-small    # the committed
+    measurement
+    python -m ractd_repro.studies.dsm_forms --toy [--train-seeds 0 1 2]    # the two-mode bandit of ractd.toy instead
 
---toy: the mode-coverage check behind the earlier choice of "denoiser" (ractd.toy: a 30% / 70% two-mode bandit;
+--toy: the mode-coverage check behind the choice of "denoiser" (ractd.toy: a 30% / 70% two-mode bandit;
 a CTD student should keep the teacher's share of the 30% mode): one teacher per training seed, one CTD student per
 form, the share of one-step samples on the 30% mode (2000 states). Rows go to <out>/toy.parquet.
 
@@ -38,7 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from ractd import RactdError
-from ractd.evaluate import evaluate_checkpoint
+from ractd.evaluate import EvalConfig, evaluate_checkpoint
 from ractd.io import atomic_parquet, read_rows
 from ractd.paths import cache_dir
 from ractd.train import TrainConfig, train
@@ -151,9 +153,7 @@ def run(args) -> int:
         if ("teacher", seed) not in done:
             row = {"form": "teacher", "train_seed": seed}
             for inpaint, col in (("none", "best"), ("start", "best_pinned")):
-                s = evaluate_checkpoint(args.task, run_dir=str(out), sampler="heun", checkpoint=str(teacher),
-                                        seeds=list(range(args.eval_seeds)), inpaint=inpaint, progress=False,
-                                        out=str(out / f"teacher-seed{seed}-{inpaint}.parquet"))
+                s = evaluate_checkpoint(EvalConfig(task=args.task, run_dir=str(out), sampler="heun", checkpoint=str(teacher), seeds=args.eval_seeds, inpaint=inpaint, out=str(out / f"teacher-seed{seed}-{inpaint}.parquet")), progress=False)
                 row.update({f"{col}_mean": s["score_mean"], f"{col}_sem": s["score_sem"], "n": s["n"]})
             rows.append(row)
             atomic_parquet(store, rows)
@@ -177,9 +177,7 @@ def run(args) -> int:
                    "steps": res["step"], "train_s": train_s, **term_means(cfg.stage_dir / "metrics.jsonl")}
             for which, ckpt, inpaint in (("best", res["best"], "none"), ("final", res["checkpoint"], "none"),
                                          ("best_pinned", res["best"], "start")):
-                s = evaluate_checkpoint(args.task, run_dir=str(run_dir), sampler="student", checkpoint=str(ckpt),
-                                        seeds=list(range(args.eval_seeds)), inpaint=inpaint,
-                                        out=str(run_dir / f"eval-{which}.parquet"), progress=False)
+                s = evaluate_checkpoint(EvalConfig(task=args.task, run_dir=str(run_dir), sampler="student", checkpoint=str(ckpt), seeds=args.eval_seeds, inpaint=inpaint, out=str(run_dir / f"eval-{which}.parquet")), progress=False)
                 row.update({f"{which}_mean": s["score_mean"], f"{which}_sem": s["score_sem"], "n": s["n"]})
             rows.append(row)
             atomic_parquet(store, rows)
@@ -198,6 +196,46 @@ def run(args) -> int:
     print(agg.to_string(float_format=lambda v: f"{v:.4g}"))
     print(f"\nstore: {store}")
     return 0
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+STUDY = "ractd_repro.studies.dsm_forms"
+STORE = "dsm"
+TITLE = "Eq. (7): the DSM term's form"
+
+
+def section(data: Path) -> list[str]:
+    """docs/results.md's part for this study: one block per store folder <data>/dsm/<task>-<scale>/."""
+    parts = []
+    for folder in sorted(p for p in (Path(data) / STORE).glob("*") if p.is_dir()):
+        lines = _dsm_lines(folder)
+        if lines:
+            parts += [f"### {TITLE} ({STUDY}): {folder.name}", "", *lines, ""]
+    return parts
+
+
+def _dsm_lines(folder: Path) -> list[str]:
+    import pandas as pd
+    from tabulate import tabulate
+
+    lines = []
+    if (folder / "results.parquet").is_file():
+        df = pd.read_parquet(folder / "results.parquet")
+        table = []
+        for form, g in df.groupby("form", sort=False):
+            g = g.sort_values("train_seed")
+            has_ratio = "dsm_over_ctm" in g and g["dsm_over_ctm"].notna().any()
+            ratio = f"{g['dsm_over_ctm'].mean():.0f}x" if has_ratio else ""
+            table.append([form, "; ".join(f"{m:.1f} ± {s:.1f}" for m, s in zip(g["best_mean"], g["best_sem"])), ratio])
+        lines += [tabulate(table, headers=["form", "score per training seed (100 seeds each)", "DSM / CTM"],
+                           tablefmt="github", disable_numparse=True)]
+    if (folder / "toy.parquet").is_file():
+        df = pd.read_parquet(folder / "toy.parquet")
+        lines.append("Share of one-step samples on the toy bandit's 30% mode (teacher "
+                     f"{df['teacher'].mean():.3f}, data {df['data'].mean():.3f}): "
+                     + ", ".join(f"{r.form} {r.ctd:.3f}" for r in df.itertuples()) + ".")
+    return lines
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""A Ray cluster laid out like a cloud cluster, on one machine, for the `ray`-marked multi-node tests.
+"""A Ray cluster laid out like a cloud cluster, on one machine, for the `ray`-marked multi-node tests and
+bench/multinode.py.
 
 - storage: a real S3 endpoint, moto's ThreadedMotoServer on 127.0.0.1, one bucket; every process gets
   RACTD_STORAGE_PATH=s3://<bucket>/<prefix> and the endpoint the way a user of an S3-compatible store (MinIO,
