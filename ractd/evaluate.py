@@ -82,6 +82,9 @@ class EvalConfig:
                 raise RactdError(f"{name}={getattr(self, name)}: must be >= 0")
         if self.sampler == "student" and self.nfe > 4:
             raise RactdError(f"nfe={self.nfe}: the student samples with 1 to 4 steps")
+        if self.sampler in ("heun", "euler") and self.nfe == 1:
+            raise RactdError(f"nfe=1: --sampler {self.sampler} takes the number of Karras bins, at least 2 (2 bins: "
+                             "one step from sigma_max to sigma_min; Euler's is one network call)")
         _engine_config(self.engine, self.accelerate, self.precision)
         return self
 

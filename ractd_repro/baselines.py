@@ -61,6 +61,11 @@ def baseline_rows(study: Study, store: ResultsStore) -> int:
             log.warning("%s: no data row (%s)", task, e)
             continue
         rows = data_rows(task, data, study.name, source=f"dataset {task} ({study.data_scale})")
+        stored = {k[2] for k in done if k[0] == task and k[1] == "data"}
+        if stored and rows and stored != {rows[0]["checkpoint"]}:
+            raise RactdError(f"{task}: the store at {store.root} holds the data level of another dataset "
+                             f"(fingerprint {', '.join(sorted(stored))}, now {rows[0]['checkpoint']}); a task's cells "
+                             "must share one dataset: use a new store (--out) or the dataset they were measured on")
         rows = [r for r in rows if (r["task"], r["method"], r["checkpoint"]) not in done]
         store.write_episodes(rows)
         written += len(rows)

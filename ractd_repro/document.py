@@ -186,9 +186,11 @@ def _verdict_lines(verdicts: list[dict]) -> list[str]:
              "## Verdicts", "",
              f"Rules: a difference counts at {Z:g} standard errors of the difference (SE over episodes, "
              f"sqrt(SE_a^2 + SE_b^2)); \"matches\" allows {MATCH_MARGIN:g} normalized points, and is \"not "
-             "meaningful\" when both sides are below the data's own level at the same 2 SE (where the data level "
-             "is not measured the evidence says so); claim 3 uses paired differences of R_psi on the same dataset "
-             "states. \"inconclusive\" = the interval contains both outcomes. The teacher is named by its cost: "
+             "meaningful\" when the reference (the teacher) is not above the data's own level at the same 2 SE: a "
+             "student matching a teacher that does no better than the data says nothing about distillation (where "
+             "the data level is not measured the evidence says so); claim 3 uses paired differences of R_psi on the "
+             "same dataset states and is a diagnostic of the training objective, not evidence of the method. "
+             "\"inconclusive\" = the interval contains both outcomes. The teacher is named by its cost: "
              f"Heun over {N_BINS} bins is {N_BINS - 1} steps of 2 network calls, "
              f"{sampler_name('heun', N_BINS)}. A RACTD cell whose episodes carry σ = 0 is named "
              f"\"RACTD ({CTD_NOTE})\".", ""]

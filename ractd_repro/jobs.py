@@ -77,9 +77,9 @@ def make_job(task: str, method: str, checkpoint, scale: str, max_steps: int = 0,
     path = Path(checkpoint)
     cache = hash_cache if hash_cache is not None else {}
     if path not in cache:
-        cfg = load_checkpoint(path)["config"]
-        cache[path] = (checkpoint_hash(path), cfg)
-    digest, cfg = cache[path]
+        ck = load_checkpoint(path)
+        cache[path] = (checkpoint_hash(path), ck["config"], ck.get("meta", {}).get("dataset_fingerprint"))
+    digest, cfg, _ = cache[path]
     if sigma is None:
         sigma = float(cfg["distill"]["sigma"]) if cfg.get("stage") == "student" else float("nan")
     return EvalJob(task=task, method=m.id, sampler=m.sampler, nfe=m.nfe, checkpoint_path=str(path),
@@ -88,8 +88,23 @@ def make_job(task: str, method: str, checkpoint, scale: str, max_steps: int = 0,
                    seed_cap=int(seed_cap))
 
 
+def one_dataset(task: str, jobs: list[EvalJob], hashes: dict) -> None:
+    """A task's cells must all come from one dataset: refuse (RactdError naming the checkpoints) when the models of
+    its jobs were trained on datasets with different fingerprints (checkpoint meta "dataset_fingerprint")."""
+    by_fp: dict[str, list[str]] = {}
+    for j in jobs:
+        fp = hashes.get(Path(j.checkpoint_path), (None, None, None))[2]
+        if j.task == task and fp:
+            by_fp.setdefault(fp, []).append(j.checkpoint_path)
+    if len(by_fp) > 1:
+        listing = "; ".join(f"{fp}: {', '.join(sorted(set(paths)))}" for fp, paths in sorted(by_fp.items()))
+        raise RactdError(f"{task}: the study's checkpoints were trained on different datasets ({listing}); a task's "
+                         "cells must share one dataset: retrain or remove the stale checkpoints")
+
+
 def study_jobs(study: Study, max_steps: int = 0) -> tuple[list[EvalJob], list[Missing]]:
-    """(jobs for every cell whose checkpoint exists, missing cells with the command that trains them)."""
+    """(jobs for every cell whose checkpoint exists, missing cells with the command that trains them). A task whose
+    checkpoints come from different datasets is refused (`one_dataset`)."""
     jobs: list[EvalJob] = []
     missing: list[Missing] = []
     hashes: dict = {}
@@ -126,6 +141,8 @@ def study_jobs(study: Study, max_steps: int = 0) -> tuple[list[EvalJob], list[Mi
                 chain = [models[d] for d in model.deps if not models[d].exists] + [model]
                 missing.append(Missing(task, mid, model.checkpoint,
                                        " && ".join(dict.fromkeys(m.command(study.budget) for m in chain))))
+    for task in study.tasks:
+        one_dataset(task, jobs, hashes)
     return jobs, missing
 
 

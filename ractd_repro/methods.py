@@ -43,6 +43,10 @@ class Method:
 
 METHODS: dict[str, Method] = {m.id: m for m in [
     Method("teacher-heun-80", "Teacher Heun-80", "teacher", "heun", 80),
+    # the warm-start control: one Euler step of the teacher from sigma_max to sigma_min (2 Karras bins, 1 network
+    # call) is the student at step 0 -- load_teacher_into_student makes G(x, T, s) equal to it up to float rounding
+    # (tests/test_warm_start.py) -- so a distilled student must beat this cell to show what distillation adds
+    Method("teacher-euler-1", "Teacher Euler, 1 network call (= the student at step 0)", "teacher", "euler", 2),
     Method("ddpm-100", "DDPM 100", "ddpm", "ddpm", 100),
     Method("ddpm-15", "DDPM 15", "ddpm", "ddpm", 15),
     Method("ddim-10", "DDIM 10", "ddpm", "ddim", 10),
@@ -93,8 +97,9 @@ def get_method(mid: str) -> Method:
 CORE = ("teacher-heun-80", "ctd", "ractd")
 
 
-# beside every task's methods: behavior cloning, and the final checkpoints of the selected students
-BASELINES = ("bc", "ctd-final", "ractd-final")
+# beside every task's methods: behavior cloning, the warm-start control (the teacher's one-step Euler = the student
+# at step 0), and the final checkpoints of the selected students
+BASELINES = ("bc", "teacher-euler-1", "ctd-final", "ractd-final")
 
 
 LOCO_SAMPLERS = ("ddpm-15", "ddim-15")                      # Table 3

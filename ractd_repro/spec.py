@@ -115,6 +115,26 @@ CLAIMS_SWEEPS: dict[str, str] = {
                     "--grace-period 4",
 }
 
+LOCOMOTION_TASKS = tuple(f"{env}-{split}" for env in ("halfcheetah", "hopper", "walker2d")
+                         for split in ("medium-expert", "medium", "medium-replay"))
+MAZE_TASKS = tuple(f"maze2d-{size}" for size in ("umaze", "medium", "large"))
+
+
+def _tables_sweep(task: str) -> str:
+    """The `tune/search.py` flags of one task of the twelve-task study: the CPU budget at the small data scale,
+    every grid point run to its end (no ASHA stopping), and (locomotion) the sigma grid {0 (CTD), Table 9's sigma}
+    so that CTD and the paper's point share one teacher, reward model and model selection with the sweep's pick."""
+    if task.startswith("maze2d"):
+        return "--scale small --num-samples 2 --select-seeds 5 --grace-period 4"
+    sigma = get_task(task).weights.sigma
+    grid = "0" if sigma == 0 else f"0 {sigma:g}"
+    return (f"--scale small --teacher-steps 2000 --steps 400 --batch 128 --ckpt-every 100 --grace-period 4 "
+            f"--sigmas {grid} --num-samples 3")
+
+
+# The twelve-task study's sweeps (Tables 1 and 2), one per task; run a task at a time (its pieces resume).
+TABLES_SWEEPS: dict[str, str] = {t: _tables_sweep(t) for t in LOCOMOTION_TASKS + MAZE_TASKS}
+
 
 STUDIES: dict[str, Study] = {
     # The README's first command (after the quick sweep; docs/results.md and the command's own output give its scores):
@@ -147,6 +167,15 @@ STUDIES: dict[str, Study] = {
                            TaskPlan("hopper-medium-replay", CORE + MULTISTEP + (SIGMA_SWEEP,) + BASELINES,
                                     sigmas=(0.3, 1.0, 1.5)),
                            TaskPlan("walker2d-medium", CORE + (SIGMA_SWEEP,) + BASELINES, sigmas=(0.4,)))),
+    # Tables 1 and 2 in full at CPU scale (the twelve tasks, run a task at a time: `tune/search.py --task T
+    # <TABLES_SWEEPS[T]>`, then `eval/reproduce_tables.py --study tables --tasks T --train-missing`; each piece adds
+    # to one store, a task's cells from one dataset): RACTD (the sweep's pick), CTD, the teacher's Heun-80 (on
+    # costly_seeds seeds on locomotion, where every env step replans with 158 network calls), BC, the warm-start
+    # control and the data's level on every task; maze2d also DDPM-100 / DDIM-10 / DDIM-1 (Table 11).
+    "tables": Study(name="cpu-tables", budget="cpu", data_scale="small", costly_seeds=10,
+                    sweep_flags=tuple(TABLES_SWEEPS.items()),
+                    plans=tuple(TaskPlan(t, CORE + BASELINES) for t in LOCOMOTION_TASKS)
+                    + tuple(TaskPlan(t, CORE + MAZE_SAMPLERS + BASELINES) for t in MAZE_TASKS)),
     # The paper: Tables 1, 2, 11 on every task, Tables 3, 5 and Fig. 4 on hopper-medium-replay, Table 10 on
     # walker2d-medium (GPU cluster).
     "paper": Study(name="paper", budget="paper", data_scale="full", plans=tuple(

@@ -109,6 +109,8 @@ BASELINES = [("bc", "BC (CORL recipe)"), ("data", "data (the dataset's episodes)
 
 # the final checkpoints of the selected students (ractd_repro.methods: ctd-final, ractd-final)
 FINALS = [("ractd-final", "RACTD, final checkpoint"), ("ctd-final", "CTD, final checkpoint")]
+# the warm-start control: the teacher's one-step Euler, which is the student at step 0 (ractd_repro.methods)
+CONTROLS = [("teacher-euler-1", "warm start: teacher Euler, 1 call (= student at step 0)")]
 
 
 def _behavior_cell(eps: list[dict] | None) -> tuple[str, dict]:
@@ -151,7 +153,7 @@ def table1(rows: list[dict]) -> Table:
     tasks = [t for t in _T1_TASKS if any(k[0] == t for k in g)]
     tasks += sorted({k[0] for k in g if _kind(k[0]) == "locomotion"} - set(tasks))
     measured = [("ractd", "RACTD, selected checkpoint"), ("ctd", "CTD, selected checkpoint"),
-                ("teacher-heun-80", "Teacher Heun-80")] + FINALS + BASELINES
+                ("teacher-heun-80", "Teacher Heun-80")] + CONTROLS + FINALS + BASELINES
     paper_cols = ["RACTD", "Diffuser", "Consistency AC", "Diffusion QL", "BC"]
     md, csv_rows = [], []
     for task in tasks:
@@ -184,12 +186,13 @@ TABLE2_METHODS = [("ractd", "RACTD (PD tracker), selected checkpoint", "RACTD"),
                   ("ctd", "CTD (PD tracker), selected checkpoint", "CTD"),
                   ("ractd-final", "RACTD (PD tracker), final checkpoint", None),
                   ("ctd-final", "CTD (PD tracker), final checkpoint", None),
+                  ("teacher-euler-1", "warm start: teacher Euler, 1 call (= student at step 0)", None),
                   ("bc", "BC (goal-conditioned, closed loop)", None),
                   ("data", "data (300-step windows of the dataset at the evaluation goal)", None)]
 
 
 # rows that say "not measured" when the store lacks them (the others say "missing": a planned cell not run)
-_OPTIONAL = {m for m, _ in FINALS + BASELINES}
+_OPTIONAL = {m for m, _ in FINALS + BASELINES + CONTROLS}
 
 
 def table2(rows: list[dict]) -> Table:

@@ -3,6 +3,7 @@ its behavior policy, and the tables' BC / data / final-checkpoint rows ("not mea
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -129,3 +130,39 @@ def test_model_selection_defaults_rank_full_episodes_on_ten_seeds(monkeypatch):
     score = _quick_eval(cfg, build_student(cfg, prep), prep)
     assert seen["max_steps"] is None and seen["seeds"] == list(range(10_000, 10_010))
     assert score == pytest.approx(np.mean(range(10_000, 10_010)))
+
+
+def test_a_store_refuses_the_data_level_of_another_dataset(tmp_path, monkeypatch):
+    """A task's cells share one dataset: baseline_rows writes the data level once, and refuses a dataset whose
+    fingerprint differs from the one the store's data rows came from (a regenerated or resized dataset)."""
+    import dataclasses
+
+    from ractd import RactdError
+    from ractd.data import d4rl
+    from ractd_repro.spec import TaskPlan, get_study
+
+    data = {"value": _loco_data()}
+    monkeypatch.setattr(d4rl, "load_dataset", lambda task, scale: data["value"])
+    study = dataclasses.replace(get_study("quick"), plans=(TaskPlan("hopper-medium-replay", ("ctd",)),))
+    store = ResultsStore(tmp_path / "s")
+    assert baselines.baseline_rows(study, store) == 2
+    assert baselines.baseline_rows(study, store) == 0  # the same dataset: nothing new, no error
+    other = _loco_data()
+    other["rewards"] = other["rewards"] * 2.0
+    data["value"] = other
+    with pytest.raises(RactdError, match="hopper-medium-replay: the store at .* holds the data level of another"):
+        baselines.baseline_rows(study, store)
+
+
+def test_jobs_of_one_task_from_two_datasets_are_refused():
+    from ractd import RactdError
+    from ractd_repro.jobs import EvalJob, one_dataset
+
+    jobs = [EvalJob("maze2d-umaze", m, "student", 1, f"/{m}.pt", m, "test") for m in ("ctd", "ractd")]
+    same = {Path("/ctd.pt"): ("h1", {}, "fpA"), Path("/ractd.pt"): ("h2", {}, "fpA")}
+    one_dataset("maze2d-umaze", jobs, same)
+    mixed = {**same, Path("/ractd.pt"): ("h2", {}, "fpB")}
+    with pytest.raises(RactdError, match=r"maze2d-umaze: the study's checkpoints were trained on different datasets "
+                                         r"\(fpA: /ctd.pt; fpB: /ractd.pt\)"):
+        one_dataset("maze2d-umaze", jobs, mixed)
+    one_dataset("hopper-medium", jobs, mixed)  # another task's jobs are not this task's business

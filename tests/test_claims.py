@@ -32,13 +32,14 @@ def test_verdict_rules_at_two_standard_errors():
     assert claims.better(_cell(60, 3), _cell(50, 4)) == "inconclusive"
     assert claims.better(_cell(60.1, 3), _cell(50, 4)) == "holds"
     assert claims.better(_cell(39.9, 3), _cell(50, 4)) == "does not hold"
-    # both sides below the data's level (50 ± 1) by more than 2 SE: matching says nothing -> "not meaningful";
-    # one side above it -> the old verdict; no data cell -> the old verdict
+    # a reference (the teacher) not above the data's level (50 ± 1) by more than 2 SE: matching it says nothing
+    # about distillation -> "not meaningful", whatever the student does; no data cell -> the plain rule
     assert claims.matches(_cell(20, 1), _cell(25, 1), data=_cell(50, 1)) == "not meaningful"
     assert claims.matches(_cell(20, 1), _cell(25, 1)) == "holds"
-    assert claims.matches(_cell(60, 1), _cell(25, 1), data=_cell(50, 1)) == "holds"
+    assert claims.matches(_cell(60, 1), _cell(25, 1), data=_cell(50, 1)) == "not meaningful"
+    assert claims.matches(_cell(47.5, 1), _cell(51, 1), data=_cell(50, 1)) == "not meaningful"  # 51: within 2 SE
     assert claims.matches(_cell(20, 1), _cell(55, 1), data=_cell(50, 1)) == "does not hold"
-    assert claims.matches(_cell(47.5, 1), _cell(45, 1), data=_cell(50, 1)) == "holds"  # 47.5 is within 2 SE of 50
+    assert claims.matches(_cell(52, 1), _cell(55, 1), data=_cell(50, 1)) == "holds"
     # matching within 10 points: -5 - 2*5 = -15 < -10 and -5 + 10 = 5 > -10 -> inconclusive
     assert claims.matches(_cell(45, 3), _cell(50, 4)) == "inconclusive"
     assert claims.matches(_cell(49, 0.5), _cell(50, 0.5)) == "holds"

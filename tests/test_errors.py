@@ -58,3 +58,14 @@ def test_one_line_picks_first_or_last_nonempty_line():
     e = ValueError("\n first \n\n last \n")
     assert one_line(e) == "first" and one_line(e, last=True) == "last"
     assert one_line(ValueError()) == "ValueError"
+
+
+def test_the_evaluate_command_refuses_one_karras_bin_in_one_line(capsys):
+    """`evaluate --sampler euler --nfe 1` ended in a ValueError traceback from karras_sigmas; it is a user error."""
+    from ractd.cli import main
+
+    for sampler in ("euler", "heun"):
+        assert main(["evaluate", "--task", "maze2d-umaze", "--sampler", sampler, "--nfe", "1"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: nfe=1: --sampler {sampler} takes the number of Karras bins, at least 2")
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1

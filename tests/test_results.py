@@ -239,7 +239,9 @@ def test_study_reuses_the_sweeps_student_and_teacher_and_trains_what_is_missing(
     assert models["ctd"].cfg.teacher_ckpt == str(teacher) and not models["ctd"].exists
     jobs, missing = rjobs.study_jobs(s)
     # the sweep's student comes with its final checkpoint (<trial>/student/latest/checkpoint.pt)
-    assert sorted(j.method for j in jobs) == ["ractd", "ractd-final", "teacher-heun-80"]
+    # (and the warm-start control, the teacher's one-step Euler, from the sweep's teacher)
+    assert sorted(j.method for j in jobs) == ["ractd", "ractd-final", "teacher-euler-1", "teacher-heun-80"]
+    assert {j.method: j.checkpoint_path for j in jobs}["teacher-euler-1"] == str(teacher)
     assert {j.method: j.checkpoint_path for j in jobs}["ractd-final"] == str(best.parent / "latest" / "checkpoint.pt")
     assert [m.method for m in missing] == ["ctd", "bc", "ctd-final"] and f"--teacher-ckpt {teacher}" in missing[0].command
     assert missing[1].command.startswith("python -m ractd train-bc --task maze2d-umaze --quick")
@@ -256,13 +258,14 @@ def test_study_reuses_the_sweeps_student_and_teacher_and_trains_what_is_missing(
     assert load_checkpoint(models["ctd"].checkpoint)["config"]["teacher_ckpt"] == str(teacher)
     assert rmodels.ensure_models(s, small_trainer) == []  # nothing left to train
     jobs, missing = rjobs.study_jobs(s, max_steps=20)
-    assert missing == [] and len(jobs) == 6
+    assert missing == [] and len(jobs) == 7
     store = ResultsStore(tmp_path / "store")
-    assert rjobs.evaluate_serial(jobs, [0, 1, 2], store, block_size=2, progress=False)["episodes_run"] == 18
+    assert rjobs.evaluate_serial(jobs, [0, 1, 2], store, block_size=2, progress=False)["episodes_run"] == 21
     assert rjobs.evaluate_serial(jobs, [0, 1, 2], store, block_size=2, progress=False)["episodes_run"] == 0
     rows = store.episodes()
-    assert len(rows) == 18 and {r["method"] for r in rows} == {"ctd@20", "ractd@20", "teacher-heun-80@20", "bc@20",
-                                                                "ctd-final@20", "ractd-final@20"}
+    assert len(rows) == 21 and {r["method"] for r in rows} == {"ctd@20", "ractd@20", "teacher-heun-80@20", "bc@20",
+                                                                "teacher-euler-1@20", "ctd-final@20",
+                                                                "ractd-final@20"}
     assert {r["length"] for r in rows} == {20} and {r["scale"] for r in rows} == {"quick"}
     # The sweep's completed trial at alpha = beta = 1, sigma = 0 is CTD; a trial ASHA stopped early is not.
     import pyarrow as pa
@@ -324,7 +327,7 @@ def test_claims_study_takes_every_sigma_student_from_the_sweep_and_caps_only_cos
     caps = {j.method: j.seed_cap for j in jobs if j.task == task}
     # the plan's sigma 1 is the sweep's best (RACTD) trial: the same file is evaluated once, as RACTD
     assert rmodels.plan_models(s, task)["sigma-1"].checkpoint == Path(trials[0]["checkpoint"])
-    assert caps == {"teacher-heun-80": 10, "ctd": 0, "ractd": 0, "ractd-nfe2": 0, "ractd-nfe3": 0, "ractd-nfe4": 0,
+    assert caps == {"teacher-heun-80": 10, "teacher-euler-1": 0, "ctd": 0, "ractd": 0, "ractd-nfe2": 0, "ractd-nfe3": 0, "ractd-nfe4": 0,
                     "ractd-sigma-0.3": 0, "ctd-final": 0, "ractd-final": 0}
     # BC is not a sweep model: its missing cell says how to train it, not how to rerun the sweep
     assert by_method_cmd(missing, task, "bc").startswith(f"python -m ractd train-bc --task {task}")
