@@ -5,13 +5,16 @@
     hopper-medium-replay)
     python eval/reproduce_tables.py --paper --address auto   # every task at the paper's scale, on a Ray cluster
 
-Steps: (1) the study (ractd_repro.spec) lists its cells and the checkpoint each needs; missing checkpoints are
-trained (--train-missing; Ray Train when --address names a cluster, else in this process) or their
-`python -m ractd ...` commands are printed and the cells marked missing; (2) the actor pool (ractd_ray.pool)
-rolls out every (cell, seed) not yet in the store, block by block; (3) Fig. 3's reward samples and the data-level
-rows (ractd_repro.baselines.baseline_rows); (4) tables
-(Markdown + CSV) and figures (PNG) from the store (ractd_repro.store), printed and written under --out.
-Rerunning resumes: stored episodes are never rerun. Bad input: one line on stderr, exit status 2.
+Steps: (0) every task's dataset: on this machine, else fetched from the cluster's storage, else generated (each line
+says which); (1) the study (ractd_repro.spec) lists its cells and the checkpoint each needs; missing checkpoints are
+trained (--train-missing; Ray Train when --address names a cluster, else in this process) or their `python -m ractd
+...` commands are printed and the cells marked missing; (2) the actor pool (ractd_ray.pool) rolls out every (cell,
+seed) not yet in the store, block by block; (3) Fig. 3's reward samples and the data-level rows
+(ractd_repro.baselines.baseline_rows); (4) tables (Markdown + CSV) and figures (PNG) from the store
+(ractd_repro.store), printed and written under --out. Rerunning resumes: stored episodes are never rerun. On a
+cluster ($RACTD_STORAGE_PATH) the store, tables and figures are also kept in storage, block by block, and the
+sweep's records and checkpoints are read from there, so a new head (the old one lost with its disk) continues where
+the old one stopped. Bad input: one line on stderr, exit status 2.
 """
 
 from __future__ import annotations
@@ -96,12 +99,70 @@ def _trainer(args):
     return fit
 
 
+def fetch_trained(study) -> list[str]:
+    """On a cluster, the study's missing checkpoints that a Ray Train run of an earlier head finished (fit_stage's
+    storage: ractd.storage.folder_location("runs", run_dir), name = the stage), fetched instead of trained again.
+    Returns "task/model" of each."""
+    from ractd import storage
+    from ractd_repro.models import plan_models
+    from ractd_repro.records import fetch_finished_stage
+
+    if storage.configured() is None:
+        return []
+    got = []
+    for task in study.tasks:
+        for m in plan_models(study, task).values():
+            if m.cfg is None or m.exists or m.final_of:
+                continue
+            cfg = m.cfg.resolved()
+            if fetch_finished_stage(storage.folder_location("runs", cfg.run_dir), cfg.stage, cfg.stage, cfg.steps,
+                                    cfg.stage_dir) and m.exists:
+                got.append(f"{task}/{m.name}")
+    return got
+
+
+def ensure_datasets(study) -> list[str]:
+    """Every task's dataset on this machine before anything reads it: the file present, else fetched from the
+    cluster's storage (where the sweep or an earlier head stored it), else generated (seed 0, the sweep's
+    default: the same file for the same library versions); the paper budget's is D4RL's file (downloaded).
+    Returns one line per task saying which (ractd_repro.sweep.ensure_dataset)."""
+    from ractd.tasks import get_task
+    from ractd_repro.sweep import describe_dataset, ensure_dataset
+
+    lines = []
+    for task in study.tasks:
+        info = ensure_dataset(get_task(task), study.data_scale, "d4rl" if study.budget == "paper" else "auto",
+                              seed=0, use_minari=False)
+        lines.append(f"{task}: dataset {describe_dataset(info)}")
+    return lines
+
+
+def _prepare_models(study, args) -> None:
+    """The datasets, the sweep's models, and (--train-missing) the missing ones: fetched where an earlier head
+    trained them, else trained; one line each on what it used."""
+    from ractd_repro.models import ensure_models, sweep_usage_lines
+
+    for line in ensure_datasets(study):
+        print(line)
+    for line in sweep_usage_lines(study):
+        print(line)
+    if not study.train_missing:
+        return
+    if _on_cluster(args):
+        fetched = fetch_trained(study)
+        if fetched:
+            print(f"fetched {len(fetched)} checkpoints an earlier head trained: {', '.join(fetched)}")
+    trained = ensure_models(study, _trainer(args))
+    if trained:
+        print(f"trained {len(trained)} checkpoints: " + ", ".join(f"{m.task}/{m.name}" for m in trained))
+
+
 def run(args) -> dict:
     from ractd.paths import cache_dir
     from ractd_repro.baselines import baseline_rows, reward_rows
     from ractd_repro.figures import build_figures
     from ractd_repro.jobs import evaluate_serial, study_jobs, summary_lines
-    from ractd_repro.models import ensure_models, sweep_usage_lines
+    from ractd_repro.records import mirror_of
     from ractd_repro.spec import get_study
     from ractd_repro.store import ResultsStore
     from ractd_repro.tables import build_tables
@@ -117,16 +178,14 @@ def run(args) -> dict:
         raise RactdError(f"--max-steps {args.max_steps}: must be >= 0")
     out = Path(args.out) if args.out else cache_dir() / "results" / study.name
     store = ResultsStore(Path(args.store) if args.store else out / "store")
+    # on a cluster the store, tables and figures also live in storage: a new head continues from there
+    stored = mirror_of("results", store.root)
+    stored.pull()
     if _on_cluster(args):
         from ractd_ray.pool import connect
 
         connect(args.address)
-    for line in sweep_usage_lines(study):
-        print(line)
-    if study.train_missing:
-        trained = ensure_models(study, _trainer(args))
-        if trained:
-            print(f"trained {len(trained)} checkpoints: " + ", ".join(f"{m.task}/{m.name}" for m in trained))
+    _prepare_models(study, args)
     jobs, missing = study_jobs(study, max_steps=args.max_steps)
     for line in summary_lines(jobs, missing):
         print(line)
@@ -140,12 +199,19 @@ def run(args) -> dict:
         connect(args.address)
         cfg = PoolConfig(actors=args.actors, cpus_per_actor=args.cpus_per_actor, actors_per_gpu=args.actors_per_gpu,
                          gpu=args.gpu, block_size=args.block_size)
-        summary = evaluate(jobs, seeds, store, cfg, progress=not args.quiet)
-    print(f"episodes run: {summary['episodes_run']} (already stored episodes are not rerun)")
+        summary = evaluate(jobs, seeds, store, cfg, progress=not args.quiet,
+                           on_block=lambda pool, rows: stored.push())
+    print(f"episodes run: {summary['episodes_run']} (already stored episodes are not rerun"
+          + (f"; actors lost: {summary.get('actor_failures', 0)}, blocks dispatched again: "
+             f"{summary.get('redispatched_blocks', 0)}" if not args.no_ray else "") + ")")
     reward_rows(study, store)
     baseline_rows(study, store)  # the data's own level (and the behavior policy's record), no rollouts
+    stored.push()
     tables = build_tables(store, out)
     figures = build_figures(store, out / "figures")
+    outputs = mirror_of("results", out)
+    for f in [*out.glob("table*.md"), *out.glob("table*.csv"), *figures]:
+        outputs.publish(f)
     for t in tables:
         print(f"\n### {t.title}\n\n{t.markdown}")
     from ractd_repro.tables import headline_lines
@@ -157,7 +223,7 @@ def run(args) -> dict:
     if missing:
         print(f"\n{len(missing)} cells are missing (no checkpoint); the commands above train them, or rerun with "
               "--train-missing")
-    print(f"\nstore:   {store.root}")
+    print(f"\nstore:   {store.root}" + (f" (and {stored.stored})" if stored.stored else ""))
     print(f"tables:  {out}/table*.md, table*.csv")
     print("figures: " + (", ".join(str(f) for f in figures) if figures else "(none: no data for them yet)"))
     if study.name == "quick":

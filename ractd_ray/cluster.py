@@ -1,12 +1,16 @@
-"""Offline checks of the Ray cluster files (cluster.yaml, cluster-local.yaml) and where shared results go.
+"""The Ray cluster files (cluster.yaml, cluster-local.yaml): checked offline, their AWS roles, and a live check.
 
 `validate_cluster_config(path)` does what `ray up` does to a cluster file before it touches a cloud account:
 fill in the provider's defaults (`ray.autoscaler.sdk.fillout_defaults`) and validate the result against the
 autoscaler schema shipped in the Ray wheel (`ray/autoscaler/ray-schema.json`, JSON Schema draft-07: unknown
 keys are errors, node resources are non-negative integers), then the few cross-field rules `ray up` checks
-outside the schema. No network access, no AWS credentials, no Ray instance.
+outside the schema, then this project's own (shared storage, installed extras, instance profiles the head can
+pass). No network access, no AWS credentials, no Ray instance. A file with CHANGE-ME values left is refused
+(--template: checked as the repository's template, with its placeholders).
 
     python -m ractd_ray.cluster validate cluster.yaml cluster-local.yaml
+    python -m ractd_ray.cluster iam cluster.yaml [--apply]     # once per AWS account: ractd_ray.aws
+    python -m ractd_ray.cluster check                          # on the head of a running cluster: ractd_ray.check
 """
 
 from __future__ import annotations
@@ -120,6 +124,7 @@ def _check_project_rules(path: Path, raw: dict[str, Any], cfg: dict[str, Any]) -
     if _is_multi_node(raw, cfg) and f"{STORAGE_ENV}=" not in yaml.safe_dump(raw, width=10**6):
         raise RactdError(f"{path}: a multi-node cluster needs shared storage: set {STORAGE_ENV}=s3://... (or a "
                          f"shared folder) on every node, e.g. docker.run_options: --env {STORAGE_ENV}=...")
+    _check_profiles(path, cfg)
     extras = installed_extras(cfg)
     if extras is None:
         raise RactdError(f"{path}: setup_commands: no `pip install -e '.[{','.join(REQUIRED_EXTRAS)}]'` of this "
@@ -128,6 +133,19 @@ def _check_project_rules(path: Path, raw: dict[str, Any], cfg: dict[str, Any]) -
     if missing:
         raise RactdError(f"{path}: setup_commands: the nodes install .[{','.join(sorted(extras))}] without "
                          + "; ".join(f"{e} ({REQUIRED_EXTRAS[e]})" for e in missing))
+
+
+def _check_profiles(path: Path, cfg: dict[str, Any]) -> None:
+    """Worker node types with an instance profile need a head whose role may pass it: Ray's default head role
+    (created when the head names no profile) cannot, and every worker launch is refused (ractd_ray.aws)."""
+    types = cfg.get("available_node_types") or {}
+    head = types.get(cfg.get("head_node_type"), {})
+    workers = [n for n, t in types.items() if n != cfg.get("head_node_type")
+               and "IamInstanceProfile" in t.get("node_config", {})]
+    if workers and "IamInstanceProfile" not in head.get("node_config", {}):
+        raise RactdError(f"{path}: available_node_types.{workers[0]}.node_config.IamInstanceProfile: the head names "
+                         f"no instance profile, and Ray's default head role cannot pass the workers' (no "
+                         f"iam:PassRole): give the head the profile `python -m ractd_ray.cluster iam` creates")
 
 
 def validate_cluster_config(path: str | os.PathLike, project_rules: bool = True) -> dict[str, Any]:
@@ -178,26 +196,85 @@ def summary(cfg: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = Parser(
-        prog="python -m ractd_ray.cluster",
-        description="Offline checks of Ray cluster files (no cloud account or Ray instance needed).")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
-    p = sub.add_parser("validate", help="fill in Ray's defaults and validate against the autoscaler schema "
-                                        "shipped in the installed Ray wheel; exit 2 on the first invalid file")
-    p.add_argument("paths", nargs="+", metavar="CLUSTER_YAML", help="e.g. cluster.yaml cluster-local.yaml")
-    args = parser.parse_args(argv)
+def storage_bucket(raw: dict[str, Any]) -> str | None:
+    """The S3 bucket of the file's RACTD_STORAGE_PATH, None if it sets no s3:// storage."""
+    import re
+
+    m = re.search(rf"{STORAGE_ENV}=s3://([^/\s'\"]+)", yaml.safe_dump(raw, width=10**6))
+    return m.group(1) if m else None
+
+
+def _validate(args) -> int:
     for path in args.paths:
         try:
             cfg = validate_cluster_config(path)
         except RactdError as e:
             return fail(str(e))
+        todo = placeholders(path)
+        if todo and not args.template:
+            return fail(f"{path}: {PLACEHOLDER} left on line(s) {', '.join(map(str, todo))}: edit them before "
+                        f"`ray up` (--template checks the file as a template)")
         print(f"{path}: valid ({cfg['provider']['type']} provider, schema {schema_path()})")
         print(summary(cfg))
-        todo = placeholders(path)
         if todo:
-            print(f"  edit before `ray up`: {PLACEHOLDER} on line(s) {', '.join(map(str, todo))}")
+            print(f"  a template: {PLACEHOLDER} on line(s) {', '.join(map(str, todo))}")
     return 0
+
+
+def _iam(args) -> int:
+    from ractd_ray import aws
+
+    bucket = args.bucket or storage_bucket(_load(Path(args.path)))
+    if not bucket or PLACEHOLDER in bucket:
+        return fail(f"{args.path}: no S3 bucket in {STORAGE_ENV}=s3://...: set it (or pass --bucket)")
+    if not args.apply:
+        print(f"# the roles and instance profiles for bucket {bucket}, once per account (or rerun with --apply); "
+              f"ACCOUNT_ID is yours: aws sts get-caller-identity")
+        print("\n".join(aws.cli_commands("ACCOUNT_ID", bucket)))
+        return 0
+    made = aws.apply(bucket)
+    print(f"account {made['account']}: {aws.HEAD} and {aws.WORKER} are in place; in {args.path}, set "
+          f"{PLACEHOLDER}-ACCOUNT-ID to {made['account']}:\n  head:    {made['head_profile']}\n"
+          f"  workers: {made['worker_profile']}")
+    return 0
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="python -m ractd_ray.cluster",
+                    description="Ray cluster files: offline checks, the AWS roles they need, a live check.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    p = sub.add_parser("validate", help="fill in Ray's defaults and validate against the autoscaler schema "
+                                        "shipped in the installed Ray wheel and this project's rules; exit 2 on the "
+                                        "first invalid file, or one with CHANGE-ME values left")
+    p.add_argument("paths", nargs="+", metavar="CLUSTER_YAML", help="e.g. cluster.yaml cluster-local.yaml")
+    p.add_argument("--template", action="store_true",
+                   help="check the file as a template: CHANGE-ME values are listed, not refused")
+    p = sub.add_parser("iam", help="the head's and the workers' AWS roles and instance profiles, once per account "
+                                   "(ractd_ray.aws): prints the `aws iam` commands, or makes the calls with --apply")
+    p.add_argument("path", metavar="CLUSTER_YAML", help="the cluster file whose S3 bucket the roles may use")
+    p.add_argument("--bucket", default="", help="the bucket (default: the file's RACTD_STORAGE_PATH)")
+    p.add_argument("--apply", action="store_true", help="create them with boto3 (your AWS credentials)")
+    p = sub.add_parser("check", help="on a running cluster (a job on its head): node types, storage from a worker "
+                                     "node, torch.cuda on a GPU worker (ractd_ray.check)")
+    p.add_argument("--address", default=None, help="Ray cluster (default: $RAY_ADDRESS, else the one on this machine)")
+    p.add_argument("--gpu", choices=["auto", "yes", "no"], default="auto",
+                   help="check a GPU worker: auto (when a node type has a GPU), yes, no (default: auto)")
+    p.add_argument("--timeout", type=float, default=1200.0,
+                   help="seconds to wait for a node to take the probe (an autoscaled GPU node takes minutes)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ractd.errors import run_command
+
+    args = build_parser().parse_args(argv)
+    if args.command == "validate":
+        return _validate(args)
+    if args.command == "iam":
+        return run_command(lambda: _iam(args))
+    from ractd_ray.check import main_check
+
+    return run_command(lambda: main_check(args.address, args.gpu, args.timeout))
 
 
 if __name__ == "__main__":

@@ -92,7 +92,7 @@ def trial_lines(total_steps: int):
 
     class TrialLines(tune.Callback):
         def on_trial_result(self, iteration, trials, trial, result, **info):
-            if result.get("select_score") is None:
+            if not result.get("at_checkpoint") or result.get("select_score") is None:  # the loss reports: logs only
                 return
             c = trial.config
             print(f"  trial {trial.trial_id}  alpha={_fmt(c.get('alpha'))} beta={_fmt(c.get('beta'))} "
@@ -109,3 +109,24 @@ def trial_lines(total_steps: int):
             print(f"  trial {trial.trial_id} failed (details: --verbose, or the trial's error.txt)", flush=True)
 
     return TrialLines()
+
+
+def tracking_callbacks(log_to: str, task: str) -> list:
+    """Tune's MLflow or W&B logger callback (SearchConfig.log_to), [] for none. A package that is not installed is
+    a RactdError (one line) saying which."""
+    import importlib.util
+
+    from ractd import RactdError
+
+    if not log_to:
+        return []
+    package = {"mlflow": "mlflow", "wandb": "wandb"}[log_to]
+    if importlib.util.find_spec(package) is None:
+        raise RactdError(f"--log-to {log_to}: the {package} package is not installed (pip install {package})")
+    if log_to == "mlflow":
+        from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+        return [MLflowLoggerCallback(experiment_name=f"ractd-{task}", save_artifact=False)]
+    from ray.air.integrations.wandb import WandbLoggerCallback
+
+    return [WandbLoggerCallback(project="ractd", group=task)]

@@ -16,11 +16,13 @@ step for the whole block, one record per episode. The driver:
     is the source of truth, so every seed ends up stored exactly once: a lost block was never written, and a finished
     one is never rerun (`done_keys`).
 
-Resources (actor_layout, decided once in the driver): actor count from --actors, else from the cluster's free
-resources (GPUs x actors_per_gpu when a node type has GPUs, each actor with num_gpus = 1 / actors_per_gpu so
-several share a device; else CPUs // cpus_per_actor). Actors get everything they load from the driver (checkpoint
-bytes, inverse-dynamics weights; the normalizers ride in the checkpoint). Each actor sets torch's intra-op
-threads to its CPUs (Ray sets OMP_NUM_THREADS=1 for 1-CPU actors; torch needs telling too).
+Resources (actor_layout, decided once in the driver): actor count from --actors, else from what the cluster can
+give: on an autoscaling cluster every GPU (or CPU) its node types can scale to, since the actors' requests are what
+start the nodes; on a fixed one its free resources (GPUs x actors_per_gpu when a node has GPUs, each actor with
+num_gpus = 1 / actors_per_gpu so several share a device; else CPUs // cpus_per_actor). A cell's seeds are spread
+over the actors, and a pool never starts more actors than it has blocks. Actors get everything they load from the
+driver (checkpoint bytes, inverse-dynamics weights; the normalizers ride in the checkpoint). Each actor sets torch's
+intra-op threads to its CPUs (Ray sets OMP_NUM_THREADS=1 for 1-CPU actors; torch needs telling too).
 """
 
 from __future__ import annotations
@@ -161,12 +163,17 @@ def actor_layout(cfg: PoolConfig) -> tuple[int, float, float, str]:
     cap = capacity()
     free = ray.available_resources()  # what other jobs on the cluster leave free
     if decide_gpu(cfg.gpu, "rollout actors", cap):
-        check_fits("a rollout actor", {"CPU": cfg.cpus_per_actor, "GPU": 1.0 / cfg.actors_per_gpu}, 1, cap)
-        gpus = float(free.get("GPU", 0)) or cap.node_gpus  # none started yet: one GPU node's worth
-        n = cfg.actors or int(max(1.0, gpus) * cfg.actors_per_gpu)
-        return n, cfg.cpus_per_actor, 1.0 / cfg.actors_per_gpu, "cuda"
+        share = 1.0 / cfg.actors_per_gpu
+        check_fits("a rollout actor", {"CPU": cfg.cpus_per_actor, "GPU": share}, 1, cap)
+        # an autoscaling cluster: every GPU it can scale to (the requests are what start the nodes); a fixed one:
+        # the GPUs free now (none free: one node's worth, which waits for them)
+        gpus = cap.gpus if cap.autoscaling else (float(free.get("GPU", 0)) or cap.node_gpus)
+        by_cpu = int(cap.cpus // cfg.cpus_per_actor) if cap.autoscaling else 10**9
+        n = cfg.actors or max(1, min(int(max(1.0, gpus) * cfg.actors_per_gpu), by_cpu))
+        return n, cfg.cpus_per_actor, share, "cuda"
     check_fits("a rollout actor", {"CPU": cfg.cpus_per_actor}, 1, cap)
-    n = cfg.actors or max(1, int(float(free.get("CPU", 1)) // cfg.cpus_per_actor))
+    cpus = cap.cpus if cap.autoscaling else float(free.get("CPU", 1))
+    n = cfg.actors or max(1, int(cpus // cfg.cpus_per_actor))
     return n, cfg.cpus_per_actor, 0.0, "cpu"
 
 

@@ -124,3 +124,52 @@ def worker_cpus(requested: float, workers: int, use_gpu: bool, concurrent: int =
     if cpus > beside_drivers > 0:
         cpus = math.floor(beside_drivers * 4) / 4 or beside_drivers
     return cpus
+
+
+# A Ray Train worker group on an autoscaling cluster waits for nodes to launch (instance start, image pull, the
+# setup commands: minutes), not for a running trial to end; Ray's default of 60 s counted a controller failure per
+# minute of that and tore the placement group down and up again. This bounds the wait instead (30 minutes).
+AUTOSCALING_START_TIMEOUT_S = 1800
+
+
+def start_env(cap: Capacity | None = None) -> dict[str, str]:
+    """Environment for Ray Train runs on this cluster: on an autoscaling one, the worker group's start timeout
+    (AUTOSCALING_START_TIMEOUT_S); {} on a fixed one (Ray's default, or what the caller sets)."""
+    cap = cap or capacity()
+    return {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": str(AUTOSCALING_START_TIMEOUT_S)} if cap.autoscaling else {}
+
+
+# Where the student's U-Net is no wider than this (the CPU presets: small, small-maze, tiny; a few million
+# parameters), one trial cannot keep a GPU busy: its worker takes SMALL_NET_GPU_SHARE of a GPU, so that several
+# trials share a device. Wider nets (the paper's presets) take a whole GPU per worker, and so do the workers of a
+# trial with several (NCCL refuses two ranks of one group on one device, which shares could place together).
+SMALL_NET_WIDTH = 256
+SMALL_NET_GPU_SHARE = 0.25
+
+
+def gpus_per_worker(requested: float, widest: int, workers: int = 1) -> float:
+    """GPUs each Ray Train worker of a trial asks for: `requested` when positive, else SMALL_NET_GPU_SHARE for a
+    one-worker trial of a net no wider than SMALL_NET_WIDTH channels (`widest`: the U-Net's largest down_dims),
+    else 1."""
+    if requested:
+        return float(requested)
+    return SMALL_NET_GPU_SHARE if widest <= SMALL_NET_WIDTH and workers == 1 else 1.0
+
+
+def concurrent_trials(cap: Capacity, workers: int, use_gpu: bool, gpus_each: float, cpus_each: float,
+                      driver_cpus: float, limit: int) -> int:
+    """How many trials train at a time when --max-concurrent is 0 (auto): as many as the cluster can scale to
+    (cap: its node types' maxima on an autoscaling cluster), at most `limit` (the trials of the search), at
+    least 1.
+
+    GPU trials: the cluster's GPUs over a trial's (workers x gpus_each), and its CPUs over a trial's (workers x
+    cpus_each + driver_cpus). CPU trials: one per node's worth of CPUs (cap.cpus / cap.node_cpus), each trial's
+    workers taking their share of a node (worker_cpus): one on a single machine, as before."""
+    eps = 1e-9
+    if use_gpu:
+        by_gpu = math.floor(cap.gpus / (workers * gpus_each) + eps)
+        by_cpu = math.floor(cap.cpus / (workers * cpus_each + driver_cpus) + eps)
+        n = min(by_gpu, by_cpu)
+    else:
+        n = math.floor(cap.cpus / cap.node_cpus + eps) if cap.node_cpus > 0 else 1
+    return max(1, min(int(n), int(limit)))

@@ -20,7 +20,9 @@ with the task's Table 9 weights
    trial, read from storage), best_config.json, best/checkpoint.pt (the best student, fetched from storage),
    search.json (the search's config, for --resume), trials/<trial_id>/ (each trial's run folder, on the node that
    ran it), ray/ (Tune's and Train's state and the trials' persisted files; on a cluster under
-   $RACTD_STORAGE_PATH/sweeps/<folder>-<digest>: sweep_storage); a table at the end.
+   $RACTD_STORAGE_PATH/sweeps/<folder>-<digest>: SweepFolder.state, with a copy of search.json, trials.parquet
+   and best_config.json in its records/, so that --resume and the evaluation work from a new head); a table at
+   the end.
 
 Nothing is read from another node's disk: the dataset and the shared models reach every trial through the object
 store (from the driver); each trial's best.pt, metrics.jsonl and summary go to storage (ractd_ray.train).
@@ -60,14 +62,17 @@ from ractd_repro.sweep import (  # noqa: F401
     QUICK,
     QUICK_MAZE,
     SCORE_FLOOR,
+    SEARCH_METRIC,
     SIGMA_CHOICES,
     SearchConfig,
+    best_so_far,
     ensure_dataset,
     evaluation_command,
     finite_score,
     grid_points,
     print_summary,
     quick_settings,
+    searcher_report,
     shared_key,
     startup_trials,
     sweep_storage,
@@ -175,23 +180,37 @@ class TrialPlan:
     use_gpu: bool | str
     max_failures: int
     env: dict
+    gpus_per_worker: float = 1.0
 
 
-def _report_callback(fit_started: float):
-    """Ray Train -> Tune: forward only checkpoint reports (they carry select_score and the checkpoint), each with
-    fit_time_s, the wall time since the trial called fit() (`fit_started`, time.time()): with the worker's
-    train_time_s and start-up stamps (ractd_ray.train.Timeline) in every report, a trial stopped by ASHA has them
-    in its last result."""
-    from ray.tune.integration.ray_train import TuneReportCallback
+def _report_callback(fit_started: float, best: float = -math.inf):
+    """Ray Train -> Tune: forward every report -- the library's report_every reports of the loss terms, for Tune's
+    TensorBoard files and the tracking callbacks, and the checkpoint reports, which carry select_score and the
+    checkpoint -- each with SEARCH_METRIC (the best select_score so far, starting from `best`: a restarted trial's
+    stored checkpoints; searcher_report), checkpoint_path (the latest persisted checkpoint) and fit_time_s, the
+    wall time since the trial called fit() (`fit_started`, time.time()): with the worker's train_time_s and
+    start-up stamps (ractd_ray.train.Timeline) in every report, a trial stopped by ASHA has them in its last
+    result."""
+    from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallback
 
-    class CheckpointReports(TuneReportCallback):
+    class Reports(TuneReportCallback):
+        best_so_far = best
+        checkpoint_path = None
+
         def after_report(self, run_context, metrics, checkpoint):
-            if metrics and metrics[0].get("at_checkpoint"):
-                now = time.time()
-                super().after_report(run_context, [{**finite_score(m), "fit_time_s": now - fit_started}
-                                                   for m in metrics], checkpoint)
+            if not metrics:
+                return
+            if checkpoint is not None:
+                self.checkpoint_path = checkpoint.path
+            now = time.time()
+            reports = []
+            for m in metrics:  # one per worker, the same step
+                report, self.best_so_far = searcher_report(m, self.best_so_far)
+                reports.append({**report, "fit_time_s": now - fit_started,
+                                **({CHECKPOINT_PATH_KEY: self.checkpoint_path} if self.checkpoint_path else {})})
+            super().after_report(run_context, reports, checkpoint)
 
-    return CheckpointReports()
+    return Reports()
 
 
 def run_trial(config: dict, plan: TrialPlan) -> None:
@@ -210,10 +229,11 @@ def run_trial(config: dict, plan: TrialPlan) -> None:
     os.environ.update(plan.env)
     trial_id = tune.get_context().get_trial_id()
     summary_loc = trial_record(plan.train_storage, trial_id, "summary.json")
+    best = best_so_far(checkpoint_metrics(plan.train_storage, trial_id))  # a restarted trial's stored checkpoints
     if storage.exists(summary_loc):  # it finished under an earlier driver (killed before Tune saved that)
         last = json.loads(storage.read_text(summary_loc)).get("last_report")
         if last:
-            tune.report(finite_score(last))
+            tune.report(searcher_report(last, best)[0])
             return
     trial_dir = Path(plan.out_dir) / "trials" / trial_id
     trial_dir.mkdir(parents=True, exist_ok=True)
@@ -226,8 +246,10 @@ def run_trial(config: dict, plan: TrialPlan) -> None:
     try:
         ray_cfg = RayTrainConfig(num_workers=plan.workers, use_gpu=plan.use_gpu, max_failures=plan.max_failures,
                                  storage_path=plan.train_storage, name=trial_id, fetch=False,
-                                 cpus_per_worker=plan.cpus_per_worker, progress=True, stage_lines=False)
-        out = fit_stage(cfg, ray_cfg, data=plan.data, inputs=plan.inputs, callbacks=[_report_callback(fit_started)],
+                                 cpus_per_worker=plan.cpus_per_worker, gpus_per_worker=plan.gpus_per_worker,
+                                 progress=True, stage_lines=False)
+        out = fit_stage(cfg, ray_cfg, data=plan.data, inputs=plan.inputs,
+                        callbacks=[_report_callback(fit_started, best)],
                         started=started)
     except Exception as e:  # the failed trial's times: its fit, and the training its worker recorded
         timing_loc = trial_record(plan.train_storage, trial_id, "timing.json")
@@ -263,26 +285,58 @@ trial's driver fits beside a training trial (prestart)."""
 PRESTART_ENV = {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": str(7 * 24 * 3600)}
 
 
-def _check_resources(scfg: SearchConfig, use_gpu: bool) -> tuple[float, bool]:
-    """A trial that can never fit what the cluster can scale to (its node types, ractd_ray.resources) is an error;
-    CPUs not free now are a warning (trials wait, or the autoscaler adds nodes). Returns the CPUs each trial worker
-    reserves (ractd_ray.resources.worker_cpus) and whether the search prestarts a trial.
+@dataclasses.dataclass(frozen=True)
+class TrialLayout:
+    """What each trial reserves and how many train at a time (_check_resources): concurrent trials training at a
+    time, cpus / gpus per Ray Train worker, prestart (one more trial starts up while they train), env (for the
+    trial's Ray Train run: the worker group's start timeout)."""
 
-    Prestart: Tune runs max_concurrent + 1 trials where the cluster (a fixed one) can hold the extra trial's driver
-    but not its workers: the extra trial starts its Tune driver and its Ray Train controller while the others
-    train, and its workers start the moment a training trial's end frees theirs. So max_concurrent trials train at
-    a time and the next one's start-up (the trial's process, its imports, the controller: bench/sweep_overhead.py)
-    overlaps their training instead of following it."""
+    concurrent: int
+    cpus: float
+    gpus: float
+    prestart: bool
+    env: dict
+
+
+def _check_resources(scfg: SearchConfig, use_gpu: bool, student: TrainConfig) -> TrialLayout:
+    """A trial that can never fit what the cluster can scale to (its node types, ractd_ray.resources) is an error;
+    CPUs not free now are a warning (trials wait, or the autoscaler adds nodes). Decides the trials' layout:
+
+    - GPUs per worker: --gpus-per-worker, else a share of a GPU for a small student net (resources.gpus_per_worker);
+    - concurrent trials: --max-concurrent, else as many as the cluster can scale to hold
+      (resources.concurrent_trials);
+    - CPUs per worker (resources.worker_cpus): on CPU, each trial's share of a node beside the drivers;
+    - prestart: Tune runs one more trial where the cluster (a fixed one) can hold the extra trial's driver but not
+      its workers: the extra trial starts its Tune driver and its Ray Train controller while the others train, and
+      its workers start the moment a training trial's end frees theirs. So `concurrent` trials train at a time and
+      the next one's start-up (the trial's process, its imports, the controller: bench/sweep_overhead.py) overlaps
+      their training instead of following it;
+    - env: on an autoscaling cluster the worker group waits for nodes to launch (resources.start_env); a prestarted
+      trial waits for a running one (PRESTART_ENV)."""
     import ray
 
-    from ractd_ray.resources import capacity, check_fits, worker_cpus
+    from ractd_ray.resources import (
+        capacity,
+        check_fits,
+        concurrent_trials,
+        gpus_per_worker,
+        start_env,
+        worker_cpus,
+    )
 
     cap = capacity()
-    n = scfg.max_concurrent
-    # the drivers of the n training trials and of the prestarted one share the node with the workers
-    cpus = worker_cpus(scfg.cpus_per_worker, scfg.workers, use_gpu, concurrent=n,
-                       driver_cpus=TRIAL_DRIVER_CPUS * (n + 1) / n, cap=cap)
-    per_worker = {"CPU": cpus, **({"GPU": 1.0} if use_gpu else {})}
+    widest = max(student.unet(get_task(scfg.task)).down_dims)
+    gpus = gpus_per_worker(scfg.gpus_per_worker, widest, scfg.workers) if use_gpu else 0.0
+    nodes = max(1, math.floor(cap.cpus / cap.node_cpus + 1e-9)) if cap.node_cpus > 0 else 1
+    if scfg.max_concurrent:
+        n = scfg.max_concurrent
+    else:
+        n = concurrent_trials(cap, scfg.workers, use_gpu, gpus, 1.0, TRIAL_DRIVER_CPUS, scfg.num_samples)
+    per_node = math.ceil(n / nodes)  # CPU trials spread over the nodes; on one machine all n share it
+    # the drivers of the training trials and of the prestarted one share a node with the workers
+    cpus = worker_cpus(scfg.cpus_per_worker, scfg.workers, use_gpu, concurrent=per_node,
+                       driver_cpus=TRIAL_DRIVER_CPUS * (per_node + 1) / per_node, cap=cap)
+    per_worker = {"CPU": cpus, **({"GPU": gpus} if use_gpu else {})}
     check_fits(f"a trial's {scfg.workers} Ray Train workers", per_worker, scfg.workers, cap)
     need = scfg.workers * cpus + TRIAL_DRIVER_CPUS
     if need > cap.cpus:
@@ -295,38 +349,60 @@ def _check_resources(scfg: SearchConfig, use_gpu: bool) -> tuple[float, bool]:
                     free, need, "can scale to" if cap.autoscaling else "has", cap.cpus)
     eps = 1e-9
     extra_driver_fits = n * need + TRIAL_DRIVER_CPUS <= cap.cpus + eps
-    extra_workers_fit = (n + 1) * need <= cap.cpus + eps and (not use_gpu or (n + 1) * scfg.workers <= cap.gpus)
-    prestart = not cap.autoscaling and extra_driver_fits and not extra_workers_fit
-    return cpus, prestart
+    extra_workers_fit = (n + 1) * need <= cap.cpus + eps and (not use_gpu or (n + 1) * scfg.workers * gpus
+                                                                <= cap.gpus + eps)
+    prestart = not cap.autoscaling and extra_driver_fits and not extra_workers_fit and n < scfg.num_samples
+    log.info("%d trial%s at a time%s, each %d worker%s x (%g CPU%s)", n, "s" * (n > 1),
+             "" if scfg.max_concurrent else " (what the cluster can hold; --max-concurrent sets it)", scfg.workers,
+             "s" * (scfg.workers > 1), cpus, f" + {gpus:g} GPU" if use_gpu else "")
+    return TrialLayout(concurrent=n, cpus=cpus, gpus=gpus, prestart=prestart,
+                       env={**start_env(cap), **(PRESTART_ENV if prestart else {})})
+
+
+def _saved_or_new(scfg: SearchConfig, resume: bool) -> tuple[SearchConfig, str]:
+    """(the config to run, the dataset fingerprint it must train on or ""): with resume, the saved config
+    (search.json, fetched from storage on a new head: ractd_repro.records.SweepFolder.mirror) and its dataset's
+    fingerprint; without, scfg -- unless its folder already holds a search."""
+    from ray import tune
+
+    folder = SweepFolder(scfg.out_dir())
+    tune_path = storage.join(folder.state, "tune")
+    if not resume:
+        if tune.Tuner.can_restore(tune_path):
+            raise RactdError(f"{folder.root} already holds a search; pass --resume to continue it, or --run-dir to "
+                             f"start another")
+        return scfg, ""
+    saved = folder.read_search()
+    if saved is None or not tune.Tuner.can_restore(tune_path):
+        raise RactdError(f"nothing to resume in {folder.root} (no search was started there"
+                         + (f", nor is one stored in {folder.mirror.stored}" if folder.mirror.stored else "") + ")")
+    stored = from_dict(SearchConfig, saved["config"])
+    log.info("resuming the search in %s with its saved configuration (%s)", folder.root, folder.search_file)
+    return (dataclasses.replace(stored, address=scfg.address or stored.address).validate(),
+            saved.get("dataset", {}).get("fingerprint", ""))
 
 
 def run_search(scfg: SearchConfig, resume: bool = False) -> dict:
     """Run (or, with resume, continue) a search; see the module doc. Returns {"out_dir", "trials" (rows),
-    "best", "shared", "dataset", "complete", "wall_s", "startup_s"}."""
+    "best", "shared", "dataset", "complete", "wall_s", "startup_s", "tune_wall_s", "result_grid"} -- the last
+    Tune's ResultGrid, for Python users: each Result's .config (the weights), .metrics (the last report, with
+    SEARCH_METRIC and "checkpoint_path", the trial's latest persisted Ray Train checkpoint: a folder holding its
+    student's checkpoint.pt, in storage), .metrics_dataframe (every checkpoint's report) and .path. Result.checkpoint
+    is None: Ray Train persisted the checkpoints, and Tune only hears their paths (TuneReportCallback)."""
     from ray import tune
 
-    from ractd.io import atomic_write_json
     from ractd_ray.train import ensure_ray, file_ref, forwarded_env
 
     t_start = time.perf_counter()
-    scfg = scfg.validate()
-    out_dir = scfg.out_dir()
-    tune_storage = sweep_storage(out_dir)
+    out_dir = scfg.validate().out_dir()  # the folder named on the command line (a resumed config saved the same)
+    scfg, expect = _saved_or_new(scfg, resume)
+    folder = SweepFolder(out_dir)
+    tune_storage = folder.state
     tune_path = storage.join(tune_storage, "tune")
     train_storage = storage.join(tune_storage, "train")
-    saved = out_dir / "search.json"
-    if resume:
-        if not (saved.is_file() and tune.Tuner.can_restore(tune_path)):
-            raise RactdError(f"nothing to resume in {out_dir} (no search was started there)")
-        stored = from_dict(SearchConfig, json.loads(saved.read_text())["config"])
-        scfg = dataclasses.replace(stored, address=scfg.address or stored.address).validate()
-        log.info("resuming the search in %s with its saved configuration (%s)", out_dir, saved)
-    elif tune.Tuner.can_restore(tune_path):
-        raise RactdError(f"{out_dir} already holds a search; pass --resume to continue it, or --run-dir to start "
-                         f"another")
     task = get_task(scfg.task)
     # before Ray: bad data fails fast
-    dataset, data = ensure_dataset(task, scfg.scale, scfg.source, scfg.seed, with_data=True)
+    dataset, data = ensure_dataset(task, scfg.scale, scfg.data_source(), scfg.seed, with_data=True, expect=expect)
 
     started = ensure_ray(scfg.address or None)
     try:
@@ -335,7 +411,8 @@ def run_search(scfg: SearchConfig, resume: bool = False) -> dict:
         from ractd_ray.resources import decide_gpu
 
         use_gpu = decide_gpu(scfg.gpu, "the trials' Ray Train workers")  # once, for the whole search
-        trial_cpus, prestart = _check_resources(scfg, use_gpu)
+        layout = _check_resources(scfg, use_gpu, scfg.stage_config("student"))
+        prestart = layout.prestart
         startup = time.perf_counter() - t_start
         data_ref = ray.put(data)  # every node trains on this copy (object store), none reads its own disk
         del data
@@ -345,10 +422,10 @@ def run_search(scfg: SearchConfig, resume: bool = False) -> dict:
         inputs = {f"{k}_ckpt": file_ref(shared[k]) for k in ("teacher", "reward") if shared[k]}
         plan = TrialPlan(student=to_dict(student), out_dir=str(out_dir), train_storage=train_storage,
                          data=data_ref, inputs=inputs, workers=scfg.workers,
-                         cpus_per_worker=trial_cpus, use_gpu=use_gpu, max_failures=scfg.max_failures,
-                         env={**forwarded_env(), **(PRESTART_ENV if prestart else {})})
+                         cpus_per_worker=layout.cpus, use_gpu=use_gpu, max_failures=scfg.max_failures,
+                         env={**forwarded_env(), **layout.env}, gpus_per_worker=layout.gpus)
         if not resume:
-            atomic_write_json(saved, {"config": to_dict(scfg), "dataset": dataset, "shared": shared})
+            folder.write_search(to_dict(scfg), dataset, shared)
         t_tune = time.perf_counter()
         log.info("searching alpha, beta%s: %d trials of %d distillation steps, select_score at every %d steps%s",
                  ", sigma" if task.kind == "locomotion" else " (maze2d: sigma = 0, no reward model)",
@@ -358,11 +435,12 @@ def run_search(scfg: SearchConfig, resume: bool = False) -> dict:
             tuner = tune.Tuner.restore(tune_path, trainable=_trainable(plan), resume_errored=True)
         else:
             tuner = tune.Tuner(_trainable(plan), param_space=search_space(task),
-                               tune_config=_tune_config(scfg, task, student, prestart),
+                               tune_config=_tune_config(scfg, task, student, layout.concurrent + prestart),
                                run_config=tune.RunConfig(name="tune", storage_path=tune_storage,
                                                          failure_config=tune.FailureConfig(
                                                              max_failures=scfg.trial_failures),
-                                                         **_console_options(student.steps)))
+                                                         **_console_options(student.steps, scfg.log_to,
+                                                                            scfg.task)))
         grid = tuner.fit()
         tune_wall = time.perf_counter() - t_tune
     finally:
@@ -373,13 +451,13 @@ def run_search(scfg: SearchConfig, resume: bool = False) -> dict:
     records = collect_trials(grid, student.steps, train_storage)
     complete = len(records) == scfg.num_samples and all(r.status in ("completed", "stopped", "error")
                                                         for r in records)
-    best = write_results(records, SweepFolder(out_dir), task=scfg.task, scale=scfg.scale, budget=scfg.budget,
+    best = write_results(records, folder, task=scfg.task, scale=scfg.scale, budget=scfg.budget,
                          dataset=dataset, shared=shared)
     print_summary(records, best, out_dir, complete, scfg)
     return {"out_dir": str(out_dir), "trials": [r.row() for r in records],
             "best": best.to_json() if best else None, "shared": shared, "dataset": dataset,
             "complete": complete, "wall_s": time.perf_counter() - t_start, "startup_s": startup,
-            "tune_wall_s": tune_wall}
+            "tune_wall_s": tune_wall, "result_grid": grid}
 
 
 def collect_trials(grid, steps: int, train_storage: str) -> list[TrialRecord]:
@@ -436,16 +514,18 @@ def _trial_record(result, steps: int, train_storage: str, stamps: tuple[str, ...
         error="" if result.error is None else str(result.error).strip().splitlines()[-1][:500])
 
 
-def _console_options(steps: int) -> dict:
-    """RunConfig options for the console: Tune's status tables with --verbose, else one line per checkpoint."""
+def _console_options(steps: int, log_to: str = "", task: str = "") -> dict:
+    """RunConfig options for the console (Tune's status tables with --verbose, else one line per checkpoint) and
+    the experiment tracking (console.tracking_callbacks); Tune adds its own CSV, JSON and TensorBoard loggers."""
     from ractd_ray import console
 
+    tracking = console.tracking_callbacks(log_to, task)
     if console.verbose():
-        return {}
-    return {"verbose": 0, "callbacks": [console.trial_lines(steps)]}
+        return {"callbacks": tracking} if tracking else {}
+    return {"verbose": 0, "callbacks": [console.trial_lines(steps), *tracking]}
 
 
-def _tune_config(scfg: SearchConfig, task: Task, student: TrainConfig, prestart: bool = False):
+def _tune_config(scfg: SearchConfig, task: Task, student: TrainConfig, max_concurrent: int):
     import optuna
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
@@ -458,8 +538,9 @@ def _tune_config(scfg: SearchConfig, task: Task, student: TrainConfig, prestart:
     scheduler = ASHAScheduler(time_attr="step", max_t=student.steps + 1,
                               grace_period=min(scfg.grace_period * student.ckpt_every, student.steps + 1),
                               reduction_factor=scfg.reduction_factor)
-    return tune.TuneConfig(metric=METRIC, mode=MODE, search_alg=searcher, scheduler=scheduler,
-                           num_samples=scfg.num_samples, max_concurrent_trials=scfg.max_concurrent + prestart,
+    # the scheduler and the searcher see the best score so far (SEARCH_METRIC): the score the sweep ranks by
+    return tune.TuneConfig(metric=SEARCH_METRIC, mode=MODE, search_alg=searcher, scheduler=scheduler,
+                           num_samples=scfg.num_samples, max_concurrent_trials=max_concurrent,
                            trial_dirname_creator=lambda trial: trial.trial_id)
 
 

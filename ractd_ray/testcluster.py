@@ -83,8 +83,6 @@ class MultiNodeCluster:
         host, port = self._moto.get_host_and_port()
         self.cache.mkdir(parents=True, exist_ok=True)
         self.temp_dir.mkdir(parents=True, exist_ok=True)
-        gcs_port = free_port()
-        self.address = f"127.0.0.1:{gcs_port}"
         self.env = {
             "AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing",
             "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true",
@@ -92,11 +90,18 @@ class MultiNodeCluster:
             "D4RL_DATASET_DIR": str(self.cache / "d4rl"), "MINARI_DATASETS_PATH": str(self.cache / "minari"),
             "PYTHONPATH": os.pathsep.join([str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
                                                           if p]),
-            "OMP_NUM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0", "RAY_ADDRESS": self.address,
-            "RAY_AUTH_MODE": "disabled",
+            "OMP_NUM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled",
         }
         boto3.client("s3", endpoint_url=self.env["AWS_ENDPOINT_URL"], aws_access_key_id="testing",
                      aws_secret_access_key="testing", region_name="us-east-1").create_bucket(Bucket=self.bucket)
+        self._start_nodes()
+        return self
+
+    def _start_nodes(self) -> None:
+        """The head, then the worker nodes one at a time (storage is up)."""
+        gcs_port = free_port()
+        self.address = f"127.0.0.1:{gcs_port}"
+        self.env["RAY_ADDRESS"] = self.address
         ray = str(Path(sys.executable).parent / "ray")
         head = [ray, "start", "--head", "--num-cpus=0", "--num-gpus=0", f"--port={gcs_port}",
                 "--object-store-memory=400000000",
@@ -106,7 +111,20 @@ class MultiNodeCluster:
         self.wait_nodes(1, timeout=120)
         for name in self.workers:
             self.start_worker(name)
-        return self
+
+    def lose_head(self) -> None:
+        """The head node is lost with its disk: every node's processes killed (the workers go with the head's GCS,
+        as on a cluster without GCS fault tolerance), the head's cache directory emptied, Ray's temp dirs removed;
+        then a new head and new workers start, on the same storage (S3 outlives the head). What the commands need
+        on the new head, they must find in storage."""
+        for name in [*self.workers, "head"]:
+            self.kill_node(name)
+        shutil.rmtree(self.cache, ignore_errors=True)
+        self.cache.mkdir(parents=True)
+        for d in [self.temp_dir, *(self.node_temp_dir(n) for n in self.workers)]:
+            shutil.rmtree(d, ignore_errors=True)
+        self.temp_dir.mkdir(parents=True, exist_ok=True)
+        self._start_nodes()
 
     def _spawn(self, name: str, argv: list[str]) -> None:
         env = {**os.environ, **self.env, NODE_MARK: f"{self.id}/{name}"}

@@ -396,6 +396,8 @@ class RayTrainConfig:
     num_workers: Ray Train workers in the group (each draws batch / num_workers windows a step).
     use_gpu: auto | yes | no, or a bool (resolve_use_gpu: auto = when a node type of the cluster has a GPU).
     cpus_per_worker: CPUs each worker reserves, and its torch threads (rounded up).
+    gpus_per_worker: GPUs each worker reserves when it uses GPUs (a share below 1 lets workers of several runs
+        share a device: ractd_ray.resources.gpus_per_worker).
     max_failures: restarts of the worker group after a failure before the run fails.
     controller_failure_limit: worker-group start-ups that may time out (60 s each, e.g. waiting for CPUs) before
         the run fails instead of waiting forever (Ray's default is to wait forever).
@@ -414,6 +416,7 @@ class RayTrainConfig:
     num_workers: int = 1
     use_gpu: bool | str = "auto"
     cpus_per_worker: float = 1
+    gpus_per_worker: float = 1.0
     max_failures: int = 2
     controller_failure_limit: int = 30
     storage_path: str | None = None
@@ -488,12 +491,17 @@ def _trainer(ray_cfg: RayTrainConfig, gpu: bool, loop_config: dict, name: str, s
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    for key, value in RAY_TRAIN_ENV.items():  # read by TorchTrainer here and passed on to its controller
+    from ractd_ray.resources import start_env
+
+    # read by TorchTrainer here and passed on to its controller; on an autoscaling cluster the worker group waits
+    # for nodes to launch
+    for key, value in {**RAY_TRAIN_ENV, **start_env()}.items():
         os.environ.setdefault(key, value)
+    per_worker = {"CPU": ray_cfg.cpus_per_worker, **({"GPU": ray_cfg.gpus_per_worker} if gpu else {})}
     return TorchTrainer(
         worker_loop, train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(num_workers=ray_cfg.num_workers, use_gpu=gpu,
-                                               resources_per_worker={"CPU": ray_cfg.cpus_per_worker}),
+                                               resources_per_worker=per_worker),
         run_config=ray.train.RunConfig(
             name=name, storage_path=storage_path, callbacks=callbacks,
             failure_config=ray.train.FailureConfig(max_failures=ray_cfg.max_failures,

@@ -77,25 +77,34 @@ class SearchConfig:
     budget: training budget of every stage: cpu | quick | paper (ractd.train.BUDGETS).
     scale: scale of a locally generated dataset: tiny | small | full.
     source: dataset: auto (D4RL cache, else Minari's local store, else the local file at scale, else generate
-        it) | d4rl | minari | local.
+        it; with the paper budget: D4RL's file, downloaded if missing, never a generated stand-in: data_source) |
+        d4rl | minari | local.
     preset: U-Net preset of teacher and student: cpu (the task's CPU preset), paper, or a preset name ("" = the
         budget's: paper for the paper budget, else cpu).
     run_dir: output folder ("" = ractd.paths.sweep_dir(task, scale)).
     num_samples: trials (weight settings); the first is the task's Table 9 setting, then the --sigmas points.
     sigmas: locomotion: sigmas evaluated (each at the Table 9 alpha, beta; 0 = CTD at alpha = beta = 1) before
         TPE proposes points: a like-for-like sigma study; num_samples must cover them.
-    max_concurrent: trials training at the same time (on a fixed cluster that cannot hold one more trial's
-        workers, the next trial starts up meanwhile: ractd_ray.search._check_resources).
+    max_concurrent: trials training at the same time; 0 = auto: as many as the cluster can scale to hold, at most
+        num_samples (ractd_ray.resources.concurrent_trials: GPU trials by the GPUs of its node types, CPU trials
+        one per node's worth of CPUs, so 1 on one machine). On a fixed cluster that cannot hold one more trial's
+        workers, the next trial starts up meanwhile (ractd_ray.search._check_resources).
     workers: Ray Train workers per trial (and for training the shared teacher and reward model).
     cpus_per_worker: CPUs reserved per worker, also its torch threads (rounded up); a trial's driver takes 0.25 CPU
         more. 0 = auto (ractd_ray.resources.worker_cpus): 1 per GPU worker; a CPU worker takes its share of the
         largest node's CPUs, so on one machine the shared stages and each trial train on every core.
     gpu: GPUs for the workers: auto (when a node type of the cluster has one: ractd_ray.resources) | yes | no.
+    gpus_per_worker: GPUs each GPU worker of a trial asks for; 0 = auto: a share of one GPU for a one-worker trial
+        of a small student net (the CPU presets: ractd_ray.resources.gpus_per_worker), so several trials train on
+        one device, else 1.
+        The shared teacher and reward model take whole GPUs.
     steps: distillation steps per trial (0 = the budget's).
     batch: global distillation batch (0 = the budget's).
     teacher_steps: steps of the shared teacher (0 = the budget's).
     reward_steps: steps of the shared reward model (0 = the budget's).
     ckpt_every: student checkpoint interval, where the objective is measured and ASHA decides (0 = steps / 4).
+    report_every: steps between the student's loss reports (Tune's TensorBoard files and the tracking callbacks
+        log each; 0 = TrainConfig's).
     select_seeds: objective rollouts at each checkpoint (seeds 10000, ...); default TrainConfig's (10).
     select_max_steps: env steps of each objective rollout; 0 = the task's full episode length (TrainConfig's
         default).
@@ -105,6 +114,9 @@ class SearchConfig:
     trial_failures: Tune retries of a failed trial.
     seed: training seed of every stage and trial, and the TPE sampler's seed.
     address: Ray cluster to connect to ("" = $RAY_ADDRESS if set, else a local Ray; auto = the running cluster).
+    log_to: experiment tracking besides Tune's TensorBoard files (always written, every report): "" (none) |
+        mlflow (MLflowLoggerCallback: $MLFLOW_TRACKING_URI, experiment "ractd-<task>") | wandb
+        (WandbLoggerCallback: $WANDB_API_KEY, project "ractd"); the package is the user's to install.
     """
 
     task: str = "walker2d-medium"
@@ -115,15 +127,17 @@ class SearchConfig:
     run_dir: str = ""
     num_samples: int = 12
     sigmas: tuple[float, ...] = ()
-    max_concurrent: int = 1
+    max_concurrent: int = 0
     workers: int = 1
     cpus_per_worker: float = 0
     gpu: Literal["auto", "yes", "no"] = "auto"
+    gpus_per_worker: float = 0
     steps: int = 0
     batch: int = 0
     teacher_steps: int = 0
     reward_steps: int = 0
     ckpt_every: int = 0
+    report_every: int = 0
     select_seeds: int = TrainConfig.select_seeds          # one source of truth: the training config's defaults
     select_max_steps: int = TrainConfig.select_max_steps
     grace_period: int = 2
@@ -132,6 +146,7 @@ class SearchConfig:
     trial_failures: int = 1
     seed: int = 0
     address: str = ""
+    log_to: Literal["", "mlflow", "wandb"] = ""
 
     def validate(self) -> "SearchConfig":
         """Check every field; a bad value raises RactdError with one line naming it."""
@@ -142,22 +157,33 @@ class SearchConfig:
             raise RactdError(f"unknown scale {self.scale!r}; expected one of {', '.join(SCALES)}")
         if self.source not in ("auto", "d4rl", "minari", "local"):
             raise RactdError(f"source={self.source!r}: expected one of auto, d4rl, minari, local")
-        for name in ("num_samples", "max_concurrent", "workers", "select_seeds",
-                     "grace_period"):
+        for name in ("num_samples", "workers", "select_seeds", "grace_period"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise RactdError(f"{name}={v!r}: must be a positive integer")
-        for name in ("steps", "batch", "teacher_steps", "reward_steps", "ckpt_every", "max_failures",
-                     "trial_failures", "seed", "select_max_steps"):
+        for name in ("max_concurrent", "steps", "batch", "teacher_steps", "reward_steps", "ckpt_every",
+                     "report_every", "max_failures", "trial_failures", "seed", "select_max_steps"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 0:
                 raise RactdError(f"{name}={v!r}: must be a non-negative integer")
-        if not isinstance(self.cpus_per_worker, (int, float)) or not 0 <= self.cpus_per_worker < math.inf:
-            raise RactdError(f"cpus_per_worker={self.cpus_per_worker!r}: must be a non-negative number (0 = auto)")
+        for name in ("cpus_per_worker", "gpus_per_worker"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or not 0 <= v < math.inf:
+                raise RactdError(f"{name}={v!r}: must be a non-negative number (0 = auto)")
+        if self.gpus_per_worker > 1 and self.gpus_per_worker != int(self.gpus_per_worker):
+            raise RactdError(f"gpus_per_worker={self.gpus_per_worker!r}: a share of one GPU (<= 1) or whole GPUs")
         if self.reduction_factor < 2:
             raise RactdError(f"reduction_factor={self.reduction_factor!r}: must be at least 2")
         if self.gpu not in ("auto", "yes", "no"):
             raise RactdError(f"gpu={self.gpu!r}: expected one of auto, yes, no")
+        if self.log_to not in ("", "mlflow", "wandb"):
+            raise RactdError(f"log_to={self.log_to!r}: expected mlflow or wandb (TensorBoard files are always written)")
+        if self.log_to:
+            import importlib.util
+
+            if importlib.util.find_spec(self.log_to) is None:
+                raise RactdError(f"--log-to {self.log_to}: the {self.log_to} package is not installed (pip install "
+                                 f"{self.log_to})")
         n_points = len(grid_points(get_task(self.task), self.sigmas))
         if self.num_samples < n_points:
             raise RactdError(f"num_samples={self.num_samples}: fewer than the {n_points} points the search evaluates "
@@ -165,6 +191,11 @@ class SearchConfig:
         for cfg in self.stage_configs():
             cfg.validate().unet(get_task(self.task))
         return self
+
+    def data_source(self) -> str:
+        """The dataset source the search uses: `source`, except that the paper budget's "auto" is D4RL's file (the
+        paper's numbers are on D4RL's data; a locally generated stand-in must be asked for, with --source local)."""
+        return "d4rl" if self.source == "auto" and self.budget == "paper" else self.source
 
     @property
     def use_gpu(self) -> bool | str:
@@ -181,6 +212,8 @@ class SearchConfig:
         if stage == "student":
             if self.batch:
                 kw["batch"] = self.batch
+            if self.report_every:
+                kw["report_every"] = self.report_every
             n = steps or BUDGETS[self.budget]["student"].get("steps", TrainConfig.steps)
             kw.update(ckpt_every=self.ckpt_every or max(1, math.ceil(n / 4)), select_seeds=self.select_seeds,
                       select_max_steps=self.select_max_steps)
@@ -245,34 +278,103 @@ def _generate(task: Task, scale: str, seed: int) -> Path:
     return generate_locomotion(task, scale=scale, seed=seed)
 
 
-def ensure_dataset(task: Task, scale: str, source: str = "auto", seed: int = 0, with_data: bool = False):
+def dataset_mirror(task: Task, source: str, scale: str) -> str | None:
+    """The storage twin of a task's dataset file on a cluster: $RACTD_STORAGE_PATH/datasets/<source>/<file name>
+    (source d4rl: d4rl's cache file; local: the generated file at `scale`); None on one machine (or Minari, whose
+    store is a folder of its own)."""
+    from ractd.data.d4rl import d4rl_cache_path, local_dataset_path
+
+    root = storage.configured()
+    if root is None or source not in ("d4rl", "local"):
+        return None
+    path = d4rl_cache_path(task) if source == "d4rl" else local_dataset_path(task, scale)
+    return storage.join(root, "datasets", source, path.name)
+
+
+def _local_file(task: Task, source: str, scale: str) -> Path:
+    from ractd.data.d4rl import d4rl_cache_path, local_dataset_path
+
+    return d4rl_cache_path(task) if source == "d4rl" else local_dataset_path(task, scale)
+
+
+def _fetch_dataset(task: Task, source: str, scale: str) -> str:
+    """Where this machine lacks the file of `source` and storage has it (a new head): download it; returns the
+    storage location fetched ("" if none)."""
+    loc = dataset_mirror(task, source, scale)
+    path = _local_file(task, source, scale)
+    if loc is None or path.is_file() or not storage.exists(loc):
+        return ""
+    storage.download(loc, path)
+    return loc
+
+
+def _pick_source(task: Task, scale: str, source: str, use_minari: bool) -> tuple[str, str]:
+    """(source, storage location fetched or "") in SearchConfig.source's order, each source's file taken from this
+    machine, else from storage."""
+    if source != "auto":
+        return source, _fetch_dataset(task, source, scale) if source in ("d4rl", "local") else ""
+    for candidate in ("d4rl", "minari", "local"):
+        if candidate == "minari":
+            if use_minari and _minari_has(task.minari_id):
+                return "minari", ""
+            continue
+        if _local_file(task, candidate, scale).is_file():
+            return candidate, ""
+        fetched = _fetch_dataset(task, candidate, scale)
+        if fetched:
+            return candidate, fetched
+    return "local", ""
+
+
+def ensure_dataset(task: Task, scale: str, source: str = "auto", seed: int = 0, with_data: bool = False,
+                   expect: str = "", use_minari: bool = True):
     """Make sure the task's dataset exists, load it (validating it) and fingerprint it.
 
-    Returns {"source": d4rl | minari | local, "path", "fingerprint", "transitions", "generated"} (with_data:
-    (that, the dataset dict), which the search ships to every node through the object store); the sources are
-    tried in the order of SearchConfig.source's doc. A dataset that fails validation raises RactdError."""
+    The sources are tried in the order of SearchConfig.source's doc; a D4RL or generated file this machine lacks
+    is fetched from storage where a cluster stored it (a new head finds the dataset the sweep used), and only
+    then generated (ractd.data's generators, seeded by `seed`: the same file for the same library versions).
+    On a cluster the file is stored after it is first used (`dataset_mirror`). expect: the fingerprint the
+    dataset must have (a resumed search's), "" for any. use_minari: consider Minari's local store (the library's
+    own source "auto" does not).
+
+    Returns {"source": d4rl | minari | local, "path", "fingerprint", "transitions", "generated", "fetched"
+    (the storage location it came from, or "")} (with_data: (that, the dataset dict), which the search ships to
+    every node through the object store). A dataset that fails validation, or has another fingerprint than
+    `expect`, raises RactdError."""
     from ractd.data.d4rl import d4rl_cache_path, load_dataset, local_dataset_path
     from ractd.train import dataset_fingerprint
 
     local = local_dataset_path(task, scale)
+    source, fetched = _pick_source(task, scale, source, use_minari)
     generated = False
-    if source == "auto":
-        if d4rl_cache_path(task).is_file():
-            source = "d4rl"
-        elif _minari_has(task.minari_id):
-            source = "minari"
-        else:
-            source = "local"
     if source == "local" and not local.is_file():
         _generate(task, scale, seed)
         generated = True
+    downloaded = source == "d4rl" and not d4rl_cache_path(task).is_file()  # load_dataset downloads it
     data = load_dataset(task, source=source, scale=scale)
     path = {"d4rl": str(d4rl_cache_path(task)), "local": str(local), "minari": task.minari_id}[source]
     info = {"source": source, "path": path, "fingerprint": dataset_fingerprint(data),
-            "transitions": int(len(data["rewards"])), "generated": generated}
-    log.info("dataset: %s (%s%s), %d transitions, fingerprint %s", path, source,
-             ", generated now" if generated else "", info["transitions"], info["fingerprint"])
+            "transitions": int(len(data["rewards"])), "generated": generated, "fetched": fetched,
+            "downloaded": downloaded}
+    if expect and info["fingerprint"] != expect:
+        how = f"fetched from {fetched}" if fetched else ("generated now" if generated else "found on this machine")
+        raise RactdError(f"dataset {path} ({how}) has fingerprint {info['fingerprint']}, the search was started on "
+                         f"{expect}; put that dataset back (or start a new search with --run-dir)")
+    mirror = dataset_mirror(task, source, scale)
+    if mirror and not fetched and storage.size(mirror) != Path(path).stat().st_size:
+        storage.upload(path, mirror)
+    log.info("dataset: %s", describe_dataset(info))
     return (info, data) if with_data else info
+
+
+def describe_dataset(info: dict) -> str:
+    """One line saying which data a run used and how it got it (ensure_dataset's record)."""
+    how = (f"fetched from {info['fetched']}" if info.get("fetched") else
+           "downloaded from D4RL" if info.get("downloaded") else
+           "generated now" if info.get("generated") else "found on this machine")
+    kind = {"d4rl": "D4RL's file", "minari": "Minari's dataset", "local": "generated with D4RL's recipe"}
+    return (f"{info['path']} ({kind.get(info['source'], info['source'])}, {how}), {info['transitions']} transitions, "
+            f"fingerprint {info['fingerprint']}")
 
 
 # Fields that do not change what a teacher / reward model is (the dataset is identified by its fingerprint).
@@ -289,8 +391,8 @@ def shared_key(cfgs: list[TrainConfig], fingerprint: str) -> str:
 
 def sweep_storage(out_dir: Path) -> str:
     """Where a sweep's Tune and Train state live: $RACTD_STORAGE_PATH/sweeps/<folder>-<id> on a cluster, else
-    <run folder>/ray (ractd.storage.folder_location)."""
-    return storage.folder_location("sweeps", out_dir)
+    <run folder>/ray (ractd_repro.records.SweepFolder.state)."""
+    return SweepFolder(Path(out_dir)).state
 
 
 SCORE_FLOOR = -1e6
@@ -309,6 +411,39 @@ def finite_score(metrics: dict) -> dict:
     return {**metrics, METRIC: SCORE_FLOOR}
 
 
+SEARCH_METRIC = "best_select_score"
+
+
+"""What Tune's scheduler (ASHA) and searcher (TPE) see at each checkpoint: the best select_score of the trial's
+checkpoints so far (`searcher_report`). So a trial's final value -- what TPE learns from, at a trial's end or when
+ASHA stops it -- is its best checkpoint's score: the number trials.parquet ranks it by and the sweep selects
+(its student/best.pt). With the plain select_score TPE learned from a trial's last checkpoint, for a trial stopped
+by ASHA the rung value, while the sweep ranked the trials by their best. ASHA compares trials at a rung by their
+best so far, the same rule."""
+
+
+def searcher_report(metrics: dict, best_so_far: float) -> tuple[dict, float]:
+    """(the report Tune gets, the new best so far). At a checkpoint (metrics["at_checkpoint"]): finite_score's
+    report plus SEARCH_METRIC, the maximum of `best_so_far` (-inf before the first checkpoint) and this
+    checkpoint's score. Between checkpoints (the library's report_every reports: the losses Tune's TensorBoard
+    and tracking callbacks log) the best so far rides along unchanged (SCORE_FLOOR before the first checkpoint:
+    Tune wants its metric in every report), and select_score is left as the library reported it."""
+    if not metrics.get("at_checkpoint"):
+        best = float(best_so_far)
+        return {**metrics, SEARCH_METRIC: best if math.isfinite(best) else SCORE_FLOOR}, best
+    report = finite_score(metrics)
+    best = max(float(best_so_far), float(report[METRIC]))
+    return {**report, SEARCH_METRIC: best}, best
+
+
+def best_so_far(history: list[dict]) -> float:
+    """The best finite select_score of a trial's stored checkpoint metrics (ractd_repro.records.checkpoint_metrics),
+    -inf if none: where a restarted trial's driver starts SEARCH_METRIC from."""
+    scores = [float(h[METRIC]) for h in history if isinstance(h.get(METRIC), (int, float))
+              and math.isfinite(h[METRIC])]
+    return max(scores, default=-math.inf)
+
+
 def startup_trials(num_samples: int, n_points: int) -> int:
     """TPE's random start-up trials: the grid points, or a quarter of the budget, at most Optuna's default 10
     (Optuna's own default of 10 made 10 of a 12-trial search random)."""
@@ -325,7 +460,8 @@ def evaluation_command(scfg: SearchConfig) -> str:
 
 def print_summary(records: list[TrialRecord], best: BestConfig | None, out_dir: Path, complete: bool,
                   scfg: SearchConfig | None = None) -> None:
-    """The trials as a table (best score first), the best trial, where the records are and what to run next."""
+    """The trials as a table (best score first), the best trial, the data, where the records are and what to run
+    next."""
     from tabulate import tabulate
 
     cols = ["trial_id", "alpha", "beta", "sigma", METRIC, "step", "ctm", "dsm", "reward", "status"]
@@ -334,6 +470,8 @@ def print_summary(records: list[TrialRecord], best: BestConfig | None, out_dir: 
     if best:
         print(f"best: alpha={best.alpha:.4g} beta={best.beta:.4g} sigma={best.sigma:.4g} "
               f"{METRIC}={best.score:.4g} -> {best.checkpoint}")
+    if best and best.dataset:
+        print(f"data: {describe_dataset(best.dataset)}")
     print(f"results: {SweepFolder(Path(out_dir)).trials_file}")
     if complete and best and scfg is not None:
         print(f"next: evaluate it on 100 seeds and rebuild the tables: {evaluation_command(scfg)}")

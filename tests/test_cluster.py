@@ -48,11 +48,117 @@ def test_provider_defaults_are_filled_in(tmp_path):
     assert any("ray start --head" in c for c in local["head_start_ray_commands"])
 
 
-def test_cli_validates_both_files(capsys):
-    assert cluster.main(["validate", str(CLOUD), str(LOCAL)]) == 0
+def test_cli_validates_both_files_as_templates(capsys):
+    assert cluster.main(["validate", "--template", str(CLOUD), str(LOCAL)]) == 0
     out = capsys.readouterr().out
     assert f"{CLOUD}: valid (aws provider" in out
     assert f"{LOCAL}: valid (local provider" in out
+    assert "a template: CHANGE-ME on line(s)" in out
+
+
+def test_a_file_with_change_me_left_is_refused(tmp_path, capsys):
+    assert cluster.main(["validate", str(CLOUD)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {CLOUD}: CHANGE-ME left on line(s) ") and err.count("\n") == 1
+    edited = tmp_path / "cluster.yaml"
+    edited.write_text(CLOUD.read_text().replace("CHANGE-ME-ractd-bucket", "my-bucket")
+                      .replace("CHANGE-ME-ACCOUNT-ID", "123456789012"))
+    assert cluster.main(["validate", str(edited)]) == 0
+    assert cluster.storage_bucket(_raw(edited)) == "my-bucket"
+
+
+def test_worker_profiles_need_a_head_that_can_pass_them(tmp_path):
+    """Ray's default head role has no iam:PassRole: worker node types with a profile need a head profile
+    (ray-project/ray #3190, #9327)."""
+    cfg = _raw(CLOUD)
+    del cfg["available_node_types"]["head"]["node_config"]["IamInstanceProfile"]
+    with pytest.raises(RactdError, match=r"gpu_\w+\.node_config\.IamInstanceProfile: the head names no instance "
+                                         r"profile.*iam:PassRole"):
+        cluster.validate_cluster_config(_write(tmp_path, cfg))
+    for name in ("gpu_v100", "gpu_a10g"):  # workers without a profile (no S3 of their own) pass this rule
+        del cfg["available_node_types"][name]["node_config"]["IamInstanceProfile"]
+    cluster.validate_cluster_config(_write(tmp_path, cfg, "noprofiles.yaml"))
+
+
+def test_iam_roles_let_the_head_pass_exactly_the_workers_role(monkeypatch, capsys):
+    """`iam --apply` against moto's IAM: both roles and profiles; the head may pass the worker role to EC2 and
+    nothing else; the workers may use the bucket only; a second run changes nothing."""
+    moto = pytest.importorskip("moto")
+    import json
+
+    import boto3
+
+    from ractd_ray import aws
+
+    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                 "AWS_DEFAULT_REGION": "us-west-2", "MOTO_IAM_LOAD_MANAGED_POLICIES": "true"}.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    with moto.mock_aws():
+        made = aws.apply("my-bucket")
+        again = aws.apply("my-bucket")  # idempotent
+        assert made == again
+        iam = boto3.client("iam")
+        head = iam.get_instance_profile(InstanceProfileName=aws.HEAD)["InstanceProfile"]
+        assert made["head_profile"] == head["Arn"] and [r["RoleName"] for r in head["Roles"]] == [aws.HEAD]
+        worker = iam.get_instance_profile(InstanceProfileName=aws.WORKER)["InstanceProfile"]
+        assert made["worker_profile"] == worker["Arn"]
+        policy = iam.get_role_policy(RoleName=aws.HEAD, PolicyName=aws.HEAD)["PolicyDocument"]
+        policy = json.loads(policy) if isinstance(policy, str) else policy
+        passes = [st for st in policy["Statement"] if st["Action"] == "iam:PassRole"]
+        assert passes == [{"Effect": "Allow", "Action": "iam:PassRole",
+                           "Resource": aws.role_arn(made["account"], aws.WORKER),
+                           "Condition": {"StringEquals": {"iam:PassedToService": "ec2.amazonaws.com"}}}]
+        attached = iam.list_attached_role_policies(RoleName=aws.HEAD)["AttachedPolicies"]
+        assert [a["PolicyArn"] for a in attached] == [aws.EC2_MANAGED_POLICY]
+        wp = iam.get_role_policy(RoleName=aws.WORKER, PolicyName=aws.WORKER)["PolicyDocument"]
+        wp = json.loads(wp) if isinstance(wp, str) else wp
+        assert {r for st in wp["Statement"] for r in [st["Resource"]]} == {"arn:aws:s3:::my-bucket",
+                                                                         "arn:aws:s3:::my-bucket/*"}
+        assert iam.list_attached_role_policies(RoleName=aws.WORKER)["AttachedPolicies"] == []
+    # the file names the profiles `iam` creates
+    raw = _raw(CLOUD)
+    assert raw["available_node_types"]["head"]["node_config"]["IamInstanceProfile"]["Arn"].endswith(
+        f":instance-profile/{aws.HEAD}")
+    for name in ("gpu_v100", "gpu_a10g"):
+        assert raw["available_node_types"][name]["node_config"]["IamInstanceProfile"]["Arn"].endswith(
+            f":instance-profile/{aws.WORKER}")
+    assert cluster.main(["iam", str(CLOUD), "--bucket", "b"]) == 0
+    out = capsys.readouterr().out
+    assert "aws iam put-role-policy --role-name ractd-head" in out and "aws iam attach-role-policy" in out
+    assert cluster.main(["iam", str(CLOUD)]) == 2  # the bucket is still CHANGE-ME
+
+
+def test_versions_are_pinned_to_the_tested_ones():
+    """The image's Ray is the version setup.cfg pins and the one installed here; the nodes install the pinned
+    torch (PyPI's Linux wheel: the CUDA build) before the project."""
+    import configparser
+
+    import ray
+    import torch
+
+    raw = _raw(CLOUD)
+    cfg = configparser.ConfigParser()
+    cfg.read(REPO / "setup.cfg")
+    ray_pin = [line.strip() for line in cfg["options.extras_require"]["ray"].splitlines() if line.startswith("ray")]
+    assert ray_pin == [f"ray[default,tune,train]=={ray.__version__}"]
+    assert raw["docker"]["image"] == f"rayproject/ray:{ray.__version__}-py311-gpu"
+    torch_version = torch.__version__.split("+")[0]
+    assert raw["setup_commands"][0] == f"pip install --quiet 'torch=={torch_version}'"
+    assert ".[ray,locomotion]" in raw["setup_commands"][1]
+
+
+def test_live_check_on_a_local_ray(monkeypatch, tmp_path, capsys):
+    """`check` on one machine with a storage folder: the node types, the probe writes and reads storage."""
+    monkeypatch.setenv(cluster.STORAGE_ENV, str(tmp_path / "storage"))
+    assert cluster.main(["check", "--address", "local", "--gpu", "no", "--timeout", "120"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("ok   node types: node ") and "(no autoscaler)" in out[0]
+    assert out[1].startswith(f"ok   storage: {tmp_path / 'storage'}: node ") and "read back" in out[1]
+    assert out[2] == "ok   GPU: not checked (--gpu no)"
+    monkeypatch.delenv(cluster.STORAGE_ENV)
+    assert cluster.main(["check", "--address", "local", "--gpu", "no"]) == 0  # one machine needs no storage
+    assert "storage: RACTD_STORAGE_PATH is not set (one machine: run folders)" in capsys.readouterr().out
 
 
 def test_cloud_file_shape():

@@ -134,14 +134,20 @@ def test_script_twice_runs_no_episode_twice(tiny, tmp_path, capsys):
     assert script.main(argv) == 0
     first = capsys.readouterr().out
     store = ResultsStore(tmp_path / "out" / "store")
-    assert "episodes run: 4" in first and len(_raw_keys(store)) == 4
+    # the teacher's cells: Heun-80 and its one-step Euler (the warm-start control), 4 seeds each; beside them the
+    # data's own level (no rollouts: the dataset the command generated, as it says)
+    rolled = [k for k in _raw_keys(store) if k[1] not in ("data", "behavior")]
+    assert "episodes run: 8" in first and len(rolled) == 8
+    assert "maze2d-umaze: dataset " in first and "generated now" in first
     assert "missing maze2d-umaze ctd" in first and "python -m ractd distill --task maze2d-umaze --quick" in first
     table11 = (tmp_path / "out" / "table11.md").read_text()
     assert "EDM Heun-80 (158 network calls)" in table11 and "· n=4 · quick" in table11 and "missing" in table11
     parts = sorted(p.name for p in store.episodes_dir.glob("part-*.parquet"))
+    before = len(_raw_keys(store))
     assert script.main(argv) == 0
     assert "episodes run: 0" in capsys.readouterr().out
-    assert sorted(p.name for p in store.episodes_dir.glob("part-*.parquet")) == parts and len(_raw_keys(store)) == 4
+    assert sorted(p.name for p in store.episodes_dir.glob("part-*.parquet")) == parts
+    assert len(_raw_keys(store)) == before  # nothing stored twice
     assert script.main(["--quick", "--tasks", "no-such-task"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: unknown task") and "\n" not in err

@@ -25,6 +25,7 @@ from ractd.data.d4rl import local_dataset_path, write_d4rl_hdf5
 from ractd.tasks import get_task
 from ractd_ray.search import (
     SCORE_FLOOR,
+    SEARCH_METRIC,
     SIGMA_CHOICES,
     finite_score,
     main,
@@ -201,11 +202,39 @@ def test_locomotion_sweep_shared_models_once_and_resume(local_ray, tmp_path, cap
     assert {p: os.stat(p).st_mtime_ns for p in stamps} == stamps
 
 
+def _scalars(path: Path, tag: str) -> list[tuple[int, float]]:
+    """(step, value) of a scalar in a TensorBoard event file (TFRecord: length, its CRC, the Event, its CRC)."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    data, i, out = path.read_bytes(), 0, []
+    while i + 12 <= len(data):
+        (n,) = struct.unpack("<Q", data[i:i + 8])
+        event = event_pb2.Event.FromString(data[i + 12:i + 12 + n])
+        i += 12 + n + 4
+        out += [(event.step, v.simple_value) for v in event.summary.value if v.tag == tag]
+    return out
+
+
 @pytest.mark.slow
 def test_maze_sweep_generates_its_dataset_and_trains_no_reward_model(local_ray, tmp_path):
+    from ractd_ray.search import build_parser, config_from_args, run_search
+
     out = tmp_path / "sweep"
-    assert main(["--task", "maze2d-umaze", *TINY, "--run-dir", str(out)]) == 0
-    _check_sweep(out, "maze2d-umaze", 2)
+    result = run_search(config_from_args(build_parser().parse_args(["--task", "maze2d-umaze", *TINY, "--run-dir",
+                                                                    str(out), "--report-every", "2"])))
+    assert result["complete"]
+    table = _check_sweep(out, "maze2d-umaze", 2)["table"]
+    for r in table:  # Tune's TensorBoard files hold the loss at every report, not only at the checkpoints
+        events = list((out / "ray" / "tune").glob(f"{r['trial_id']}*/events.out.tfevents.*"))
+        losses = _scalars(events[0], "ray/tune/loss") if events else []
+        assert len(losses) == r["step"] // 2 and len(losses) > r["step"] // 4, (r["trial_id"], losses)
+    # what Tune's searcher learned from each trial (its last result) is the score the sweep ranked it by
+    grid = result["result_grid"]
+    learned = {Path(r.path).name: r.metrics[SEARCH_METRIC] for r in grid}
+    assert learned == pytest.approx({r["trial_id"]: r["select_score"] for r in table})
+    assert all(Path(r.metrics["checkpoint_path"], "checkpoint.pt").is_file() for r in grid)  # each trial's
     search = json.loads((out / "search.json").read_text())
     assert search["dataset"]["source"] == "local" and search["dataset"]["generated"]
     assert search["shared"]["trained"] == ["teacher"] and search["shared"]["reward"] == ""
