@@ -53,6 +53,23 @@ class Student(nn.Module):
         ratio = append_dims(s / t, x.ndim)
         return ratio * x + (1 - ratio) * self.g(x, t, s, cond)
 
+    def many(self, calls: list[tuple], cond: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """Several calls [(x, t, s, jump)] sharing `cond` -> [G_theta(x, t, s) if jump else g_theta(x, t, s)],
+        from ONE network call over their stacked rows. Rows are independent (GroupNorm normalizes each sample),
+        so each output equals its own call up to float rounding; the matrix products are larger and fewer."""
+        sizes = [c[0].shape[0] for c in calls]
+        x = torch.cat([c[0] for c in calls])
+        t = torch.cat([edm._as_batch(c[1], c[0]) for c in calls])
+        s = torch.cat([edm._as_batch(c[2], c[0]) for c in calls])
+        g = self.g(x, t, s, None if cond is None else torch.cat([cond] * len(calls)))
+        outs = []
+        for (x_i, t_i, s_i, jump), g_i in zip(calls, g.split(sizes)):
+            if jump:
+                ratio = append_dims(edm._as_batch(s_i, x_i) / edm._as_batch(t_i, x_i), x_i.ndim)
+                g_i = ratio * x_i + (1 - ratio) * g_i
+            outs.append(g_i)
+        return outs
+
 
 def stopgrad(model: nn.Module):
     """A callable with model's current weights detached: sg(theta). Inputs keep their gradient path."""
@@ -194,6 +211,23 @@ def ctm_grid(n_bins: int, dtype=torch.float32, device=None) -> torch.Tensor:
     return torch.cat([sig, sig[-1:]])
 
 
+def ctm_draw(x0: torch.Tensor, cfg: DistillConfig = DistillConfig()):
+    """Eq. (5)-(6)'s random draws: (t, u, s) noise levels (sample_ctm_indices on ctm_grid) and x_t = x0 + t eps."""
+    grid = ctm_grid(cfg.n_bins, x0.dtype, x0.device)
+    ti, ui, si = sample_ctm_indices(x0.shape[0], cfg.n_bins, device=x0.device)
+    t, u, s = grid[ti], grid[ui], grid[si]
+    return t, u, s, x0 + append_dims(t, x0.ndim) * torch.randn_like(x0)
+
+
+@torch.no_grad()
+def ctm_target(G_sg, teacher: edm.Denoiser, x_t: torch.Tensor, t: torch.Tensor, u: torch.Tensor, s: torch.Tensor,
+               sig_min: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
+    """Eq. (6)'s target G_sg(G_sg(Solver_phi(x_t, t, u), u, s), s, sigma_min), without gradients."""
+    x_u = edm.heun_step(teacher.bind(cond), x_t, t, u)                   # Solver(x_t, t, u; phi)
+    x_tu_s = G_sg(x_u, u, s, cond)                                       # Eq. (6), x_k^(t,u)
+    return G_sg(x_tu_s, s, sig_min, cond)
+
+
 def ctm_loss(student: Student, teacher: edm.Denoiser, x0: torch.Tensor, cond: torch.Tensor | None,
              cfg: DistillConfig = DistillConfig()) -> tuple[torch.Tensor, torch.Tensor]:
     """Eq. (5)-(6): d(G_sg(G_theta(x_t, t, s), s, sigma_min), G_sg(G_sg(Solver_phi(x_t, t, u), u, s), s, sigma_min)).
@@ -201,19 +235,42 @@ def ctm_loss(student: Student, teacher: edm.Denoiser, x0: torch.Tensor, cond: to
     Returns (per-sample loss (batch,), the CTM prediction x_hat at sigma_min (batch, horizon, dim)), the
     latter for the released code's reward variant.
     """
-    grid = ctm_grid(cfg.n_bins, x0.dtype, x0.device)
-    ti, ui, si = sample_ctm_indices(x0.shape[0], cfg.n_bins, device=x0.device)
-    t, u, s = grid[ti], grid[ui], grid[si]
+    t, u, s, x_t = ctm_draw(x0, cfg)
     sig_min = torch.full_like(t, student.sigma_min)
-    x_t = x0 + append_dims(t, x0.ndim) * torch.randn_like(x0)
     G_sg = stopgrad(student)
     x_hat_s = student(x_t, t, s, cond)                                   # Eq. (6), x_hat_k^(t)
     pred = G_sg(x_hat_s, s, sig_min, cond)
-    with torch.no_grad():
-        x_u = edm.heun_step(teacher.bind(cond), x_t, t, u)               # Solver(x_t, t, u; phi)
-        x_tu_s = G_sg(x_u, u, s, cond)                                   # Eq. (6), x_k^(t,u)
-        target = G_sg(x_tu_s, s, sig_min, cond)
+    target = ctm_target(G_sg, teacher, x_t, t, u, s, sig_min, cond)
     return edm.pseudo_huber(pred, target, form=cfg.distance), pred  # Eq. (5)
+
+
+def dsm_draw(student: Student, x0: torch.Tensor, cfg: DistillConfig = DistillConfig()):
+    """Eq. (7)'s random draws: (sigma (batch,), x_sigma = x0 + sigma eps); see dsm_loss."""
+    n = x0.shape[0]
+    sig = edm.karras_sigmas(cfg.n_bins, dtype=x0.dtype, device=x0.device)
+    n_top = max(1, int(cfg.dsm_top_fraction * cfg.n_bins))
+    half = n // 2
+    top = sig[torch.randint(0, n_top, (half,), device=x0.device)]
+    lognormal = edm.sample_sigma_lognormal(n - half, device=x0.device).to(x0.dtype)
+    sigma = torch.cat([top, lognormal]).clamp(student.sigma_min, edm.SIGMA_MAX)
+    return sigma, x0 + append_dims(sigma, x0.ndim) * torch.randn_like(x0)
+
+
+def dsm_levels(student: Student, sigma: torch.Tensor, cfg: DistillConfig) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """(t, s, jump) of Eq. (7)'s student call on x_sigma: "jump" G_theta(x_sigma, sigma, sigma_min),
+    "denoiser" g_theta(x_sigma, sigma, sigma)."""
+    if cfg.dsm_form == "jump":
+        return sigma, torch.full_like(sigma, student.sigma_min), True
+    if cfg.dsm_form == "denoiser":
+        return sigma, sigma, False
+    raise ValueError(f"unknown DSM form {cfg.dsm_form!r}; expected 'jump' or 'denoiser'")
+
+
+def dsm_distance(student: Student, out: torch.Tensor, x0: torch.Tensor, sigma: torch.Tensor,
+                 cfg: DistillConfig) -> torch.Tensor:
+    """Eq. (7)'s weighted distance w(sigma) d(out, x_0), (batch,)."""
+    weight = edm.loss_weight(sigma, cfg.dsm_weighting, student.sigma_data)
+    return weight * edm.pseudo_huber(out, x0, form=cfg.distance)  # Eq. (7)
 
 
 def dsm_loss(student: Student, x0: torch.Tensor, cond: torch.Tensor | None,
@@ -223,22 +280,10 @@ def dsm_loss(student: Student, x0: torch.Tensor, cond: torch.Tensor | None,
     Half the batch draws sigma uniformly from the top `dsm_top_fraction` bins of the schedule
     (sigma in [~0.79, 80] for 0.7), the other half ln sigma ~ N(-1.2, 1.2^2) (released code).
     """
-    n = x0.shape[0]
-    sig = edm.karras_sigmas(cfg.n_bins, dtype=x0.dtype, device=x0.device)
-    n_top = max(1, int(cfg.dsm_top_fraction * cfg.n_bins))
-    half = n // 2
-    top = sig[torch.randint(0, n_top, (half,), device=x0.device)]
-    lognormal = edm.sample_sigma_lognormal(n - half, device=x0.device).to(x0.dtype)
-    sigma = torch.cat([top, lognormal]).clamp(student.sigma_min, edm.SIGMA_MAX)
-    x_sigma = x0 + append_dims(sigma, x0.ndim) * torch.randn_like(x0)
-    if cfg.dsm_form == "jump":
-        out = student(x_sigma, sigma, torch.full_like(sigma, student.sigma_min), cond)
-    elif cfg.dsm_form == "denoiser":
-        out = student.g(x_sigma, sigma, sigma, cond)
-    else:
-        raise ValueError(f"unknown DSM form {cfg.dsm_form!r}; expected 'jump' or 'denoiser'")
-    weight = edm.loss_weight(sigma, cfg.dsm_weighting, student.sigma_data)
-    return weight * edm.pseudo_huber(out, x0, form=cfg.distance)  # Eq. (7)
+    sigma, x_sigma = dsm_draw(student, x0, cfg)
+    t, s, jump = dsm_levels(student, sigma, cfg)
+    out = student(x_sigma, t, s, cond) if jump else student.g(x_sigma, t, s, cond)
+    return dsm_distance(student, out, x0, sigma, cfg)
 
 
 def one_step(student: Student, x_T: torch.Tensor, cond: torch.Tensor | None, sigma_max: float = edm.SIGMA_MAX) -> torch.Tensor:
@@ -255,7 +300,7 @@ def reward_loss(reward_model: nn.Module, state: torch.Tensor, a_hat: torch.Tenso
 
 def ractd_loss(student: Student, teacher: edm.Denoiser, reward_model: nn.Module | None, x0: torch.Tensor,
                cond: torch.Tensor | None, state: torch.Tensor | None, cfg: DistillConfig = DistillConfig(),
-               balance: TermBalance | None = None) -> dict:
+               balance: TermBalance | None = None, batched: bool = True) -> dict:
     """Eq. (9): L = alpha L_CTM + beta L_DSM + sigma L_Reward.
 
     x0: (batch, horizon, act_dim) normalized action chunks; cond: the student's conditioning vector;
@@ -264,21 +309,26 @@ def ractd_loss(student: Student, teacher: edm.Denoiser, reward_model: nn.Module 
     The teacher and the reward model must be frozen (requires_grad False); no gradient reaches them.
     cfg.term_scale "balanced" divides L_CTM and L_DSM by their running values in `balance`, "gradient" every
     term by the running norm of its gradient (`balance` required for both); the logged terms stay unscaled.
+    batched: the student's independent calls with gradients (Eq. (6)'s G_theta(x_t, t, s), Eq. (7)'s call and
+    the one-step a_hat) run as one network call over their stacked rows (`Student.many`), the random draws in
+    the same order as the unbatched path (False: ctm_loss, dsm_loss and one_step one after another, the
+    reference); the same loss up to float rounding (with dropout > 0, other dropout masks).
     """
-    l_ctm, pred = ctm_loss(student, teacher, x0, cond, cfg)
-    l_dsm = dsm_loss(student, x0, cond, cfg)
+    if cfg.sigma > 0 and (reward_model is None or state is None):
+        raise ValueError("reward weight sigma > 0 needs a reward model and the current state")
+    if cfg.sigma > 0 and cfg.reward_variant not in ("one_step", "ctm"):
+        raise ValueError(f"unknown reward variant {cfg.reward_variant!r}; expected 'one_step' or 'ctm'")
+    one_step_reward = cfg.sigma > 0 and cfg.reward_variant == "one_step"  # paper: a_hat from one step from x_T
+    if batched:
+        l_ctm, pred, l_dsm, x_hat_T = _batched_terms(student, teacher, x0, cond, cfg, one_step_reward)
+    else:
+        l_ctm, pred = ctm_loss(student, teacher, x0, cond, cfg)
+        l_dsm = dsm_loss(student, x0, cond, cfg)
+        x_hat_T = one_step(student, _prior(x0, cfg), cond) if one_step_reward else None
     terms = {"ctm": l_ctm.mean(), "dsm": l_dsm.mean()}
     weights = {"ctm": cfg.alpha, "dsm": cfg.beta}
     if cfg.sigma > 0:
-        if reward_model is None or state is None:
-            raise ValueError("reward weight sigma > 0 needs a reward model and the current state")
-        if cfg.reward_variant == "one_step":   # paper: a_hat from one student step from x_T
-            x_T = edm.prior_sample(x0.shape, scaled=cfg.init_scaled, device=x0.device, dtype=x0.dtype)
-            a_hat = one_step(student, x_T, cond)[:, 0]
-        elif cfg.reward_variant == "ctm":      # released code: first action of the CTM prediction
-            a_hat = pred[:, 0]
-        else:
-            raise ValueError(f"unknown reward variant {cfg.reward_variant!r}; expected 'one_step' or 'ctm'")
+        a_hat = x_hat_T[:, 0] if one_step_reward else pred[:, 0]  # "ctm": the released code's CTM prediction
         terms["reward"] = reward_loss(reward_model, state, a_hat, clamp=cfg.reward_clamp).mean()
         weights["reward"] = cfg.sigma
     logged = {k: v.detach() for k, v in terms.items()}  # the unscaled terms
@@ -292,6 +342,30 @@ def ractd_loss(student: Student, teacher: edm.Denoiser, reward_model: nn.Module 
         else:
             raise ValueError(f"unknown term scale {cfg.term_scale!r}; expected 'raw', 'balanced' or 'gradient'")
     return {**logged, "loss": sum(weights[k] * terms[k] for k in terms)}  # Eq. (9)
+
+
+def _prior(x0: torch.Tensor, cfg: DistillConfig) -> torch.Tensor:
+    return edm.prior_sample(x0.shape, scaled=cfg.init_scaled, device=x0.device, dtype=x0.dtype)
+
+
+def _batched_terms(student: Student, teacher: edm.Denoiser, x0: torch.Tensor, cond: torch.Tensor | None,
+                   cfg: DistillConfig, one_step_reward: bool):
+    """ractd_loss's (L_CTM per sample, CTM prediction, L_DSM per sample, one-step sample or None) with the
+    student's calls with gradients stacked into one network call."""
+    t, u, s, x_t = ctm_draw(x0, cfg)                   # the draws in ctm_loss, dsm_loss, one_step's order
+    sigma, x_sigma = dsm_draw(student, x0, cfg)
+    d_t, d_s, d_jump = dsm_levels(student, sigma, cfg)
+    calls = [(x_t, t, s, True), (x_sigma, d_t, d_s, d_jump)]
+    if one_step_reward:
+        x_T = _prior(x0, cfg)
+        calls.append((x_T, torch.full_like(t, edm.SIGMA_MAX), torch.full_like(t, student.sigma_min), True))
+    outs = student.many(calls, cond)
+    sig_min = torch.full_like(t, student.sigma_min)
+    G_sg = stopgrad(student)
+    pred = G_sg(outs[0], s, sig_min, cond)                               # Eq. (6), from x_hat_k^(t)
+    target = ctm_target(G_sg, teacher, x_t, t, u, s, sig_min, cond)
+    l_ctm = edm.pseudo_huber(pred, target, form=cfg.distance)            # Eq. (5)
+    return l_ctm, pred, dsm_distance(student, outs[1], x0, sigma, cfg), (outs[2] if one_step_reward else None)
 
 
 def default_t_mids(n_steps: int, dtype=torch.float32) -> list[float]:

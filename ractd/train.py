@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ractd import RactdError, __version__, bc, ctm, ddpm, edm
+from ractd import RactdError, __version__, accel, bc, ctm, ddpm, edm
 from ractd.checkpoint import copy_checkpoint, load_checkpoint, save_checkpoint
 from ractd.config import from_dict, to_dict
 from ractd.data.prepared import Prepared, dataset_fingerprint, prepare_windows
@@ -58,14 +58,10 @@ def ema_decay_at(step: int, max_decay: float, power: float) -> float:
     return min(max_decay, 1.0 - (1.0 + step) ** -power)
 
 
-@torch.no_grad()
-def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    """ema <- decay * ema + (1 - decay) * model, parameters and floating buffers."""
-    for p_ema, p in zip(ema.parameters(), model.parameters()):
-        p_ema.lerp_(p, 1.0 - decay)
-    for b_ema, b in zip(ema.buffers(), model.buffers()):
-        if b.is_floating_point():
-            b_ema.lerp_(b, 1.0 - decay)
+def ema_update(ema: nn.Module, model: nn.Module, decay: float, foreach: bool = True) -> None:
+    """ema <- decay * ema + (1 - decay) * model, parameters and floating buffers (ractd.accel.ema_update: one
+    foreach lerp; foreach=False: the per-tensor loop)."""
+    accel.ema_update(ema, model, decay, foreach)
 
 
 @dataclasses.dataclass
@@ -114,7 +110,7 @@ def prepare(cfg: TrainConfig, data: dict | None = None, norms: dict | None = Non
         data = load_dataset(task, source=cfg.source, scale=cfg.scale)
     fp = dataset_fingerprint(data)
     if cfg.stage == "bc":
-        return bc.prepare_bc(task, data, fp)
+        return bc.prepare_bc(task, data, fp, top_fraction=cfg.bc_top_fraction, goal=cfg.bc_goal)
     return prepare_windows(task, data, rtg=cfg.rtg, obs_history=cfg.obs_history, norms=norms, fingerprint=fp)
 
 
@@ -241,9 +237,11 @@ class _Run:
     teacher: nn.Module | None
     reward_model: nn.Module | None
     balance: ctm.TermBalance | None
+    plan: accel.Plan
     step: int = 0
     best: float = math.inf
     last_select: float | None = None
+    accel_history: list = dataclasses.field(default_factory=list)
 
     @property
     def ckpt_path(self) -> Path:
@@ -313,12 +311,19 @@ def _setup(cfg: TrainConfig, ctx: RunContext, data: dict | None, prep: Prepared 
         load_teacher_into_student(model.net, teacher.net)  # new s pathway zero-initialised
     ema = copy.deepcopy(model).requires_grad_(False) if cfg.stage in ("teacher", "ddpm") else None
     balance = ctm.TermBalance(cfg.distill.term_decay, cfg.distill.term_every) if cfg.stage == "student" else None
+    # how the steps run on this machine (ractd.accel), resolved once; the config records the resolved names
+    plan = accel.plan_for(cfg.accel, cfg.autocast, model, teacher, cfg.batch // ctx.world_size,
+                          prep.shape_tail[0], device)
+    cfg = dataclasses.replace(cfg, accel=plan.accel, autocast=plan.autocast)
+    log.info("%s %s: accel %s, autocast %s, %s optimizer, %d GEMM conv layers (set up in %.1f s)", cfg.task,
+             cfg.stage, plan.accel, plan.autocast, plan.optimizer, len(plan.gemm_layers), plan.setup_s)
     opt, sched = _optimizer(cfg, model)
+    accel.set_optimizer_impl(opt, plan.optimizer)
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + ctx.rank)
     torch.manual_seed(cfg.seed * 1000 + ctx.rank)
     train_idx, val_idx = _split(cfg, len(prep.cond))
     return _Run(cfg, ctx, prep, device, model, opt, sched, gen, train_idx, val_idx, ema, teacher, reward_model,
-                balance)
+                balance, plan)
 
 
 def _upstream(cfg: TrainConfig, prep: Prepared, device) -> tuple[TrainConfig, nn.Module | None, nn.Module | None]:
@@ -387,6 +392,8 @@ def _resume(run: _Run) -> None:
     if run.ema is not None:
         run.ema.load_state_dict(ck["ema"])
     run.opt.load_state_dict(ck["optimizer"])
+    accel.set_optimizer_impl(run.opt, run.plan.optimizer)  # the saved groups carry the writer's own flags
+    run.accel_history = _accel_history(ck, run)
     run.sched.load_state_dict(ck["scheduler"])  # keeps this run's lambda: more steps stretch the cosine
     run.step, run.best, run.last_select = ck["step"], ck["best"], ck.get("select_score")
     if run.balance is not None and ck.get("term_balance"):
@@ -400,6 +407,20 @@ def _resume(run: _Run) -> None:
     log.info("resumed %s at step %d", resume, run.step)
 
 
+def _accel_history(ck: dict, run: _Run) -> list[dict]:
+    """How each stretch of a resumed run's steps ran: the checkpoint's record (one written before the accel
+    field ran fp32, eager, with torch's for-loop AdamW), and this run's plan from the resumed step if it differs."""
+    old = ck.get("meta", {}).get("accel") or {}
+    keys = ("accel", "autocast", "optimizer")
+    history = list(old.get("history") or [{"from_step": 0, "accel": "eager", "autocast": "fp32",
+                                           "optimizer": "for-loop"}])
+    entry = {"from_step": int(ck["step"]), **{k: getattr(run.plan, k) for k in keys}}
+    if any(history[-1].get(k) != entry[k] for k in keys):
+        log.info("resumed run continues with %s (it ran with %s)", entry, history[-1])
+        history.append(entry)
+    return history
+
+
 def _step(run: _Run) -> tuple[dict, float]:
     """One optimizer step on cfg.batch / world_size windows of this rank's stream: (the loss terms, the gradient
     norm). The gradients are averaged across workers (ctx.sync_grads); a non-finite loss or gradient stops the
@@ -407,13 +428,14 @@ def _step(run: _Run) -> tuple[dict, float]:
     cfg, ctx = run.cfg, run.ctx
     idx = run.train_idx[torch.randint(0, len(run.train_idx), (cfg.batch // ctx.world_size,),
                                       generator=run.gen).numpy()]
-    terms = _loss_terms(cfg, run.model, run.teacher, run.reward_model, run.prep, idx, run.device, run.balance)
+    with run.plan.context(run.device):  # autocast bf16 where the plan says so
+        terms = _loss_terms(cfg, run.model, run.teacher, run.reward_model, run.prep, idx, run.device, run.balance)
     run.opt.zero_grad(set_to_none=True)
     terms["loss"].backward()
     if ctx.sync_grads:
         ctx.sync_grads(run.model)
     # the norm of the synchronized gradient is the same on every rank, so every rank stops together
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(run.model.parameters(), math.inf))
+    grad_norm = float(accel.grad_norm(run.model.parameters()))
     loss_value = float(terms["loss"].detach())
     if not math.isfinite(grad_norm) or (ctx.world_size == 1 and not math.isfinite(loss_value)):
         kept = f"the last good checkpoint {run.ckpt_path} (step {run.step}) is kept" if run.ckpt_path.is_file() \
@@ -451,9 +473,10 @@ def _checkpoint(run: _Run, metrics: dict) -> Path | None:
     cfg = run.cfg
     if run.val_idx is not None:
         metrics["val_loss"] = _reward_val_loss(run.model, run.prep, run.val_idx, run.device)
-    if cfg.stage == "student":
-        metrics.update(distill_diagnostics(cfg, run.model, run.reward_model, run.prep, run.device))
-    score = _selection_score(run, metrics)
+    with accel.native_convs(run.model):  # the evaluation code (engines, export) takes the network as built
+        if cfg.stage == "student":
+            metrics.update(distill_diagnostics(cfg, run.model, run.reward_model, run.prep, run.device))
+        score = _selection_score(run, metrics)
     if run.ctx.rank != 0:
         return None
     improved = math.isfinite(score) and score <= run.best
@@ -485,7 +508,9 @@ def _payload(run: _Run) -> dict:
     shapes = {"x": list(prep.shape_tail), "cond": int(prep.cond.shape[1]),
               "state": None if prep.state is None else int(prep.state.shape[1]),
               "action": None if prep.action is None else int(prep.action.shape[1])}
-    meta = {"versions": _versions(), "dataset_fingerprint": prep.fingerprint, "world_size": run.ctx.world_size}
+    meta = {"versions": _versions(), "dataset_fingerprint": prep.fingerprint, "world_size": run.ctx.world_size,
+            "accel": {**run.plan.record(), "history": run.accel_history or [
+                {"from_step": 0, **{k: getattr(run.plan, k) for k in ("accel", "autocast", "optimizer")}}]}}
     return {"config": to_dict(run.cfg), "model": run.model.state_dict(),
             "ema": None if run.ema is None else run.ema.state_dict(), "optimizer": run.opt.state_dict(),
             "scheduler": run.sched.state_dict(), "step": run.step, "best": run.best, "select_score": run.last_select,

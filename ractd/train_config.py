@@ -63,6 +63,20 @@ class TrainConfig:
     select_max_steps: env steps of each model-selection rollout; 0 = the task's full episode length, the
         episodes the tables report (a 300-step hopper episode does not rank 1000-step behaviour).
     bc_hidden: behavior cloning MLP widths (CORL: 2 x 256, ReLU).
+    bc_top_fraction: BC on the trajectories with the best returns only (ractd.bc.best_trajectories); 1 = all
+        (BC), 0.1 = CORL's "10% BC", the return-aware baseline of mixed-quality data.
+    bc_goal: maze2d BC's goal (ractd.bc.bc_goals): hindsight (default: the position horizon - 1 steps later,
+        the information the planner is trained on) | controller (the data controller's target, infos/goal, which
+        the planner never sees).
+    accel: how the training step runs (ractd.accel; every choice uses the fused optimizer where torch has one and
+        the student's stacked calls): auto (resolved at setup: "gemm" where a calibration measures a U-Net
+        convolution faster as one matrix product on this CPU, else "eager") | eager (native convolutions) |
+        gemm (the measured-faster layers as matrix products) | compile (torch.compile of the U-Nets; its
+        compilation takes minutes, bench/bench_training.py prints after how many steps it pays). The checkpoint's
+        config records the resolved name, its meta the layers and measurements; the same math up to rounding.
+    autocast: the forward pass's precision: auto (bf16 where the device multiplies bf16 in hardware: CUDA,
+        or a CPU with AMX-BF16 / AVX512-BF16; fp32 elsewhere) | fp32 | bf16 (torch.autocast; weights, optimizer
+        and EMA stay fp32). bf16 changes the numbers, not only their rounding. Recorded resolved.
     """
 
     task: str = "hopper-medium-replay"
@@ -95,6 +109,10 @@ class TrainConfig:
     select_seeds: int = 10
     select_max_steps: int = 0
     bc_hidden: tuple[int, ...] = (256, 256)
+    bc_top_fraction: float = 1.0
+    bc_goal: Literal["hindsight", "controller"] = "hindsight"
+    accel: Literal["auto", "eager", "gemm", "compile"] = "auto"
+    autocast: Literal["auto", "fp32", "bf16"] = "auto"
 
     @classmethod
     def for_stage(cls, stage: str, budget: str = "cpu", **overrides) -> "TrainConfig":
@@ -137,9 +155,14 @@ class TrainConfig:
             bad("source", self.source, "expected one of auto, d4rl, local, minari")
         for name, allowed in (("rtg", ("paper", "code")), ("scalings", ("boundary", "edm")),
                               ("distance", ("per_sample", "elementwise")),
-                              ("weighting", ("lambda", "sqrt_lambda", "none"))):
+                              ("weighting", ("lambda", "sqrt_lambda", "none")),
+                              ("accel", ("auto", "eager", "gemm", "compile")), ("autocast", ("auto", "fp32", "bf16"))):
             if getattr(self, name) not in allowed:
                 bad(name, getattr(self, name), f"expected one of {', '.join(allowed)}")
+        if not 0.0 < self.bc_top_fraction <= 1.0:
+            bad("bc_top_fraction", self.bc_top_fraction, "must be in (0, 1]")
+        if self.bc_goal not in ("hindsight", "controller"):
+            bad("bc_goal", self.bc_goal, "expected one of hindsight, controller")
         for name in ("reward_hidden", "bc_hidden"):
             v = getattr(self, name)
             if not v or any(not isinstance(h, int) or h < 1 for h in v):
@@ -221,6 +244,7 @@ BUDGETS: dict[str, dict[str, dict]] = {
 }
 
 # Fields that do not define a run: they may differ when a run resumes (a restored Ray trial in another folder,
-# more steps, other selection or checkpoint cadence, the same upstream checkpoints at another path).
+# more steps, other selection or checkpoint cadence, the same upstream checkpoints at another path, another
+# machine's resolution of accel / autocast: the checkpoint's meta keeps the history of how its steps ran).
 RESUMABLE_FIELDS = frozenset({"run_dir", "steps", "ckpt_every", "report_every", "teacher_ckpt", "reward_ckpt",
-                              "select_seeds", "select_max_steps", "source"})
+                              "select_seeds", "select_max_steps", "source", "accel", "autocast"})

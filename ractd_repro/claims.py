@@ -273,6 +273,19 @@ def _claim_8(t: _Task) -> list[dict]:
     return out
 
 
+def _claim_8c(t: _Task) -> list[dict]:
+    """RACTD against 10% BC (BC on the trajectories with the best 10% returns), the return-aware baseline."""
+    c = t.c
+    if "ractd" not in c or _kind(t.task) != "locomotion":
+        return []
+    claim = "8c. RACTD scores above 10% BC (BC on the best 10% of trajectories: the return-aware baseline)"
+    if "bc-10" not in c:
+        return [_verdict(claim, t, "not measured", "the store has no 10% BC cell")]
+    d, se = _diff(c["ractd"], c["bc-10"])
+    return [_verdict(claim, t, better(c["ractd"], c["bc-10"]),
+                     f"{t.ractd} {_fmt(c['ractd'])} vs 10% BC {_fmt(c['bc-10'])}: difference {d:+.1f} ± {se:.1f}")]
+
+
 def _claim_6(t: _Task) -> list[dict]:
     """Table 3: speed per action."""
     times = _times(t.rows, t.task)
@@ -310,7 +323,8 @@ def _claim_9(t: _Task) -> list[dict]:
 
 
 # every claim's check, in the order its verdicts are listed within a claim number
-CHECKS = (_claim_1, _claim_2ab, _claim_2c, _claim_3, _claim_4, _claim_5, _claim_7, _claim_8, _claim_6, _claim_9)
+CHECKS = (_claim_1, _claim_2ab, _claim_2c, _claim_3, _claim_4, _claim_5, _claim_7, _claim_8, _claim_8c, _claim_6,
+          _claim_9)
 
 
 def claims(rows: list[dict], rewards: list[dict], sweeps: dict[str, dict]) -> list[dict]:

@@ -65,6 +65,9 @@ METHODS: dict[str, Method] = {m.id: m for m in [
     Method("ctd-final", "CTD, final checkpoint", "ctd-final", "student", 1),
     Method("ractd-final", "RACTD, final checkpoint", "ractd-final", "student", 1),
     Method("bc", "BC", "bc", "bc", 1),
+    # CORL's "10% BC": BC on the trajectories with the top 10% returns (ractd.bc.best_trajectories), the baseline a
+    # return-aware method must beat on mixed-quality data (locomotion)
+    Method("bc-10", "10% BC", "bc-10", "bc", 1),
 ]}
 
 
@@ -77,6 +80,8 @@ NEEDS_REWARD = {"ra-teacher-ctd", "ra-teacher-ractd", SIGMA_SWEEP}
 
 # methods that need a planner (maze2d only)
 MAZE_ONLY = {m.id for m in METHODS.values() if m.tracker != "pd"}
+# methods of locomotion tasks only (maze2d data are goal-reaching segments without a return ranking)
+LOCO_ONLY = {"bc-10"}
 
 
 def sigma_method(sigma: float) -> Method:
@@ -99,7 +104,7 @@ CORE = ("teacher-heun-80", "ctd", "ractd")
 
 # beside every task's methods: behavior cloning, the warm-start control (the teacher's one-step Euler = the student
 # at step 0), and the final checkpoints of the selected students
-BASELINES = ("bc", "teacher-euler-1", "ctd-final", "ractd-final")
+BASELINES = ("bc", "bc-10", "teacher-euler-1", "ctd-final", "ractd-final")
 
 
 LOCO_SAMPLERS = ("ddpm-15", "ddim-15")                      # Table 3

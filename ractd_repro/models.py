@@ -216,6 +216,8 @@ def plan_models(study: Study, task: str) -> dict[str, ModelPlan]:
     for stage in ("ddpm", "bc"):
         if stage in needed:
             add(stage, stage)
+    if "bc-10" in needed:
+        add("bc-10", "bc", bc_top_fraction=0.1)
     student("ctd", 1.0, 1.0, 0.0, "teacher")
     student("ractd", alpha, beta, sigma, "teacher")
     for s in task_sigmas(study, task):

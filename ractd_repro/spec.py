@@ -19,6 +19,7 @@ from ractd_repro.methods import (
     BASELINES,
     CORE,
     LOCO_SAMPLERS,
+    LOCO_ONLY,
     MAZE_ONLY,
     MAZE_SAMPLERS,
     MULTISTEP,
@@ -224,7 +225,7 @@ def expand_methods(study: Study, task: str) -> list[str]:
     kind = get_task(task).kind
     out: list[str] = []
     for m in plan.methods:
-        if (m in NEEDS_REWARD and kind == "maze") or (m in MAZE_ONLY and kind != "maze"):
+        if (m in NEEDS_REWARD | LOCO_ONLY and kind == "maze") or (m in MAZE_ONLY and kind != "maze"):
             continue
         if m == SIGMA_SWEEP:
             out += [sigma_method(s).id for s in task_sigmas(study, task)]

@@ -104,7 +104,8 @@ NOT_MEASURED = "not measured"
 # Baseline rows beside the methods of every table (ractd_repro.methods: "bc" is evaluated like a method; "data" and
 # "behavior" are written by ractd_repro.baselines.baseline_rows from the dataset, ractd.data.level). Absent: "not
 # measured".
-BASELINES = [("bc", "BC (CORL recipe)"), ("data", "data (the dataset's episodes)")]
+BASELINES = [("bc", "BC (CORL recipe)"), ("bc-10", "10% BC (CORL recipe, top 10% trajectories)"),
+             ("data", "data (the dataset's episodes)")]
 
 
 # the final checkpoints of the selected students (ractd_repro.methods: ctd-final, ractd-final)

@@ -166,3 +166,17 @@ def test_jobs_of_one_task_from_two_datasets_are_refused():
                                          r"\(fpA: /ctd.pt; fpB: /ractd.pt\)"):
         one_dataset("maze2d-umaze", jobs, mixed)
     one_dataset("hopper-medium", jobs, mixed)  # another task's jobs are not this task's business
+
+
+def test_ten_percent_bc_is_planned_on_locomotion_only_with_its_own_command():
+    from ractd_repro import models
+    from ractd_repro.spec import expand_methods, get_study
+
+    s = get_study("tables")
+    assert "bc-10" in expand_methods(s, "hopper-medium-replay")
+    assert "bc-10" not in expand_methods(s, "maze2d-umaze")
+    plan = models.plan_models(s, "hopper-medium-replay")
+    bc10, bc = plan["bc-10"], plan["bc"]
+    assert bc10.stage == bc.stage == "bc" and bc10.checkpoint != bc.checkpoint
+    assert (bc10.cfg.bc_top_fraction, bc.cfg.bc_top_fraction) == (0.1, 1.0)
+    assert "--bc-top-fraction 0.1" in bc10.command("cpu") and "--bc-top-fraction" not in bc.command("cpu")

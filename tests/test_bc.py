@@ -106,7 +106,7 @@ def test_maze_bc_is_conditioned_on_state_and_goal_as_trained(tmp_path):
     data = {"observations": obs, "actions": rng.uniform(-1, 1, (n, 2)).astype(np.float32),
             "rewards": np.zeros(n, np.float32), "terminals": np.zeros(n, bool), "timeouts": np.zeros(n, bool),
             "infos/goal": goal}
-    prep = prepare_bc(get_task("maze2d-umaze"), data)
+    prep = prepare_bc(get_task("maze2d-umaze"), data, goal="controller")
     seen = []
 
     class Recorder(torch.nn.Module):
@@ -118,12 +118,63 @@ def test_maze_bc_is_conditioned_on_state_and_goal_as_trained(tmp_path):
     plan = policy.plan(obs[:5], goal[:5], [torch.Generator()] * 5)
     policy.track(plan, obs[:5], t=0)
     np.testing.assert_allclose(seen[0].numpy(), prep.cond[:5], rtol=0, atol=1e-6)
-    # the hindsight goal when the data has no infos/goal: the episode's last position
+    # the controller's goal when the data has no infos/goal: the episode's last position
     del data["infos/goal"]
     data["timeouts"][31] = True
-    prep2 = prepare_bc(get_task("maze2d-umaze"), data)
+    prep2 = prepare_bc(get_task("maze2d-umaze"), data, goal="controller")
     want = prep2.normalizers["obs"].normalize(np.concatenate([obs[[31, 63], :2], np.zeros((2, 2), np.float32)], 1))
     np.testing.assert_allclose(prep2.cond[[0, 40], 4:], want, atol=1e-6)
+
+
+def test_maze_bc_by_default_sees_the_planners_hindsight_goal_not_the_controllers():
+    """Fair to the planner, which is conditioned on its training windows' last state: by default BC's goal of row t
+    is the position horizon - 1 rows later in the same segment (the segment's last position near its end), never
+    the controller's infos/goal (which the planner never sees)."""
+    from ractd.bc import bc_goals
+
+    task = get_task("maze2d-umaze")
+    h = task.horizon
+    n = 3 * h
+    obs = np.zeros((n, 4), np.float32)
+    obs[:, 0] = np.arange(n) * 0.01 + 1.0  # positions that name their row
+    obs[:, 1] = 1.0
+    term = np.zeros(n, bool)
+    term[2 * h - 1] = True  # two segments: [0, 2h) and [2h, 3h)
+    data = {"observations": obs, "actions": np.zeros((n, 2), np.float32), "rewards": np.zeros(n, np.float32),
+            "terminals": term, "timeouts": np.zeros(n, bool), "infos/goal": np.full((n, 2), 9.0, np.float32)}
+    goals = bc_goals(data, "hindsight", h)
+    rows = np.array([0, h, 2 * h - 1, 2 * h, 3 * h - 1])
+    ahead = np.array([h - 1, 2 * h - 1, 2 * h - 1, 3 * h - 1, 3 * h - 1])  # capped at each segment's end
+    np.testing.assert_allclose(goals[rows], obs[ahead, :2], atol=0)
+    assert not np.any(goals == 9.0)
+    prep = prepare_bc(task, data)  # the default is the hindsight goal
+    want = prep.normalizers["obs"].normalize(np.concatenate([obs[ahead, :2], np.zeros((5, 2), np.float32)], 1))
+    np.testing.assert_allclose(prep.cond[rows, 4:], want, atol=1e-6)
+    np.testing.assert_allclose(bc_goals(data, "controller", h), 9.0)
+
+
+def test_ten_percent_bc_keeps_the_trajectories_with_the_best_returns():
+    """CORL's 10% BC: the top fraction of trajectories by return (at least one), in dataset order, normalizers on
+    the kept rows; fraction 1 keeps everything."""
+    from ractd.bc import best_trajectories
+
+    lengths, rets = [3, 5, 2, 4, 6, 1, 3, 2, 4, 5], [1.0, 9.0, 3.0, 7.0, 2.0, 8.0, 0.0, 5.0, 4.0, 6.0]
+    rew = np.concatenate([np.full(n, r / n) for n, r in zip(lengths, rets)]).astype(np.float32)
+    ends = np.cumsum(lengths)
+    term = np.zeros(len(rew), bool)
+    term[ends - 1] = True
+    data = {"observations": np.arange(len(rew), dtype=np.float32)[:, None].repeat(11, 1),
+            "actions": np.zeros((len(rew), 3), np.float32), "rewards": rew, "terminals": term,
+            "timeouts": np.zeros(len(rew), bool)}
+    starts = ends - np.array(lengths)
+    np.testing.assert_array_equal(best_trajectories(data, 0.1), np.arange(starts[1], ends[1]))  # return 9
+    top3 = np.concatenate([np.arange(starts[k], ends[k]) for k in (1, 3, 5)])  # returns 9, 7, 8 in data order
+    np.testing.assert_array_equal(best_trajectories(data, 0.3), top3)
+    np.testing.assert_array_equal(best_trajectories(data, 1.0), np.arange(len(rew)))
+    np.testing.assert_array_equal(best_trajectories(data, 0.01), np.arange(starts[1], ends[1]))  # at least one
+    prep = prepare_bc(get_task("hopper-medium-replay"), data, top_fraction=0.3)
+    assert len(prep.x) == len(top3)
+    np.testing.assert_allclose(prep.normalizers["obs"].normalize(data["observations"][top3]), prep.cond, atol=1e-6)
 
 
 def test_the_pool_ships_a_bc_checkpoint_as_the_driver_slims_it(tmp_path):

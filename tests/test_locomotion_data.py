@@ -11,14 +11,13 @@ from pathlib import Path
 import gymnasium as gym
 import numpy as np
 import pytest
+import stable_baselines3  # noqa: F401  (the dev extra installs it; a missing install must fail, not skip)
 import torch
 
-import stable_baselines3  # noqa: F401  (the dev extra installs it; a missing install must fail, not skip)
-
-from ractd import RactdError  # noqa: E402
-from ractd.data import generate_locomotion as gl  # noqa: E402
-from ractd.data.d4rl import load_d4rl_hdf5, read_metadata  # noqa: E402
-from ractd.tasks import get_task  # noqa: E402
+from ractd import RactdError
+from ractd.data import generate_locomotion as gl
+from ractd.data.d4rl import load_d4rl_hdf5, read_metadata
+from ractd.tasks import get_task
 
 HOPPER_MR = get_task("hopper-medium-replay")
 
@@ -29,6 +28,7 @@ def _generate(tmp: Path, task, **kw) -> Path:
         (tmp / "cwd").mkdir(parents=True, exist_ok=True)
         mp.chdir(tmp / "cwd")
         mp.setenv("RACTD_CACHE_DIR", str(tmp / "cache"))
+        kw.setdefault("artifacts", None)  # SAC, whatever behavior artifacts the package holds
         return gl.generate_locomotion(task, scale="tiny", seed=kw.pop("seed", 0), out=tmp / "data.hdf5", **kw)
 
 
@@ -120,7 +120,7 @@ def test_policies_are_reused_across_tasks(hopper_mr, monkeypatch):
     def no_training(self, until):
         raise AssertionError("the cached medium policy should have been reused")
 
-    monkeypatch.setattr(gl._Trainer, "run", no_training)
+    monkeypatch.setattr(gl.Trainer, "run", no_training)
     path = _generate(tmp, get_task("hopper-medium"))
     data = load_d4rl_hdf5(path)
     assert len(data["rewards"]) == gl.RECIPES["tiny"].rollout_size
@@ -134,29 +134,29 @@ def test_interrupted_training_resumes_bit_identically(hopper_mr, tmp_path, monke
     run; no dataset and no temporary file is left behind by the interruption."""
     tmp, _ = hopper_mr  # trained to medium, then stopped: continuing it is a resume from train.ckpt too
     monkeypatch.setenv("RACTD_CACHE_DIR", str(tmp / "cache"))
-    resumed_from_medium = torch.load(gl.BehaviorCache("Hopper-v5", "tiny", 0).ensure("expert"))
+    resumed_from_medium = torch.load(gl.BehaviorCache("Hopper-v5", "tiny", 0, artifacts=None).ensure("expert"))
 
     monkeypatch.setenv("RACTD_CACHE_DIR", str(tmp_path / "straight"))
-    straight = torch.load(gl.BehaviorCache("Hopper-v5", "tiny", 0).ensure("expert"))
+    straight = torch.load(gl.BehaviorCache("Hopper-v5", "tiny", 0, artifacts=None).ensure("expert"))
 
     monkeypatch.setenv("RACTD_CACHE_DIR", str(tmp_path / "crash"))
-    on_step = gl._Recorder._on_step
+    on_step = gl.Recorder._on_step
 
     def crash(self):
         if self.model.num_timesteps == 1200:
             raise KeyboardInterrupt
         return on_step(self)
 
-    monkeypatch.setattr(gl._Recorder, "_on_step", crash)
+    monkeypatch.setattr(gl.Recorder, "_on_step", crash)
     out = tmp_path / "out.hdf5"
     with pytest.raises(KeyboardInterrupt):
-        gl.generate_locomotion(get_task("hopper-medium-expert"), scale="tiny", seed=0, out=out)
-    cache = gl.BehaviorCache("Hopper-v5", "tiny", 0)
+        gl.generate_locomotion(get_task("hopper-medium-expert"), scale="tiny", seed=0, out=out, artifacts=None)
+    cache = gl.BehaviorCache("Hopper-v5", "tiny", 0, artifacts=None)
     assert not out.exists() and not cache.policy_path("expert").exists()
     assert (cache.dir / "train.ckpt").is_file()
     assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]
-    monkeypatch.setattr(gl._Recorder, "_on_step", on_step)
-    gl.generate_locomotion(get_task("hopper-medium-expert"), scale="tiny", seed=0, out=out)
+    monkeypatch.setattr(gl.Recorder, "_on_step", on_step)
+    gl.generate_locomotion(get_task("hopper-medium-expert"), scale="tiny", seed=0, out=out, artifacts=None)
     crashed = torch.load(cache.policy_path("expert"))
     for k in straight:
         torch.testing.assert_close(crashed[k], straight[k], rtol=0, atol=0)
@@ -186,7 +186,7 @@ def test_random_and_expert_splits(hopper_mr):
     assert task.name == "hopper-random" and task.env_id == "Hopper-v5"
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("RACTD_CACHE_DIR", str(tmp / "cache"))
-        data = gl.BehaviorCache("Hopper-v5", "tiny", 0).rollouts("random", 300)
+        data = gl.BehaviorCache("Hopper-v5", "tiny", 0, artifacts=None).rollouts("random", 300)
     assert len(data["rewards"]) == 300
     assert data["timeouts"][-1] or data["terminals"][-1]
 
@@ -225,9 +225,9 @@ def test_generation_trains_walker_with_the_walker_recipe(monkeypatch):
         seen.update(recipe=self.recipe, dir=self.cache.dir, until=until)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(gl._Trainer, "run", stop)
+    monkeypatch.setattr(gl.Trainer, "run", stop)
     with pytest.raises(KeyboardInterrupt):
-        gl.generate_locomotion(get_task("walker2d-medium"), scale="small", seed=0)
+        gl.generate_locomotion(get_task("walker2d-medium"), scale="small", seed=0, artifacts=None)
     walker = gl.recipe_for("Walker2d-v5", "small")
     assert seen["recipe"] == walker and seen["until"] == "medium"
     assert seen["dir"].name == f"small-seed0-{walker.key()}"

@@ -4,6 +4,7 @@
     python -m ractd.data info TASK|PATH [--source auto|d4rl|local|minari] [--scale ...]
     python -m ractd.data download TASK
     python -m ractd.data export TASK|PATH (--minari ID | --hdf5 PATH)
+    python -m ractd.data export-behavior ENV [--scale ...] [--seed N] [--out DIR]
 
 Bad input prints one line on stderr and exits with status 2.
 """
@@ -50,7 +51,12 @@ def _generate(args) -> int:
 
 def _resolve(target: str, source: str, scale: str):
     """TASK or PATH → (data, task or None, description of where it came from)."""
-    from ractd.data.d4rl import d4rl_cache_path, load_d4rl_hdf5, load_dataset, local_dataset_path
+    from ractd.data.d4rl import (
+        d4rl_cache_path,
+        load_d4rl_hdf5,
+        load_dataset,
+        local_dataset_path,
+    )
     from ractd.tasks import TASKS, get_task
 
     path = Path(target)
@@ -161,6 +167,29 @@ def _export(args) -> int:
     return 0
 
 
+def _export_behavior(args) -> int:
+    from ractd.data.behavior_artifacts import (
+        ARTIFACT_DIR,
+        artifact_folder,
+        export_artifacts,
+    )
+    from ractd.data.generate_locomotion import BehaviorCache
+    from ractd.tasks import get_task
+
+    task = get_task(f"{args.env}-medium")
+    if task.kind != "locomotion":
+        raise RactdError(f"{args.env} is not a locomotion env (hopper, walker2d, halfcheetah)")
+    cache = BehaviorCache(task.env_id, args.scale, args.seed, artifacts=None)
+    meta = export_artifacts(cache, root=args.out or ARTIFACT_DIR)
+    diff = max(meta["rebuild_check"]["max_abs_diff"].values())
+    print(f"{artifact_folder(task.env_id, args.scale, args.seed, args.out or ARTIFACT_DIR)}: "
+          f"{sum(meta['file_bytes'].values())} bytes; replay rebuilt from it: max abs difference {diff}")
+    for which, r in meta["returns"].items():
+        print(f"  {which:13s} " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                            for k, v in r.items()))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="python -m ractd.data", description="Datasets for RACTD: generate, inspect, download, export.")
     p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
@@ -204,6 +233,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--hdf5", metavar="PATH", type=Path, help="output HDF5 path")
     e.add_argument("--overwrite", action="store_true", help="replace an existing Minari dataset")
     e.set_defaults(func=_export)
+
+    b = sub.add_parser("export-behavior", help="write an env's SAC behavior policies as package artifacts",
+                       description="Write the SAC behavior policies of ENV (random, medium, expert actors and "
+                                   "the medium-replay rebuild inputs) into ractd/data/behavior/ (or --out), "
+                                   "training or finishing the SAC run first if its cache lacks them, and check "
+                                   "that the replay rebuilt from them equals the run's.")
+    b.add_argument("env", help="hopper, walker2d or halfcheetah")
+    b.add_argument("--scale", choices=SCALES, default="small", help="recipe scale (default small)")
+    b.add_argument("--seed", type=int, default=0, help="SAC seed (default 0)")
+    b.add_argument("--out", type=Path, default=None, help="artifact root (default: the package's ractd/data/behavior)")
+    b.set_defaults(func=_export_behavior)
     return p
 
 
