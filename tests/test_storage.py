@@ -50,9 +50,11 @@ def test_s3_round_trip_on_an_s3_compatible_endpoint(monkeypatch, tmp_path):
                      "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
                      "AWS_EC2_METADATA_DISABLED": "true"}.items():
             monkeypatch.setenv(k, v)
-        boto3.client("s3").create_bucket(Bucket="bucket")
-        _round_trip("s3://bucket/prefix", tmp_path)
-        keys = [o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket="bucket")["Contents"]]
+        # moto's store is one per process: a bucket of this test's own, whatever other tests left in theirs
+        bucket = f"bucket-{tmp_path.name.lower().replace('_', '-')[-40:]}"
+        boto3.client("s3").create_bucket(Bucket=bucket)
+        _round_trip(f"s3://{bucket}/prefix", tmp_path)
+        keys = [o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket=bucket)["Contents"]]
         assert sorted(keys) == ["prefix/run/best.pt", "prefix/run/summary.json"]
     finally:
         moto.stop()
