@@ -24,3 +24,25 @@ def _isolated_dirs(tmp_path, monkeypatch):
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def s3_bucket(monkeypatch, tmp_path):
+    """An S3-compatible endpoint (moto's server on 127.0.0.1) given to every AWS client the way a user of MinIO or
+    Ceph gives it (AWS_ENDPOINT_URL and the usual credentials), with a bucket of this test's own (moto's store is one
+    per process, so a shared name would see other tests' objects). Yields the bucket's name."""
+    boto3 = pytest.importorskip("boto3")
+    server = pytest.importorskip("moto.server")
+    moto = server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    moto.start()
+    try:
+        host, port = moto.get_host_and_port()
+        for k, v in {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing",
+                     "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+                     "AWS_EC2_METADATA_DISABLED": "true"}.items():
+            monkeypatch.setenv(k, v)
+        bucket = "b-" + tmp_path.name.lower().replace("_", "-")[-40:].strip("-")
+        boto3.client("s3").create_bucket(Bucket=bucket)
+        yield bucket
+    finally:
+        moto.stop()

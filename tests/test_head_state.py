@@ -51,30 +51,17 @@ def test_mirror_push_then_pull_on_a_new_head(tmp_path):
     assert Mirror(root, None).pull() == [] and Mirror(root, None).push() == []  # one machine: no twin
 
 
-def test_mirror_on_s3(monkeypatch, tmp_path):
-    boto3 = pytest.importorskip("boto3")
-    server = pytest.importorskip("moto.server")
-    moto = server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    moto.start()
-    try:
-        host, port = moto.get_host_and_port()
-        for k, v in {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing",
-                     "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-                     "AWS_EC2_METADATA_DISABLED": "true"}.items():
-            monkeypatch.setenv(k, v)
-        boto3.client("s3").create_bucket(Bucket="bucket")
-        monkeypatch.setenv(storage.STORAGE_ENV, "s3://bucket/runs")
-        out = tmp_path / "results" / "quick"
-        (out / "episodes").mkdir(parents=True)
-        (out / "episodes" / "part-1.parquet").write_bytes(b"123")
-        m = records.mirror_of("results", out)
-        assert m.stored.startswith("s3://bucket/runs/results/quick-")
-        assert [p.name for p in m.push()] == ["part-1.parquet"]
-        _lose_head(out)
-        assert [p.name for p in records.mirror_of("results", out).pull()] == ["part-1.parquet"]
-        assert (out / "episodes" / "part-1.parquet").read_bytes() == b"123"
-    finally:
-        moto.stop()
+def test_mirror_on_s3(monkeypatch, tmp_path, s3_bucket):
+    monkeypatch.setenv(storage.STORAGE_ENV, f"s3://{s3_bucket}/runs")
+    out = tmp_path / "results" / "quick"
+    (out / "episodes").mkdir(parents=True)
+    (out / "episodes" / "part-1.parquet").write_bytes(b"123")
+    m = records.mirror_of("results", out)
+    assert m.stored.startswith(f"s3://{s3_bucket}/runs/results/quick-")
+    assert [p.name for p in m.push()] == ["part-1.parquet"]
+    _lose_head(out)
+    assert [p.name for p in records.mirror_of("results", out).pull()] == ["part-1.parquet"]
+    assert (out / "episodes" / "part-1.parquet").read_bytes() == b"123"
 
 
 def _sweep(folder: SweepFolder, tmp_path):

@@ -39,22 +39,9 @@ def test_local_round_trip(tmp_path):
     _round_trip(str(tmp_path / "store"), tmp_path)
 
 
-def test_s3_round_trip_on_an_s3_compatible_endpoint(monkeypatch, tmp_path):
-    boto3 = pytest.importorskip("boto3")
-    server = pytest.importorskip("moto.server")
-    moto = server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    moto.start()
-    try:
-        host, port = moto.get_host_and_port()
-        for k, v in {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing",
-                     "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-                     "AWS_EC2_METADATA_DISABLED": "true"}.items():
-            monkeypatch.setenv(k, v)
-        # moto's store is one per process: a bucket of this test's own, whatever other tests left in theirs
-        bucket = f"bucket-{tmp_path.name.lower().replace('_', '-')[-40:]}"
-        boto3.client("s3").create_bucket(Bucket=bucket)
-        _round_trip(f"s3://{bucket}/prefix", tmp_path)
-        keys = [o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket=bucket)["Contents"]]
-        assert sorted(keys) == ["prefix/run/best.pt", "prefix/run/summary.json"]
-    finally:
-        moto.stop()
+def test_s3_round_trip_on_an_s3_compatible_endpoint(tmp_path, s3_bucket):
+    import boto3
+
+    _round_trip(f"s3://{s3_bucket}/prefix", tmp_path)
+    keys = [o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket=s3_bucket)["Contents"]]
+    assert sorted(keys) == ["prefix/run/best.pt", "prefix/run/summary.json"]
