@@ -14,6 +14,12 @@ from test_cluster import CLOUD
 from ractd import RactdError
 from ractd_ray import resources
 from ractd_ray.search import SearchConfig, _check_resources
+
+
+def _layout(scfg, use_gpu):
+    """(cpus per worker, prestart) of the search's trial layout."""
+    layout = _check_resources(scfg, use_gpu, scfg.stage_config("student"))
+    return layout.cpus, layout.prestart
 from ractd_ray.train import ensure_ray
 
 pytestmark = pytest.mark.ray
@@ -50,19 +56,19 @@ def test_gpu_decisions_follow_the_node_types(local_ray):
     with pytest.raises(RactdError, match=r"^--gpu yes: no node of the Ray cluster has a GPU"):
         resources.decide_gpu("yes", "test")
     with pytest.raises(RactdError, match=r"needs 4 CPU \(4 x 1\) but the Ray cluster has 2"):
-        _check_resources(readme, use_gpu=False)
+        _layout(readme, use_gpu=False)
     # one trial at a time: its worker takes 1.5 CPUs beside its 0.25-CPU driver, and the next trial's driver
     # (0.25) fits beside them, its worker not: it is prestarted; with 0.5-CPU workers two trials fit: no prestart
-    assert _check_resources(SearchConfig(task="maze2d-umaze"), use_gpu=False) == (1.5, True)
-    assert _check_resources(SearchConfig(task="maze2d-umaze", cpus_per_worker=0.5), use_gpu=False) == (0.5, False)
+    assert _layout(SearchConfig(task="maze2d-umaze"), use_gpu=False) == (1.5, True)
+    assert _layout(SearchConfig(task="maze2d-umaze", cpus_per_worker=0.5), use_gpu=False) == (0.5, False)
     # cluster.yaml's node types: GPU workers can be started, though none runs now
     _report_cluster_config(CLOUD)
     cap = resources.capacity()
     assert cap.autoscaling and cap.gpus == 8.0 and cap.cpus == 4 + 4 * 8 + 4 * 4 and cap.node_gpus == 1.0
     assert resources.decide_gpu("auto", "test") is True and resources.decide_gpu("yes", "test") is True
-    _check_resources(readme, use_gpu=True)  # fits what the cluster can scale to: no error
+    _layout(readme, use_gpu=True)  # fits what the cluster can scale to: no error
     # an autoscaler would start a node for the extra trial's workers, so that it trained too: no prestart
-    assert _check_resources(SearchConfig(task="maze2d-umaze", gpu="no"), use_gpu=False)[1] is False
+    assert _layout(SearchConfig(task="maze2d-umaze", gpu="no"), use_gpu=False)[1] is False
     with pytest.raises(RactdError, match=r"needs 2 GPU on one node but the largest node type"):
         resources.check_fits("a worker", {"CPU": 1.0, "GPU": 2.0}, 1)
 
