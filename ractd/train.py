@@ -3,8 +3,8 @@ and reward-aware distillation of the CTM student; and the behavior cloning basel
 
 Each `train(cfg, ctx)` call runs one stage (its config: ractd.train_config.TrainConfig, re-exported here with
 BUDGETS), in steps that read top to bottom: `_setup` (data: `prepare`, ractd.data.prepared; upstream models,
-model, optimizer), `_resume`, `_step` (one optimizer step of the stage's loss, `_loss_terms`), `_checkpoint`
-(model selection; the student's ractd.diagnostics; files).
+model, how its steps run on this machine: ractd.accel, optimizer), `_resume`, `_step` (one optimizer step of the
+stage's loss, `_loss_terms`), `_checkpoint` (model selection; the student's ractd.diagnostics; files).
 Everything a Ray Train worker needs is in `RunContext`: the device, rank / world size (only rank 0 writes files),
 gradient and metric all-reduce hooks, a checkpoint to resume from, and a `report(metrics, checkpoint_dir)`
 callback called on every rank every `report_every` steps and at each checkpoint. The library itself never
