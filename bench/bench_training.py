@@ -239,7 +239,8 @@ def steps_table(args, data: dict, tmp: str) -> None:
                 continue
             batch = args.paper_batch if size == "paper" else T.BUDGETS["cpu"][stage]["batch"]
             rounds, round_s = (args.paper_rounds, 0.0) if size == "paper" else (args.rounds, 1.0)
-            print(f"# {stage} at {size} size, batch {batch}: {len(modes)} modes x {rounds} rounds ...", flush=True)
+            n = len([m for m in modes if m != "compile" or (size == "cpu" and stage in ("teacher", "student"))])
+            print(f"# {stage} at {size} size, batch {batch}: {n} modes x {rounds} rounds ...", flush=True)
             step_cell(stage, size, batch, data, modes, rounds, round_s, args.compile and size == "cpu", tmp,
                       args.reward_variant)
             torch.manual_seed(0)

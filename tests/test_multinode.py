@@ -240,7 +240,9 @@ def test_driver_and_head_lost_mid_sweep_resume_on_a_new_head(cluster):
 
     shutil.rmtree(c.cache / "runs" / "shared", ignore_errors=True)  # only S3 holds the teacher now
     out = c.cache / "runs" / "second"
-    proc = c.popen(SEARCH + ["--run-dir", str(out)], stdout=-1, stderr=-1, text=True)
+    # one trial at a time: two concurrent trials can both finish between two polls, and then none is left to resume
+    second = SEARCH + ["--run-dir", str(out), "--max-concurrent", "1"]
+    proc = c.popen(second, stdout=-1, stderr=-1, text=True)
     try:
         def finished():
             return [k for k in c.objects("sweeps/second-") if k.endswith("/ractd/summary.json")]
@@ -257,7 +259,7 @@ def test_driver_and_head_lost_mid_sweep_resume_on_a_new_head(cluster):
     assert json.loads((out / "search.json").read_text())["shared"]["trained"] == []  # fetched from S3
     c.lose_head()
     assert not out.exists() and not (c.cache / "datasets").exists()  # the new head's disk is empty
-    resumed = c.run(SEARCH + ["--run-dir", str(out), "--resume"], timeout=900)
+    resumed = c.run(second + ["--resume"], timeout=900)
     _ok(resumed, "tune/search.py --resume on a new head")
     assert "fetched from s3://" in resumed.stderr + resumed.stdout  # the dataset, not generated again
     rows = pq.read_table(out / "trials.parquet").to_pylist()
