@@ -16,7 +16,7 @@
      bf16       the same with precision bf16 (gemm-bf16 / OpenVINO bf16 among the candidates)
    The default path is the one EngineConfig()'s precision resolves to on this CPU (auto: bf16 with AMX-BF16;
    marked "<- default"). Printed: ms per call, each mode / released, and max |mode - eager| (fp32: rounding;
-   bf16: its rounding, whose effect on scores bench/bf16_scores.py measures).
+   bf16: its rounding, whose effect on scores the study ractd_repro.studies.bf16_scores measures).
 2. The teacher's evaluation per env step: Heun-80 (158 U-Net calls), DDIM-10 and DDPM-100 policies on the small
    U-Net at the given live batches: the library path (engine none: today's) vs the engine path at fp32 and at
    bf16, seconds per env step (one sampler call for the whole batch) and after / before.

@@ -93,16 +93,14 @@ class DistillConfig:
     dsm_form: "denoiser" (default; CTM paper, Kim et al. 2023): d(g_theta(x_sigma, sigma, sigma), x_0), which
         trains the student's denoiser output and leaves the jump G(., ., sigma_min) to the CTM term;
         "jump" (released code, REFERENCE.md): d(G_theta(x_sigma, sigma, sigma_min), x_0). Chosen on a
-        measurement (ractd.toy, 1500 distillation steps, CPU): with "jump" the DSM term regresses the one-step
-        jump from high noise onto the posterior mean, and the CTD student put 0.7% of its samples on the 30%
-        mode (teacher 22%); with "denoiser" it put 22%, matching the teacher.
-        Re-measured with bench/dsm_forms.py (README "Eq. (7)"): on ractd.toy "jump" collapses the 30% mode under
-        either weight (0.0% with lambda, 0.2% with none; teacher 17%, "denoiser" 21%).
+        measurement (study ractd_repro.studies.dsm_forms --toy, store docs/results/dsm/toy/; docs/design.md):
+        with "jump" the DSM term regresses the one-step jump from high noise onto the posterior mean, and the
+        CTD student loses the bandit's minor mode, which "denoiser" keeps as the teacher does.
     dsm_weighting: the weight of Eq. (7) per sample (edm.loss_weight): "lambda" (default: EDM's lambda(sigma), the
         released code) | "sqrt_lambda" | "none" (Eq. (7) as printed: "the same as ... Equation 4", which has no
-        weight). Under lambda the DSM term logs ~200x the CTM term, without it ~18x; on maze2d-umaze (3 training
-        seeds, 100 seeds each) the one-step student scored 127.2 (SD 9.5 over seeds) with lambda, 122.5 (SD 9.6)
-        without: the weights' balance changed, the score did not, so the default stays the released code's.
+        weight). Under lambda the DSM term logs two orders of magnitude above the CTM term; on maze2d-umaze (3 training
+        seeds, 100 seeds each; study dsm_forms) the weights' balance changed, the score did not, so the default
+        stays the released code's.
     term_decay: the decay per step of TermBalance's running means (0.99: about the last 100 steps).
     term_scale: "raw" (default, the paper and the released code: Eq. (9) adds the terms as they come) or
         "balanced": L_CTM and L_DSM each divided by a running mean of its own value (TermBalance, decay
@@ -110,13 +108,13 @@ class DistillConfig:
         the individual loss terms within the same order of magnitude" made exact. The reward term is left as
         it is: -R_psi is not a distance (a constant added to R_psi changes its value, not its gradient) and
         R_psi already predicts the return-to-go normalized to [-1, 1], so sigma weighs a unit-scale term either
-        way. Under "raw" the default DSM form logs ~200-500x the CTM term.
+        way. Under "raw" the default DSM form logs orders of magnitude above the CTM term.
         "gradient": every term, the reward's included, divided by a running mean of the norm of its own gradient
         on the student (measured every `term_every` steps), so alpha, beta and sigma are the terms' relative pulls.
-        Default "raw" by measurement (bench/term_balance.py, hopper-medium-replay, README "Eq. (9): weighing the
-        terms"): a term's value is not its pull -- under "raw" the DSM gradient is ~7x the CTM one, under
-        "balanced" the CTM one ~60x the DSM one and no sigma recovered the reward's effect (best 14.5 vs 27.0);
-        "gradient" at its best sigma (0.03) scored below "raw" RACTD on each of 3 training seeds.
+        Default "raw" by measurement (study ractd_repro.studies.term_balance on hopper-medium-replay, store
+        docs/results/balance/; docs/design.md): a term's value is not its pull, "balanced" inverts the terms'
+        pulls and no sigma recovered the reward's effect, and "gradient" at its best sigma scored below "raw"
+        RACTD on each of 3 training seeds.
     term_every: steps between gradient measurements under "gradient" (each costs one more backward pass).
     """
 

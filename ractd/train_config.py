@@ -48,7 +48,7 @@ class TrainConfig:
     distance: Eq. (4) pseudo-Huber form: per_sample (iCT; default) | elementwise (released code).
     weighting: Eq. (4) weight: none (the paper's Eq. (4) as printed; default) | lambda (EDM's lambda(sigma), the
         released code with elementwise) | sqrt_lambda. The default pair (none, per_sample) was chosen by
-        measurement (bench/eq4_forms.py; edm.edm_loss gives the numbers).
+        measurement (study ractd_repro.studies.eq4_forms, store docs/results/eq4/; docs/design.md).
     distill: Eq. (5)-(9) options; alpha/beta/sigma < 0 mean "the task's Table 9 value".
     teacher_ckpt: teacher checkpoint to distill from ("" = <run_dir>/teacher/best.pt).
     reward_ckpt: reward model checkpoint ("" = <run_dir>/reward/best.pt).
@@ -213,8 +213,8 @@ class TrainConfig:
         return Path(self.run_dir) / self.stage
 
 
-# Training budgets per stage: "cpu" (CPU scale), "quick" (the README's first command: measured on 2 CPUs, see
-# README), "paper" (released code: teacher batch 1024, student batch 4800; paper network sizes).
+# Training budgets per stage: "cpu" (CPU scale), "quick" (the README's first command, sized for 2 CPUs),
+# "paper" (released code: teacher batch 1024, student batch 4800; paper network sizes).
 BUDGETS: dict[str, dict[str, dict]] = {
     "cpu": {
         "reward": dict(steps=3000, batch=256, lr=3e-4),

@@ -80,3 +80,26 @@ def test_the_measured_number_check_would_see_one():
     assert not MEASURED.search("each cell reads `mean ± SE`")
     for fact in ("an 80-bin Karras schedule", "16-step action chunks", "248 M parameters", "Table 9", "Eq. (4)"):
         assert not MEASURED.search(fact), fact
+
+
+CODE_DIRS = ("ractd", "ractd_repro", "ractd_ray", "tune", "eval", "bench")
+SCRIPT_PATH = re.compile(r"\b(?:bench|ractd_repro/studies|eval|tune)/\w+\.py\b")
+
+
+def _stale_script_paths(text: str) -> list[str]:
+    return [m for m in SCRIPT_PATH.findall(text) if not (REPO / m).is_file()]
+
+
+def test_every_script_a_docstring_names_exists():
+    """Docstrings and comments that point a reader at a script (`bench/x.py`, `eval/y.py`) point at one that is
+    there: scripts moved (the studies left bench/ for ractd_repro/studies/) and their pointers went stale."""
+    stale = []
+    for d in CODE_DIRS:
+        for f in sorted((REPO / d).rglob("*.py")):
+            stale += [f"{f.relative_to(REPO)}: {m}" for m in _stale_script_paths(f.read_text())]
+    assert stale == []
+
+
+def test_the_script_path_check_would_see_a_stale_one():
+    assert _stale_script_paths("measured with bench/training_seeds.py and bench/bench_training.py") == \
+        ["bench/training_seeds.py"]

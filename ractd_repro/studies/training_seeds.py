@@ -286,7 +286,7 @@ SEED_METHODS = ("teacher", "ctd", "ractd", "bc", "ractd_ctm")
 
 
 def seed_verdicts(rows: list[dict]) -> list[dict]:
-    """RACTD vs CTD and RACTD vs BC per training seed (bench/training_seeds.py's rows: one per method and training
+    """RACTD vs CTD and RACTD vs BC per training seed (ractd_repro.studies.training_seeds's rows: one per method and training
     seed, "best_*" = selected checkpoint, "final_*" = final one): the difference and its SE over evaluation
     episodes, "beats" / "below" / "ties" at Z SE; the claim holds on the seeds when RACTD beats on every one.
     The teacher (one checkpoint per training seed: its final EMA weights) against BC: final checkpoints only."""
@@ -362,7 +362,7 @@ def seed_report(rows: list[dict], task: str) -> list[str]:
             lines.append(teacher_vs_behavior(by, teachers, float(d["behavior"])))
             lines.append("")
     if ("teacher", 0) in by and any(m == "ctd" for m, _ in by):
-        # with teacher rows the students distil training seed 0's teacher (bench/training_seeds.py --teacher-run)
+        # with teacher rows the students distil training seed 0's teacher (ractd_repro.studies.training_seeds --teacher-run)
         t = by[("teacher", 0)]
         per = [f"seed {s}: {by[('ctd', s)]['best_mean'] - t['final_mean']:+.1f} ± "
                f"{math.hypot(by[('ctd', s)]['best_sem'], t['final_sem']):.1f}"
