@@ -1,7 +1,10 @@
-"""Write docs/results.md: the paper's claims measured by the claims study, with a verdict per claim.
+"""Write docs/results.md: the paper's claims measured by the claims study, with a verdict per claim; or, with
+--study tables, docs/results-tables.md: the twelve-task study (Tables 1 and 2 in full), its progress and goals.
 
     python eval/results_doc.py                   # snapshot the claims study's store and sweeps, then write the doc
     python eval/results_doc.py --no-snapshot     # rebuild the doc from the committed snapshot in docs/results/
+    python eval/results_doc.py --study tables    # the twelve-task study (ractd_repro.tables_doc): its store is
+                                                 # docs/results/twelve/store itself; its sweeps are snapshotted
 
 The study it reads is run by (CPU, in this order; the tune/search.py flags are ractd_repro.spec.CLAIMS_SWEEPS):
 
@@ -26,6 +29,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 from ractd import RactdError  # noqa: E402
+
+
+# study -> (snapshot folder, document) under the repository
+DOCS = {"claims": ("docs/results", "docs/results.md"), "tables": ("docs/results/twelve", "docs/results-tables.md")}
 
 
 def commands() -> list[str]:
@@ -66,10 +73,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python eval/results_doc.py", description=__doc__.split("\n\n")[0],
                                 epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--store", default="", help="the claims study's results store (default: "
-                   "<cache>/results/cpu-claims/store, where eval/reproduce_tables.py --study claims writes)")
-    p.add_argument("--data", default=str(REPO / "docs" / "results"), help="snapshot folder (default: docs/results)")
-    p.add_argument("--out", default=str(REPO / "docs" / "results.md"), help="the document (default: docs/results.md)")
+    p.add_argument("--study", choices=tuple(DOCS), default="claims",
+                   help="claims (docs/results.md) or tables (docs/results-tables.md); default claims")
+    p.add_argument("--store", default="", help="the study's results store (default: claims: "
+                   "<cache>/results/cpu-claims/store, where eval/reproduce_tables.py --study claims writes; tables: "
+                   "docs/results/twelve/store, where each piece writes)")
+    p.add_argument("--data", default="", help="snapshot folder (default: claims docs/results, tables "
+                   "docs/results/twelve)")
+    p.add_argument("--out", default="", help="the document (default: claims docs/results.md, tables "
+                   "docs/results-tables.md)")
     p.add_argument("--no-snapshot", action="store_true", help="do not copy the store and sweeps; use --data as is")
     p.add_argument("--no-write", action="store_true", help="write only the document (not the tables and figures)")
     return p
@@ -85,21 +97,30 @@ def main(argv: list[str] | None = None) -> int:
         from ractd_repro.spec import STUDIES
         from ractd_repro.store import ResultsStore
 
-        data = Path(args.data)
+        from ractd_repro import tables_doc
+
+        folder, doc = DOCS[args.study]
+        data = Path(args.data or REPO / folder)
+        out = Path(args.out or REPO / doc)
+        study = STUDIES[args.study]
         if not args.no_snapshot:
-            study = STUDIES["claims"]
-            store = ResultsStore(Path(args.store) if args.store else cache_dir() / "results" / study.name / "store")
+            default_store = data / "store" if args.study == "tables" else cache_dir() / "results" / study.name / "store"
+            store = ResultsStore(Path(args.store) if args.store else default_store)
             snapshot(store, {t: sweep_dir(t, study.data_scale) for t in study.tasks}, data)
-            prov = {"commands": commands(), "machine": machine()}
-            atomic_write(data / "provenance.json", lambda f: f.write(json.dumps(prov, indent=1).encode()))
+            prov_path = data / "provenance.json"
+            old = json.loads(prov_path.read_text()) if prov_path.is_file() else {}
+            prov = {**old, "commands": commands() if args.study == "claims" else tables_doc.commands(),
+                    "machine": machine()}
+            atomic_write(prov_path, lambda f: f.write(json.dumps(prov, indent=1).encode()))
         elif not (data / "store").is_dir():
-            raise RactdError(f"no snapshot at {data}: run without --no-snapshot after the claims study")
-        text = render(data, write=not args.no_write)
-        atomic_write(Path(args.out), lambda f: f.write(text.encode()))
+            raise RactdError(f"no snapshot at {data}: run without --no-snapshot after the {args.study} study")
+        renderer = render if args.study == "claims" else tables_doc.render
+        text = renderer(data, write=not args.no_write)
+        atomic_write(out, lambda f: f.write(text.encode()))
     except RactdError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {args.out} from {args.data}")
+    print(f"wrote {out} from {data}")
     return 0
 
 

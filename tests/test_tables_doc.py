@@ -1,0 +1,86 @@
+"""docs/results-tables.md (ractd_repro.tables_doc): the twelve-task study's progress and goals decided from a store,
+on synthetic cells whose verdicts are worked out by hand, and the committed document rebuilt from its snapshot."""
+
+from pathlib import Path
+
+from ractd_repro import tables, tables_doc
+from ractd_repro.claims import _cells
+from ractd_repro.spec import STUDIES, TABLES_SWEEPS
+from ractd_repro.store import ResultsStore, episode_rows
+
+REPO = Path(__file__).resolve().parents[1]
+HMR = "hopper-medium-replay"
+
+
+def _eps(task, method, mean, n=100, sigma=float("nan"), sampler="student", nfe=1):
+    recs = [{"task": task, "seed": i, "return": mean + (i % 5) - 2.0, "normalized_score": mean + (i % 5) - 2.0,
+             "length": 10, "time_per_action": 0.01, "terminated": False, "truncated": True, "batch_size": 10}
+            for i in range(n)]
+    return episode_rows(recs, method=method, sampler=sampler, nfe=nfe, checkpoint=f"{task}-{method}",
+                        checkpoint_path="/x.pt", scale="test", sigma=sigma, wall_s=2.0, versions={"ractd": "test"})
+
+
+def _hopper(store: ResultsStore, ractd=40.0, ctd=30.0, teacher=20.0, data=10.0, warm=35.0, bc10=40.5):
+    store.write_episodes(_eps(HMR, "ractd", ractd, sigma=1.0))
+    store.write_episodes(_eps(HMR, "ctd", ctd, sigma=0.0))
+    store.write_episodes(_eps(HMR, "teacher-heun-80", teacher, n=10, sampler="heun", nfe=80))
+    store.write_episodes(_eps(HMR, "data", data))
+    store.write_episodes(_eps(HMR, "teacher-euler-1", warm, sampler="euler", nfe=2))
+    store.write_episodes(_eps(HMR, "bc-10", bc10))
+
+
+def test_goals_on_hand_worked_cells(tmp_path):
+    store = ResultsStore(tmp_path / "store")
+    _hopper(store)
+    g = {(row[0], row[1]): row for row in tables_doc.goals(_cells(store.episodes()))}
+    # SE of a cell of 100 episodes cycling -2..2 is ~0.14: every difference below is many SE
+    assert g[("teacher Heun-80 at or above the data's level", HMR)][2] == "holds"        # 20 vs 10
+    assert g[("RACTD above its warm start (teacher Euler, 1 call)", HMR)][2] == "holds"   # 40 vs 35
+    assert g[("CTD above its warm start (teacher Euler, 1 call)", HMR)][2] == "does not hold"  # 30 vs 35
+    assert g[("RACTD above CTD", HMR)][2] == "holds"
+    assert g[("RACTD at or above 10% BC (one training seed)", HMR)][2] == "does not hold"  # 40 vs 40.5
+    # a task with no cells is "not measured" on every goal, and maze has no warm-start or 10% BC goal
+    assert g[("teacher Heun-80 at or above the data's level", "walker2d-medium")][2] == "not measured"
+    assert not any(k[1].startswith("maze2d") and "warm start" in k[0] for k in g)
+
+
+def test_at_or_above_holds_within_the_noise_and_fails_only_below_it(tmp_path):
+    store = ResultsStore(tmp_path / "store")
+    _hopper(store, teacher=10.1, data=10.0)
+    g = {(row[0], row[1]): row for row in tables_doc.goals(_cells(store.episodes()))}
+    assert g[("teacher Heun-80 at or above the data's level", HMR)][2] == "holds"  # inside the noise
+    store2 = ResultsStore(tmp_path / "store2")
+    _hopper(store2, teacher=8.0, data=10.0)
+    g = {(row[0], row[1]): row for row in tables_doc.goals(_cells(store2.episodes()))}
+    assert g[("teacher Heun-80 at or above the data's level", HMR)][2] == "does not hold"
+
+
+def test_coverage_counts_a_row_only_with_ractd_ctd_and_the_teacher(tmp_path):
+    store = ResultsStore(tmp_path / "store")
+    _hopper(store)
+    store.write_episodes(_eps("walker2d-medium", "ractd", 50.0))  # no CTD, no teacher: not a row
+    lines, counts = tables_doc.coverage(_cells(store.episodes()))
+    by = {row[0]: row for row in lines}
+    assert counts == {"table1": 1, "table2": 0}
+    assert by[HMR][1] == "yes" and by["walker2d-medium"][1] == "no"
+    assert "bc" in by[HMR][3].split(", ") and "ractd" not in by[HMR][3].split(", ")  # BC missing, RACTD not
+    assert "bc-10" not in by["maze2d-umaze"][3]  # 10% BC is planned on locomotion only
+    assert len(lines) == len(STUDIES["tables"].tasks) == 12
+
+
+def test_document_lists_each_missing_task_with_its_piece_commands_and_carries_the_tables(tmp_path):
+    store = ResultsStore(tmp_path / "snap" / "store")
+    _hopper(store)
+    text = tables_doc.render(tmp_path / "snap")
+    assert f"python tune/search.py --task walker2d-medium {TABLES_SWEEPS['walker2d-medium']}" in text
+    assert f"python tune/search.py --task {HMR} " not in text.split("## Goals")[0]  # its piece ran
+    assert "Table 1: 1 of 9 rows measured; Table 2: 0 of 3" in text
+    rows = store.episodes()
+    for name in ("table1", "table2", "table11"):
+        assert tables.TABLES[name](rows).markdown in text
+    assert (tmp_path / "snap" / "tables" / "table1.csv").is_file()
+
+
+def test_committed_tables_document_is_rebuilt_exactly_from_its_snapshot():
+    text = tables_doc.render(REPO / "docs" / "results" / "twelve", write=False)
+    assert text == (REPO / "docs" / "results-tables.md").read_text()
