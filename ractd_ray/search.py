@@ -288,14 +288,15 @@ PRESTART_ENV = {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": str(7 * 24 * 3600)}
 @dataclasses.dataclass(frozen=True)
 class TrialLayout:
     """What each trial reserves and how many train at a time (_check_resources): concurrent trials training at a
-    time, cpus / gpus per Ray Train worker, prestart (one more trial starts up while they train), env (for the
-    trial's Ray Train run: the worker group's start timeout)."""
+    time, cpus / gpus per Ray Train worker, prestart (more trials start up while they train: `ahead` of them), env
+    (for the trial's Ray Train run: the worker group's start timeout)."""
 
     concurrent: int
     cpus: float
     gpus: float
     prestart: bool
     env: dict
+    ahead: int = 0
 
 
 def _check_resources(scfg: SearchConfig, use_gpu: bool, student: TrainConfig) -> TrialLayout:
@@ -306,11 +307,13 @@ def _check_resources(scfg: SearchConfig, use_gpu: bool, student: TrainConfig) ->
     - concurrent trials: --max-concurrent, else as many as the cluster can scale to hold
       (resources.concurrent_trials);
     - CPUs per worker (resources.worker_cpus): on CPU, each trial's share of a node beside the drivers;
-    - prestart: Tune runs one more trial where the cluster (a fixed one) can hold the extra trial's driver but not
-      its workers: the extra trial starts its Tune driver and its Ray Train controller while the others train, and
+    - prestart: Tune runs more trials where the cluster (a fixed one) can hold the extra trials' drivers but not
+      their workers: an extra trial starts its Tune driver and its Ray Train controller while the others train, and
       its workers start the moment a training trial's end frees theirs. So `concurrent` trials train at a time and
-      the next one's start-up (the trial's process, its imports, the controller: bench/sweep_overhead.py) overlaps
-      their training instead of following it;
+      the next ones' start-up (the trial's process, its imports, the controller: bench/sweep_overhead.py) overlaps
+      their training instead of following it. `ahead` of them: one for CPU trials; for GPU trials one per
+      training trial (as the drivers' CPUs and the trials left allow), so that a worker group waits for every GPU
+      freed even when trials end together (bench/gpu_occupancy.py: with one, GPUs stood free for a start-up);
     - env: on an autoscaling cluster the worker group waits for nodes to launch (resources.start_env); a prestarted
       trial waits for a running one (PRESTART_ENV)."""
     import ray
@@ -352,10 +355,14 @@ def _check_resources(scfg: SearchConfig, use_gpu: bool, student: TrainConfig) ->
     extra_workers_fit = (n + 1) * need <= cap.cpus + eps and (not use_gpu or (n + 1) * scfg.workers * gpus
                                                                 <= cap.gpus + eps)
     prestart = not cap.autoscaling and extra_driver_fits and not extra_workers_fit and n < scfg.num_samples
+    ahead = int(prestart)
+    if prestart and use_gpu:
+        room = math.floor((cap.cpus - n * need) / TRIAL_DRIVER_CPUS + eps)  # drivers beside the training trials
+        ahead = max(1, min(n, room, scfg.num_samples - n))
     log.info("%d trial%s at a time%s, each %d worker%s x (%g CPU%s)", n, "s" * (n > 1),
              "" if scfg.max_concurrent else " (what the cluster can hold; --max-concurrent sets it)", scfg.workers,
              "s" * (scfg.workers > 1), cpus, f" + {gpus:g} GPU" if use_gpu else "")
-    return TrialLayout(concurrent=n, cpus=cpus, gpus=gpus, prestart=prestart,
+    return TrialLayout(concurrent=n, cpus=cpus, gpus=gpus, prestart=prestart, ahead=ahead,
                        env={**start_env(cap), **(PRESTART_ENV if prestart else {})})
 
 
@@ -412,7 +419,7 @@ def run_search(scfg: SearchConfig, resume: bool = False) -> dict:
 
         use_gpu = decide_gpu(scfg.gpu, "the trials' Ray Train workers")  # once, for the whole search
         layout = _check_resources(scfg, use_gpu, scfg.stage_config("student"))
-        prestart = layout.prestart
+        ahead = layout.ahead
         startup = time.perf_counter() - t_start
         data_ref = ray.put(data)  # every node trains on this copy (object store), none reads its own disk
         del data
@@ -430,12 +437,13 @@ def run_search(scfg: SearchConfig, resume: bool = False) -> dict:
         log.info("searching alpha, beta%s: %d trials of %d distillation steps, select_score at every %d steps%s",
                  ", sigma" if task.kind == "locomotion" else " (maze2d: sigma = 0, no reward model)",
                  scfg.num_samples, student.steps, student.ckpt_every,
-                 "; the next trial starts up while one trains" if prestart else "")
+                 "" if not ahead else "; the next trial starts up while one trains" if ahead == 1 else
+                 f"; the next {ahead} trials start up while {layout.concurrent} train")
         if resume:
             tuner = tune.Tuner.restore(tune_path, trainable=_trainable(plan), resume_errored=True)
         else:
             tuner = tune.Tuner(_trainable(plan), param_space=search_space(task),
-                               tune_config=_tune_config(scfg, task, student, layout.concurrent + prestart),
+                               tune_config=_tune_config(scfg, task, student, layout.concurrent + ahead),
                                run_config=tune.RunConfig(name="tune", storage_path=tune_storage,
                                                          failure_config=tune.FailureConfig(
                                                              max_failures=scfg.trial_failures),

@@ -58,11 +58,14 @@ def free_port() -> int:
 
 
 class MultiNodeCluster:
-    def __init__(self, root: Path, workers: int = 2, cpus_per_worker: int = 2):
+    def __init__(self, root: Path, workers: int = 2, cpus_per_worker: int = 2, gpus_per_worker: int = 0):
+        """gpus_per_worker: GPUs each worker node declares (`ray start --num-gpus`): logical GPUs, which Ray
+        schedules whether or not a device is there (bench/gpu_occupancy.py: a cluster of one-GPU nodes)."""
         self.root = Path(root)
         self.id = secrets.token_hex(4)
         self.workers = [f"w{i + 1}" for i in range(workers)]
         self.cpus_per_worker = cpus_per_worker
+        self.gpus_per_worker = gpus_per_worker
         self.cache = self.root / "cache"  # the user's cache directory: the head's disk, a tmpfs on each worker
         # Ray's socket paths must stay short (107 bytes): a short temp dir of our own
         self.temp_dir = Path(f"/tmp/rmn-{self.id}")
@@ -140,7 +143,7 @@ class MultiNodeCluster:
         temp = self.node_temp_dir(name)
         temp.mkdir(parents=True, exist_ok=True)
         script = (f'mount -t tmpfs -o size=4g tmpfs "{self.cache}" && exec {ray} start --address={self.address} '
-                  f'--num-cpus={self.cpus_per_worker} --num-gpus=0 --node-ip-address=127.0.0.1 '
+                  f'--num-cpus={self.cpus_per_worker} --num-gpus={self.gpus_per_worker} --node-ip-address=127.0.0.1 '
                   f'--object-store-memory=400000000 '
                   f'--temp-dir={temp} --disable-usage-stats --block')
         n = self.alive_nodes()

@@ -88,7 +88,8 @@ class SearchConfig:
     max_concurrent: trials training at the same time; 0 = auto: as many as the cluster can scale to hold, at most
         num_samples (ractd_ray.resources.concurrent_trials: GPU trials by the GPUs of its node types, CPU trials
         one per node's worth of CPUs, so 1 on one machine). On a fixed cluster that cannot hold one more trial's
-        workers, the next trial starts up meanwhile (ractd_ray.search._check_resources).
+        workers, the next trial starts up meanwhile (GPU trials: one per training trial, as the drivers' CPUs and
+        the trials left allow; ractd_ray.search._check_resources).
     workers: Ray Train workers per trial (and for training the shared teacher and reward model).
     cpus_per_worker: CPUs reserved per worker, also its torch threads (rounded up); a trial's driver takes 0.25 CPU
         more. 0 = auto (ractd_ray.resources.worker_cpus): 1 per GPU worker; a CPU worker takes its share of the

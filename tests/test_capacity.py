@@ -76,6 +76,23 @@ def test_search_layout_on_one_machine_and_on_an_autoscaling_gpu_cluster(monkeypa
     assert (fixed.concurrent, fixed.gpus) == (2, 1.0)
 
 
+EIGHT_GPU_NODES = Capacity(cpus=16, gpus=8, node_cpus=2, node_gpus=1, autoscaling=False)  # bench/gpu_occupancy.py
+
+
+def test_gpu_trials_start_one_ahead_per_training_trial_as_drivers_and_trials_left_allow(monkeypatch):
+    """Trials of equal length end in waves: with one trial started ahead the other freed GPUs idled for a whole
+    start-up (bench/gpu_occupancy.py). On a fixed GPU cluster a trial waits ahead for each training one, as far as
+    the CPUs left for their drivers and the trials left allow; CPU trials keep one ahead."""
+    many = _layout(monkeypatch, EIGHT_GPU_NODES, {"CPU": 16.0}, num_samples=32, gpus_per_worker=1)
+    assert (many.concurrent, many.prestart, many.ahead) == (8, True, 8)
+    few = _layout(monkeypatch, EIGHT_GPU_NODES, {"CPU": 16.0}, num_samples=12, gpus_per_worker=1)
+    assert (few.concurrent, few.ahead) == (8, 4)  # only 4 trials are left beyond the 8 training
+    one = _layout(monkeypatch, ONE_MACHINE, {"CPU": 2.0}, num_samples=4)
+    assert (one.prestart, one.ahead) == (True, 1)  # CPU trials: one ahead, as before
+    aws = _layout(monkeypatch, AWS, {"CPU": 4.0}, num_samples=12)
+    assert (aws.prestart, aws.ahead) == (False, 0)  # autoscaling: nodes launch for trials, none waits ahead
+
+
 def test_rollout_pool_sizes_itself_to_what_an_autoscaling_cluster_can_launch(monkeypatch):
     pytest.importorskip("ray")
     import ray
