@@ -93,7 +93,7 @@ def make_run(stage: str, size: str, batch: int, data: dict, run_dir: str, reward
     ema = copy.deepcopy(model).requires_grad_(False) if stage == "teacher" else None
     opt, sched = T._optimizer(cfg, model)
     plan = accel.Plan(accel="eager", autocast="fp32", optimizer=accel.optimizer_impl("cpu"))
-    train_idx, val_idx = T._split(cfg, len(prep.cond))
+    train_idx, val_idx = T._split(cfg, prep)
     return T._Run(cfg, T.RunContext(progress=False), prep, torch.device("cpu"), model, opt, sched,
                   torch.Generator().manual_seed(0), train_idx, val_idx, ema, teacher, reward_model, None, plan)
 

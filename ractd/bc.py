@@ -77,8 +77,9 @@ def prepare_bc(task: Task, data: dict, fingerprint: str = "", top_fraction: floa
     "10% BC" is 0.1), normalizers fitted on them as CORL does. locomotion: cond = normalize(s) (obs_dim). maze2d
     (goal-conditioned, like the planner): cond = concat(normalize(s), normalize([gx, gy, 0, 0])) (2 * obs_dim) with
     g = `bc_goals(data, goal, task.horizon)`; at evaluation g is the fixed evaluation goal
-    (ractd.policy.BCGoalPolicy). Normalizers "obs" and "action" are fitted on the kept transitions."""
-    from ractd.data.windows import Normalizer
+    (ractd.policy.BCGoalPolicy). Normalizers "obs" and "action" are fitted on the kept transitions. The rows'
+    episodes (a held-out split's unit): the dataset's episodes; maze2d: the segments the hindsight goals stay in."""
+    from ractd.data.windows import Normalizer, episode_ids, maze_segments
 
     rows = best_trajectories(data, top_fraction)
     obs = np.asarray(data["observations"], np.float32)[rows]
@@ -89,8 +90,14 @@ def prepare_bc(task: Task, data: dict, fingerprint: str = "", top_fraction: floa
         g = np.zeros_like(obs)
         g[:, :2] = bc_goals(data, goal, task.horizon)[rows]
         cond = np.concatenate([cond, norm["obs"].normalize(g)], axis=1)
+    if task.kind == "maze":  # segments as episodes: each closes where maze_segments ends one
+        ends = np.zeros(len(data["rewards"]), bool)
+        ends[np.asarray(maze_segments(data), np.int64).reshape(-1, 2)[:, 1] - 1] = True
+        episodes = episode_ids({"terminals": ends, "timeouts": np.zeros_like(ends)}, rows)
+    else:
+        episodes = episode_ids(data, rows)
     return Prepared(task, norm["action"].normalize(act).astype(np.float32), cond.astype(np.float32), norm,
-                    fingerprint=fingerprint)
+                    fingerprint=fingerprint, **episodes)
 
 
 def build_bc(cfg: TrainConfig, prep: Prepared) -> BCActor:

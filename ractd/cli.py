@@ -28,7 +28,8 @@ TRAIN_COMMANDS = {"train-reward": ("reward", "train the return-to-go model R_psi
 # fields a stage does not use are not offered on its command line
 STAGE_ONLY = {"distill": {"student"}, "teacher_ckpt": {"student"}, "reward_ckpt": {"student", "teacher"},
               "select_seeds": {"student"}, "select_max_steps": {"student"}, "reward_aware_teacher": {"teacher"},
-              "bc_hidden": {"bc"}, "bc_top_fraction": {"bc"}, "bc_goal": {"bc"}}
+              "bc_hidden": {"bc"}, "bc_top_fraction": {"bc"}, "bc_goal": {"bc"},
+              "holdout_windows": {"teacher", "ddpm", "student"}}
 ALIASES = {"reward_aware_teacher": ["--reward-aware"]}
 PIPELINE_FIELDS = ("task", "run_dir", "source", "scale", "seed", "preset")
 

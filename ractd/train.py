@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ractd import RactdError, __version__, accel, bc, ctm, ddpm, edm
+from ractd import RactdError, __version__, accel, bc, ctm, ddpm, edm, holdout
 from ractd.checkpoint import copy_checkpoint, load_checkpoint, save_checkpoint
 from ractd.config import from_dict, to_dict
 from ractd.data.prepared import Prepared, dataset_fingerprint, prepare_windows
@@ -203,9 +203,9 @@ def _versions() -> dict:
 
 
 def _stable_config(d: dict) -> dict:
-    """The config fields a resumed run must share. A distill field a checkpoint predates reads as its default
-    (each was added with the default being the behavior before it: term_scale "raw")."""
-    out = {k: v for k, v in d.items() if k not in RESUMABLE_FIELDS}
+    """The config fields a resumed run must share. A field a checkpoint predates reads as its default (each was
+    added with the default being the behavior before it: term_scale "raw", holdout 0)."""
+    out = {k: v for k, v in {**to_dict(TrainConfig()), **d}.items() if k not in RESUMABLE_FIELDS}
     if isinstance(out.get("distill"), dict):
         out["distill"] = {**dataclasses.asdict(ctm.DistillConfig()), **out["distill"]}
     return out
@@ -221,7 +221,7 @@ def _finite_json(metrics: dict) -> str:
 class _Run:
     """One stage's training state: built by `_setup`, restored by `_resume`, advanced by `_step`, written by
     `_checkpoint`. best: the best selection score so far (lower is better; rank 0's); last_select: the student's
-    latest rollout score."""
+    latest rollout score; heldout: the held-out windows and fixed draws (ractd.holdout) where cfg.holdout > 0."""
 
     cfg: TrainConfig
     ctx: RunContext
@@ -242,6 +242,7 @@ class _Run:
     best: float = math.inf
     last_select: float | None = None
     accel_history: list = dataclasses.field(default_factory=list)
+    heldout: holdout.HeldOut | None = None
 
     @property
     def ckpt_path(self) -> Path:
@@ -297,8 +298,8 @@ def train(cfg: TrainConfig, ctx: RunContext | None = None, data: dict | None = N
 
 def _setup(cfg: TrainConfig, ctx: RunContext, data: dict | None, prep: Prepared | None) -> _Run:
     """Resolve the config, prepare the data, load the upstream models, build the model (the same initial weights
-    on every rank), its EMA and optimizer; seed this rank's data stream; split off the reward model's validation
-    windows."""
+    on every rank), its EMA and optimizer; seed this rank's data stream; split off the held-out rows (the reward
+    model's validation; cfg.holdout's episodes and their fixed draws, ractd.holdout)."""
     cfg = cfg.resolved()
     if cfg.batch < ctx.world_size:
         raise RactdError(f"batch={cfg.batch} is smaller than the number of workers ({ctx.world_size})")
@@ -321,9 +322,10 @@ def _setup(cfg: TrainConfig, ctx: RunContext, data: dict | None, prep: Prepared 
     accel.set_optimizer_impl(opt, plan.optimizer)
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + ctx.rank)
     torch.manual_seed(cfg.seed * 1000 + ctx.rank)
-    train_idx, val_idx = _split(cfg, len(prep.cond))
+    train_idx, val_idx = _split(cfg, prep)
+    held = holdout.fixed_draws(cfg, prep, val_idx, device) if cfg.holdout > 0 else None
     return _Run(cfg, ctx, prep, device, model, opt, sched, gen, train_idx, val_idx, ema, teacher, reward_model,
-                balance, plan)
+                balance, plan, heldout=held)
 
 
 def _upstream(cfg: TrainConfig, prep: Prepared, device) -> tuple[TrainConfig, nn.Module | None, nn.Module | None]:
@@ -356,15 +358,19 @@ def _optimizer(cfg: TrainConfig, model: nn.Module):
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg.warmup, cfg.steps))
 
 
-def _split(cfg: TrainConfig, n: int) -> tuple[np.ndarray, np.ndarray | None]:
-    """(training rows, validation rows or None) of n: the reward model holds out cfg.val_fraction for model
-    selection (a permutation seeded by cfg.seed, the same on every rank)."""
-    if cfg.stage == "reward":
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed)).numpy()
-        n_val = max(1, int(cfg.val_fraction * n))
-        val_idx, train_idx = perm[:n_val], perm[n_val:]
-    else:
-        train_idx, val_idx = np.arange(n), None
+def _split(cfg: TrainConfig, prep: Prepared) -> tuple[np.ndarray, np.ndarray | None]:
+    """(training rows, held-out rows or None) of the stage's rows: whole episodes held out (cfg.holdout) and a
+    share of the others kept (cfg.data_fraction) by ractd.holdout.split; else every row. Without held-out
+    episodes the reward model holds out cfg.val_fraction of its training rows for model selection (a permutation
+    seeded by cfg.seed, the same on every rank)."""
+    train_idx, val_idx = np.arange(len(prep.cond)), None
+    if cfg.holdout > 0 or cfg.data_fraction < 1:
+        train_idx, val_idx = holdout.split(cfg, prep)
+        val_idx = val_idx if cfg.holdout > 0 else None
+    if cfg.stage == "reward" and val_idx is None:
+        perm = torch.randperm(len(train_idx), generator=torch.Generator().manual_seed(cfg.seed)).numpy()
+        n_val = max(1, int(cfg.val_fraction * len(train_idx)))
+        val_idx, train_idx = train_idx[perm[:n_val]], train_idx[perm[n_val:]]
     if len(train_idx) == 0:
         raise RactdError(f"{cfg.task}: the dataset gives no training windows")
     return train_idx, val_idx
@@ -467,13 +473,14 @@ def _metrics(run: _Run, means: dict, count: int, t0: float, at_ckpt: bool) -> di
 
 
 def _checkpoint(run: _Run, metrics: dict) -> Path | None:
-    """At a checkpoint: the stage's selection measures into `metrics` (reward model: validation loss; student:
-    distill_diagnostics), then on rank 0 latest/checkpoint.pt with config.json, and best.pt when the selection
+    """At a checkpoint: the stage's selection measures into `metrics` (held-out losses, ractd.holdout.val_losses:
+    the reward model's validation loss, any stage's with cfg.holdout; student: distill_diagnostics), then on rank 0 latest/checkpoint.pt with config.json, and best.pt when the selection
     score is the best so far. Returns the folder to report on rank 0, else None."""
     cfg = run.cfg
-    if run.val_idx is not None:
-        metrics["val_loss"] = _reward_val_loss(run.model, run.prep, run.val_idx, run.device)
     with accel.native_convs(run.model):  # the evaluation code (engines, export) takes the network as built
+        if run.val_idx is not None:
+            metrics.update(holdout.val_losses(cfg, run.model, run.ema, run.teacher, run.prep, run.val_idx,
+                                              run.heldout, run.device))
         if cfg.stage == "student":
             metrics.update(distill_diagnostics(cfg, run.model, run.reward_model, run.prep, run.device))
         score = _selection_score(run, metrics)
@@ -577,12 +584,3 @@ def _quick_eval(cfg: TrainConfig, student: ctm.Student, prep: Prepared, ctx: Run
         total = ctx.all_reduce_sum(total)
     return float(total[0] / total[1])
 
-
-@torch.no_grad()
-def _reward_val_loss(model, prep: Prepared, val_idx, device, chunk: int = 65536) -> float:
-    total = 0.0
-    for i in range(0, len(val_idx), chunk):
-        idx = val_idx[i:i + chunk]
-        pred = model(_to_torch(prep.state, idx, device), _to_torch(prep.action, idx, device))
-        total += float((pred - _to_torch(prep.rtg, idx, device)).pow(2).sum())
-    return total / len(val_idx)

@@ -44,6 +44,16 @@ class TrainConfig:
     reward_hidden: reward model layer widths.
     reward_bounded: tanh-bounded reward model output.
     val_fraction: reward model validation split (model selection by validation loss).
+    holdout: the share of the dataset's episodes (maze2d: its segments) held out of training whole (ractd.holdout:
+        windows of one episode overlap, so a split of windows leaks); at every checkpoint the stage's loss on
+        them is logged as val_loss (teacher and DDPM: of the EMA weights, at fixed noise levels and draws) and
+        selects best.pt where a loss selects it (not BC, not a student with select_seeds); the reward model
+        validates on them instead of val_fraction. The same episodes for every stage, seed and data_fraction.
+        0 = off.
+    holdout_windows: the diffusion stages measure their held-out loss on this many held-out windows (a fixed
+        random subset; all where fewer), each at ractd.holdout.N_LEVELS noise levels: the cost of a checkpoint.
+    data_fraction: train on this share of the episodes not held out, the first ones of a fixed permutation, so a
+        smaller share is a subset of a larger one (study ractd_repro.studies.learning_curves); 1 = all.
     scalings: preconditioning, boundary | edm (the student always uses its teacher's).
     distance: Eq. (4) pseudo-Huber form: per_sample (iCT; default) | elementwise (released code).
     weighting: Eq. (4) weight: none (the paper's Eq. (4) as printed; default) | lambda (EDM's lambda(sigma), the
@@ -99,6 +109,9 @@ class TrainConfig:
     reward_hidden: tuple[int, ...] = (64, 128, 256)
     reward_bounded: bool = True
     val_fraction: float = 0.05
+    holdout: float = 0.0
+    holdout_windows: int = 512
+    data_fraction: float = 1.0
     scalings: Literal["boundary", "edm"] = "boundary"
     distance: Literal["per_sample", "elementwise"] = "per_sample"
     weighting: Literal["lambda", "sqrt_lambda", "none"] = "none"
@@ -135,7 +148,7 @@ class TrainConfig:
         get_task(self.task)
         if self.stage not in STAGES:
             bad("stage", self.stage, f"expected one of {', '.join(STAGES)}")
-        for name in ("steps", "batch", "ckpt_every", "report_every", "obs_history"):
+        for name in ("steps", "batch", "ckpt_every", "report_every", "obs_history", "holdout_windows"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 bad(name, getattr(self, name), "must be a positive integer")
         for name in ("warmup", "select_seeds", "select_max_steps", "seed"):
@@ -149,6 +162,10 @@ class TrainConfig:
             bad("ema_power", self.ema_power, "must be positive")
         if not 0 < self.val_fraction < 1:
             bad("val_fraction", self.val_fraction, "must be in (0, 1)")
+        if not 0 <= self.holdout < 1:
+            bad("holdout", self.holdout, "must be in [0, 1)")
+        if not 0 < self.data_fraction <= 1:
+            bad("data_fraction", self.data_fraction, "must be in (0, 1]")
         if self.scale not in SCALES:
             bad("scale", self.scale, f"expected one of {', '.join(SCALES)}")
         if self.source not in ("auto", "d4rl", "local", "minari"):

@@ -90,6 +90,7 @@ def test_ema_warmup_is_dominated_by_trained_weights():
 @pytest.mark.parametrize("field, value, words", [
     ("batch", 0, "batch=0"), ("steps", -1, "steps=-1"), ("lr", float("nan"), "lr=nan"),
     ("ema_decay", 1.0, "ema_decay=1.0"), ("scale", "huge", "scale='huge'"), ("rtg", "x", "rtg='x'"),
+    ("holdout", 1.0, "holdout=1.0"), ("data_fraction", 0.0, "data_fraction=0.0"),
 ])
 def test_bad_config_values_fail_up_front_with_one_line(field, value, words):
     with pytest.raises(RactdError, match=words.replace("(", r"\(").replace(".", r"\.")) as e:
@@ -295,3 +296,125 @@ def test_term_gradient_norms_follow_the_weights_training_applies(maze_tiny, tmp_
     with pytest.raises(ValueError, match="TermBalance"):
         term_gradient_norms(dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, term_scale="gradient")),
                             student, teacher, None, prep, dev, None)
+
+
+# ------------------------------------------------------------------------ held-out episodes (TrainConfig.holdout)
+
+def _split_before_holdout(cfg, prep):
+    """ractd.train._split as it was before TrainConfig.holdout, verbatim but for taking the Prepared."""
+    n = len(prep.cond)
+    if cfg.stage == "reward":
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed)).numpy()
+        n_val = max(1, int(cfg.val_fraction * n))
+        val_idx, train_idx = perm[:n_val], perm[n_val:]
+    else:
+        train_idx, val_idx = np.arange(n), None
+    return train_idx, val_idx
+
+
+def _val_before_holdout(cfg, model, ema, teacher, prep, val_idx, held, device):
+    """The checkpoint's validation before TrainConfig.holdout: the reward model's MSE (train._reward_val_loss)."""
+    from ractd.data.prepared import to_torch
+
+    assert cfg.stage == "reward" and held is None
+    with torch.no_grad():
+        pred = model(to_torch(prep.state, val_idx, device), to_torch(prep.action, val_idx, device))
+        return {"val_loss": float((pred - to_torch(prep.rtg, val_idx, device)).pow(2).sum()) / len(val_idx)}
+
+
+def _run_files(run_dir, stage):
+    ck = torch.load(run_dir / stage / "latest" / "checkpoint.pt", weights_only=False)
+    best = torch.load(run_dir / stage / "best.pt", weights_only=False)
+    lines = [json.loads(x) for x in (run_dir / stage / "metrics.jsonl").read_text().splitlines()]
+    for m in lines:
+        m.pop("steps_per_s")
+    return ck, best, lines
+
+
+def _assert_same_run(a, b):
+    (ck_a, best_a, lines_a), (ck_b, best_b, lines_b) = a, b
+    assert lines_a == lines_b
+    for part in ("model", "ema"):
+        for x, y in ((ck_a, ck_b), (best_a, best_b)):
+            if x[part] is None:
+                assert y[part] is None
+                continue
+            for k in x[part]:
+                torch.testing.assert_close(x[part][k], y[part][k], rtol=0, atol=0, msg=k)
+    for k in ("data", "torch"):
+        torch.testing.assert_close(ck_a["rng"][k], ck_b["rng"][k], rtol=0, atol=0)
+
+
+def test_holdout_zero_trains_exactly_as_the_code_before_it(tmp_path, monkeypatch):
+    """holdout 0 (the default): the training rows, the random streams, the weights, best.pt and the metrics are
+    those of the split and validation the loop had before the option (reward model included), bit for bit."""
+    import ractd.train as T
+    from ractd import holdout
+    from ractd.data.generate_random import random_locomotion_dataset
+
+    random_locomotion_dataset("hopper-medium-replay", 600, 0, cut_prob=0.01)
+    kw = dict(task="hopper-medium-replay", scale="tiny", preset="tiny", batch=8, report_every=3, steps=6,
+              ckpt_every=3, accel="eager", autocast="fp32", select_seeds=0)
+    stages = ("reward", "teacher", "student", "bc")
+    for stage in stages:
+        train(TrainConfig(**kw, stage=stage, run_dir=str(tmp_path / "new")), RunContext(progress=False))
+    with monkeypatch.context() as m:
+        m.setattr(T, "_split", _split_before_holdout)
+        m.setattr(holdout, "val_losses", _val_before_holdout)
+        m.setattr(holdout, "fixed_draws", lambda *a, **k: pytest.fail("no held-out draws"))
+        for stage in stages:
+            train(TrainConfig(**kw, stage=stage, run_dir=str(tmp_path / "old")), RunContext(progress=False))
+    for stage in stages:
+        _assert_same_run(_run_files(tmp_path / "new", stage), _run_files(tmp_path / "old", stage))
+    run = T._setup(TrainConfig(**kw, stage="teacher", run_dir=str(tmp_path / "new")).resolved(),
+                   RunContext(progress=False), None, None)
+    np.testing.assert_array_equal(run.train_idx, np.arange(len(run.prep.cond)))
+    assert run.val_idx is None and run.heldout is None
+
+
+def test_heldout_losses_are_logged_and_leave_the_training_steps_as_they_are(maze_tiny, tmp_path, monkeypatch):
+    """With held-out episodes every checkpoint logs the stage's held-out losses, and measuring them changes
+    nothing of the training (a run whose measurement is skipped trains the same weights); the config records the
+    option, and a checkpoint written before the option existed resumes as holdout 0."""
+    from ractd import holdout
+
+    kw = dict(**TINY, steps=4, ckpt_every=2, accel="eager", autocast="fp32", holdout=0.3, holdout_windows=32,
+              select_seeds=0)
+    expected = {"teacher": {"val_loss", "val_loss_raw"}, "ddpm": {"val_loss", "val_loss_raw"},
+                "student": {"val_loss", "val_ctm", "val_dsm"}, "bc": {"val_loss"}}
+    for stage, keys in expected.items():
+        train(TrainConfig(**kw, stage=stage, run_dir=str(tmp_path / "m")), RunContext(progress=False))
+        _, _, lines = _run_files(tmp_path / "m", stage)
+        assert [m["step"] for m in lines] == [2, 4]
+        assert all(keys <= set(m) and all(math.isfinite(m[k]) for k in keys) for m in lines), (stage, lines)
+        assert json.loads((tmp_path / "m" / stage / "config.json").read_text())["holdout"] == 0.3
+    with monkeypatch.context() as m:
+        m.setattr(holdout, "val_losses", lambda *a, **k: {})
+        train(TrainConfig(**kw, stage="teacher", run_dir=str(tmp_path / "skip")), RunContext(progress=False))
+    a, b = _run_files(tmp_path / "m", "teacher"), _run_files(tmp_path / "skip", "teacher")
+    for k in a[0]["model"]:
+        torch.testing.assert_close(a[0]["model"][k], b[0]["model"][k], rtol=0, atol=0)
+    torch.testing.assert_close(a[0]["rng"]["torch"], b[0]["rng"]["torch"], rtol=0, atol=0)
+    old = TrainConfig(**{**kw, "holdout": 0.0}, stage="teacher", run_dir=str(tmp_path / "old"))
+    path = train(old, RunContext(progress=False))["checkpoint"]
+    ck = torch.load(path, weights_only=False)
+    del ck["config"]["holdout"], ck["config"]["data_fraction"]
+    torch.save(ck, path)
+    assert train(dataclasses.replace(old, steps=6), RunContext(progress=False))["step"] == 6
+    with pytest.raises(RactdError, match=r"different config \(holdout\)"):
+        train(dataclasses.replace(old, steps=8, holdout=0.3), RunContext(progress=False))
+
+
+def test_the_reward_model_validates_on_heldout_episodes(tmp_path):
+    import ractd.train as T
+    from ractd import holdout
+    from ractd.data.generate_random import random_locomotion_dataset
+
+    random_locomotion_dataset("hopper-medium-replay", 600, 0, cut_prob=0.01)
+    cfg = TrainConfig(task="hopper-medium-replay", scale="tiny", stage="reward", holdout=0.2)
+    prep = T.prepare(cfg)
+    train_idx, val_idx = T._split(cfg, prep)
+    want = holdout.split(cfg, prep)
+    np.testing.assert_array_equal(train_idx, want[0])
+    np.testing.assert_array_equal(val_idx, want[1])
+    assert not set(prep.episode[train_idx]) & set(prep.episode[val_idx])

@@ -20,6 +20,9 @@ class Prepared:
 
     locomotion: x (N, c, act_dim) actions, cond (N, h * obs_dim), state (N, obs_dim), action (N, act_dim),
         rtg (N,). maze: x is a LazyWindows (N, H, obs_dim) of normalized states; cond (N, 2 * obs_dim).
+    episode (N,) int64: the episode of each row (maze: its segment, ractd.data.windows.maze_segments), the unit
+        ractd.holdout splits by (no row reads another episode's transitions); episode_lengths (E,): the
+        transitions of every episode, also those with no row. None where not known (a checkpoint's shapes only).
     """
 
     task: Task
@@ -30,6 +33,8 @@ class Prepared:
     action: np.ndarray | None = None
     rtg: np.ndarray | None = None
     fingerprint: str = ""
+    episode: np.ndarray | None = None
+    episode_lengths: np.ndarray | None = None
 
     @property
     def shape_tail(self) -> tuple[int, int]:
@@ -54,6 +59,7 @@ def prepare_windows(task: Task, data: dict, rtg: str = "paper", obs_history: int
     rtg: the return-to-go target, "paper" or "code" (ractd.data.windows.rtg_settings); obs_history: h."""
     from ractd.data.windows import (
         Normalizer,
+        episode_ids,
         locomotion_windows,
         maze_windows,
         rtg_settings,
@@ -71,13 +77,14 @@ def prepare_windows(task: Task, data: dict, rtg: str = "paper", obs_history: int
                         state=norm["obs"].normalize(w["first_obs"]).astype(np.float32),
                         action=norm["action"].normalize(w["first_action"]).astype(np.float32),
                         rtg=norm["rtg"].normalize(w["rtg"][:, None])[:, 0].astype(np.float32),
-                        fingerprint=fingerprint)
+                        fingerprint=fingerprint, **episode_ids(data))
     norm = norms or {"obs": Normalizer.fit(data["observations"])}
     observations = norm["obs"].normalize(np.asarray(data["observations"], np.float32)).astype(np.float32)
     w = maze_windows({**data, "observations": observations}, horizon=task.horizon,
                      goal_xy=_normalized_goal(norm["obs"], data))
     cond = np.concatenate([w["start"], w["goal"]], axis=1)
-    return Prepared(task, w["states"], cond, norm, fingerprint=fingerprint)
+    return Prepared(task, w["states"], cond, norm, fingerprint=fingerprint, episode=w["segment"],
+                    episode_lengths=w["segment_lengths"])
 
 
 def _normalized_goal(obs_norm, data):

@@ -159,6 +159,14 @@ class Normalizer:
         return f"Normalizer(dim={self.dim})"
 
 
+def episode_ids(data: dict, rows: np.ndarray | None = None) -> dict:
+    """{"episode": (N,) int64 episode of every transition (or of `rows` of them), "episode_lengths": (E,) int64}:
+    episodes closed by terminals | timeouts (episode_bounds), the unit a held-out split takes whole."""
+    starts, ends = _bounds_arrays(np.asarray(data["terminals"], bool) | np.asarray(data["timeouts"], bool))
+    episode = np.repeat(np.arange(len(starts), dtype=np.int64), ends - starts)
+    return {"episode": episode if rows is None else episode[rows], "episode_lengths": ends - starts}
+
+
 def _episode_index(n: int, done: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per step: (start, end) of its episode, int64 (N,) each."""
     starts, ends = _bounds_arrays(done)
@@ -259,7 +267,7 @@ def maze_windows(data: dict, horizon: int, goal_xy=None, threshold: float = REWA
 
     Returns: states (N, horizon, obs_dim) as a LazyWindows (index it with batch indices), start (N, obs_dim)
     and goal (N, obs_dim) float32 = first and last state of each window, starts (N,) int64 row of the first
-    state, n_segments. Raises RactdError if no segment is at least `horizon` long.
+    state, segment (N,) int64 the segment of each window, segment_lengths (n_segments,), n_segments. Raises RactdError if no segment is at least `horizon` long.
     """
     obs = np.asarray(data["observations"], dtype=np.float32)
     segments = maze_segments(data, goal_xy=goal_xy, threshold=threshold)
@@ -272,10 +280,13 @@ def maze_windows(data: dict, horizon: int, goal_xy=None, threshold: float = REWA
     offsets = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
     starts = np.repeat(seg[:, 0], counts) + offsets
     starts = starts[::stride]
+    segment = np.repeat(np.arange(len(seg), dtype=np.int64), counts)[::stride]
     return {
         "states": LazyWindows(obs, starts, horizon),
         "start": obs[starts],
         "goal": obs[starts + horizon - 1],
         "starts": starts,
+        "segment": segment,
+        "segment_lengths": seg[:, 1] - seg[:, 0],
         "n_segments": len(segments),
     }
