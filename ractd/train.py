@@ -474,8 +474,9 @@ def _metrics(run: _Run, means: dict, count: int, t0: float, at_ckpt: bool) -> di
 
 def _checkpoint(run: _Run, metrics: dict) -> Path | None:
     """At a checkpoint: the stage's selection measures into `metrics` (held-out losses, ractd.holdout.val_losses:
-    the reward model's validation loss, any stage's with cfg.holdout; student: distill_diagnostics), then on rank 0 latest/checkpoint.pt with config.json, and best.pt when the selection
-    score is the best so far. Returns the folder to report on rank 0, else None."""
+    the reward model's validation loss, any stage's with cfg.holdout; student: distill_diagnostics), then on rank 0
+    latest/checkpoint.pt with config.json, and best.pt when the selection score is the best so far. Returns the
+    folder to report on rank 0, else None."""
     cfg = run.cfg
     with accel.native_convs(run.model):  # the evaluation code (engines, export) takes the network as built
         if run.val_idx is not None:

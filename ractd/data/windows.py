@@ -267,7 +267,8 @@ def maze_windows(data: dict, horizon: int, goal_xy=None, threshold: float = REWA
 
     Returns: states (N, horizon, obs_dim) as a LazyWindows (index it with batch indices), start (N, obs_dim)
     and goal (N, obs_dim) float32 = first and last state of each window, starts (N,) int64 row of the first
-    state, segment (N,) int64 the segment of each window, segment_lengths (n_segments,), n_segments. Raises RactdError if no segment is at least `horizon` long.
+    state, segment (N,) int64 the segment of each window, segment_lengths (n_segments,), n_segments. Raises
+    RactdError if no segment is at least `horizon` long.
     """
     obs = np.asarray(data["observations"], dtype=np.float32)
     segments = maze_segments(data, goal_xy=goal_xy, threshold=threshold)
