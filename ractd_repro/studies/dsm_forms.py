@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from ractd import RactdError
+from ractd.errors import run_command
 from ractd.evaluate import EvalConfig, evaluate_checkpoint
 from ractd.io import atomic_parquet, read_rows
 from ractd.paths import cache_dir
@@ -93,11 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--report", action="store_true", help="only print the table of the store in --out")
     ap.add_argument("--toy", action="store_true", help="the two-mode bandit (ractd.toy) instead of the task")
     args = ap.parse_args(argv)
-    try:
-        return run_toy(args) if args.toy else run(args)
-    except RactdError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_command(lambda: run_toy(args) if args.toy else run(args))
 
 
 def run_toy(args) -> int:

@@ -30,6 +30,7 @@ import torch
 
 from ractd import RactdError, edm
 from ractd.data.d4rl import load_d4rl_hdf5
+from ractd.errors import run_command
 from ractd.evaluate import EvalConfig, evaluate_checkpoint
 from ractd.io import atomic_parquet, read_rows
 from ractd.paths import cache_dir
@@ -88,11 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="", help="default <cache>/bench/eq4/<task>-<scale>")
     ap.add_argument("--report", action="store_true", help="only print the tables of the store in --out")
     args = ap.parse_args(argv)
-    try:
-        return run(args)
-    except RactdError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_command(lambda: run(args))
 
 
 def run(args) -> int:

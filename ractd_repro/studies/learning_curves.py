@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from ractd import RactdError
+from ractd.errors import run_command
 from ractd.io import atomic_parquet, read_rows
 from ractd.paths import cache_dir
 
@@ -231,11 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="", help="default <cache>/bench/curves/<task>-<scale>")
     ap.add_argument("--report", action="store_true", help="only print the summary of the store in --out")
     args = ap.parse_args(argv)
-    try:
-        return run(args)
-    except RactdError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_command(lambda: run(args))
 
 
 def run(args) -> int:

@@ -52,7 +52,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ractd import RactdError
+from ractd.errors import run_command
 from ractd.evaluate import EvalConfig, evaluate_checkpoint
 from ractd.io import atomic_parquet, read_rows
 from ractd.paths import cache_dir
@@ -242,12 +242,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="", help="default <cache>/bench/seeds/<task>-<scale>")
     ap.add_argument("--report", action="store_true", help="only print the table of the store in --out")
     args = ap.parse_args(argv)
-    try:
+    def body():
         get_task(args.task)
         return run(args)
-    except RactdError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+
+    return run_command(body)
 
 
 # ---------------------------------------------------------------------------------------------- report
