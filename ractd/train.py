@@ -163,10 +163,14 @@ def _shape_only(cfg: TrainConfig, ck: dict) -> Prepared:
     cond = np.zeros((1, shapes["cond"]), np.float32)
     state = np.zeros((1, shapes["state"]), np.float32) if shapes.get("state") else None
     action = np.zeros((1, shapes["action"]), np.float32) if shapes.get("action") else None
+    return Prepared(task, x, cond, checkpoint_normalizers(ck), state=state, action=action)
+
+
+def checkpoint_normalizers(ck: dict) -> dict:
+    """The normalizers a checkpoint was trained with (name -> Normalizer), e.g. to prepare other data as it was."""
     from ractd.data.windows import Normalizer
 
-    norms = {k: Normalizer.from_state_dict(v) for k, v in ck["normalizers"].items()}
-    return Prepared(task, x, cond, norms, state=state, action=action)
+    return {k: Normalizer.from_state_dict(v) for k, v in ck["normalizers"].items()}
 
 
 def load_upstream(path: Path, stage: str, cfg: TrainConfig, prep: Prepared):

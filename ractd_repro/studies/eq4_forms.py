@@ -35,7 +35,7 @@ from ractd.evaluate import EvalConfig, evaluate_checkpoint
 from ractd.io import atomic_parquet, read_rows
 from ractd.paths import cache_dir
 from ractd.tasks import get_task
-from ractd.train import TrainConfig, _shape_only, load_stage_model, prepare, train
+from ractd.train import TrainConfig, checkpoint_normalizers, load_stage_model, prepare, train
 from ractd_repro.tables import sampler_name
 
 BANDS = ((0.02, 0.1), (0.1, 0.5), (0.5, 2.0), (2.0, 10.0), (10.0, 80.0))
@@ -63,7 +63,7 @@ def ensure_heldout(task: str, scale: str, seed: int) -> Path:
 def band_errors(ckpt: Path, heldout: dict, n_windows: int = 512, per_band: int = 4, seed: int = 0) -> dict:
     """Mean denoising MSE per sigma band on n_windows held-out windows (fixed noise; log-uniform sigma per band)."""
     model, cfg, ck = load_stage_model(ckpt)
-    prep = prepare(cfg, data=heldout, norms=_shape_only(cfg, ck).normalizers)
+    prep = prepare(cfg, data=heldout, norms=checkpoint_normalizers(ck))
     g = torch.Generator().manual_seed(seed)
     idx = torch.randperm(len(prep.x), generator=g)[:n_windows]
     sel = np.sort(idx.numpy())
