@@ -209,12 +209,21 @@ def ctm_grid(n_bins: int, dtype=torch.float32, device=None) -> torch.Tensor:
     return torch.cat([sig, sig[-1:]])
 
 
-def ctm_draw(x0: torch.Tensor, cfg: DistillConfig = DistillConfig()):
-    """Eq. (5)-(6)'s random draws: (t, u, s) noise levels (sample_ctm_indices on ctm_grid) and x_t = x0 + t eps."""
+def _randn(x0: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Noise like x0: from torch's global stream (training), or from `generator` (a CPU one) moved to x0's device."""
+    if generator is None:
+        return torch.randn_like(x0)
+    return torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
+
+
+def ctm_draw(x0: torch.Tensor, cfg: DistillConfig = DistillConfig(), generator: torch.Generator | None = None):
+    """Eq. (5)-(6)'s random draws: (t, u, s) noise levels (sample_ctm_indices on ctm_grid) and x_t = x0 + t eps;
+    from torch's global stream, or from `generator` (a CPU generator; ractd.holdout's fixed draws)."""
     grid = ctm_grid(cfg.n_bins, x0.dtype, x0.device)
-    ti, ui, si = sample_ctm_indices(x0.shape[0], cfg.n_bins, device=x0.device)
-    t, u, s = grid[ti], grid[ui], grid[si]
-    return t, u, s, x0 + append_dims(t, x0.ndim) * torch.randn_like(x0)
+    idx = sample_ctm_indices(x0.shape[0], cfg.n_bins, device=None if generator is not None else x0.device,
+                             generator=generator)
+    t, u, s = (grid[i.to(x0.device)] for i in idx)
+    return t, u, s, x0 + append_dims(t, x0.ndim) * _randn(x0, generator)
 
 
 @torch.no_grad()
@@ -233,7 +242,12 @@ def ctm_loss(student: Student, teacher: edm.Denoiser, x0: torch.Tensor, cond: to
     Returns (per-sample loss (batch,), the CTM prediction x_hat at sigma_min (batch, horizon, dim)), the
     latter for the released code's reward variant.
     """
-    t, u, s, x_t = ctm_draw(x0, cfg)
+    return ctm_loss_at(student, teacher, cond, cfg, *ctm_draw(x0, cfg))
+
+
+def ctm_loss_at(student: Student, teacher: edm.Denoiser, cond: torch.Tensor | None, cfg: DistillConfig,
+                t: torch.Tensor, u: torch.Tensor, s: torch.Tensor, x_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eq. (5)-(6) at given draws (ctm_draw's t, u, s, x_t): (per-sample loss, CTM prediction); see ctm_loss."""
     sig_min = torch.full_like(t, student.sigma_min)
     G_sg = stopgrad(student)
     x_hat_s = student(x_t, t, s, cond)                                   # Eq. (6), x_hat_k^(t)
@@ -242,16 +256,19 @@ def ctm_loss(student: Student, teacher: edm.Denoiser, x0: torch.Tensor, cond: to
     return edm.pseudo_huber(pred, target, form=cfg.distance), pred  # Eq. (5)
 
 
-def dsm_draw(student: Student, x0: torch.Tensor, cfg: DistillConfig = DistillConfig()):
-    """Eq. (7)'s random draws: (sigma (batch,), x_sigma = x0 + sigma eps); see dsm_loss."""
+def dsm_draw(x0: torch.Tensor, cfg: DistillConfig = DistillConfig(), sigma_min: float = edm.SIGMA_MIN,
+             generator: torch.Generator | None = None):
+    """Eq. (7)'s random draws: (sigma (batch,) clamped to [sigma_min (the student's), sigma_max], x_sigma = x0 +
+    sigma eps); see dsm_loss. From torch's global stream, or from `generator` (a CPU generator) as ctm_draw."""
     n = x0.shape[0]
     sig = edm.karras_sigmas(cfg.n_bins, dtype=x0.dtype, device=x0.device)
     n_top = max(1, int(cfg.dsm_top_fraction * cfg.n_bins))
     half = n // 2
-    top = sig[torch.randint(0, n_top, (half,), device=x0.device)]
-    lognormal = edm.sample_sigma_lognormal(n - half, device=x0.device).to(x0.dtype)
-    sigma = torch.cat([top, lognormal]).clamp(student.sigma_min, edm.SIGMA_MAX)
-    return sigma, x0 + append_dims(sigma, x0.ndim) * torch.randn_like(x0)
+    on = None if generator is not None else x0.device
+    top = sig[torch.randint(0, n_top, (half,), device=on, generator=generator).to(x0.device)]
+    lognormal = edm.sample_sigma_lognormal(n - half, device=on, generator=generator).to(x0.device, x0.dtype)
+    sigma = torch.cat([top, lognormal]).clamp(sigma_min, edm.SIGMA_MAX)
+    return sigma, x0 + append_dims(sigma, x0.ndim) * _randn(x0, generator)
 
 
 def dsm_levels(student: Student, sigma: torch.Tensor, cfg: DistillConfig) -> tuple[torch.Tensor, torch.Tensor, bool]:
@@ -278,7 +295,12 @@ def dsm_loss(student: Student, x0: torch.Tensor, cond: torch.Tensor | None,
     Half the batch draws sigma uniformly from the top `dsm_top_fraction` bins of the schedule
     (sigma in [~0.79, 80] for 0.7), the other half ln sigma ~ N(-1.2, 1.2^2) (released code).
     """
-    sigma, x_sigma = dsm_draw(student, x0, cfg)
+    return dsm_loss_at(student, x0, cond, cfg, *dsm_draw(x0, cfg, student.sigma_min))
+
+
+def dsm_loss_at(student: Student, x0: torch.Tensor, cond: torch.Tensor | None, cfg: DistillConfig,
+                sigma: torch.Tensor, x_sigma: torch.Tensor) -> torch.Tensor:
+    """Eq. (7) at given draws (dsm_draw's sigma, x_sigma), (batch,); see dsm_loss."""
     t, s, jump = dsm_levels(student, sigma, cfg)
     out = student(x_sigma, t, s, cond) if jump else student.g(x_sigma, t, s, cond)
     return dsm_distance(student, out, x0, sigma, cfg)
@@ -351,7 +373,7 @@ def _batched_terms(student: Student, teacher: edm.Denoiser, x0: torch.Tensor, co
     """ractd_loss's (L_CTM per sample, CTM prediction, L_DSM per sample, one-step sample or None) with the
     student's calls with gradients stacked into one network call."""
     t, u, s, x_t = ctm_draw(x0, cfg)                   # the draws in ctm_loss, dsm_loss, one_step's order
-    sigma, x_sigma = dsm_draw(student, x0, cfg)
+    sigma, x_sigma = dsm_draw(x0, cfg, student.sigma_min)
     d_t, d_s, d_jump = dsm_levels(student, sigma, cfg)
     calls = [(x_t, t, s, True), (x_sigma, d_t, d_s, d_jump)]
     if one_step_reward:

@@ -44,8 +44,13 @@ class EpsModel(nn.Module):
 def ddpm_loss(model: EpsModel, x0: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
     """Epsilon-prediction loss ||eps - eps_theta(x_t, t)||^2 (mean over elements), t ~ U{0..T-1}; (batch,)."""
     t = torch.randint(0, model.T, (x0.shape[0],), device=x0.device)
+    return ddpm_loss_at(model, x0, cond, t, torch.randn_like(x0))
+
+
+def ddpm_loss_at(model: EpsModel, x0: torch.Tensor, cond: torch.Tensor | None, t: torch.Tensor,
+                 eps: torch.Tensor) -> torch.Tensor:
+    """ddpm_loss at given draws: timesteps t (batch,) and noise eps like x0; (batch,)."""
     abar = append_dims(model.alphas_cumprod[t], x0.ndim)
-    eps = torch.randn_like(x0)
     x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * eps
     return (model(x_t, t, cond) - eps).pow(2).flatten(1).mean(1)
 

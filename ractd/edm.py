@@ -201,8 +201,14 @@ def edm_loss(denoiser: Denoiser, x0: torch.Tensor, cond: torch.Tensor | None = N
     """
     sigma = sample_sigma_lognormal(x0.shape[0], p_mean, p_std, device=x0.device).to(x0.dtype)
     sigma = sigma.clamp(denoiser.sigma_min, sigma_max)
-    x_sigma = x0 + append_dims(sigma, x0.ndim) * torch.randn_like(x0)
-    D_x = denoiser(x_sigma, sigma, cond)
+    return edm_loss_at(denoiser, x0, cond, sigma, torch.randn_like(x0), distance, weighting)
+
+
+def edm_loss_at(denoiser: Denoiser, x0: torch.Tensor, cond: torch.Tensor | None, sigma: torch.Tensor,
+                eps: torch.Tensor, distance: Distance = "per_sample", weighting: Weighting = "none") -> torch.Tensor:
+    """Eq. (4) at given draws: w(sigma) d(x_0, D_phi(x_0 + sigma eps, sigma)), (batch,); sigma (batch,), eps like
+    x0. edm_loss draws them for training, ractd.holdout fixes them for the held-out loss."""
+    D_x = denoiser(x0 + append_dims(sigma, x0.ndim) * eps, sigma, cond)
     return loss_weight(sigma, weighting, denoiser.sigma_data) * pseudo_huber(D_x, x0, form=distance)  # Eq. (4)
 
 

@@ -20,9 +20,12 @@ it measures them or not):
   sampling noise. val_loss: of the EMA weights (the model best.pt holds and evaluation uses); val_loss_raw: of the
   trained weights (those the logged training loss is of).
 - ddpm: the epsilon loss at N_LEVELS timesteps evenly spaced over 0 .. T-1, fixed noise; EMA and raw as above.
-- student: Eq. (9)'s distance terms with fixed draws (Eq. (5)-(6)'s t, u, s and noise; Eq. (7)'s sigma, drawn as
-  training draws them, and noise): val_ctm, val_dsm, and val_loss = alpha val_ctm + beta val_dsm (the reward
-  term, -R_psi, is not a distance to the data and is left out).
+- student: Eq. (9)'s distance terms with fixed draws (training's own ctm.ctm_draw and ctm.dsm_draw, from the
+  held-out generator): val_ctm, val_dsm, and val_loss = alpha val_ctm + beta val_dsm (the reward term, -R_psi,
+  is not a distance to the data and is left out).
+
+Each loss is its training function's form at given draws (edm.edm_loss_at, ddpm.ddpm_loss_at, ctm.ctm_loss_at,
+ctm.dsm_loss_at), so that a change to a training loss is a change to its held-out measure.
 - bc: its MSE on every held-out pair; reward: the MSE on every held-out row (its validation, replacing val_fraction).
 """
 
@@ -36,7 +39,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ractd import RactdError, bc, ctm, edm
+from ractd import RactdError, bc, ctm, ddpm, edm
 from ractd.data.prepared import Prepared, to_torch
 from ractd.train_config import TrainConfig
 
@@ -96,7 +99,6 @@ def fixed_draws(cfg: TrainConfig, prep: Prepared, val_idx: np.ndarray, device,
     if len(idx) > cfg.holdout_windows:
         idx = np.sort(idx[torch.randperm(len(idx), generator=g)[:cfg.holdout_windows].numpy()])
     x0, cond = to_torch(prep.x, idx, "cpu"), to_torch(prep.cond, idx, "cpu")
-    n = len(idx)
     if cfg.stage == "teacher":
         q = (torch.arange(n_levels, dtype=torch.float64) + 0.5) / n_levels
         z = math.sqrt(2.0) * torch.erfinv(2.0 * q - 1.0)
@@ -104,15 +106,10 @@ def fixed_draws(cfg: TrainConfig, prep: Prepared, val_idx: np.ndarray, device,
                  "eps": torch.randn((n_levels, *x0.shape), generator=g)}
     elif cfg.stage == "ddpm":
         draws = {"eps": torch.randn((n_levels, *x0.shape), generator=g)}  # at n_levels timesteps (ddpm_loss)
-    else:
-        d = cfg.distill
-        t, u, s = (ctm.ctm_grid(d.n_bins)[i] for i in ctm.sample_ctm_indices(n, d.n_bins, generator=g))
-        sig = edm.karras_sigmas(d.n_bins)
-        half = n // 2
-        top = sig[torch.randint(0, max(1, int(d.dsm_top_fraction * d.n_bins)), (half,), generator=g)]
-        sigma = torch.cat([top, edm.sample_sigma_lognormal(n - half, generator=g)]).clamp(edm.SIGMA_MIN, edm.SIGMA_MAX)
-        draws = {"t": t, "u": u, "s": s, "eps_ctm": torch.randn(x0.shape, generator=g), "sigma": sigma,
-                 "eps_dsm": torch.randn(x0.shape, generator=g)}
+    else:  # the training draws (Eq. (5)-(7)), from this generator
+        t, u, s, x_t = ctm.ctm_draw(x0, cfg.distill, generator=g)
+        sigma, x_sigma = ctm.dsm_draw(x0, cfg.distill, generator=g)
+        draws = {"t": t, "u": u, "s": s, "x_t": x_t, "sigma": sigma, "x_sigma": x_sigma}
     return HeldOut(idx, x0.to(device), cond.to(device), {k: v.to(device) for k, v in draws.items()})
 
 
@@ -136,10 +133,8 @@ def teacher_loss(denoiser: edm.Denoiser, held: HeldOut, cfg: TrainConfig) -> flo
     x0, total = held.x0, 0.0
     with _evaluating(denoiser):
         for sigma, eps in zip(held.draws["sigma"], held.draws["eps"]):
-            sig = sigma.expand(x0.shape[0])
-            D_x = denoiser(x0 + sigma * eps, sig, held.cond)
-            weight = edm.loss_weight(sig, cfg.weighting, denoiser.sigma_data)
-            total += float((weight * edm.pseudo_huber(D_x, x0, form=cfg.distance)).mean())  # Eq. (4)
+            total += float(edm.edm_loss_at(denoiser, x0, held.cond, sigma.expand(x0.shape[0]), eps, cfg.distance,
+                                           cfg.weighting).mean())
     return total / len(held.draws["sigma"])
 
 
@@ -149,28 +144,17 @@ def ddpm_loss(model, held: HeldOut) -> float:
     steps = torch.linspace(0, model.T - 1, len(held.draws["eps"])).round().long().to(x0.device)
     with _evaluating(model):
         for t, eps in zip(steps, held.draws["eps"]):
-            abar = model.alphas_cumprod[t]
-            t_b = t.expand(x0.shape[0])
-            total += float((model(abar.sqrt() * x0 + (1 - abar).sqrt() * eps, t_b, held.cond) - eps).pow(2).mean())
+            total += float(ddpm.ddpm_loss_at(model, x0, held.cond, t.expand(x0.shape[0]), eps).mean())
     return total / len(steps)
 
 
 def student_losses(student: ctm.Student, teacher: edm.Denoiser, held: HeldOut, cfg: TrainConfig) -> dict:
     """Eq. (5)-(7)'s terms of `student` on the held-out windows with the fixed draws: {val_ctm, val_dsm,
     val_loss = alpha val_ctm + beta val_dsm}."""
-    d, x0, cond, dr = cfg.distill, held.x0, held.cond, held.draws
+    d, dr = cfg.distill, held.draws
     with _evaluating(student, teacher):
-        t, u, s = dr["t"], dr["u"], dr["s"]
-        x_t = x0 + edm.append_dims(t, x0.ndim) * dr["eps_ctm"]
-        sig_min = torch.full_like(t, student.sigma_min)
-        pred = student(student(x_t, t, s, cond), s, sig_min, cond)
-        target = ctm.ctm_target(student, teacher, x_t, t, u, s, sig_min, cond)
-        l_ctm = float(edm.pseudo_huber(pred, target, form=d.distance).mean())  # Eq. (5)
-        sigma = dr["sigma"]
-        d_t, d_s, jump = ctm.dsm_levels(student, sigma, d)
-        x_sigma = x0 + edm.append_dims(sigma, x0.ndim) * dr["eps_dsm"]
-        out = student(x_sigma, d_t, d_s, cond) if jump else student.g(x_sigma, d_t, d_s, cond)
-        l_dsm = float(ctm.dsm_distance(student, out, x0, sigma, d).mean())  # Eq. (7)
+        l_ctm = float(ctm.ctm_loss_at(student, teacher, held.cond, d, dr["t"], dr["u"], dr["s"], dr["x_t"])[0].mean())
+        l_dsm = float(ctm.dsm_loss_at(student, held.x0, held.cond, d, dr["sigma"], dr["x_sigma"]).mean())
     return {"val_ctm": l_ctm, "val_dsm": l_dsm, "val_loss": d.alpha * l_ctm + d.beta * l_dsm}
 
 
