@@ -48,6 +48,8 @@ class Task:
     obs_history: h, number of past states used for conditioning (MuJoCo; maze uses (start, goal)).
     max_episode_steps: evaluation episode length.
     dataset_size: transitions in D4RL's release (the "full" generation scale).
+    d4rl_bc: (BC, 10% BC) normalized scores on D4RL's own dataset (CORL's "last" scores, 4 training seeds;
+        maze2d: not goal-conditioned): the level D4RL's data supports, printed beside a generated dataset's.
     goal_cell: maze only, the (row, col) cell of D4RL's fixed evaluation goal ('G' in D4RL's maze string);
         in D4RL maze2d coordinates the goal is at exactly (row, col) (see ractd.maze).
     """
@@ -69,6 +71,7 @@ class Task:
     obs_history: int
     max_episode_steps: int
     dataset_size: int  # transitions in D4RL's release (the "full" generation scale)
+    d4rl_bc: tuple[float, float] | None = None
     goal_cell: tuple[int, int] | None = None
 
     @property
@@ -119,6 +122,14 @@ _SIZE = {
     ("halfcheetah", "medium-replay"): 202_000,
     ("halfcheetah", "medium-expert"): 2_000_000,
 }
+# CORL (tinkoff-ai/CORL README, "last" scores, normalized): BC / 10% BC on D4RL's datasets.
+_D4RL_BC = {
+    "halfcheetah-medium": (42.4, 42.5), "halfcheetah-medium-replay": (35.7, 23.6),
+    "halfcheetah-medium-expert": (56.0, 90.1), "hopper-medium": (53.5, 55.5), "hopper-medium-replay": (29.8, 70.4),
+    "hopper-medium-expert": (52.3, 111.2), "walker2d-medium": (63.2, 67.3), "walker2d-medium-replay": (21.8, 54.4),
+    "walker2d-medium-expert": (99.0, 108.7), "maze2d-umaze": (0.4, 12.2), "maze2d-medium": (0.8, 14.3),
+    "maze2d-large": (2.3, 11.3),
+}
 _MINARI_SPLIT = {"medium": "medium", "medium-replay": None, "medium-expert": None}
 
 # maze2d (Diffuser setup, paper Sec. 4.2 and Table 6): horizon 128 / 256 / 384; D4RL sizes 1M / 2M / 4M;
@@ -154,6 +165,7 @@ def _build() -> dict[str, Task]:
                 obs_history=1,
                 max_episode_steps=1000,
                 dataset_size=_SIZE[(env, split)],
+                d4rl_bc=_D4RL_BC[name],
             )
     for size, (env_id, minari_id, (lo, hi), horizon, ep_len, n, goal) in _MAZE.items():
         name = f"maze2d-{size}"
@@ -175,6 +187,7 @@ def _build() -> dict[str, Task]:
             obs_history=1,
             max_episode_steps=ep_len,
             dataset_size=n,
+            d4rl_bc=_D4RL_BC[name],
             goal_cell=goal,
         )
     return tasks

@@ -33,6 +33,8 @@ def test_generate_and_info(tmp_path):
     assert f"episodes     {n_eps}" in r.stdout
     returns = np.add.reduceat(data["rewards"].astype(np.float64), np.r_[0, np.flatnonzero(data["timeouts"])[:-1] + 1])
     assert f"max {returns.max():.2f}" in r.stdout
+    # D4RL's release beside it: 5000 of maze2d-umaze-v1's 1M transitions, and BC's level on D4RL's data
+    assert "D4RL         maze2d-umaze-v1: 1000000 transitions (this one: 0.01x); BC 0.4, 10% BC 12.2" in r.stdout
     # By task name: the default cache location ($RACTD_CACHE_DIR from conftest).
     r = run("generate", "maze2d-umaze", "--scale", "tiny")
     assert r.returncode == 0, r.stderr

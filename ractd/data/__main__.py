@@ -131,6 +131,9 @@ def _info(args) -> int:
         print(f"behavior     mean normalized return {norm.mean():.1f}; p10/p50/p90 {q[0]:.1f} / {q[1]:.1f} / "
               f"{q[2]:.1f}" + ("   (per goal segment; maze data reach goals, not eval returns)"
                                if task.kind == "maze" else ""))
+        print(f"D4RL         {task.d4rl_name}: {task.dataset_size} transitions (this one: "
+              f"{len(rew) / task.dataset_size:.2f}x); BC {task.d4rl_bc[0]:g}, 10% BC {task.d4rl_bc[1]:g} on it "
+              f"(CORL, normalized" + ("; not goal-conditioned" if task.kind == "maze" else "") + ")")
     if "infos/goal" in data:
         last = ends - 1
         gap = np.linalg.norm(obs[last, :2] - data["infos/goal"][last], axis=-1)
