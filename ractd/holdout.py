@@ -6,8 +6,8 @@ The split takes whole episodes (Prepared.episode; maze2d: the segments its windo
 windows of one episode overlap (16-step action chunks one step apart, padded at its end), so a split of windows
 puts the same transitions on both sides. The permutation of the episodes is seeded by a constant (SPLIT_SEED), not
 the training seed: at one holdout share the held-out episodes are the same for every training seed, data_fraction
-and stage of one kind of rows (a student's held-out episodes are its teacher's; locomotion BC's too, while maze2d
-BC cuts its segments in the data's units and the planner in normalized ones), and the training episodes of a
+and stage of one kind of rows (a student's held-out episodes are its teacher's, and BC's are theirs: maze2d BC
+and the planner cut the same segments, on the raw positions), and the training episodes of a
 smaller data_fraction are a subset of a larger one's.
 
 The held-out losses (none draws from torch's global random stream, so a run's training steps are the same whether

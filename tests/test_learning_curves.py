@@ -89,6 +89,11 @@ def test_maze_holds_out_whole_segments_for_the_planner_and_bc():
     for k, (s, e) in enumerate(maze_segments(data)):
         seg_of[s:e] = k
     assert len(bc_val) > 0 and not set(seg_of[bc_train]) & set(seg_of[bc_val])
+    # the planner cuts the same segments as BC (on the raw positions: the goal radius is in the maze's units), so
+    # its held-out windows lie in BC's held-out segments
+    lengths = [e - s for s, e in maze_segments(data)]
+    np.testing.assert_array_equal(prep.episode_lengths, lengths)
+    assert set(seg_of[starts[val_idx]]) <= set(seg_of[bc_val])
 
 
 def _held_and_models(cfg: TrainConfig, prep):

@@ -61,6 +61,7 @@ def prepare_windows(task: Task, data: dict, rtg: str = "paper", obs_history: int
         Normalizer,
         episode_ids,
         locomotion_windows,
+        maze_segments,
         maze_windows,
         rtg_settings,
     )
@@ -80,21 +81,11 @@ def prepare_windows(task: Task, data: dict, rtg: str = "paper", obs_history: int
                         fingerprint=fingerprint, **episode_ids(data))
     norm = norms or {"obs": Normalizer.fit(data["observations"])}
     observations = norm["obs"].normalize(np.asarray(data["observations"], np.float32)).astype(np.float32)
-    w = maze_windows({**data, "observations": observations}, horizon=task.horizon,
-                     goal_xy=_normalized_goal(norm["obs"], data))
+    # segments cut on the raw positions (the goal radius is in the maze's units), windows of normalized states
+    w = maze_windows({**data, "observations": observations}, horizon=task.horizon, segments=maze_segments(data))
     cond = np.concatenate([w["start"], w["goal"]], axis=1)
     return Prepared(task, w["states"], cond, norm, fingerprint=fingerprint, episode=w["segment"],
                     episode_lengths=w["segment_lengths"])
-
-
-def _normalized_goal(obs_norm, data):
-    """maze_windows segments at the evaluation goal; it compares positions, so normalize the goal's xy."""
-    goal = data.get("metadata/eval_goal")
-    if goal is None:
-        return None
-    full = np.zeros((1, obs_norm.dim), np.float32)
-    full[0, :2] = np.asarray(goal, np.float32)[:2]
-    return obs_norm.normalize(full)[0, :2]
 
 
 def to_torch(a, idx, device) -> torch.Tensor:

@@ -262,8 +262,13 @@ def maze_segments(data: dict, goal_xy=None, threshold: float = REWARD_RADIUS) ->
     return episode_bounds(done, np.zeros_like(done))
 
 
-def maze_windows(data: dict, horizon: int, goal_xy=None, threshold: float = REWARD_RADIUS, stride: int = 1) -> dict:
+def maze_windows(data: dict, horizon: int, goal_xy=None, threshold: float = REWARD_RADIUS, stride: int = 1,
+                 segments: list[tuple[int, int]] | None = None) -> dict:
     """Maze state windows (Diffuser's GoalDataset), no padding, never crossing a segment (see module doc).
+
+    segments: the segments [start, end) to cut in, default maze_segments(data, goal_xy, threshold). Windows of
+    normalized observations take the segments of the raw data (the goal radius is in the maze's units, as
+    Diffuser cuts its trajectories before it normalizes them): prepare_windows passes maze_segments(raw data).
 
     Returns: states (N, horizon, obs_dim) as a LazyWindows (index it with batch indices), start (N, obs_dim)
     and goal (N, obs_dim) float32 = first and last state of each window, starts (N,) int64 row of the first
@@ -271,7 +276,8 @@ def maze_windows(data: dict, horizon: int, goal_xy=None, threshold: float = REWA
     RactdError if no segment is at least `horizon` long.
     """
     obs = np.asarray(data["observations"], dtype=np.float32)
-    segments = maze_segments(data, goal_xy=goal_xy, threshold=threshold)
+    if segments is None:
+        segments = maze_segments(data, goal_xy=goal_xy, threshold=threshold)
     seg = np.asarray(segments, dtype=np.int64).reshape(-1, 2)
     counts = np.maximum(seg[:, 1] - seg[:, 0] - horizon + 1, 0)
     if counts.sum() == 0:
