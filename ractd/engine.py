@@ -28,18 +28,17 @@ computed once per action (`FoldedUnet.prepare`). What is left per network call i
                it was the slowest wherever bench/bench_engine.py ran). Not exact: a behavioural cost, measured on
                100-seed scores (ractd_repro.studies.bf16_scores; docs/engines.md)
 
-Choice (`EngineSelector`). The live batch B is rounded up to a power of two (its bucket); the first time a
-bucket is met, every candidate runs on random inputs of the batch that met it (after warm-up calls: TorchScript
-re-specializes on its first calls at a new shape), taking turns for at least two rounds (each keeps its best and
-its worst round), its output checked against eager's; a candidate more than 1.25x eager's time after the first
-round is out of the later rounds (at paper size a call takes seconds). The fastest candidate whose *slowest*
-round took at most `margin` x eager's *fastest* is chosen, otherwise eager: an engine is never chosen over eager
-unless it was measured faster by more than the rounds' own spread (a single round of a multi-second call once
-chose TorchScript as faster than eager, and it then ran slower). A record measured while the machine was busy (load
-average >= its CPUs) is measured again the first time the bucket is met on a quieter machine. The result is
-cached per (network shape, bucket, threads, precision, CPU, library versions) in
-<cache_dir>/engines/calibration.json (ractd.engine_records: written atomically; an unreadable file is ignored with
-a warning and rewritten), so a machine measures each shape once; the rounds are ractd.timing.seconds_per_call's.
+Choice (`EngineSelector`). The live batch B is rounded up to a power of two (its bucket); the first time a bucket is
+met, every candidate runs on random inputs of the batch that met it (after warm-up calls: TorchScript re-specializes on
+its first calls at a new shape), taking turns for at least two rounds (each keeps its best and its worst round), its
+output checked against eager's; a candidate more than 1.25x eager's time after the first round is out of the later
+rounds. The fastest candidate whose *slowest* round took at most `margin` x eager's *fastest* is chosen, otherwise
+eager: an engine is never chosen over eager unless it was measured faster by more than the rounds' own spread. A record
+measured while the machine was busy (load average >= its CPUs) is measured again the first time the bucket is met on a
+quieter machine. The result is cached per (network shape, bucket, threads, precision, CPU, library versions) in
+<cache_dir>/engines/calibration.json (ractd.engine_records: written atomically; an unreadable file is ignored with a
+warning and rewritten), so a machine measures each shape once (rounds: ractd.timing.seconds_per_call). Calibrations and
+builds run inside ractd.timing.setup: a rollout's time per action leaves them out.
 
 The library samplers (edm.sample_heun / sample_euler, ddpm.sample_ddpm / sample_ddim, ctm.sample_student) run
 unchanged: `FastDenoiser`, `FastEpsModel` and `FastStudent` are drop-in replacements for the models' `bind(cond)`
@@ -65,7 +64,7 @@ from ractd.engine_records import (
     read_calibration,
     write_calibration,
 )
-from ractd.timing import seconds_per_call
+from ractd.timing import seconds_per_call, setup
 
 log = logging.getLogger(__name__)
 
@@ -371,25 +370,29 @@ class EngineSelector:
     def build(self, name: str) -> Callable:
         """The engine `name`'s run(x, films) (built once)."""
         if name not in self._built:
-            f = self.folded
-            body = _Body(f.net, f.sizes).eval()
-            example = (torch.zeros(2, f.horizon, f.net.input_dim), torch.zeros(2, f.width))
-            base, bf16 = name.removesuffix("-bf16"), name.endswith("-bf16")
-            precision = "bf16" if bf16 else "fp32"
-            t0 = time.perf_counter()
-            if base == "eager":
-                self._built[name] = _eager(body, autocast=bf16)
-            elif base == "jit":
-                self._built[name] = _jit(body, example)
-            elif base == "gemm":
-                self._built[name] = _gemm(body, torch.bfloat16 if bf16 else torch.float32)
-            elif base in ("openvino", "openvino-2s"):
-                self._built[name] = _OpenVINO(body, example, self.threads, precision,
-                                              streams=2 if base == "openvino-2s" else 1)
-            else:
-                raise RactdError(f"unknown engine {name!r}; expected one of {', '.join(ENGINES)}")
-            log.info("engine %s built for %s in %.2f s", name, self.shape_key, time.perf_counter() - t0)
+            with setup():  # a first call's build is set-up, not the call's time (ractd.timing)
+                self._build(name)
         return self._built[name]
+
+    def _build(self, name: str) -> None:
+        f = self.folded
+        body = _Body(f.net, f.sizes).eval()
+        example = (torch.zeros(2, f.horizon, f.net.input_dim), torch.zeros(2, f.width))
+        base, bf16 = name.removesuffix("-bf16"), name.endswith("-bf16")
+        precision = "bf16" if bf16 else "fp32"
+        t0 = time.perf_counter()
+        if base == "eager":
+            self._built[name] = _eager(body, autocast=bf16)
+        elif base == "jit":
+            self._built[name] = _jit(body, example)
+        elif base == "gemm":
+            self._built[name] = _gemm(body, torch.bfloat16 if bf16 else torch.float32)
+        elif base in ("openvino", "openvino-2s"):
+            self._built[name] = _OpenVINO(body, example, self.threads, precision,
+                                          streams=2 if base == "openvino-2s" else 1)
+        else:
+            raise RactdError(f"unknown engine {name!r}; expected one of {', '.join(ENGINES)}")
+        log.info("engine %s built for %s in %.2f s", name, self.shape_key, time.perf_counter() - t0)
 
     def engine_for(self, batch: int) -> Callable:
         return self.build(self.choice(batch))
@@ -401,7 +404,8 @@ class EngineSelector:
             return f"{name}-bf16" if self.cfg.precision == "bf16" and name != "jit" else name
         b = bucket(batch)
         if b not in self._by_bucket:
-            record = self._cached(b) or self.calibrate(b, batch)
+            with setup():  # a new bucket's calibration is set-up, not the call's time (ractd.timing)
+                record = self._cached(b) or self.calibrate(b, batch)
             self._by_bucket[b], self.measured[b] = record["choice"], record
             # the candidates that lost are dropped: at paper size each holds a copy of the weights (OpenVINO's
             # compiled models, TorchScript's frozen graph, gemm's matrices; a bench process reached 23 GB)

@@ -31,7 +31,8 @@ so a rollout can run inside a Ray actor.
 
 Records: task, seed, return, normalized_score (task.normalized_score), length (env steps), time_per_action
 (seconds: wall time of the policy calls that produced this episode's actions -- each a batched call over
-the live seeds -- divided by its length; maze: the one plan plus the tracking), terminated, truncated,
+the live seeds -- divided by its length; maze: the one plan plus the tracking; an inference engine's one-off
+build and calibration inside a call left out, ractd.timing.setup), terminated, truncated,
 batch_size (seeds stepped together). `summarize` aggregates, `save_records` / `load_records` use Parquet.
 
 Maze2d protocol (D4RL maze2d-sparse, Diffuser's evaluation), all decisions here:
@@ -68,6 +69,7 @@ from ractd.maze import (
     pointmaze_to_d4rl,
 )
 from ractd.tasks import Task, get_task
+from ractd.timing import setup_seconds
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +98,12 @@ def make_env(task: Task | str, max_steps: int | None = None, **kwargs):
 
 def _generators(seeds) -> list[torch.Generator]:
     return [torch.Generator().manual_seed(int(s)) for s in seeds]
+
+
+def _policy_seconds(t0: float, setup0: float) -> float:
+    """Seconds since perf_counter() was t0, less the one-off set-up done since setup_seconds() was setup0 (an
+    inference engine's build or calibration at a new live batch: ractd.timing.setup)."""
+    return time.perf_counter() - t0 - (setup_seconds() - setup0)
 
 
 def _record(task: Task, seed, ret, length, policy_time, terminated, truncated, batch_size) -> dict:
@@ -153,9 +161,9 @@ def rollout_locomotion(task: Task | str, policy, seeds: list[int], max_steps: in
         bar = tqdm(total=steps, desc=task.name, unit="step", disable=not progress, leave=False)
 
         def act(mask):
-            t0 = time.perf_counter()
+            t0, s0 = time.perf_counter(), setup_seconds()
             actions = np.clip(policy.act(obs, gens, mask), envs.low, envs.high)
-            st.ptime[mask] += time.perf_counter() - t0
+            st.ptime[mask] += _policy_seconds(t0, s0)
             return actions
 
         def tick():
@@ -360,18 +368,18 @@ def rollout_maze(task: Task | str, planner, seeds: list[int], max_steps: int | N
     envs = [make_env(task, steps) for _ in range(n)]
     try:
         obs = np.stack([maze_reset(env, task, s, grid) for env, s in zip(envs, seeds)])
-        t0 = time.perf_counter()
+        t0, s0 = time.perf_counter(), setup_seconds()
         plan = planner.plan(obs, np.broadcast_to(goal, (n, 2)), _generators(seeds))
-        ptime = time.perf_counter() - t0
+        ptime = _policy_seconds(t0, s0)
         ret, length = np.zeros(n), np.zeros(n, dtype=np.int64)
         term, trunc = np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
         active = np.ones(n, dtype=bool)
         for t in tqdm(range(steps), desc=task.name, unit="step", disable=not progress, leave=False):
             if not active.any():
                 break
-            t0 = time.perf_counter()
+            t0, s0 = time.perf_counter(), setup_seconds()
             act_pm = d4rl_to_pointmaze(planner.track(plan, obs, t), shape, vector=True)
-            ptime += time.perf_counter() - t0
+            ptime += _policy_seconds(t0, s0)
             for i in np.flatnonzero(active):
                 o, _, te, tr, _ = envs[i].step(act_pm[i])
                 obs[i] = env_obs_to_d4rl(o["observation"], shape)

@@ -4,13 +4,43 @@ the speed benchmarks in bench/ use it).
 `seconds_per_call` is the timer: the functions take turns round by round, so load drifting over time hits every
 one alike, and each keeps its best and its worst round. `best_seconds_per_call` keeps the best rounds;
 `time_call` times one function.
+
+`setup` marks one-off set-up work done inside a call that is being timed (ractd.engine's builds and calibrations,
+which happen at the first call of a new batch size); `setup_seconds` counts it, so that a timed cell (ractd.rollout's
+time per action) leaves it out.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
 import time
 from typing import Callable
+
+_setup_depth = threading.local()
+_setup_total = [0.0]
+_setup_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def setup():
+    """Within: one-off set-up work whose seconds `setup_seconds` adds up (nested uses count once)."""
+    depth = getattr(_setup_depth, "n", 0)
+    _setup_depth.n = depth + 1
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        _setup_depth.n = depth
+        if depth == 0:
+            with _setup_lock:
+                _setup_total[0] += time.perf_counter() - t0
+
+
+def setup_seconds() -> float:
+    """Seconds this process has spent in `setup` so far (a timed call subtracts the difference across it)."""
+    return _setup_total[0]
 
 
 def seconds_per_call(fns: dict[str, Callable[[], object]], rounds: int, round_s: float,

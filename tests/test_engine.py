@@ -317,3 +317,20 @@ def test_the_engines_that_lost_the_calibration_are_released():
     chosen = folded.selector.choice(4)
     assert set(folded.selector._built) == {"eager", chosen}
     assert set(folded.selector.measured[4]["ms"]) >= {"eager", "jit", "gemm"}  # they did run
+
+
+def test_a_new_buckets_build_and_calibration_count_as_setup_and_a_known_bucket_costs_none(monkeypatch):
+    """ractd.timing.setup_seconds grows by the calibration of a new bucket (rollouts subtract it from the policy
+    time they record) and not at all for a bucket already chosen."""
+    from ractd import timing
+
+    calls = []
+    _slow_engine(monkeypatch, calls)  # jit sleeps 30 ms a call: the calibration takes at least its rounds
+    folded = FoldedUnet(_net(), H, EngineConfig(calibrate_s=0.01, rounds=2, cache=False))
+    s0 = timing.setup_seconds()
+    folded.selector.choice(5)
+    grown = timing.setup_seconds() - s0
+    assert grown >= 0.03 * len(calls) > 0
+    s1 = timing.setup_seconds()
+    folded.selector.engine_for(6)  # the same bucket (8), its engine built: nothing set up
+    assert timing.setup_seconds() == s1

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from ractd import ctm, rollout
+from ractd import ctm, rollout, timing
 from ractd.config import UNET_PRESETS
 from ractd.data.windows import Normalizer
 from ractd.maze import (
@@ -243,3 +243,45 @@ def test_save_records_is_atomic(tmp_path, monkeypatch):
         rollout.save_records(_records(), path)
     assert rollout.load_records(path) == _records()[:1]  # the old file is intact
     assert os.listdir(path.parent) == ["records.parquet"]
+
+
+class _SetupOnFirstCall:
+    """A policy whose every call costs 1 s of a fake clock, its first call also 100 s of one-off set-up inside
+    ractd.timing.setup (as an inference engine's build and calibration at a new live batch)."""
+
+    def __init__(self, clock):
+        self.clock, self.first = clock, True
+
+    def reset(self, n):
+        pass
+
+    def act(self, obs, generators, active_mask=None):
+        self.clock[0] += 1.0
+        if self.first:
+            self.first = False
+            with timing.setup():
+                self.clock[0] += 100.0
+        return np.zeros((len(obs), 3))
+
+
+class _SetupPlanner(_SetupOnFirstCall):
+    def plan(self, obs, goal, generators):
+        self.act(obs, generators)
+        return None
+
+    def track(self, plan, obs, t):
+        return np.zeros((len(obs), 2))
+
+
+def test_the_time_per_action_leaves_one_off_setup_out(monkeypatch):
+    """An engine's build and calibration happen inside the first policy call of a live batch: the recorded time
+    per action is the calls' time without them (a table's timed cell never holds a calibration)."""
+    import time
+
+    clock = [0.0]
+    monkeypatch.setattr(time, "perf_counter", lambda: clock[0])
+    recs = rollout.rollout_locomotion(HOPPER, _SetupOnFirstCall(clock), [0, 1], max_steps=5, progress=False)
+    assert [r["length"] for r in recs] == [5, 5]
+    assert [r["time_per_action"] for r in recs] == [1.0, 1.0]  # 5 calls of 1 s over 5 steps; not (5 + 100) / 5
+    recs = rollout.rollout_maze(UMAZE, _SetupPlanner(clock), [0], max_steps=4, progress=False)
+    assert recs[0]["time_per_action"] == 1.0 / 4  # the plan's 1 s over 4 steps; tracking costs no clock time
