@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ractd.tasks import get_task
 from ractd_repro.paper import _T1_TASKS, fmt_paper, paper_value
 from ractd_repro.store import ResultsStore, _group, cell_stats
 
@@ -143,8 +144,6 @@ def _numbers(prefix: str, d: dict) -> dict:
 
 
 def _kind(task: str) -> str:
-    from ractd.tasks import get_task
-
     return get_task(task).kind
 
 
@@ -172,10 +171,13 @@ def table1(rows: list[dict]) -> Table:
             v = paper_value("table1", p, task)
             line.append(fmt_paper(v))
             rec[f"paper_{p}"] = None if v is None else v[0]
+        bc, bc10 = get_task(task).d4rl_bc  # the level D4RL's own data supports (ractd.tasks)
+        line += [f"{bc:g}", f"{bc10:g}"]
+        rec.update({"d4rl_bc": bc, "d4rl_bc10": bc10})
         md.append(line)
         csv_rows.append(rec)
     headers = (["task"] + [f"{label} (measured)" for _, label in measured] + ["behavior policy (generator's record)"]
-               + [f"paper {p}" for p in paper_cols])
+               + [f"paper {p}" for p in paper_cols] + ["CORL BC on D4RL's data", "CORL 10% BC on D4RL's data"])
     return Table("table1", "Table 1: D4RL locomotion, normalized score", csv_rows, _md(md, headers))
 
 

@@ -39,6 +39,7 @@ def test_data_level_is_the_hand_computed_mean_of_complete_episodes(tmp_path):
     np.testing.assert_allclose(row["data_mean"], scores.mean(), rtol=1e-6)
     np.testing.assert_allclose(row["data_se"], scores.std(ddof=1) / math.sqrt(2), rtol=1e-6)
     assert row["data_n"] == 2
+    assert (row["d4rl_bc"], row["d4rl_bc10"]) == (29.8, 70.4)  # CORL on D4RL's hopper-medium-replay (REFERENCE.md)
 
 
 def test_maze_data_level_scores_windows_against_the_evaluation_goal():
