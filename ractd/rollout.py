@@ -83,7 +83,7 @@ def make_env(task: Task | str, max_steps: int | None = None, **kwargs):
     gym.make (locomotion).
 
     Maze tasks get a continuing PointMaze v3 whose goal never moves (see module doc)."""
-    import gymnasium as gym
+    from ractd.tasks import gym_make
 
     task = _task(task)
     steps = int(max_steps or task.max_episode_steps)
@@ -91,9 +91,9 @@ def make_env(task: Task | str, max_steps: int | None = None, **kwargs):
         from ractd.tasks import gymnasium_robotics
 
         gymnasium_robotics()
-        return gym.make(task.env_id, continuing_task=True, reset_target=False, max_episode_steps=steps,
+        return gym_make(task.env_id, continuing_task=True, reset_target=False, max_episode_steps=steps,
                         disable_env_checker=True)
-    return gym.make(task.env_id, max_episode_steps=steps, disable_env_checker=True, **kwargs)
+    return gym_make(task.env_id, max_episode_steps=steps, disable_env_checker=True, **kwargs)
 
 
 def _generators(seeds) -> list[torch.Generator]:

@@ -204,6 +204,31 @@ def get_task(name: str) -> Task:
         raise RactdError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)}") from None
 
 
+# MuJoCo compiler warnings about Gymnasium's own model files (HalfCheetah's XML sets the deprecated 'settotalmass'),
+# which this project cannot act on: printed for every env made (100 seeds: 100 lines) and appended to a
+# MUJOCO_LOG.TXT in the working directory. gym_make drops them; MuJoCo's other warnings go to stderr.
+MUJOCO_DROPPED = ("compiler attribute 'settotalmass' is deprecated",)
+
+
+def _mujoco_warning(message: str) -> None:
+    import sys
+
+    if not any(m in message for m in MUJOCO_DROPPED):
+        print(f"MuJoCo warning: {message}", file=sys.stderr)
+
+
+def gym_make(env_id: str, **kwargs):
+    """gymnasium.make(env_id, **kwargs) with MuJoCo's warnings routed through `_mujoco_warning` (this process's
+    handler, set at the first call): the deprecation notes about Gymnasium's model files dropped, the rest on
+    stderr, and no MUJOCO_LOG.TXT written into the working directory."""
+    import gymnasium as gym
+    import mujoco
+
+    if mujoco.get_mju_user_warning() is not _mujoco_warning:
+        mujoco.set_mju_user_warning(_mujoco_warning)
+    return gym.make(env_id, **kwargs)
+
+
 def gymnasium_robotics():
     """Import gymnasium_robotics, register its environments with gymnasium, and return the module.
 

@@ -285,3 +285,17 @@ def test_the_time_per_action_leaves_one_off_setup_out(monkeypatch):
     assert [r["time_per_action"] for r in recs] == [1.0, 1.0]  # 5 calls of 1 s over 5 steps; not (5 + 100) / 5
     recs = rollout.rollout_maze(UMAZE, _SetupPlanner(clock), [0], max_steps=4, progress=False)
     assert recs[0]["time_per_action"] == 1.0 / 4  # the plan's 1 s over 4 steps; tracking costs no clock time
+
+
+def test_gym_make_drops_mujocos_notes_on_gymnasiums_models_and_passes_other_warnings(tmp_path, monkeypatch, capfd):
+    """HalfCheetah's model sets MuJoCo's deprecated 'settotalmass': without the handler every env made printed it
+    and appended it to a MUJOCO_LOG.TXT in the working directory. Other MuJoCo warnings still reach stderr."""
+    from ractd import tasks
+
+    monkeypatch.chdir(tmp_path)
+    env = tasks.gym_make("HalfCheetah-v5")
+    env.close()
+    tasks._mujoco_warning("Nan, Inf or huge value in QACC at DOF 0")
+    err = capfd.readouterr().err
+    assert "settotalmass" not in err and "MuJoCo warning: Nan, Inf or huge value in QACC at DOF 0" in err
+    assert not (tmp_path / "MUJOCO_LOG.TXT").exists()

@@ -37,7 +37,6 @@ import logging
 import platform
 from pathlib import Path
 
-import gymnasium as gym
 import mujoco
 import numpy as np
 import torch
@@ -53,6 +52,7 @@ from ractd.data.locomotion_rollouts import (
     save_npz,
 )
 from ractd.io import atomic_torch_save, atomic_write, atomic_write_json
+from ractd.tasks import gym_make
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +117,7 @@ def rebuild_replay(env_id: str, inputs: dict[str, np.ndarray], desc: str | None 
     actions, logp = inputs["actions"], inputs["action_log_probs"]
     qpos0, qvel0 = inputs["reset_qpos"], inputs["reset_qvel"]
     n, n_episodes = len(actions), len(qpos0)
-    env = gym.make(env_id)
+    env = gym_make(env_id)
     u = env.unwrapped
     rows, i = Columns(), 0
     bar = tqdm(total=n, desc=desc, unit="step", mininterval=2.0, disable=desc is None)

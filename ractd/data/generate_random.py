@@ -15,13 +15,11 @@ def random_locomotion_dataset(task: str = "hopper-medium-replay", n_steps: int =
     """Step the task's env with U(-1, 1) actions for n_steps and write the transitions where the loaders look for
     `task` at `scale` (ractd.data.d4rl.local_dataset_path). Episodes end on termination, truncation, the last
     step, and, with probability cut_prob per non-terminal step, an extra timeout (more, shorter episodes)."""
-    import gymnasium as gym
-
     from ractd.data.d4rl import local_dataset_path, write_d4rl_hdf5
-    from ractd.tasks import get_task
+    from ractd.tasks import get_task, gym_make
 
     t = get_task(task)
-    env = gym.make(t.env_id)
+    env = gym_make(t.env_id)
     act_dim = env.action_space.shape[0]
     rng = np.random.default_rng(seed)
     cols = {k: [] for k in KEYS}

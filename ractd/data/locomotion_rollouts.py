@@ -11,13 +11,13 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
-import gymnasium as gym
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from ractd.data.locomotion_recipes import Recipe, require_sb3
 from ractd.io import atomic_npz
+from ractd.tasks import gym_make
 
 ROW_KEYS = ("observations", "actions", "rewards", "next_observations", "terminals", "timeouts", "infos/qpos",
             "infos/qvel", "infos/action_log_probs")
@@ -90,7 +90,7 @@ def load_actor(path: Path, env_id: str, recipe: Recipe):
     require_sb3()
     from stable_baselines3 import SAC
 
-    env = gym.make(env_id)
+    env = gym_make(env_id)
     with torch.random.fork_rng(devices=[]):
         model = SAC("MlpPolicy", env, buffer_size=1, policy_kwargs={"net_arch": list(recipe.net_arch)},
                     device="cpu", verbose=0)
@@ -121,7 +121,7 @@ def record_rollouts(actor, env_id: str, *, n_transitions: int | None = None, n_e
     ss = np.random.SeedSequence(list(seed))
     env_seeds = ss.generate_state(n_envs).tolist()
     torch_seed = int(ss.generate_state(1, dtype=np.uint64)[0] % (2**63))
-    envs = [gym.make(env_id) for _ in range(n_envs)]
+    envs = [gym_make(env_id) for _ in range(n_envs)]
     obs = np.stack([e.reset(seed=s)[0] for e, s in zip(envs, env_seeds)])
     low, high = envs[0].action_space.low, envs[0].action_space.high
     active = np.ones(n_envs, bool)

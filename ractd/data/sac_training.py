@@ -33,6 +33,7 @@ from ractd.data.locomotion_rollouts import (
     save_npz,
 )
 from ractd.io import atomic_torch_save, atomic_write, atomic_write_json
+from ractd.tasks import gym_make
 
 try:  # optional extra "locomotion" (ractd.data.locomotion_recipes.require_sb3 reports it missing)
     from stable_baselines3 import SAC
@@ -216,7 +217,7 @@ def public_evals(state: dict) -> dict:
 
 
 def _make_train_env(env_id: str):
-    return DummyVecEnv([lambda: Monitor(_StateInInfo(gym.make(env_id)))])
+    return DummyVecEnv([lambda: Monitor(_StateInInfo(gym_make(env_id)))])
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints
