@@ -246,7 +246,8 @@ def ctm_loss(student: Student, teacher: edm.Denoiser, x0: torch.Tensor, cond: to
 
 
 def ctm_loss_at(student: Student, teacher: edm.Denoiser, cond: torch.Tensor | None, cfg: DistillConfig,
-                t: torch.Tensor, u: torch.Tensor, s: torch.Tensor, x_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                t: torch.Tensor, u: torch.Tensor, s: torch.Tensor,
+                x_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Eq. (5)-(6) at given draws (ctm_draw's t, u, s, x_t): (per-sample loss, CTM prediction); see ctm_loss."""
     sig_min = torch.full_like(t, student.sigma_min)
     G_sg = stopgrad(student)

@@ -71,7 +71,7 @@ class Task:
     obs_history: int
     max_episode_steps: int
     dataset_size: int  # transitions in D4RL's release (the "full" generation scale)
-    d4rl_bc: tuple[float, float] | None = None
+    d4rl_bc: tuple[float, float]
     goal_cell: tuple[int, int] | None = None
 
     @property

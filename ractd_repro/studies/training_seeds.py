@@ -242,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="", help="default <cache>/bench/seeds/<task>-<scale>")
     ap.add_argument("--report", action="store_true", help="only print the table of the store in --out")
     args = ap.parse_args(argv)
+
     def body():
         get_task(args.task)
         return run(args)
