@@ -30,6 +30,7 @@ from ractd_ray.search import (
     finite_score,
     main,
     startup_trials,
+    trial_times,
 )
 from ractd_ray.train import ensure_ray
 
@@ -102,6 +103,19 @@ def test_non_finite_score_never_reaches_asha_and_tpe_starts_follow_the_budget():
     assert startup_trials(12, 1) == 3 and startup_trials(100, 2) == 10 and startup_trials(12, 5) == 5
 
 
+def test_a_retry_stopped_by_asha_takes_its_times_from_its_reports_not_the_failed_attempts_summary():
+    """A trial whose first attempt failed before training (its driver wrote a failure summary: train time 0) and
+    whose retry ASHA stopped (no summary of its own) has the retry's times; a finished trial its summary's; a trial
+    whose last attempt failed its failure summary's."""
+    failed = {"error": "worker group did not start", "train_time_s": 0.0, "fit_time_s": 31.0}
+    reported = {"train_time_s": 5.5, "fit_time_s": 9.0, "startup_train_s": 2.0, "step": 8, "done": True}
+    assert trial_times(failed, reported, failed=False) == reported
+    assert trial_times(failed, reported, failed=True)["train_time_s"] == 0.0
+    done = {"train_time_s": 6.0, "fit_time_s": 11.0}
+    assert trial_times(done, reported, failed=False) == {**reported, **done}
+    assert trial_times({}, reported, failed=False) == reported
+
+
 @pytest.fixture(scope="module")
 def local_ray():
     ensure_ray("local", num_cpus=2)
@@ -114,12 +128,15 @@ def _checkpoint_scores(trial_dir: Path) -> list[float]:
     return [json.loads(line)["select_score"] for line in lines]
 
 
-def _check_times(r: dict) -> None:
+def _check_times(r: dict, trial_dir: Path) -> None:
     """A trial's row records its training time (the library's train() in its worker), its fit() time and when
-    its start-up steps were done, whether it ran to its end or ASHA stopped it."""
-    assert 0 < r["train_time_s"] < r["fit_time_s"], r
+    its start-up steps were done, whether it ran to its end or ASHA stopped it. (On failure: the row, and the
+    trial driver's starts -- a line per attempt -- and summary.)"""
+    files = {f: (trial_dir / f).read_text() if (trial_dir / f).is_file() else None
+             for f in ("driver.log", "summary.json")}
+    assert 0 < r["train_time_s"] < r["fit_time_s"], (r, files)
     stamps = [r[f"startup_{k}_s"] for k in ("fit", "loop", "data", "inputs", "train", "first_step")]
-    assert stamps == sorted(stamps) and 0 <= stamps[0] and stamps[-1] < r["fit_time_s"] + stamps[0], r
+    assert stamps == sorted(stamps) and 0 <= stamps[0] and stamps[-1] < r["fit_time_s"] + stamps[0], (r, files)
 
 
 def _check_sweep(out: Path, task_name: str, n: int) -> dict:
@@ -129,7 +146,7 @@ def _check_sweep(out: Path, task_name: str, n: int) -> dict:
     task = get_task(task_name)
     for r in table:
         assert r["status"] in ("completed", "stopped")
-        _check_times(r)
+        _check_times(r, out / "trials" / r["trial_id"])
         assert r["alpha"] > 0 and r["beta"] > 0 and r["sigma"] in SIGMA_CHOICES
         assert task.kind == "locomotion" or r["sigma"] == 0.0
         assert math.isfinite(r["select_score"]) and math.isfinite(r["dsm"]) and math.isfinite(r["ctm"])
