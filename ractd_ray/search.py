@@ -53,6 +53,7 @@ from ractd_repro.records import (
     TrialRecord,
     checkpoint_metrics,
     trial_record,
+    trial_times,
     write_results,
 )
 from ractd_repro.sweep import (  # noqa: F401
@@ -488,16 +489,6 @@ def _trial_status(result, steps: int) -> str:
     return "stopped" if reported.get("done") else "unfinished"
 
 
-def trial_times(summary: dict, reported: dict, failed: bool) -> dict:
-    """Where a trial's times (train_time_s, fit_time_s, startup_<stamp>_s) come from: the summary.json its driver
-    wrote (a trial that ran to its end, or whose last attempt failed), else its last report (a trial ASHA stopped).
-    A failure summary of an earlier attempt is not the trial's when a retry (Tune's trial_failures) went on
-    without writing its own (ASHA stopped it): its zeros are the failed attempt's, the reports the retry's."""
-    if summary and (failed or "error" not in summary):
-        return {**reported, **summary}
-    return reported
-
-
 def _trial_record(result, steps: int, train_storage: str, stamps: tuple[str, ...]) -> TrialRecord:
     from ractd.train import DIAG_TERMS
     from ractd_repro.records import LOSS_TERMS
@@ -513,13 +504,7 @@ def _trial_record(result, steps: int, train_storage: str, stamps: tuple[str, ...
     summary_loc = trial_record(train_storage, trial_id, "summary.json")
     summary = json.loads(storage.read_text(summary_loc)) if storage.exists(summary_loc) else {}
     best_pt = trial_record(train_storage, trial_id, "student/best.pt")
-
-    times = trial_times(summary, reported, failed=result.error is not None)
-
-    def timed(k):
-        v = times.get(k)
-        return float(v) if v is not None else math.nan
-
+    timed = trial_times(summary, reported, failed=result.error is not None)
     return TrialRecord(
         trial_id=trial_id, **{k: float(result.config.get(k, math.nan)) for k in ("alpha", "beta", "sigma")},
         select_score=max(float(h[METRIC]) for h in scored) if scored else math.nan,

@@ -35,7 +35,7 @@ import json
 import logging
 import math
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 from ractd import RactdError, storage
 
@@ -192,6 +192,16 @@ def fetch_final_checkpoint(best_loc: str, local) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- the records
+
+def trial_times(summary: dict, reported: dict, failed: bool) -> Callable[[str], float]:
+    """A trial's time by name (train_time_s, fit_time_s, startup_<stamp>_s; NaN where not recorded), from the
+    summary.json its driver wrote (a trial that ran to its end, or whose last attempt failed), else from its last
+    report (a trial ASHA stopped). A failure summary of an earlier attempt is not the trial's when a retry (Tune's
+    trial_failures) went on without writing its own (ASHA stopped it): its zeros are the failed attempt's, the
+    reports the retry's."""
+    source = {**reported, **summary} if summary and (failed or "error" not in summary) else reported
+    return lambda name: _number(source.get(name))
+
 
 def _number(v) -> float:
     return float(v) if v is not None else math.nan

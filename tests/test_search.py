@@ -23,6 +23,7 @@ from test_pipeline import random_hopper_dataset
 from ractd import RactdError
 from ractd.data.d4rl import local_dataset_path, write_d4rl_hdf5
 from ractd.tasks import get_task
+from ractd_repro.records import trial_times
 from ractd_ray.search import (
     SCORE_FLOOR,
     SEARCH_METRIC,
@@ -30,7 +31,6 @@ from ractd_ray.search import (
     finite_score,
     main,
     startup_trials,
-    trial_times,
 )
 from ractd_ray.train import ensure_ray
 
@@ -109,11 +109,17 @@ def test_a_retry_stopped_by_asha_takes_its_times_from_its_reports_not_the_failed
     whose last attempt failed its failure summary's."""
     failed = {"error": "worker group did not start", "train_time_s": 0.0, "fit_time_s": 31.0}
     reported = {"train_time_s": 5.5, "fit_time_s": 9.0, "startup_train_s": 2.0, "step": 8, "done": True}
-    assert trial_times(failed, reported, failed=False) == reported
-    assert trial_times(failed, reported, failed=True)["train_time_s"] == 0.0
-    done = {"train_time_s": 6.0, "fit_time_s": 11.0}
-    assert trial_times(done, reported, failed=False) == {**reported, **done}
-    assert trial_times({}, reported, failed=False) == reported
+    names = ("train_time_s", "fit_time_s", "startup_train_s")
+
+    def times(summary, failed):
+        timed = trial_times(summary, reported, failed=failed)
+        return [timed(k) for k in names]
+
+    assert times(failed, failed=False) == [5.5, 9.0, 2.0]
+    assert times(failed, failed=True) == [0.0, 31.0, 2.0]
+    assert times({"train_time_s": 6.0, "fit_time_s": 11.0}, failed=False) == [6.0, 11.0, 2.0]
+    assert times({}, failed=False) == [5.5, 9.0, 2.0]
+    assert math.isnan(trial_times({}, {}, failed=False)("train_time_s"))  # not recorded: NaN, not 0
 
 
 @pytest.fixture(scope="module")
