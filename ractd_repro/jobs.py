@@ -102,6 +102,11 @@ def one_dataset(task: str, jobs: list[EvalJob], hashes: dict) -> None:
                          "cells must share one dataset: retrain or remove the stale checkpoints")
 
 
+# the stages a task's sweep (tune/search.py) trains: its shared teacher and reward model, and its students; a
+# study's DDPM and BC models are trained by `eval/reproduce_tables.py --train-missing` or their own commands
+SWEEP_STAGES = ("reward", "teacher", "student")
+
+
 def study_jobs(study: Study, max_steps: int = 0) -> tuple[list[EvalJob], list[Missing]]:
     """(jobs for every cell whose checkpoint exists, missing cells with the command that trains them). A task whose
     checkpoints come from different datasets is refused (`one_dataset`)."""
@@ -129,7 +134,7 @@ def study_jobs(study: Study, max_steps: int = 0) -> tuple[list[EvalJob], list[Mi
                 missing.append(Missing(task, mid, model.checkpoint,
                                        f"# {models[model.final_of].checkpoint} was kept without its final checkpoint; "
                                        "retrain it to evaluate the final one"))
-            elif task in dict(study.sweep_flags) and model.stage != "bc":
+            elif task in dict(study.sweep_flags) and model.stage in SWEEP_STAGES:
                 missing.append(Missing(task, mid, model.checkpoint,
                                        f"python tune/search.py --task {task} {dict(study.sweep_flags)[task]}"))
             elif model.final_of:

@@ -190,6 +190,18 @@ def test_study_commands_reproduce_the_planned_configs():
     assert not bad, bad
 
 
+def test_a_missing_ddpm_or_bc_cell_of_a_swept_task_names_its_own_command_not_the_sweep():
+    """The tables study sweeps maze2d-umaze, but its sweep trains the teacher and the students only: the DDPM
+    cells (Table 11) and BC say how to train their models; the teacher's cell names the sweep."""
+    s = spec.get_study("tables", tasks=["maze2d-umaze"])
+    _, missing = rjobs.study_jobs(s)
+    sweep = f"python tune/search.py --task maze2d-umaze {dict(s.sweep_flags)['maze2d-umaze']}"
+    assert by_method_cmd(missing, "maze2d-umaze", "teacher-heun-80") == sweep
+    for method in ("ddpm-100", "ddim-10", "ddim-1"):
+        assert by_method_cmd(missing, "maze2d-umaze", method).startswith("python -m ractd train-ddpm --task maze2d-umaze")
+    assert by_method_cmd(missing, "maze2d-umaze", "bc").startswith("python -m ractd train-bc --task maze2d-umaze")
+
+
 def test_study_plan_and_missing_cells_are_not_invented(tmp_path):
     s = spec.get_study("default")
     jobs, missing = rjobs.study_jobs(s)
