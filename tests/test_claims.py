@@ -1,6 +1,7 @@
 """docs/results.md: the verdict rules on numbers worked out by hand, a document built from a synthetic study whose
 tables and verdicts are checked against the store, and the committed document rebuilt from its committed snapshot."""
 
+import argparse
 import json
 import math
 from pathlib import Path
@@ -278,15 +279,32 @@ def test_training_seed_verdict_holds_only_when_ractd_beats_on_every_training_see
     assert got[("ctd", "final")]["per_seed"][0]["diff"] == pytest.approx(10.0)
     assert got[("ctd", "final")]["per_seed"][0]["se"] == pytest.approx(math.sqrt(2.0))
     assert got[("bc", "selected")]["verdict"] == "does not hold"
+    assert ("bc10", "selected") not in got  # no 10% BC row yet
+    rows += [_seed_row("bc10", s, 15.0, sem=0.5) for s in range(3)]  # 10% BC (CORL's): RACTD's bar on replay data
+    got = {(v["b"], v["checkpoint"]): v for v in training_seeds.seed_verdicts(rows)}
+    assert [p["outcome"] for p in got[("bc10", "selected")]["per_seed"]] == ["beats", "beats", "below"]
+    assert got[("bc10", "final")]["verdict"] == "holds"
     text = "\n".join(training_seeds.seed_report(rows + [{"method": "data", "train_seed": -1, "best_mean": 30.0,
                                                  "best_sem": 2.0, "n": 40, "behavior": 31.5}], "hopper-medium-replay"))
     assert "ractd: over 3 training seeds" in text and "17.3 (sd 4.6, 12.0 to 20.0)" in text
     assert "The data's own level: 30.0 ± 2.0 over the dataset's 40 complete episodes" in text
     assert "RACTD vs CTD, final checkpoints: **holds** on 3 training seed(s)" in text
+    assert "RACTD vs BC10, final checkpoints: **holds** on 3 training seed(s)" in text
+    assert "bc10: over 3 training seeds" in text
     assert "Multi-step" not in text  # no row was evaluated with more steps
-    rows[-1].update(nfe2_mean=15.0, nfe2_sem=0.5, nfe4_mean=float("nan"), nfe4_sem=float("nan"))
+    next(r for r in rows if (r["method"], r["train_seed"]) == ("ractd", 2)).update(
+        nfe2_mean=15.0, nfe2_sem=0.5, nfe4_mean=float("nan"), nfe4_sem=float("nan"))
     text = "\n".join(training_seeds.seed_report(rows, "hopper-medium-replay"))
     assert "ractd seed 2: 1 step 12.0 ± 1.0, 2 steps 15.0 ± 0.5." in text  # the NaN 4-step value is left out
+
+
+def test_training_seed_bc_methods_are_corls_bc_and_10_percent_bc():
+    """bc and bc10 train TrainConfig stage "bc" on all trajectories and on the best tenth by return."""
+    ns = argparse.Namespace(task="hopper-medium-replay", scale="tiny", bc_steps=0)
+    cfgs = {m: training_seeds.method_config(ns, m, 1, Path("/nowhere"), "", "") for m in ("bc", "bc10")}
+    assert {m: (c.stage, c.bc_top_fraction, c.seed) for m, c in cfgs.items()} == {"bc": ("bc", 1.0, 1),
+                                                                                 "bc10": ("bc", 0.1, 1)}
+    assert cfgs["bc10"].run_dir != cfgs["bc"].run_dir
 
 
 def test_teacher_rows_rule_against_the_behavior_policy_and_bc():

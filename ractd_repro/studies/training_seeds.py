@@ -4,8 +4,8 @@ The claims study (eval/reproduce_tables.py --study claims) trains one student pe
 the spread across evaluation episodes only. This script adds the other spread: one shared teacher and reward
 model (training seed 0, the study's budget), then for each training seed a CTD student (alpha = beta = 1,
 sigma = 0), a RACTD student (the task's Table 9 alpha, beta at the reward weight --sigma) and a BC MLP (CORL's
-recipe, TrainConfig stage "bc"), each evaluated on the same --eval-seeds evaluation seeds at its selected and its
-final checkpoint.
+recipe, TrainConfig stage "bc"; `--methods ... bc10`: also CORL's 10% BC, the bar a reward-aware method must clear on
+replay data), each evaluated on the same --eval-seeds evaluation seeds at its selected and its final checkpoint.
 
     python -m ractd_repro.studies.training_seeds --task hopper-medium-replay [--sigma 0.3] [--train-seeds 0 1 2]
     python -m ractd_repro.studies.training_seeds --methods ractd ractd_ctm --train-seeds 0 --nfe 2 4   # Table 5's
@@ -60,8 +60,10 @@ from ractd.tasks import get_task
 from ractd.train import TrainConfig, train
 from ractd_repro.claims import Z
 
-METHODS = ("ctd", "ractd", "bc", "ractd_ctm", "teacher")  # ractd_ctm: RACTD with reward_variant "ctm"; teacher: a
-# teacher per training seed (neither by default)
+METHODS = ("ctd", "ractd", "bc", "bc10", "ractd_ctm", "teacher")  # bc10: CORL's 10% BC (BC on the best tenth
+# of the trajectories by return); ractd_ctm: RACTD with reward_variant "ctm"; teacher: a teacher per training seed
+# (none of these three by default)
+BC_METHODS = {"bc": 1.0, "bc10": 0.1}  # method -> TrainConfig.bc_top_fraction
 
 
 def teacher_run_dir(args, seed: int, out: Path) -> Path:
@@ -88,8 +90,9 @@ def shared_models(args, out: Path) -> tuple[str, str]:
 
 def method_config(args, method: str, seed: int, out: Path, teacher: str, reward: str) -> TrainConfig:
     run_dir = str(out / f"{method}-seed{seed}")
-    if method == "bc":
+    if method in BC_METHODS:
         return TrainConfig.for_stage("bc", "cpu", task=args.task, scale=args.scale, seed=seed, run_dir=run_dir,
+                                     bc_top_fraction=BC_METHODS[method],
                                      **({"steps": args.bc_steps} if args.bc_steps else {})).resolved()
     base = TrainConfig.for_stage("student", "cpu", task=args.task, scale=args.scale, seed=seed, run_dir=run_dir,
                                  steps=args.steps, batch=args.batch, ckpt_every=args.ckpt_every,
@@ -106,7 +109,7 @@ def multi_step(args, rows: list[dict], out: Path, store: Path) -> None:
     each of --nfe steps (ctm.sample_student: jump to sigma_min, re-noise, jump again); stored as nfe<k>_mean/_sem
     (a stored value is not redone)."""
     for row in rows:
-        if row["method"] in ("bc", "data", "teacher") or row["method"] not in args.methods:
+        if row["method"] in (*BC_METHODS, "data", "teacher") or row["method"] not in args.methods:
             continue
         if int(row["train_seed"]) not in args.train_seeds:
             continue
@@ -202,9 +205,10 @@ def run(args) -> int:
                 cfg = method_config(args, method, seed, out, teacher, reward)
                 t0 = time.perf_counter()
                 res = train(cfg)
-                row = {"method": method, "train_seed": seed, "sigma": cfg.distill.sigma if method != "bc" else 0.0,
-                       "steps": int(res["step"]), "train_s": time.perf_counter() - t0}
-                sampler = "bc" if method == "bc" else "student"
+                sigma = 0.0 if method in BC_METHODS else cfg.distill.sigma
+                row = {"method": method, "train_seed": seed, "sigma": sigma, "steps": int(res["step"]),
+                       "train_s": time.perf_counter() - t0}
+                sampler = "bc" if method in BC_METHODS else "student"
                 for which, ckpt in (("best", res["best"]), ("final", res["checkpoint"])):
                     s = evaluate_checkpoint(EvalConfig(task=args.task, run_dir=cfg.run_dir, sampler=sampler, checkpoint=str(ckpt), seeds=args.eval_seeds, out=str(Path(cfg.run_dir) / f"eval-{which}.parquet")), progress=False)
                     row.update({f"{which}_mean": s["score_mean"], f"{which}_sem": s["score_sem"], "n": s["n"]})
@@ -282,7 +286,7 @@ def section(data: Path) -> list[str]:
     return parts
 
 
-SEED_METHODS = ("teacher", "ctd", "ractd", "bc", "ractd_ctm")
+SEED_METHODS = ("teacher", "ctd", "ractd", "bc", "bc10", "ractd_ctm")
 
 
 def seed_verdicts(rows: list[dict]) -> list[dict]:
@@ -292,7 +296,7 @@ def seed_verdicts(rows: list[dict]) -> list[dict]:
     The teacher (one checkpoint per training seed: its final EMA weights) against BC: final checkpoints only."""
     by = {(r["method"], int(r["train_seed"])): r for r in rows}
     out = []
-    for a, b in (("ractd", "ctd"), ("ractd", "bc"), ("teacher", "bc")):
+    for a, b in (("ractd", "ctd"), ("ractd", "bc"), ("ractd", "bc10"), ("teacher", "bc")):
         for which in ("final",) if a == "teacher" else ("best", "final"):
             seeds = sorted(s for (m, s) in by if m == a and (b, s) in by)
             if not seeds:
