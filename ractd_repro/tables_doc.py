@@ -11,8 +11,8 @@ Goals (issue 27), each decided from stored episodes only, at Z standard errors o
   * the teacher's Heun-80 at or above its data's level ("data" cell): not below it at Z SE;
   * the distilled student above its step-0 warm start (the teacher's one-step Euler);
   * RACTD above CTD on the medium-replay tasks;
-  * RACTD at or above 10% BC on hopper-medium-replay (on >= 3 training seeds in the issue; this study has one,
-    docs/results/seeds/ has more).
+  * RACTD at or above 10% BC on hopper-medium-replay: on the study's one training seed, and on >= 3 training seeds
+    from the training-seed study's rows committed beside the store (seed_goal).
 """
 
 from __future__ import annotations
@@ -29,6 +29,51 @@ from ractd_repro.tables import TABLES
 STUDY = "tables"
 # the cells a task's row needs to count as measured in Table 1 / Table 2
 ROW_CELLS = ("ractd", "ctd", "teacher-heun-80")
+# the training-seed goal: RACTD against 10% BC on this task, from ractd_repro.studies.training_seeds's rows
+# (`--methods ctd ractd bc bc10 --train-seeds 0 1 2`, its results.parquet copied to <snapshot>/seeds/<task>-small/)
+SEED_TASK, SEED_GOAL_SEEDS = "hopper-medium-replay", 3
+
+
+def seed_goal(rows: list[dict]) -> list[str]:
+    """[goal, task, verdict, evidence]: RACTD at or above 10% BC on each of >= SEED_GOAL_SEEDS training seeds, at
+    the selected checkpoints of the training-seed study's rows (method "ractd" / "bc10", train_seed, best_mean,
+    best_sem over evaluation episodes). A seed is "at or above" unless RACTD is below 10% BC by more than Z SE of
+    the difference; the goal holds when every one of at least SEED_GOAL_SEEDS seeds is, does not hold when one
+    is below, and is inconclusive on fewer seeds."""
+    goal = f"RACTD at or above 10% BC (>= {SEED_GOAL_SEEDS} training seeds)"
+    by = {(r["method"], int(r["train_seed"])): r for r in rows}
+    seeds = sorted(s for (m, s) in by if m == "ractd" and ("bc10", s) in by)
+    if not seeds:
+        return [goal, SEED_TASK, "not measured", ""]
+    per, below = [], 0
+    for seed in seeds:
+        a, b = by[("ractd", seed)], by[("bc10", seed)]
+        d, se = a["best_mean"] - b["best_mean"], (a["best_sem"] ** 2 + b["best_sem"] ** 2) ** 0.5
+        below += d < -Z * se
+        per.append(f"seed {seed}: {a['best_mean']:.1f} vs {b['best_mean']:.1f} ({d:+.1f} ± {se:.1f})")
+    verdict = ("does not hold" if below else "holds" if len(seeds) >= SEED_GOAL_SEEDS else
+               f"inconclusive ({len(seeds)} of {SEED_GOAL_SEEDS} seeds)")
+    return [goal, SEED_TASK, verdict, "; ".join(per)]
+
+
+def seed_rows(data: Path) -> list[dict]:
+    """The training-seed study's rows committed in the snapshot folder (none yet: [])."""
+    import pyarrow.parquet as pq
+
+    path = Path(data) / "seeds" / f"{SEED_TASK}-small" / "results.parquet"
+    return pq.read_table(path).to_pylist() if path.is_file() else []
+
+
+def seed_commands(sigma: float = 1.0) -> list[str]:
+    """The training-seed goal's run: the study's shared teacher and reward model (its sweep's, copied in so the
+    students distil the teacher the tables evaluate), three training seeds, the rows copied beside the store.
+    sigma: the sweep's pick (hopper-medium-replay's piece: 1)."""
+    out = f"~/.cache/ractd/bench/seeds/{SEED_TASK}-small-tables"
+    return [f"# copy the {SEED_TASK} sweep's shared teacher/ and reward/ run folders into {out}/shared/, then",
+            f"python -m ractd_repro.studies.training_seeds --task {SEED_TASK} --sigma {sigma:g} "
+            f"--methods ctd ractd bc bc10 --train-seeds 0 1 2 --out {out}",
+            f"mkdir -p docs/results/twelve/seeds/{SEED_TASK}-small && "
+            f"cp {out}/results.parquet docs/results/twelve/seeds/{SEED_TASK}-small/"]
 
 
 def piece_commands(task: str) -> list[str]:
@@ -79,8 +124,9 @@ def _verdict_of(a: dict | None, b: dict | None, at_or_above: bool = False) -> tu
     return v, f"{_fmt(a)} vs {_fmt(b)}: {d:+.1f} ± {se:.1f}"
 
 
-def goals(cells: dict) -> list[list[str]]:
-    """[goal, task, verdict, evidence] for the issue's per-task goals (module doc)."""
+def goals(cells: dict, seeds: list[dict] = ()) -> list[list[str]]:
+    """[goal, task, verdict, evidence] for the issue's per-task goals (module doc); `seeds`: the training-seed
+    study's rows (seed_rows)."""
     out = []
     for task in STUDIES[STUDY].tasks:
         c = {m: s for (t, m), s in cells.items() if t == task}
@@ -96,6 +142,8 @@ def goals(cells: dict) -> list[list[str]]:
         if task == "hopper-medium-replay":
             v, e = _verdict_of(c.get("ractd"), c.get("bc-10"), at_or_above=True)
             out.append(["RACTD at or above 10% BC (one training seed)", task, v, e])
+        if task == SEED_TASK:
+            out.append(seed_goal(list(seeds)))
     return out
 
 
@@ -128,7 +176,7 @@ def render(data: Path, write: bool = True) -> str:
     sweeps = _sweep_tables(data)
     cells = _cells(rows)
     cov, counts = coverage(cells)
-    goal_rows = goals(cells)
+    goal_rows = goals(cells, seed_rows(data))
     tables = [fn(rows) for name, fn in TABLES.items() if name in ("table1", "table2", "table3", "table11")]
     if write:
         for t in tables:
@@ -147,6 +195,9 @@ def render(data: Path, write: bool = True) -> str:
     if todo:
         lines += ["Each missing task is one piece (its sweep, then its cells, added to the committed store):", "",
                   "```bash", *[c for t in todo for c in piece_commands(t)], "```", ""]
+    if not any(g[0].endswith("training seeds)") and g[2] in ("holds", "does not hold") for g in goal_rows):
+        lines += ["The training-seed goal (RACTD at or above 10% BC on 3 training seeds) is its own run:", "",
+                  "```bash", *seed_commands(), "```", ""]
     lines += ["## Goals", "",
               f"Each at {Z:g} standard errors of the difference (SE over episodes); \"at or above\" holds unless the "
               "first is below the second at that level.", "",

@@ -44,6 +44,34 @@ def test_goals_on_hand_worked_cells(tmp_path):
     assert not any(k[1].startswith("maze2d") and "warm start" in k[0] for k in g)
 
 
+def _seed(method, seed, mean, sem=1.0):
+    return {"method": method, "train_seed": seed, "best_mean": mean, "best_sem": sem}
+
+
+def test_training_seed_goal_needs_three_seeds_none_below_10_percent_bc(tmp_path):
+    """RACTD against 10% BC per training seed (selected checkpoints, SE 1 each: the difference's SE is 1.41, so
+    "below" means more than 2.83 under): two seeds at or above -> inconclusive; a third within the noise -> holds;
+    one clearly below -> does not hold. The goal row reads the rows committed beside the store."""
+    goal = "RACTD at or above 10% BC (>= 3 training seeds)"
+    rows = [_seed("ractd", 0, 35.0), _seed("bc10", 0, 30.0), _seed("ractd", 1, 29.0), _seed("bc10", 1, 30.0),
+            _seed("ctd", 2, 50.0)]
+    assert tables_doc.seed_goal([]) == [goal, HMR, "not measured", ""]
+    assert tables_doc.seed_goal(rows)[2] == "inconclusive (2 of 3 seeds)"
+    three = rows + [_seed("ractd", 2, 28.0), _seed("bc10", 2, 30.0)]  # -2.0: within 2 SE
+    assert tables_doc.seed_goal(three)[2] == "holds"
+    assert "seed 2: 28.0 vs 30.0 (-2.0 ± 1.4)" in tables_doc.seed_goal(three)[3]
+    below = rows + [_seed("ractd", 2, 26.0), _seed("bc10", 2, 30.0)]  # -4.0: below by more than 2 SE
+    assert tables_doc.seed_goal(below)[2] == "does not hold"
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = tmp_path / "seeds" / f"{HMR}-small"
+    folder.mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(three), folder / "results.parquet")
+    g = {(row[0], row[1]): row for row in tables_doc.goals({}, tables_doc.seed_rows(tmp_path))}
+    assert g[(goal, HMR)][2] == "holds"
+
+
 def test_at_or_above_holds_within_the_noise_and_fails_only_below_it(tmp_path):
     store = ResultsStore(tmp_path / "store")
     _hopper(store, teacher=10.1, data=10.0)
