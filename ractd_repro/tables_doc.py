@@ -64,6 +64,20 @@ def seed_rows(data: Path) -> list[dict]:
     return pq.read_table(path).to_pylist() if path.is_file() else []
 
 
+def curve_sections(data: Path) -> list[str]:
+    """Markdown: per task with held-out learning curves committed in the snapshot (<data>/curves/<task>-small/
+    curves.parquet, ractd_repro.studies.learning_curves), its summary (where each curve stopped falling, the data
+    size by measurement)."""
+    import pyarrow.parquet as pq
+
+    from ractd_repro.studies.learning_curves import summary_lines
+
+    lines = []
+    for path in sorted(Path(data).glob("curves/*/curves.parquet")):
+        lines += [f"### {path.parent.name}", "", *summary_lines(pq.read_table(path).to_pylist()), ""]
+    return lines
+
+
 def seed_commands(sigma: float = 1.0) -> list[str]:
     """The training-seed goal's run: the study's shared teacher and reward model (its sweep's, copied in so the
     students distil the teacher the tables evaluate), three training seeds, the rows copied beside the store.
@@ -210,6 +224,13 @@ def render(data: Path, write: bool = True) -> str:
                   tabulate([[v["claim"], v["task"], f"**{v['verdict']}**", v["evidence"]] for v in verdicts],
                            headers=["claim", "task", "verdict", "evidence"], tablefmt="github",
                            disable_numparse=True), ""]
+    curves = curve_sections(data)
+    if curves:
+        lines += ["## Held-out learning curves", "",
+                  "Teachers trained on nested shares of a task's episodes with 10% of them held out whole "
+                  "(`python -m ractd_repro.studies.learning_curves`), their Eq. (4) loss on the held-out episodes at "
+                  "every checkpoint: whether the study's budget trains to the end of the curve, and how much data "
+                  "is enough.", "", *curves]
     lines += ["## Tables", ""]
     for t in tables:
         lines += [f"### {t.title}", "", t.markdown, ""]

@@ -72,6 +72,22 @@ def test_training_seed_goal_needs_three_seeds_none_below_10_percent_bc(tmp_path)
     assert g[(goal, HMR)][2] == "holds"
 
 
+def test_committed_learning_curves_get_their_section(tmp_path):
+    """A curves.parquet in the snapshot's curves/<task>-small/ is summarised in the document; none, no section."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    assert tables_doc.curve_sections(tmp_path) == []
+    rows = [{"stage": "teacher", "preset": "cpu", "batch": 256, "seed": 0, "holdout": 0.1, "fraction": f,
+             "n_train_transitions": int(1000 * f), "n_train_episodes": int(10 * f), "step": step,
+             "val_loss": 1.0 + 1.0 / step + (0.5 if f < 1 else 0.0)} for f in (0.5, 1.0) for step in (100, 200, 300)]
+    folder = tmp_path / "curves" / f"{HMR}-small"
+    folder.mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(rows), folder / "curves.parquet")
+    text = "\n".join(tables_doc.curve_sections(tmp_path))
+    assert f"### {HMR}-small" in text and "data size by measurement: fraction 1 (1000 transitions)" in text
+
+
 def test_at_or_above_holds_within_the_noise_and_fails_only_below_it(tmp_path):
     store = ResultsStore(tmp_path / "store")
     _hopper(store, teacher=10.1, data=10.0)
