@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ractd.tasks import get_task
 from ractd_repro.claims import Z, _cells, _diff, _fmt, better, claims
 from ractd_repro.document import _eval_compute, _sweep_section, _sweep_tables, _train_compute
 from ractd_repro.spec import LOCOMOTION_TASKS, MAZE_TASKS, STUDIES, TABLES_SWEEPS
@@ -78,10 +79,13 @@ def curve_sections(data: Path) -> list[str]:
     return lines
 
 
-def seed_commands(sigma: float = 1.0) -> list[str]:
+def seed_commands(sweep: dict) -> list[str]:
     """The training-seed goal's run: the study's shared teacher and reward model (its sweep's, copied in so the
-    students distil the teacher the tables evaluate), three training seeds, the rows copied beside the store.
-    sigma: the sweep's pick (hopper-medium-replay's piece: 1)."""
+    students distil the teacher the tables evaluate), three training seeds at the reward weight the sweep picked
+    (its best-scoring trial in `sweep`, a _sweep_tables entry; the task's Table 9 weight before the sweep), the
+    rows copied beside the store."""
+    trials = [t for t in sweep.get("trials") or [] if t.get("select_score") == t.get("select_score")]
+    sigma = max(trials, key=lambda t: t["select_score"])["sigma"] if trials else get_task(SEED_TASK).weights.sigma
     out = f"~/.cache/ractd/bench/seeds/{SEED_TASK}-small-tables"
     return [f"# copy the {SEED_TASK} sweep's shared teacher/ and reward/ run folders into {out}/shared/, then",
             f"python -m ractd_repro.studies.training_seeds --task {SEED_TASK} --sigma {sigma:g} "
@@ -211,7 +215,7 @@ def render(data: Path, write: bool = True) -> str:
                   "```bash", *[c for t in todo for c in piece_commands(t)], "```", ""]
     if not any(g[0].endswith("training seeds)") and g[2] in ("holds", "does not hold") for g in goal_rows):
         lines += ["The training-seed goal (RACTD at or above 10% BC on 3 training seeds) is its own run:", "",
-                  "```bash", *seed_commands(), "```", ""]
+                  "```bash", *seed_commands(sweeps.get(SEED_TASK, {})), "```", ""]
     lines += ["## Goals", "",
               f"Each at {Z:g} standard errors of the difference (SE over episodes); \"at or above\" holds unless the "
               "first is below the second at that level.", "",

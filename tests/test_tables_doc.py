@@ -70,6 +70,11 @@ def test_training_seed_goal_needs_three_seeds_none_below_10_percent_bc(tmp_path)
     pq.write_table(pa.Table.from_pylist(three), folder / "results.parquet")
     g = {(row[0], row[1]): row for row in tables_doc.goals({}, tables_doc.seed_rows(tmp_path))}
     assert g[(goal, HMR)][2] == "holds"
+    # the run that fills the goal: at the reward weight of the sweep's best trial, Table 9's before the sweep
+    sweep = {"trials": [{"sigma": 0.3, "select_score": 5.0}, {"sigma": 1.0, "select_score": 2.0},
+                        {"sigma": 2.0, "select_score": float("nan")}]}
+    assert "--sigma 0.3 --methods ctd ractd bc bc10" in "\n".join(tables_doc.seed_commands(sweep))
+    assert "--sigma 1 --methods" in "\n".join(tables_doc.seed_commands({}))
 
 
 def test_committed_learning_curves_get_their_section(tmp_path):
