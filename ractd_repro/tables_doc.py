@@ -33,28 +33,28 @@ ROW_CELLS = ("ractd", "ctd", "teacher-heun-80")
 # the training-seed goal: RACTD against 10% BC on this task, from ractd_repro.studies.training_seeds's rows
 # (`--methods ctd ractd bc bc10 --train-seeds 0 1 2`, its results.parquet copied to <snapshot>/seeds/<task>-small/)
 SEED_TASK, SEED_GOAL_SEEDS = "hopper-medium-replay", 3
+SEED_GOAL = f"RACTD at or above 10% BC (>= {SEED_GOAL_SEEDS} training seeds)"
 
 
 def seed_goal(rows: list[dict]) -> list[str]:
     """[goal, task, verdict, evidence]: RACTD at or above 10% BC on each of >= SEED_GOAL_SEEDS training seeds, at
-    the selected checkpoints of the training-seed study's rows (method "ractd" / "bc10", train_seed, best_mean,
-    best_sem over evaluation episodes). A seed is "at or above" unless RACTD is below 10% BC by more than Z SE of
-    the difference; the goal holds when every one of at least SEED_GOAL_SEEDS seeds is, does not hold when one
-    is below, and is inconclusive on fewer seeds."""
-    goal = f"RACTD at or above 10% BC (>= {SEED_GOAL_SEEDS} training seeds)"
-    by = {(r["method"], int(r["train_seed"])): r for r in rows}
-    seeds = sorted(s for (m, s) in by if m == "ractd" and ("bc10", s) in by)
-    if not seeds:
-        return [goal, SEED_TASK, "not measured", ""]
-    per, below = [], 0
-    for seed in seeds:
-        a, b = by[("ractd", seed)], by[("bc10", seed)]
-        d, se = a["best_mean"] - b["best_mean"], (a["best_sem"] ** 2 + b["best_sem"] ** 2) ** 0.5
-        below += d < -Z * se
-        per.append(f"seed {seed}: {a['best_mean']:.1f} vs {b['best_mean']:.1f} ({d:+.1f} ± {se:.1f})")
-    verdict = ("does not hold" if below else "holds" if len(seeds) >= SEED_GOAL_SEEDS else
-               f"inconclusive ({len(seeds)} of {SEED_GOAL_SEEDS} seeds)")
-    return [goal, SEED_TASK, verdict, "; ".join(per)]
+    the selected checkpoints of the training-seed study's rows (training_seeds.seed_verdicts' per-seed difference
+    of RACTD and bc10 and its SE over evaluation episodes). A seed is "at or above" unless RACTD is "below" there
+    (by more than Z SE); the goal holds when every one of at least SEED_GOAL_SEEDS seeds is, does not hold when
+    one is below, and is inconclusive on fewer seeds."""
+    from ractd_repro.studies.training_seeds import seed_verdicts
+
+    pair = next((v for v in seed_verdicts(rows) if (v["a"], v["b"], v["checkpoint"]) == ("ractd", "bc10", "selected")),
+                None)
+    if pair is None:
+        return [SEED_GOAL, SEED_TASK, "not measured", ""]
+    by = {(r["method"], int(r["train_seed"])): r["best_mean"] for r in rows}
+    per = [f"seed {p['seed']}: {by[('ractd', p['seed'])]:.1f} vs {by[('bc10', p['seed'])]:.1f} "
+           f"({p['diff']:+.1f} ± {p['se']:.1f})" for p in pair["per_seed"]]
+    n = len(pair["per_seed"])
+    verdict = ("does not hold" if any(p["outcome"] == "below" for p in pair["per_seed"]) else
+               "holds" if n >= SEED_GOAL_SEEDS else f"inconclusive ({n} of {SEED_GOAL_SEEDS} seeds)")
+    return [SEED_GOAL, SEED_TASK, verdict, "; ".join(per)]
 
 
 def seed_rows(data: Path) -> list[dict]:
@@ -213,7 +213,7 @@ def render(data: Path, write: bool = True) -> str:
     if todo:
         lines += ["Each missing task is one piece (its sweep, then its cells, added to the committed store):", "",
                   "```bash", *[c for t in todo for c in piece_commands(t)], "```", ""]
-    if not any(g[0].endswith("training seeds)") and g[2] in ("holds", "does not hold") for g in goal_rows):
+    if not any(g[0] == SEED_GOAL and g[2] in ("holds", "does not hold") for g in goal_rows):
         lines += ["The training-seed goal (RACTD at or above 10% BC on 3 training seeds) is its own run:", "",
                   "```bash", *seed_commands(sweeps.get(SEED_TASK, {})), "```", ""]
     lines += ["## Goals", "",

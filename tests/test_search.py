@@ -134,15 +134,21 @@ def _checkpoint_scores(trial_dir: Path) -> list[float]:
     return [json.loads(line)["select_score"] for line in lines]
 
 
-def _check_times(r: dict, trial_dir: Path) -> None:
+def _trial_files(out: Path, trial_id: str) -> dict[str, str]:
+    """A trial's records under the sweep's folder (its driver's starts -- a line per attempt --, the summaries
+    and failure timings in the run's storage), for a failure message."""
+    return {str(p.relative_to(out)): p.read_text() for p in sorted(out.rglob("*"))
+            if trial_id in p.parts and p.name in ("driver.log", "summary.json", "timing.json") and p.is_file()}
+
+
+def _check_times(r: dict, out: Path) -> None:
     """A trial's row records its training time (the library's train() in its worker), its fit() time and when
-    its start-up steps were done, whether it ran to its end or ASHA stopped it. (On failure: the row, and the
-    trial driver's starts -- a line per attempt -- and summary.)"""
-    files = {f: (trial_dir / f).read_text() if (trial_dir / f).is_file() else None
-             for f in ("driver.log", "summary.json")}
-    assert 0 < r["train_time_s"] < r["fit_time_s"], (r, files)
+    its start-up steps were done, whether it ran to its end or ASHA stopped it. (On failure: the row and the
+    trial's records, _trial_files.)"""
+    assert 0 < r["train_time_s"] < r["fit_time_s"], (r, _trial_files(out, r["trial_id"]))
     stamps = [r[f"startup_{k}_s"] for k in ("fit", "loop", "data", "inputs", "train", "first_step")]
-    assert stamps == sorted(stamps) and 0 <= stamps[0] and stamps[-1] < r["fit_time_s"] + stamps[0], (r, files)
+    assert stamps == sorted(stamps) and 0 <= stamps[0] and stamps[-1] < r["fit_time_s"] + stamps[0], \
+        (r, _trial_files(out, r["trial_id"]))
 
 
 def _check_sweep(out: Path, task_name: str, n: int) -> dict:
@@ -152,7 +158,7 @@ def _check_sweep(out: Path, task_name: str, n: int) -> dict:
     task = get_task(task_name)
     for r in table:
         assert r["status"] in ("completed", "stopped")
-        _check_times(r, out / "trials" / r["trial_id"])
+        _check_times(r, out)
         assert r["alpha"] > 0 and r["beta"] > 0 and r["sigma"] in SIGMA_CHOICES
         assert task.kind == "locomotion" or r["sigma"] == 0.0
         assert math.isfinite(r["select_score"]) and math.isfinite(r["dsm"]) and math.isfinite(r["ctm"])

@@ -45,7 +45,8 @@ def test_goals_on_hand_worked_cells(tmp_path):
 
 
 def _seed(method, seed, mean, sem=1.0):
-    return {"method": method, "train_seed": seed, "best_mean": mean, "best_sem": sem}
+    return {"method": method, "train_seed": seed, "best_mean": mean, "best_sem": sem, "final_mean": mean,
+            "final_sem": sem}
 
 
 def test_training_seed_goal_needs_three_seeds_none_below_10_percent_bc(tmp_path):
