@@ -203,7 +203,9 @@ def run(args) -> dict:
                            on_block=lambda pool, rows: stored.push())
     print(f"episodes run: {summary['episodes_run']} (already stored episodes are not rerun"
           + (f"; actors lost: {summary.get('actor_failures', 0)}, blocks dispatched again: "
-             f"{summary.get('redispatched_blocks', 0)}" if not args.no_ray else "") + ")")
+             f"{summary.get('redispatched_blocks', 0)}" if not args.no_ray else "") + ")"
+          + (f"; {summary['episodes_copied']} stored as copies of a cell with the same policy and seeds"
+             if summary.get("episodes_copied") else ""))
     reward_rows(study, store)
     baseline_rows(study, store)  # the data's own level (and the behavior policy's record), no rollouts
     stored.push()

@@ -40,7 +40,7 @@ import ray
 from ray.util import ActorPool
 
 from ractd import RactdError
-from ractd_repro.jobs import EvalJob, blocks, load_policy, policy_key, run_block
+from ractd_repro.jobs import EvalJob, blocks, copy_twins, load_policy, policy_key, run_block
 from ractd_repro.store import ResultsStore
 
 log = logging.getLogger(__name__)
@@ -215,7 +215,8 @@ class RolloutPool:
                  on_block: Callable[["RolloutPool", list[dict]], None] | None = None) -> dict:
         """Every (job, seed) not yet in the store, rolled out by the actors and written block by block.
 
-        Returns {"episodes_run", "blocks", "actor_failures", "redispatched_blocks", "actors"}.
+        Then the twins' episodes, copied from their primaries' (ractd_repro.jobs.copy_twins). Returns
+        {"episodes_run", "blocks", "actor_failures", "redispatched_blocks", "actors", "episodes_copied"}.
         on_block(pool, rows) is called after each block is stored (tests use it to kill an actor mid-run)."""
         from tqdm import tqdm
 
@@ -225,7 +226,7 @@ class RolloutPool:
         total = sum(len(b) for _, b in todo)
         summary = {"episodes_run": 0, "blocks": 0, "actor_failures": 0, "redispatched_blocks": 0, "actors": 0}
         if not todo:
-            return summary
+            return {**summary, "episodes_copied": copy_twins(jobs, seeds, store)}
         n = min(self.n_actors, len(todo))
         while len(self.actors) < n:  # actors left from an earlier call are reused (they hold the CPUs)
             self._new_actor()
@@ -276,7 +277,7 @@ class RolloutPool:
                 log.warning("re-dispatching %d blocks lost with dead actors", len(todo))
         bar.close()
         self._keep_live(0)  # drop the actors that died in the last round (the live ones are idle again)
-        return summary
+        return {**summary, "episodes_copied": copy_twins(jobs, seeds, store)}
 
     def _keep_live(self, want: int) -> None:
         """Ping every actor (bounded by cfg.ping_timeout_s); kill the ones that are dead or do not answer (a lost

@@ -151,10 +151,58 @@ def study_jobs(study: Study, max_steps: int = 0) -> tuple[list[EvalJob], list[Mi
     return jobs, missing
 
 
-def blocks(jobs: list[EvalJob], seeds: list[int], done: set[tuple], block_size: int) -> list[tuple[EvalJob, list[int]]]:
-    """Split each job's not-yet-stored seeds into blocks of at most block_size seeds."""
-    out = []
+def rollout_key(job: EvalJob) -> tuple:
+    """What decides a job's episodes: its task, episode length, seeds' cap and policy (policy_key). Two jobs with
+    one key roll out the same episodes seed for seed (the rollouts are seeded and the store's precision is
+    fp32), e.g. the study's RACTD and CTD when the sweep picked its alpha = beta = 1, sigma = 0 trial."""
+    return (job.task, job.max_steps or get_task(job.task).max_episode_steps, job.seed_cap, *policy_key(job))
+
+
+def twins(jobs: list[EvalJob]) -> dict[EvalJob, EvalJob]:
+    """{twin: primary}: each job whose rollout_key an earlier job of `jobs` has, mapped to that earlier job. A twin
+    is never rolled out (`blocks` leaves it out); `copy_twins` stores the primary's episodes under its method."""
+    first: dict[tuple, EvalJob] = {}
+    out = {}
     for job in jobs:
+        primary = first.setdefault(rollout_key(job), job)
+        if primary is not job:
+            out[job] = primary
+    return out
+
+
+def copy_twins(jobs: list[EvalJob], seeds: list[int], store: ResultsStore) -> int:
+    """Store each twin's missing episodes as copies of its primary's stored rows (the same rollouts; the
+    primary's timings, since it is the same computation), with the twin's method, sigma, preset, training steps
+    and checkpoint path. Returns the number of rows written."""
+    pairs = twins(jobs)
+    if not pairs:
+        return 0
+    done = store.done_keys()
+    stored = {(r["task"], r["method"], r["checkpoint"], r["seed"]): r for r in store.episodes()}
+    rows = []
+    for twin, primary in pairs.items():
+        mine = twin.seeds(seeds)
+        for seed, key in zip(mine, twin.keys(mine)):
+            src = stored.get((primary.task, primary.key_method, primary.checkpoint, int(seed)))
+            if key in done or src is None:
+                continue
+            rows.append({**src, "method": twin.key_method, "sigma": twin.sigma, "preset": twin.preset,
+                         "train_steps": twin.train_steps, "checkpoint_path": twin.checkpoint_path})
+    if rows:
+        store.write_episodes(rows)
+        log.info("stored %d episodes of %d cells as copies of their twins' (same policy and seeds)", len(rows),
+                 len({r["method"] for r in rows}))
+    return len(rows)
+
+
+def blocks(jobs: list[EvalJob], seeds: list[int], done: set[tuple], block_size: int) -> list[tuple[EvalJob, list[int]]]:
+    """Split each job's not-yet-stored seeds into blocks of at most block_size seeds; twins (see `twins`) are
+    left out: their episodes are their primary's, copied by `copy_twins`."""
+    out = []
+    skip = twins(jobs)
+    for job in jobs:
+        if job in skip:
+            continue
         mine = job.seeds(seeds)
         todo = [s for s, k in zip(mine, job.keys(mine)) if k not in done]
         for i in range(0, len(todo), max(1, block_size)):
@@ -212,8 +260,9 @@ def run_block(job: EvalJob, seeds: list[int], policy=None, device: str = "cpu", 
 
 def evaluate_serial(jobs: list[EvalJob], seeds: list[int], store: ResultsStore, block_size: int = 100,
                     progress: bool = True) -> dict:
-    """Run every missing (job, seed) in this process, one block per call, each block stored as it completes.
-    Returns {"episodes_run", "blocks"}. The Ray counterpart is ractd_ray.pool.evaluate."""
+    """Run every missing (job, seed) in this process, one block per call, each block stored as it completes; then
+    the twins' copies (copy_twins). Returns {"episodes_run", "blocks", "episodes_copied"}. The Ray counterpart is
+    ractd_ray.pool.evaluate."""
     todo = blocks(jobs, seeds, store.done_keys(), block_size)
     policies: dict = {}
     n = 0
@@ -223,7 +272,7 @@ def evaluate_serial(jobs: list[EvalJob], seeds: list[int], store: ResultsStore, 
             policies[key] = load_policy(job)
         store.write_episodes(run_block(job, block, policies[key], progress=progress))
         n += len(block)
-    return {"episodes_run": n, "blocks": len(todo)}
+    return {"episodes_run": n, "blocks": len(todo), "episodes_copied": copy_twins(jobs, seeds, store)}
 
 
 def summary_lines(jobs: list[EvalJob], missing: list[Missing]) -> list[str]:

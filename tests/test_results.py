@@ -272,7 +272,12 @@ def test_study_reuses_the_sweeps_student_and_teacher_and_trains_what_is_missing(
     jobs, missing = rjobs.study_jobs(s, max_steps=20)
     assert missing == [] and len(jobs) == 7
     store = ResultsStore(tmp_path / "store")
-    assert rjobs.evaluate_serial(jobs, [0, 1, 2], store, block_size=2, progress=False)["episodes_run"] == 21
+    # two steps at a checkpoint every two: each student's best.pt is its final checkpoint, byte for byte (one
+    # hash): those cells are rolled out once and stored twice
+    assert {(a.method, b.method) for a, b in rjobs.twins(jobs).items()} == {("ractd-final", "ractd"),
+                                                                          ("ctd-final", "ctd")}
+    first = rjobs.evaluate_serial(jobs, [0, 1, 2], store, block_size=2, progress=False)
+    assert (first["episodes_run"], first["episodes_copied"]) == (15, 6)
     assert rjobs.evaluate_serial(jobs, [0, 1, 2], store, block_size=2, progress=False)["episodes_run"] == 0
     rows = store.episodes()
     assert len(rows) == 21 and {r["method"] for r in rows} == {"ctd@20", "ractd@20", "teacher-heun-80@20", "bc@20",
@@ -382,6 +387,41 @@ def test_jobs_that_differ_only_in_their_tracker_never_share_a_policy(monkeypatch
     monkeypatch.setattr(rjobs, "run_block", lambda job, seeds, policy, **k: used.append((job.method, policy)) or [])
     rjobs.evaluate_serial(jobs, [0, 1], ResultsStore(tmp_path / "s"), block_size=2, progress=False)
     assert used == [("ractd", "planner-pd"), ("ractd-invdyn", "planner-inverse_dynamics")]
+
+
+def test_a_cell_with_another_cells_policy_and_seeds_is_rolled_out_once_and_stored_as_its_own(tmp_path):
+    """Two cells of one checkpoint, sampler and NFE (the study's RACTD when the sweep picked its CTD trial) are
+    one rollout: evaluate_serial runs the first and stores the second's episodes as copies under the second's
+    method, equal to what rolling the second out itself gives; a cell that differs in its NFE is rolled out."""
+    from ractd.data.generate_maze import generate_maze
+    from ractd.train import RunContext, TrainConfig, train
+
+    generate_maze("maze2d-umaze", scale="tiny", seed=0, progress=False)
+    tiny = dict(scale="tiny", preset="tiny", steps=2, batch=8, ckpt_every=2, report_every=2)
+    teacher = train(TrainConfig(task="maze2d-umaze", stage="teacher", run_dir=str(tmp_path), **tiny),
+                    RunContext(progress=False))["best"]
+    student = train(TrainConfig(task="maze2d-umaze", stage="student", run_dir=str(tmp_path), teacher_ckpt=str(teacher),
+                                **tiny), RunContext(progress=False))["best"]
+    job = dict(task="maze2d-umaze", sampler="student", checkpoint_path=str(student),
+               checkpoint=rjobs.checkpoint_hash(student), scale="tiny", max_steps=20)
+    ctd = rjobs.EvalJob(method="ctd", nfe=1, sigma=0.0, **job)
+    ractd = rjobs.EvalJob(method="ractd", nfe=1, sigma=0.5, train_steps=2, **job)
+    two = rjobs.EvalJob(method="ractd-nfe2", nfe=2, **job)
+    jobs = [ctd, ractd, two]
+    assert rjobs.twins(jobs) == {ractd: ctd}
+    store = ResultsStore(tmp_path / "store")
+    summary = rjobs.evaluate_serial(jobs, [0, 1, 2], store, block_size=2, progress=False)
+    assert summary["episodes_run"] == 6 and summary["episodes_copied"] == 3
+    rows = {(r["method"], r["seed"]): r for r in store.episodes()}
+    assert len(rows) == 9
+    own = {r["seed"]: r for r in rjobs.run_block(ractd, [0, 1, 2])}  # the twin rolled out itself
+    for seed in (0, 1, 2):
+        r = rows[("ractd@20", seed)]
+        assert (r["sigma"], r["train_steps"]) == (0.5, 2) and rows[("ctd@20", seed)]["sigma"] == 0.0
+        np.testing.assert_allclose(r["return"], own[seed]["return"], rtol=1e-5)
+        assert r["length"] == own[seed]["length"]
+    again = rjobs.evaluate_serial(jobs, [0, 1, 2], store, block_size=2, progress=False)
+    assert again["episodes_run"] == 0 and again["episodes_copied"] == 0
 
 
 def by_method_cmd(missing, task, method):
