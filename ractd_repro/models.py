@@ -31,6 +31,22 @@ from ractd_repro.spec import Study, expand_methods, study_root, task_sigmas
 log = logging.getLogger(__name__)
 
 
+def run_finished(stage_dir: Path) -> bool:
+    """Whether the training run in `stage_dir` (ractd.train's layout: config.json, metrics.jsonl with a line per
+    checkpoint, the last at the final step) reached the steps its config.json names. A folder without those files
+    (a checkpoint put there by other means) counts as finished."""
+    config, metrics = stage_dir / "config.json", stage_dir / "metrics.jsonl"
+    if not (config.is_file() and metrics.is_file()):
+        return True
+    steps = json.loads(config.read_text()).get("steps")
+    lines = [line for line in metrics.read_text().split("\n") if line.strip()]
+    try:
+        last = int(json.loads(lines[-1]).get("step", 0)) if lines else 0
+    except ValueError:  # a line cut off mid-write: the run stopped there
+        return False
+    return steps is None or last >= int(steps)
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelPlan:
     """One checkpoint a study needs: where it is (or will be) and how to train it.
@@ -56,7 +72,15 @@ class ModelPlan:
 
     @property
     def exists(self) -> bool:
-        return self.checkpoint.is_file()
+        """The checkpoint is there and, for a model this study trains, its run reached its steps (`run_finished`:
+        a run cut short leaves a best.pt too, which must be resumed, not evaluated). A sweep's checkpoints are
+        taken as the sweep left them (ASHA ends trials early by design)."""
+        if not self.checkpoint.is_file():
+            return False
+        if self.source != "study":
+            return True
+        folder = self.checkpoint.parent
+        return run_finished(folder.parent if folder.name == "latest" else folder)
 
     @property
     def sigma(self) -> float:

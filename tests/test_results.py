@@ -2,6 +2,7 @@
 computed by hand, the paper's numbers in their own columns, the study's commands, and the figures."""
 
 import csv
+import dataclasses
 import math
 import shlex
 
@@ -422,6 +423,32 @@ def test_a_cell_with_another_cells_policy_and_seeds_is_rolled_out_once_and_store
         assert r["length"] == own[seed]["length"]
     again = rjobs.evaluate_serial(jobs, [0, 1, 2], store, block_size=2, progress=False)
     assert again["episodes_run"] == 0 and again["episodes_copied"] == 0
+
+
+def test_a_study_model_whose_run_was_cut_short_is_missing_not_evaluated(tmp_path):
+    """A run killed mid-way (a session's end) leaves best.pt behind: the study must resume it, not evaluate it as
+    the finished model; a sweep's checkpoint counts as the sweep left it."""
+    import json
+
+    stage = tmp_path / "ddpm" / "ddpm"
+    stage.mkdir(parents=True)
+    (stage / "best.pt").write_bytes(b"x")
+    (stage / "latest").mkdir()
+    (stage / "latest" / "checkpoint.pt").write_bytes(b"x")
+    plan = rmodels.ModelPlan("maze2d-umaze", "ddpm", "ddpm", stage / "best.pt", cfg=object())
+    final = rmodels.ModelPlan("maze2d-umaze", "ctd-final", "student", stage / "latest" / "checkpoint.pt", None,
+                              final_of="ctd")
+    swept = dataclasses.replace(plan, source="sweep")
+    assert plan.exists and final.exists  # no records beside it: a checkpoint put there by other means
+    (stage / "config.json").write_text(json.dumps({"steps": 3000}))
+    (stage / "metrics.jsonl").write_text("".join(json.dumps({"step": k}) + "\n" for k in (500, 1000)))
+    assert not plan.exists and not final.exists and swept.exists
+    (stage / "metrics.jsonl").write_text((stage / "metrics.jsonl").read_text() + '{"step": 15')  # cut mid-line
+    assert not plan.exists
+    (stage / "metrics.jsonl").write_text("".join(json.dumps({"step": k}) + "\n" for k in (500, 3000)))
+    assert plan.exists and final.exists
+    (stage / "best.pt").unlink()
+    assert not plan.exists
 
 
 def by_method_cmd(missing, task, method):
