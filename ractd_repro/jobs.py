@@ -173,10 +173,15 @@ def twins(jobs: list[EvalJob]) -> dict[EvalJob, EvalJob]:
 def copy_twins(jobs: list[EvalJob], seeds: list[int], store: ResultsStore) -> int:
     """Store each twin's missing episodes as copies of its primary's stored rows (the same rollouts; the
     primary's timings, since it is the same computation), with the twin's method, sigma, preset, training steps
-    and checkpoint path. Returns the number of rows written."""
+    and checkpoint path, created now. Returns the number of rows written."""
+    import datetime
+
     pairs = twins(jobs)
     if not pairs:
         return 0
+    # "created" is now: a store cell keeps its newest checkpoint's episodes (store._group), and a primary stored
+    # long ago must not make the twin's copies older than episodes of the twin's earlier checkpoint
+    now = datetime.datetime.now(datetime.timezone.utc).isoformat()
     done = store.done_keys()
     stored = {(r["task"], r["method"], r["checkpoint"], r["seed"]): r for r in store.episodes()}
     rows = []
@@ -187,7 +192,7 @@ def copy_twins(jobs: list[EvalJob], seeds: list[int], store: ResultsStore) -> in
             if key in done or src is None:
                 continue
             rows.append({**src, "method": twin.key_method, "sigma": twin.sigma, "preset": twin.preset,
-                         "train_steps": twin.train_steps, "checkpoint_path": twin.checkpoint_path})
+                         "train_steps": twin.train_steps, "checkpoint_path": twin.checkpoint_path, "created": now})
     if rows:
         store.write_episodes(rows)
         log.info("stored %d episodes of %d cells as copies of their twins' (same policy and seeds)", len(rows),

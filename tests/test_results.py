@@ -423,6 +423,18 @@ def test_a_cell_with_another_cells_policy_and_seeds_is_rolled_out_once_and_store
         assert r["length"] == own[seed]["length"]
     again = rjobs.evaluate_serial(jobs, [0, 1, 2], store, block_size=2, progress=False)
     assert again["episodes_run"] == 0 and again["episodes_copied"] == 0
+    # the copies are the twin's newest episodes even when its primary was stored long ago, before episodes of an
+    # older checkpoint of the twin's method: the cell shows the copies (store._group keeps the newest checkpoint)
+    from ractd_repro.store import _group
+
+    older = ResultsStore(tmp_path / "older")
+    ctd_rows = [r for r in store.episodes() if r["method"] == "ctd@20"]
+    older.write_episodes([{**r, "created": "2000-01-01T00:00:00+00:00"} for r in ctd_rows])
+    older.write_episodes([{**r, "method": "ractd@20", "checkpoint": "old", "created": "2001-01-01T00:00:00+00:00"}
+                          for r in ctd_rows])
+    assert rjobs.copy_twins(jobs[:2], [0, 1, 2], older) == 3
+    cell = _group(older.episodes())[("maze2d-umaze", "ractd@20")]
+    assert {r["checkpoint"] for r in cell} == {ctd.checkpoint} and len(cell) == 3
 
 
 def test_a_study_model_whose_run_was_cut_short_is_missing_not_evaluated(tmp_path):
