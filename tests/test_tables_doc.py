@@ -63,6 +63,12 @@ def test_training_seed_goal_needs_three_seeds_none_below_10_percent_bc(tmp_path)
     assert "seed 2: 28.0 vs 30.0 (-2.0 ± 1.4)" in tables_doc.seed_goal(three)[3]
     below = rows + [_seed("ractd", 2, 26.0), _seed("bc10", 2, 30.0)]  # -4.0: below by more than 2 SE
     assert tables_doc.seed_goal(below)[2] == "does not hold"
+    # against CTD a seed counts only where RACTD is above by more than 2 SE: a tie fails the goal
+    ctd = [_seed("ractd", s, 35.0) for s in range(3)] + [_seed("ctd", s, 30.0) for s in range(3)]
+    assert tables_doc.seed_goal(ctd, against="ctd")[:3] == ["RACTD above CTD (>= 3 training seeds)", HMR, "holds"]
+    ctd[-1] = _seed("ctd", 2, 33.0)  # +2.0: a tie on seed 2
+    assert tables_doc.seed_goal(ctd, against="ctd")[2] == "does not hold"
+    assert tables_doc.seed_goal(ctd[:2] + ctd[3:5], against="ctd")[2] == "inconclusive (2 of 3 seeds)"
     import pyarrow as pa
     import pyarrow.parquet as pq
 
