@@ -84,8 +84,8 @@ def run_one(steps: int, seed: int, eval_seeds: int, scale: str = "small", thread
         x = np.asarray([r["normalized_score"] for r in read_rows(out)], float)
         rows.append({"task": TASK, "scale": scale, "teacher_steps": steps, "seed": seed, "policy": name,
                      "mean": float(x.mean()), "se": float(x.std(ddof=1) / math.sqrt(len(x))), "n": len(x),
-                     "teacher_time_s": float(timing.read_text()) if timing.is_file() else math.nan, "student_steps": student.steps,
-                     "teacher_batch": teacher.batch})
+                     "teacher_time_s": float(timing.read_text()) if timing.is_file() else math.nan,
+                     "student_steps": student.steps, "teacher_batch": teacher.batch})
     return rows
 
 
@@ -125,7 +125,8 @@ def report_lines(rows: list[dict]) -> list[str]:
     times = {}
     for r in rows:
         times.setdefault(r["teacher_steps"], []).append(r["teacher_time_s"])
-    lines.append("teacher training time (this process, 1 thread unless --threads): " + ", ".join(
+    lines.append("teacher training wall time (median over seeds; this machine, --threads threads, other jobs may have "
+                 "run beside it: not a benchmark): " + ", ".join(
         f"{s} steps {np.nanmedian(t):.0f} s" for s, t in sorted(times.items(), reverse=True)))
     return lines
 
