@@ -170,7 +170,7 @@ def goals(cells: dict, seeds: list[dict] = ()) -> list[list[str]]:
 
 
 def _summary(goal_rows: list[list[str]], counts: dict[str, int]) -> list[str]:
-    def tally(label: str) -> str:
+    def tally(label: str) -> str:  # label: one goal's exact name, or a prefix (ending in a space) of several
         rows = [g for g in goal_rows if g[0] == label or (label.endswith(" ") and g[0].startswith(label))]
         measured = [g for g in rows if g[2] != "not measured"]
         held = sum(g[2] == "holds" for g in measured)
