@@ -16,6 +16,7 @@ from ractd_repro.methods import get_method
 from ractd_repro.models import inverse_dynamics_path, plan_models
 from ractd_repro.spec import Study, expand_methods
 from ractd_repro.store import (
+    EPISODE_KEY,
     ResultsStore,
     checkpoint_hash,
     episode_rows,
@@ -182,14 +183,13 @@ def copy_twins(jobs: list[EvalJob], seeds: list[int], store: ResultsStore) -> in
     # "created" is now: a store cell keeps its newest checkpoint's episodes (store._group), and a primary stored
     # long ago must not make the twin's copies older than episodes of the twin's earlier checkpoint
     now = datetime.datetime.now(datetime.timezone.utc).isoformat()
-    done = store.done_keys()
-    stored = {(r["task"], r["method"], r["checkpoint"], r["seed"]): r for r in store.episodes()}
+    stored = {tuple(r[c] for c in EPISODE_KEY): r for r in store.episodes()}  # its keys are the done keys
     rows = []
     for twin, primary in pairs.items():
         mine = twin.seeds(seeds)
         for seed, key in zip(mine, twin.keys(mine)):
             src = stored.get((primary.task, primary.key_method, primary.checkpoint, int(seed)))
-            if key in done or src is None:
+            if key in stored or src is None:
                 continue
             rows.append({**src, "method": twin.key_method, "sigma": twin.sigma, "preset": twin.preset,
                          "train_steps": twin.train_steps, "checkpoint_path": twin.checkpoint_path, "created": now})
