@@ -2,7 +2,7 @@
 one run (issue 28).
 
     python bench/bench_training.py [--stages teacher,reward,student,bc] [--sizes cpu,paper] [--threads 2]
-                                   [--modes released,before,eager,auto] [--compile] [--rounds 3]
+                                   [--modes released,before,eager,nhwc,auto] [--compile] [--rounds 3]
                                    [--paper-rounds 2] [--paper-batch 64] [--reward-variant one_step|ctm]
                                    [--loop-steps 40] [--skip-steps] [--skip-loop] [--profile] [--clock wall|cpu]
 
@@ -21,8 +21,10 @@ one run (issue 28).
                student's network calls one by one, native convolutions, fp32
      eager     ractd.train's step with accel "eager": fused optimizer, foreach EMA, the gradient norm without a
                scaling pass, the student's calls stacked
+     nhwc      accel "nhwc": the U-Nets in channels-last memory with 2D convolutions and Mish from one exp
+               (ractd.accel.set_forms), fp32
      auto      TrainConfig's defaults (accel auto, autocast auto) as resolved on this machine (printed: the
-               convolution layers run as matrix products and the precision)
+               convolution layers run as matrix products, the U-Net forms and the precision)
      bf16      (--modes) accel auto under autocast bf16 (without bf16 hardware the products are emulated)
      compile   (--compile; cpu size) accel "compile": printed with its compilation time (from an empty inductor
                cache, as a machine's first run) and the step count after which it pays (accel.compile_pays_after)
@@ -61,7 +63,7 @@ from ractd.nets.unet1d import count_parameters, load_teacher_into_student
 from ractd.timing import seconds_per_call, time_call
 
 TASK = "hopper-medium-replay"
-MODES = ("released", "before", "eager", "auto", "bf16", "compile")
+MODES = ("released", "before", "eager", "nhwc", "auto", "bf16", "compile")
 
 
 def synthetic_data(n: int = 20_000, episode: int = 1000, seed: int = 0) -> dict:
@@ -132,9 +134,12 @@ class Modes:
         self.fused = accel.optimizer_impl("cpu")
         self.plans = {"eager": accel.Plan("eager", "fp32", self.fused)}
         self.choices = {"eager": {}}
-        for name, autocast in (("auto", "auto"), ("bf16", "bf16")):
+        for name, acc, autocast in (("nhwc", "nhwc", "fp32"), ("auto", "auto", "auto"), ("bf16", "auto", "bf16")):
             if name in modes:
-                self.plans[name] = accel.plan_for("auto", autocast, run.model, run.teacher, run.cfg.batch,
+                for net in self.nets:  # each plan starts from the networks as built
+                    accel.set_forms(net)
+                    accel.set_conv_impls(net, {})
+                self.plans[name] = accel.plan_for(acc, autocast, run.model, run.teacher, run.cfg.batch,
                                                   run.prep.shape_tail[0], "cpu")
                 self.choices[name] = self.plans[name].gemm_layers
         self._use({}, "for-loop", self.plans["eager"])
@@ -143,7 +148,9 @@ class Modes:
 
     def _use(self, choice: dict, impl: str, plan: accel.Plan) -> None:
         for net in self.nets:
+            accel.set_forms(net)  # native first: GEMM layers and the nhwc layout exclude each other
             accel.set_conv_impls(net, choice if net is self.nets[0] else {k: (False, v[1]) for k, v in choice.items()})
+            accel.set_forms(net, plan.layout, plan.mish)
         accel.set_optimizer_impl(self.run.opt, impl)
         self.run.plan = plan
 
@@ -214,8 +221,12 @@ def step_cell(stage: str, size: str, batch: int, data: dict, modes: list[str], r
     if "auto" in bench.plans:
         p = bench.plans["auto"]
         print(f"#   auto here: accel {p.accel}, autocast {p.autocast}, {p.optimizer} optimizer, "
-              f"{len(p.gemm_layers)} of the U-Nets' convolution layers as matrix products (calibrated in "
-              f"{p.setup_s:.1f} s)", flush=True)
+              f"{len(p.gemm_layers)} of the U-Nets' convolution layers as matrix products, layout {p.layout}, "
+              f"Mish {p.mish} (calibrated in {p.setup_s:.1f} s)", flush=True)
+        if p.forms_calibration:
+            f = p.forms_calibration
+            print(f"#   U-Net forms, whole network forward + backward at {f['rows']} rows, ms (best): "
+                  + ", ".join(f"{k} {v:.1f}" for k, v in f["best_ms"].items()), flush=True)
     if compile_s is not None and "eager" in best:
         pays = accel.compile_pays_after(compile_s - 2 * best["compile"], best["eager"], best["compile"])
         print(f"#   compile: first two steps {compile_s:.1f} s; pays after "
@@ -290,7 +301,7 @@ def main() -> None:
     ap.add_argument("--stages", default="teacher,reward,student,bc")
     ap.add_argument("--sizes", default="cpu,paper")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--modes", default="released,before,eager,auto", help=f"among {', '.join(MODES[:-1])}")
+    ap.add_argument("--modes", default="released,before,eager,nhwc,auto", help=f"among {', '.join(MODES[:-1])}")
     ap.add_argument("--compile", action="store_true", help="also accel compile at the cpu size (minutes)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--paper-rounds", type=int, default=2)

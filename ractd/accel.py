@@ -21,16 +21,21 @@ What a step uses (`Plan`, from `plan_for`):
                 student's stop-gradient target); "eager": native convolutions; "compile": native convolutions,
                 the U-Nets compiled by torch.compile (inductor) -- it pays only after many steps: its
                 compilation takes minutes on CPU (bench/bench_training.py prints the step count where it pays)
+    forms       accel "nhwc" (CPU): the U-Nets' activations (batch, channels, 1, horizon) in channels-last memory
+                and every convolution as the same 2D one over them (`set_forms`), which oneDNN runs faster than
+                its 1D convolutions at these shapes, forward and backward; and, with it or alone, Mish from one
+                exp (`mish_exp`: torch's CPU Mish evaluates softplus, log1p and tanh, about twice the time)
     autocast    "bf16": the forward pass under torch.autocast(bfloat16) (fp32 weights, optimizer and EMA;
                 bf16 matrix products); "fp32": none. A behavioural change, not a rounding difference.
     student     ractd.ctm.ractd_loss stacks its independent student calls into one network call (always).
 
-Resolution ("auto"). accel auto: "gemm" when the calibration finds a layer faster as a matrix product, else
-"eager"; never "compile" on its own (its compilation time is minutes, measured by the bench, not guessed here);
+Resolution ("auto"). accel auto: "gemm" when the calibration finds a layer faster as a matrix product, else the
+forms measured fastest on the whole network (`calibrate_forms`: "nhwc" when that layout wins, the Mish form
+recorded beside it), else "eager"; never "compile" on its own (its compilation time is minutes, measured by the bench, not guessed here);
 on CUDA "eager" (cuDNN) -- "compile" when asked. autocast auto: bf16 on a CUDA device that supports it and on a
 CPU that multiplies bf16 in hardware (AMX-BF16 or AVX512-BF16), fp32 elsewhere. On CUDA TF32 matrix products
 are allowed with autocast bf16 (the fp32 parts that remain). The resolved names go into the checkpoint's
-config; `Plan.record()` (the optimizer, the GEMM layers, the calibration) into its meta.
+config; `Plan.record()` (the optimizer, the GEMM layers, the forms, the calibrations) into its meta.
 """
 
 from __future__ import annotations
@@ -52,7 +57,7 @@ from ractd.timing import seconds_per_call
 
 log = logging.getLogger(__name__)
 
-ACCELS = ("auto", "eager", "gemm", "compile")
+ACCELS = ("auto", "eager", "gemm", "nhwc", "compile")
 AUTOCASTS = ("auto", "fp32", "bf16")
 OPTIMIZER_IMPLS = ("fused", "foreach", "for-loop")
 
@@ -63,6 +68,12 @@ CALIBRATE_MIN_MACS = 2**25
 # layer's measurement take seconds; the matrix products only grow more favourable with more rows).
 CALIBRATE_MAX_ROWS = 256
 MARGIN = 0.9  # the GEMM form replaces a native convolution only if its slowest round is <= MARGIN x native's best
+# A U-Net form (layout, Mish) replaces the native one only if the whole network's slowest round with it is <=
+# FORM_MARGIN x the native network's best: the forms gain 5-25% each, and a round's own spread is a few percent.
+FORM_MARGIN = 0.95
+FORMS_MIN_MACS = 2**28  # a U-Net of fewer convolution multiply-adds per call keeps the native forms unmeasured
+LAYOUTS = ("ncl", "nhwc")
+MISH_FORMS = ("native", "exp")
 
 
 # ---------------------------------------------------------------------------------------------- resolution
@@ -217,8 +228,12 @@ def set_conv_impls(net: nn.Module, choice: dict[str, tuple[bool, bool]]) -> None
     for name, m in net.named_modules():
         if not _gemm_supported(m):
             continue
-        m.__dict__.pop("forward", None)
         grad, nograd = choice.get(name, (False, False))
+        if isinstance(m.__dict__.get("forward"), _Conv2dForward):
+            if grad or nograd:
+                raise RactdError(f"layer {name} runs in the nhwc layout: GEMM convolutions need the ncl one")
+            continue
+        m.__dict__.pop("forward", None)
         if grad or nograd:
             m.__dict__["forward"] = _ConvForward(m, grad, nograd)
 
@@ -235,16 +250,184 @@ def conv_impls(net: nn.Module) -> dict[str, tuple[bool, bool]]:
 
 @contextlib.contextmanager
 def native_convs(*models: nn.Module | None):
-    """Within: every conv layer of `models` runs natively (evaluation code such as ractd.engine exports or copies
-    the network and expects its own modules); the GEMM choices are restored after."""
-    saved = [(m, conv_impls(m)) for m in models if m is not None]
-    for m, _ in saved:
+    """Within: every conv layer of `models` runs natively, in the ncl layout with torch's Mish (evaluation code
+    such as ractd.engine exports or copies the network and expects its own modules); the GEMM choices and the
+    forms are restored after."""
+    saved = [(m, conv_impls(m), forms(m)) for m in models if m is not None]
+    for m, _, _ in saved:
+        set_forms(m)
         set_conv_impls(m, {})
     try:
         yield
     finally:
-        for m, choice in saved:
+        for m, choice, form in saved:
             set_conv_impls(m, choice)
+            set_forms(m, *form)
+
+
+# ---------------------------------------------------------------------------------------------- CPU forms
+
+class _MishExp(torch.autograd.Function):
+    """Mish(x) = x tanh(softplus(x)) from one exp (torch's CPU Mish evaluates softplus, log1p and tanh: ~2x the
+    time of this form, forward and backward, measured by calibrate_forms). With n = e^x:
+    tanh(softplus(x)) = ((1 + n)^2 - 1) / ((1 + n)^2 + 1) = n (n + 2) / (n (n + 2) + 2), and
+    d Mish / dx = tanh(softplus(x)) + x sigmoid(x) (1 - tanh(softplus(x))^2) with sigmoid(x) = n / (n + 1).
+    x is clamped at 20 inside the exp: there tanh(softplus(x)) is 1 in float32 (Mish(x) = x)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        n, tsp = _mish_terms(x)
+        ctx.save_for_backward(x, n, tsp)
+        return x * tsp
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        x, n, tsp = ctx.saved_tensors
+        d = tsp * tsp
+        return d.neg_().add_(1.0).mul_(n / (n + 1.0)).mul_(x).add_(tsp).mul_(grad)
+
+
+def _mish_terms(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(e^min(x, 20), tanh(softplus(x)))."""
+    n = torch.exp(torch.clamp(x, max=20.0))
+    q = n.add(2.0).mul_(n)
+    return n, q.div_(q + 2.0)
+
+
+def mish_exp(x: torch.Tensor) -> torch.Tensor:
+    """torch.nn.functional.mish(x) up to float rounding, computed from one exp (_MishExp); differentiable."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _MishExp.apply(x)
+    return _mish_terms(x)[1].mul_(x)
+
+
+class _Conv2dForward:
+    """A Conv1d / ConvTranspose1d's forward in the nhwc layout: the input (batch, c_in, 1, length) in channels-last
+    memory, the same convolution as a 2D one over it (the weight viewed (.., .., 1, k)), which oneDNN runs faster
+    than the 1D one on CPU at the U-Nets' shapes (calibrate_forms); a 3D input runs the module's own forward."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.module
+        if x.ndim != 4:
+            return type(m).forward(m, x)
+        fn = F.conv2d if type(m) is nn.Conv1d else F.conv_transpose2d
+        return fn(x, m.weight.unsqueeze(2), m.bias, (1, m.stride[0]), (0, m.padding[0]))
+
+
+def set_forms(net: nn.Module, layout: str = "ncl", mish: str = "native") -> None:
+    """Run every ConditionalUnet1D inside `net` in `layout` ("ncl": torch's 1D convolutions; "nhwc": activations
+    (batch, channels, 1, horizon) in channels-last memory, 2D convolutions) with `mish` ("native": torch's Mish;
+    "exp": mish_exp). Parameters and state_dict stay as they are; ("ncl", "native") is the network as built."""
+    from ractd.nets.unet1d import ConditionalUnet1D
+
+    if layout not in LAYOUTS or mish not in MISH_FORMS:
+        raise RactdError(f"unknown U-Net form ({layout!r}, {mish!r}); layouts {LAYOUTS}, Mish forms {MISH_FORMS}")
+    for unet in [m for m in net.modules() if isinstance(m, ConditionalUnet1D)]:
+        if layout == "nhwc" and conv_impls(unet):
+            raise RactdError("the nhwc layout needs native convolutions: this U-Net has GEMM layers")
+        unet.layout = layout
+        for m in unet.modules():
+            f = m.__dict__.get("forward")
+            if _gemm_supported(m) and not isinstance(f, _ConvForward):
+                m.__dict__.pop("forward", None)
+                if layout == "nhwc":
+                    m.__dict__["forward"] = _Conv2dForward(m)
+            elif type(m) is nn.Mish:
+                m.__dict__.pop("forward", None)
+                if mish == "exp":
+                    m.__dict__["forward"] = mish_exp
+
+
+def forms(net: nn.Module) -> tuple[str, str]:
+    """(layout, Mish form) of the first ConditionalUnet1D inside `net`; ("ncl", "native") when it has none."""
+    from ractd.nets.unet1d import ConditionalUnet1D
+
+    for unet in net.modules():
+        if isinstance(unet, ConditionalUnet1D):
+            mish = any(m.__dict__.get("forward") is mish_exp for m in unet.modules() if type(m) is nn.Mish)
+            return getattr(unet, "layout", "ncl"), "exp" if mish else "native"
+    return "ncl", "native"
+
+
+FORMS = (("ncl", "native"), ("ncl", "exp"), ("nhwc", "native"), ("nhwc", "exp"))
+
+
+def _net_signature(net: nn.Module, example: tuple) -> str:
+    c = net.cfg
+    return (f"unet(in{net.input_dim},cond{net.global_cond_dim},t{net.n_times},{list(c.down_dims)},k{c.kernel_size},"
+            f"g{c.n_groups},e{c.time_embed_dim})@h{example[0].shape[1]}")
+
+
+def calibrate_forms(net: nn.Module, example: tuple, precision: str = "fp32",
+                    margin: float | None = None) -> tuple[tuple[str, str], dict]:
+    """Measure the whole U-Net's forward + backward at the example's rows (at most CALIBRATE_MAX_ROWS) in every
+    form of FORMS, taking turns: ((layout, mish) chosen, the record). A form other than the native one is chosen
+    when its slowest round is <= margin (default FORM_MARGIN) x the native form's best (the fastest such by best
+    round) and its output matches the native one. A U-Net under FORMS_MIN_MACS stays native, unmeasured. Cached
+    per machine like calibrate_convs (<cache_dir>/engines/training_forms.json; a record measured on a busy
+    machine is measured again on a quieter one)."""
+    import os
+
+    from ractd.engine_records import machine, read_calibration, write_calibration
+    from ractd.paths import cache_dir
+
+    x, times, cond = example
+    rows = min(x.shape[0], CALIBRATE_MAX_ROWS)
+    shapes, modules = _conv_inputs(net, example), dict(net.named_modules())
+    macs = sum(rows * shape[2] * modules[name].in_channels * modules[name].out_channels
+               * modules[name].kernel_size[0] // modules[name].stride[0] for name, shape in shapes.items())
+    if macs < FORMS_MIN_MACS:
+        return FORMS[0], {"choice": list(FORMS[0]), "rows": rows, "skipped": "too small to matter"}
+    path = cache_dir() / "engines" / "training_forms.json"
+    key = f"{_net_signature(net, example)}|rows{rows}|th{torch.get_num_threads()}|{precision}|{machine()}"
+    rec = read_calibration(path).get(key)
+    cpus = os.cpu_count() or 1
+    if isinstance(rec, dict) and not float(rec.get("load", 0.0)) >= cpus > os.getloadavg()[0]:
+        return tuple(rec["choice"]), rec
+    gen = torch.Generator(device=x.device).manual_seed(2)
+    x = torch.randn((rows, *x.shape[1:]), generator=gen, device=x.device)
+    times = tuple(torch.rand(rows, generator=gen, device=x.device) * 4 - 2 for _ in times)
+    cond = None if cond is None else torch.randn((rows, *cond.shape[1:]), generator=gen, device=x.device)
+    params = [p for p in net.parameters() if p.requires_grad]
+    saved = forms(net)
+    outs = {}
+
+    def step(form):
+        def run():
+            set_forms(net, *form)
+            with autocast_context(precision, x.device):
+                out = net(x, times, cond)
+            if params:
+                torch.autograd.grad(out.float().square().mean(), params)
+            outs.setdefault(form, out.detach().float())
+        return run
+
+    try:
+        t0 = time.perf_counter()
+        step(FORMS[0])()
+        rounds = 3 if time.perf_counter() - t0 < 1.0 else 2
+        best, worst = seconds_per_call({"/".join(f): step(f) for f in FORMS}, rounds, 0.2, warmup=1)
+    finally:
+        set_forms(net, *saved)
+    ref = outs[FORMS[0]]
+    tol = (5e-2 if precision == "bf16" else 1e-4) * (1.0 + float(ref.abs().max()))
+    diffs = {"/".join(f): float((o - ref).abs().max()) for f, o in outs.items()}
+    native = best["/".join(FORMS[0])]
+    margin = FORM_MARGIN if margin is None else margin
+    ok = [f for f in FORMS[1:] if worst["/".join(f)] <= margin * native and diffs["/".join(f)] <= tol]
+    choice = min(ok, key=lambda f: best["/".join(f)]) if ok else FORMS[0]
+    rec = {"choice": list(choice), "rows": rows, "load": round(os.getloadavg()[0], 2),
+           "best_ms": {k: round(v * 1e3, 3) for k, v in best.items()},
+           "worst_ms": {k: round(v * 1e3, 3) for k, v in worst.items()}, "max_abs_diff": diffs}
+    if x.device.type == "cpu":
+        try:
+            write_calibration(path, key, rec)
+        except OSError as e:
+            log.warning("cannot write the training forms' calibration cache: %s", e)
+    return choice, rec
 
 
 def _conv_inputs(net: nn.Module, example: tuple) -> dict[str, tuple]:
@@ -373,6 +556,9 @@ class Plan:
     gemm_layers: dict[str, tuple[bool, bool]] = dataclasses.field(default_factory=dict)
     calibration: list[dict] = dataclasses.field(default_factory=list)
     setup_s: float = 0.0
+    layout: str = "ncl"
+    mish: str = "native"
+    forms_calibration: dict = dataclasses.field(default_factory=dict)
 
     def context(self, device):
         """The forward pass's context (autocast)."""
@@ -381,7 +567,8 @@ class Plan:
     def record(self) -> dict:
         return {"accel": self.accel, "autocast": self.autocast, "optimizer": self.optimizer,
                 "gemm_layers": {k: list(v) for k, v in sorted(self.gemm_layers.items())},
-                "calibration": self.calibration, "setup_s": round(self.setup_s, 3)}
+                "calibration": self.calibration, "setup_s": round(self.setup_s, 3), "layout": self.layout,
+                "mish": self.mish, "forms_calibration": self.forms_calibration}
 
 
 def _u_nets(*models: nn.Module | None) -> list[nn.Module]:
@@ -408,6 +595,7 @@ def plan_for(accel: str, autocast: str, model: nn.Module, teacher: nn.Module | N
         raise RactdError(f"accel={accel!r}: expected one of {', '.join(ACCELS)}")
     t0 = time.perf_counter()
     device = torch.device(device)
+    requested = accel
     plan = Plan(autocast=resolve_autocast(autocast, device), optimizer=optimizer_impl(device))
     nets = _u_nets(model, teacher)
     if accel == "auto":
@@ -425,6 +613,19 @@ def plan_for(accel: str, autocast: str, model: nn.Module, teacher: nn.Module | N
         accel = "gemm" if choice else "eager"
     elif accel == "gemm":
         accel = "eager"  # the GEMM form is for CPUs; cuDNN is the GPU's convolution
+    if accel in ("eager", "nhwc") and requested in ("auto", "nhwc") and nets and device.type == "cpu":
+        # no GEMM layer chosen: the U-Net forms (channels-last 2D convolutions, Mish from one exp), auto: as
+        # measured on the whole network; an explicit "nhwc" takes both unmeasured
+        layout, mish = "nhwc", "exp"
+        if requested == "auto":
+            example = unet_example(nets[0], batch, horizon, device)
+            (layout, mish), plan.forms_calibration = calibrate_forms(nets[0], example, plan.autocast)
+        for net in nets:
+            set_forms(net, layout, mish)
+        plan.layout, plan.mish = layout, mish
+        accel = "nhwc" if layout == "nhwc" else "eager"
+    elif accel == "nhwc":
+        accel = "eager"  # a CPU form; cuDNN is the GPU's convolution
     if accel == "compile":
         for net in nets:
             net.compile(dynamic=False)

@@ -320,8 +320,9 @@ def _setup(cfg: TrainConfig, ctx: RunContext, data: dict | None, prep: Prepared 
     plan = accel.plan_for(cfg.accel, cfg.autocast, model, teacher, cfg.batch // ctx.world_size,
                           prep.shape_tail[0], device)
     cfg = dataclasses.replace(cfg, accel=plan.accel, autocast=plan.autocast)
-    log.info("%s %s: accel %s, autocast %s, %s optimizer, %d GEMM conv layers (set up in %.1f s)", cfg.task,
-             cfg.stage, plan.accel, plan.autocast, plan.optimizer, len(plan.gemm_layers), plan.setup_s)
+    log.info("%s %s: accel %s, autocast %s, %s optimizer, %d GEMM conv layers, layout %s, Mish %s (set up in "
+             "%.1f s)", cfg.task, cfg.stage, plan.accel, plan.autocast, plan.optimizer, len(plan.gemm_layers),
+             plan.layout, plan.mish, plan.setup_s)
     opt, sched = _optimizer(cfg, model)
     accel.set_optimizer_impl(opt, plan.optimizer)
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + ctx.rank)

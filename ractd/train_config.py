@@ -80,10 +80,12 @@ class TrainConfig:
         the planner never sees).
     accel: how the training step runs (ractd.accel; every choice uses the fused optimizer where torch has one and
         the student's stacked calls): auto (resolved at setup: "gemm" where a calibration measures a U-Net
-        convolution faster as one matrix product on this CPU, else "eager") | eager (native convolutions) |
-        gemm (the measured-faster layers as matrix products) | compile (torch.compile of the U-Nets; its
-        compilation takes minutes, bench/bench_training.py prints after how many steps it pays). The checkpoint's
-        config records the resolved name, its meta the layers and measurements; the same math up to rounding.
+        convolution faster as one matrix product on this CPU, else "nhwc" where the whole U-Net measures faster
+        in that layout, else "eager"; on CPU the Mish form is measured too) | eager (native convolutions, ncl) |
+        gemm (the measured-faster layers as matrix products) | nhwc (CPU: activations channels-last, 2D
+        convolutions, Mish from one exp) | compile (torch.compile of the U-Nets; its compilation takes minutes,
+        bench/bench_training.py prints after how many steps it pays). The checkpoint's config records the
+        resolved name, its meta the layers, forms and measurements; the same math up to rounding.
     autocast: the forward pass's precision: auto (bf16 where the device multiplies bf16 in hardware: CUDA,
         or a CPU with AMX-BF16 / AVX512-BF16; fp32 elsewhere) | fp32 | bf16 (torch.autocast; weights, optimizer
         and EMA stay fp32). bf16 changes the numbers, not only their rounding. Recorded resolved.
@@ -124,7 +126,7 @@ class TrainConfig:
     bc_hidden: tuple[int, ...] = (256, 256)
     bc_top_fraction: float = 1.0
     bc_goal: Literal["hindsight", "controller"] = "hindsight"
-    accel: Literal["auto", "eager", "gemm", "compile"] = "auto"
+    accel: Literal["auto", "eager", "gemm", "nhwc", "compile"] = "auto"
     autocast: Literal["auto", "fp32", "bf16"] = "auto"
 
     @classmethod
@@ -173,7 +175,8 @@ class TrainConfig:
         for name, allowed in (("rtg", ("paper", "code")), ("scalings", ("boundary", "edm")),
                               ("distance", ("per_sample", "elementwise")),
                               ("weighting", ("lambda", "sqrt_lambda", "none")),
-                              ("accel", ("auto", "eager", "gemm", "compile")), ("autocast", ("auto", "fp32", "bf16"))):
+                              ("accel", ("auto", "eager", "gemm", "nhwc", "compile")),
+                              ("autocast", ("auto", "fp32", "bf16"))):
             if getattr(self, name) not in allowed:
                 bad(name, getattr(self, name), f"expected one of {', '.join(allowed)}")
         if not 0.0 < self.bc_top_fraction <= 1.0:

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from ractd import accel, ctm, edm
+from ractd import RactdError, accel, ctm, edm
 from ractd.config import UNET_PRESETS
 from ractd.nets.mlp import ResidualMLP
 from ractd.nets.unet1d import ConditionalUnet1D, load_teacher_into_student
@@ -57,6 +57,101 @@ def test_a_unet_with_every_convolution_as_gemm_is_the_same_network():
     assert set(accel.conv_impls(gemm)) == set(names)
     accel.set_conv_impls(gemm, {})
     assert accel.conv_impls(gemm) == {}
+
+
+def test_mish_from_one_exp_equals_torch_mish_with_gradients():
+    x = torch.cat([torch.linspace(-60, 60, 2001), torch.tensor([-19.99, 19.99, 20.0, 20.01, 0.0, 1e-6])])
+    x = x.double().float().requires_grad_(True)
+    y, y_exp = nn.functional.mish(x), accel.mish_exp(x)
+    _close(y_exp, y, rtol=1e-6, atol=1e-6)
+    g = torch.randn_like(x)
+    (dx,), (dx_exp,) = torch.autograd.grad(y, x, g), torch.autograd.grad(y_exp, x, g)
+    _close(dx_exp, dx, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():  # the path without a graph
+        _close(accel.mish_exp(x), y, rtol=1e-6, atol=1e-6)
+
+
+def test_the_mish_check_catches_a_wrong_derivative(monkeypatch):
+    """The defect planted once: the backward without the x sigmoid(x) (1 - tanh^2) term must fail the check."""
+    def backward(ctx, grad):
+        x, n, tsp = ctx.saved_tensors
+        return tsp * grad
+
+    monkeypatch.setattr(accel._MishExp, "backward", staticmethod(backward))
+    with pytest.raises(AssertionError):
+        test_mish_from_one_exp_equals_torch_mish_with_gradients()
+
+
+@pytest.mark.parametrize("form", accel.FORMS[1:])
+def test_a_unet_in_every_form_is_the_same_network(form):
+    torch.manual_seed(0)
+    net = ConditionalUnet1D(3, 5, UNET_PRESETS["tiny"], n_times=2)
+    fast = copy.deepcopy(net)
+    accel.set_forms(fast, *form)
+    assert accel.forms(fast) == form and list(fast.state_dict()) == list(net.state_dict())
+    x, t, s, cond = torch.randn(6, 16, 3), torch.rand(6) * 5, torch.rand(6), torch.randn(6, 5)
+    out, out_fast = net(x, (t, s), cond), fast(x, (t, s), cond)
+    assert out_fast.shape == out.shape
+    _close(out_fast, out, rtol=1e-4, atol=1e-5)
+    grads = torch.autograd.grad(out.pow(2).sum(), list(net.parameters()))
+    grads_fast = torch.autograd.grad(out_fast.pow(2).sum(), list(fast.parameters()))
+    for (name, _), a, b in zip(net.named_parameters(), grads_fast, grads):
+        _close(a, b, rtol=1e-3, atol=1e-5, msg=name)
+    twin = copy.deepcopy(fast)  # a copy (the EMA, a Ray object) keeps the form and computes with its own weights
+    assert accel.forms(twin) == form
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.add_(0.1)
+        assert not torch.allclose(twin(x, (t, s), cond), out, atol=1e-3)
+    with accel.native_convs(fast):  # evaluation code (exports, engines) sees the network as built
+        assert accel.forms(fast) == ("ncl", "native")
+        _close(fast(x, (t, s), cond), out, rtol=1e-4, atol=1e-5)
+    assert accel.forms(fast) == form
+    accel.set_forms(fast)
+    assert accel.forms(fast) == ("ncl", "native")
+
+
+def test_the_nhwc_layout_and_gemm_layers_exclude_each_other():
+    net = _unet()
+    names = [n for n, m in net.named_modules() if isinstance(m, nn.Conv1d)]
+    accel.set_forms(net, "nhwc", "exp")
+    with pytest.raises(RactdError, match="nhwc"):
+        accel.set_conv_impls(net, {names[0]: (True, False)})
+    accel.set_forms(net)
+    accel.set_conv_impls(net, {names[0]: (True, False)})
+    with pytest.raises(RactdError, match="GEMM"):
+        accel.set_forms(net, "nhwc", "native")
+    accel.set_forms(net, "ncl", "exp")  # the Mish form leaves GEMM layers alone
+    assert accel.forms(net) == ("ncl", "exp") and set(accel.conv_impls(net)) == {names[0]}
+
+
+def test_plan_resolves_the_forms_by_measuring_the_whole_network(monkeypatch, tmp_path):
+    monkeypatch.setenv("RACTD_CACHE_DIR", str(tmp_path))
+    den, teacher = edm.Denoiser(_unet()), edm.Denoiser(_unet())
+    plan = accel.plan_for("auto", "fp32", den, teacher, 8, 16, "cpu")  # a tiny net: nothing measured
+    assert (plan.accel, plan.layout, plan.mish) == ("eager", "ncl", "native")
+    assert plan.forms_calibration["skipped"] and accel.forms(den.net) == ("ncl", "native")
+    monkeypatch.setattr(accel, "FORMS_MIN_MACS", 0)
+    monkeypatch.setattr(accel, "FORM_MARGIN", 0.0)  # no form can win by that margin: native
+    plan = accel.plan_for("auto", "fp32", den, teacher, 8, 16, "cpu")
+    rec = plan.forms_calibration
+    assert plan.layout == "ncl" and plan.mish == "native" and set(rec["best_ms"]) == {"/".join(f) for f in accel.FORMS}
+    assert max(rec["max_abs_diff"].values()) < 1e-4 and accel.forms(den.net) == ("ncl", "native")
+    assert (tmp_path / "engines" / "training_forms.json").exists()
+    key = next(iter(json.loads((tmp_path / "engines" / "training_forms.json").read_text())["entries"]))
+    from ractd import engine_records
+
+    entries = engine_records.read_calibration(tmp_path / "engines" / "training_forms.json")
+    engine_records.write_calibration(tmp_path / "engines" / "training_forms.json", key,
+                                     {**entries[key], "choice": ["nhwc", "exp"], "load": 0.0})
+    plan = accel.plan_for("auto", "fp32", den, teacher, 8, 16, "cpu")  # the machine's cached choice, applied
+    assert (plan.accel, plan.layout, plan.mish) == ("nhwc", "nhwc", "exp")
+    assert accel.forms(den.net) == accel.forms(teacher.net) == ("nhwc", "exp")
+    assert json.dumps(plan.record())
+    plan = accel.plan_for("nhwc", "fp32", edm.Denoiser(_unet()), None, 8, 16, "cpu")  # asked for: unmeasured
+    assert (plan.accel, plan.layout, plan.mish, plan.forms_calibration) == ("nhwc", "nhwc", "exp", {})
+    plan = accel.plan_for("eager", "fp32", edm.Denoiser(_unet()), None, 8, 16, "cpu")
+    assert (plan.accel, plan.layout, plan.mish) == ("eager", "ncl", "native")
 
 
 @pytest.mark.parametrize("impl", ["fused", "foreach"])
@@ -249,7 +344,7 @@ def maze_tiny():
 def test_the_checkpoint_records_the_resolved_choice(maze_tiny, tmp_path):
     out = _train_tiny(tmp_path, steps=5)
     ck = torch.load(out["checkpoint"], weights_only=False)
-    assert ck["config"]["accel"] in ("eager", "gemm") and ck["config"]["autocast"] == accel.resolve_autocast(
+    assert ck["config"]["accel"] in ("eager", "gemm", "nhwc") and ck["config"]["autocast"] == accel.resolve_autocast(
         "auto", "cpu")
     assert json.loads((tmp_path / "run" / "teacher" / "config.json").read_text())["accel"] == ck["config"]["accel"]
     rec = ck["meta"]["accel"]
@@ -278,7 +373,7 @@ def test_a_checkpoint_from_before_the_field_resumes(maze_tiny, tmp_path):
     if accel.optimizer_impl("cpu") == "fused":  # continued with the fused optimizer from the resumed step
         assert history[-1]["from_step"] == 5 and history[-1]["optimizer"] == "fused"
     assert all(np.isfinite(v.numpy()).all() for v in ck["model"].values())
-    assert ck["config"]["accel"] in ("eager", "gemm")  # the resumed run writes its resolved config
+    assert ck["config"]["accel"] in ("eager", "gemm", "nhwc")  # the resumed run writes its resolved config
 
 
 @pytest.mark.gpu
@@ -305,3 +400,15 @@ def test_cuda_step_with_amp_bf16_tf32_and_compile():
         loss.backward()
         assert torch.isfinite(accel.grad_norm(compiled.parameters()))
         opt.step()
+
+
+def test_training_in_the_nhwc_form_follows_the_eager_run(maze_tiny, tmp_path):
+    out = {a: _train_tiny(tmp_path / a, steps=6, accel=a) for a in ("eager", "nhwc")}
+    ck = {a: torch.load(o["checkpoint"], weights_only=False) for a, o in out.items()}
+    assert ck["nhwc"]["config"]["accel"] == "nhwc" and ck["eager"]["config"]["accel"] == "eager"
+    assert (ck["nhwc"]["meta"]["accel"]["layout"], ck["nhwc"]["meta"]["accel"]["mish"]) == ("nhwc", "exp")
+    moved = 0
+    for name, w in ck["eager"]["model"].items():
+        np.testing.assert_allclose(ck["nhwc"]["model"][name].numpy(), w.numpy(), rtol=1e-3, atol=1e-5, err_msg=name)
+        moved += not torch.equal(w, ck["nhwc"]["model"][name])
+    assert moved  # rounding differs somewhere: the two runs really took different paths

@@ -70,7 +70,10 @@ class FiLMResidualBlock(nn.Module):
         """The block with its FiLM Linear output `film` (batch, 2 * c_out) given (fused callers compute the
         FiLM of every block in one matrix product)."""
         h = self.block1(x)
-        scale, bias = film.unsqueeze(-1).chunk(2, dim=1)
+        film = film.unsqueeze(-1)
+        if h.ndim == 4:  # ConditionalUnet1D.layout "nhwc": h is (batch, channels, 1, horizon)
+            film = film.unsqueeze(-1)
+        scale, bias = film.chunk(2, dim=1)
         h = self.block2(self.dropout(scale * h + bias))
         return h + self.residual(x)
 
@@ -113,6 +116,9 @@ class ConditionalUnet1D(nn.Module):
         self.final = nn.Sequential(Conv1dBlock(start, start, k, g), nn.Conv1d(start, input_dim, 1))
         self.horizon_multiple = 2 ** (len(cfg.down_dims) - 1)
         self.cond_act = nn.Mish()
+        # "ncl": activations (batch, channels, horizon); "nhwc": (batch, channels, 1, horizon) in channels-last
+        # memory, the convolutions as 2D ones (set by ractd.accel.set_forms with their forwards; not a weight)
+        self.layout = "ncl"
 
     def _check(self, x: torch.Tensor, times: tuple, cond: torch.Tensor | None) -> None:
         if x.ndim != 3 or x.shape[2] != self.input_dim or x.shape[1] % self.horizon_multiple:
@@ -154,6 +160,8 @@ class ConditionalUnet1D(nn.Module):
         order."""
         films = iter(films)
         h = x.transpose(1, 2)  # (batch, channels, horizon)
+        if getattr(self, "layout", "ncl") == "nhwc":
+            h = h.unsqueeze(2)  # x (batch, horizon, dim) contiguous: this view is channels-last already
         skips = []
         for res1, res2, downsample in self.down:
             h = res2.apply_film(res1.apply_film(h, next(films)), next(films))
@@ -164,7 +172,8 @@ class ConditionalUnet1D(nn.Module):
         for res1, res2, upsample in self.up:
             h = torch.cat([h, skips.pop()], dim=1)
             h = upsample(res2.apply_film(res1.apply_film(h, next(films)), next(films)))
-        return self.final(h).transpose(1, 2)
+        out = self.final(h)
+        return (out.squeeze(2) if out.ndim == 4 else out).transpose(1, 2)
 
 
 def load_teacher_into_student(student: ConditionalUnet1D, teacher: ConditionalUnet1D) -> None:
