@@ -68,8 +68,10 @@ CALIBRATE_MIN_MACS = 2**25
 # layer's measurement take seconds; the matrix products only grow more favourable with more rows).
 CALIBRATE_MAX_ROWS = 256
 MARGIN = 0.9  # the GEMM form replaces a native convolution only if its slowest round is <= MARGIN x native's best
-# A U-Net form (layout, Mish) replaces the native one only if the whole network's slowest round with it is <=
-# FORM_MARGIN x the native network's best: the forms gain 5-25% each, and a round's own spread is a few percent.
+# A U-Net form (layout, Mish) replaces the native one only if the whole network's best round with it is <=
+# FORM_MARGIN x the native network's best. Best against best, not the engines' slowest-against-best: the forms
+# compute the same numbers up to rounding (a wrong pick costs time, never a score), and on a machine busy with
+# other work the rounds' spread (10-20%) would keep the native form whatever it measured.
 FORM_MARGIN = 0.95
 FORMS_MIN_MACS = 2**28  # a U-Net of fewer convolution multiply-adds per call keeps the native forms unmeasured
 LAYOUTS = ("ncl", "nhwc")
@@ -365,8 +367,8 @@ def calibrate_forms(net: nn.Module, example: tuple, precision: str = "fp32",
                     margin: float | None = None) -> tuple[tuple[str, str], dict]:
     """Measure the whole U-Net's forward + backward at the example's rows (at most CALIBRATE_MAX_ROWS) in every
     form of FORMS, taking turns: ((layout, mish) chosen, the record). A form other than the native one is chosen
-    when its slowest round is <= margin (default FORM_MARGIN) x the native form's best (the fastest such by best
-    round) and its output matches the native one. A U-Net under FORMS_MIN_MACS stays native, unmeasured. Cached
+    when its best round is <= margin (default FORM_MARGIN) x the native form's best (the fastest such) and its
+    output matches the native one. A U-Net under FORMS_MIN_MACS stays native, unmeasured. Cached
     per machine like calibrate_convs (<cache_dir>/engines/training_forms.json; a record measured on a busy
     machine is measured again on a quieter one)."""
     import os
@@ -417,7 +419,7 @@ def calibrate_forms(net: nn.Module, example: tuple, precision: str = "fp32",
     diffs = {"/".join(f): float((o - ref).abs().max()) for f, o in outs.items()}
     native = best["/".join(FORMS[0])]
     margin = FORM_MARGIN if margin is None else margin
-    ok = [f for f in FORMS[1:] if worst["/".join(f)] <= margin * native and diffs["/".join(f)] <= tol]
+    ok = [f for f in FORMS[1:] if best["/".join(f)] <= margin * native and diffs["/".join(f)] <= tol]
     choice = min(ok, key=lambda f: best["/".join(f)]) if ok else FORMS[0]
     rec = {"choice": list(choice), "rows": rows, "load": round(os.getloadavg()[0], 2),
            "best_ms": {k: round(v * 1e3, 3) for k, v in best.items()},
