@@ -5,7 +5,7 @@ from __future__ import annotations
 
 # in the order docs/results.md shows them
 ALL = ("eq4_forms", "dsm_forms", "inverse_dynamics_plans", "training_seeds", "term_balance", "bf16_scores",
-       "learning_curves", "quick_budget")
+       "learning_curves", "quick_budget", "training_forms")
 
 
 def sections(data) -> list[str]:

@@ -1,0 +1,217 @@
+"""Does a faster training form keep the scores? The README's first command's models trained in two forms of
+`TrainConfig.accel` (ractd.accel), paired by training seed.
+
+The forms compute the same function up to float rounding (tests/test_accel.py), but rounding differences grow over
+thousands of optimizer steps, so two runs of one seed in two forms end as two different models: whether that moves
+the score is measured here, as issue 28 asks, on training seeds. For each --forms F and training seed this study
+trains the quick sweep's maze2d-umaze teacher and its Table 9 trial (`quick_budget.stage_configs`, 1200 teacher
+steps) with accel F in both stages, then evaluates the teacher's Heun-80 and the student's selected checkpoint on
+--eval-seeds seeds (the same for every run). A run of the form "eager" already trained by `quick_budget` (the same
+configs; its checkpoints' configs say accel "eager") is read, not trained again.
+
+    python -m ractd_repro.studies.training_forms [--forms eager nhwc] [--train-seeds 0 1 2]
+    python -m ractd_repro.studies.training_forms --report --out docs/results/training_forms   # committed
+
+Writes <out>/results.parquet (default <cache>/bench/training_forms): one row per (form, training seed, policy)
+with the mean normalized score, its SE over the evaluation seeds, n, the form each stage resolved to (from its
+checkpoint) and each stage's training seconds (this process's CPU seconds and wall seconds: numbers of this
+machine under its load, not a benchmark; bench/bench_training.py times the step). The report gives each form's
+mean over training seeds with its SE over seeds, and the difference from the first form: "unchanged" when it is
+within 2 SE of the difference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ractd.errors import run_command
+from ractd.io import atomic_parquet, read_rows
+from ractd.paths import cache_dir
+from ractd_repro.studies import quick_budget
+
+STORE = "training_forms"
+STUDY = "ractd_repro.studies.training_forms"
+TASK = quick_budget.TASK
+TEACHER_STEPS = 1200  # the quick sweep's
+POLICIES = {k: quick_budget.POLICIES[k] for k in ("heun", "student")}
+
+
+def runs_root() -> Path:
+    return cache_dir() / "bench" / "training_forms"
+
+
+def _resolved(stage_dir: Path) -> str | None:
+    """The accel a finished stage's checkpoint says it ran with, None without one."""
+    f = stage_dir / "config.json"
+    return json.loads(f.read_text()).get("accel") if f.is_file() else None
+
+
+def run_dir_for(form: str, seed: int) -> Path:
+    """Where the (form, seed) run lives: quick_budget's run of the seed when the form is eager and that run's two
+    stages were trained eager, else this study's own folder."""
+    from ractd_repro.models import run_finished
+
+    qb = quick_budget.runs_root() / f"t{TEACHER_STEPS}-s{seed}"
+    if form == "eager" and all(_resolved(qb / stage) == "eager" and run_finished(qb / stage)
+                               for stage in ("teacher", "student")):
+        return qb
+    return runs_root() / f"{form}-s{seed}"
+
+
+def _timed_train(cfg, progress: bool, record: Path) -> None:
+    """Train one stage; a run this call trained from its first step writes its CPU and wall seconds to record."""
+    from ractd.train import RunContext, train
+
+    fresh = not (cfg.stage_dir / "latest" / "checkpoint.pt").is_file()
+    c0, w0 = time.process_time(), time.perf_counter()
+    train(cfg, RunContext(progress=progress))  # a finished run returns at once
+    if fresh:
+        record.write_text(json.dumps({"cpu_s": round(time.process_time() - c0, 1),
+                                      "wall_s": round(time.perf_counter() - w0, 1)}) + "\n")
+
+
+def run_one(form: str, seed: int, eval_seeds: int, scale: str = "small", threads: int = 1,
+            progress: bool = True) -> list[dict]:
+    """Train (or find) one form's teacher and student for one seed, evaluate the policies (or read their records)."""
+    import torch
+
+    from ractd.evaluate import EvalConfig, evaluate_checkpoint
+
+    torch.set_num_threads(threads)
+    run_dir = run_dir_for(form, seed)
+    teacher, student = quick_budget.stage_configs(TEACHER_STEPS, seed, run_dir, scale)
+    teacher, student = (dataclasses.replace(c, accel=form) for c in (teacher, student))
+    times = {}
+    for cfg in (teacher, student):
+        record = run_dir / f"{cfg.stage}_time.json"
+        if run_dir.parent == runs_root():
+            _timed_train(cfg, progress, record)
+        times[cfg.stage] = json.loads(record.read_text()) if record.is_file() else {}
+    qb_time = run_dir / "teacher_time_s.txt"  # quick_budget's own record (wall seconds) of an adopted run
+    if not times["teacher"] and qb_time.is_file():
+        times["teacher"] = {"wall_s": float(qb_time.read_text())}
+    rows = []
+    for name, (stage, sampler, nfe) in POLICIES.items():
+        out = run_dir / f"eval-{name}.parquet"
+        if not out.is_file():
+            ckpt = (teacher if stage == "teacher" else student).stage_dir / "best.pt"
+            evaluate_checkpoint(EvalConfig(task=TASK, sampler=sampler, nfe=nfe, checkpoint=str(ckpt),
+                                           seeds=eval_seeds, out=str(out)), progress=progress)
+        x = np.asarray([r["normalized_score"] for r in read_rows(out)], float)
+        rows.append({"task": TASK, "scale": scale, "form": form, "seed": seed, "policy": name,
+                     "mean": float(x.mean()), "se": float(x.std(ddof=1) / math.sqrt(len(x))), "n": len(x),
+                     "teacher_accel": _resolved(teacher.stage_dir), "student_accel": _resolved(student.stage_dir),
+                     **{f"{stage}_{k}": float(times[stage].get(k, math.nan)) for stage in ("teacher", "student")
+                        for k in ("cpu_s", "wall_s")}})
+    return rows
+
+
+def compare(rows: list[dict], policy: str = "student") -> list[dict]:
+    """Each form against the first form of the rows on the seeds both have: their means over training seeds, each
+    mean's SE over seeds, the difference and its SE (the two in quadrature), "unchanged" when |difference| <= 2 SE;
+    and the per-seed differences. A form with fewer than 2 seeds in common has no SE over seeds: not compared."""
+    forms = list(dict.fromkeys(r["form"] for r in rows if r["policy"] == policy))
+    by = {(r["form"], r["seed"]): r["mean"] for r in rows if r["policy"] == policy}
+    out = []
+    for form in forms[1:]:
+        seeds = sorted(s for f, s in by if f == form and (forms[0], s) in by)
+        if len(seeds) < 2:
+            continue
+        a = np.asarray([by[(forms[0], s)] for s in seeds])
+        b = np.asarray([by[(form, s)] for s in seeds])
+        se_a, se_b = a.std(ddof=1) / math.sqrt(len(a)), b.std(ddof=1) / math.sqrt(len(b))
+        d, se = float(b.mean() - a.mean()), math.hypot(se_a, se_b)
+        out.append({"form": form, "reference": forms[0], "policy": policy, "seeds": seeds, "mean": float(b.mean()),
+                    "reference_mean": float(a.mean()), "difference": d, "se": se, "unchanged": abs(d) <= 2 * se,
+                    "per_seed": [float(x) for x in b - a]})
+    return out
+
+
+def report_lines(rows: list[dict]) -> list[str]:
+    from tabulate import tabulate
+
+    seeds = sorted({r["seed"] for r in rows})
+    cells = []
+    for form in dict.fromkeys(r["form"] for r in rows):
+        for policy in POLICIES:
+            got = {r["seed"]: r for r in rows if r["form"] == form and r["policy"] == policy}
+            if got:
+                means = [got[s]["mean"] for s in seeds if s in got]
+                cells.append([form, policy, *(f"{got[s]['mean']:.1f} ± {got[s]['se']:.1f}" if s in got else "—"
+                                              for s in seeds), f"{np.mean(means):.1f}"])
+    lines = [tabulate(cells, headers=["form", "policy", *(f"seed {s}" for s in seeds), "mean of seeds"],
+                      tablefmt="github", disable_numparse=True), ""]
+    for policy in POLICIES:
+        for c in compare(rows, policy):
+            lines.append(f"{policy}, {c['form']} vs {c['reference']} on seeds {c['seeds']}: mean of seeds "
+                         f"{c['mean']:.1f} vs {c['reference_mean']:.1f}, {c['difference']:+.1f} ± {c['se']:.1f} "
+                         f"(SE over seeds) -- {'unchanged' if c['unchanged'] else 'CHANGED (more than 2 SE)'}; "
+                         "per seed " + ", ".join(f"{x:+.1f}" for x in c["per_seed"]))
+    for stage in ("teacher", "student"):
+        parts = []
+        for form in dict.fromkeys(r["form"] for r in rows):
+            got = [r for r in rows if r["form"] == form and r["policy"] == "student"]
+            cpu, wall = ([r[f"{stage}_{k}"] for r in got if math.isfinite(r[f"{stage}_{k}"])]
+                         for k in ("cpu_s", "wall_s"))
+            if cpu:
+                parts.append(f"{form} {np.median(cpu):.0f} s CPU / {np.median(wall):.0f} s wall")
+            elif wall:
+                parts.append(f"{form} {np.median(wall):.0f} s wall (CPU seconds not recorded)")
+            else:
+                parts.append(f"{form} not recorded")
+        lines.append(f"{stage} training, median over seeds (this machine beside other jobs: not a benchmark): "
+                     + ", ".join(parts))
+    return lines
+
+
+def section(data: Path) -> list[str]:
+    """docs/results.md's part for this study: <data>/training_forms/results.parquet."""
+    rows = read_rows(Path(data) / STORE / "results.parquet")
+    if not rows:
+        return []
+    return [f"### Training forms on paired training seeds ({STUDY})", "",
+            "maze2d-umaze, the quick sweep's teacher (1200 steps) and Table 9 trial trained in each form of "
+            "`TrainConfig.accel` per training seed; normalized score, mean ± SE over the same evaluation seeds. "
+            "The forms compute the same function up to float rounding; this asks whether the models they end at "
+            "score alike.", "", *report_lines(rows), ""]
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ractd.accel import ACCELS
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--forms", nargs="+", choices=[a for a in ACCELS if a != "auto"], default=["eager", "nhwc"],
+                    help="the first is the reference")
+    ap.add_argument("--train-seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--eval-seeds", type=int, default=100)
+    ap.add_argument("--scale", default="small")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads")
+    ap.add_argument("--out", default="", help="default <cache>/bench/training_forms")
+    ap.add_argument("--report", action="store_true", help="only print the report of the store in --out")
+    ap.add_argument("--quiet", action="store_true")
+    args = ap.parse_args(argv)
+    return run_command(lambda: run(args))
+
+
+def run(args) -> int:
+    out = Path(args.out).expanduser() if args.out else runs_root()
+    store = out / "results.parquet"
+    if not args.report:
+        rows = [r for form in args.forms for seed in args.train_seeds
+                for r in run_one(form, seed, args.eval_seeds, args.scale, args.threads, not args.quiet)]
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_parquet(store, rows)
+    print("\n".join(report_lines(read_rows(store, required=True))))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

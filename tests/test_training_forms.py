@@ -1,0 +1,54 @@
+"""The training-forms study: which runs it adopts from quick_budget, and its rule over paired training seeds."""
+
+import json
+import math
+
+import numpy as np
+
+from ractd_repro.studies import quick_budget
+from ractd_repro.studies import training_forms as tf
+
+
+def _row(form, seed, mean, policy="student"):
+    return {"form": form, "seed": seed, "policy": policy, "mean": mean, "se": 3.0, "n": 100,
+            **{f"{s}_{k}": math.nan for s in ("teacher", "student") for k in ("cpu_s", "wall_s")}}
+
+
+def test_each_form_is_compared_with_the_first_over_the_seeds_both_have():
+    rows = [_row("eager", 0, 120.0), _row("eager", 1, 110.0), _row("eager", 2, 130.0),
+            _row("nhwc", 0, 118.0), _row("nhwc", 1, 114.0), _row("nhwc", 2, 125.0), _row("nhwc", 3, 10.0),
+            _row("gemm", 0, 60.0), _row("gemm", 1, 62.0), _row("gemm", 2, 58.0),
+            _row("nhwc", 0, 1.0, policy="heun")]  # another policy: not in this comparison
+    got = {c["form"]: c for c in tf.compare(rows)}
+    nhwc, gemm = got["nhwc"], got["gemm"]
+    assert nhwc["seeds"] == [0, 1, 2] and nhwc["reference"] == "eager"  # seed 3 has no eager run
+    se = math.hypot(np.std([120, 110, 130], ddof=1) / math.sqrt(3), np.std([118, 114, 125], ddof=1) / math.sqrt(3))
+    assert math.isclose(nhwc["difference"], 119.0 - 120.0) and math.isclose(nhwc["se"], se)
+    assert nhwc["unchanged"] and nhwc["per_seed"] == [-2.0, 4.0, -5.0]
+    assert not gemm["unchanged"]  # 60 against 120 with seed SEs of a few points
+    text = "\n".join(tf.report_lines(rows))
+    assert "student, nhwc vs eager on seeds [0, 1, 2]: mean of seeds 119.0 vs 120.0, -1.0" in text
+    assert "gemm vs eager" in text and "CHANGED" in text
+    assert tf.compare([_row("eager", 0, 1.0), _row("nhwc", 0, 2.0)]) == []  # one seed: no SE over seeds
+
+
+def _stage(folder, accel, steps=10, last=10):
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"accel": accel, "steps": steps}))
+    (folder / "metrics.jsonl").write_text(json.dumps({"step": last}) + "\n")
+
+
+def test_the_eager_form_adopts_a_finished_eager_quick_budget_run_only(tmp_path, monkeypatch):
+    monkeypatch.setenv("RACTD_CACHE_DIR", str(tmp_path))
+    qb = quick_budget.runs_root()
+    _stage(qb / "t1200-s0" / "teacher", "eager")
+    _stage(qb / "t1200-s0" / "student", "eager")
+    _stage(qb / "t1200-s1" / "teacher", "eager")
+    _stage(qb / "t1200-s1" / "student", "eager", last=5)  # stopped before its last step
+    _stage(qb / "t1200-s2" / "teacher", "gemm")
+    _stage(qb / "t1200-s2" / "student", "gemm")
+    assert tf.run_dir_for("eager", 0) == qb / "t1200-s0"
+    assert tf.run_dir_for("eager", 1) == tf.runs_root() / "eager-s1"
+    assert tf.run_dir_for("eager", 2) == tf.runs_root() / "eager-s2"
+    assert tf.run_dir_for("nhwc", 0) == tf.runs_root() / "nhwc-s0"
+    assert tf.run_dir_for("eager", 3) == tf.runs_root() / "eager-s3"  # nothing there
