@@ -261,6 +261,23 @@ def test_stacked_student_calls_give_the_unstacked_loss_and_gradients(cfg):
         _close(a, b, rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_the_student_loss_in_the_nhwc_form_gives_the_native_loss_and_gradients():
+    student, teacher, reward, x0, cond = _student_case()
+    fast_student, fast_teacher = copy.deepcopy(student), copy.deepcopy(teacher)
+    for net in (fast_student, fast_teacher):
+        accel.set_forms(net, "nhwc", "exp")
+    cfg = ctm.DistillConfig(sigma=0.5)
+    out = {}
+    for name, (s, t) in {"native": (student, teacher), "nhwc": (fast_student, fast_teacher)}.items():
+        torch.manual_seed(3)
+        terms = ctm.ractd_loss(s, t, reward, x0, cond, cond, cfg)
+        out[name] = terms, torch.autograd.grad(terms["loss"], list(s.parameters()))
+    (ref, g_ref), (fast, g_fast) = out["native"], out["nhwc"]
+    for k in ref:
+        _close(fast[k], ref[k], rtol=1e-4, atol=1e-5, msg=k)
+    for (name, _), a, b in zip(student.named_parameters(), g_fast, g_ref):
+        _close(a, b, rtol=1e-3, atol=1e-5, msg=name)
+
 def test_autocast_resolves_to_bf16_only_on_bf16_hardware(monkeypatch):
     for flags, expected in (({"avx512f"}, "fp32"), ({"amx_bf16", "amx_tile"}, "bf16"), ({"avx512_bf16"}, "bf16")):
         monkeypatch.setattr(accel, "cpu_flags", lambda flags=flags: flags)
