@@ -20,6 +20,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+
 from ractd.tasks import get_task
 from ractd_repro.claims import Z, _cells, _diff, _fmt, better, claims
 from ractd_repro.document import _eval_compute, _sweep_section, _sweep_tables, _train_compute
@@ -169,6 +171,40 @@ def goals(cells: dict, seeds: list[dict] = ()) -> list[list[str]]:
     return out
 
 
+IMITATORS = (("bc", "BC"), ("teacher-heun-80", "teacher Heun-80"), ("teacher-euler-1", "its one-step Euler"),
+             ("ctd", "CTD"))
+
+
+def teacher_causes(rows: list[dict], cells: dict, goal_rows: list[list[str]]) -> list[str]:
+    """For each task whose teacher is below its data's level: what the store says of the cause. The models trained
+    on the whole dataset (BC, the teacher, its one-step Euler, CTD) against the data's episodes (median, 10th and
+    90th percentiles) and BC on its best 10% of trajectories; when every whole-data imitator is below the data and
+    10% BC is not, the line says so: the data holds a policy worth imitating that imitating the whole mixture does
+    not reach (a finding of this budget and dataset, not a proof of its mechanism)."""
+    out = []
+    for goal, task, verdict, _ in goal_rows:
+        if not goal.startswith("teacher ") or verdict != "does not hold":
+            continue
+        c = {m: s for (t, m), s in cells.items() if t == task}
+        data = np.asarray([r["normalized_score"] for r in rows if r["task"] == task and r["method"] == "data"])
+        parts = [f"{label} {_fmt(c[m])}" for m, label in IMITATORS if m in c]
+        line = (f"- **{task}**: trained on the whole dataset, {', '.join(parts)}; the data's "
+                f"{len(data)} episodes score median {np.median(data):.1f} (10th-90th percentile "
+                f"{np.quantile(data, 0.1):.1f} to {np.quantile(data, 0.9):.1f}), mean {c['data']['mean']:.1f}")
+        if "bc-10" in c:
+            line += f"; BC on its best 10% of trajectories {_fmt(c['bc-10'])}"
+        below = [m for m, _ in IMITATORS if m in c and better(c[m], c["data"]) == "does not hold"]
+        top_ok = "bc-10" in c and better(c["bc-10"], c["data"]) != "does not hold"
+        if top_ok and len(below) == sum(m in c for m, _ in IMITATORS):
+            line += (". Every model of the whole dataset is below the data while BC on its best trajectories is "
+                     "not: the data holds behaviour worth imitating, and imitating its whole mixture of policies "
+                     "does not reach it (the held-out curves below say whether the teacher had stopped improving).")
+        else:
+            line += "."
+        out.append(line)
+    return out
+
+
 def _summary(goal_rows: list[list[str]], counts: dict[str, int]) -> list[str]:
     def tally(label: str) -> str:  # label: one goal's exact name, or a prefix (ending in a space) of several
         rows = [g for g in goal_rows if g[0] == label or (label.endswith(" ") and g[0].startswith(label))]
@@ -229,6 +265,9 @@ def render(data: Path, write: bool = True) -> str:
               "first is below the second at that level.", "",
               tabulate(goal_rows, headers=["goal", "task", "verdict", "evidence"], tablefmt="github",
                        disable_numparse=True), ""]
+    causes = teacher_causes(rows, cells, goal_rows)
+    if causes:
+        lines += ["### Where the teacher is below its data", "", *causes, ""]
     verdicts = claims(rows, rewards, sweeps)
     if verdicts:
         lines += ["## The paper's claims on these tasks", "",

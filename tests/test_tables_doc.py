@@ -44,6 +44,26 @@ def test_goals_on_hand_worked_cells(tmp_path):
     assert not any(k[1].startswith("maze2d") and "warm start" in k[0] for k in g)
 
 
+def test_a_teacher_below_its_data_gets_the_stores_account_of_the_cause(tmp_path):
+    store = ResultsStore(tmp_path / "store")
+    _hopper(store, teacher=5.0, data=10.0, warm=6.0, ctd=6.0, bc10=30.0)
+    store.write_episodes(_eps(HMR, "bc", 4.0))
+    rows = store.episodes()
+    cells = _cells(rows)
+    text = "\n".join(tables_doc.teacher_causes(rows, cells, tables_doc.goals(cells)))
+    assert text.startswith(f"- **{HMR}**: trained on the whole dataset, BC 4.0") and "median 10.0" in text
+    assert "BC on its best 10% of trajectories 30.0" in text and "imitating its whole mixture" in text
+    store = ResultsStore(tmp_path / "store2")  # 10% BC below the data too: the store says nothing of a cause
+    _hopper(store, teacher=5.0, data=10.0, warm=6.0, ctd=6.0, bc10=7.0)
+    rows = store.episodes()
+    cells = _cells(rows)
+    text = "\n".join(tables_doc.teacher_causes(rows, cells, tables_doc.goals(cells)))
+    assert "BC on its best 10% of trajectories 7.0" in text and "mixture" not in text
+    store = ResultsStore(tmp_path / "store3")  # a teacher at its data's level: no line
+    _hopper(store)
+    rows = store.episodes()
+    assert tables_doc.teacher_causes(rows, _cells(rows), tables_doc.goals(_cells(rows))) == []
+
 def _seed(method, seed, mean, sem=1.0):
     return {"method": method, "train_seed": seed, "best_mean": mean, "best_sem": sem, "final_mean": mean,
             "final_sem": sem}
