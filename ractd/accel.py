@@ -35,7 +35,8 @@ recorded beside it), else "eager"; never "compile" on its own (its compilation t
 bench, not guessed here); on CUDA "eager" (cuDNN) -- "compile" when asked. autocast auto: bf16 on a CUDA
 device that supports it and on a CPU that multiplies bf16 in hardware (AMX-BF16 or AVX512-BF16), fp32 elsewhere.
 On CUDA TF32 matrix products are allowed with autocast bf16 (the fp32 parts that remain). The resolved names go
-into the checkpoint's config; `Plan.record()` (the optimizer, the GEMM layers, the forms, the calibrations) into its meta.
+into the checkpoint's config; `Plan.record()` (the optimizer, the GEMM layers, the forms, the calibrations) into
+its meta.
 """
 
 from __future__ import annotations
