@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from ractd import RactdError, accel, ctm, edm
+from ractd import RactdError, accel, accel_layers, ctm, edm
 from ractd.config import UNET_PRESETS
 from ractd.nets.mlp import ResidualMLP
 from ractd.nets.unet1d import ConditionalUnet1D, load_teacher_into_student
@@ -131,8 +131,8 @@ def test_plan_resolves_the_forms_by_measuring_the_whole_network(monkeypatch, tmp
     plan = accel.plan_for("auto", "fp32", den, teacher, 8, 16, "cpu")  # a tiny net: nothing measured
     assert (plan.accel, plan.layout, plan.mish) == ("eager", "ncl", "native")
     assert plan.forms_calibration["skipped"] and accel.forms(den.net) == ("ncl", "native")
-    monkeypatch.setattr(accel, "FORMS_MIN_MACS", 0)
-    monkeypatch.setattr(accel, "FORM_MARGIN", 0.0)  # no form can win by that margin: native
+    monkeypatch.setattr(accel_layers, "FORMS_MIN_MACS", 0)
+    monkeypatch.setattr(accel_layers, "FORM_MARGIN", 0.0)  # no form can win by that margin: native
     plan = accel.plan_for("auto", "fp32", den, teacher, 8, 16, "cpu")
     rec = plan.forms_calibration
     assert plan.layout == "ncl" and plan.mish == "native" and set(rec["best_ms"]) == {"/".join(f) for f in accel.FORMS}
@@ -289,8 +289,8 @@ def test_plan_resolves_auto_by_the_calibration(monkeypatch):
     den = edm.Denoiser(_unet())
     plan = accel.plan_for("auto", "fp32", den, None, 8, 16, "cpu")
     assert plan.accel == "eager" and plan.gemm_layers == {}  # a tiny net: nothing worth measuring
-    monkeypatch.setattr(accel, "CALIBRATE_MIN_MACS", 0)  # every layer measured, and the GEMM form "faster"
-    monkeypatch.setattr(accel, "_measure_layer", lambda *a, **k: {"grad": True, "nograd": False, "rows": 8})
+    monkeypatch.setattr(accel_layers, "CALIBRATE_MIN_MACS", 0)  # every layer measured, and the GEMM form "faster"
+    monkeypatch.setattr(accel_layers, "_measure_layer", lambda *a, **k: {"grad": True, "nograd": False, "rows": 8})
     monkeypatch.setattr(accel, "confirm", lambda *a, **k: False)  # ... but not the whole network: eager
     plan = accel.plan_for("auto", "fp32", den, None, 8, 16, "cpu")
     assert plan.accel == "eager" and plan.gemm_layers == {} and accel.conv_impls(den.net) == {}
