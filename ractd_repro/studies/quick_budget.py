@@ -144,30 +144,38 @@ def section(data: Path) -> list[str]:
             "start); student: the distilled student's selected checkpoint.", "", *report_lines(rows), ""]
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--teacher-steps", nargs="+", type=int, default=[1200, 600])
+def parser(doc: str, default_out: str) -> argparse.ArgumentParser:
+    """The flags this study and ractd_repro.studies.training_forms share (the caller adds its grid's own)."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--train-seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--eval-seeds", type=int, default=100)
     ap.add_argument("--scale", default="small")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (two studies side by side: 1 each)")
-    ap.add_argument("--out", default="", help="default <cache>/bench/quick_teacher")
+    ap.add_argument("--out", default="", help=f"default {default_out}")
     ap.add_argument("--report", action="store_true", help="only print the report of the store in --out")
     ap.add_argument("--quiet", action="store_true")
-    args = ap.parse_args(argv)
-    return run_command(lambda: run(args))
+    return ap
 
 
-def run(args) -> int:
-    out = Path(args.out).expanduser() if args.out else runs_root()
+def run_grid(args, keys: list, one, default_out: Path, report) -> int:
+    """Every (key, training seed) run of the grid (one(key, seed, eval_seeds, scale, threads, progress) -> rows)
+    unless --report, its rows written to <out>/results.parquet; then the report of the store."""
+    out = Path(args.out).expanduser() if args.out else default_out
     store = out / "results.parquet"
     if not args.report:
-        rows = [r for steps in args.teacher_steps for seed in args.train_seeds
-                for r in run_one(steps, seed, args.eval_seeds, args.scale, args.threads, not args.quiet)]
+        rows = [r for key in keys for seed in args.train_seeds
+                for r in one(key, seed, args.eval_seeds, args.scale, args.threads, not args.quiet)]
         out.mkdir(parents=True, exist_ok=True)
         atomic_parquet(store, rows)
-    print("\n".join(report_lines(read_rows(store, required=True))))
+    print("\n".join(report(read_rows(store, required=True))))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = parser(__doc__, "<cache>/bench/quick_teacher")
+    ap.add_argument("--teacher-steps", nargs="+", type=int, default=[1200, 600])
+    args = ap.parse_args(argv)
+    return run_command(lambda: run_grid(args, args.teacher_steps, run_one, runs_root(), report_lines))
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ within 2 SE of the difference.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -33,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from ractd.errors import run_command
-from ractd.io import atomic_parquet, read_rows
+from ractd.io import read_rows
 from ractd.paths import cache_dir
 from ractd_repro.studies import quick_budget
 
@@ -187,30 +186,11 @@ def section(data: Path) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     from ractd.accel import ACCELS
 
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = quick_budget.parser(__doc__, "<cache>/bench/training_forms")
     ap.add_argument("--forms", nargs="+", choices=[a for a in ACCELS if a != "auto"], default=["eager", "nhwc"],
                     help="the first is the reference")
-    ap.add_argument("--train-seeds", nargs="+", type=int, default=[0, 1, 2])
-    ap.add_argument("--eval-seeds", type=int, default=100)
-    ap.add_argument("--scale", default="small")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads")
-    ap.add_argument("--out", default="", help="default <cache>/bench/training_forms")
-    ap.add_argument("--report", action="store_true", help="only print the report of the store in --out")
-    ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
-    return run_command(lambda: run(args))
-
-
-def run(args) -> int:
-    out = Path(args.out).expanduser() if args.out else runs_root()
-    store = out / "results.parquet"
-    if not args.report:
-        rows = [r for form in args.forms for seed in args.train_seeds
-                for r in run_one(form, seed, args.eval_seeds, args.scale, args.threads, not args.quiet)]
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_parquet(store, rows)
-    print("\n".join(report_lines(read_rows(store, required=True))))
-    return 0
+    return run_command(lambda: quick_budget.run_grid(args, args.forms, run_one, runs_root(), report_lines))
 
 
 if __name__ == "__main__":
