@@ -105,20 +105,27 @@ def paired(rows: list[dict], policy: str = "student") -> list[dict]:
     return out
 
 
-def report_lines(rows: list[dict]) -> list[str]:
+def seed_table(rows: list[dict], key: str, keys: list, policies) -> str:
+    """One line per (key value, policy): each training seed's mean ± SE and the mean over seeds (this study's and
+    training_forms' table)."""
     from tabulate import tabulate
 
     seeds = sorted({r["seed"] for r in rows})
     cells = []
-    for steps in sorted({r["teacher_steps"] for r in rows}, reverse=True):
-        for policy in POLICIES:
-            got = {r["seed"]: r for r in rows if r["teacher_steps"] == steps and r["policy"] == policy}
+    for k in keys:
+        for policy in policies:
+            got = {r["seed"]: r for r in rows if r[key] == k and r["policy"] == policy}
             if got:
                 means = [got[s]["mean"] for s in seeds if s in got]
-                cells.append([steps, policy, *(f"{got[s]['mean']:.1f} ± {got[s]['se']:.1f}" if s in got else "—"
-                                               for s in seeds), f"{np.mean(means):.1f}"])
-    lines = [tabulate(cells, headers=["teacher steps", "policy", *(f"seed {s}" for s in seeds), "mean of seeds"],
-                      tablefmt="github", disable_numparse=True), ""]
+                cells.append([k, policy, *(f"{got[s]['mean']:.1f} ± {got[s]['se']:.1f}" if s in got else "—"
+                                           for s in seeds), f"{np.mean(means):.1f}"])
+    return tabulate(cells, headers=[key.replace("_", " "), "policy", *(f"seed {s}" for s in seeds), "mean of seeds"],
+                    tablefmt="github", disable_numparse=True)
+
+
+def report_lines(rows: list[dict]) -> list[str]:
+    steps = sorted({r["teacher_steps"] for r in rows}, reverse=True)
+    lines = [seed_table(rows, "teacher_steps", steps, POLICIES), ""]
     for p in paired(rows):
         lines.append(f"student, {p['teacher_steps']} teacher steps vs {p['reference_steps']}, seed {p['seed']}: "
                      f"{p['difference']:+.1f} ± {p['se']:.1f}" + ("  BELOW (more than 2 SE)" if p["below"] else ""))

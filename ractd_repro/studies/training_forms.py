@@ -135,19 +135,7 @@ def compare(rows: list[dict], policy: str = "student") -> list[dict]:
 
 
 def report_lines(rows: list[dict]) -> list[str]:
-    from tabulate import tabulate
-
-    seeds = sorted({r["seed"] for r in rows})
-    cells = []
-    for form in dict.fromkeys(r["form"] for r in rows):
-        for policy in POLICIES:
-            got = {r["seed"]: r for r in rows if r["form"] == form and r["policy"] == policy}
-            if got:
-                means = [got[s]["mean"] for s in seeds if s in got]
-                cells.append([form, policy, *(f"{got[s]['mean']:.1f} ± {got[s]['se']:.1f}" if s in got else "—"
-                                              for s in seeds), f"{np.mean(means):.1f}"])
-    lines = [tabulate(cells, headers=["form", "policy", *(f"seed {s}" for s in seeds), "mean of seeds"],
-                      tablefmt="github", disable_numparse=True), ""]
+    lines = [quick_budget.seed_table(rows, "form", list(dict.fromkeys(r["form"] for r in rows)), POLICIES), ""]
     for policy in POLICIES:
         for c in compare(rows, policy):
             lines.append(f"{policy}, {c['form']} vs {c['reference']} on seeds {c['seeds']}: mean of seeds "
