@@ -52,6 +52,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ractd.accel import ACCELS
 from ractd.errors import run_command
 from ractd.evaluate import EvalConfig, evaluate_checkpoint
 from ractd.io import atomic_parquet, read_rows
@@ -96,7 +97,7 @@ def method_config(args, method: str, seed: int, out: Path, teacher: str, reward:
                                      **({"steps": args.bc_steps} if args.bc_steps else {})).resolved()
     base = TrainConfig.for_stage("student", "cpu", task=args.task, scale=args.scale, seed=seed, run_dir=run_dir,
                                  steps=args.steps, batch=args.batch, ckpt_every=args.ckpt_every,
-                                 teacher_ckpt=teacher, reward_ckpt=reward)
+                                 teacher_ckpt=teacher, reward_ckpt=reward, accel=getattr(args, "accel", "auto"))
     w = get_task(args.task).weights
     a, b, s = (1.0, 1.0, 0.0) if method == "ctd" else (w.alpha, w.beta, args.sigma)
     variant = "ctm" if method == "ractd_ctm" else base.distill.reward_variant
@@ -243,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
                     "teacher; default <out>/teacher-seed{seed})")
     ap.add_argument("--nfe", nargs="+", type=int, default=[], help="also evaluate each student's selected "
                     "checkpoint with these step counts (Table 5), e.g. --nfe 2 4")
+    ap.add_argument("--accel", default="auto", choices=ACCELS, help="the students' TrainConfig.accel (ractd.accel; "
+                    "a form's paired seeds: the same --train-seeds with another --out)")
     ap.add_argument("--out", default="", help="default <cache>/bench/seeds/<task>-<scale>")
     ap.add_argument("--report", action="store_true", help="only print the table of the store in --out")
     args = ap.parse_args(argv)
