@@ -307,6 +307,13 @@ def test_training_seed_bc_methods_are_corls_bc_and_10_percent_bc():
     assert cfgs["bc10"].run_dir != cfgs["bc"].run_dir
 
 
+def test_training_seed_students_train_in_the_form_asked_for():
+    ns = argparse.Namespace(task="hopper-medium-replay", scale="tiny", sigma=1.0, steps=10, batch=8, ckpt_every=5,
+                            accel="nhwc")
+    assert training_seeds.method_config(ns, "ractd", 0, Path("/nowhere"), "t.pt", "r.pt").accel == "nhwc"
+    del ns.accel  # a caller without the flag keeps the default
+    assert training_seeds.method_config(ns, "ctd", 0, Path("/nowhere"), "t.pt", "r.pt").accel == "auto"
+
 def test_teacher_rows_rule_against_the_behavior_policy_and_bc():
     """Teachers at 41 +- 1 and 38.5 +- 2 against a behavior policy at 38: both at or above -> holds; a third at
     37 +- 2 (below, within 2 SE) -> inconclusive; every teacher clearly below -> does not hold. Against BC at
