@@ -52,3 +52,27 @@ def test_the_eager_form_adopts_a_finished_eager_quick_budget_run_only(tmp_path, 
     assert tf.run_dir_for("eager", 2) == tf.runs_root() / "eager-s2"
     assert tf.run_dir_for("nhwc", 0) == tf.runs_root() / "nhwc-s0"
     assert tf.run_dir_for("eager", 3) == tf.runs_root() / "eager-s3"  # nothing there
+
+
+def test_a_form_is_measured_against_the_reference_run_of_its_seed(tmp_path, monkeypatch):
+    import torch
+
+    from ractd.io import atomic_parquet
+
+    monkeypatch.setenv("RACTD_CACHE_DIR", str(tmp_path))
+    for form, shift, scores in (("eager", 0.0, [1.0, 2.0, 3.0]), ("nhwc", 1e-6, [1.0, 2.5, 3.0])):
+        run = tf.runs_root() / f"{form}-s0"
+        for stage in ("teacher", "student"):
+            (run / stage).mkdir(parents=True)
+            torch.save({"model": {"w": torch.zeros(3) + shift * (stage == "student"), "b": torch.ones(2)}},
+                       run / stage / "best.pt")
+        for policy in tf.POLICIES:
+            atomic_parquet(run / f"eval-{policy}.parquet", [{"seed": i, "normalized_score": s}
+                                                            for i, s in enumerate(scores)])
+    rows = [_row("nhwc", 0, 2.2, policy=p) for p in tf.POLICIES]
+    got = tf.against_reference(rows, "nhwc", "eager", 0)
+    assert [r["episodes_differing"] for r in got] == [1, 1] and all(r["reference"] == "eager" for r in got)
+    assert got[0]["teacher_max_weight_diff"] == 0.0 and np.isclose(got[0]["student_max_weight_diff"], 1e-6)
+    text = "\n".join(tf.report_lines([_row("eager", 0, 2.0, policy=p) for p in tf.POLICIES] + got))
+    assert "nhwc against eager, seed 0: largest |weight difference| teacher 0.0e+00, student 1.0e-06" in text
+    assert "heun 1 of 100, student 1 of 100" in text

@@ -15,9 +15,10 @@ configs; its checkpoints' configs say accel "eager") is read, not trained again.
 Writes <out>/results.parquet (default <cache>/bench/training_forms): one row per (form, training seed, policy)
 with the mean normalized score, its SE over the evaluation seeds, n, the form each stage resolved to (from its
 checkpoint) and each stage's training seconds (this process's CPU seconds and wall seconds: numbers of this
-machine under its load, not a benchmark; bench/bench_training.py times the step). The report gives each form's
-mean over training seeds with its SE over seeds, and the difference from the first form: "unchanged" when it is
-within 2 SE of the difference.
+machine under its load, not a benchmark; bench/bench_training.py times the step); a form other than the first also
+gets how far its run is from the first form's run of the same seed (each stage's largest |weight difference|, the
+episodes scoring differently). The report gives each form's mean over training seeds with its SE over seeds, and
+the difference from the first form: "unchanged" when it is within 2 SE of the difference.
 """
 
 from __future__ import annotations
@@ -113,6 +114,27 @@ def run_one(form: str, seed: int, eval_seeds: int, scale: str = "small", threads
     return rows
 
 
+def against_reference(rows: list[dict], form: str, reference: str, seed: int) -> list[dict]:
+    """`rows` (one form's run of `seed`) with how far its models and episodes are from the reference form's run of
+    the same seed: each stage's largest |weight difference| over its best.pt's parameters, and per policy the
+    number of evaluation episodes (paired by evaluation seed) whose scores differ."""
+    import torch
+
+    here, there = run_dir_for(form, seed), run_dir_for(reference, seed)
+    diffs = {}
+    for stage in ("teacher", "student"):
+        a, b = (torch.load(d / stage / "best.pt", map_location="cpu", weights_only=False)["model"]
+                for d in (here, there))
+        diffs[f"{stage}_max_weight_diff"] = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+    out = []
+    for r in rows:
+        x, y = ({e["seed"]: e["normalized_score"] for e in read_rows(d / f"eval-{r['policy']}.parquet")}
+                for d in (here, there))
+        out.append({**r, **diffs, "reference": reference,
+                    "episodes_differing": sum(x[k] != y[k] for k in x.keys() & y.keys())})
+    return out
+
+
 def compare(rows: list[dict], policy: str = "student") -> list[dict]:
     """Each form against the first form of the rows on the seeds both have: their means over training seeds, each
     mean's SE over seeds, the difference and its SE (the two in quadrature), "unchanged" when |difference| <= 2 SE;
@@ -136,6 +158,15 @@ def compare(rows: list[dict], policy: str = "student") -> list[dict]:
 
 def report_lines(rows: list[dict]) -> list[str]:
     lines = [quick_budget.seed_table(rows, "form", list(dict.fromkeys(r["form"] for r in rows)), POLICIES), ""]
+    runs: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if isinstance(r.get("reference"), str) and math.isfinite(r.get("teacher_max_weight_diff", math.nan)):
+            runs.setdefault((r["form"], r["reference"], r["seed"]), []).append(r)
+    for (form, reference, seed), got in runs.items():
+        lines.append(f"{form} against {reference}, seed {seed}: largest |weight difference| teacher "
+                     f"{got[0]['teacher_max_weight_diff']:.1e}, student {got[0]['student_max_weight_diff']:.1e}; "
+                     "episodes scoring differently " + ", ".join(f"{r['policy']} {int(r['episodes_differing'])} "
+                                                                 f"of {r['n']}" for r in got))
     for policy in POLICIES:
         for c in compare(rows, policy):
             lines.append(f"{policy}, {c['form']} vs {c['reference']} on seeds {c['seeds']}: mean of seeds "
@@ -178,7 +209,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--forms", nargs="+", choices=[a for a in ACCELS if a != "auto"], default=["eager", "nhwc"],
                     help="the first is the reference")
     args = ap.parse_args(argv)
-    return run_command(lambda: quick_budget.run_grid(args, args.forms, run_one, runs_root(), report_lines))
+
+    def one(form, seed, *rest):
+        rows = run_one(form, seed, *rest)
+        return rows if form == args.forms[0] else against_reference(rows, form, args.forms[0], seed)
+
+    return run_command(lambda: quick_budget.run_grid(args, args.forms, one, runs_root(), report_lines))
 
 
 if __name__ == "__main__":
