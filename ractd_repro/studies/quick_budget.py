@@ -138,17 +138,21 @@ def report_lines(rows: list[dict]) -> list[str]:
     return lines
 
 
+def store_section(data: Path, store: str, title: str, intro: str, report) -> list[str]:
+    """A study's part of docs/results.md: title, intro and report(rows) of <data>/<store>/results.parquet; nothing
+    without rows."""
+    rows = read_rows(Path(data) / store / "results.parquet")
+    return [title, "", intro, "", *report(rows), ""] if rows else []
+
+
 def section(data: Path) -> list[str]:
     """docs/results.md's part for this study: <data>/quick_budget/results.parquet."""
-    f = Path(data) / STORE / "results.parquet"
-    rows = read_rows(f)
-    if not rows:
-        return []
-    return [f"### The first command's teacher budget ({STUDY})", "",
-            "maze2d-umaze, the quick sweep's teacher (small-maze U-Net, batch 64) at each number of steps and its "
-            "Table 9 trial (75 distillation steps), per training seed; normalized score, mean ± SE over the "
-            "same evaluation seeds. heun: the teacher's Heun-80; euler: its one-step Euler (the student's warm "
-            "start); student: the distilled student's selected checkpoint.", "", *report_lines(rows), ""]
+    return store_section(data, STORE, f"### The first command's teacher budget ({STUDY})",
+                         "maze2d-umaze, the quick sweep's teacher (small-maze U-Net, batch 64) at each number of steps "
+                         "and its Table 9 trial (75 distillation steps), per training seed; normalized score, mean ± "
+                         "SE over the same evaluation seeds. heun: the teacher's Heun-80; euler: its one-step Euler "
+                         "(the student's warm start); student: the distilled student's selected checkpoint.",
+                         report_lines)
 
 
 def parser(doc: str, default_out: str) -> argparse.ArgumentParser:

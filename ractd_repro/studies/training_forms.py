@@ -192,14 +192,12 @@ def report_lines(rows: list[dict]) -> list[str]:
 
 def section(data: Path) -> list[str]:
     """docs/results.md's part for this study: <data>/training_forms/results.parquet."""
-    rows = read_rows(Path(data) / STORE / "results.parquet")
-    if not rows:
-        return []
-    return [f"### Training forms on paired training seeds ({STUDY})", "",
-            "maze2d-umaze, the quick sweep's teacher (1200 steps) and Table 9 trial trained in each form of "
-            "`TrainConfig.accel` per training seed; normalized score, mean ± SE over the same evaluation seeds. "
-            "The forms compute the same function up to float rounding; this asks whether the models they end at "
-            "score alike.", "", *report_lines(rows), ""]
+    return quick_budget.store_section(
+        data, STORE, f"### Training forms on paired training seeds ({STUDY})",
+        "maze2d-umaze, the quick sweep's teacher (1200 steps) and Table 9 trial trained in each form of "
+        "`TrainConfig.accel` per training seed; normalized score, mean ± SE over the same evaluation seeds. The forms "
+        "compute the same function up to float rounding; this asks whether the models they end at score alike.",
+        report_lines)
 
 
 def main(argv: list[str] | None = None) -> int:
