@@ -111,6 +111,29 @@ def test_a_unet_in_every_form_is_the_same_network(form):
     assert accel.forms(fast) == ("ncl", "native")
 
 
+def test_the_nhwc_form_under_bf16_autocast_is_the_native_network_under_it():
+    """On a CPU with bf16 hardware accel auto pairs the forms with autocast bf16: the 2D convolutions must take
+    autocast's bf16 as the 1D ones do (a loose tolerance: bf16's rounding differs between the two kernels)."""
+    torch.manual_seed(0)
+    net = _unet()
+    fast = copy.deepcopy(net)
+    accel.set_forms(fast, "nhwc", "exp")
+    x, t, cond = torch.randn(6, 16, 3), torch.rand(6) * 5, torch.randn(6, 5)
+    dtypes = []
+    conv = next(m for m in fast.modules() if isinstance(m, nn.Conv1d) and m.kernel_size == (5,))
+    conv.register_forward_hook(lambda mod, args, out: dtypes.append((out.ndim, out.dtype)))
+    outs = {}
+    for name, m in (("native", net), ("nhwc", fast)):
+        with accel.autocast_context("bf16", "cpu"):
+            out = m(x, (t,), cond)
+        outs[name] = out.float(), torch.autograd.grad(out.float().pow(2).sum(), list(m.parameters()))
+    assert dtypes == [(4, torch.bfloat16)]  # the 2D convolution ran, in autocast's bf16
+    assert outs["nhwc"][0].dtype == torch.float32 and torch.isfinite(outs["nhwc"][0]).all()
+    _close(outs["nhwc"][0], outs["native"][0], rtol=5e-2, atol=5e-2)
+    for a, b in zip(outs["nhwc"][1], outs["native"][1]):
+        assert torch.isfinite(a).all()
+        np.testing.assert_allclose(float(a.norm()), float(b.norm()), rtol=0.1, atol=1e-3)
+
 def test_the_nhwc_layout_and_gemm_layers_exclude_each_other():
     net = _unet()
     names = [n for n, m in net.named_modules() if isinstance(m, nn.Conv1d)]
