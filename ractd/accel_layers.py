@@ -239,7 +239,7 @@ def forms(net: nn.Module) -> tuple[str, str]:
     for unet in net.modules():
         if isinstance(unet, ConditionalUnet1D):
             mish = any(m.__dict__.get("forward") is mish_exp for m in unet.modules() if type(m) is nn.Mish)
-            return getattr(unet, "layout", "ncl"), "exp" if mish else "native"
+            return unet.layout, "exp" if mish else "native"
     return "ncl", "native"
 
 
@@ -257,23 +257,19 @@ def calibrate_forms(net: nn.Module, example: tuple, precision: str = "fp32",
     output matches the native one. A U-Net under FORMS_MIN_MACS stays native, unmeasured. Cached
     per machine like calibrate_convs (<cache_dir>/engines/training_forms.json; a record measured on a busy
     machine is measured again on a quieter one)."""
-    import os
-
-    from ractd.engine_records import machine, read_calibration, write_calibration
+    from ractd.engine_records import load_now, machine, measure_again, read_calibration, store_record
     from ractd.paths import cache_dir
 
     x, times, cond = example
     rows = min(x.shape[0], CALIBRATE_MAX_ROWS)
-    shapes, modules = _conv_inputs(net, example), dict(net.named_modules())
-    macs = sum(rows * shape[2] * modules[name].in_channels * modules[name].out_channels
-               * modules[name].kernel_size[0] // modules[name].stride[0] for name, shape in shapes.items())
+    modules = dict(net.named_modules())
+    macs = sum(_macs(modules[name], rows, shape[2]) for name, shape in _conv_inputs(net, example).items())
     if macs < FORMS_MIN_MACS:
         return FORMS[0], {"choice": list(FORMS[0]), "rows": rows, "skipped": "too small to matter"}
     path = cache_dir() / "engines" / "training_forms.json"
     key = f"{_net_signature(net, example)}|rows{rows}|th{torch.get_num_threads()}|{precision}|{machine()}"
     rec = read_calibration(path).get(key)
-    cpus = os.cpu_count() or 1
-    if isinstance(rec, dict) and not float(rec.get("load", 0.0)) >= cpus > os.getloadavg()[0]:
+    if not measure_again(rec):
         return tuple(rec["choice"]), rec
     gen = torch.Generator(device=x.device).manual_seed(2)
     x = torch.randn((rows, *x.shape[1:]), generator=gen, device=x.device)
@@ -307,14 +303,11 @@ def calibrate_forms(net: nn.Module, example: tuple, precision: str = "fp32",
     margin = FORM_MARGIN if margin is None else margin
     ok = [f for f in FORMS[1:] if best["/".join(f)] <= margin * native and diffs["/".join(f)] <= tol]
     choice = min(ok, key=lambda f: best["/".join(f)]) if ok else FORMS[0]
-    rec = {"choice": list(choice), "rows": rows, "load": round(os.getloadavg()[0], 2),
+    rec = {"choice": list(choice), "rows": rows, "load": load_now(),
            "best_ms": {k: round(v * 1e3, 3) for k, v in best.items()},
            "worst_ms": {k: round(v * 1e3, 3) for k, v in worst.items()}, "max_abs_diff": diffs}
     if x.device.type == "cpu":
-        try:
-            write_calibration(path, key, rec)
-        except OSError as e:
-            log.warning("cannot write the training forms' calibration cache: %s", e)
+        store_record(path, key, rec, "training forms' calibration")
     return choice, rec
 
 
@@ -341,6 +334,11 @@ def _signature(m: nn.Module, shape: tuple) -> tuple:
     return (type(m).__name__, m.in_channels, m.out_channels, m.kernel_size[0], m.stride[0], m.padding[0], shape[2])
 
 
+def _macs(m: nn.Module, rows: int, length: int) -> int:
+    """Multiply-adds of one call of conv layer m on `rows` inputs of `length` steps."""
+    return rows * length * m.in_channels * m.out_channels * m.kernel_size[0] // m.stride[0]
+
+
 def calibrate_convs(net: nn.Module, example: tuple, precision: str = "fp32", rounds: int = 3,
                     round_s: float = 0.05, margin: float = MARGIN) -> tuple[dict[str, tuple[bool, bool]], list[dict]]:
     """Measure each conv layer of `net` (its input shape from net(*example)) natively and in the GEMM form, with
@@ -353,9 +351,7 @@ def calibrate_convs(net: nn.Module, example: tuple, precision: str = "fp32", rou
     a record measured while the machine was busy is measured again on a quieter one). A layer of fewer than
     CALIBRATE_MIN_MACS multiply-adds per call is not measured (native); the GEMM form is used only when its
     output matches the native one."""
-    import os
-
-    from ractd.engine_records import machine, read_calibration, write_calibration
+    from ractd.engine_records import load_now, machine, measure_again, read_calibration, store_record
     from ractd.paths import cache_dir
 
     device = next(net.parameters()).device
@@ -373,20 +369,14 @@ def calibrate_convs(net: nn.Module, example: tuple, precision: str = "fp32", rou
             rows = min(shape[0], CALIBRATE_MAX_ROWS)
             key = f"{sig}|rows{rows}|th{torch.get_num_threads()}|{precision}|{machine()}"
             rec = cached.get(key)
-            cpus = os.cpu_count() or 1
-            if not isinstance(rec, dict) or float(rec.get("load", 0.0)) >= cpus > os.getloadavg()[0]:
-                macs = rows * sig[6] * sig[1] * sig[2] * sig[3] // sig[4]
-                if macs < CALIBRATE_MIN_MACS:
+            if measure_again(rec):
+                if _macs(m, rows, shape[2]) < CALIBRATE_MIN_MACS:
                     rec = {"grad": False, "nograd": False, "rows": rows, "skipped": "too small to matter"}
                 else:
                     x = torch.randn((rows, *shape[1:]), generator=gen, device=device)
-                    rec = {**_measure_layer(m, x, precision, rounds, round_s, margin),
-                           "load": round(os.getloadavg()[0], 2)}
+                    rec = {**_measure_layer(m, x, precision, rounds, round_s, margin), "load": load_now()}
                     if device.type == "cpu":
-                        try:
-                            write_calibration(path, key, rec)
-                        except OSError as e:
-                            log.warning("cannot write the training calibration cache: %s", e)
+                        store_record(path, key, rec, "training calibration")
             by_sig[sig] = rec
         rec = by_sig[sig]
         if rec["grad"] or rec["nograd"]:

@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import time
 from typing import Callable, Sequence
 
@@ -58,10 +57,13 @@ import torch
 from torch import nn
 
 from ractd import RactdError, edm
-from ractd.engine_records import (
+from ractd.engine_records import (  # noqa: F401 -- write_calibration: the cache's writer, used through ractd.engine
     calibration_path,
+    load_now,
     machine,
+    measure_again,
     read_calibration,
+    store_record,
     write_calibration,
 )
 from ractd.timing import seconds_per_call, setup
@@ -420,8 +422,7 @@ class EngineSelector:
         names = set(candidates(self.cfg, self.threads))
         if not isinstance(record, dict) or record.get("choice") not in names:
             return None  # absent, or made with an engine not installed here
-        cpus = os.cpu_count() or 1
-        if float(record.get("load", 0.0)) >= cpus > os.getloadavg()[0]:
+        if measure_again(record):
             return None  # measured on a busy machine (load >= CPUs): measured again now that it is quieter
         return record
 
@@ -464,14 +465,11 @@ class EngineSelector:
         record = {"choice": choice, "ms": {k: round(v * 1e3, 4) for k, v in best.items()},
                   "worst_ms": {k: round(v * 1e3, 4) for k, v in worst.items()}, "rounds": rounds,
                   "max_abs_diff": diffs, "bucket": b, "batch": n, "threads": self.threads,
-                  "load": round(os.getloadavg()[0], 2), "measured": time.strftime("%Y-%m-%dT%H:%M:%S")}
+                  "load": load_now(), "measured": time.strftime("%Y-%m-%dT%H:%M:%S")}
         log.info("engine for %s at batch %d (bucket %d), %d threads: %s (ms per call: %s)", self.shape_key, n, b,
                  self.threads, choice, record["ms"])
         if self.cfg.cache:
-            try:
-                write_calibration(calibration_path(), self.key(b), record)
-            except OSError as e:
-                log.warning("cannot write the engine calibration cache: %s", e)
+            store_record(calibration_path(), self.key(b), record, "engine calibration")
         return record
 
 

@@ -7,6 +7,7 @@ rewritten; a file of another CACHE_VERSION is ignored.
 from __future__ import annotations
 
 import json
+import os
 import logging
 import platform
 
@@ -46,6 +47,26 @@ def write_calibration(path, key: str, record: dict) -> None:
     entries = read_calibration(path)
     entries[key] = record
     atomic_write_json(path, {"version": CACHE_VERSION, "entries": entries})
+
+
+def load_now() -> float:
+    """The 1-minute load average, as a record stores it."""
+    return round(os.getloadavg()[0], 2)
+
+
+def measure_again(record) -> bool:
+    """Whether a cached record is no answer: absent, or measured on a busy machine (load >= CPUs) that is quieter
+    now."""
+    cpus = os.cpu_count() or 1
+    return not isinstance(record, dict) or float(record.get("load", 0.0)) >= cpus > os.getloadavg()[0]
+
+
+def store_record(path, key: str, record: dict, what: str) -> None:
+    """write_calibration, a failure only warned about: the choice stands, measured again next time."""
+    try:
+        write_calibration(path, key, record)
+    except OSError as e:
+        log.warning("cannot write the %s cache: %s", what, e)
 
 
 def machine(openvino=None) -> str:

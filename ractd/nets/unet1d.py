@@ -160,7 +160,7 @@ class ConditionalUnet1D(nn.Module):
         order."""
         films = iter(films)
         h = x.transpose(1, 2)  # (batch, channels, horizon)
-        if getattr(self, "layout", "ncl") == "nhwc":
+        if self.layout == "nhwc":
             h = h.unsqueeze(2)  # x (batch, horizon, dim) contiguous: this view is channels-last already
         skips = []
         for res1, res2, downsample in self.down:
