@@ -47,6 +47,7 @@ unchanged: `FastDenoiser`, `FastEpsModel` and `FastStudent` are drop-in replacem
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
@@ -226,13 +227,39 @@ class FoldedUnet:
     def prepare(self, cond: torch.Tensor | None, batch: int) -> Callable[[torch.Tensor, tuple], torch.Tensor]:
         """call(x, times) -> F(x, times, cond) for a batch of `batch` rows sharing this conditioning: the
         conditioning's FiLM share is computed here once and the engine is picked for this batch."""
-        cf = self.cond_films(cond, batch)
         run = self.selector.engine_for(batch)
+        glue = _glue_threads(run)
+        with glue():
+            cf = self.cond_films(cond, batch)
 
         def call(x: torch.Tensor, times: tuple) -> torch.Tensor:
-            return run(x, cf + self.bias_for(times))
+            with glue():
+                films = cf + self.bias_for(times)
+            return run(x, films)
 
         return call
+
+
+@contextlib.contextmanager
+def _one_torch_thread():
+    n = torch.get_num_threads()
+    if n == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+def _glue_threads(run: Callable) -> Callable:
+    """The thread context of the torch work around an engine call: one torch thread when the engine is OpenVINO
+    (its own thread pool). torch's OpenMP threads spin for a while after a parallel region (the FiLM product and
+    sum at batch 100 are parallel ones) and took the cores from OpenVINO's threads: with 2 threads the small
+    student's batch-100 call measured 18-20 ms against 13-15 ms for the OpenVINO call alone, 14-16 ms with the
+    glue on one thread (bench/bench_engine.py's fp32 / bf16 cells)."""
+    return _one_torch_thread if isinstance(run, _OpenVINO) else contextlib.nullcontext
 
 
 # ---------------------------------------------------------------------------------------------- engines

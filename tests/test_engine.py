@@ -72,6 +72,30 @@ def test_openvino_static_batch_shape_computes_the_same_numbers():
         np.testing.assert_allclose(out.numpy(), ref.numpy(), **TOL)
 
 
+@pytest.mark.parametrize("name", _engines())
+def test_the_torch_work_around_an_openvino_call_runs_on_one_thread_and_the_count_is_restored(name, monkeypatch):
+    """OpenVINO runs on its own threads; torch's, spinning after the FiLM product and sum, took the cores from it
+    (engine._glue_threads). The torch engines keep every thread."""
+    seen = []
+    bias_for = FoldedUnet.bias_for
+    monkeypatch.setattr(FoldedUnet, "bias_for", lambda self, times: seen.append(torch.get_num_threads())
+                        or bias_for(self, times))
+    net = _net(n_times=2)
+    folded = FoldedUnet(net, H, _fixed(name))
+    x, cond = torch.randn(4, H, D), torch.randn(4, G)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        out = folded.prepare(cond, 4)(x, (12.5, -3.0))
+        after = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+    assert after == 2
+    assert seen == [1 if name == "openvino" else 2]
+    ref = net(x, (torch.full((4,), 12.5), torch.full((4,), -3.0)), cond)
+    np.testing.assert_allclose(out.numpy(), ref.numpy(), **TOL)
+
+
 @pytest.mark.parametrize("name", ["auto", *_engines()])
 def test_heun_sampler_through_an_engine_matches_the_library_sampler(name):
     teacher = edm.Denoiser(_net()).eval()
