@@ -32,9 +32,10 @@ def test_each_form_is_compared_with_the_first_over_the_seeds_both_have():
     assert tf.compare([_row("eager", 0, 1.0), _row("nhwc", 0, 2.0)]) == []  # one seed: no SE over seeds
 
 
-def _stage(folder, accel, steps=10, last=10):
+def _stage(folder, accel, steps=10, last=10, autocast=None):
     folder.mkdir(parents=True)
-    (folder / "config.json").write_text(json.dumps({"accel": accel, "steps": steps}))
+    extra = {} if autocast is None else {"autocast": autocast}  # the first committed runs' configs had none
+    (folder / "config.json").write_text(json.dumps({"accel": accel, "steps": steps, **extra}))
     (folder / "metrics.jsonl").write_text(json.dumps({"step": last}) + "\n")
 
 
@@ -47,11 +48,23 @@ def test_the_eager_form_adopts_a_finished_eager_quick_budget_run_only(tmp_path, 
     _stage(qb / "t1200-s1" / "student", "eager", last=5)  # stopped before its last step
     _stage(qb / "t1200-s2" / "teacher", "gemm")
     _stage(qb / "t1200-s2" / "student", "gemm")
+    _stage(qb / "t1200-s4" / "teacher", "eager", autocast="bf16")  # accel auto's choice on a bf16 CPU
+    _stage(qb / "t1200-s4" / "student", "eager", autocast="bf16")
+    _stage(qb / "t1200-s5" / "teacher", "eager", autocast="fp32")
+    _stage(qb / "t1200-s5" / "student", "eager", autocast="fp32")
     assert tf.run_dir_for("eager", 0) == qb / "t1200-s0"
+    assert tf.run_dir_for("eager", 4) == tf.runs_root() / "eager-s4"  # bf16: not the fp32 form "eager"
+    assert tf.run_dir_for("eager-bf16", 4) == tf.runs_root() / "eager-bf16-s4"
+    assert tf.run_dir_for("eager", 5) == qb / "t1200-s5"
     assert tf.run_dir_for("eager", 1) == tf.runs_root() / "eager-s1"
     assert tf.run_dir_for("eager", 2) == tf.runs_root() / "eager-s2"
     assert tf.run_dir_for("nhwc", 0) == tf.runs_root() / "nhwc-s0"
     assert tf.run_dir_for("eager", 3) == tf.runs_root() / "eager-s3"  # nothing there
+
+
+def test_a_form_names_its_accel_and_its_autocast():
+    assert tf.form_settings("eager") == {"accel": "eager", "autocast": "fp32"}
+    assert tf.form_settings("nhwc-bf16") == {"accel": "nhwc", "autocast": "bf16"}
 
 
 def test_a_form_is_measured_against_the_reference_run_of_its_seed(tmp_path, monkeypatch):

@@ -1,13 +1,16 @@
 """Does a faster training form keep the scores? The README's first command's models trained in two forms of
 `TrainConfig.accel` (ractd.accel), paired by training seed.
 
-The forms compute the same function up to float rounding (tests/test_accel.py), but rounding differences grow over
+A form is an accel name (fp32) or an accel name with -bf16 (the same under bf16 autocast, TrainConfig.autocast: what
+accel auto trains in on a CPU with bf16 hardware; not exact, a rounding of every product's inputs to 8 bits of
+mantissa). The accel forms compute the same function up to float rounding (tests/test_accel.py), but rounding
+differences grow over
 thousands of optimizer steps, so two runs of one seed in two forms end as two different models: whether that moves
 the score is measured here, as issue 28 asks, on training seeds. For each --forms F and training seed this study
 trains the quick sweep's maze2d-umaze teacher and its Table 9 trial (`quick_budget.stage_configs`, 1200 teacher
-steps) with accel F in both stages, then evaluates the teacher's Heun-80 and the student's selected checkpoint on
+steps) in form F in both stages, then evaluates the teacher's Heun-80 and the student's selected checkpoint on
 --eval-seeds seeds (the same for every run). A run of the form "eager" already trained by `quick_budget` (the same
-configs; its checkpoints' configs say accel "eager") is read, not trained again.
+configs; its checkpoints' configs say accel "eager", autocast fp32) is read, not trained again.
 
     python -m ractd_repro.studies.training_forms [--forms eager nhwc] [--train-seeds 0 1 2]
     python -m ractd_repro.studies.training_forms --report --out docs/results/training_forms   # committed
@@ -48,15 +51,26 @@ def runs_root() -> Path:
     return cache_dir() / "bench" / "training_forms"
 
 
+def form_settings(form: str) -> dict:
+    """TrainConfig fields of a form: "<accel>" runs fp32, "<accel>-bf16" under bf16 autocast (TrainConfig.autocast;
+    fast only where the CPU multiplies bf16 in hardware)."""
+    accel, bf16 = form.removesuffix("-bf16"), form.endswith("-bf16")
+    return {"accel": accel, "autocast": "bf16" if bf16 else "fp32"}
+
+
 def _resolved(stage_dir: Path) -> str | None:
-    """The accel a finished stage's checkpoint says it ran with, None without one."""
+    """The form a finished stage's checkpoint says it ran in (its accel, "-bf16" under bf16 autocast), None
+    without one."""
     f = stage_dir / "config.json"
-    return json.loads(f.read_text()).get("accel") if f.is_file() else None
+    if not f.is_file():
+        return None
+    cfg = json.loads(f.read_text())
+    return cfg.get("accel") + ("-bf16" if cfg.get("autocast") == "bf16" else "")
 
 
 def run_dir_for(form: str, seed: int) -> Path:
     """Where the (form, seed) run lives: quick_budget's run of the seed when the form is eager and that run's two
-    stages were trained eager, else this study's own folder."""
+    stages were trained eager in fp32, else this study's own folder."""
     from ractd_repro.models import run_finished
 
     qb = quick_budget.runs_root() / f"t{TEACHER_STEPS}-s{seed}"
@@ -88,7 +102,7 @@ def run_one(form: str, seed: int, eval_seeds: int, scale: str = "small", threads
     torch.set_num_threads(threads)
     run_dir = run_dir_for(form, seed)
     teacher, student = quick_budget.stage_configs(TEACHER_STEPS, seed, run_dir, scale)
-    teacher, student = (dataclasses.replace(c, accel=form) for c in (teacher, student))
+    teacher, student = (dataclasses.replace(c, **form_settings(form)) for c in (teacher, student))
     times = {}
     for cfg in (teacher, student):
         record = run_dir / f"{cfg.stage}_time.json"
@@ -204,8 +218,9 @@ def main(argv: list[str] | None = None) -> int:
     from ractd.accel import ACCELS
 
     ap = quick_budget.parser(__doc__, "<cache>/bench/training_forms")
-    ap.add_argument("--forms", nargs="+", choices=[a for a in ACCELS if a != "auto"], default=["eager", "nhwc"],
-                    help="the first is the reference")
+    accels = [a for a in ACCELS if a != "auto"]
+    ap.add_argument("--forms", nargs="+", choices=accels + [f"{a}-bf16" for a in accels], default=["eager", "nhwc"],
+                    help="the first is the reference; an accel name runs fp32, with -bf16 under bf16 autocast")
     args = ap.parse_args(argv)
 
     def one(form, seed, *rest):
