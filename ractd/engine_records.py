@@ -72,11 +72,12 @@ def store_record(path, key: str, record: dict, what: str) -> None:
 def machine(openvino=None) -> str:
     """What a record was measured on: architecture, CPU model, torch and OpenVINO versions (openvino: the
     imported module, None where it is not installed)."""
-    return (f"{platform.machine()}:{_cpu_name()}:torch{torch.__version__}:"
+    return (f"{platform.machine()}:{cpu_name()}:torch{torch.__version__}:"
             f"ov{getattr(openvino, '__version__', 'none')}")
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo; the platform's processor string where it cannot be read)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:

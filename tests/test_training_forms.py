@@ -89,3 +89,18 @@ def test_a_form_is_measured_against_the_reference_run_of_its_seed(tmp_path, monk
     text = "\n".join(tf.report_lines([_row("eager", 0, 2.0, policy=p) for p in tf.POLICIES] + got))
     assert "nhwc against eager, seed 0: largest |weight difference| teacher 0.0e+00, student 1.0e-06" in text
     assert "heun 1 of 100, student 1 of 100" in text
+
+
+def test_the_results_section_renders_the_bf16_store_beside_the_accel_forms(tmp_path):
+    from ractd.io import atomic_parquet
+
+    atomic_parquet(tmp_path / "training_forms" / "results.parquet",
+                   [_row("eager", s, 120.0 + s) for s in range(3)] + [_row("nhwc", s, 121.0 + s) for s in range(3)])
+    bf16 = [{**_row("eager", s, 118.0 + s), "cpu": "AMD EPYC"} for s in range(3)] + \
+        [{**_row("eager-bf16", s, 60.0 + s), "cpu": "AMD EPYC"} for s in range(3)]
+    atomic_parquet(tmp_path / "training_forms" / "bf16" / "results.parquet", bf16)
+    text = "\n".join(tf.section(tmp_path))
+    assert "student, nhwc vs eager on seeds [0, 1, 2]" in text
+    head, tail = text.split("#### fp32 against bf16 autocast")
+    assert "on AMD EPYC" in tail and "eager-bf16 vs eager on seeds [0, 1, 2]: mean of seeds 61.0 vs 119.0" in tail
+    assert "eager-bf16" not in head

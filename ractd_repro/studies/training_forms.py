@@ -14,6 +14,8 @@ configs; its checkpoints' configs say accel "eager", autocast fp32) is read, not
 
     python -m ractd_repro.studies.training_forms [--forms eager nhwc] [--train-seeds 0 1 2]
     python -m ractd_repro.studies.training_forms --report --out docs/results/training_forms   # committed
+    python -m ractd_repro.studies.training_forms --forms eager eager-bf16 --out docs/results/training_forms/bf16
+                                                   # on a CPU with bf16 hardware; committed
 
 Writes <out>/results.parquet (default <cache>/bench/training_forms): one row per (form, training seed, policy)
 with the mean normalized score, its SE over the evaluation seeds, n, the form each stage resolved to (from its
@@ -35,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ractd.engine_records import cpu_name
 from ractd.errors import run_command
 from ractd.io import read_rows
 from ractd.paths import cache_dir
@@ -120,7 +123,7 @@ def run_one(form: str, seed: int, eval_seeds: int, scale: str = "small", threads
             evaluate_checkpoint(EvalConfig(task=TASK, sampler=sampler, nfe=nfe, checkpoint=str(ckpt),
                                            seeds=eval_seeds, out=str(out)), progress=progress)
         x = np.asarray([r["normalized_score"] for r in read_rows(out)], float)
-        rows.append({"task": TASK, "scale": scale, "form": form, "seed": seed, "policy": name,
+        rows.append({"task": TASK, "scale": scale, "form": form, "seed": seed, "policy": name, "cpu": cpu_name(),
                      "mean": float(x.mean()), "se": float(x.std(ddof=1) / math.sqrt(len(x))), "n": len(x),
                      "teacher_accel": _resolved(teacher.stage_dir), "student_accel": _resolved(student.stage_dir),
                      **{f"{stage}_{k}": float(times[stage].get(k, math.nan)) for stage in ("teacher", "student")
@@ -205,13 +208,20 @@ def report_lines(rows: list[dict]) -> list[str]:
 
 
 def section(data: Path) -> list[str]:
-    """docs/results.md's part for this study: <data>/training_forms/results.parquet."""
+    """docs/results.md's part for this study: <data>/training_forms/results.parquet (the accel forms, fp32) and
+    <data>/training_forms/bf16/results.parquet (fp32 against bf16 autocast, run on a CPU with bf16 hardware)."""
+    rows = read_rows(Path(data) / STORE / "bf16" / "results.parquet")
+    cpus = sorted({r.get("cpu") for r in rows if r.get("cpu")})
     return quick_budget.store_section(
         data, STORE, f"### Training forms on paired training seeds ({STUDY})",
         "maze2d-umaze, the quick sweep's teacher (1200 steps) and Table 9 trial trained in each form of "
         "`TrainConfig.accel` per training seed; normalized score, mean ± SE over the same evaluation seeds. The forms "
         "compute the same function up to float rounding; this asks whether the models they end at score alike.",
-        report_lines)
+        report_lines) + quick_budget.store_section(
+        data, f"{STORE}/bf16", "#### fp32 against bf16 autocast",
+        "The same models trained in fp32 and under bf16 autocast (form -bf16: what `accel auto` trains in on a CPU "
+        "that multiplies bf16 in hardware), on " + (", ".join(cpus) or "a CPU with bf16 hardware") + ". bf16 is "
+        "not exact: every product's inputs keep 8 bits of mantissa.", report_lines)
 
 
 def main(argv: list[str] | None = None) -> int:
