@@ -106,11 +106,15 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_snapshot:
             default_store = data / "store" if args.study == "tables" else cache_dir() / "results" / study.name / "store"
             store = ResultsStore(Path(args.store) if args.store else default_store)
-            snapshot(store, {t: sweep_dir(t, study.data_scale) for t in study.tasks}, data)
+            snapshot(store, {t: sweep_dir(t, study.data_scale) for t in study.tasks}, data,
+                     dict(study.sweep_flags))
             prov_path = data / "provenance.json"
             old = json.loads(prov_path.read_text()) if prov_path.is_file() else {}
+            here = machine()
+            if args.study == "tables" and old.get("machine") and here not in old["machine"]:
+                here = f"{old['machine']}; later pieces: {here}"  # pieces run on more than one machine
             prov = {**old, "commands": commands() if args.study == "claims" else tables_doc.commands(),
-                    "machine": machine()}
+                    "machine": here}
             atomic_write(prov_path, lambda f: f.write(json.dumps(prov, indent=1).encode()))
         elif not (data / "store").is_dir():
             raise RactdError(f"no snapshot at {data}: run without --no-snapshot after the {args.study} study")

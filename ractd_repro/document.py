@@ -15,6 +15,7 @@ the committed document from the committed snapshot and compares). Figures go to 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import shutil
 from pathlib import Path
@@ -30,13 +31,18 @@ from ractd_repro.figures import (
     fig_sigma,
 )
 from ractd_repro.store import ResultsStore
+from ractd_repro.sweep import differs_from_flags
 from ractd_repro.tables import CTD_NOTE, TABLES, sampler_name
+
+log = logging.getLogger(__name__)
 
 CURVE_TERMS = ("select_score", "ctm", "dsm", "reward") + DIAG_TERMS
 
 
-def snapshot(store: ResultsStore, sweeps: dict[str, Path], out: Path) -> Path:
-    """Copy the claims study's store (compacted) and each task's sweep record into `out` (see the module doc)."""
+def snapshot(store: ResultsStore, sweeps: dict[str, Path], out: Path, flags: dict[str, str] | None = None) -> Path:
+    """Copy the claims study's store (compacted) and each task's sweep record into `out` (see the module doc).
+    flags: task -> the study's tune/search.py flags; a sweep run with other settings (the README's quick sweep
+    shares maze2d-umaze's sweep folder) is not copied, and the snapshot's earlier copy of that task stays."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -56,6 +62,13 @@ def snapshot(store: ResultsStore, sweeps: dict[str, Path], out: Path) -> Path:
         d = Path(d)
         if not (d / "trials.parquet").is_file():
             continue
+        if flags and task in flags and (d / "search.json").is_file():
+            differs = differs_from_flags(json.loads((d / "search.json").read_text()).get("config", {}), task,
+                                         flags[task])
+            if differs:
+                log.warning("not snapshotting the sweep in %s: it is not the study's sweep of %s (%s)", d, task,
+                            ", ".join(differs))
+                continue
         sd = out / "sweeps" / task
         sd.mkdir(parents=True, exist_ok=True)
         trials = pq.read_table(d / "trials.parquet").to_pylist()

@@ -327,6 +327,37 @@ def _pick_source(task: Task, scale: str, source: str, use_minari: bool) -> tuple
     return "local", ""
 
 
+# SearchConfig fields that say where and on what a sweep ran, not what it trained (a sweep's study flags leave them
+# to the machine): a sweep matches its study's flags when every other field does (`differs_from_flags`)
+RESOURCE_FIELDS = frozenset({"address", "cpus_per_worker", "gpu", "gpus_per_worker", "max_concurrent", "max_failures",
+                             "trial_failures", "workers", "log_to", "run_dir", "report_every", "source"})
+
+
+def config_from_flags(task: str, flags: str) -> SearchConfig:
+    """The SearchConfig of `python tune/search.py --task task <flags>` (its config flags only)."""
+    import argparse
+    import shlex
+
+    from ractd.config import add_config_args, replace_from_args
+
+    p = argparse.ArgumentParser(add_help=False)
+    dests = add_config_args(p, SearchConfig, SearchConfig(task=task), skip=("task",))
+    args, rest = p.parse_known_args(shlex.split(flags))
+    if rest:
+        raise RactdError(f"{task}: not SearchConfig flags: {' '.join(rest)}")
+    return replace_from_args(SearchConfig(task=task), args, dests)
+
+
+def differs_from_flags(config: dict, task: str, flags: str) -> list[str]:
+    """The fields in which a sweep's recorded config (its search.json "config") differs from the sweep that
+    `tune/search.py --task task <flags>` runs, resources aside (RESOURCE_FIELDS) and fields the record does not
+    have (written before they existed): [] when it is that sweep."""
+    want = to_dict(config_from_flags(task, flags))
+    norm = (lambda v: [float(x) for x in v] if isinstance(v, (list, tuple)) else v)
+    return [f"{k} {config[k]!r} (the study's {v!r})" for k, v in want.items()
+            if k not in RESOURCE_FIELDS and k in config and norm(config[k]) != norm(v)]
+
+
 def ensure_dataset(task: Task, scale: str, source: str = "auto", seed: int = 0, with_data: bool = False,
                    expect: str = "", use_minari: bool = True):
     """Make sure the task's dataset exists, load it (validating it) and fingerprint it.

@@ -3,15 +3,19 @@ tables and verdicts are checked against the store, and the committed document re
 
 import argparse
 import json
+import logging
 import math
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from ractd import RactdError
+from ractd.config import to_dict
 from ractd_repro import claims, document, figures, tables
 from ractd_repro.store import ResultsStore, cell_stats, episode_rows
 from ractd_repro.studies import bf16_scores, training_seeds
+from ractd_repro.sweep import SearchConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -383,3 +387,40 @@ def test_balance_report_compares_each_point_with_the_raw_point_of_its_role():
            "+2.0 ± 0.7 → mixed or level on 2 training seed(s)" in text
     assert "balanced σ = 1 minus raw RACTD (σ = 0.3), selected checkpoints: seed 1: +10.0 ± 0.7 → above" in text
     assert "0: 22.0 ± 0.3 (21.0); 1: 32.0 ± 0.5 (31.0)" in text
+
+
+def test_a_sweep_run_with_other_settings_is_not_snapshotted_and_the_earlier_copy_stays(tmp_path, caplog):
+    """The README's quick sweep shares maze2d-umaze's sweep folder with the studies' sweeps: a snapshot after it
+    must not replace the study's sweep record by the quick one."""
+    store = ResultsStore(tmp_path / "store")
+    _study(store, [60.0] * 100, [30.0] * 100, [33.0] * 10)
+    d = _sweep_dir(tmp_path)
+    flags = {"hopper-medium-replay": "--steps 200 --sigmas 0"}
+    snap = tmp_path / "snap"
+    document.snapshot(store, {"hopper-medium-replay": d}, snap, flags)
+    first = (snap / "sweeps" / "hopper-medium-replay" / "trials.parquet").read_bytes()
+    search = json.loads((d / "search.json").read_text())
+    search["config"].update(budget="quick", steps=75)  # the quick sweep, run into the same folder
+    (d / "search.json").write_text(json.dumps(search))
+    import pyarrow.parquet as pq
+    rows = pq.read_table(d / "trials.parquet").to_pylist()
+    pq.write_table(pq.read_table(d / "trials.parquet").slice(0, 1), d / "trials.parquet")
+    with caplog.at_level(logging.WARNING):
+        document.snapshot(store, {"hopper-medium-replay": d}, snap, flags)
+    assert (snap / "sweeps" / "hopper-medium-replay" / "trials.parquet").read_bytes() == first and len(rows) == 2
+    assert "budget 'quick' (the study's 'cpu')" in caplog.text and "steps 75 (the study's 200)" in caplog.text
+    document.snapshot(store, {"hopper-medium-replay": d}, snap)  # without the study's flags: copied as before
+    assert len(pq.read_table(snap / "sweeps" / "hopper-medium-replay" / "trials.parquet")) == 1
+
+
+def test_a_sweeps_settings_are_compared_with_its_flags_resources_aside():
+    from ractd_repro.sweep import differs_from_flags
+
+    cfg = {**to_dict(SearchConfig(task="walker2d-medium")), "steps": 400, "batch": 128, "sigmas": [0, 0.4]}
+    assert differs_from_flags(cfg, "walker2d-medium", "--steps 400 --batch 128 --sigmas 0 0.4") == []
+    assert differs_from_flags({**cfg, "cpus_per_worker": 1, "max_concurrent": 2}, "walker2d-medium",
+                              "--steps 400 --batch 128 --sigmas 0 0.4") == []  # where it ran, not what it trained
+    assert differs_from_flags(cfg, "walker2d-medium", "--steps 400 --batch 128 --sigmas 0 1") == \
+        ["sigmas [0, 0.4] (the study's [0.0, 1.0])"]
+    with pytest.raises(RactdError, match="not SearchConfig flags: --bogus"):
+        differs_from_flags(cfg, "walker2d-medium", "--bogus 3")
