@@ -255,7 +255,9 @@ def render(data: Path, write: bool = True) -> str:
              tabulate(cov, headers=["task", "row measured", "cells measured (episodes)", "cells missing"],
                       tablefmt="github", disable_numparse=True), ""]
     if todo:
-        lines += ["Each missing task is one piece (its sweep, then its cells, added to the committed store):", "",
+        lines += ["Each missing task is one piece (its sweep, then its cells, added to the committed store; two pieces "
+                  "side by side on one machine: add `--cpus-per-worker 1` to each sweep, whose workers otherwise each "
+                  "take every CPU):", "",
                   "```bash", *[c for t in todo for c in piece_commands(t)], "```", ""]
     if not any(g[0] == SEED_GOAL and g[2] in ("holds", "does not hold") for g in goal_rows):
         lines += ["The training-seed goal (RACTD at or above 10% BC on 3 training seeds) is its own run:", "",
