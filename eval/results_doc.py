@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from ractd.io import atomic_write
         from ractd.paths import cache_dir, sweep_dir
-        from ractd_repro.document import render, snapshot
+        from ractd_repro.document import machines, render, snapshot
         from ractd_repro.spec import STUDIES
         from ractd_repro.store import ResultsStore
 
@@ -110,9 +110,7 @@ def main(argv: list[str] | None = None) -> int:
                      dict(study.sweep_flags))
             prov_path = data / "provenance.json"
             old = json.loads(prov_path.read_text()) if prov_path.is_file() else {}
-            here = machine()
-            if args.study == "tables" and old.get("machine") and here not in old["machine"]:
-                here = f"{old['machine']}; later pieces: {here}"  # pieces run on more than one machine
+            here = machines(old.get("machine", ""), machine(), pieces=args.study == "tables")
             prov = {**old, "commands": commands() if args.study == "claims" else tables_doc.commands(),
                     "machine": here}
             atomic_write(prov_path, lambda f: f.write(json.dumps(prov, indent=1).encode()))

@@ -39,6 +39,14 @@ log = logging.getLogger(__name__)
 CURVE_TERMS = ("select_score", "ctm", "dsm", "reward") + DIAG_TERMS
 
 
+def machines(before: str, here: str, pieces: bool) -> str:
+    """The provenance's "machine": this machine's line, or for a study run in pieces (each adding to one store)
+    every machine its pieces ran on, in order."""
+    if not pieces or not before or here in before:
+        return before if pieces and before else here
+    return f"{before}; later pieces: {here}"
+
+
 def snapshot(store: ResultsStore, sweeps: dict[str, Path], out: Path, flags: dict[str, str] | None = None) -> Path:
     """Copy the claims study's store (compacted) and each task's sweep record into `out` (see the module doc).
     flags: task -> the study's tune/search.py flags; a sweep run with other settings (the README's quick sweep

@@ -424,3 +424,10 @@ def test_a_sweeps_settings_are_compared_with_its_flags_resources_aside():
         ["sigmas [0, 0.4] (the study's [0.0, 1.0])"]
     with pytest.raises(RactdError, match="not SearchConfig flags: --bogus"):
         differs_from_flags(cfg, "walker2d-medium", "--bogus 3")
+
+
+def test_a_study_run_in_pieces_keeps_every_machine_its_pieces_ran_on():
+    assert document.machines("", "xeon", pieces=True) == "xeon"
+    assert document.machines("xeon", "epyc", pieces=True) == "xeon; later pieces: epyc"
+    assert document.machines("xeon; later pieces: epyc", "epyc", pieces=True) == "xeon; later pieces: epyc"
+    assert document.machines("xeon", "epyc", pieces=False) == "epyc"  # a study run whole: where it ran
