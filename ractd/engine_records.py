@@ -7,8 +7,8 @@ rewritten; a file of another CACHE_VERSION is ignored.
 from __future__ import annotations
 
 import json
-import os
 import logging
+import os
 import platform
 
 import torch

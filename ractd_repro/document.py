@@ -42,9 +42,9 @@ CURVE_TERMS = ("select_score", "ctm", "dsm", "reward") + DIAG_TERMS
 def machines(before: str, here: str, pieces: bool) -> str:
     """The provenance's "machine": this machine's line, or for a study run in pieces (each adding to one store)
     every machine its pieces ran on, in order."""
-    if not pieces or not before or here in before:
-        return before if pieces and before else here
-    return f"{before}; later pieces: {here}"
+    if pieces and before:
+        return before if here in before else f"{before}; later pieces: {here}"
+    return here
 
 
 def snapshot(store: ResultsStore, sweeps: dict[str, Path], out: Path, flags: dict[str, str] | None = None) -> Path:
