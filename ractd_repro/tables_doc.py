@@ -180,7 +180,8 @@ def teacher_causes(rows: list[dict], cells: dict, goal_rows: list[list[str]]) ->
     on the whole dataset (BC, the teacher, its one-step Euler, CTD) against the data's episodes (median, 10th and
     90th percentiles) and BC on its best 10% of trajectories; when every whole-data imitator is below the data and
     10% BC is not, the line says so: the data holds a policy worth imitating that imitating the whole mixture does
-    not reach (a finding of this budget and dataset, not a proof of its mechanism)."""
+    not reach (a finding of this budget and dataset, not a proof of its mechanism); when BC is not below the data,
+    the shortfall is the teacher's own (its training or sampling), not the data's."""
     out = []
     for goal, task, verdict, _ in goal_rows:
         if not goal.startswith("teacher ") or verdict != "does not hold":
@@ -199,6 +200,11 @@ def teacher_causes(rows: list[dict], cells: dict, goal_rows: list[list[str]]) ->
             line += (". Every model of the whole dataset is below the data while BC on its best trajectories is "
                      "not: the data holds behaviour worth imitating, and imitating its whole mixture of policies "
                      "does not reach it (the held-out curves below say whether the teacher had stopped improving).")
+        elif "bc" in c and "bc" not in below:
+            line += (". BC, a deterministic imitation of the same whole dataset, is not below the data while the "
+                     "teacher is: the data's level is within reach of imitating the whole mixture at this budget, "
+                     "and the teacher's sampled actions fall short of it (its training or its sampling, not the "
+                     "data).")
         else:
             line += "."
         out.append(line)

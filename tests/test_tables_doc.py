@@ -59,6 +59,13 @@ def test_a_teacher_below_its_data_gets_the_stores_account_of_the_cause(tmp_path)
     cells = _cells(rows)
     text = "\n".join(tables_doc.teacher_causes(rows, cells, tables_doc.goals(cells)))
     assert "BC on its best 10% of trajectories 7.0" in text and "mixture" not in text
+    store = ResultsStore(tmp_path / "store4")  # BC at the data's level, the teacher below: the teacher's shortfall
+    _hopper(store, teacher=5.0, data=10.0, warm=6.0, ctd=6.0, bc10=7.0)
+    store.write_episodes(_eps(HMR, "bc", 11.0))
+    rows = store.episodes()
+    cells = _cells(rows)
+    text = "\n".join(tables_doc.teacher_causes(rows, cells, tables_doc.goals(cells)))
+    assert "BC 11.0" in text and "the teacher's sampled actions fall short" in text and "worth imitating" not in text
     store = ResultsStore(tmp_path / "store3")  # a teacher at its data's level: no line
     _hopper(store)
     rows = store.episodes()
