@@ -1,8 +1,13 @@
 """Shared test setup: every test runs with its caches and working directory in a temporary folder,
 so nothing is written into the repository (HalfCheetah writes MUJOCO_LOG.TXT into the cwd)."""
 
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
+
+REPO = Path(__file__).resolve().parents[1]
 
 # One intra-op thread: the test networks are small, and on a 2-CPU machine shared with other processes
 # multi-threaded torch ops slow down several-fold from oversubscription.
@@ -46,3 +51,16 @@ def s3_bucket(monkeypatch, tmp_path):
         yield bucket
     finally:
         moto.stop()
+
+
+@pytest.fixture
+def load_script():
+    """A command script of the repository (`bench/gpu.py`, `eval/reproduce_tables.py`) loaded as a module, by its
+    path relative to the repository root."""
+    def load(relative: str):
+        path = REPO / relative
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    return load

@@ -3,7 +3,6 @@ next invocation while a finished one is skipped, a sweep resumed, and times summ
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -15,13 +14,6 @@ from ractd.errors import RactdError
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _bench():
-    spec = importlib.util.spec_from_file_location("bench_study", REPO / "bench" / "bench_study.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def _checkout(tmp_path: Path, commands: list[str]) -> Path:
     src = tmp_path / "arm" / "src"
     (src / "docs" / "results").mkdir(parents=True)
@@ -31,16 +23,16 @@ def _checkout(tmp_path: Path, commands: list[str]) -> Path:
     return src
 
 
-def test_study_commands_from_the_committed_provenance():
-    bench = _bench()
+def test_study_commands_from_the_committed_provenance(load_script):
+    bench = load_script("bench/bench_study.py")
     commands, datasets = bench.study_commands(REPO)
     assert datasets == [("maze2d-umaze", "small"), ("hopper-medium-replay", "small"), ("walker2d-medium", "small")]
     assert [c.split()[1] for c in commands] == ["tune/search.py"] * 3 + ["eval/reproduce_tables.py"]
     assert "--study claims" in commands[-1]
 
 
-def test_a_failed_command_reruns_a_finished_one_does_not(tmp_path):
-    bench = _bench()
+def test_a_failed_command_reruns_a_finished_one_does_not(tmp_path, load_script):
+    bench = load_script("bench/bench_study.py")
     py = sys.executable
     first = f"{py} -c \"open('first', 'a').write('x')\""
     # fails on its first run, succeeds on its second
@@ -64,8 +56,8 @@ def test_a_failed_command_reruns_a_finished_one_does_not(tmp_path):
     assert "x2" in table.splitlines()[2] and "(not run)" in table.splitlines()[2]
 
 
-def test_an_unfinished_attempt_counts_to_its_last_heartbeat_and_a_sweep_resumes():
-    bench = _bench()
+def test_an_unfinished_attempt_counts_to_its_last_heartbeat_and_a_sweep_resumes(load_script):
+    bench = load_script("bench/bench_study.py")
     attempts = [{"start": 100.0, "alive": 160.0, "end": None, "rc": None},
                 {"start": 200.0, "alive": 290.0, "end": 300.0, "rc": 0}]
     assert bench.attempt_seconds(attempts) == 160.0
@@ -76,8 +68,8 @@ def test_an_unfinished_attempt_counts_to_its_last_heartbeat_and_a_sweep_resumes(
     assert bench.resumed(evaluation, attempts[:1]) == evaluation   # resumes from its store by itself
 
 
-def test_the_arm_must_import_its_own_checkout(tmp_path):
-    bench = _bench()
+def test_the_arm_must_import_its_own_checkout(tmp_path, load_script):
+    bench = load_script("bench/bench_study.py")
     src = _checkout(tmp_path, ["true"])
     (src / "ractd" / "__init__.py").unlink()
     (src / "ractd").rmdir()

@@ -2,7 +2,6 @@
 --tiny) goes through the whole path (stand-in teacher and reward model, in-process probe, one Ray Train worker,
 latency table) and writes its JSON to $OUT, so the script is known to run before it meets a GPU."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -13,13 +12,6 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _load_bench():
-    spec = importlib.util.spec_from_file_location("gpu_bench", REPO / "bench" / "gpu.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
@@ -33,10 +25,10 @@ def test_without_cuda_it_fails_with_one_line():
 
 
 @pytest.mark.ray
-def test_cpu_smoke_run_writes_every_figure(tmp_path, monkeypatch, capsys):
+def test_cpu_smoke_run_writes_every_figure(tmp_path, monkeypatch, capsys, load_script):
     pytest.importorskip("ray")
     monkeypatch.setenv("OUT", str(tmp_path / "out"))
-    bench = _load_bench()
+    bench = load_script("bench/gpu.py")
     assert bench.main(["--device", "cpu", "--tiny", "--steps", "8", "--batch", "16", "--probe-steps", "2",
                        "--reps", "3"]) == 0
     r = json.loads((tmp_path / "out" / "gpu_bench.json").read_text())

@@ -2,7 +2,6 @@
 ractd.rollout call, a killed actor's block re-dispatched, and a second run (pool or script) runs nothing."""
 
 import dataclasses
-import importlib.util
 import shutil
 from pathlib import Path
 
@@ -120,11 +119,8 @@ def test_killed_actor_block_is_redispatched_and_each_seed_stored_once(tiny, tmp_
     assert summary["episodes_run"] == 20
 
 
-def test_script_twice_runs_no_episode_twice(tiny, tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location(
-        "reproduce_tables", Path(__file__).resolve().parents[1] / "eval" / "reproduce_tables.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+def test_script_twice_runs_no_episode_twice(tiny, tmp_path, capsys, load_script):
+    script = load_script("eval/reproduce_tables.py")
     # the quick study's maze2d teacher is in place; its students and DDPM model are not (and are not trained)
     dst = study_root(get_study("quick"), "maze2d-umaze") / "teacher" / "teacher" / "best.pt"
     dst.parent.mkdir(parents=True)
