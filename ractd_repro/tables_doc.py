@@ -288,8 +288,9 @@ def render(data: Path, write: bool = True) -> str:
         lines += ["## Held-out learning curves", "",
                   "Teachers trained on nested shares of a task's episodes with 10% of them held out whole "
                   "(`python -m ractd_repro.studies.learning_curves`), their Eq. (4) loss on the held-out episodes at "
-                  "every checkpoint: whether the study's budget trains to the end of the curve, and how much data "
-                  "is enough.", "", *curves]
+                  "every checkpoint, and where runs of several lengths were made (`--budgets`, each its own warm-up "
+                  "and cosine decay) the final held-out loss per budget: how much data is enough, and how long to "
+                  "train (within one run the curve flattens as the learning rate decays to zero).", "", *curves]
     lines += ["## Tables", ""]
     for t in tables:
         lines += [f"### {t.title}", "", t.markdown, ""]

@@ -3,6 +3,7 @@ windows would leak, and the check sees it), nested fractions and one held-out se
 function of the weights alone, the "stopped falling" rule, and the study end to end on a tiny dataset."""
 
 import dataclasses
+import json
 import math
 
 import numpy as np
@@ -12,6 +13,8 @@ import torch
 
 from ractd import holdout
 from ractd.data.d4rl import load_dataset
+from ractd.io import atomic_parquet
+from ractd.paths import cache_dir
 from ractd.data.generate_maze import generate_maze
 from ractd.data.generate_random import random_locomotion_dataset
 from ractd.data.windows import locomotion_windows, maze_segments
@@ -164,6 +167,34 @@ def test_stopped_falling_on_synthetic_curves():
     assert lc.smallest_sufficient({0.25: 1.10, 0.5: 1.05, 1.0: 1.0}, tolerance=0.02) == 1.0
 
 
+def _curve_rows(fraction, steps, losses, budget=None):
+    rows = [{"stage": "teacher", "preset": "tiny", "batch": 8, "seed": 0, "holdout": 0.1, "fraction": fraction,
+             "n_train_transitions": int(100 * fraction), "n_train_episodes": 2, "step": s, "val_loss": v}
+            for s, v in zip(steps, losses)]
+    return [{**r, "budget": budget} for r in rows] if budget is not None else rows
+
+
+def test_budgets_are_read_from_runs_of_their_own_and_old_rows_keep_theirs():
+    # rows stored before the budget column (fractions at 200 steps) beside a 600-step run of fraction 1
+    old = _curve_rows(0.5, [100, 200], [2.0, 1.50]) + _curve_rows(1.0, [100, 200], [2.0, 1.40])
+    longer = _curve_rows(1.0, [100, 200, 300, 400, 500, 600], [2.1, 1.8, 1.6, 1.45, 1.35, 1.30], budget=600)
+    rows = lc.normalized(old + longer)
+    assert {(r["fraction"], r["budget"]) for r in rows} == {(0.5, 200), (1.0, 200), (1.0, 600)}
+    # the fraction table compares the fractions at their shared budget, not fraction 1's longer run
+    (fractions,) = lc.summary(old + longer).values()
+    assert [(r["fraction"], r["final_val_loss"]) for r in fractions] == [(0.5, 1.5), (1.0, 1.4)]
+    (budgets,) = lc.budget_summary(old + longer, tolerance=0.02).values()
+    assert [(r["budget"], r["final_val_loss"]) for r in budgets] == [(200, 1.4), (600, 1.3)]
+    assert [r["sufficient"] for r in budgets] == [False, True]          # 1.4 is 7.7% above 1.3
+    (budgets,) = lc.budget_summary(old + longer, tolerance=0.10).values()
+    assert [r["sufficient"] for r in budgets] == [True, False]
+    text = "\n".join(lc.summary_lines(old + longer))
+    assert "budget by measurement: 600 steps, the largest tried" in text and "-7.14%" in text
+    # one budget only: no budget table, and the curve's flattening is not read as enough training
+    text = "\n".join(lc.summary_lines(old))
+    assert "budget by measurement" not in text and "runs of other budgets (--budgets) say that" in text
+
+
 def test_the_study_writes_falling_heldout_curves_per_fraction(hopper_tiny, tmp_path, capsys):
     out = tmp_path / "store"
     argv = ["--task", "hopper-medium-replay", "--scale", "tiny", "--preset", "tiny", "--batch", "16", "--steps", "40",
@@ -171,13 +202,26 @@ def test_the_study_writes_falling_heldout_curves_per_fraction(hopper_tiny, tmp_p
     assert lc.main(argv) == 0
     df = pd.read_parquet(out / "curves.parquet")
     assert sorted(df["fraction"].unique()) == [0.5, 1.0] and set(df["step"]) == {20, 40}
+    # --budgets: a run of the largest fraction with its own schedule, beside the fractions' (kept as they were)
+    assert lc.main(argv + ["--budgets", "60"]) == 0
+    both = pd.read_parquet(out / "curves.parquet")
+    longer = both[both["budget"] == 60].sort_values("step")
+    assert set(longer["fraction"]) == {1.0} and set(longer["step"]) == {20, 40, 60}
+    # its own run (a 60-step schedule from step 0), not the 40-step run of fraction 1 extended
+    runs = cache_dir() / "bench" / "curves" / "hopper-medium-replay-tiny" / "runs"
+    steps = {d.name: json.loads((d / "teacher" / "config.json").read_text())["steps"] for d in runs.iterdir()}
+    assert sorted(steps.values()) == [40, 40, 60] and [n for n, v in steps.items() if v == 60][0].endswith("-n60")
+    kept = both[both["budget"] == 40].sort_values(["fraction", "step"]).reset_index(drop=True)
+    pd.testing.assert_frame_equal(kept[df.columns], df.sort_values(["fraction", "step"]).reset_index(drop=True))
+    text = capsys.readouterr().out
+    assert "held-out loss per training budget" in text
+    atomic_parquet(out / "curves.parquet", df.to_dict("records"))  # the fractions' store again, for what follows
     assert df["fingerprint"].nunique() == 1 and (df["task"] == "hopper-medium-replay").all()
     for fraction, c in df.sort_values("step").groupby("fraction"):
         assert c["val_loss"].iloc[-1] < c["val_loss"].iloc[0], fraction
         assert np.isfinite(c["train_loss"]).all()
     sizes = df.groupby("fraction")["n_train_transitions"].first()
     assert sizes[0.5] < sizes[1.0] and df["n_val_windows"].nunique() == 1
-    text = capsys.readouterr().out
     assert "data size by measurement: fraction" in text and "stopped falling at" in text
     lines = lc.summary_lines([{"stage": "teacher", "preset": "tiny", "batch": 8, "seed": 0, "holdout": 0.1,
                                "fraction": 1.0, "n_train_transitions": 10, "n_train_episodes": 2, "step": s,
@@ -192,3 +236,10 @@ def test_the_study_writes_falling_heldout_curves_per_fraction(hopper_tiny, tmp_p
     (out / "curves.parquet").rename(tmp_path / "data" / "curves" / "hopper-medium-replay-tiny" / "curves.parquet")
     section = "\n".join(lc.section(tmp_path / "data"))
     assert "held-out loss at each checkpoint" in section and "fraction 0.5" in section
+    # a store with a second budget names each run's budget in the curves
+    rows = lc.normalized(pd.read_parquet(tmp_path / "data" / "curves" / "hopper-medium-replay-tiny" /
+                                         "curves.parquet").to_dict("records"))
+    longer = [{**r, "budget": 80, "step": 2 * r["step"]} for r in rows if r["fraction"] == 1.0]
+    atomic_parquet(tmp_path / "data" / "curves" / "hopper-medium-replay-tiny" / "curves.parquet", rows + longer)
+    section = "\n".join(lc.section(tmp_path / "data"))
+    assert "fraction 1, 80 steps" in section and "fraction 0.5, 40 steps" in section
