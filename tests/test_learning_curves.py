@@ -227,8 +227,14 @@ def test_the_study_writes_falling_heldout_curves_per_fraction(hopper_tiny, tmp_p
                                "fraction": 1.0, "n_train_transitions": 10, "n_train_episodes": 2, "step": s,
                                "val_loss": v} for s, v in ((1, 2.0), (2, 1.0), (3, 0.999))])
     assert any("best held-out loss is at its last checkpoint" in x for x in lines)
-    # --report re-reads the store; a re-run resumes (nothing retrained) and keeps one row per checkpoint
-    assert lc.main(argv + ["--report"]) == 0 and lc.main(argv) == 0
+    # --report re-reads the store; a re-run resumes (nothing retrained) and keeps one row per checkpoint; --threads
+    # sets torch's threads (process-wide: put back after)
+    threads = torch.get_num_threads()
+    try:
+        assert lc.main(argv + ["--report"]) == 0 and lc.main(argv + ["--threads", "1"]) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
     assert len(pd.read_parquet(out / "curves.parquet")) == len(df)
     # docs/results.md's part renders a committed store: the summary and the curve of each fraction
     assert lc.section(tmp_path / "data") == []

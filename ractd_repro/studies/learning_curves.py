@@ -311,6 +311,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ckpt-every", type=int, default=0, help="steps between points of the curve (default: steps/20)")
     ap.add_argument("--preset", default="cpu", help="U-Net preset (ractd.config.UNET_PRESETS, cpu, paper)")
     ap.add_argument("--seed", type=int, default=0, help="training seed")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch threads (default: torch's; 1 when another job shares the CPUs: two threads on a "
+                         "shared core wait on each other)")
     ap.add_argument("--teacher-ckpt", default="", help="--stage student: the teacher (default: this study's, f=1)")
     ap.add_argument("--reward-ckpt", default="", help="--stage student with --sigma > 0: the reward model")
     ap.add_argument("--sigma", type=float, default=0.0, help="--stage student: Eq. (9)'s reward weight (0 = CTD)")
@@ -332,6 +335,10 @@ def run(args) -> int:
     store = out / "curves.parquet"
     rows = read_rows(store, required=args.report)
     if not args.report:
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
         if not all(0 < f <= 1 for f in args.fractions) or not 0 < args.holdout < 1:
             raise RactdError("--fractions must be in (0, 1] and --holdout in (0, 1)")
         if any(n < 1 for n in args.budgets):
