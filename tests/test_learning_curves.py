@@ -228,9 +228,10 @@ def test_the_study_writes_falling_heldout_curves_per_fraction(hopper_tiny, tmp_p
                                "val_loss": v} for s, v in ((1, 2.0), (2, 1.0), (3, 0.999))])
     assert any("best held-out loss is at its last checkpoint" in x for x in lines)
     # --report re-reads the store; a re-run resumes (nothing retrained) and keeps one row per checkpoint; --threads
-    # sets torch's threads (process-wide: put back after)
+    # sets torch's threads (process-wide: put back after; conftest runs the tests on one thread, so start from two)
     threads = torch.get_num_threads()
     try:
+        torch.set_num_threads(2)
         assert lc.main(argv + ["--report"]) == 0 and lc.main(argv + ["--threads", "1"]) == 0
         assert torch.get_num_threads() == 1
     finally:

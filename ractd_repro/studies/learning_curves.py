@@ -221,7 +221,7 @@ def summary_lines(rows: list[dict], min_gain: float = 0.01, tolerance: float = 0
 def run_config(args, stage: str, fraction: float, runs: Path, teacher: str = "", budget: int | None = None):
     """The TrainConfig of one fraction's run; its folder names what defines the run (a changed setting is a new
     run, more steps extend the old one). `budget`: the run's total steps (its own warm-up and cosine decay to zero),
-a run of its own (tag `-n<budget>`) unless it equals the fractions' --steps."""
+    a run of its own (tag `-n<budget>`) unless it equals the fractions' --steps."""
     from ractd.train import TrainConfig
 
     over = dict(task=args.task, scale=args.scale, seed=args.seed, holdout=args.holdout, data_fraction=fraction,
@@ -387,7 +387,6 @@ def section(data: Path) -> list[str]:
             g = g.assign(run=[f"fraction {f:g}" + (f", {n} steps" if several else "")
                               for f, n in zip(g["fraction"], g["budget"])])
             wide = g.pivot_table(index="step", columns="run", values="val_loss", aggfunc="last", sort=False)
-            wide.columns = list(wide.columns)
             name = _set_name(key)
             parts += [f"{name}: held-out loss at each checkpoint", "",
                       wide.to_markdown(floatfmt=".5g"), ""]
