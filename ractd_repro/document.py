@@ -133,10 +133,11 @@ def _sweep_section(task: str, sweep: dict) -> list[str]:
         budget = BUDGETS.get(cfg.get("budget"), {})
         resolved = {**cfg, "preset": cfg.get("preset") or "cpu",
                     "teacher_steps": cfg.get("teacher_steps") or budget.get("teacher", {}).get("steps"),
+                    "teacher_batch": cfg.get("teacher_batch") or budget.get("teacher", {}).get("batch"),
                     "steps": cfg.get("steps") or budget.get("student", {}).get("steps"),
                     "batch": cfg.get("batch") or budget.get("student", {}).get("batch")}
         labels = {"budget": "budget", "scale": "data scale", "preset": "U-Net preset", "teacher_steps":
-                  "teacher steps", "steps": "student steps", "batch": "student batch", "num_samples": "trials",
+                  "teacher steps", "teacher_batch": "teacher batch", "steps": "student steps", "batch": "student batch", "num_samples": "trials",
                   "sigmas": "sigma grid", "select_seeds": "selection seeds", "select_max_steps":
                   "selection episode steps"}
         flags = ", ".join(f"{label} {resolved[k]}" for k, label in labels.items() if k in resolved)

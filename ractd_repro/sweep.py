@@ -102,6 +102,7 @@ class SearchConfig:
     steps: distillation steps per trial (0 = the budget's).
     batch: global distillation batch (0 = the budget's).
     teacher_steps: steps of the shared teacher (0 = the budget's).
+    teacher_batch: batch of the shared teacher (0 = the budget's).
     reward_steps: steps of the shared reward model (0 = the budget's).
     ckpt_every: student checkpoint interval, where the objective is measured and ASHA decides (0 = steps / 4).
     report_every: steps between the student's loss reports (Tune's TensorBoard files and the tracking callbacks
@@ -136,6 +137,7 @@ class SearchConfig:
     steps: int = 0
     batch: int = 0
     teacher_steps: int = 0
+    teacher_batch: int = 0
     reward_steps: int = 0
     ckpt_every: int = 0
     report_every: int = 0
@@ -162,8 +164,8 @@ class SearchConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise RactdError(f"{name}={v!r}: must be a positive integer")
-        for name in ("max_concurrent", "steps", "batch", "teacher_steps", "reward_steps", "ckpt_every",
-                     "report_every", "max_failures", "trial_failures", "seed", "select_max_steps"):
+        for name in ("max_concurrent", "steps", "batch", "teacher_steps", "teacher_batch", "reward_steps",
+                     "ckpt_every", "report_every", "max_failures", "trial_failures", "seed", "select_max_steps"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 0:
                 raise RactdError(f"{name}={v!r}: must be a non-negative integer")
@@ -210,6 +212,8 @@ class SearchConfig:
         steps = {"student": self.steps, "teacher": self.teacher_steps, "reward": self.reward_steps}[stage]
         if steps:
             kw["steps"] = steps
+        if stage == "teacher" and self.teacher_batch:
+            kw["batch"] = self.teacher_batch
         if stage == "student":
             if self.batch:
                 kw["batch"] = self.batch
