@@ -239,7 +239,7 @@ def plan_models(study: Study, task: str) -> dict[str, ModelPlan]:
 
     for stage in ("ddpm", "bc"):
         if stage in needed:
-            add(stage, stage)
+            add(stage, stage, **(_teacher_sizes(models["teacher"]) if stage == "ddpm" else {}))
     if "bc-10" in needed:
         add("bc-10", "bc", bc_top_fraction=0.1)
     student("ctd", 1.0, 1.0, 0.0, "teacher")
@@ -254,6 +254,18 @@ def plan_models(study: Study, task: str) -> dict[str, ModelPlan]:
         student("ra-teacher-ractd", alpha, beta, sigma, "ra-teacher")
     models = _share_identical(models)
     return {**models, **_final_models(task, models, needed, best)}
+
+
+def _teacher_sizes(teacher: ModelPlan) -> dict:
+    """The DDPM baseline's steps and batch: its teacher's (Table 11 compares the samplers of models trained alike).
+    A sweep's teacher may have its own (tune/search.py --teacher-steps / --teacher-batch); the study's own teacher
+    has the budget's, as the DDPM has. {} when there is nothing to read."""
+    if teacher.cfg is not None or not teacher.checkpoint.is_file():
+        return {}
+    from ractd.checkpoint import load_checkpoint
+
+    cfg = load_checkpoint(teacher.checkpoint)["config"]
+    return {k: int(cfg[k]) for k in ("steps", "batch") if k in cfg}
 
 
 def _final_models(task: str, models: dict[str, ModelPlan], needed: set[str], best: records.BestConfig | None

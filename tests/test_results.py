@@ -203,6 +203,37 @@ def test_a_missing_ddpm_or_bc_cell_of_a_swept_task_names_its_own_command_not_the
     assert by_method_cmd(missing, "maze2d-umaze", "bc").startswith("python -m ractd train-bc --task maze2d-umaze")
 
 
+def test_the_ddpm_baseline_trains_at_its_sweep_teachers_steps_and_batch(tmp_path):
+    """Table 11 compares samplers of models trained alike: where the sweep's teacher has its own steps and batch
+    (tune/search.py --teacher-steps / --teacher-batch), the study's DDPM model takes them, not the budget's."""
+    import json
+
+    from ractd.data.generate_maze import generate_maze
+    from ractd.paths import sweep_dir
+    from ractd.train import RunContext, TrainConfig, train
+
+    generate_maze("maze2d-umaze", scale="tiny", seed=0, progress=False)
+    tiny = dict(task="maze2d-umaze", scale="tiny", preset="tiny", ckpt_every=3, report_every=3)
+    teacher = train(TrainConfig(stage="teacher", run_dir=str(tmp_path / "shared"), steps=3, batch=6, **tiny),
+                    RunContext(progress=False))["best"]
+    best = train(TrainConfig(stage="student", run_dir=str(tmp_path / "trial"), teacher_ckpt=str(teacher), steps=3,
+                             batch=8, select_seeds=0, **tiny), RunContext(progress=False))["best"]
+    d = sweep_dir("maze2d-umaze", "tiny")
+    d.mkdir(parents=True)
+    (d / "best_config.json").write_text(json.dumps({"alpha": 1.0, "beta": 1.0, "sigma": 0.0, "checkpoint": str(best),
+                                                    "teacher": str(teacher), "reward": ""}))
+    s = dataclasses.replace(spec.get_study("tables", tasks=["maze2d-umaze"]), data_scale="tiny")
+    budget = TrainConfig.for_stage("ddpm", s.budget)
+    assert (budget.steps, budget.batch) != (3, 6)
+    ddpm = rmodels.plan_models(s, "maze2d-umaze")["ddpm"]
+    assert ddpm.source == "study" and (ddpm.cfg.steps, ddpm.cfg.batch) == (3, 6)
+    # without a sweep, the study trains its own teacher and DDPM at the budget's sizes, alike
+    (d / "best_config.json").unlink()
+    models = rmodels.plan_models(s, "maze2d-umaze")
+    assert (models["ddpm"].cfg.steps, models["ddpm"].cfg.batch) == (budget.steps, budget.batch) == (
+        models["teacher"].cfg.steps, models["teacher"].cfg.batch)
+
+
 def test_study_plan_and_missing_cells_are_not_invented(tmp_path):
     s = spec.get_study("default")
     jobs, missing = rjobs.study_jobs(s)
