@@ -85,6 +85,18 @@ def curve_sections(data: Path) -> list[str]:
     return lines
 
 
+def plan_sections(data: Path) -> list[str]:
+    """Markdown: per maze task with plans measured in the snapshot (<data>/plans/<task>-small/plans.parquet,
+    ractd_repro.studies.maze_plans), its teachers' plans beside the dataset's windows."""
+    from ractd.io import read_rows
+    from ractd_repro.studies.maze_plans import summary_lines
+
+    lines = []
+    for path in sorted(Path(data).glob("plans/*/plans.parquet")):
+        lines += summary_lines(read_rows(path))
+    return lines
+
+
 def seed_commands(sweep: dict) -> list[str]:
     """The training-seed goal's run: the study's shared teacher and reward model (its sweep's, copied in so the
     students distil the teacher the tables evaluate), three training seeds at the reward weight the sweep picked
@@ -291,6 +303,14 @@ def render(data: Path, write: bool = True) -> str:
                   "every checkpoint, and where runs of several lengths were made (`--budgets`, each its own warm-up "
                   "and cosine decay) the final held-out loss per budget: how much data is enough, and how long to "
                   "train (within one run the curve flattens as the learning rate decays to zero).", "", *curves]
+    plans = plan_sections(data)
+    if plans:
+        lines += ["## maze2d plans", "",
+                  "A maze2d planner plans once per episode and a PD rule follows the plan, so a plan through walls "
+                  "cannot be followed. The teachers' Heun-80 plans from the evaluation resets toward the evaluation "
+                  "goal, measured beside windows of the same horizon from the dataset "
+                  "(`python -m ractd_repro.studies.maze_plans`): the share of their states in wall cells, how far "
+                  "they end from the goal, and how far apart their consecutive states are.", "", *plans]
     lines += ["## Tables", ""]
     for t in tables:
         lines += [f"### {t.title}", "", t.markdown, ""]
