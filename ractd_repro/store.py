@@ -190,6 +190,24 @@ class ResultsStore:
     def n_parts(self) -> int:
         return len(list(self.episodes_dir.glob("part-*.parquet")))
 
+    def drop_tasks(self, tasks) -> int:
+        """Remove every row of `tasks` (episodes and Fig. 3 rewards), each dataset rewritten as one part file the
+        way compact() writes it: a task re-run with new models (a longer teacher) replaces its cells instead of
+        sitting beside them. Returns the number of rows removed."""
+        tasks = set(tasks)
+        removed = 0
+        for folder, rows, write in ((self.episodes_dir, self.episodes(), self.write_episodes),
+                                    (self.rewards_dir, self.rewards(), self.write_rewards)):
+            keep = [r for r in rows if r["task"] not in tasks]
+            if len(keep) == len(rows):
+                continue
+            removed += len(rows) - len(keep)
+            old = set(folder.glob("part-*.parquet"))
+            new = write(keep)
+            for p in old - {new}:
+                p.unlink(missing_ok=True)
+        return removed
+
     def compact(self) -> None:
         """Rewrite each dataset as one deduplicated part file (the old parts are removed afterwards)."""
         for folder, rows, write in ((self.episodes_dir, self.episodes(), self.write_episodes),

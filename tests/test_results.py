@@ -130,6 +130,18 @@ def test_store_keys_dedupe_and_atomic_parts(tmp_path):
     assert all(r["versions"] == '{"ractd": "test"}' for r in s.episodes())
 
 
+def test_dropping_a_task_removes_its_rows_and_keeps_the_others(store):
+    before = store.episodes()
+    assert store.drop_tasks(["maze2d-umaze"]) == len(MAZE_RACTD)
+    after = store.episodes()
+    keys = lambda rows: [(r["task"], r["method"], r["checkpoint"], r["seed"], r["normalized_score"]) for r in rows]
+    assert keys(after) == keys([r for r in before if r["task"] != "maze2d-umaze"]) and store.n_parts() == 1
+    assert len(after) == len(HOPPER_RACTD) + len(HOPPER_CTD) + 4
+    assert store.drop_tasks(["maze2d-umaze", "walker2d-medium"]) == 0 and keys(store.episodes()) == keys(after)
+    store.write_episodes(_episodes("maze2d-umaze", "ractd", [1.0, 2.0], ckpt="c9"))  # the re-run's cells
+    assert sorted(r["normalized_score"] for r in store.episodes() if r["task"] == "maze2d-umaze") == [1.0, 2.0]
+
+
 def test_blocks_skip_stored_seeds(tmp_path):
     job = rjobs.EvalJob("maze2d-umaze", "ctd", "student", 1, "/x.pt", "c0", "test")
     done = {("maze2d-umaze", "ctd", "c0", s) for s in (0, 1, 5)}
