@@ -190,15 +190,16 @@ class ResultsStore:
     def n_parts(self) -> int:
         return len(list(self.episodes_dir.glob("part-*.parquet")))
 
-    def drop_tasks(self, tasks) -> int:
-        """Remove every row of `tasks` (episodes and Fig. 3 rewards), each dataset rewritten as one part file the
-        way compact() writes it: a task re-run with new models (a longer teacher) replaces its cells instead of
-        sitting beside them. Returns the number of rows removed."""
-        tasks = set(tasks)
+    def drop_tasks(self, tasks, keep_methods=()) -> int:
+        """Remove the rows of `tasks` (episodes and Fig. 3 rewards) but those of `keep_methods`, each dataset
+        rewritten as one part file the way compact() writes it: a task re-run with new models (a longer teacher)
+        replaces its cells instead of sitting beside them, and keeps the cells of models it does not retrain (BC,
+        the data's level). Returns the number of rows removed."""
+        tasks, keep_methods = set(tasks), set(keep_methods)
         removed = 0
         for folder, rows, write in ((self.episodes_dir, self.episodes(), self.write_episodes),
                                     (self.rewards_dir, self.rewards(), self.write_rewards)):
-            keep = [r for r in rows if r["task"] not in tasks]
+            keep = [r for r in rows if r["task"] not in tasks or r["method"] in keep_methods]
             if len(keep) == len(rows):
                 continue
             removed += len(rows) - len(keep)

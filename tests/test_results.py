@@ -138,6 +138,8 @@ def test_dropping_a_task_removes_its_rows_and_keeps_the_others(store):
     assert keys(after) == keys([r for r in before if r["task"] != "maze2d-umaze"]) and store.n_parts() == 1
     assert len(after) == len(HOPPER_RACTD) + len(HOPPER_CTD) + 4
     assert store.drop_tasks(["maze2d-umaze", "walker2d-medium"]) == 0 and keys(store.episodes()) == keys(after)
+    assert store.drop_tasks(["hopper-medium-replay"], keep_methods=["ctd"]) == len(HOPPER_RACTD) + 4
+    assert {r["method"] for r in store.episodes()} == {"ctd"}
     store.write_episodes(_episodes("maze2d-umaze", "ractd", [1.0, 2.0], ckpt="c9"))  # the re-run's cells
     assert sorted(r["normalized_score"] for r in store.episodes() if r["task"] == "maze2d-umaze") == [1.0, 2.0]
 
