@@ -85,16 +85,21 @@ def curve_sections(data: Path) -> list[str]:
     return lines
 
 
-def plan_sections(data: Path) -> list[str]:
-    """Markdown: per maze task with plans measured in the snapshot (<data>/plans/<task>-small/plans.parquet,
-    ractd_repro.studies.maze_plans), its teachers' plans beside the dataset's windows."""
+def plan_rows(data: Path) -> list[dict]:
+    """The maze plans measured in the snapshot (<data>/plans/<task>-small/plans.parquet,
+    ractd_repro.studies.maze_plans)."""
     from ractd.io import read_rows
+
+    return [r for path in sorted(Path(data).glob("plans/*/plans.parquet")) for r in read_rows(path)]
+
+
+def plan_sections(data: Path) -> list[str]:
+    """Markdown: per maze task with plans measured in the snapshot, its teachers' plans beside the dataset's
+    windows."""
     from ractd_repro.studies.maze_plans import summary_lines
 
-    lines = []
-    for path in sorted(Path(data).glob("plans/*/plans.parquet")):
-        lines += summary_lines(read_rows(path))
-    return lines
+    rows = plan_rows(data)
+    return summary_lines(rows) if rows else []
 
 
 def seed_commands(sweep: dict) -> list[str]:
@@ -187,13 +192,17 @@ IMITATORS = (("bc", "BC"), ("teacher-heun-80", "teacher Heun-80"), ("teacher-eul
              ("ctd", "CTD"))
 
 
-def teacher_causes(rows: list[dict], cells: dict, goal_rows: list[list[str]]) -> list[str]:
+def teacher_causes(rows: list[dict], cells: dict, goal_rows: list[list[str]], plans: list[dict] = ()) -> list[str]:
     """For each task whose teacher is below its data's level: what the store says of the cause. The models trained
     on the whole dataset (BC, the teacher, its one-step Euler, CTD) against the data's episodes (median, 10th and
     90th percentiles) and BC on its best 10% of trajectories; when every whole-data imitator is below the data and
     10% BC is not, the line says so: the data holds a policy worth imitating that imitating the whole mixture does
     not reach (a finding of this budget and dataset, not a proof of its mechanism); when BC is not below the data,
-    the shortfall is the teacher's own (its training or sampling), not the data's."""
+    the shortfall is the teacher's own (its training or sampling), not the data's. On a maze, `plans`
+    (ractd_repro.studies.maze_plans rows) add what the evaluated teacher's plans look like, where they were measured.
+    """
+    from ractd_repro.studies.maze_plans import teacher_evidence
+
     out = []
     for goal, task, verdict, _ in goal_rows:
         if not goal.startswith("teacher ") or verdict != "does not hold":
@@ -219,6 +228,10 @@ def teacher_causes(rows: list[dict], cells: dict, goal_rows: list[list[str]]) ->
                      "data).")
         else:
             line += "."
+        teacher = {r["checkpoint"] for r in rows if r["task"] == task and r["method"] == "teacher-heun-80"}
+        evidence = [e for e in (teacher_evidence(list(plans), task, ck) for ck in sorted(teacher)) if e]
+        if evidence:
+            line += f" The teacher: {'; '.join(evidence)}."
         out.append(line)
     return out
 
@@ -285,7 +298,7 @@ def render(data: Path, write: bool = True) -> str:
               "first is below the second at that level.", "",
               tabulate(goal_rows, headers=["goal", "task", "verdict", "evidence"], tablefmt="github",
                        disable_numparse=True), ""]
-    causes = teacher_causes(rows, cells, goal_rows)
+    causes = teacher_causes(rows, cells, goal_rows, plan_rows(data))
     if causes:
         lines += ["### Where the teacher is below its data", "", *causes, ""]
     verdicts = claims(rows, rewards, sweeps)

@@ -61,6 +61,9 @@ def test_a_teachers_plans_are_stored_once_per_model_and_reported(tmp_path, capsy
     plans = [r for r in rows if r["source"] == "heun-4"]
     assert [r["index"] for r in plans] == [0, 1, 2] and all(0 <= r["wall_share"] <= 1 for r in plans)
     assert all(r["end_to_goal"] >= r["min_to_goal"] >= 0 for r in plans)
+    from ractd_repro.store import checkpoint_hash
+
+    assert {r["checkpoint"] for r in plans} == {checkpoint_hash(teacher)}  # the results store's identity of it
     capsys.readouterr()
     assert maze_plans.main(["--report", "--out", str(tmp_path / "store")]) == 0
     assert re.search(r"\| teacher 2 x 8 +\| heun-4 +\| 3 ", capsys.readouterr().out)

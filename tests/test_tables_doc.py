@@ -71,6 +71,30 @@ def test_a_teacher_below_its_data_gets_the_stores_account_of_the_cause(tmp_path)
     rows = store.episodes()
     assert tables_doc.teacher_causes(rows, _cells(rows), tables_doc.goals(_cells(rows))) == []
 
+def test_a_maze_teacher_below_its_data_gets_its_measured_plans_as_evidence(tmp_path):
+    """The plans of the very teacher the store evaluated (its checkpoint hash), not another teacher's of the task."""
+    task = "maze2d-large"
+    store = ResultsStore(tmp_path / "store")
+    store.write_episodes(_eps(task, "teacher-heun-80", 0.0, sampler="heun", nfe=80))
+    store.write_episodes(_eps(task, "data", 10.0))
+    rows = store.episodes()
+    cells = _cells(rows)
+
+    def plan(model, ck, wall, end, source="heun-80"):
+        return {"task": task, "model": model, "source": source, "index": 0, "checkpoint": ck, "wall_share": wall,
+                "end_to_goal": end, "min_to_goal": end, "step_mean": 0.1, "step_max": 0.2}
+
+    plans = [plan("teacher 12000 x 64", f"{task}-teacher-heun-80", 0.5, 1.0),
+             plan("teacher 12000 x 64", f"{task}-teacher-heun-80", 0.0, 2.0),
+             plan("teacher 3000 x 256", "another", 0.9, 5.0),
+             plan("dataset windows", "", 0.0, float("nan"), source="data")]
+    text = "\n".join(tables_doc.teacher_causes(rows, cells, tables_doc.goals(cells), plans))
+    assert ("The teacher: its plans (n=2, maze2d plans below) put 25.0% of their states in wall cells, 1 of 2 plans "
+            "at least one (the dataset's windows of the same horizon: 0.0%), and end 1.50 from the goal") in text
+    no_plans = "\n".join(tables_doc.teacher_causes(rows, cells, tables_doc.goals(cells), plans[2:]))
+    assert no_plans.startswith(f"- **{task}**") and "The teacher:" not in no_plans
+
+
 def _seed(method, seed, mean, sem=1.0):
     return {"method": method, "train_seed": seed, "best_mean": mean, "best_sem": sem, "final_mean": mean,
             "final_sem": sem}

@@ -15,7 +15,8 @@ measured alike, the reference a trained planner should reach. Per plan or window
     python -m ractd_repro.studies.maze_plans --task maze2d-large --checkpoint RUN/teacher/best.pt [--label L]
     python -m ractd_repro.studies.maze_plans --report --out docs/results/twelve/plans/maze2d-large-small
 
-Writes <out>/plans.parquet (default <cache>/bench/plans/<task>-<scale>), one row per (model, source, index), a
+Writes <out>/plans.parquet (default <cache>/bench/plans/<task>-<scale>), one row per (model, source, index) with
+the checkpoint's identity in the results store (ractd_repro.store.checkpoint_hash; "" for dataset windows), a
 model's rows replaced when it is measured again. The label defaults to the checkpoint's stage with its training
 steps and batch ("teacher 3000 x 256"), so plans of teachers trained differently sit side by side.
 """
@@ -97,8 +98,23 @@ def window_rows(task, scale: str, n: int, seed: int = 0) -> list[dict]:
     pick = np.random.default_rng(seed).choice(len(windows["starts"]), size=min(n, len(windows["starts"])),
                                               replace=False)
     grid = maze_map(task)
-    return [{"task": task.name, "model": "dataset windows", "source": "data", "index": int(i),
+    return [{"task": task.name, "model": "dataset windows", "source": "data", "index": int(i), "checkpoint": "",
              **plan_metrics(windows["states"][np.array([i])][0][:, :2], grid, None)} for i in pick]
+
+
+def teacher_evidence(plans: list[dict], task: str, checkpoint: str) -> str:
+    """One clause on the plans of `checkpoint` (a store hash) of a maze task beside the dataset's windows, "" when
+    the store of plans has none of them."""
+    mine = [r for r in plans if r["task"] == task and r.get("checkpoint") == checkpoint]
+    data = [r for r in plans if r["task"] == task and r["source"] == "data"]
+    if not mine:
+        return ""
+    walls = np.mean([r["wall_share"] for r in mine])
+    text = (f"its plans (n={len(mine)}, maze2d plans below) put {100 * walls:.1f}% of their states in wall cells, "
+            f"{sum(r['wall_share'] > 0 for r in mine)} of {len(mine)} plans at least one")
+    if data:
+        text += f" (the dataset's windows of the same horizon: {100 * np.mean([r['wall_share'] for r in data]):.1f}%)"
+    return text + f", and end {np.mean([r['end_to_goal'] for r in mine]):.2f} from the goal on average"
 
 
 def summary_lines(rows: list[dict]) -> list[str]:
@@ -149,9 +165,11 @@ def run(args) -> int:
             if task.name != args.task:
                 raise RactdError(f"{args.checkpoint} is a {task.name} checkpoint, not {args.task}")
             label = args.label or model_label(config)
-            grid, goal = maze_map(task), eval_goal(task)
+            from ractd_repro.store import checkpoint_hash
+
+            grid, goal, ck = maze_map(task), eval_goal(task), checkpoint_hash(args.checkpoint)
             new += [{"task": task.name, "model": label, "source": f"{args.sampler}-{args.nfe}", "index": i,
-                     **plan_metrics(p[:, :2], grid, goal)} for i, p in enumerate(plans)]
+                     "checkpoint": ck, **plan_metrics(p[:, :2], grid, goal)} for i, p in enumerate(plans)]
         if args.windows:
             new += window_rows(get_task(args.task), args.scale, args.windows)
         if not new:
