@@ -127,9 +127,10 @@ def _tables_sweep(task: str) -> str:
     so that CTD and the paper's point share one teacher, reward model and model selection with the sweep's pick."""
     if task.startswith("maze2d"):  # the locomotion pieces' student budget (the CPU budget's 2000 x 256 students
         # cost 80 min a trial on 2 CPUs); the teacher at the CPU budget (3000 x 256)
-        # maze2d-large: the CPU budget's teacher (3000 x 256) planned through walls (34-56% of its Heun-80
-        # waypoints in wall cells, zero return on every seed); its teacher sees the same number of windows in four
-        # times as many steps of a quarter of the batch (Diffuser trains its maze planners at batch 32)
+        # maze2d-large: the CPU budget's teacher (3000 x 256) planned through walls and ended far from the goal
+        # (docs/results-tables.md, "maze2d plans"; zero return on every seed); its teacher sees the same number of
+        # windows in four times as many steps of a quarter of the batch (Diffuser trains its maze planners at
+        # batch 32)
         teacher = " --teacher-steps 12000 --teacher-batch 64" if task == "maze2d-large" else ""
         return ("--scale small --steps 400 --batch 128 --ckpt-every 100 --num-samples 2 --select-seeds 5 "
                 "--grace-period 4" + teacher)
