@@ -351,6 +351,20 @@ def maze_reset(env, task: Task, seed: int, grid: np.ndarray) -> np.ndarray:
     return np.concatenate([pos, vel])
 
 
+def evaluation_plans(task: Task | str, planner, seeds) -> tuple[np.ndarray, np.ndarray]:
+    """(starts (n, 4), plans (n, H, obs_dim)), D4RL frame: the plans rollout_maze makes for these seeds -- the
+    D4RL-style reset of each seed, one batched planner call toward the evaluation goal -- without the episodes."""
+    task = _task(task)
+    grid, seeds = maze_map(task), [int(s) for s in seeds]
+    env = make_env(task, 1)
+    try:  # a reset depends on its seed only: one env serves every start
+        starts = np.stack([maze_reset(env, task, s, grid) for s in seeds])
+    finally:
+        env.close()
+    plans = planner.plan(starts, np.broadcast_to(eval_goal(task), (len(seeds), 2)), _generators(seeds))
+    return starts, np.asarray(plans)
+
+
 def rollout_maze(task: Task | str, planner, seeds: list[int], max_steps: int | None = None,
                  progress: bool = True) -> list[dict]:
     """Plan once per seed (one batched planner call), then track the plans open loop for max_steps steps

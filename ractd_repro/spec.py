@@ -121,26 +121,32 @@ LOCOMOTION_TASKS = tuple(f"{env}-{split}" for env in ("halfcheetah", "hopper", "
 MAZE_TASKS = tuple(f"maze2d-{size}" for size in ("umaze", "medium", "large"))
 
 
+# Teachers the default budget left short on the twelve-task study, measured: the task's tune/search.py teacher flags
+# (default: locomotion 2000 steps, maze2d the CPU budget's 3000 x 256).
+# - maze2d-large: the CPU budget's teacher planned through walls and ended far from the goal (docs/results-tables.md,
+#   "maze2d plans"; zero return on every seed); this one sees the same number of windows in four times as many steps
+#   of a quarter of the batch (Diffuser trains its maze planners at batch 32).
+# - halfcheetah-medium: its 2000-step teacher stayed below the data; the learning curves' 6000-step run ends with a
+#   held-out loss 6.5% below the 2000-step run's, and its Heun-80 is within 2 SE of the data's level (the note of
+#   2026-12-07).
+_TABLES_TEACHERS = {"maze2d-large": "--teacher-steps 12000 --teacher-batch 64",
+                    "halfcheetah-medium": "--teacher-steps 6000"}
+
+
 def _tables_sweep(task: str) -> str:
     """The `tune/search.py` flags of one task of the twelve-task study: the CPU budget at the small data scale,
     every grid point run to its end (no ASHA stopping), and (locomotion) the sigma grid {0 (CTD), Table 9's sigma}
-    so that CTD and the paper's point share one teacher, reward model and model selection with the sweep's pick."""
+    so that CTD and the paper's point share one teacher, reward model and model selection with the sweep's pick;
+    the teacher's flags from _TABLES_TEACHERS where the default fell short."""
     if task.startswith("maze2d"):  # the locomotion pieces' student budget (the CPU budget's 2000 x 256 students
-        # cost 80 min a trial on 2 CPUs); the teacher at the CPU budget (3000 x 256)
-        # maze2d-large: the CPU budget's teacher (3000 x 256) planned through walls and ended far from the goal
-        # (docs/results-tables.md, "maze2d plans"; zero return on every seed); its teacher sees the same number of
-        # windows in four times as many steps of a quarter of the batch (Diffuser trains its maze planners at
-        # batch 32)
-        teacher = " --teacher-steps 12000 --teacher-batch 64" if task == "maze2d-large" else ""
+        # cost 80 min a trial on 2 CPUs)
+        teacher = f" {_TABLES_TEACHERS[task]}" if task in _TABLES_TEACHERS else ""
         return ("--scale small --steps 400 --batch 128 --ckpt-every 100 --num-samples 2 --select-seeds 5 "
                 "--grace-period 4" + teacher)
     sigma = get_task(task).weights.sigma
     grid = "0" if sigma == 0 else f"0 {sigma:g}"
-    # halfcheetah-medium: its 2000-step teacher stayed below the data; the learning curves' 6000-step run ends with
-    # a held-out loss 6.5% below the 2000-step run's, and its Heun-80 reaches the data's level (the note of
-    # 2026-12-07)
-    teacher_steps = 6000 if task == "halfcheetah-medium" else 2000
-    return (f"--scale small --teacher-steps {teacher_steps} --steps 400 --batch 128 --ckpt-every 100 --grace-period 4 "
+    teacher = _TABLES_TEACHERS.get(task, "--teacher-steps 2000")
+    return (f"--scale small {teacher} --steps 400 --batch 128 --ckpt-every 100 --grace-period 4 "
             f"--sigmas {grid} --num-samples 3")
 
 

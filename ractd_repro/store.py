@@ -192,31 +192,35 @@ class ResultsStore:
 
     def drop_tasks(self, tasks, keep_methods=()) -> int:
         """Remove the rows of `tasks` (episodes and Fig. 3 rewards) but those of `keep_methods`, each dataset
-        rewritten as one part file the way compact() writes it: a task re-run with new models (a longer teacher)
+        rewritten as one part file as compact() writes it: a task re-run with new models (a longer teacher)
         replaces its cells instead of sitting beside them, and keeps the cells of models it does not retrain (BC,
         the data's level). Returns the number of rows removed."""
         tasks, keep_methods = set(tasks), set(keep_methods)
         removed = 0
-        for folder, rows, write in ((self.episodes_dir, self.episodes(), self.write_episodes),
-                                    (self.rewards_dir, self.rewards(), self.write_rewards)):
+        for folder, rows, write in self._datasets():
             keep = [r for r in rows if r["task"] not in tasks or r["method"] in keep_methods]
-            if len(keep) == len(rows):
-                continue
-            removed += len(rows) - len(keep)
-            old = set(folder.glob("part-*.parquet"))
-            new = write(keep)
-            for p in old - {new}:
-                p.unlink(missing_ok=True)
+            if len(keep) < len(rows):
+                removed += len(rows) - len(keep)
+                self._rewrite(folder, keep, write)
         return removed
 
     def compact(self) -> None:
         """Rewrite each dataset as one deduplicated part file (the old parts are removed afterwards)."""
-        for folder, rows, write in ((self.episodes_dir, self.episodes(), self.write_episodes),
-                                    (self.rewards_dir, self.rewards(), self.write_rewards)):
-            old = set(folder.glob("part-*.parquet"))
-            new = write(rows)
-            for p in old - {new}:
-                p.unlink(missing_ok=True)
+        for folder, rows, write in self._datasets():
+            self._rewrite(folder, rows, write)
+
+    def _datasets(self):
+        """(folder, its rows, its writer) of the episodes and of the Fig. 3 rewards."""
+        return ((self.episodes_dir, self.episodes(), self.write_episodes),
+                (self.rewards_dir, self.rewards(), self.write_rewards))
+
+    @staticmethod
+    def _rewrite(folder: Path, rows: list[dict], write) -> None:
+        """`rows` written as one part, then every other part of `folder` removed."""
+        old = set(folder.glob("part-*.parquet"))
+        new = write(rows)
+        for p in old - {new}:
+            p.unlink(missing_ok=True)
 
 
 def cell_stats(x: Iterable[float], seed: int = BOOTSTRAP_SEED, n_resamples: int = BOOTSTRAP_RESAMPLES) -> dict:

@@ -93,15 +93,6 @@ def plan_rows(data: Path) -> list[dict]:
     return [r for path in sorted(Path(data).glob("plans/*/plans.parquet")) for r in read_rows(path)]
 
 
-def plan_sections(data: Path) -> list[str]:
-    """Markdown: per maze task with plans measured in the snapshot, its teachers' plans beside the dataset's
-    windows."""
-    from ractd_repro.studies.maze_plans import summary_lines
-
-    rows = plan_rows(data)
-    return summary_lines(rows) if rows else []
-
-
 def seed_commands(sweep: dict) -> list[str]:
     """The training-seed goal's run: the study's shared teacher and reward model (its sweep's, copied in so the
     students distil the teacher the tables evaluate), three training seeds at the reward weight the sweep picked
@@ -298,7 +289,8 @@ def render(data: Path, write: bool = True) -> str:
               "first is below the second at that level.", "",
               tabulate(goal_rows, headers=["goal", "task", "verdict", "evidence"], tablefmt="github",
                        disable_numparse=True), ""]
-    causes = teacher_causes(rows, cells, goal_rows, plan_rows(data))
+    plans = plan_rows(data)
+    causes = teacher_causes(rows, cells, goal_rows, plans)
     if causes:
         lines += ["### Where the teacher is below its data", "", *causes, ""]
     verdicts = claims(rows, rewards, sweeps)
@@ -316,14 +308,15 @@ def render(data: Path, write: bool = True) -> str:
                   "every checkpoint, and where runs of several lengths were made (`--budgets`, each its own warm-up "
                   "and cosine decay) the final held-out loss per budget: how much data is enough, and how long to "
                   "train (within one run the curve flattens as the learning rate decays to zero).", "", *curves]
-    plans = plan_sections(data)
     if plans:
+        from ractd_repro.studies.maze_plans import summary_lines as plan_lines
+
         lines += ["## maze2d plans", "",
                   "A maze2d planner plans once per episode and a PD rule follows the plan, so a plan through walls "
                   "cannot be followed. The teachers' Heun-80 plans from the evaluation resets toward the evaluation "
                   "goal, measured beside windows of the same horizon from the dataset "
                   "(`python -m ractd_repro.studies.maze_plans`): the share of their states in wall cells, how far "
-                  "they end from the goal, and how far apart their consecutive states are.", "", *plans]
+                  "they end from the goal, and how far apart their consecutive states are.", "", *plan_lines(plans)]
     lines += ["## Tables", ""]
     for t in tables:
         lines += [f"### {t.title}", "", t.markdown, ""]

@@ -107,9 +107,8 @@ def run(args) -> int:
         default_path,
         train_inverse_dynamics,
     )
-    from ractd.maze import eval_goal, maze_map
     from ractd.policy import MazePlanner
-    from ractd.rollout import _generators, make_env, maze_reset
+    from ractd.rollout import evaluation_plans
     from ractd.tasks import get_task
 
     task = get_task(args.task)
@@ -133,17 +132,13 @@ def run(args) -> int:
         add("data windows", name, tracking_error(task, windows[:, 0], windows, fn))
     print(f"data windows done ({len(windows)} of {h + 1} states)", flush=True)
 
-    grid, goal = maze_map(task), eval_goal(task)
     seeds = list(range(args.seeds))
     for source, sampler, ckpt in (("teacher Heun-80", "heun", args.teacher), ("student", "student", args.student)):
         if not Path(ckpt).is_file():
             print(f"skipped {source}: no checkpoint {ckpt}", flush=True)
             continue
         planner, _, _ = policy_from_checkpoint(ckpt, sampler)
-        env = make_env(task, 1)
-        starts = np.stack([maze_reset(env, task, s, grid) for s in seeds])
-        env.close()
-        plans = planner.plan(starts, np.broadcast_to(goal, (len(seeds), 2)), _generators(seeds))
+        starts, plans = evaluation_plans(task, planner, seeds)
         plans = np.asarray(plans, np.float64)[:, :h + 1]
         for name, fn in trackers.items():
             tracker = {"pd": "pd", "id_closed": "inverse_dynamics", "id_open": "inverse_dynamics_plan"}[name]

@@ -122,6 +122,16 @@ def _curve(c, min_gain: float) -> dict:
             "stopped_falling_at": stopped_falling(c["step"].to_numpy(), val, min_gain)}
 
 
+def _sufficient(g, by: str, min_gain: float, tolerance: float) -> list[dict]:
+    """One _curve per value of `by` (fraction or budget), "sufficient": True on the smallest value whose final
+    held-out loss is within the tolerance of the largest's (smallest_sufficient)."""
+    table = [_curve(c, min_gain) for _, c in g.sort_values("step").groupby(by)]
+    pick = smallest_sufficient({r[by]: r["final_val_loss"] for r in table}, tolerance)
+    for r in table:
+        r["sufficient"] = r[by] == pick
+    return table
+
+
 def summary(rows: list[dict], min_gain: float = 0.01, tolerance: float = 0.02) -> dict[str, list[dict]]:
     """Per set of curves (CURVE_SET), one dict per fraction at the fractions' budget: its training size, final and
     best held-out loss and where the curve stopped falling, and "sufficient": True on the smallest fraction within
@@ -132,11 +142,7 @@ def summary(rows: list[dict], min_gain: float = 0.01, tolerance: float = 0.02) -
     df = _with_budget(pd.DataFrame(rows))
     for key, g in df.groupby(list(CURVE_SET), sort=False):
         g = g[g["budget"] == _fraction_budget(g)]
-        table = [_curve(c, min_gain) for _, c in g.sort_values("step").groupby("fraction")]
-        pick = smallest_sufficient({r["fraction"]: r["final_val_loss"] for r in table}, tolerance)
-        for r in table:
-            r["sufficient"] = r["fraction"] == pick
-        out[_set_name(key)] = table
+        out[_set_name(key)] = _sufficient(g, "fraction", min_gain, tolerance)
     return out
 
 
@@ -154,11 +160,7 @@ def budget_summary(rows: list[dict], min_gain: float = 0.01, tolerance: float = 
         g = g[g["fraction"] == g["fraction"].max()]
         if g["budget"].nunique() < 2:
             continue
-        table = [_curve(c, min_gain) for _, c in g.sort_values("step").groupby("budget")]
-        pick = smallest_sufficient({r["budget"]: r["final_val_loss"] for r in table}, tolerance)
-        for r in table:
-            r["sufficient"] = r["budget"] == pick
-        out[_set_name(key)] = table
+        out[_set_name(key)] = _sufficient(g, "budget", min_gain, tolerance)
     return out
 
 

@@ -67,23 +67,15 @@ def model_label(config: dict) -> str:
 
 def model_plans(checkpoint: str, seeds: int, sampler: str, nfe: int) -> tuple[object, np.ndarray, dict]:
     """(task, plans (seeds, H, obs_dim) unnormalized D4RL states, the checkpoint's config): the planner's one plan
-    per evaluation reset of seeds 0 .. seeds - 1 toward the evaluation goal, as ractd.rollout plans it."""
+    per evaluation reset of seeds 0 .. seeds - 1 toward the evaluation goal (ractd.rollout.evaluation_plans)."""
     from ractd.checkpoint import load_checkpoint
     from ractd.evaluate import policy_from_checkpoint
-    from ractd.maze import eval_goal, maze_map
-    from ractd.rollout import _generators, make_env, maze_reset
+    from ractd.rollout import evaluation_plans
 
     planner, task, _ = policy_from_checkpoint(checkpoint, sampler=sampler, nfe=nfe or None)
     if task.kind != "maze":
         raise RactdError(f"{checkpoint}: a {task.name} checkpoint; maze plans need a maze2d one")
-    grid, goal = maze_map(task), eval_goal(task)
-    envs = [make_env(task) for _ in range(seeds)]
-    try:
-        starts = np.stack([maze_reset(env, task, s, grid) for s, env in enumerate(envs)])
-    finally:
-        for env in envs:
-            env.close()
-    plans = planner.plan(starts, np.broadcast_to(goal, (seeds, 2)), _generators(range(seeds)))
+    _, plans = evaluation_plans(task, planner, range(seeds))
     return task, plans, load_checkpoint(Path(checkpoint))["config"]
 
 
@@ -99,7 +91,7 @@ def window_rows(task, scale: str, n: int, seed: int = 0) -> list[dict]:
                                               replace=False)
     grid = maze_map(task)
     return [{"task": task.name, "model": "dataset windows", "source": "data", "index": int(i), "checkpoint": "",
-             **plan_metrics(windows["states"][np.array([i])][0][:, :2], grid, None)} for i in pick]
+             **plan_metrics(w[:, :2], grid, None)} for i, w in zip(pick, windows["states"][pick])]
 
 
 def teacher_evidence(plans: list[dict], task: str, checkpoint: str) -> str:
