@@ -93,6 +93,20 @@ def plan_rows(data: Path) -> list[dict]:
     return [r for path in sorted(Path(data).glob("plans/*/plans.parquet")) for r in read_rows(path)]
 
 
+def plan_section(plans: list[dict]) -> list[str]:
+    """Markdown: the "maze2d plans" section from the measured plans (plan_rows); [] without any."""
+    if not plans:
+        return []
+    from ractd_repro.studies.maze_plans import summary_lines
+
+    return ["## maze2d plans", "",
+            "A maze2d planner plans once per episode and a PD rule follows the plan, so a plan through walls cannot be "
+            "followed. The teachers' Heun-80 plans from the evaluation resets toward the evaluation goal, measured "
+            "beside windows of the same horizon from the dataset (`python -m ractd_repro.studies.maze_plans`): the "
+            "share of their states in wall cells, how far they end from the goal, and how far apart their consecutive "
+            "states are.", "", *summary_lines(plans)]
+
+
 def seed_commands(sweep: dict) -> list[str]:
     """The training-seed goal's run: the study's shared teacher and reward model (its sweep's, copied in so the
     students distil the teacher the tables evaluate), three training seeds at the reward weight the sweep picked
@@ -308,15 +322,7 @@ def render(data: Path, write: bool = True) -> str:
                   "every checkpoint, and where runs of several lengths were made (`--budgets`, each its own warm-up "
                   "and cosine decay) the final held-out loss per budget: how much data is enough, and how long to "
                   "train (within one run the curve flattens as the learning rate decays to zero).", "", *curves]
-    if plans:
-        from ractd_repro.studies.maze_plans import summary_lines as plan_lines
-
-        lines += ["## maze2d plans", "",
-                  "A maze2d planner plans once per episode and a PD rule follows the plan, so a plan through walls "
-                  "cannot be followed. The teachers' Heun-80 plans from the evaluation resets toward the evaluation "
-                  "goal, measured beside windows of the same horizon from the dataset "
-                  "(`python -m ractd_repro.studies.maze_plans`): the share of their states in wall cells, how far "
-                  "they end from the goal, and how far apart their consecutive states are.", "", *plan_lines(plans)]
+    lines += plan_section(plans)
     lines += ["## Tables", ""]
     for t in tables:
         lines += [f"### {t.title}", "", t.markdown, ""]
