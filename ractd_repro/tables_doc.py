@@ -85,12 +85,36 @@ def curve_sections(data: Path) -> list[str]:
     return lines
 
 
+def snapshot_rows(data: Path, pattern: str) -> list[dict]:
+    """The rows of every Parquet file of the snapshot that `pattern` matches, in path order."""
+    from ractd.io import read_rows
+
+    return [r for path in sorted(Path(data).glob(pattern)) for r in read_rows(path)]
+
+
 def plan_rows(data: Path) -> list[dict]:
     """The maze plans measured in the snapshot (<data>/plans/<task>-small/plans.parquet,
     ractd_repro.studies.maze_plans)."""
-    from ractd.io import read_rows
+    return snapshot_rows(data, "plans/*/plans.parquet")
 
-    return [r for path in sorted(Path(data).glob("plans/*/plans.parquet")) for r in read_rows(path)]
+
+def fraction_rows(data: Path) -> list[dict]:
+    """BC on the best share of the trajectories, measured in the snapshot
+    (<data>/bc_fractions/<task>-small/scores.parquet, ractd_repro.studies.bc_fractions)."""
+    return snapshot_rows(data, "bc_fractions/*/scores.parquet")
+
+
+def fraction_section(rows: list[dict]) -> list[str]:
+    """Markdown: the "BC on the best share of trajectories" section (fraction_rows); [] without any."""
+    if not rows:
+        return []
+    from ractd_repro.studies.bc_fractions import summary_lines
+
+    return ["## BC on the best share of trajectories", "",
+            "Where a dataset's whole-data imitators fall below its own level, BC trained on the best share of its "
+            "trajectories by return (`python -m ractd_repro.studies.bc_fractions`; 1 is the tables' BC, 0.1 their "
+            "10% BC) beside what each share keeps: where the score breaks says which trajectories the whole-data "
+            "models learn from.", "", *summary_lines(rows)]
 
 
 def plan_section(plans: list[dict]) -> list[str]:
@@ -197,15 +221,19 @@ IMITATORS = (("bc", "BC"), ("teacher-heun-80", "teacher Heun-80"), ("teacher-eul
              ("ctd", "CTD"))
 
 
-def teacher_causes(rows: list[dict], cells: dict, goal_rows: list[list[str]], plans: list[dict] = ()) -> list[str]:
+def teacher_causes(rows: list[dict], cells: dict, goal_rows: list[list[str]], plans: list[dict] = (),
+                   fractions: list[dict] = ()) -> list[str]:
     """For each task whose teacher is below its data's level: what the store says of the cause. The models trained
     on the whole dataset (BC, the teacher, its one-step Euler, CTD) against the data's episodes (median, 10th and
     90th percentiles) and BC on its best 10% of trajectories; when every whole-data imitator is below the data and
     10% BC is not, the line says so: the data holds a policy worth imitating that imitating the whole mixture does
     not reach (a finding of this budget and dataset, not a proof of its mechanism); when BC is not below the data,
     the shortfall is the teacher's own (its training or sampling), not the data's. On a maze, `plans`
-    (ractd_repro.studies.maze_plans rows) add what the evaluated teacher's plans look like, where they were measured.
+    (ractd_repro.studies.maze_plans rows) add what the evaluated teacher's plans look like, where they were measured;
+    on a locomotion task, `fractions` (ractd_repro.studies.bc_fractions rows) add BC on the best shares of the
+    trajectories, where they were measured on the dataset of the store's data cell (its fingerprint).
     """
+    from ractd_repro.studies import bc_fractions
     from ractd_repro.studies.maze_plans import teacher_evidence
 
     out = []
@@ -237,6 +265,10 @@ def teacher_causes(rows: list[dict], cells: dict, goal_rows: list[list[str]], pl
         evidence = [e for e in (teacher_evidence(list(plans), task, ck) for ck in sorted(teacher)) if e]
         if evidence:
             line += f" The teacher: {'; '.join(evidence)}."
+        fps = {r["checkpoint"] for r in rows if r["task"] == task and r["method"] == "data"}  # its dataset's
+        by_share = bc_fractions.evidence([r for r in fractions if r.get("dataset") in fps], task)
+        if by_share:
+            line += f" {by_share}."
         out.append(line)
     return out
 
@@ -303,8 +335,8 @@ def render(data: Path, write: bool = True) -> str:
               "first is below the second at that level.", "",
               tabulate(goal_rows, headers=["goal", "task", "verdict", "evidence"], tablefmt="github",
                        disable_numparse=True), ""]
-    plans = plan_rows(data)
-    causes = teacher_causes(rows, cells, goal_rows, plans)
+    plans, fractions = plan_rows(data), fraction_rows(data)
+    causes = teacher_causes(rows, cells, goal_rows, plans, fractions)
     if causes:
         lines += ["### Where the teacher is below its data", "", *causes, ""]
     verdicts = claims(rows, rewards, sweeps)
@@ -322,7 +354,7 @@ def render(data: Path, write: bool = True) -> str:
                   "every checkpoint, and where runs of several lengths were made (`--budgets`, each its own warm-up "
                   "and cosine decay) the final held-out loss per budget: how much data is enough, and how long to "
                   "train (within one run the curve flattens as the learning rate decays to zero).", "", *curves]
-    lines += plan_section(plans)
+    lines += plan_section(plans) + fraction_section(fractions)
     lines += ["## Tables", ""]
     for t in tables:
         lines += [f"### {t.title}", "", t.markdown, ""]

@@ -71,6 +71,26 @@ def test_a_teacher_below_its_data_gets_the_stores_account_of_the_cause(tmp_path)
     rows = store.episodes()
     assert tables_doc.teacher_causes(rows, _cells(rows), tables_doc.goals(_cells(rows))) == []
 
+def test_bc_by_share_is_evidence_only_on_its_own_task_and_dataset(tmp_path):
+    store = ResultsStore(tmp_path / "store")
+    _hopper(store, teacher=5.0, data=10.0, warm=6.0, ctd=6.0, bc10=30.0)
+    rows = store.episodes()
+    cells = _cells(rows)
+    fp = next(r["checkpoint"] for r in rows if r["method"] == "data")
+
+    def share(task, f, score, dataset=fp):
+        return [{"task": task, "fraction": f, "seed": i, "normalized_score": score + i, "trajectories": 10,
+                 "of": 20, "worst_kept": 1.0, "random_kept": 3, "random_level": 5.0, "dataset": dataset}
+                for i in range(2)]
+
+    mine = share(HMR, 1.0, 2.0) + share(HMR, 0.5, 30.0)
+    text = "\n".join(tables_doc.teacher_causes(rows, cells, tables_doc.goals(cells), (), mine))
+    assert "BC on the best share of its trajectories (n=2 seeds each" in text and "0.5: 30.5 ± 0.5" in text
+    others = share("walker2d-medium-replay", 0.5, 30.0) + share(HMR, 0.5, 30.0, dataset="another dataset")
+    text = "\n".join(tables_doc.teacher_causes(rows, cells, tables_doc.goals(cells), (), others))
+    assert text.startswith(f"- **{HMR}**") and "best share" not in text
+
+
 def test_a_maze_teacher_below_its_data_gets_its_measured_plans_as_evidence(tmp_path):
     """The plans of the very teacher the store evaluated (its checkpoint hash), not another teacher's of the task."""
     task = "maze2d-large"
