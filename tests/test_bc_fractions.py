@@ -57,8 +57,10 @@ def test_summary_and_evidence_from_hand_rows():
     text = bc_fractions.evidence(_rows(), "halfcheetah-medium-replay")
     # the whole dataset first, then the smaller shares; each with its random-level trajectories
     assert text.index("1: 2.2 ± 0.2 (2 of 70 kept at the random level)") < text.index("0.5: 32.0 ± 2.0 (0 of 35")
-    assert text.endswith("The largest share without a trajectory at the random level (0.5) scores 32.0, the "
-                         "smallest with some (1: 2 of 70) 2.2")
+    assert text.endswith("The steepest fall between neighbouring shares: 32.0 at 0.5 (0 of 35 at the random level) "
+                         "to 2.2 at 1 (2 of 70)")
+    flat = [dict(r, normalized_score=2.0 + r["seed"] + r["fraction"] / 10) for r in _rows()]  # 2.55 to 2.6: noise
+    assert "steepest" not in bc_fractions.evidence(flat, "halfcheetah-medium-replay")
     assert bc_fractions.evidence(_rows(), "hopper-medium") == ""
 
 

@@ -34,6 +34,7 @@ from ractd import RactdError
 from ractd.errors import Parser, run_command
 from ractd.io import atomic_parquet, read_rows
 from ractd.paths import cache_dir
+from ractd_repro.claims import Z
 
 STORE = "bc_fractions"
 FRACTIONS = (0.1, 0.25, 0.5, 0.75, 1.0)
@@ -134,13 +135,12 @@ def evidence(rows: list[dict], task: str) -> str:
              "at the random level)" for s in reversed(ss)]
     text = (f"BC on the best share of its trajectories (n={ss[0]['n']} seeds each; BC on the best share below): "
             + "; ".join(parts))
-    clean = [s for s in ss if s["random_kept"] == 0]
-    mixed = [s for s in ss if s["random_kept"] > 0]
-    if clean and mixed:
-        a, b = clean[-1], mixed[0]
-        text += (f". The largest share without a trajectory at the random level ({a['fraction']:g}) scores "
-                 f"{a['mean']:.1f}, the smallest with some ({b['fraction']:g}: {b['random_kept']} of "
-                 f"{b['trajectories']}) {b['mean']:.1f}")
+    falls = [(a["mean"] - b["mean"], a, b) for a, b in zip(ss, ss[1:])]  # neighbouring shares, ascending
+    drop, a, b = max(falls, key=lambda x: x[0], default=(0.0, None, None))
+    if a is not None and drop > Z * math.hypot(a["se"], b["se"]):
+        text += (f". The steepest fall between neighbouring shares: {a['mean']:.1f} at {a['fraction']:g} ("
+                 f"{a['random_kept']} of {a['trajectories']} at the random level) to {b['mean']:.1f} at "
+                 f"{b['fraction']:g} ({b['random_kept']} of {b['trajectories']})")
     return text
 
 
