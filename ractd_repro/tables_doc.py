@@ -85,50 +85,41 @@ def curve_sections(data: Path) -> list[str]:
     return lines
 
 
-def snapshot_rows(data: Path, pattern: str) -> list[dict]:
-    """The rows of every Parquet file of the snapshot that `pattern` matches, in path order."""
+# the studies measured beside the tables (their stores under <snapshot>/<folder>/<task>-small/<file>): the section
+# each gets in the document, its title and what it measures
+STUDY_SECTIONS = {
+    "maze_plans": ("plans", "plans.parquet", "maze2d plans",
+                   "A maze2d planner plans once per episode and a PD rule follows the plan, so a plan through walls "
+                   "cannot be followed. The teachers' Heun-80 plans from the evaluation resets toward the evaluation "
+                   "goal, measured beside windows of the same horizon from the dataset (`python -m "
+                   "ractd_repro.studies.maze_plans`): the share of their states in wall cells, how far they end from "
+                   "the goal, and how far apart their consecutive states are."),
+    "bc_fractions": ("bc_fractions", "scores.parquet", "BC on the best share of trajectories",
+                     "Where a dataset's whole-data imitators fall below its own level, BC trained on the best share "
+                     "of its trajectories by return (`python -m ractd_repro.studies.bc_fractions`; 1 is the tables' "
+                     "BC, 0.1 their 10% BC) beside what each share keeps: where the score breaks says which "
+                     "trajectories the whole-data models learn from."),
+}
+
+
+def study_rows(data: Path, study: str) -> list[dict]:
+    """The rows of a STUDY_SECTIONS study measured in the snapshot, every task's, in path order."""
     from ractd.io import read_rows
 
-    return [r for path in sorted(Path(data).glob(pattern)) for r in read_rows(path)]
+    folder, filename = STUDY_SECTIONS[study][:2]
+    return [r for path in sorted(Path(data).glob(f"{folder}/*/{filename}")) for r in read_rows(path)]
 
 
-def plan_rows(data: Path) -> list[dict]:
-    """The maze plans measured in the snapshot (<data>/plans/<task>-small/plans.parquet,
-    ractd_repro.studies.maze_plans)."""
-    return snapshot_rows(data, "plans/*/plans.parquet")
+def study_section(study: str, rows: list[dict]) -> list[str]:
+    """Markdown: a STUDY_SECTIONS study's section (its title, what it measures, the study's summary_lines of
+    `rows`); [] without rows."""
+    import importlib
 
-
-def fraction_rows(data: Path) -> list[dict]:
-    """BC on the best share of the trajectories, measured in the snapshot
-    (<data>/bc_fractions/<task>-small/scores.parquet, ractd_repro.studies.bc_fractions)."""
-    return snapshot_rows(data, "bc_fractions/*/scores.parquet")
-
-
-def fraction_section(rows: list[dict]) -> list[str]:
-    """Markdown: the "BC on the best share of trajectories" section (fraction_rows); [] without any."""
     if not rows:
         return []
-    from ractd_repro.studies.bc_fractions import summary_lines
-
-    return ["## BC on the best share of trajectories", "",
-            "Where a dataset's whole-data imitators fall below its own level, BC trained on the best share of its "
-            "trajectories by return (`python -m ractd_repro.studies.bc_fractions`; 1 is the tables' BC, 0.1 their "
-            "10% BC) beside what each share keeps: where the score breaks says which trajectories the whole-data "
-            "models learn from.", "", *summary_lines(rows)]
-
-
-def plan_section(plans: list[dict]) -> list[str]:
-    """Markdown: the "maze2d plans" section from the measured plans (plan_rows); [] without any."""
-    if not plans:
-        return []
-    from ractd_repro.studies.maze_plans import summary_lines
-
-    return ["## maze2d plans", "",
-            "A maze2d planner plans once per episode and a PD rule follows the plan, so a plan through walls cannot be "
-            "followed. The teachers' Heun-80 plans from the evaluation resets toward the evaluation goal, measured "
-            "beside windows of the same horizon from the dataset (`python -m ractd_repro.studies.maze_plans`): the "
-            "share of their states in wall cells, how far they end from the goal, and how far apart their consecutive "
-            "states are.", "", *summary_lines(plans)]
+    title, text = STUDY_SECTIONS[study][2:]
+    lines = importlib.import_module(f"ractd_repro.studies.{study}").summary_lines(rows)
+    return [f"## {title}", "", text, "", *lines]
 
 
 def seed_commands(sweep: dict) -> list[str]:
@@ -335,7 +326,7 @@ def render(data: Path, write: bool = True) -> str:
               "first is below the second at that level.", "",
               tabulate(goal_rows, headers=["goal", "task", "verdict", "evidence"], tablefmt="github",
                        disable_numparse=True), ""]
-    plans, fractions = plan_rows(data), fraction_rows(data)
+    plans, fractions = study_rows(data, "maze_plans"), study_rows(data, "bc_fractions")
     causes = teacher_causes(rows, cells, goal_rows, plans, fractions)
     if causes:
         lines += ["### Where the teacher is below its data", "", *causes, ""]
@@ -354,7 +345,7 @@ def render(data: Path, write: bool = True) -> str:
                   "every checkpoint, and where runs of several lengths were made (`--budgets`, each its own warm-up "
                   "and cosine decay) the final held-out loss per budget: how much data is enough, and how long to "
                   "train (within one run the curve flattens as the learning rate decays to zero).", "", *curves]
-    lines += plan_section(plans) + fraction_section(fractions)
+    lines += study_section("maze_plans", plans) + study_section("bc_fractions", fractions)
     lines += ["## Tables", ""]
     for t in tables:
         lines += [f"### {t.title}", "", t.markdown, ""]

@@ -32,9 +32,9 @@ import numpy as np
 
 from ractd import RactdError
 from ractd.errors import Parser, run_command
-from ractd.io import atomic_parquet, read_rows
-from ractd.paths import cache_dir
+from ractd.io import atomic_parquet
 from ractd_repro.claims import Z
+from ractd_repro.studies import add_store_args, task_store
 
 STORE = "bc_fractions"
 FRACTIONS = (0.1, 0.25, 0.5, 0.75, 1.0)
@@ -149,9 +149,7 @@ def run(args) -> int:
     from ractd.data.prepared import dataset_fingerprint
     from ractd.tasks import get_task
 
-    out = Path(args.out) if args.out else cache_dir() / "bench" / STORE / f"{args.task}-{args.scale}"
-    store = out / "scores.parquet"
-    rows = read_rows(store, required=args.report)
+    out, store, rows = task_store(args, STORE, "scores.parquet")
     if not args.report:
         if args.seeds < 2 or any(not 0 < f <= 1 for f in args.fractions):
             raise RactdError(f"--seeds must be at least 2 and each fraction in (0, 1], got {args.seeds}, "
@@ -188,9 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=0, help="BC training steps (0 = the cpu budget's)")
     ap.add_argument("--random-level", type=float, default=RANDOM_LEVEL,
                     help="a trajectory at most this many normalized points counts as random-level")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads")
-    ap.add_argument("--out", default="", help="default <cache>/bench/bc_fractions/<task>-<scale>")
-    ap.add_argument("--report", action="store_true", help="only print the summary of the store in --out")
+    add_store_args(ap, STORE)
     args = ap.parse_args(argv)
     return run_command(lambda: run(args))
 

@@ -32,8 +32,8 @@ import numpy as np
 
 from ractd import RactdError
 from ractd.errors import run_command
-from ractd.io import atomic_parquet, read_rows
-from ractd.paths import cache_dir
+from ractd.io import atomic_parquet
+from ractd_repro.studies import add_store_args, task_store
 
 STORE = "plans"
 KEY = ("task", "model", "source", "index")
@@ -139,9 +139,7 @@ def summary_lines(rows: list[dict]) -> list[str]:
 def run(args) -> int:
     from ractd.tasks import get_task
 
-    out = Path(args.out) if args.out else cache_dir() / "bench" / STORE / f"{args.task}-{args.scale}"
-    store = out / "plans.parquet"
-    rows = read_rows(store, required=args.report)
+    out, store, rows = task_store(args, STORE, "plans.parquet")
     if not args.report:
         if args.seeds < 2 or args.windows < 0:
             raise RactdError(f"--seeds must be at least 2 and --windows non-negative, got {args.seeds}, {args.windows}")
@@ -187,9 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--nfe", type=int, default=80, help="its steps or bins (the tables' teacher: 80)")
     ap.add_argument("--seeds", type=int, default=EvalConfig.seeds, help="evaluation resets planned from")
     ap.add_argument("--windows", type=int, default=100, help="dataset windows measured (0: none)")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
-    ap.add_argument("--out", default="", help="default <cache>/bench/plans/<task>-<scale>")
-    ap.add_argument("--report", action="store_true", help="only print the summary of the store in --out")
+    add_store_args(ap, STORE, threads=0)
     args = ap.parse_args(argv)
     return run_command(lambda: run(args))
 
