@@ -211,3 +211,4 @@ def test_document_lists_each_missing_task_with_its_piece_commands_and_carries_th
 def test_committed_tables_document_is_rebuilt_exactly_from_its_snapshot():
     text = tables_doc.render(REPO / "docs" / "results" / "twelve", write=False)
     assert text == (REPO / "docs" / "results-tables.md").read_text()
+    assert text.count(tables_doc.ONE_SEED) == 2  # the goals and the claims say what their verdicts rest on
