@@ -86,12 +86,27 @@ class Times:
             os.replace(tmp, self.path)
 
 
-def checkout(root: Path, arm: str, rev: str) -> Path:
+def _commit(repo: Path, rev: str) -> str:
+    out = subprocess.run(["git", "-C", str(repo), "rev-parse", "--verify", f"{rev}^{{commit}}"], capture_output=True,
+                         text=True)
+    if out.returncode:
+        raise RactdError(f"{rev}: not a commit of {repo}")
+    return out.stdout.strip()
+
+
+def checkout(root: Path, arm: str, rev: str, repo: Path = REPO) -> Path:
+    """The arm's worktree of `rev` (made on first use). One made earlier must hold that very commit: its times are
+    that revision's, so a resumed arm never mixes two revisions."""
     src = root / arm / "src"
+    want = _commit(repo, rev)
     if not src.is_dir():
         src.parent.mkdir(parents=True, exist_ok=True)
-        subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(src), rev], check=True,
-                       stdout=subprocess.DEVNULL)
+        subprocess.run(["git", "-C", str(repo), "worktree", "add", "--detach", str(src), want], check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    have = _commit(src, "HEAD")
+    if have != want:
+        raise RactdError(f"the {arm} arm's checkout {src} holds {have[:7]}, not {rev} ({want[:7]}), and its times "
+                         f"are that revision's: pass --{arm} {have[:7]}, or remove {root / arm} and its times")
     return src
 
 

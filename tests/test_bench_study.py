@@ -75,3 +75,29 @@ def test_the_arm_must_import_its_own_checkout(tmp_path, load_script):
     (src / "ractd").rmdir()
     with pytest.raises(RactdError, match="not from its checkout"):
         bench.run_arm("before", src, bench.Times(tmp_path / "times.json"), dry_run=True)
+
+
+def test_an_arms_checkout_holds_the_revision_asked_for(tmp_path, load_script):
+    """A worktree made earlier (by a --dry-run, or an interrupted arm) is reused only at the same commit: its times
+    are that revision's; asked for another, the runner says so in one line instead of timing the old one."""
+    import subprocess
+
+    bench = load_script("bench/bench_study.py")
+    repo = tmp_path / "repo"
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    revs = []
+    for k in range(2):
+        (repo / "f").write_text(str(k))
+        subprocess.run(git + ["add", "f"], check=True)
+        subprocess.run(git + ["commit", "-q", "-m", str(k)], check=True)
+        revs.append(subprocess.run(git + ["rev-parse", "HEAD"], check=True, capture_output=True,
+                                   text=True).stdout.strip())
+    root = tmp_path / "study"
+    src = bench.checkout(root, "after", revs[0], repo=repo)
+    assert (src / "f").read_text() == "0"
+    assert bench.checkout(root, "after", revs[0][:7], repo=repo) == src  # the same commit, however named
+    with pytest.raises(RactdError, match=f"holds {revs[0][:7]}, not {revs[1]}"):
+        bench.checkout(root, "after", revs[1], repo=repo)
+    with pytest.raises(RactdError, match="not a commit"):
+        bench.checkout(root, "before", "no-such-revision", repo=repo)
