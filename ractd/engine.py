@@ -19,6 +19,10 @@ computed once per action (`FoldedUnet.prepare`). What is left per network call i
     jit        the body traced, frozen and optimized for inference by TorchScript
     gemm       the body with every convolution as one matrix product (ractd.nets.gemm: im2col), weights stored
                once (fp32, exact up to summation order)
+    layers     the body with each convolution and Mish in the form measured fastest for it at the bucket's batch
+               (ractd.engine_layers): torch's, im2col, or Winograd's F(4, 5) (ractd.nets.winograd: 2.5x fewer
+               multiply-adds for the kernel-5 convolutions), Mish from one exp; built per bucket, its forms kept in
+               the bucket's calibration record; fp32 only (exact up to float rounding)
     openvino   the body exported to ONNX in memory and compiled by OpenVINO, LATENCY hint, fp32 precision hint;
                a dynamic-batch model, plus a static-shape one for a batch size that keeps coming back (_OpenVINO)
     openvino-2s  the same compiled for 2 streams (THROUGHPUT hint; threads >= 2): the batch split in two halves
@@ -74,12 +78,14 @@ from ractd.engine_runs import (  # noqa: F401 -- _ov, STATIC_AFTER: read through
     _OpenVINO,
     _ov,
 )
+from ractd.engine_layers import layered_copy, measure_layers
 from ractd.timing import seconds_per_call, setup
 
 log = logging.getLogger(__name__)
 
-ENGINES = ("eager", "jit", "gemm", "openvino", "openvino-2s")
-ENGINE_CHOICES = ("auto", "none", "eager", "jit", "gemm", "openvino")
+ENGINES = ("eager", "jit", "gemm", "layers", "openvino", "openvino-2s")
+ENGINE_CHOICES = ("auto", "none", "eager", "jit", "gemm", "layers", "openvino")
+PER_BUCKET = ("layers",)   # engines built for one bucket: their forms were measured at its batch
 PRECISIONS = ("fp32", "bf16", "auto")
 
 
@@ -88,7 +94,8 @@ class EngineConfig:
     """How an evaluation sampler runs its U-Net.
 
     engine: auto (the fastest measured for each live batch bucket; see the module doc) | eager | jit | gemm |
-        openvino (that engine for every batch, folded) | none (the library models called as they are: no folding).
+        layers | openvino (that engine for every batch, folded; jit and layers run fp32 at any precision) | none
+        (the library models called as they are: no folding).
     precision: fp32 | bf16 | auto (bf16 where the CPU multiplies bf16 matrices in hardware -- AMX-BF16 --, else
         fp32; `resolve_precision`). bf16 engines: gemm-bf16 / OpenVINO bf16; a behavioural cost, not a rounding
         difference, measured on 100-seed scores by ractd_repro.studies.bf16_scores (docs/results.md).
@@ -245,13 +252,13 @@ def candidates(cfg: EngineConfig, threads: int) -> list[str]:
     """The engines `auto` measures: eager (fp32: the reference) always; jit; gemm; openvino when installed (2
     streams with >= 2 threads); with precision bf16 the bf16 variants of gemm and openvino instead of the fp32
     engines (not eager-bf16, torch autocast: the slowest everywhere bench/bench_engine.py measured)."""
-    names = ["eager", "jit", "gemm"]
+    names = ["eager", "jit", "gemm", "layers"]
     if _ov() is not None:
         names.append("openvino")
         if threads >= 2:
             names.append("openvino-2s")
     if resolve_precision(cfg.precision) == "bf16":
-        names = ["eager"] + [f"{n}-bf16" for n in names if n not in ("eager", "jit")]
+        names = ["eager"] + [f"{n}-bf16" for n in names if n not in ("eager", "jit", "layers")]
     return names
 
 
@@ -267,6 +274,8 @@ class EngineSelector:
         self._built: dict[str, Callable] = {}
         self._by_bucket: dict[int, str] = {}
         self.measured: dict[int, dict] = {}   # bucket -> the calibration record used (tests and the bench read it)
+        self.layer_choice: dict[int, dict[str, str]] = {}   # bucket -> the layers engine's forms (ractd.engine_layers)
+        self.layer_records: dict[int, list[dict]] = {}      # bucket -> their measurements, where measured here
         net = folded.net
         self.shape_key = (f"in{net.input_dim}-h{folded.horizon}-c{net.global_cond_dim}-t{net.n_times}"
                           f"-E{net.cfg.time_embed_dim}-d{'x'.join(map(str, net.cfg.down_dims))}"
@@ -275,12 +284,35 @@ class EngineSelector:
     def key(self, b: int) -> str:
         return f"{self.shape_key}|b{b}|th{self.threads}|{self.cfg.precision}|{machine(_ov())}"
 
-    def build(self, name: str) -> Callable:
-        """The engine `name`'s run(x, films) (built once)."""
-        if name not in self._built:
+    def build(self, name: str, b: int = 1, batch: int | None = None) -> Callable:
+        """The engine `name`'s run(x, films) (built once; an engine of PER_BUCKET once per bucket b, its layers'
+        forms from the bucket's calibration record or measured at `batch` rows)."""
+        key = self._key(name, b)
+        if key not in self._built:
             with setup():  # a first call's build is set-up, not the call's time (ractd.timing)
-                self._build(name)
-        return self._built[name]
+                if name in PER_BUCKET:
+                    self._build_layers(b, batch or b)
+                else:
+                    self._build(name)
+        return self._built[key]
+
+    @staticmethod
+    def _key(name: str, b: int) -> str:
+        return f"{name}@b{b}" if name in PER_BUCKET else name
+
+    def _build_layers(self, b: int, batch: int) -> None:
+        f = self.folded
+        body = _Body(f.net, f.sizes).eval()
+        layers = (self.measured.get(b) or {}).get("layers")
+        if layers is None:
+            gen = torch.Generator().manual_seed(1)
+            example = (torch.randn(batch, f.horizon, f.net.input_dim, generator=gen),
+                       torch.randn(batch, f.width, generator=gen))
+            layers, records = measure_layers(body, example, max(2, self.cfg.rounds), self.cfg.calibrate_s / 3,
+                                             self.cfg.margin)
+            self.layer_records[b] = records
+        self.layer_choice[b] = layers
+        self._built[self._key("layers", b)] = _eager(layered_copy(body, layers))
 
     def _build(self, name: str) -> None:
         f = self.folded
@@ -303,13 +335,13 @@ class EngineSelector:
         log.info("engine %s built for %s in %.2f s", name, self.shape_key, time.perf_counter() - t0)
 
     def engine_for(self, batch: int) -> Callable:
-        return self.build(self.choice(batch))
+        return self.build(self.choice(batch), bucket(batch), batch)
 
     def choice(self, batch: int) -> str:
         """The engine's name for a live batch: fixed by cfg.engine, else the bucket's calibrated choice."""
         if self.cfg.engine not in ("auto", "none"):
             name = self.cfg.engine
-            return f"{name}-bf16" if self.cfg.precision == "bf16" and name != "jit" else name
+            return f"{name}-bf16" if self.cfg.precision == "bf16" and name not in ("jit", "layers") else name
         b = bucket(batch)
         if b not in self._by_bucket:
             with setup():  # a new bucket's calibration is set-up, not the call's time (ractd.timing)
@@ -317,7 +349,7 @@ class EngineSelector:
             self._by_bucket[b], self.measured[b] = record["choice"], record
             # the candidates that lost are dropped: at paper size each holds a copy of the weights (OpenVINO's
             # compiled models, TorchScript's frozen graph, gemm's matrices; a bench process reached 23 GB)
-            keep = {"eager", *self._by_bucket.values()}
+            keep = {"eager", *(self._key(name, b) for b, name in self._by_bucket.items())}
             self._built = {k: v for k, v in self._built.items() if k in keep}
         return self._by_bucket[b]
 
@@ -350,7 +382,7 @@ class EngineSelector:
             if "-2s" in name and n < 2:
                 continue  # two streams split the batch: one row runs on one of them, a slower openvino
             try:
-                run = self.build(name)
+                run = self.build(name, b, n)
                 if isinstance(run, _OpenVINO) and run.streams == 1:
                     run._static_request(n, now=True)  # timed as it runs once the batch repeats
                 diffs[name] = float((run(x, films) - ref).abs().max())   # also its warm-up call
@@ -372,6 +404,8 @@ class EngineSelector:
                   "worst_ms": {k: round(v * 1e3, 4) for k, v in worst.items()}, "rounds": rounds,
                   "max_abs_diff": diffs, "bucket": b, "batch": n, "threads": self.threads,
                   "load": load_now(), "measured": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        if b in self.layer_choice:
+            record["layers"] = self.layer_choice[b]
         log.info("engine for %s at batch %d (bucket %d), %d threads: %s (ms per call: %s)", self.shape_key, n, b,
                  self.threads, choice, record["ms"])
         if self.cfg.cache:

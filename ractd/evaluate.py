@@ -62,7 +62,7 @@ class EvalConfig:
     max_steps: int = 0
     init_scaled: bool = True
     out: str = ""
-    engine: Literal["auto", "eager", "jit", "gemm", "openvino", "none"] = "auto"
+    engine: Literal["auto", "eager", "jit", "gemm", "layers", "openvino", "none"] = "auto"
     accelerate: Literal["none", "jit"] = "none"
     precision: Literal["fp32", "bf16", "auto"] = "auto"
     overlap: bool = False

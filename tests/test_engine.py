@@ -40,7 +40,7 @@ def _gens(n, offset=0):
 
 
 def _engines():
-    names = ["eager", "jit", "gemm"]
+    names = ["eager", "jit", "gemm", "layers"]
     if engine._ov() is not None:
         names.append("openvino")
     return names
@@ -199,8 +199,8 @@ def _slow_engine(monkeypatch, calls):
 
     build = EngineSelector.build
 
-    def fake_build(self, name):
-        run = build(self, name)
+    def fake_build(self, name, *args):
+        run = build(self, name, *args)
         if name != "jit":
             return run
 
@@ -325,9 +325,9 @@ def test_two_streams_are_not_a_candidate_for_a_single_row(monkeypatch):
     built = []
     build = EngineSelector.build
 
-    def spy(self, name):
+    def spy(self, name, *args):
         built.append(name)
-        return build(self, name) if name == "eager" else (lambda x, films: build(self, "eager")(x, films))
+        return build(self, name, *args) if name == "eager" else (lambda x, films: build(self, "eager")(x, films))
 
     monkeypatch.setattr(EngineSelector, "build", spy)
     folded = FoldedUnet(_net(), H, EngineConfig(precision="fp32", calibrate_s=0.01, rounds=1, cache=False))
@@ -339,7 +339,7 @@ def test_two_streams_are_not_a_candidate_for_a_single_row(monkeypatch):
 def test_the_engines_that_lost_the_calibration_are_released():
     folded = FoldedUnet(_net(), H, EngineConfig(precision="fp32", calibrate_s=0.01, rounds=1, cache=False))
     chosen = folded.selector.choice(4)
-    assert set(folded.selector._built) == {"eager", chosen}
+    assert set(folded.selector._built) == {"eager", EngineSelector._key(chosen, 4)}
     assert set(folded.selector.measured[4]["ms"]) >= {"eager", "jit", "gemm"}  # they did run
 
 
