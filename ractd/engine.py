@@ -39,7 +39,8 @@ output checked against eager's; a candidate more than 1.25x eager's time after t
 rounds. The fastest candidate whose *slowest* round took at most `margin` x eager's *fastest* is chosen, otherwise
 eager: an engine is never chosen over eager unless it was measured faster by more than the rounds' own spread. A record
 measured while the machine was busy (load average >= its CPUs) is measured again the first time the bucket is met on a
-quieter machine. The result is cached per (network shape, bucket, threads, precision, CPU, library versions) in
+quieter machine, and so is one measured without a candidate of today (an engine added since, a new install). The
+result is cached per (network shape, bucket, threads, precision, CPU, library versions) in
 <cache_dir>/engines/calibration.json (ractd.engine_records: written atomically; an unreadable file is ignored with a
 warning and rewritten), so a machine measures each shape once (rounds: ractd.timing.seconds_per_call). Calibrations and
 builds run inside ractd.timing.setup: a rollout's time per action leaves them out.
@@ -362,6 +363,8 @@ class EngineSelector:
             return None  # absent, or made with an engine not installed here
         if measure_again(record):
             return None  # measured on a busy machine (load >= CPUs): measured again now that it is quieter
+        if names - set(record.get("candidates", record.get("ms", {}))):
+            return None  # measured before a candidate of today existed (a new engine, a new install)
         return record
 
     def calibrate(self, b: int, batch: int | None = None) -> dict:
@@ -400,7 +403,8 @@ class EngineSelector:
         best, worst = seconds_per_call({name: (lambda run=run: run(x, films)) for name, run in runs.items()},
                                        rounds, self.cfg.calibrate_s, drop_above=PRUNE_ABOVE)
         choice = choose(best, self.cfg.margin, worst)
-        record = {"choice": choice, "ms": {k: round(v * 1e3, 4) for k, v in best.items()},
+        record = {"choice": choice, "candidates": sorted(candidates(self.cfg, self.threads)),
+                  "ms": {k: round(v * 1e3, 4) for k, v in best.items()},
                   "worst_ms": {k: round(v * 1e3, 4) for k, v in worst.items()}, "rounds": rounds,
                   "max_abs_diff": diffs, "bucket": b, "batch": n, "threads": self.threads,
                   "load": load_now(), "measured": time.strftime("%Y-%m-%dT%H:%M:%S")}

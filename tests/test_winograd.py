@@ -173,3 +173,24 @@ def test_the_layers_engine_is_fp32_only():
     sel = EngineSelector(FoldedUnet(_body()[0].net, 8, EngineConfig(precision="fp32", cache=False)),
                          EngineConfig(engine="layers", precision="bf16", cache=False))
     assert sel.choice(5) == "layers"
+
+
+def test_a_cached_record_that_did_not_measure_a_candidate_of_today_is_measured_again(monkeypatch):
+    """A record written before the layers engine existed names a choice still installed (gemm) but never measured
+    layers: it is measured again, and the new record lists the candidates it measured."""
+    cfg = EngineConfig(precision="fp32", calibrate_s=0.01, rounds=1)
+    monkeypatch.setattr(engine, "candidates", lambda cfg, threads: ["eager", "gemm", "layers"])
+    folded = FoldedUnet(_body()[0].net, 8, cfg)
+    old = {"choice": "gemm", "ms": {"eager": 2.0, "gemm": 1.0}, "load": 0.0}
+    engine.write_calibration(engine.calibration_path(), folded.selector.key(2), old)
+    calls = []
+    calibrate = EngineSelector.calibrate
+    monkeypatch.setattr(EngineSelector, "calibrate", lambda self, b, batch=None: calls.append(b) or
+                        calibrate(self, b, batch))
+    folded.selector.choice(2)
+    assert calls == [2] and folded.selector.measured[2]["candidates"] == ["eager", "gemm", "layers"]
+    again = FoldedUnet(_body()[0].net, 8, cfg)
+    record = {**folded.selector.measured[2], "load": 0.0}
+    engine.write_calibration(engine.calibration_path(), again.selector.key(2), record)
+    again.selector.choice(2)
+    assert calls == [2]   # the new record is complete: used as it is
