@@ -51,20 +51,26 @@ def bc_goals(data: dict, mode: str = "hindsight", horizon: int = 1) -> np.ndarra
     return goals
 
 
+def trajectory_returns(data: dict) -> tuple[list[tuple[int, int]], np.ndarray]:
+    """(the trajectories' row bounds (start, end), their undiscounted returns): trajectories split on terminals |
+    timeouts (ractd.data.windows.episode_bounds)."""
+    from ractd.data.windows import episode_bounds
+
+    bounds = episode_bounds(data["terminals"], data["timeouts"])
+    rewards = np.asarray(data["rewards"], np.float64)
+    return bounds, np.array([rewards[s:e].sum() for s, e in bounds])
+
+
 def best_trajectories(data: dict, fraction: float) -> np.ndarray:
     """Rows of the trajectories whose (undiscounted) return is in the top `fraction` of the dataset's trajectories
     (at least one trajectory), in dataset order: CORL's "10% BC" with fraction 0.1. Trajectories split on
     terminals | timeouts (ractd.data.windows.episode_bounds). fraction 1: every row."""
-    from ractd.data.windows import episode_bounds
-
     n = len(data["rewards"])
     if not 0.0 < fraction <= 1.0:
         raise ValueError(f"fraction {fraction}: expected 0 < fraction <= 1")
     if fraction == 1.0:
         return np.arange(n)
-    bounds = episode_bounds(data["terminals"], data["timeouts"])
-    rewards = np.asarray(data["rewards"], np.float64)
-    returns = np.array([rewards[s:e].sum() for s, e in bounds])
+    bounds, returns = trajectory_returns(data)
     keep = np.sort(np.argsort(-returns, kind="stable")[:max(1, int(fraction * len(bounds)))])
     return np.concatenate([np.arange(*bounds[k]) for k in keep])
 

@@ -72,11 +72,15 @@ def matches(student: dict, reference: dict, margin: float = MATCH_MARGIN, data: 
     return "inconclusive"
 
 
+def mean_se(values) -> tuple[float, float]:
+    """(mean, standard error of the mean) of values; the SE is NaN for fewer than two."""
+    v = np.asarray(values, np.float64)
+    return float(v.mean()), (float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else math.nan)
+
+
 def paired(values_a: list[float], values_b: list[float]) -> tuple[str, float, float]:
     """(verdict that a > b, mean of a - b, its SE) for values on the same items (Fig. 3's states)."""
-    d = np.asarray(values_a, float) - np.asarray(values_b, float)
-    se = float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else math.nan
-    m = float(d.mean())
+    m, se = mean_se(np.asarray(values_a, float) - np.asarray(values_b, float))
     if not math.isfinite(se):
         return "inconclusive", m, se
     return ("holds" if m - Z * se > 0 else "does not hold" if m + Z * se < 0 else "inconclusive"), m, se

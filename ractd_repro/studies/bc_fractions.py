@@ -33,7 +33,7 @@ import numpy as np
 from ractd import RactdError
 from ractd.errors import Parser, run_command
 from ractd.io import atomic_parquet
-from ractd_repro.claims import Z
+from ractd_repro.claims import Z, mean_se
 from ractd_repro.studies import add_store_args, task_store
 
 STORE = "bc_fractions"
@@ -45,14 +45,12 @@ def composition(task, data: dict, fraction: float, random_level: float = RANDOM_
     """What BC on the best `fraction` of the trajectories is trained on: {"trajectories", "of", "worst_kept",
     "random_kept"} (of: the dataset's trajectories; worst_kept: the lowest normalized return kept; random_kept: the
     kept trajectories at most `random_level` normalized points)."""
-    from ractd.bc import best_trajectories
-    from ractd.data.windows import episode_bounds
+    from ractd.bc import best_trajectories, trajectory_returns
 
-    bounds = episode_bounds(data["terminals"], data["timeouts"])
-    rewards = np.asarray(data["rewards"], np.float64)
-    kept = np.zeros(len(rewards), bool)
+    bounds, returns = trajectory_returns(data)
+    kept = np.zeros(len(data["rewards"]), bool)
     kept[best_trajectories(data, fraction)] = True
-    scores = np.array([task.normalized_score(rewards[s:e].sum()) for s, e in bounds if kept[s]])
+    scores = np.array([task.normalized_score(r) for (s, _), r in zip(bounds, returns) if kept[s]])
     return {"trajectories": len(scores), "of": len(bounds), "worst_kept": float(scores.min()),
             "random_kept": int((scores <= random_level).sum())}
 
@@ -91,18 +89,13 @@ def measure(args, fraction: float, data: dict, fingerprint: str, out: Path) -> l
             for _, r in df.iterrows()]
 
 
-def _mean_se(v) -> tuple[float, float]:
-    v = np.asarray(v, np.float64)
-    return float(v.mean()), (float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else math.nan)
-
-
 def summary_rows(rows: list[dict]) -> list[dict]:
     """One row per (task, fraction), fractions ascending: the composition and the score's mean, SE, n."""
     out = []
     for task in sorted({r["task"] for r in rows}):
         for f in sorted({r["fraction"] for r in rows if r["task"] == task}):
             rs = [r for r in rows if r["task"] == task and r["fraction"] == f]
-            mean, se = _mean_se([r["normalized_score"] for r in rs])
+            mean, se = mean_se([r["normalized_score"] for r in rs])
             out.append({"task": task, "fraction": f, "mean": mean, "se": se, "n": len(rs),
                         **{k: rs[0][k] for k in ("trajectories", "of", "worst_kept", "random_kept", "random_level")}})
     return out
@@ -170,7 +163,7 @@ def run(args) -> int:
             rows = [r for r in rows if not (r["task"] == args.task and r["fraction"] == f)] + new
             out.mkdir(parents=True, exist_ok=True)
             atomic_parquet(store, rows)
-            print(f"fraction {f:g}: {_mean_se([r['normalized_score'] for r in new])[0]:.1f}", flush=True)
+            print(f"fraction {f:g}: {mean_se([r['normalized_score'] for r in new])[0]:.1f}", flush=True)
     print("\n".join(summary_lines(rows)))
     print(f"store: {store}")
     return 0

@@ -33,6 +33,7 @@ import numpy as np
 from ractd import RactdError
 from ractd.errors import run_command
 from ractd.io import atomic_parquet
+from ractd_repro.claims import mean_se
 from ractd_repro.studies import add_store_args, task_store
 
 STORE = "plans"
@@ -118,8 +119,8 @@ def summary_lines(rows: list[dict]) -> list[str]:
         v = np.asarray([x for x in v if x == x], np.float64)
         if not len(v):
             return "—"
-        se = v.std(ddof=1) / math.sqrt(len(v)) if len(v) > 1 else math.nan
-        return f"{v.mean():.3f} ± {se:.3f}" if se == se else f"{v.mean():.3f}"
+        mean, se = mean_se(v)
+        return f"{mean:.3f} ± {se:.3f}" if se == se else f"{mean:.3f}"
 
     lines = []
     for task in sorted({r["task"] for r in rows}):

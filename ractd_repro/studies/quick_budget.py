@@ -33,6 +33,7 @@ import numpy as np
 from ractd.errors import run_command
 from ractd.io import atomic_parquet, read_rows
 from ractd.paths import cache_dir
+from ractd_repro.claims import mean_se
 
 STORE = "quick_budget"
 STUDY = "ractd_repro.studies.quick_budget"
@@ -83,7 +84,7 @@ def run_one(steps: int, seed: int, eval_seeds: int, scale: str = "small", thread
                                            out=str(out)), progress=progress)
         x = np.asarray([r["normalized_score"] for r in read_rows(out)], float)
         rows.append({"task": TASK, "scale": scale, "teacher_steps": steps, "seed": seed, "policy": name,
-                     "mean": float(x.mean()), "se": float(x.std(ddof=1) / math.sqrt(len(x))), "n": len(x),
+                     **dict(zip(("mean", "se"), mean_se(x))), "n": len(x),
                      "teacher_time_s": float(timing.read_text()) if timing.is_file() else math.nan,
                      "student_steps": student.steps, "teacher_batch": teacher.batch})
     return rows

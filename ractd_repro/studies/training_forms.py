@@ -41,6 +41,7 @@ from ractd.engine_records import cpu_name
 from ractd.errors import run_command
 from ractd.io import read_rows
 from ractd.paths import cache_dir
+from ractd_repro.claims import mean_se
 from ractd_repro.studies import quick_budget
 
 STORE = "training_forms"
@@ -124,7 +125,7 @@ def run_one(form: str, seed: int, eval_seeds: int, scale: str = "small", threads
                                            seeds=eval_seeds, out=str(out)), progress=progress)
         x = np.asarray([r["normalized_score"] for r in read_rows(out)], float)
         rows.append({"task": TASK, "scale": scale, "form": form, "seed": seed, "policy": name, "cpu": cpu_name(),
-                     "mean": float(x.mean()), "se": float(x.std(ddof=1) / math.sqrt(len(x))), "n": len(x),
+                     **dict(zip(("mean", "se"), mean_se(x))), "n": len(x),
                      "teacher_accel": _resolved(teacher.stage_dir), "student_accel": _resolved(student.stage_dir),
                      **{f"{stage}_{k}": float(times[stage].get(k, math.nan)) for stage in ("teacher", "student")
                         for k in ("cpu_s", "wall_s")}})
