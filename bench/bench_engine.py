@@ -89,6 +89,14 @@ def default_fn(student, on, an, engine_cfg):
     return fast, policy_fn(lambda x, c: ctm.sample_student(fast.bind(c), x, c), on, an)
 
 
+def layer_forms(record: dict) -> str:
+    """The layers engine's forms in a calibration record, counted: ' (layers: 12 winograd, 5 exp, ...)'."""
+    forms = list((record.get("layers") or {}).values())
+    if not forms:
+        return ""
+    return " (layers: " + ", ".join(f"{forms.count(f)} {f}" for f in sorted(set(forms))) + "; the rest native)"
+
+
 def student_table(sizes, threads_list, rounds, tmp: Path) -> None:
     print("\n1. one-step student policy call (hopper shapes), ms per call and ratios; calibration before timing")
     default = resolve_precision(EngineConfig().precision)
@@ -138,7 +146,7 @@ def student_table(sizes, threads_list, rounds, tmp: Path) -> None:
                       + (f"   (calibrated in {calib_s:.1f} s)" if calib_s > 0.5 else ""), flush=True)
             for label, fast in (("fp32", fast32), ("bf16", fast16)):
                 print(f"# {size}, {threads} threads, {label}: calibration ms per bucket (best; worst): "
-                      + "; ".join(f"b{b}: {rec['ms']}; {rec.get('worst_ms')}"
+                      + "; ".join(f"b{b}: {rec['ms']}; {rec.get('worst_ms')}{layer_forms(rec)}"
                                   for b, rec in sorted(fast.folded.selector.measured.items())), flush=True)
             print(f"# {size}, {threads} threads: set up in {time.perf_counter() - t0:.1f} s including calibration "
                   f"(* = the default path)", flush=True)
