@@ -310,13 +310,15 @@ def test_a_record_measured_on_a_busy_machine_is_measured_again_when_it_is_quiet(
     cfg = EngineConfig(precision="fp32", calibrate_s=0.01, rounds=1)
     folded = FoldedUnet(_net(), H, cfg)
     cpus = __import__("os").cpu_count()
+    every = {"candidates": engine.candidates(cfg, folded.selector.threads)}   # a record that measured them all
     engine.write_calibration(engine.calibration_path(), folded.selector.key(2),
-                             {"choice": "eager", "load": float(cpus) + 1.0})
+                             {"choice": "eager", "load": float(cpus) + 1.0, **every})
     monkeypatch.setattr("os.getloadavg", lambda: (cpus + 2.0, 0.0, 0.0))
     assert folded.selector._cached(2)["choice"] == "eager"     # still busy: the record stands
     monkeypatch.setattr("os.getloadavg", lambda: (0.1, 0.0, 0.0))
     assert folded.selector._cached(2) is None                  # quieter now: measured again
-    engine.write_calibration(engine.calibration_path(), folded.selector.key(2), {"choice": "eager", "load": 0.5})
+    engine.write_calibration(engine.calibration_path(), folded.selector.key(2),
+                             {"choice": "eager", "load": 0.5, **every})
     assert folded.selector._cached(2)["choice"] == "eager"     # a record from a quiet machine is kept
 
 
