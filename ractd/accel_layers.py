@@ -311,23 +311,29 @@ def calibrate_forms(net: nn.Module, example: tuple, precision: str = "fp32",
     return choice, rec
 
 
-def _conv_inputs(net: nn.Module, example: tuple) -> dict[str, tuple]:
-    """{conv layer name: its input shape} from one no-grad forward of net(*example)."""
-    shapes: dict[str, tuple] = {}
+def layer_inputs(net: nn.Module, example: tuple, modules: dict[str, nn.Module], keep) -> dict:
+    """{name: keep(its first input)} for the named modules, from one no-grad forward of net(*example)."""
+    seen: dict = {}
 
     def hook(name):
         def record(module, args):  # returns None: the call's inputs stay as they are
-            shapes.setdefault(name, tuple(args[0].shape))
+            seen.setdefault(name, keep(args[0]))
         return record
 
-    hooks = [m.register_forward_pre_hook(hook(name)) for name, m in net.named_modules() if _gemm_supported(m)]
+    hooks = [m.register_forward_pre_hook(hook(name)) for name, m in modules.items()]
     try:
         with torch.no_grad():
             net(*example)
     finally:
         for h in hooks:
             h.remove()
-    return shapes
+    return seen
+
+
+def _conv_inputs(net: nn.Module, example: tuple) -> dict[str, tuple]:
+    """{conv layer name: its input shape} from one no-grad forward of net(*example)."""
+    convs = {name: m for name, m in net.named_modules() if _gemm_supported(m)}
+    return layer_inputs(net, example, convs, lambda x: tuple(x.shape))
 
 
 def _signature(m: nn.Module, shape: tuple) -> tuple:

@@ -25,7 +25,7 @@ import copy
 import torch
 from torch import nn
 
-from ractd.accel_layers import mish_exp
+from ractd.accel_layers import layer_inputs, mish_exp
 from ractd.nets import gemm, winograd
 from ractd.timing import seconds_per_call
 
@@ -74,21 +74,7 @@ def make_form(m: nn.Module, form: str) -> nn.Module:
 
 def _inputs(body: nn.Module, example: tuple) -> dict[str, torch.Tensor]:
     """{layer name: its input} from one forward of body(*example)."""
-    seen: dict[str, torch.Tensor] = {}
-
-    def hook(name):
-        def record(module, args):   # returns None: the call's inputs stay as they are
-            seen.setdefault(name, args[0].detach().clone())
-        return record
-
-    hooks = [m.register_forward_pre_hook(hook(name)) for name, m in _layers(body).items()]
-    try:
-        with torch.inference_mode():
-            body(*example)
-    finally:
-        for h in hooks:
-            h.remove()
-    return seen
+    return layer_inputs(body, example, _layers(body), lambda x: x.detach().clone())
 
 
 def _signature(m: nn.Module, x: torch.Tensor) -> tuple:
