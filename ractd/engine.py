@@ -251,8 +251,7 @@ class FoldedUnet:
 
 def candidates(cfg: EngineConfig, threads: int) -> list[str]:
     """The engines `auto` measures: eager (fp32: the reference) always; jit; gemm; layers (fp32 only: its forms are
-    fp32); openvino when installed (2
-    streams with >= 2 threads); with precision bf16 the bf16 variants of gemm and openvino instead of the fp32
+    fp32); openvino when installed (2 streams with >= 2 threads); with precision bf16 the bf16 variants of gemm and openvino instead of the fp32
     engines (not eager-bf16, torch autocast: the slowest everywhere bench/bench_engine.py measured)."""
     names = ["eager", "jit", "gemm", "layers"]
     if _ov() is not None:
