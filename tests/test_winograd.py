@@ -11,7 +11,7 @@ from ractd.config import UNetConfig
 from ractd.engine import EngineConfig, EngineSelector, FoldedUnet, _Body
 from ractd.engine_layers import forms_for, layered_copy, measure_layers
 from ractd.nets.unet1d import ConditionalUnet1D
-from ractd.nets.winograd import WinogradConv1d, supported, winograd_conv1d, winograd_copy, winograd_matrices
+from ractd.nets.winograd import WinogradConv1d, supported, winograd_conv1d, winograd_matrices
 
 
 def _correlate(d, g):
@@ -72,7 +72,8 @@ def test_only_stride_one_ungrouped_zero_padded_convolutions_are_swapped():
                 nn.ConvTranspose1d(4, 4, 4, 2, 1)]:
         assert not supported(bad)
     net = nn.Sequential(ok, nn.Conv1d(4, 4, 3, stride=2, padding=1))
-    swapped = winograd_copy(net)
+    assert "winograd" in forms_for(net[0]) and "winograd" not in forms_for(net[1])
+    swapped = layered_copy(net, {"0": "winograd"})
     assert isinstance(swapped[0], WinogradConv1d) and type(swapped[1]) is nn.Conv1d
     x = torch.randn(2, 4, 16)
     torch.testing.assert_close(swapped(x), net(x), rtol=1e-4, atol=1e-5)

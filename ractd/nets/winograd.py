@@ -1,5 +1,5 @@
 """Convolutions in Winograd's minimal-filtering form F(m, k): fewer multiplications at the same output, for the
-evaluation engines (ractd.engine "winograd") and the training step (ractd.accel_layers' "winograd" layer form).
+evaluation engine "layers" (ractd.engine_layers), which uses it per layer where it measures faster.
 
 Why. A stride-1 Conv1d with kernel k computes m outputs of a tile from its m + k - 1 inputs with m k
 multiply-adds per (input channel, output channel) pair. Winograd's algorithm (Toom-Cook, Lavin & Gray 2016)
@@ -16,15 +16,15 @@ results differ from the convolution by a few times fp32's rounding of the output
 bounds it against float64). The transforms are built in float64 from the points (`winograd_matrices`) and the
 kernel transform G g is computed in float64 before storing it in float32.
 
-`winograd_conv1d(x, weight, bias, padding, m)` is the differentiable function (the training form: the kernel is
-transformed on every call, so gradients reach the Conv1d's own weight); `WinogradConv1d` holds a Conv1d's
-transformed kernel once (the inference form); `winograd_copy(module)` swaps every supported Conv1d of a module
-(stride 1, groups 1, dilation 1, zero padding, kernel >= 2) for it, leaving everything else as it is.
+`winograd_conv1d(x, weight, bias, padding, m)` is the function; given the Conv1d's weight it transforms the kernel
+on every call and is differentiable in x, weight and bias (a training form; not wired into ractd.accel: at the CPU
+size bf16 autocast's native convolutions measured faster). `WinogradConv1d` holds a Conv1d's transformed kernel
+once (the inference form) for the Conv1d layers `supported` accepts (stride 1, groups 1, dilation 1, zero padding,
+kernel >= 2). fp32 only: with bf16 products the error measured about five times gemm-bf16's (docs/engines.md).
 """
 
 from __future__ import annotations
 
-import copy
 from fractions import Fraction
 
 import torch
@@ -106,13 +106,11 @@ def _tiles(x: torch.Tensor, k: int, padding: int, m: int) -> tuple[torch.Tensor,
 
 
 def winograd_conv1d(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, padding: int,
-                    m: int = TILE, kernel: torch.Tensor | None = None, dtype: torch.dtype | None = None
-                    ) -> torch.Tensor:
+                    m: int = TILE, kernel: torch.Tensor | None = None) -> torch.Tensor:
     """conv1d(x, weight, bias, stride=1, padding=padding) on (B, C_in, L) in Winograd form F(m, k).
 
     kernel: the transformed weight (n, C_in, C_out) when held (inference); otherwise computed from `weight` (the
-    training form: differentiable in x, weight and bias). dtype: the products' dtype (default x's; bfloat16 rounds
-    the transformed tiles and kernels to bf16 -- a behavioural change, used only with precision bf16)."""
+    training form: differentiable in x, weight and bias)."""
     k = kernel.shape[0] - m + 1 if kernel is not None else weight.shape[2]
     at, _, bt = _matrices(m, k, torch.float32 if x.dtype != torch.float64 else torch.float64)
     b, c, _ = x.shape
@@ -120,10 +118,7 @@ def winograd_conv1d(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Te
     n = m + k - 1
     v = (bt @ tiles).view(n, b * t, c)                           # B^T d for every (batch, tile, channel)
     u = transform_kernel(weight, m) if kernel is None else kernel
-    if dtype is not None and dtype != v.dtype:
-        prod = torch.bmm(v.to(dtype), u.to(dtype)).to(x.dtype)
-    else:
-        prod = torch.bmm(v, u.to(v.dtype))                        # (n, B T, C_out)
+    prod = torch.bmm(v, u.to(v.dtype))                            # (n, B T, C_out)
     c_out = prod.shape[2]
     y = (at @ prod.reshape(n, -1)).view(m, b, t, c_out)          # A^T [...] -> (m, B, T, C_out)
     y = y.permute(1, 3, 2, 0).reshape(b, c_out, t * m)[:, :, :out_len]
@@ -137,34 +132,15 @@ def supported(conv: nn.Module) -> bool:
 
 
 class WinogradConv1d(nn.Module):
-    """A Conv1d (see `supported`) with its kernel transformed once: (n, C_in, C_out) in `dtype`."""
+    """A Conv1d (see `supported`) with its kernel transformed once (in float64): (n, C_in, C_out) float32."""
 
-    def __init__(self, conv: nn.Conv1d, dtype: torch.dtype = torch.float32, m: int = TILE):
+    def __init__(self, conv: nn.Conv1d, m: int = TILE):
         super().__init__()
-        self.m, self.pad, self.dtype = m, conv.padding[0], dtype
+        self.m, self.pad = m, conv.padding[0]
         w = conv.weight.detach().double()
-        self.register_buffer("kernel", transform_kernel(w, m).to(dtype).contiguous())
+        self.register_buffer("kernel", transform_kernel(w, m).float().contiguous())
         b = conv.bias.detach().float() if conv.bias is not None else torch.zeros(conv.out_channels)
         self.register_buffer("b", b.clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return winograd_conv1d(x.float(), None, self.b, self.pad, self.m, kernel=self.kernel, dtype=self.dtype)
-
-
-def winograd_copy(module: nn.Module, dtype: torch.dtype = torch.float32, rest=None) -> nn.Module:
-    """A deep copy of `module` (eval mode) with its supported Conv1d layers in Winograd form; `rest(child)`, when
-    given, replaces each other module it returns a replacement for (the engines pass ractd.nets.gemm's forms for
-    the strided and transposed convolutions)."""
-    out = copy.deepcopy(module).eval()
-
-    def swap(parent: nn.Module) -> None:
-        for name, child in parent.named_children():
-            if supported(child):
-                setattr(parent, name, WinogradConv1d(child, dtype))
-            elif rest is not None and (new := rest(child)) is not None:
-                setattr(parent, name, new)
-            else:
-                swap(child)
-
-    swap(out)
-    return out
+        return winograd_conv1d(x.float(), None, self.b, self.pad, self.m, kernel=self.kernel)
